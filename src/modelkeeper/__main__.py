@@ -1,0 +1,3 @@
+from modelkeeper.cli import main
+
+main()

@@ -1,0 +1,221 @@
+"""The caller's side of the protocol: send requests, match responses, receive events.
+
+``WorkerConnection`` speaks over any pair of byte streams; ``WorkerProcess`` starts
+``python -m modelkeeper.worker`` and speaks over its pipes. The in-process worker
+(:class:`modelkeeper.worker.InProcessWorker`) is a ``WorkerConnection`` too, so a caller
+cannot tell the two apart. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import IO, Any
+
+from modelkeeper.protocol.codec import encode, parse_message
+from modelkeeper.protocol.commands import CommandType
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.protocol.messages import ErrorResponse, Event, Response
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[Event], None]
+
+
+class WorkerConnection:
+    """Correlates requests and responses by ``request_id`` over a reader and a writer.
+
+    ``submit`` returns a future of the response's ``data``; an error response raises
+    :class:`ProtocolError` with its code. Events reach every subscriber queue and callback.
+    When the reader reaches end of file, every pending request fails with WORKER_DIED.
+    """
+
+    def __init__(self, reader: IO[bytes], writer: IO[bytes], *, name: str = "worker") -> None:
+        self.name = name
+        self._reader = reader
+        self._writer = writer
+        self._write_lock = threading.Lock()
+        self._pending: dict[str, Future[dict[str, Any]]] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._subscribers: list[queue.Queue[Event]] = []
+        self._callbacks: list[EventCallback] = []
+        self.unmatched: queue.Queue[Response | ErrorResponse] = queue.Queue()
+        self.closed = threading.Event()
+        self._thread = threading.Thread(target=self._read_loop, name=f"{name}-reader", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, type: CommandType | str, data: dict[str, Any] | None = None, *, request_id: str | None = None) -> Future[dict[str, Any]]:
+        rid = request_id or f"{self.name}-{next(self._ids)}"
+        fut: Future[dict[str, Any]] = Future()
+        with self._pending_lock:
+            if self.closed.is_set():
+                fut.set_exception(ProtocolError(f"{self.name} is closed", ErrorCode.WORKER_DIED))
+                return fut
+            if rid in self._pending:
+                raise ValueError(f"request_id {rid!r} is already in flight")
+            self._pending[rid] = fut
+        try:
+            self.send_line(encode({"type": str(type), "request_id": rid, "data": data or {}}))
+        except OSError as exc:
+            with self._pending_lock:
+                self._pending.pop(rid, None)
+            fut.set_exception(ProtocolError(f"cannot write to {self.name}: {exc}", ErrorCode.WORKER_DIED))
+        return fut
+
+    def call(self, type: CommandType | str, data: dict[str, Any] | None = None, *, timeout: float | None = 120.0, request_id: str | None = None) -> dict[str, Any]:
+        """Send a request and wait for its data; raises ProtocolError on an error response or a timeout."""
+        fut = self.submit(type, data, request_id=request_id)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            raise ProtocolError(f"no answer to {type} from {self.name} within {timeout} s", ErrorCode.TIMEOUT) from None
+
+    async def acall(self, type: CommandType | str, data: dict[str, Any] | None = None, *, timeout: float | None = 120.0) -> dict[str, Any]:
+        fut = asyncio.wrap_future(self.submit(type, data))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise ProtocolError(f"no answer to {type} from {self.name} within {timeout} s", ErrorCode.TIMEOUT) from None
+
+    def send_line(self, line: bytes) -> None:
+        """Write raw bytes (one line). Tests use it to send malformed input."""
+        with self._write_lock:
+            self._writer.write(line)
+            self._writer.flush()
+
+    # ------------------------------------------------------------------ events
+
+    def subscribe(self) -> queue.Queue[Event]:
+        q: queue.Queue[Event] = queue.Queue()
+        self._subscribers.append(q)
+        return q
+
+    def on_event(self, callback: EventCallback) -> None:
+        self._callbacks.append(callback)
+
+    # ------------------------------------------------------------------ reading
+
+    def _read_loop(self) -> None:
+        try:
+            for raw in self._reader:
+                line = raw.strip()
+                if not line:
+                    continue
+                try:
+                    msg = parse_message(line)
+                except ValueError as exc:
+                    log.error("%s wrote a line that is not a protocol message: %s", self.name, exc)
+                    continue
+                if isinstance(msg, Event):
+                    self._dispatch_event(msg)
+                    continue
+                with self._pending_lock:
+                    fut = self._pending.pop(msg.request_id, None) if msg.request_id else None
+                if fut is None:
+                    self.unmatched.put(msg)
+                elif isinstance(msg, Response):
+                    fut.set_result(msg.data)
+                else:
+                    fut.set_exception(ProtocolError(msg.error, msg.error_code, **msg.data))
+        except (OSError, ValueError) as exc:
+            log.debug("%s reader stopped: %s", self.name, exc)
+        finally:
+            self._fail_pending(f"{self.name} closed its output")
+
+    def _dispatch_event(self, event: Event) -> None:
+        for q in self._subscribers:
+            q.put(event)
+        for cb in self._callbacks:
+            try:
+                cb(event)
+            except Exception:
+                log.exception("event callback failed")
+
+    def _fail_pending(self, why: str) -> None:
+        with self._pending_lock:
+            self.closed.set()
+            pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(ProtocolError(why, ErrorCode.WORKER_DIED))
+
+    def close(self) -> None:
+        for stream in (self._writer, self._reader):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+class WorkerProcess(WorkerConnection):
+    """A worker subprocess (``python -m modelkeeper.worker``) and the connection to it.
+
+    The handshake runs in the constructor; its result is ``hello``.
+    """
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        *,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        stderr: IO[bytes] | int | None = None,
+        python: str = sys.executable,
+        hello_timeout: float = 120.0,
+    ) -> None:
+        cmd = [python, "-m", "modelkeeper.worker", "--device", device, *args]
+        self.process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, **(env or {})},
+        )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        super().__init__(self.process.stdout, self.process.stdin, name=f"worker[{device}]")
+        try:
+            self.hello = self.call(CommandType.WORKER_HELLO, {"client": "modelkeeper"}, timeout=hello_timeout)
+        except ProtocolError:
+            self.kill()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Ask the worker to shut down; kill it if it does not exit in time. Returns the exit code."""
+        if self.process.poll() is None:
+            try:
+                self.call(CommandType.WORKER_SHUTDOWN, timeout=timeout)
+            except ProtocolError:
+                pass
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.close()
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
