@@ -2,9 +2,89 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="modelkeeper: know, keep and place diffusion models.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="modelkeeper: find, know, keep and place diffusion models.",
+)
+
+
+@app.command("protocol-schema")
+def protocol_schema_cmd(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None,
+) -> None:
+    """Print the JSON Schema of every worker protocol message (for orchestrators in other languages)."""
+    from modelkeeper.protocol import protocol_schema
+
+    text = json.dumps(protocol_schema(), indent=2)
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text + "\n", encoding="utf-8")
+
+
+@app.command("worker")
+def worker_cmd(
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
+    reserve_mb: Annotated[float | None, typer.Option(help="Memory kept free for work.")] = None,
+    budget_mb: Annotated[float | None, typer.Option(help="Cap on what models may use.")] = None,
+) -> None:
+    """Run a worker on stdin/stdout (JSON lines), as ``python -m modelkeeper.worker`` does."""
+    from modelkeeper.worker.__main__ import main as worker_main
+
+    args = ["--device", device]
+    if reserve_mb is not None:
+        args += ["--reserve-mb", str(reserve_mb)]
+    if budget_mb is not None:
+        args += ["--budget-mb", str(budget_mb)]
+    raise typer.Exit(worker_main(args))
+
+
+@app.command("demo-models")
+def demo_models_cmd(
+    root: Annotated[Path, typer.Argument(help="Folder to write the demo models into.")],
+) -> None:
+    """Write tiny but real demo models (UNets, VAEs, text encoders, LoRAs, ...) to ROOT. No downloads."""
+    from rich.console import Console
+
+    from modelkeeper.testing import write_demo_models
+
+    console = Console(stderr=True)
+    with console.status("writing demo models") as status:
+        manifest = write_demo_models(root, progress=lambda what: status.update(f"writing {what}"))
+    console.print(f"wrote {len(manifest.entries)} demo models to {root} (see {root / 'manifest.json'})")
+
+
+@app.command("run")
+def run_cmd(
+    models: Annotated[Path, typer.Option(help="Models folder (demo models are written there when empty).")] = Path(
+        "models"
+    ),
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
+) -> None:
+    """Start the main job on the embedded defaults: a worker on the best device, speaking JSON lines on stdin/stdout."""
+    if not models.exists() or not any(models.iterdir()):
+        demo_models_cmd(models)
+    example = {
+        "type": "model.load_unet",
+        "request_id": "r-1",
+        "data": {"name": "unet", "path": str((models / "diffusers" / "sd15" / "unet").resolve())},
+    }
+    print(
+        f"modelkeeper worker on {device}; models in {models.resolve()}.\n"
+        f"Type one JSON request per line, for example:\n{json.dumps(example)}\n"
+        '{"type": "model.get_model_info", "request_id": "r-2", "data": {}}\n'
+        "Ctrl-D stops.",
+        file=sys.stderr,
+    )
+    worker_cmd(device=device, reserve_mb=None, budget_mb=None)
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ from modelkeeper.protocol.codec import encode, parse_message, parse_request, val
 from modelkeeper.protocol.commands import IMMEDIATE_COMMANDS, CommandType
 from modelkeeper.protocol.errors import ERROR_DESCRIPTIONS, RECOVERABLE, ErrorCode, ProtocolError
 from modelkeeper.protocol.messages import (
-    PROTOCOL_VERSION,
     COMMAND_MODELS,
+    PROTOCOL_VERSION,
     ErrorResponse,
     Event,
     EventType,

@@ -55,7 +55,9 @@ class WorkerConnection:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, type: CommandType | str, data: dict[str, Any] | None = None, *, request_id: str | None = None) -> Future[dict[str, Any]]:
+    def submit(
+        self, type: CommandType | str, data: dict[str, Any] | None = None, *, request_id: str | None = None
+    ) -> Future[dict[str, Any]]:
         rid = request_id or f"{self.name}-{next(self._ids)}"
         fut: Future[dict[str, Any]] = Future()
         with self._pending_lock:
@@ -73,20 +75,33 @@ class WorkerConnection:
             fut.set_exception(ProtocolError(f"cannot write to {self.name}: {exc}", ErrorCode.WORKER_DIED))
         return fut
 
-    def call(self, type: CommandType | str, data: dict[str, Any] | None = None, *, timeout: float | None = 120.0, request_id: str | None = None) -> dict[str, Any]:
+    def call(
+        self,
+        type: CommandType | str,
+        data: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = 120.0,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
         """Send a request and wait for its data; raises ProtocolError on an error response or a timeout."""
         fut = self.submit(type, data, request_id=request_id)
         try:
             return fut.result(timeout)
         except TimeoutError:
-            raise ProtocolError(f"no answer to {type} from {self.name} within {timeout} s", ErrorCode.TIMEOUT) from None
+            raise ProtocolError(
+                f"no answer to {type} from {self.name} within {timeout} s", ErrorCode.TIMEOUT
+            ) from None
 
-    async def acall(self, type: CommandType | str, data: dict[str, Any] | None = None, *, timeout: float | None = 120.0) -> dict[str, Any]:
+    async def acall(
+        self, type: CommandType | str, data: dict[str, Any] | None = None, *, timeout: float | None = 120.0
+    ) -> dict[str, Any]:
         fut = asyncio.wrap_future(self.submit(type, data))
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            raise ProtocolError(f"no answer to {type} from {self.name} within {timeout} s", ErrorCode.TIMEOUT) from None
+            raise ProtocolError(
+                f"no answer to {type} from {self.name} within {timeout} s", ErrorCode.TIMEOUT
+            ) from None
 
     def send_line(self, line: bytes) -> None:
         """Write raw bytes (one line). Tests use it to send malformed input."""

@@ -40,13 +40,17 @@ def parse_request(line: bytes | str) -> Request:
     """Parse one request line. Raises ProtocolError(INVALID_REQUEST) with ``request_id`` in details
     when the line is JSON with an id, so the error can still be correlated."""
     if len(line) > MAX_LINE_BYTES:
-        raise ProtocolError(f"line of {len(line)} bytes exceeds the limit of {MAX_LINE_BYTES}", ErrorCode.INVALID_REQUEST)
+        raise ProtocolError(
+            f"line of {len(line)} bytes exceeds the limit of {MAX_LINE_BYTES}", ErrorCode.INVALID_REQUEST
+        )
     try:
         obj = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"line is not valid JSON: {exc}", ErrorCode.INVALID_REQUEST) from None
     if not isinstance(obj, dict):
-        raise ProtocolError(f"a request must be a JSON object, got {type(obj).__name__}", ErrorCode.INVALID_REQUEST)
+        raise ProtocolError(
+            f"a request must be a JSON object, got {type(obj).__name__}", ErrorCode.INVALID_REQUEST
+        )
     rid = obj.get("request_id")
     try:
         return Request.model_validate(obj)
@@ -92,7 +96,9 @@ def parse_message(line: bytes | str) -> Response | ErrorResponse | Event:
 
 
 def make_error(exc: ProtocolError, request_id: str | None) -> ErrorResponse:
-    return ErrorResponse(error=exc.message, error_code=exc.code, request_id=request_id, data=dict(exc.details))
+    return ErrorResponse(
+        error=exc.message, error_code=exc.code, request_id=request_id, data=dict(exc.details)
+    )
 
 
 def make_event(event: EventType, request_id: str | None, data: BaseModel | dict[str, Any]) -> Event:

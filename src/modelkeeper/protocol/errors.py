@@ -55,7 +55,13 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, str] = {
 }
 
 RECOVERABLE: frozenset[ErrorCode] = frozenset(
-    {ErrorCode.INSUFFICIENT_MEMORY, ErrorCode.BUSY, ErrorCode.TIMEOUT, ErrorCode.CANCELLED, ErrorCode.WORKER_DIED}
+    {
+        ErrorCode.INSUFFICIENT_MEMORY,
+        ErrorCode.BUSY,
+        ErrorCode.TIMEOUT,
+        ErrorCode.CANCELLED,
+        ErrorCode.WORKER_DIED,
+    }
 )
 
 

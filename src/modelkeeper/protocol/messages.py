@@ -168,6 +168,7 @@ class LoadResult(_Open):
     source: dict[str, Any]
     evicted: list[str] = Field(default_factory=list)
     memory: MemoryInfo
+    vocab_size: int | None = Field(None, description="Tokenizers only.")
 
 
 class UnloadRequest(_Strict):

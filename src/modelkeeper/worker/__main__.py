@@ -1,0 +1,55 @@
+"""``python -m modelkeeper.worker --device cuda:0``: a worker on stdin/stdout, logs on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from modelkeeper.protocol.errors import ProtocolError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modelkeeper.worker", description=__doc__)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument(
+        "--reserve-mb",
+        type=float,
+        default=None,
+        help="memory kept free for work (default: 1024 on CUDA, 2048 on CPU)",
+    )
+    parser.add_argument("--budget-mb", type=float, default=None, help="cap on what models may use")
+    parser.add_argument(
+        "--throttle-mb-s", type=float, default=None, help="cap the read rate (simulates a slow disk)"
+    )
+    parser.add_argument("--log-level", default=os.environ.get("MODELKEEPER_LOG_LEVEL", "WARNING"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s worker %(levelname)s %(name)s: %(message)s",
+    )
+
+    # The protocol owns the real stdout; anything a library prints goes to stderr instead.
+    protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+
+    from modelkeeper.worker.inprocess import build_server
+
+    try:
+        server = build_server(
+            args.device, protocol_out.write, reserve_mb=args.reserve_mb, budget_mb=args.budget_mb,
+            throttle_mb_s=args.throttle_mb_s,
+        )  # fmt: skip
+    except ProtocolError as exc:
+        print(f"modelkeeper worker: {exc}", file=sys.stderr)
+        return 2
+    server.serve(sys.stdin.buffer)
+    protocol_out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

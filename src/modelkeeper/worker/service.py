@@ -1,0 +1,414 @@
+"""The worker's model interface: what one device holds and the operations on it.
+
+This is the seed's ModelInterface. It owns the loaded modules of one device; the protocol
+server (:mod:`modelkeeper.worker.server`) routes requests to it. Device work (loads, unloads,
+memory optimisation) is called from one thread at a time; read-only queries (info, status) may
+come from another thread at any moment and only take the short state lock.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound
+from modelkeeper.protocol.commands import CommandType
+from modelkeeper.protocol.messages import (
+    PROTOCOL_VERSION,
+    CleanupResult,
+    DType,
+    EventType,
+    HelloResult,
+    LoadedModelInfo,
+    LoadRequest,
+    LoadResult,
+    MemoryInfo,
+    ModelInfoResult,
+    ModelKind,
+    OptimizeMemoryRequest,
+    OptimizeMemoryResult,
+    UnloadResult,
+)
+from modelkeeper.worker import assemble, convert, sources, weights
+from modelkeeper.worker.device import DeviceMemory, MiB
+from modelkeeper.worker.errors import AlreadyLoaded, Cancelled, InsufficientMemory, ModelNotFound, NotLoaded
+
+EventSink = Callable[[EventType, str | None, dict[str, Any]], None]
+
+TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
+
+
+@dataclass
+class Operation:
+    """A running or queued device operation: its id, cancellation flag and progress."""
+
+    request_id: str
+    type: str
+    name: str | None = None
+    started_at: float = field(default_factory=time.time)
+    progress: dict[str, Any] = field(default_factory=dict)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled(f"{self.type} of {self.name!r} was cancelled (request {self.request_id})")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    kind: ModelKind
+    class_name: str
+    module: Any  # torch.nn.Module, or a tokenizer
+    device: str
+    dtype: str | None
+    nbytes: int
+    parameters: int
+    tensors: int
+    load_seconds: float
+    source: dict[str, Any]
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+
+    def info(self) -> LoadedModelInfo:
+        return LoadedModelInfo(
+            name=self.name, type=self.kind.value, class_name=self.class_name, device=self.device,
+            dtype=self.dtype, bytes=self.nbytes, parameters=self.parameters, tensors=self.tensors,
+            load_seconds=round(self.load_seconds, 6), loaded_at=self.loaded_at, last_used=self.last_used,
+            source=self.source,
+        )  # fmt: skip
+
+
+class ModelService:
+    """Loads, keeps and unloads the models of one device."""
+
+    def __init__(
+        self,
+        memory: DeviceMemory,
+        *,
+        emit: EventSink | None = None,
+        throttle_mb_s: float | None = None,
+    ) -> None:
+        self.memory = memory
+        self.device = memory.device
+        self._emit = emit or (lambda event, rid, data: None)
+        self._throttle = throttle_mb_s * MiB if throttle_mb_s else None
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ queries (any thread)
+
+    def models_bytes(self) -> int:
+        with self._lock:
+            return sum(m.nbytes for m in self._models.values())
+
+    def memory_info(self) -> MemoryInfo:
+        return self.memory.snapshot(self.models_bytes())
+
+    def model_count(self) -> int:
+        with self._lock:
+            return len(self._models)
+
+    def hello(self) -> HelloResult:
+        from modelkeeper import __version__
+
+        return HelloResult(
+            protocol_version=PROTOCOL_VERSION,
+            worker_version=__version__,
+            pid=_pid(),
+            device=self.memory.info(),
+            memory=self.memory_info(),
+            torch_version=torch.__version__,
+            diffusers_version=_version("diffusers"),
+            transformers_version=_version("transformers"),
+            capabilities=sorted(c.value for c in CAPABILITIES),
+            model_kinds=[k.value for k in LOADABLE_KINDS],
+        )
+
+    def model_info(self, name: str | None = None) -> ModelInfoResult:
+        with self._lock:
+            if name is not None and name not in self._models:
+                raise ModelNotFound(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
+            models = [m.info() for m in self._models.values() if name is None or m.name == name]
+        return ModelInfoResult(models=models, model_count=len(models), memory=self.memory_info())
+
+    def get(self, name: str) -> LoadedModel:
+        """The loaded model (for in-process callers that want the live module)."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                raise ModelNotFound(f"no model named {name!r} is loaded (loaded: {self._names()})")
+            model.last_used = time.time()
+            return model
+
+    def _names(self) -> str:
+        return ", ".join(sorted(self._models)) or "none"
+
+    # ------------------------------------------------------------------ device work (one thread)
+
+    def load(self, request: LoadRequest, kind: ModelKind, op: Operation) -> LoadResult:
+        started = time.perf_counter()
+        with self._lock:
+            exists = request.name in self._models
+        if exists and not request.replace:
+            raise AlreadyLoaded(
+                f"data.name: a model named {request.name!r} is already loaded (pass replace: true)"
+            )
+        source = sources.resolve(request, kind)
+        if kind is ModelKind.TOKENIZER:
+            return self._load_tokenizer(request, source, op, started)
+
+        dtype = TORCH_DTYPES[request.dtype] if request.dtype else None
+        assert source.config is not None
+        if source.format == "single_file":
+            tensors = weights.list_tensors(source.files)
+            plan = convert.plan_component(
+                kind, tensors, source.config, declared=source.layout, path=str(source.path)
+            )
+            entries = [tensors[k] for k in plan.keys]
+            class_name = assemble.class_name_for(
+                kind, source.config, has_projection=convert.has_text_projection(plan)
+            )
+            source.layout = plan.layout
+            rule = plan.rule.name
+        else:
+            tensors = weights.list_tensors(source.files)
+            entries = list(tensors.values())
+            plan = None
+            class_name = assemble.class_name_for(kind, source.config)
+            rule = "diffusers folder"
+        required = sum(e.nbytes_as(dtype) for e in entries)
+        replaced = self._models.get(request.name) if exists else None
+        evicted = self._make_room(
+            required, request, exclude=request.name, freeing=replaced.nbytes if replaced else 0
+        )
+
+        op.name = request.name
+        self._emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loading"})
+        try:
+            state = weights.read_tensors(
+                entries,
+                self.device,
+                dtype=dtype,
+                progress=lambda done, total: self._progress(op, "read", done, total),
+                check=op.check,
+                throttle_bytes_per_s=self._throttle,
+            )
+            op.check()
+            if plan is not None:
+                state = convert.to_loadable(plan, state, source.config)
+            module = assemble.build_module(
+                class_name, source.config, state, self.device, path=str(source.path)
+            )
+            del state
+        except BaseException as exc:
+            self._emit(
+                EventType.STATE,
+                op.request_id,
+                {
+                    "name": request.name,
+                    "state": "failed",
+                    "reason": str(exc),
+                    "error_code": getattr(exc, "code", None),
+                },
+            )
+            raise
+        if replaced is not None:
+            self._drop(request.name)
+        nbytes, params, count, dtype_name = assemble.module_stats(module)
+        source_info = source.describe() | {"rule": rule, "class_name": class_name}
+        loaded = LoadedModel(
+            request.name, kind, class_name, module, str(self.device), dtype_name, nbytes, params, count,
+            time.perf_counter() - started, source_info,
+        )  # fmt: skip
+        with self._lock:
+            self._models[request.name] = loaded
+        self._emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loaded"})
+        self._check_pressure(op.request_id)
+        return LoadResult(
+            name=request.name, type=kind.value, class_name=class_name, device=str(self.device), dtype=dtype_name,
+            bytes=nbytes, parameters=params, tensors=count, load_seconds=round(loaded.load_seconds, 6),
+            source=source_info, evicted=evicted, memory=self.memory_info(),
+        )  # fmt: skip
+
+    def _load_tokenizer(
+        self, request: LoadRequest, source: sources.ComponentSource, op: Operation, started: float
+    ) -> LoadResult:
+        from transformers import AutoTokenizer
+
+        if not any((source.path / f).exists() for f in sources.TOKENIZER_FILES):
+            raise ModelFileNotFound(
+                f"folder {source.path} has no tokenizer files ({', '.join(sources.TOKENIZER_FILES)})",
+                path=str(source.path),
+            )
+        op.check()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidModelFile(
+                f"{source.path}: cannot load tokenizer: {exc}", path=str(source.path)
+            ) from None
+        class_name = type(tokenizer).__name__
+        info = source.describe() | {"rule": "tokenizer folder", "class_name": class_name}
+        loaded = LoadedModel(
+            request.name, ModelKind.TOKENIZER, class_name, tokenizer, "cpu", None, 0, 0, 0,
+            time.perf_counter() - started, info,
+        )  # fmt: skip
+        with self._lock:
+            self._models.pop(request.name, None)
+            self._models[request.name] = loaded
+        return LoadResult(
+            name=request.name, type="tokenizer", class_name=class_name, device="cpu", dtype=None, bytes=0,
+            parameters=0, tensors=0, load_seconds=round(loaded.load_seconds, 6), source=info,
+            memory=self.memory_info(), vocab_size=len(tokenizer),
+        )  # fmt: skip
+
+    def _progress(self, op: Operation, stage: str, done: int, total: int) -> None:
+        op.progress = {"stage": stage, "done": done, "total": total, "unit": "bytes"}
+        self._emit(EventType.PROGRESS, op.request_id, op.progress)
+
+    def _make_room(self, required: int, request: LoadRequest, *, exclude: str, freeing: int) -> list[str]:
+        """Check the budget; with ``allow_evict`` unload least-recently-used models until it fits."""
+        mem = self.memory_info()
+        free_budget = mem.budget_bytes - mem.models_bytes + freeing
+        if self.device.type == "cuda":
+            free_budget = min(free_budget, mem.free_bytes + freeing - self.memory.reserve_bytes)
+        if required <= free_budget:
+            return []
+        with self._lock:
+            lru = sorted((m for m in self._models.values() if m.name != exclude), key=lambda m: m.last_used)
+        plan: list[str] = []
+        reclaim = 0
+        if request.allow_evict:
+            for model in lru:
+                if required <= free_budget + reclaim:
+                    break
+                plan.append(model.name)
+                reclaim += model.nbytes
+        if required > free_budget + reclaim:
+            hint = (
+                ""
+                if request.allow_evict
+                else " (pass allow_evict: true to unload least-recently-used models)"
+            )
+            raise InsufficientMemory(
+                f"{request.name!r} needs {required / MiB:.1f} MiB but {max(free_budget, 0) / MiB:.1f} MiB of the "
+                f"{mem.budget_bytes / MiB:.1f} MiB budget on {self.device} is free{hint}",
+                required_bytes=required,
+                free_budget_bytes=max(free_budget, 0),
+                budget_bytes=mem.budget_bytes,
+            )
+        for name in plan:
+            self._drop(name)
+            self._emit(EventType.STATE, None, {"name": name, "state": "unloaded", "reason": "evicted"})
+        return plan
+
+    def _drop(self, name: str) -> int:
+        with self._lock:
+            model = self._models.pop(name, None)
+        if model is None:
+            return 0
+        freed = model.nbytes
+        del model
+        gc.collect()
+        self.memory.release_caches()
+        return freed
+
+    def unload(self, name: str, op: Operation) -> UnloadResult:
+        before = self.memory_info()
+        with self._lock:
+            known = name in self._models
+        if not known:
+            raise NotLoaded(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
+        self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloading"})
+        freed = self._drop(name)
+        self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloaded"})
+        return UnloadResult(
+            name=name, freed_bytes=freed, memory_before=before, memory_after=self.memory_info()
+        )
+
+    def optimize_memory(self, request: OptimizeMemoryRequest, op: Operation) -> OptimizeMemoryResult:
+        before = self.memory_info()
+        unloaded: list[str] = []
+        freed = 0
+        target = int(request.target_free_mb * MiB) if request.target_free_mb is not None else None
+        if target is not None:
+            with self._lock:
+                lru = sorted(
+                    (m for m in self._models.values() if m.name not in request.keep),
+                    key=lambda m: m.last_used,
+                )
+            for model in lru:
+                if self._budget_free() >= target:
+                    break
+                op.check()
+                freed += self._drop(model.name)
+                unloaded.append(model.name)
+                self._emit(
+                    EventType.STATE,
+                    op.request_id,
+                    {"name": model.name, "state": "unloaded", "reason": "optimize_memory"},
+                )
+        gc.collect()
+        self.memory.release_caches()
+        after = self.memory_info()
+        met = target is None or after.budget_bytes - after.models_bytes >= target
+        return OptimizeMemoryResult(
+            memory_before=before, memory_after=after, unloaded=unloaded, freed_bytes=freed, target_met=met
+        )
+
+    def _budget_free(self) -> int:
+        mem = self.memory_info()
+        return mem.budget_bytes - mem.models_bytes
+
+    def cleanup(self, op: Operation) -> CleanupResult:
+        with self._lock:
+            names = list(self._models)
+        freed = 0
+        for name in names:
+            freed += self._drop(name)
+            self._emit(
+                EventType.STATE, op.request_id, {"name": name, "state": "unloaded", "reason": "cleanup"}
+            )
+        return CleanupResult(unloaded=names, freed_bytes=freed, memory_after=self.memory_info())
+
+    def _check_pressure(self, request_id: str | None) -> None:
+        mem = self.memory_info()
+        if mem.budget_bytes and mem.models_bytes > 0.9 * mem.budget_bytes:
+            self._emit(EventType.MEMORY_PRESSURE, request_id, mem.model_dump(mode="json"))
+
+
+LOADABLE_KINDS = (
+    ModelKind.UNET, ModelKind.TRANSFORMER, ModelKind.VAE, ModelKind.TEXT_ENCODER, ModelKind.CONTROLNET,
+    ModelKind.TOKENIZER,
+)  # fmt: skip
+
+CAPABILITIES = frozenset(
+    {
+        CommandType.WORKER_HELLO, CommandType.WORKER_SHUTDOWN, CommandType.CONTROL_CANCEL,
+        CommandType.LOAD_MODEL, CommandType.LOAD_UNET, CommandType.LOAD_VAE, CommandType.LOAD_ENCODER,
+        CommandType.LOAD_TOKENIZER, CommandType.UNLOAD_MODEL, CommandType.GET_MODEL_INFO,
+        CommandType.GET_STATUS, CommandType.OPTIMIZE_MEMORY, CommandType.CLEANUP,
+    }
+)  # fmt: skip
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
