@@ -3,7 +3,6 @@ import modelkeeper.protocol
 import modelkeeper.worker
 
 
-
 def test_top_level_exports() -> None:
     assert set(modelkeeper.__all__) == {
         "PROTOCOL_VERSION", "CommandType", "ErrorCode", "ProtocolError", "WorkerConnection", "__version__",

@@ -18,7 +18,9 @@ app = typer.Typer(
 
 @app.command("protocol-schema")
 def protocol_schema_cmd(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write to a file instead of stdout.")
+    ] = None,
 ) -> None:
     """Print the JSON Schema of every worker protocol message (for orchestrators in other languages)."""
     from modelkeeper.protocol import protocol_schema
@@ -64,9 +66,9 @@ def demo_models_cmd(
 
 @app.command("run")
 def run_cmd(
-    models: Annotated[Path, typer.Option(help="Models folder (demo models are written there when empty).")] = Path(
-        "models"
-    ),
+    models: Annotated[
+        Path, typer.Option(help="Models folder (demo models are written there when empty).")
+    ] = Path("models"),
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
 ) -> None:
     """Start the main job on the embedded defaults: a worker on the best device, speaking JSON lines on stdin/stdout."""

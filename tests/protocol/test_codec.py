@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from modelkeeper.protocol import CommandType, ErrorCode, ProtocolError, encode, parse_message, parse_request, validate_data
+from modelkeeper.protocol import (
+    CommandType,
+    ErrorCode,
+    ProtocolError,
+    encode,
+    parse_message,
+    parse_request,
+    validate_data,
+)
 from modelkeeper.protocol.codec import command_of
 from modelkeeper.protocol.messages import ErrorResponse, Event, LoadRequest, Response
 
@@ -15,7 +23,9 @@ def test_encode_is_one_compact_line() -> None:
 
 
 def test_parse_request_roundtrip() -> None:
-    req = parse_request(b'{"type": "model.load_unet", "request_id": "r-7", "data": {"name": "u", "path": "/x"}}')
+    req = parse_request(
+        b'{"type": "model.load_unet", "request_id": "r-7", "data": {"name": "u", "path": "/x"}}'
+    )
     assert req.request_id == "r-7"
     assert command_of(req) is CommandType.LOAD_UNET
     data = validate_data(CommandType.LOAD_UNET, req.data)

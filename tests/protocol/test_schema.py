@@ -21,10 +21,18 @@ def test_schema_covers_every_served_command_and_error_code() -> None:
 @pytest.mark.parametrize(
     ("part", "message", "valid"),
     [
-        ("request", {"type": "model.load_unet", "request_id": "r-1", "data": {"name": "u", "path": "/m"}}, True),
+        (
+            "request",
+            {"type": "model.load_unet", "request_id": "r-1", "data": {"name": "u", "path": "/m"}},
+            True,
+        ),
         ("request", {"type": "model.load_unet", "data": {}}, False),
         ("response", {"success": True, "data": {"loaded": True}, "request_id": "r-1"}, True),
-        ("error", {"success": False, "error": "no", "error_code": "FILE_NOT_FOUND", "request_id": "r-1"}, True),
+        (
+            "error",
+            {"success": False, "error": "no", "error_code": "FILE_NOT_FOUND", "request_id": "r-1"},
+            True,
+        ),
         ("error", {"success": False, "error": "no", "error_code": "NOPE", "request_id": "r-1"}, False),
         ("event", {"event": "progress", "request_id": "r-1", "data": {"done": 1}}, True),
     ],

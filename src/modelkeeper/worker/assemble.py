@@ -85,6 +85,8 @@ def build_module(
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise InvalidModelFile(f"{path}: config does not build a {class_name}: {exc}", path=path) from None
     expected = module.state_dict()
+    if class_name in TEXT_ENCODER_CLASSES:
+        state = _rename_for_transformers(module, state, expected)
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise InvalidModelFile(
@@ -102,10 +104,11 @@ def build_module(
             f"{path}: shapes do not match the {class_name} config: {'; '.join(mismatched[:5])}", path=path
         )
     module.load_state_dict(state, strict=False, assign=True)
-    tie = getattr(module, "tie_weights", None)
-    if callable(tie):
-        tie()
     missing = [n for n, p in module.named_parameters() if p.is_meta]
+    tie = getattr(module, "tie_weights", None)
+    if missing and callable(tie):
+        tie()  # files often store a tied weight once (T5's shared embedding)
+        missing = [n for n, p in module.named_parameters() if p.is_meta]
     if missing:
         raise InvalidModelFile(
             f"{path}: {len(missing)} weight(s) of {class_name} are missing from the file: {', '.join(missing[:5])}",
@@ -116,6 +119,30 @@ def build_module(
     module.eval()
     module.requires_grad_(False)
     return module
+
+
+def _rename_for_transformers(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Apply the key renamings transformers itself applies when loading (v5 moved some prefixes).
+
+    Only renamings are applied; a checkpoint that needs tensor conversions is refused."""
+    if all(k in expected for k in state):
+        return state
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(module)  # type: ignore[arg-type]
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(module, "base_model_prefix", None)
+    renamed: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        new_key, converter = rename_source_key(key, renamings, converters, prefix, expected)
+        if converter is not None:
+            raise UnsupportedFormat(f"tensor {key!r} needs a conversion this worker does not apply")
+        renamed[new_key] = tensor
+    return renamed
 
 
 def module_stats(module: torch.nn.Module) -> tuple[int, int, int, str | None]:

@@ -77,7 +77,15 @@ class ComponentPlan:
 
     @property
     def layout(self) -> KeyLayout:
-        return self.rule.layout
+        return _layout_of(self.rule, self.prefix)
+
+
+def _layout_of(rule: LayoutRule, prefix: str) -> KeyLayout:
+    """Text encoders keep transformers' key names inside original checkpoints, under a prefix
+    (``cond_stage_model.transformer.``): there the prefix is what makes the layout original."""
+    if rule.kind is ModelKind.TEXT_ENCODER and rule.family == "plain" and prefix:
+        return KeyLayout.ORIGINAL
+    return rule.layout
 
 
 def _width(config: dict[str, Any]) -> int | None:
@@ -99,11 +107,13 @@ def plan_component(
     """Find where the ``kind`` component sits in ``tensors`` and in which layout."""
     candidates: list[tuple[LayoutRule, str]] = []
     for rule in LAYOUT_RULES:
-        if rule.kind is not kind or (declared is not KeyLayout.AUTO and rule.layout is not declared):
+        if rule.kind is not kind:
             continue
         for key in tensors:
             if key.endswith(rule.anchor):
                 prefix = key[: len(key) - len(rule.anchor)]
+                if declared is not KeyLayout.AUTO and _layout_of(rule, prefix) is not declared:
+                    continue
                 if all(prefix + also in tensors for also in rule.also):
                     candidates.append((rule, prefix))
     if kind is ModelKind.TEXT_ENCODER:

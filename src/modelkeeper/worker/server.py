@@ -249,20 +249,26 @@ class WorkerServer:
                     return
                 op, command, data = self._queue.popleft()
                 self._running = op
+            reply: BaseModel
             try:
                 result = DEVICE_HANDLERS[command](self.service, data, op)
-                self._respond(op.request_id, result)
+                reply = Response(data=result.model_dump(mode="json"), request_id=op.request_id)
             except ProtocolError as exc:
-                self._fail(op.request_id, exc)
+                reply = make_error(exc, op.request_id)
             except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
                 gc.collect()
                 self.service.memory.release_caches()
-                self._fail(op.request_id, InsufficientMemory(f"{command} of {op.name!r} ran out of memory on "
-                                                             f"{self.service.device}: {exc}"))  # fmt: skip
+                oom = InsufficientMemory(
+                    f"{command} of {op.name!r} ran out of memory on {self.service.device}: {exc}"
+                )
+                reply = make_error(oom, op.request_id)
             except Exception as exc:
                 log.exception("%s failed", command)
-                self._fail(op.request_id, ProtocolError(f"{type(exc).__name__}: {exc}", ErrorCode.INTERNAL))
-            finally:
-                with self._cond:
-                    self._running = None
-                    self._known_ids.discard(op.request_id)
+                reply = make_error(
+                    ProtocolError(f"{type(exc).__name__}: {exc}", ErrorCode.INTERNAL), op.request_id
+                )
+            # The operation ends before its answer leaves, so a status read after the answer sees it done.
+            with self._cond:
+                self._running = None
+                self._known_ids.discard(op.request_id)
+            self.write(reply)

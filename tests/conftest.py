@@ -1,0 +1,34 @@
+"""Shared fixtures: the tiny demo model set and the device worker tests run on.
+
+``pytest --worker-device cuda:0`` runs the worker tests on a GPU (the default is the CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from modelkeeper.testing import DemoManifest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--worker-device", default="cpu", help="device for worker tests: cpu (default) or cuda:N"
+    )
+
+
+@pytest.fixture(scope="session")
+def worker_device(request: pytest.FixtureRequest) -> str:
+    return str(request.config.getoption("--worker-device"))
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoManifest:
+    """Every demo model, written once per test process."""
+    from modelkeeper.testing import write_demo_models  # imports diffusers: only for tests that need it
+
+    root: Path = tmp_path_factory.mktemp("demo-models")
+    return write_demo_models(root)

@@ -1,0 +1,163 @@
+"""Loading every kind from every source form, through the real worker subprocess and in-process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelkeeper.protocol import CommandType, ErrorCode, ProtocolError, WorkerProcess
+from modelkeeper.testing import DemoManifest
+from modelkeeper.worker import InProcessWorker
+
+from .conftest import assert_same_weights, load_data, reference, unique_bytes
+
+COMMAND = {
+    "unet": CommandType.LOAD_UNET,
+    "vae": CommandType.LOAD_VAE,
+    "text_encoder": CommandType.LOAD_ENCODER,
+}
+
+#: (manifest entry, kind to load, extra request fields)
+CASES = [
+    ("sd15-unet", "unet", {}),
+    ("sd15-inpaint-unet", "unet", {}),
+    ("sd2-unet", "unet", {}),
+    ("sdxl-unet", "unet", {}),
+    ("sdxl-refiner-unet", "unet", {}),
+    ("sd15-unet-folder", "unet", {}),
+    ("sd15-vae", "vae", {}),
+    ("sdxl-vae", "vae", {}),
+    ("flux-vae", "vae", {}),
+    ("flux-vae-folder", "vae", {}),
+    ("clip-l", "text_encoder", {}),
+    ("clip-g", "text_encoder", {}),
+    ("t5", "text_encoder", {}),
+    ("t5-folder", "text_encoder", {}),
+]
+
+
+def test_handshake(worker: WorkerProcess, worker_device: str) -> None:
+    hello = worker.hello
+    assert hello["protocol_version"] == "1.0"
+    assert hello["device"]["kind"] == worker_device.split(":", maxsplit=1)[0]
+    assert hello["memory"]["total_bytes"] > hello["memory"]["budget_bytes"] > 0
+    assert hello["torch_version"] == torch.__version__
+    assert hello["diffusers_version"] and hello["transformers_version"]
+    assert "model.load_unet" in hello["capabilities"]
+    assert hello["pid"] == worker.pid
+
+
+@pytest.mark.parametrize(("name", "kind", "extra"), CASES, ids=[c[0] for c in CASES])
+def test_load_report_and_unload(
+    worker: WorkerProcess, demo: DemoManifest, name: str, kind: str, extra: dict[str, object]
+) -> None:
+    entry = demo[name]
+    result = worker.call(COMMAND[kind], load_data(entry, demo.root, **extra))
+    stored = getattr(torch, entry.dtype or "float16")
+    expected = unique_bytes(reference(entry, kind), stored)
+    assert result["bytes"] == expected
+    assert result["type"] == kind
+    assert result["dtype"] == str(stored).removeprefix("torch.")
+    assert result["source"]["layout"] == ("original" if entry.layout == "original" else "diffusers")
+    info = worker.call(CommandType.GET_MODEL_INFO, {"name": name})
+    assert info["models"][0]["bytes"] == expected
+    assert info["memory"]["models_bytes"] == expected
+    unloaded = worker.call(CommandType.UNLOAD_MODEL, {"name": name})
+    assert unloaded["freed_bytes"] == expected
+    assert unloaded["memory_before"]["models_bytes"] - unloaded["memory_after"]["models_bytes"] == expected
+    assert worker.call(CommandType.GET_MODEL_INFO)["model_count"] == 0
+
+
+@pytest.mark.parametrize(("name", "kind", "extra"), CASES, ids=[c[0] for c in CASES])
+def test_loaded_weights_are_bitwise_the_models(
+    inproc: InProcessWorker, demo: DemoManifest, name: str, kind: str, extra: dict[str, object]
+) -> None:
+    entry = demo[name]
+    inproc.call(COMMAND[kind], load_data(entry, demo.root, **extra))
+    module = inproc.module(name)
+    assert isinstance(module, torch.nn.Module)
+    assert not module.training
+    assert all(not p.requires_grad for p in module.parameters())
+    assert all(p.device.type == inproc.service.device.type for p in module.parameters())
+    assert_same_weights(module, reference(entry, kind))
+
+
+def test_single_file_without_config_metadata_takes_the_config_from_the_request(
+    inproc: InProcessWorker, demo: DemoManifest, tmp_path: object
+) -> None:
+    from modelkeeper.testing import save_single_file
+
+    entry = demo["sdxl-unet"]
+    ref = reference(entry, "unet")
+    path = save_single_file(ref, tmp_path / "bare.safetensors", layout="original", with_config_metadata=False)  # type: ignore[operator]
+    with pytest.raises(ProtocolError) as info:
+        inproc.call(CommandType.LOAD_UNET, {"name": "bare", "path": str(path)})
+    assert info.value.code is ErrorCode.INVALID_REQUEST
+    assert "data.config" in info.value.message
+    inproc.call(CommandType.LOAD_UNET, {"name": "bare", "path": str(path), "config": entry.config})
+    assert_same_weights(inproc.module("bare"), ref)
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "clip_l", "clip_g"])
+def test_components_out_of_a_full_sdxl_checkpoint(
+    inproc: InProcessWorker, demo: DemoManifest, component: str
+) -> None:
+    entry = demo["sdxl-checkpoint"]
+    assert entry.config is not None
+    configs = {"unet": entry.config["unet"], "vae": entry.config["vae"], "clip_l": entry.config["text_encoder"],
+               "clip_g": entry.config["text_encoder_2"]}  # fmt: skip
+    kind = component if component in ("unet", "vae") else "text_encoder"
+    inproc.call(
+        COMMAND[kind],
+        {
+            "name": component,
+            "path": str(demo.path(entry.name)),
+            "config": configs[component],
+            "layout": "original",
+        },
+    )
+    module = inproc.module(component)
+    ref_entry = (
+        demo["sdxl-unet"]
+        if kind == "unet"
+        else demo["sdxl-vae"]
+        if kind == "vae"
+        else demo[component.replace("_", "-")]
+    )
+    assert_same_weights(module, reference(ref_entry, kind))
+
+
+def test_pipeline_folder_components_and_fp16_variant(inproc: InProcessWorker, demo: DemoManifest) -> None:
+    entry = demo["sd15-pipeline"]
+    root = str(demo.path(entry.name))
+    for kind in ("unet", "vae", "text_encoder", "tokenizer"):
+        result = inproc.call(CommandType.LOAD_MODEL, {"name": f"p-{kind}", "path": root, "type": kind})
+        assert result["type"] == kind
+    assert inproc.module("p-tokenizer")("a cat").input_ids[0] == inproc.module("p-tokenizer").bos_token_id
+    variants = demo.select(weights_variants=("fp16",))
+    assert variants, "the demo set has a folder with an fp16 variant"
+    folder = demo.path(variants[0].name)
+    kind = "unet" if variants[0].type in ("unet", "main") else variants[0].type
+    res = inproc.call(
+        CommandType.LOAD_MODEL, {"name": "fp16", "path": str(folder), "type": kind, "variant": "fp16"}
+    )
+    assert res["dtype"] == "float16"
+    assert res["source"]["files"][0].endswith(".fp16.safetensors")
+
+
+def test_dtype_cast_on_load_halves_bytes(inproc: InProcessWorker, demo: DemoManifest) -> None:
+    path = str(demo.path("sd15-unet-folder"))
+    a = inproc.call(CommandType.LOAD_UNET, {"name": "f32", "path": path, "dtype": "float32"})
+    b = inproc.call(CommandType.LOAD_UNET, {"name": "f16", "path": path, "dtype": "float16"})
+    assert a["dtype"] == "float32"
+    assert b["dtype"] == "float16"
+    assert a["bytes"] == 2 * b["bytes"]
+
+
+def test_tokenizers(inproc: InProcessWorker, demo: DemoManifest) -> None:
+    for name in ("clip-tokenizer", "t5-tokenizer"):
+        result = inproc.call(CommandType.LOAD_TOKENIZER, load_data(demo[name], demo.root))
+        assert result["vocab_size"] > 0
+        assert result["bytes"] == 0
+        ids = inproc.module(name)("a photo of a cat").input_ids
+        assert len(ids) > 2
