@@ -77,7 +77,7 @@ def run_cmd(
     example = {
         "type": "model.load_unet",
         "request_id": "r-1",
-        "data": {"name": "unet", "path": str((models / "diffusers" / "sd15" / "unet").resolve())},
+        "data": {"name": "unet", "path": str((models / "diffusers" / "tiny-sd15" / "unet").resolve())},
     }
     print(
         f"modelkeeper worker on {device}; models in {models.resolve()}.\n"

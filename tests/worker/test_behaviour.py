@@ -129,9 +129,13 @@ def test_shutdown_exits_cleanly(worker_device: str) -> None:
     w.close()
 
 
-def test_end_of_input_stops_the_worker(worker_device: str) -> None:
+def test_end_of_input_finishes_queued_work_then_stops(worker_device: str, demo: DemoManifest) -> None:
     w = WorkerProcess(worker_device)
+    first = w.submit(CommandType.LOAD_VAE, {"name": "v", **src(demo, "sdxl-vae")})
+    second = w.submit(CommandType.GET_MODEL_INFO)
     assert w.process.stdin is not None
     w.process.stdin.close()
+    assert first.result(60)["name"] == "v"
+    assert second.result(60)["model_count"] in (0, 1)
     assert w.process.wait(30) == 0
     w.close()

@@ -93,6 +93,7 @@ class WorkerServer:
         self._running: Operation | None = None
         self._known_ids: set[str] = set()
         self.stopping = threading.Event()
+        self._draining = False
         self._device_thread = threading.Thread(target=self._device_loop, name="device", daemon=True)
         self._device_thread.start()
 
@@ -118,13 +119,25 @@ class WorkerServer:
     # ------------------------------------------------------------------ input
 
     def serve(self, lines: Iterable[bytes]) -> None:
-        """Handle lines until end of input or ``worker.shutdown``; then stop the device thread."""
+        """Handle lines until end of input or ``worker.shutdown``.
+
+        At end of input the queued work is finished first (so piped requests all complete);
+        ``worker.shutdown`` cancels what is queued or running."""
         for line in lines:
             if line.strip():
                 self.handle_line(line)
             if self.stopping.is_set():
                 break
+        if not self.stopping.is_set():
+            self.drain()
         self.stop()
+
+    def drain(self) -> None:
+        """Let the device thread finish everything queued, then stop it."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+        self._device_thread.join()
 
     def handle_line(self, line: bytes) -> None:
         request_id: str | None = None
@@ -243,7 +256,7 @@ class WorkerServer:
     def _device_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self.stopping.is_set():
+                while not self._queue and not self.stopping.is_set() and not self._draining:
                     self._cond.wait()
                 if not self._queue:
                     return
