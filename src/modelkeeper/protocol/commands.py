@@ -28,6 +28,7 @@ class CommandType(StrEnum):
     LOAD_TOKENIZER = "model.load_tokenizer"
     GET_STATUS = "model.get_status"
     CLEANUP = "model.cleanup"
+    RELEASE_SEGMENTS = "model.release_segments"
 
 
 #: Commands answered at once by the reader, never queued behind device work.

@@ -257,6 +257,16 @@ class CleanupResult(_Open):
     memory_after: MemoryInfo
 
 
+class ReleaseSegmentsRequest(_Strict):
+    paths: list[str] | None = Field(
+        None, description="RAM-cache segments to unmap (and unregister from CUDA); all when omitted."
+    )
+
+
+class ReleaseSegmentsResult(_Open):
+    released: list[str]
+
+
 class CancelRequest(_Strict):
     target_request_id: str = Field(min_length=1)
 
@@ -306,6 +316,7 @@ COMMAND_MODELS: dict[CommandType, tuple[type[BaseModel], type[BaseModel]]] = {
     CommandType.GET_STATUS: (StatusRequest, StatusResult),
     CommandType.OPTIMIZE_MEMORY: (OptimizeMemoryRequest, OptimizeMemoryResult),
     CommandType.CLEANUP: (CleanupRequest, CleanupResult),
+    CommandType.RELEASE_SEGMENTS: (ReleaseSegmentsRequest, ReleaseSegmentsResult),
 }
 
 EVENT_MODELS: dict[EventType, type[BaseModel]] = {

@@ -78,6 +78,7 @@ DEVICE_HANDLERS: dict[CommandType, Handler] = {
     CommandType.UNLOAD_MODEL: lambda s, d, op: s.unload(d.name, op),
     CommandType.OPTIMIZE_MEMORY: lambda s, d, op: s.optimize_memory(d, op),
     CommandType.CLEANUP: lambda s, d, op: s.cleanup(op),
+    CommandType.RELEASE_SEGMENTS: lambda s, d, op: s.release_segments(d.paths),
 }
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,11 +35,13 @@ from modelkeeper.protocol.messages import (
     ModelKind,
     OptimizeMemoryRequest,
     OptimizeMemoryResult,
+    ReleaseSegmentsResult,
     UnloadResult,
 )
 from modelkeeper.worker import assemble, convert, sources, weights
 from modelkeeper.worker.device import DeviceMemory, MiB
 from modelkeeper.worker.errors import AlreadyLoaded, Cancelled, InsufficientMemory, ModelNotFound, NotLoaded
+from modelkeeper.worker.mapping import MappingTable
 
 EventSink = Callable[[EventType, str | None, dict[str, Any]], None]
 
@@ -102,6 +105,7 @@ class ModelService:
         self._throttle = throttle_mb_s * MiB if throttle_mb_s else None
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
+        self.mappings = MappingTable()
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ queries (any thread)
@@ -197,6 +201,7 @@ class ModelService:
             state = weights.read_tensors(
                 entries,
                 self.device,
+                table=self.mappings,
                 dtype=dtype,
                 progress=lambda done, total: self._progress(op, "read", done, total),
                 check=op.check,
@@ -380,6 +385,14 @@ class ModelService:
             )
         return CleanupResult(unloaded=names, freed_bytes=freed, memory_after=self.memory_info())
 
+    def release_segments(self, paths: list[str] | None) -> ReleaseSegmentsResult:
+        """Unmap RAM-cache segments (the orchestrator is about to drop them). Models already
+        loaded from them keep their device copies; CPU views keep the pages until unloaded."""
+        if paths is None:
+            return ReleaseSegmentsResult(released=self.mappings.release())
+        released = [r for p in paths for r in self.mappings.release(Path(p))]
+        return ReleaseSegmentsResult(released=released)
+
     def _check_pressure(self, request_id: str | None) -> None:
         mem = self.memory_info()
         if mem.budget_bytes and mem.models_bytes > 0.9 * mem.budget_bytes:
@@ -396,7 +409,7 @@ CAPABILITIES = frozenset(
         CommandType.WORKER_HELLO, CommandType.WORKER_SHUTDOWN, CommandType.CONTROL_CANCEL,
         CommandType.LOAD_MODEL, CommandType.LOAD_UNET, CommandType.LOAD_VAE, CommandType.LOAD_ENCODER,
         CommandType.LOAD_TOKENIZER, CommandType.UNLOAD_MODEL, CommandType.GET_MODEL_INFO,
-        CommandType.GET_STATUS, CommandType.OPTIMIZE_MEMORY, CommandType.CLEANUP,
+        CommandType.GET_STATUS, CommandType.OPTIMIZE_MEMORY, CommandType.CLEANUP, CommandType.RELEASE_SEGMENTS,
     }
 )  # fmt: skip
 

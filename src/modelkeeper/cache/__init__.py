@@ -1,0 +1,19 @@
+"""The RAM cache: model components in POSIX shared memory, mapped by workers with no copy."""
+
+from modelkeeper.cache.errors import CacheError, CacheFull, SegmentInUse, SegmentNotFound
+from modelkeeper.cache.segment import SHM_DIR, create_segment, remove_stale, segment_path
+from modelkeeper.cache.store import RamCache, Segment, file_component_id
+
+__all__ = [
+    "SHM_DIR",
+    "CacheError",
+    "CacheFull",
+    "RamCache",
+    "Segment",
+    "SegmentInUse",
+    "SegmentNotFound",
+    "create_segment",
+    "file_component_id",
+    "remove_stale",
+    "segment_path",
+]

@@ -1,0 +1,32 @@
+"""Errors of the RAM cache.
+
+Hierarchy::
+
+    ProtocolError (modelkeeper.protocol)
+    └── CacheError                      INTERNAL: a segment could not be created or filled
+        ├── CacheFull                   INSUFFICIENT_MEMORY: does not fit the budget even after eviction (recoverable)
+        ├── SegmentNotFound             MODEL_NOT_FOUND: no segment with that component id
+        └── SegmentInUse                BUSY: a worker is loading from it (recoverable)
+
+File problems raise the FormatError family of :mod:`modelkeeper.formats.errors`.
+"""
+
+from __future__ import annotations
+
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+
+
+class CacheError(ProtocolError):
+    code = ErrorCode.INTERNAL
+
+
+class CacheFull(CacheError):
+    code = ErrorCode.INSUFFICIENT_MEMORY
+
+
+class SegmentNotFound(CacheError):
+    code = ErrorCode.MODEL_NOT_FOUND
+
+
+class SegmentInUse(CacheError):
+    code = ErrorCode.BUSY

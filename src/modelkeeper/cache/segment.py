@@ -1,0 +1,185 @@
+"""One component in POSIX shared memory, in safetensors byte layout.
+
+A segment is a file under ``/dev/shm`` named ``modelkeeper-<pid>-<id>.safetensors``: the pid of
+the process that owns it (the orchestrator) lets a later start find and remove the leftovers of
+a dead owner. Its bytes are a valid safetensors file, so a worker maps it read-only and parses it
+like any file; mapping costs no copy.
+
+Filling reads the source with several threads straight into the mapping (``os.preadv``): no
+intermediate buffer. A whole file is copied as is; a subset of tensors (one component of a full
+checkpoint) is repacked under a new header, largest element size first, so every tensor stays
+aligned to its element size.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.safetensors_header import DTYPE_BITS, SafetensorsHeader, TensorInfo, read_header
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "modelkeeper"
+CHUNK = 64 * 1024 * 1024
+_NAME = re.compile(rf"^{PREFIX}-(\d+)-([A-Za-z0-9_.-]+)\.safetensors$")
+
+Progress = Callable[[int, int], None]
+
+
+def segment_path(component_id: str, *, shm_dir: Path = SHM_DIR, pid: int | None = None) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", component_id)[:180]
+    return shm_dir / f"{PREFIX}-{pid if pid is not None else os.getpid()}-{safe}.safetensors"
+
+
+def owner_pid(path: Path) -> int | None:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Unlink the segments whose owner process is gone. Returns what was removed."""
+    removed: list[Path] = []
+    if not shm_dir.is_dir():
+        return removed
+    for path in shm_dir.iterdir():
+        pid = owner_pid(path)
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+@dataclass(frozen=True)
+class CopyJob:
+    src: int
+    dst: int
+    length: int
+
+
+def plan_layout(header: SafetensorsHeader, names: Iterable[str] | None) -> tuple[bytes, list[CopyJob], int]:
+    """(header bytes, copy jobs, total size) for a segment holding ``names`` (all when None)."""
+    if names is None:
+        jobs = _chunk([CopyJob(0, 0, header.data_offset + header.data_size)])
+        return b"", jobs, header.data_offset + header.data_size
+    chosen: list[TensorInfo] = []
+    for name in names:
+        info = header.tensors.get(name)
+        if info is None:
+            raise InvalidModelFile(f"{header.path}: no tensor {name!r} to cache", path=str(header.path))
+        chosen.append(info)
+    chosen.sort(key=lambda t: (-DTYPE_BITS.get(t.dtype, 8), t.begin))
+    entries: dict[str, object] = {}
+    offset = 0
+    runs: list[CopyJob] = []
+    for info in chosen:
+        size = info.end - info.begin
+        entries[info.name] = {
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        src = header.data_offset + info.begin
+        if runs and runs[-1].src + runs[-1].length == src and runs[-1].dst + runs[-1].length == offset:
+            last = runs.pop()
+            runs.append(CopyJob(last.src, last.dst, last.length + size))
+        elif size:
+            runs.append(CopyJob(src, offset, size))
+        offset += size
+    entries["__metadata__"] = dict(header.metadata)
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    head = len(raw).to_bytes(8, "little") + raw
+    jobs = [CopyJob(j.src, j.dst + len(head), j.length) for j in runs]
+    return head, _chunk(jobs), len(head) + offset
+
+
+def _chunk(jobs: list[CopyJob]) -> list[CopyJob]:
+    out = []
+    for job in jobs:
+        for start in range(0, job.length, CHUNK):
+            n = min(CHUNK, job.length - start)
+            out.append(CopyJob(job.src + start, job.dst + start, n))
+    return out
+
+
+def create_segment(
+    source: Path,
+    dest: Path,
+    *,
+    names: Iterable[str] | None = None,
+    threads: int = 8,
+    progress: Progress | None = None,
+) -> tuple[int, float]:
+    """Write ``source`` (or the tensors ``names`` of it) into a new segment file ``dest``.
+
+    Returns (size in bytes, seconds). The file is created exclusively and removed again if
+    anything fails, so a half-filled segment is never left behind.
+    """
+    started = time.perf_counter()
+    header = read_header(source)
+    head, jobs, size = plan_layout(header, names)
+    fd_out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd_out, max(size, 1))
+        with mmap.mmap(fd_out, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            view = memoryview(mm)
+            try:
+                view[: len(head)] = head
+                _parallel_read(source, view, jobs, threads, progress)
+            finally:
+                view.release()
+    except BaseException:
+        os.close(fd_out)
+        dest.unlink(missing_ok=True)
+        raise
+    os.close(fd_out)
+    return size, time.perf_counter() - started
+
+
+def _parallel_read(
+    source: Path, view: memoryview, jobs: list[CopyJob], threads: int, progress: Progress | None
+) -> None:
+    total = sum(j.length for j in jobs)
+    done = 0
+    fd = os.open(source, os.O_RDONLY)
+    try:
+
+        def run(job: CopyJob) -> int:
+            got = 0
+            while got < job.length:
+                n = os.preadv(fd, [view[job.dst + got : job.dst + job.length]], job.src + got)
+                if n <= 0:
+                    raise InvalidModelFile(
+                        f"{source}: file ended early (truncated while caching?)", path=str(source)
+                    )
+                got += n
+            return got
+
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for n in pool.map(run, jobs):
+                done += n
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        os.close(fd)

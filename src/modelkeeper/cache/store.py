@@ -1,0 +1,268 @@
+"""The RAM cache: segments in shared memory under a byte budget, with eviction.
+
+The orchestrator owns one ``RamCache``. Components are cached by component id (the registry's
+content id when there is one, so the same VAE inside several checkpoints is held once; else an
+id made from the file's identity). Workers map segments read-only by path.
+
+Eviction frees the least valuable segments first: least recently used, weighted by the cost of
+bringing a segment back (the seconds it took to fill), so an old, cheap segment goes before a
+recent or expensive one. Segments pinned by ``acquire`` (a worker is
+loading from them) are never evicted.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+import psutil
+
+from modelkeeper.cache.errors import CacheFull, SegmentInUse, SegmentNotFound
+from modelkeeper.cache.segment import SHM_DIR, Progress, create_segment, remove_stale, segment_path
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+COST_WEIGHT = 10.0
+
+
+@dataclass
+class Segment:
+    component_id: str
+    path: Path
+    size: int
+    source: str
+    tensors: list[str] | None
+    fill_seconds: float
+    created_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    hits: int = 0
+    models: set[str] = field(default_factory=set)
+    pins: int = 0
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "component_id": self.component_id,
+            "path": str(self.path),
+            "bytes": self.size,
+            "source": self.source,
+            "tensor_count": None if self.tensors is None else len(self.tensors),
+            "fill_seconds": round(self.fill_seconds, 6),
+            "created_at": self.created_at,
+            "last_used": self.last_used,
+            "hits": self.hits,
+            "models": sorted(self.models),
+            "pinned": self.pins > 0,
+        }
+
+    def value(self, now: float) -> float:
+        """Higher is more worth keeping: recency, plus the refill cost (a second of filling counts as
+        COST_WEIGHT seconds of recency), so an old, cheap segment goes before a recent or costly one."""
+        return self.last_used + COST_WEIGHT * self.fill_seconds - now
+
+
+def default_budget() -> int:
+    return int(psutil.virtual_memory().available // 2)
+
+
+def file_component_id(path: Path, tensors: Iterable[str] | None = None) -> str:
+    """An id from the file's identity (path, size, mtime, inode) and the tensor subset."""
+    st = path.stat()
+    h = blake3.blake3(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode())
+    if tensors is not None:
+        h.update("|".join(sorted(tensors)).encode())
+    return "f" + h.hexdigest()[:31]
+
+
+class RamCache:
+    """Components in shared memory under a byte budget. Thread-safe."""
+
+    def __init__(self, budget_bytes: int | None = None, *, shm_dir: Path = SHM_DIR, threads: int = 8) -> None:
+        self.budget_bytes = default_budget() if budget_bytes is None else budget_bytes
+        self.shm_dir = shm_dir
+        self.threads = threads
+        self._segments: dict[str, Segment] = {}
+        self._lock = threading.RLock()
+        self._filling: dict[str, threading.Event] = {}
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.evicted_bytes = 0
+        self.removed_stale = remove_stale(shm_dir)
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(s.size for s in self._segments.values())
+
+    def segments(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [s.info() for s in sorted(self._segments.values(), key=lambda s: s.created_at)]
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            lookups = self.hits + self.misses
+            return {
+                "segments": len(self._segments),
+                "bytes_used": self.used_bytes,
+                "budget_bytes": self.budget_bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+                "hit_rate": self.hits / lookups if lookups else 0.0,
+                "evictions": self.evictions,
+                "evicted_bytes": self.evicted_bytes,
+                "shm_dir": str(self.shm_dir),
+            }
+
+    def get(self, component_id: str) -> Segment:
+        with self._lock:
+            seg = self._segments.get(component_id)
+            if seg is None:
+                raise SegmentNotFound(f"no cached component {component_id!r}", component_id=component_id)
+            return seg
+
+    def __contains__(self, component_id: object) -> bool:
+        with self._lock:
+            return component_id in self._segments
+
+    # ------------------------------------------------------------------ filling
+
+    def cache_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        component_id: str | None = None,
+        tensors: Iterable[str] | None = None,
+        model: str | None = None,
+        progress: Progress | None = None,
+    ) -> Segment:
+        """The segment of ``path`` (or of its tensors ``tensors``), filling it on a miss.
+
+        Concurrent calls for the same component fill it once; the others wait and hit.
+        """
+        source = Path(path)
+        names = None if tensors is None else list(tensors)
+        cid = component_id or file_component_id(source, names)
+        while True:
+            with self._lock:
+                seg = self._segments.get(cid)
+                if seg is not None:
+                    self.hits += 1
+                    seg.hits += 1
+                    seg.last_used = time.time()
+                    if model:
+                        seg.models.add(model)
+                    return seg
+                waiter = self._filling.get(cid)
+                if waiter is None:
+                    self.misses += 1
+                    self._filling[cid] = threading.Event()
+                    break
+            waiter.wait()
+        try:
+            seg = self._fill(source, cid, names, progress)
+            if model:
+                seg.models.add(model)
+            return seg
+        finally:
+            with self._lock:
+                self._filling.pop(cid).set()
+
+    def _fill(self, source: Path, cid: str, names: list[str] | None, progress: Progress | None) -> Segment:
+        estimate = source.stat().st_size
+        self._make_room(estimate, cid)
+        dest = segment_path(cid, shm_dir=self.shm_dir)
+        dest.unlink(missing_ok=True)
+        if source.suffix.lower() in PICKLE_SUFFIXES:
+            from modelkeeper.formats.pickle_sandbox import convert_pickle_to_safetensors
+
+            started = time.perf_counter()
+            convert_pickle_to_safetensors(source, dest)
+            size, seconds = dest.stat().st_size, time.perf_counter() - started
+        else:
+            size, seconds = create_segment(source, dest, names=names, threads=self.threads, progress=progress)
+        seg = Segment(cid, dest, size, str(source), names, seconds)
+        with self._lock:
+            self._segments[cid] = seg
+            over = self.used_bytes - self.budget_bytes
+        if over > 0:  # the estimate was low (pickle conversion): make room after the fact
+            try:
+                self._make_room(0, cid)
+            except CacheFull:
+                self.drop(cid)
+                raise
+        return seg
+
+    def _make_room(self, incoming: int, keep: str) -> None:
+        with self._lock:
+            need = self.used_bytes + incoming - self.budget_bytes
+            if need <= 0:
+                return
+            now = time.time()
+            candidates = sorted(
+                (s for s in self._segments.values() if s.pins == 0 and s.component_id != keep),
+                key=lambda s: s.value(now),
+            )
+            chosen: list[Segment] = []
+            freed = 0
+            for seg in candidates:
+                if freed >= need:
+                    break
+                chosen.append(seg)
+                freed += seg.size
+            if freed < need:
+                raise CacheFull(
+                    f"{incoming} bytes do not fit the RAM cache budget of {self.budget_bytes} bytes "
+                    f"({self.used_bytes} used, {freed} evictable)",
+                    required_bytes=incoming,
+                    budget_bytes=self.budget_bytes,
+                )
+            for seg in chosen:
+                self._remove(seg)
+                self.evictions += 1
+                self.evicted_bytes += seg.size
+
+    # ------------------------------------------------------------------ pins and removal
+
+    @contextmanager
+    def acquire(self, component_id: str) -> Iterator[Segment]:
+        """Pin a segment while a worker loads from it: it is not evicted or dropped meanwhile."""
+        with self._lock:
+            seg = self.get(component_id)
+            seg.pins += 1
+            seg.last_used = time.time()
+        try:
+            yield seg
+        finally:
+            with self._lock:
+                seg.pins -= 1
+
+    def drop(self, component_id: str, *, force: bool = False) -> int:
+        with self._lock:
+            seg = self.get(component_id)
+            if seg.pins and not force:
+                raise SegmentInUse(
+                    f"component {component_id!r} is being loaded by a worker", component_id=component_id
+                )
+            self._remove(seg)
+            return seg.size
+
+    def drop_all(self, *, force: bool = False) -> int:
+        with self._lock:
+            ids = [s.component_id for s in self._segments.values() if force or s.pins == 0]
+            return sum(self.drop(cid, force=force) for cid in ids)
+
+    def _remove(self, seg: Segment) -> None:
+        self._segments.pop(seg.component_id, None)
+        seg.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove every segment (the orchestrator is stopping)."""
+        self.drop_all(force=True)

@@ -1,0 +1,338 @@
+"""Memory mappings of safetensors files, registered with CUDA once, and the copy paths to a device.
+
+- A RAM-cache segment (shared memory) is mapped once per worker and kept: on a CPU worker its
+  tensors are views of the mapping (no copy at all); on a CUDA worker the mapping is page-locked
+  (``cudaHostRegister``) once per segment lifetime and copied into one device allocation in large
+  asynchronous chunks.
+- An ordinary file on a CUDA worker is streamed: several reader threads ``pread`` into pinned
+  staging buffers while the copy engine moves the previous buffers to the device (double
+  buffering); on a CPU worker it is read into anonymous memory with parallel reads (a private
+  mapping of a file that may change under us would not be safe to keep).
+
+Either way a component ends as one allocation on its device, and each tensor is a view of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}  # fmt: skip
+
+COPY_CHUNK = 256 * 1024 * 1024
+STAGE_CHUNK = 64 * 1024 * 1024
+STAGE_BUFFERS = 4
+ALIGN = 256
+
+Progress = Callable[[int, int], None]
+Check = Callable[[], None]
+
+
+def is_segment(path: Path) -> bool:
+    """Segments of the RAM cache live in shared memory and are never changed once written."""
+    return path.name.startswith("modelkeeper-") and str(path.resolve()).startswith("/dev/shm/")
+
+
+@dataclass
+class Mapping:
+    """A copy-on-write mapping of a whole safetensors file and its validated header."""
+
+    path: Path
+    inode: int
+    header: SafetensorsHeader
+    mm: mmap.mmap
+    host: torch.Tensor  # uint8 view of the whole file
+    registered: bool = False
+    users: int = 0
+
+    @classmethod
+    def open(cls, path: Path) -> Mapping:
+        header = read_header(path)
+        size = header.data_offset + header.data_size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            mm = mmap.mmap(fd, max(size, 1), mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        host = (
+            torch.frombuffer(mm, dtype=torch.uint8, count=size) if size else torch.empty(0, dtype=torch.uint8)
+        )
+        return cls(path, st.st_ino, header, mm, host)
+
+    def register(self) -> None:
+        """Page-lock the mapping for the CUDA copy engine (once)."""
+        if self.registered or self.host.numel() == 0:
+            return
+        err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)
+        if int(err) != 0:
+            log.warning("cudaHostRegister of %s failed (%s); copying from pageable memory", self.path, err)
+            return
+        self.registered = True
+
+    def close(self) -> None:
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            self.registered = False
+        del self.host
+        try:
+            self.mm.close()
+        except BufferError:  # CPU views still alive; the mapping goes with the last of them
+            pass
+
+
+@dataclass
+class MappingTable:
+    """The segments this worker has mapped, kept until released (one registration per lifetime)."""
+
+    mappings: dict[Path, Mapping] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, path: Path) -> Mapping:
+        with self.lock:
+            current = self.mappings.get(path)
+            try:
+                inode = path.stat().st_ino
+            except FileNotFoundError:
+                inode = -1
+            if current is not None and current.inode == inode:
+                return current
+            if current is not None:
+                current.close()
+            mapping = Mapping.open(path)
+            self.mappings[path] = mapping
+            return mapping
+
+    def release(self, path: Path | None = None) -> list[str]:
+        with self.lock:
+            paths = list(self.mappings) if path is None else [path]
+            released = []
+            for p in paths:
+                m = self.mappings.pop(p, None)
+                if m is not None:
+                    m.close()
+                    released.append(str(p))
+            return released
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A contiguous byte range of the file and where it lands in the device buffer."""
+
+    src: int
+    dst: int
+    length: int
+
+
+def _plan(header: SafetensorsHeader, infos: list[TensorInfo]) -> tuple[list[_Run], dict[str, int], int]:
+    """Merge the tensors' ranges into runs; each run starts ALIGN-aligned in the destination."""
+    runs: list[_Run] = []
+    where: dict[str, int] = {}
+    size = 0
+    for info in sorted(infos, key=lambda t: t.begin):
+        src = header.data_offset + info.begin
+        n = info.end - info.begin
+        if runs and runs[-1].src + runs[-1].length == src:
+            last = runs[-1]
+            where[info.name] = last.dst + last.length
+            runs[-1] = _Run(last.src, last.dst, last.length + n)
+        else:
+            size += -size % ALIGN
+            where[info.name] = size
+            runs.append(_Run(src, size, n))
+        size = runs[-1].dst + runs[-1].length
+    return runs, where, size
+
+
+def _views(buffer: torch.Tensor, infos: list[TensorInfo], where: dict[str, int]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for info in infos:
+        dtype = TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise InvalidModelFile(
+                f"tensor {info.name!r}: dtype {info.dtype} is not loadable", tensor=info.name
+            )
+        start = where[info.name]
+        raw = buffer[start : start + info.end - info.begin]
+        if start % dtype.itemsize:
+            raw = raw.clone()  # misaligned in the file: this tensor alone is copied
+        out[info.name] = raw.view(dtype).view(info.shape)
+    return out
+
+
+def load_tensors(
+    path: Path,
+    names: list[str],
+    device: torch.device,
+    *,
+    table: MappingTable,
+    progress: Progress | None = None,
+    check: Check | None = None,
+    threads: int = 8,
+) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of the safetensors file ``path`` on ``device``, as views of one allocation."""
+    segment = is_segment(path)
+    if segment:
+        mapping = table.get(path)
+        header = mapping.header
+    else:
+        header = read_header(path)
+    infos = [header.tensors[n] for n in names]
+    if segment and device.type == "cpu":
+        where = {i.name: header.data_offset + i.begin for i in infos}
+        if progress is not None:
+            progress(sum(i.end - i.begin for i in infos), sum(i.end - i.begin for i in infos))
+        return _views(mapping.host, infos, where)
+    runs, where, size = _plan(header, infos)
+    buffer = torch.empty(size, dtype=torch.uint8, device=device)
+    if segment:
+        mapping.register()
+        _copy_from_mapping(mapping.host, buffer, runs, progress, check)
+    elif device.type == "cuda":
+        _stream_to_device(path, buffer, runs, threads, progress, check)
+    else:
+        _read_into(path, buffer, runs, threads, progress, check)
+    return _views(buffer, infos, where)
+
+
+def _pieces(runs: list[_Run], chunk: int) -> list[_Run]:
+    return [
+        _Run(r.src + off, r.dst + off, min(chunk, r.length - off))
+        for r in runs
+        for off in range(0, r.length, chunk)
+    ]
+
+
+def _copy_from_mapping(
+    host: torch.Tensor, buffer: torch.Tensor, runs: list[_Run], progress: Progress | None, check: Check | None
+) -> None:
+    pieces = _pieces(runs, COPY_CHUNK)
+    total = sum(p.length for p in pieces)
+    done = 0
+    stream = torch.cuda.Stream(buffer.device)
+    with torch.cuda.stream(stream):
+        for p in pieces:
+            if check is not None:
+                check()
+            buffer[p.dst : p.dst + p.length].copy_(host[p.src : p.src + p.length], non_blocking=True)
+            done += p.length
+            if progress is not None:
+                progress(done, total)
+    stream.synchronize()
+
+
+def _pread_into(fd: int, target: memoryview, offset: int, path: Path) -> None:
+    got = 0
+    while got < len(target):
+        n = os.preadv(fd, [target[got:]], offset + got)
+        if n <= 0:
+            raise InvalidModelFile(f"{path}: file ended early (changed while loading?)", path=str(path))
+        got += n
+
+
+def _read_into(
+    path: Path,
+    buffer: torch.Tensor,
+    runs: list[_Run],
+    threads: int,
+    progress: Progress | None,
+    check: Check | None,
+) -> None:
+    """Parallel reads straight into a CPU buffer."""
+    pieces = _pieces(runs, STAGE_CHUNK)
+    total = sum(p.length for p in pieces)
+    view = buffer.numpy().data
+    fd = os.open(path, os.O_RDONLY)
+    done = 0
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = [
+                pool.submit(_pread_into, fd, view[p.dst : p.dst + p.length], p.src, path) for p in pieces
+            ]
+            for fut, p in zip(futures, pieces, strict=True):
+                if check is not None:
+                    try:
+                        check()
+                    except BaseException:
+                        for f in futures:
+                            f.cancel()
+                        raise
+                fut.result()
+                done += p.length
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        view.release()
+        os.close(fd)
+
+
+def _stream_to_device(
+    path: Path,
+    buffer: torch.Tensor,
+    runs: list[_Run],
+    threads: int,
+    progress: Progress | None,
+    check: Check | None,
+) -> None:
+    """Readers fill pinned staging buffers; the copy engine drains them to the device meanwhile."""
+    pieces = _pieces(runs, STAGE_CHUNK)
+    total = sum(p.length for p in pieces)
+    nbuf = min(max(STAGE_BUFFERS, threads), len(pieces)) or 1
+    stages = [torch.empty(STAGE_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(nbuf)]
+    views = [s.numpy().data for s in stages]
+    events: list[torch.cuda.Event | None] = [None] * nbuf
+    stream = torch.cuda.Stream(buffer.device)
+    fd = os.open(path, os.O_RDONLY)
+    done = 0
+
+    def read(i: int) -> None:
+        p = pieces[i]
+        slot = i % nbuf
+        event = events[slot]
+        if event is not None:
+            event.synchronize()  # the copy out of this staging buffer has finished
+        _pread_into(fd, views[slot][: p.length], p.src, path)
+
+    try:
+        with ThreadPoolExecutor(max_workers=nbuf) as pool:
+            pending: dict[int, Future[None]] = {
+                i: pool.submit(read, i) for i in range(min(nbuf, len(pieces)))
+            }
+            for i, p in enumerate(pieces):
+                if check is not None:
+                    check()
+                pending.pop(i).result()
+                slot = i % nbuf
+                with torch.cuda.stream(stream):
+                    buffer[p.dst : p.dst + p.length].copy_(stages[slot][: p.length], non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                events[slot] = event
+                if i + nbuf < len(pieces):
+                    pending[i + nbuf] = pool.submit(read, i + nbuf)
+                done += p.length
+                if progress is not None:
+                    progress(done, total)
+            stream.synchronize()
+    finally:
+        for v in views:
+            v.release()
+        os.close(fd)

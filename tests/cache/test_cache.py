@@ -1,0 +1,149 @@
+"""The RAM cache: segments created, filled, evicted, leaked and recovered."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelkeeper.cache import CacheFull, RamCache, SegmentInUse, SegmentNotFound, segment_path
+from modelkeeper.formats.safetensors_header import read_header
+
+
+@pytest.fixture
+def shm(tmp_path: Path) -> Path:
+    """A private folder in /dev/shm, so tests never touch each other's segments."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    folder = base / f"mk-test-{os.getpid()}-{tmp_path.name}"
+    folder.mkdir()
+    yield folder
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+
+
+def _file(path: Path, n: int, seed: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "a.weight": torch.randn(n, 33, generator=g).half(),  # odd element counts test alignment
+        "b.bias": torch.randn(7, generator=g),
+        "c.ids": torch.arange(5, dtype=torch.int64),
+        "vae.x": torch.randn(n, 3, generator=g).to(torch.bfloat16),
+        "vae.y": torch.randn(3, generator=g),
+    }
+    save_file(tensors, str(path), metadata={"k": "v"})
+    return path
+
+
+def test_whole_file_segment_is_byte_identical(shm: Path, tmp_path: Path) -> None:
+    src = _file(tmp_path / "m.safetensors", 100, 0)
+    cache = RamCache(10 << 20, shm_dir=shm)
+    seg = cache.cache_file(src)
+    assert seg.path.parent == shm
+    assert seg.path.read_bytes() == src.read_bytes()
+    assert cache.stats()["bytes_used"] == src.stat().st_size
+
+
+def test_component_subset_is_repacked_aligned_and_equal(shm: Path, tmp_path: Path) -> None:
+    src = _file(tmp_path / "m.safetensors", 101, 1)
+    cache = RamCache(10 << 20, shm_dir=shm)
+    seg = cache.cache_file(src, tensors=["vae.x", "vae.y"], component_id="vae-1")
+    header = read_header(seg.path)  # a valid safetensors file
+    assert set(header.tensors) == {"vae.x", "vae.y"}
+    assert header.metadata == {"k": "v"}
+    assert header.data_offset % 8 == 0
+    for info in header.tensors.values():
+        assert info.begin % 4 == 0
+    got = load_file(str(seg.path))
+    want = load_file(str(src))
+    for k in ("vae.x", "vae.y"):
+        assert torch.equal(got[k], want[k])
+
+
+def test_hits_dedupe_and_models(shm: Path, tmp_path: Path) -> None:
+    src = _file(tmp_path / "m.safetensors", 50, 2)
+    cache = RamCache(10 << 20, shm_dir=shm)
+    a = cache.cache_file(src, component_id="vae", model="sd15")
+    b = cache.cache_file(tmp_path / "m.safetensors", component_id="vae", model="sdxl")
+    assert a is b
+    assert len(list(shm.iterdir())) == 1
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["segments"]) == (1, 1, 1)
+    assert stats["hit_rate"] == 0.5
+    assert cache.segments()[0]["models"] == ["sd15", "sdxl"]
+
+
+def test_budget_evicts_least_valuable_and_spares_pinned(shm: Path, tmp_path: Path) -> None:
+    files = [_file(tmp_path / f"m{i}.safetensors", 2000, i) for i in range(4)]
+    size = files[0].stat().st_size
+    cache = RamCache(int(size * 2.5), shm_dir=shm)
+    cache.cache_file(files[0], component_id="a")
+    time.sleep(0.2)
+    cache.cache_file(files[1], component_id="b")
+    time.sleep(0.2)
+    cache.cache_file(files[0], component_id="a")  # a used again: b is now least valuable
+    cache.cache_file(files[2], component_id="c")
+    assert "b" not in cache
+    assert {"a", "c"} <= {s["component_id"] for s in cache.segments()}
+    assert cache.stats()["evictions"] == 1
+    assert not segment_path("b", shm_dir=shm).exists()
+    with cache.acquire("a"), cache.acquire("c"):
+        with pytest.raises(CacheFull):
+            cache.cache_file(files[3], component_id="d")
+        with pytest.raises(SegmentInUse):
+            cache.drop("a")
+    assert cache.used_bytes <= cache.budget_bytes
+    cache.cache_file(files[3], component_id="d")
+    assert cache.used_bytes <= cache.budget_bytes
+
+
+def test_drop_and_drop_all(shm: Path, tmp_path: Path) -> None:
+    cache = RamCache(10 << 20, shm_dir=shm)
+    cache.cache_file(_file(tmp_path / "x.safetensors", 10, 3), component_id="x")
+    cache.cache_file(_file(tmp_path / "y.safetensors", 10, 4), component_id="y")
+    assert cache.drop("x") > 0
+    with pytest.raises(SegmentNotFound):
+        cache.drop("x")
+    assert cache.drop_all() > 0
+    assert list(shm.iterdir()) == []
+
+
+def test_truncated_source_leaves_no_segment(shm: Path, tmp_path: Path) -> None:
+    from modelkeeper.formats.errors import InvalidModelFile
+
+    src = _file(tmp_path / "t.safetensors", 1000, 5)
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) - 100])
+    cache = RamCache(10 << 20, shm_dir=shm)
+    with pytest.raises(InvalidModelFile):
+        cache.cache_file(src)
+    assert list(shm.iterdir()) == []
+
+
+def test_segments_of_a_killed_owner_are_removed_at_next_start(shm: Path, tmp_path: Path) -> None:
+    src = _file(tmp_path / "k.safetensors", 100, 6)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from pathlib import Path
+        from modelkeeper.cache import RamCache
+        cache = RamCache(10 << 20, shm_dir=Path({str(shm)!r}))
+        cache.cache_file(Path({str(src)!r}), component_id="leak")
+        print("ready", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    leaked = list(shm.iterdir())
+    assert len(leaked) == 1
+    mine = RamCache(10 << 20, shm_dir=shm)
+    own = mine.cache_file(src, component_id="mine")
+    assert mine.removed_stale == leaked
+    assert list(shm.iterdir()) == [own.path]
