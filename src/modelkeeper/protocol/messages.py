@@ -169,6 +169,9 @@ class LoadResult(_Open):
     evicted: list[str] = Field(default_factory=list)
     memory: MemoryInfo
     vocab_size: int | None = Field(None, description="Tokenizers only.")
+    timings: dict[str, float] = Field(
+        default_factory=dict, description="Seconds per stage: plan, read, convert, assemble, total."
+    )
 
 
 class UnloadRequest(_Strict):

@@ -7,6 +7,9 @@ file *are* the parameters. Only classes on the allowlist below can be built.
 
 from __future__ import annotations
 
+import json
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -55,17 +58,75 @@ def class_name_for(kind: ModelKind, config: dict[str, Any], *, has_projection: b
 def _construct(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
     if class_name in TEXT_ENCODER_CLASSES:
         import transformers
+        from accelerate import init_empty_weights
 
         cfg_dict = {k: v for k, v in config.items() if not k.startswith("_")}
         model_type = "clip_text_model" if class_name.startswith("CLIP") else "t5"
         cfg_dict.pop("model_type", None)
         hf_config = transformers.AutoConfig.for_model(model_type, **cfg_dict)
-        module: torch.nn.Module = getattr(transformers, class_name)(hf_config)
+        # transformers models keep small non-persistent buffers (position ids): build those for real
+        with init_empty_weights(include_buffers=False):
+            module: torch.nn.Module = getattr(transformers, class_name)(hf_config)
         return module
     import diffusers
 
     cls = getattr(diffusers, class_name)
-    return cls.from_config(config)  # type: ignore[no-any-return]
+    with torch.device("meta"):  # thread-local, so skeletons can be built in the background
+        return cls.from_config(config)  # type: ignore[no-any-return]
+
+
+def skeleton(class_name: str, config: dict[str, Any], *, path: str = "") -> torch.nn.Module:
+    """``class_name`` built from ``config`` with its parameters on the meta device."""
+    try:
+        return _construct(class_name, config)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise InvalidModelFile(f"{path}: config does not build a {class_name}: {exc}", path=path) from None
+
+
+class SkeletonPool:
+    """Meta-device skeletons built ahead of need, one per (class, config), so that the next load of
+    the same architecture (a model switch) does not pay for Python-side construction.
+
+    Only diffusers classes are prebuilt (their construction is thread-safe under the thread-local
+    meta device); ``take`` builds on the spot when none is ready.
+    """
+
+    def __init__(self, max_keys: int = 8) -> None:
+        self._ready: dict[str, Future[torch.nn.Module]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skeleton")
+        self._max = max_keys
+
+    @staticmethod
+    def key(class_name: str, config: dict[str, Any]) -> str:
+        return class_name + json.dumps(config, sort_keys=True, default=str)
+
+    def prefetch(self, class_name: str, config: dict[str, Any]) -> None:
+        if class_name in TEXT_ENCODER_CLASSES:
+            return
+        key = self.key(class_name, config)
+        with self._lock:
+            if key in self._ready:
+                return
+            while len(self._ready) >= self._max:
+                self._ready.pop(next(iter(self._ready)))
+            self._ready[key] = self._pool.submit(skeleton, class_name, dict(config))
+
+    def take(self, class_name: str, config: dict[str, Any], *, path: str = "") -> Future[torch.nn.Module]:
+        """A skeleton: the prebuilt one, else one being built in the background (diffusers classes)
+        while the caller reads the weights, else (transformers classes) one built now."""
+        with self._lock:
+            fut = self._ready.pop(self.key(class_name, config), None)
+        if fut is not None:
+            return fut
+        if class_name in TEXT_ENCODER_CLASSES:
+            done: Future[torch.nn.Module] = Future()
+            try:
+                done.set_result(skeleton(class_name, config, path=path))
+            except InvalidModelFile as exc:
+                done.set_exception(exc)
+            return done
+        return self._pool.submit(skeleton, class_name, dict(config), path=path)
 
 
 def build_module(
@@ -75,15 +136,11 @@ def build_module(
     device: torch.device,
     *,
     path: str = "",
+    module: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
-    """Construct ``class_name`` on the meta device and adopt ``state`` as its tensors."""
-    from accelerate import init_empty_weights
-
-    try:
-        with init_empty_weights(include_buffers=False):
-            module = _construct(class_name, config)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise InvalidModelFile(f"{path}: config does not build a {class_name}: {exc}", path=path) from None
+    """Adopt ``state`` as the tensors of a meta-device ``class_name`` (built here unless given)."""
+    if module is None:
+        module = skeleton(class_name, config, path=path)
     expected = module.state_dict()
     if class_name in TEXT_ENCODER_CLASSES:
         state = _rename_for_transformers(module, state, expected)
@@ -103,22 +160,36 @@ def build_module(
         raise InvalidModelFile(
             f"{path}: shapes do not match the {class_name} config: {'; '.join(mismatched[:5])}", path=path
         )
-    module.load_state_dict(state, strict=False, assign=True)
+    _adopt(module, state)
     missing = [n for n, p in module.named_parameters() if p.is_meta]
     tie = getattr(module, "tie_weights", None)
     if missing and callable(tie):
         tie()  # files often store a tied weight once (T5's shared embedding)
         missing = [n for n, p in module.named_parameters() if p.is_meta]
+    missing += [n for n, b in module.named_buffers() if b.is_meta]
     if missing:
         raise InvalidModelFile(
             f"{path}: {len(missing)} weight(s) of {class_name} are missing from the file: {', '.join(missing[:5])}",
             path=path,
             missing=missing[:50],
         )
-    module.to(device)  # buffers were built on the CPU; parameters are already there
+    if any(b.device != device for b in module.buffers()):
+        module.to(device)  # small buffers built on the CPU; parameters are already there
     module.eval()
-    module.requires_grad_(False)
     return module
+
+
+def _adopt(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict(assign=True)`` without its per-module Python machinery: each tensor
+    becomes the parameter (frozen) or buffer it names. Keys were checked against the module."""
+    owners = dict(module.named_modules())
+    for key, tensor in state.items():
+        prefix, _, attr = key.rpartition(".")
+        owner = owners[prefix]
+        if attr in owner._parameters:
+            owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[attr] = tensor
 
 
 def _rename_for_transformers(

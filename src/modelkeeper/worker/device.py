@@ -95,6 +95,18 @@ class DeviceMemory:
             allocated_bytes=allocated,
         )
 
+    def allocated(self) -> int:
+        """Bytes held by live tensors on the device (CUDA); RSS on the CPU."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return self.totals()[2]
+
+    def cached(self) -> int:
+        """Bytes the CUDA caching allocator keeps for reuse (free for our budget, not for others)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device))
+        return 0
+
     def release_caches(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,9 +39,29 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }  # fmt: skip
 
 COPY_CHUNK = 256 * 1024 * 1024
-STAGE_CHUNK = 64 * 1024 * 1024
-STAGE_BUFFERS = 4
+STAGE_CHUNK = int(float(os.environ.get("MODELKEEPER_STAGE_CHUNK_MB", "64")) * 1024 * 1024)
+READ_THREADS = int(os.environ.get("MODELKEEPER_READ_THREADS", "0")) or min(8, os.cpu_count() or 4)
 ALIGN = 256
+CUDA_HOST_REGISTER_READ_ONLY = 8
+_HEADER_CACHE: dict[tuple[str, int, int, int], SafetensorsHeader] = {}
+_HEADER_LOCK = threading.Lock()
+
+
+def cached_header(path: Path) -> SafetensorsHeader:
+    """The validated header of ``path``, parsed once per (path, inode, size, mtime)."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _HEADER_LOCK:
+        hit = _HEADER_CACHE.get(key)
+    if hit is not None:
+        return hit
+    header = read_header(path)
+    with _HEADER_LOCK:
+        if len(_HEADER_CACHE) >= 64:
+            _HEADER_CACHE.pop(next(iter(_HEADER_CACHE)))
+        _HEADER_CACHE[key] = header
+    return header
+
 
 Progress = Callable[[int, int], None]
 Check = Callable[[], None]
@@ -61,28 +82,38 @@ class Mapping:
     mm: mmap.mmap
     host: torch.Tensor  # uint8 view of the whole file
     registered: bool = False
-    users: int = 0
+    read_only: bool = False
 
     @classmethod
-    def open(cls, path: Path) -> Mapping:
-        header = read_header(path)
+    def open(cls, path: Path, *, read_only: bool = False) -> Mapping:
+        """Map ``path``: shared and read-only for a CUDA worker (only the copy engine reads it),
+        private copy-on-write for a CPU worker (its tensors are views; a write copies one page)."""
+        header = cached_header(path)
         size = header.data_offset + header.data_size
         fd = os.open(path, os.O_RDONLY)
         try:
             st = os.fstat(fd)
-            mm = mmap.mmap(fd, max(size, 1), mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            if read_only:
+                mm = mmap.mmap(fd, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ)
+            else:
+                mm = mmap.mmap(fd, max(size, 1), mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        host = (
-            torch.frombuffer(mm, dtype=torch.uint8, count=size) if size else torch.empty(0, dtype=torch.uint8)
-        )
-        return cls(path, st.st_ino, header, mm, host)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only buffer, used only as a copy source
+            host = (
+                torch.frombuffer(mm, dtype=torch.uint8, count=size)
+                if size
+                else torch.empty(0, dtype=torch.uint8)
+            )
+        return cls(path, st.st_ino, header, mm, host, read_only=read_only)
 
     def register(self) -> None:
-        """Page-lock the mapping for the CUDA copy engine (once)."""
+        """Page-lock the mapping for the CUDA copy engine (once per mapping)."""
         if self.registered or self.host.numel() == 0:
             return
-        err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)
+        flags = CUDA_HOST_REGISTER_READ_ONLY if self.read_only else 0
+        err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), flags)
         if int(err) != 0:
             log.warning("cudaHostRegister of %s failed (%s); copying from pageable memory", self.path, err)
             return
@@ -103,8 +134,19 @@ class Mapping:
 class MappingTable:
     """The segments this worker has mapped, kept until released (one registration per lifetime)."""
 
+    read_only: bool = False
     mappings: dict[Path, Mapping] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _stages: list[torch.Tensor] = field(default_factory=list)
+
+    def staging(self, count: int) -> list[torch.Tensor]:
+        """Pinned staging buffers, allocated once per worker and reused by every streamed load."""
+        with self.lock:
+            if self._stages and self._stages[0].numel() != STAGE_CHUNK:
+                self._stages.clear()
+            while len(self._stages) < count:
+                self._stages.append(torch.empty(STAGE_CHUNK, dtype=torch.uint8, pin_memory=True))
+            return self._stages[:count]
 
     def get(self, path: Path) -> Mapping:
         with self.lock:
@@ -117,7 +159,7 @@ class MappingTable:
                 return current
             if current is not None:
                 current.close()
-            mapping = Mapping.open(path)
+            mapping = Mapping.open(path, read_only=self.read_only)
             self.mappings[path] = mapping
             return mapping
 
@@ -186,7 +228,7 @@ def load_tensors(
     table: MappingTable,
     progress: Progress | None = None,
     check: Check | None = None,
-    threads: int = 8,
+    threads: int = READ_THREADS,
 ) -> dict[str, torch.Tensor]:
     """The tensors ``names`` of the safetensors file ``path`` on ``device``, as views of one allocation."""
     segment = is_segment(path)
@@ -194,7 +236,7 @@ def load_tensors(
         mapping = table.get(path)
         header = mapping.header
     else:
-        header = read_header(path)
+        header = cached_header(path)
     infos = [header.tensors[n] for n in names]
     if segment and device.type == "cpu":
         where = {i.name: header.data_offset + i.begin for i in infos}
@@ -207,7 +249,7 @@ def load_tensors(
         mapping.register()
         _copy_from_mapping(mapping.host, buffer, runs, progress, check)
     elif device.type == "cuda":
-        _stream_to_device(path, buffer, runs, threads, progress, check)
+        _stream_to_device(path, buffer, runs, table, progress, check)
     else:
         _read_into(path, buffer, runs, threads, progress, check)
     return _views(buffer, infos, where)
@@ -288,19 +330,23 @@ def _stream_to_device(
     path: Path,
     buffer: torch.Tensor,
     runs: list[_Run],
-    threads: int,
+    table: MappingTable,
     progress: Progress | None,
     check: Check | None,
 ) -> None:
     """Readers fill pinned staging buffers; the copy engine drains them to the device meanwhile."""
     pieces = _pieces(runs, STAGE_CHUNK)
     total = sum(p.length for p in pieces)
-    nbuf = min(max(STAGE_BUFFERS, threads), len(pieces)) or 1
-    stages = [torch.empty(STAGE_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(nbuf)]
+    nbuf = max(1, min(READ_THREADS, len(pieces)))
+    stages = table.staging(nbuf)
     views = [s.numpy().data for s in stages]
     events: list[torch.cuda.Event | None] = [None] * nbuf
     stream = torch.cuda.Stream(buffer.device)
     fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError:
+        pass
     done = 0
 
     def read(i: int) -> None:

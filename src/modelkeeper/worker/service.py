@@ -105,7 +105,8 @@ class ModelService:
         self._throttle = throttle_mb_s * MiB if throttle_mb_s else None
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
-        self.mappings = MappingTable()
+        self.mappings = MappingTable(read_only=self.device.type == "cuda")
+        self.skeletons = assemble.SkeletonPool()
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ queries (any thread)
@@ -197,7 +198,10 @@ class ModelService:
 
         op.name = request.name
         self._emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loading"})
+        timings = {"plan": time.perf_counter() - started}
+        skeleton = self.skeletons.take(class_name, source.config, path=str(source.path))
         try:
+            t = time.perf_counter()
             state = weights.read_tensors(
                 entries,
                 self.device,
@@ -207,12 +211,17 @@ class ModelService:
                 check=op.check,
                 throttle_bytes_per_s=self._throttle,
             )
+            timings["read"] = time.perf_counter() - t
             op.check()
+            t = time.perf_counter()
             if plan is not None:
                 state = convert.to_loadable(plan, state, source.config)
+            timings["convert"] = time.perf_counter() - t
+            t = time.perf_counter()
             module = assemble.build_module(
-                class_name, source.config, state, self.device, path=str(source.path)
+                class_name, source.config, state, self.device, path=str(source.path), module=skeleton.result()
             )
+            timings["assemble"] = time.perf_counter() - t
             del state
         except BaseException as exc:
             self._emit(
@@ -228,7 +237,9 @@ class ModelService:
             raise
         if replaced is not None:
             self._drop(request.name)
+        self.skeletons.prefetch(class_name, source.config)
         nbytes, params, count, dtype_name = assemble.module_stats(module)
+        timings["total"] = time.perf_counter() - started
         source_info = source.describe() | {"rule": rule, "class_name": class_name}
         loaded = LoadedModel(
             request.name, kind, class_name, module, str(self.device), dtype_name, nbytes, params, count,
@@ -242,6 +253,7 @@ class ModelService:
             name=request.name, type=kind.value, class_name=class_name, device=str(self.device), dtype=dtype_name,
             bytes=nbytes, parameters=params, tensors=count, load_seconds=round(loaded.load_seconds, 6),
             source=source_info, evicted=evicted, memory=self.memory_info(),
+            timings={k: round(v, 6) for k, v in timings.items()},
         )  # fmt: skip
 
     def _load_tokenizer(
@@ -285,7 +297,8 @@ class ModelService:
         mem = self.memory_info()
         free_budget = mem.budget_bytes - mem.models_bytes + freeing
         if self.device.type == "cuda":
-            free_budget = min(free_budget, mem.free_bytes + freeing - self.memory.reserve_bytes)
+            device_free = mem.free_bytes + self.memory.cached() + freeing - self.memory.reserve_bytes
+            free_budget = min(free_budget, device_free)
         if required <= free_budget:
             return []
         with self._lock:
@@ -322,9 +335,10 @@ class ModelService:
         if model is None:
             return 0
         freed = model.nbytes
+        before = self.memory.allocated()
         del model
-        gc.collect()
-        self.memory.release_caches()
+        if before - self.memory.allocated() < freed // 2:
+            gc.collect()  # reference cycles held it; the common case frees by refcount alone
         return freed
 
     def unload(self, name: str, op: Operation) -> UnloadResult:

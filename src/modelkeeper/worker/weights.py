@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from modelkeeper.formats.errors import InvalidModelFile
-from modelkeeper.formats.safetensors_header import read_header
-from modelkeeper.worker.mapping import MappingTable, load_tensors
+from modelkeeper.worker.mapping import MappingTable, cached_header, load_tensors
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
@@ -46,14 +45,14 @@ class TensorEntry:
 
 
 def file_metadata(path: Path) -> dict[str, str]:
-    return dict(read_header(path).metadata)
+    return dict(cached_header(path).metadata)
 
 
 def list_tensors(files: Iterable[Path]) -> dict[str, TensorEntry]:
     """Every tensor of the files, from validated headers only. Duplicate keys across shards are an error."""
     entries: dict[str, TensorEntry] = {}
     for path in files:
-        for key, info in read_header(path).tensors.items():
+        for key, info in cached_header(path).tensors.items():
             if key in entries:
                 raise InvalidModelFile(
                     f"tensor {key!r} appears in both {entries[key].file} and {path}", path=str(path)
