@@ -2,9 +2,10 @@
 
 Every builder keeps the dimensions that identification discriminates on (UNet cross-attention width and
 input channels, VAE latent channels, text-encoder width) and shrinks everything else, so a whole
-family of models builds in a few seconds on a CPU and saves to a few megabytes. Weights are rounded
-through float16 once, so saving them as float16 loses nothing: a file written in float16 and loaded
-back as float32 is bitwise equal to the module that was built.
+family of models builds in a few seconds on a CPU and saves to a few megabytes. Weights are seeded
+uniform values on a float16-exact grid (no library initialisation, which is slow), so saving them as
+float16 loses nothing: a file written in float16 and loaded back as float32 is bitwise equal to the
+module that was built.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def unet_config(kind: UNetKind = "sd1", **overrides: Any) -> dict[str, Any]:
 
 
 def vae_config(kind: VaeKind = "sd1", **overrides: Any) -> dict[str, Any]:
-    """The ``AutoencoderKL`` init arguments of a tiny VAE of ``kind`` (4 latent channels, or 16 for SD3/Flux)."""
+    """``AutoencoderKL`` init arguments of a tiny VAE of ``kind`` (4 latent channels; 16 for SD3, Flux)."""
     if kind not in VAE_KINDS:
         raise ValueError(f"unknown VAE kind {kind!r}; expected one of {VAE_KINDS}")
     config: dict[str, Any] = {
@@ -239,7 +240,7 @@ def _materialize(factory: Callable[[], _M], name: str, seed: int, dtype: torch.d
         owner, _, attr = param_name.rpartition(".")
         module.get_submodule(owner)._parameters[attr] = made[id(param)]
     if isinstance(module, PreTrainedModel):
-        module.tie_weights()  # transformers 5 ties declared pairs (T5's shared / embed_tokens) here, as on load
+        module.tie_weights()  # transformers 5 ties declared pairs (T5's shared / embed_tokens) as on load
     for buffer_name, buffer in list(module.named_buffers()):
         if buffer.is_floating_point() and buffer.dtype != dtype:
             owner, _, attr = buffer_name.rpartition(".")
@@ -306,7 +307,7 @@ def make_text_encoder(
 
 
 def make_scheduler(base: Base = "sd1") -> SchedulerMixin:
-    """The scheduler the real pipeline of ``base`` ships (PNDM for SD1, DDIM v-prediction for SD2, Euler for SDXL)."""
+    """The scheduler the real ``base`` pipeline ships: PNDM (SD1), DDIM v-prediction (SD2), Euler (SDXL)."""
     common: dict[str, Any] = {
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
@@ -345,9 +346,9 @@ def state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def component_config(module: torch.nn.Module) -> dict[str, Any]:
-    """The ``config.json`` a diffusers / transformers folder of this component carries, as a dict."""
+    """The ``config.json`` a diffusers / transformers folder of this component carries, as a JSON dict."""
     if isinstance(module, PreTrainedModel):
-        config: dict[str, Any] = module.config.to_dict()
+        config: dict[str, Any] = json.loads(module.config.to_json_string(use_diff=False))
         config["architectures"] = [type(module).__name__]
         return config
     if isinstance(module, ModelMixin):

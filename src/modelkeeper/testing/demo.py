@@ -13,7 +13,8 @@ Layout (ComfyUI-like folders, plus diffusers folders and tokenizers)::
     manifest.json  ground truth, one entry per file or folder (see :mod:`modelkeeper.testing.manifest`)
 
 Every component is built from a fixed seed, so all forms of one component hold the same tensors
-(the SD1 VAE inside ``checkpoints/tiny-sd15.safetensors`` equals ``diffusers/tiny-sd15/vae``).
+(the SD1 VAE inside ``checkpoints/tiny-sd15.safetensors`` equals ``diffusers/tiny-sd15/vae``), and the
+same seed writes the same bytes.
 """
 
 from __future__ import annotations
@@ -26,19 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from safetensors import safe_open
-from transformers import CLIPTextModelWithProjection
 
 from modelkeeper.testing.components import (
     DEFAULT_SEED,
     EncoderKind,
-    TextEncoder,
-    UNetKind,
     VaeKind,
     component_config,
-    encoder_kind,
     make_text_encoder,
     make_unet,
     make_vae,
@@ -49,10 +44,10 @@ from modelkeeper.testing.files import (
     ORIGINAL_PREFIX,
     PIPELINE_CLASS,
     PIPELINE_ENCODERS,
-    ComponentKind,
     PipelineBase,
     assemble_pipeline,
     checkpoint_config,
+    component_kind,
     save_checkpoint,
     save_component_folder,
     save_pipeline_folder,
@@ -70,6 +65,22 @@ from modelkeeper.testing.tokenizer import save_clip_tokenizer, save_t5_tokenizer
 
 Progress = Callable[[str], None]
 
+# Bases that the same tensors fit equally: shapes alone cannot tell these apart.
+_VAE_BASES: dict[VaeKind, tuple[str, tuple[str, ...]]] = {
+    "sd1": ("sd1", ("sd2", "sdxl")),
+    "sdxl": ("sdxl", ("sd1", "sd2")),
+    "flux": ("flux", ("sd3",)),
+    "sd3": ("sd3", ("flux",)),
+}
+_ENCODER_BASES: dict[EncoderKind, tuple[str, tuple[str, ...]]] = {
+    "clip_l": ("sd1", ("sdxl", "sd3", "flux")),
+    "clip_g": ("sdxl", ("sdxl_refiner", "sd3")),
+    "clip_h": ("sd2", ()),
+    "t5": ("flux", ("sd3",)),
+}
+_EMBEDDING_WIDTHS = {"sd1": {"clip_l": 768}, "sd2": {"clip_h": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
+_LORA_TARGETS = {"sd1": ("unet", "text_encoder"), "sdxl": ("unet", "text_encoder", "text_encoder_2")}
+
 
 @dataclass
 class _Context:
@@ -83,31 +94,30 @@ class _Context:
         """The pipeline of ``kind`` around the cached components (float16: only saved, never run)."""
         vae_kind: VaeKind = "sdxl" if kind.startswith("sdxl") else "sd1"
         return self._cached(
-            "pipeline",
-            kind,
+            ("pipeline", kind),
             lambda: assemble_pipeline(
                 kind,
-                unet=self.unet(kind),
-                vae=self.vae(vae_kind),
-                text_encoders=[self.encoder(e) for e in PIPELINE_ENCODERS[kind]],
+                unet=self.component("unet", kind),
+                vae=self.component("vae", vae_kind),
+                text_encoders=[self.component("encoder", e) for e in PIPELINE_ENCODERS[kind]],
             ),
         )
 
-    def unet(self, kind: UNetKind) -> Any:
-        return self._cached("unet", kind, lambda: make_unet(kind, seed=self.seed, dtype=torch.float16))
-
-    def vae(self, kind: VaeKind) -> Any:
-        return self._cached("vae", kind, lambda: make_vae(kind, seed=self.seed, dtype=torch.float16))
-
-    def encoder(self, kind: EncoderKind) -> Any:
+    def component(self, family: str, kind: str) -> Any:
+        """The float16 UNet, VAE or text encoder of ``kind``."""
+        builders: dict[str, Callable[..., Any]] = {
+            "unet": make_unet,
+            "vae": make_vae,
+            "encoder": make_text_encoder,
+        }
         return self._cached(
-            "encoder", kind, lambda: make_text_encoder(kind, seed=self.seed, dtype=torch.float16)
+            (family, kind), lambda: builders[family](kind, seed=self.seed, dtype=torch.float16)
         )
 
-    def _cached(self, family: str, kind: str, build: Callable[[], Any]) -> Any:
-        if (family, kind) not in self.cache:
-            self.cache[(family, kind)] = build()
-        return self.cache[(family, kind)]
+    def _cached(self, key: tuple[str, str], build: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = build()
+        return self.cache[key]
 
     def file_entry(self, path: Path, **fields: Any) -> DemoEntry:
         digest = hashlib.sha256()
@@ -132,249 +142,88 @@ class _Context:
         return DemoEntry(path=folder.relative_to(self.root).as_posix(), size_bytes=size, **fields)
 
 
-_Writer = Callable[[_Context], DemoEntry]
-_WRITERS: dict[str, tuple[bool, _Writer]] = {}
+@dataclass(frozen=True)
+class _Spec:
+    """One demo entry: its name, where it goes, how it is written, and the options of that writer."""
+
+    name: str
+    path: str
+    write: Callable[[_Context, _Spec], DemoEntry]
+    kind: str
+    family: str = ""  # single components: unet, vae or encoder
+    layout: str = "original"
+    prefix: str | None = None  # single files: None = where a full checkpoint keeps the component
+    metadata: bool = True  # single files: carry the modelkeeper.config entry
+    extra: bool = False  # written only on request
 
 
-def _writer(name: str, *, extra: bool = False) -> Callable[[Callable[[_Context, str], DemoEntry]], None]:
-    def register(function: Callable[[_Context, str], DemoEntry]) -> None:
-        _WRITERS[name] = (extra, lambda ctx: function(ctx, name))
-
-    return register
+# ------------------------------------------------------------------------------------------ dimensions
 
 
-def demo_entry_names(*, extras: bool = False) -> list[str]:
-    """The names of the entries :func:`write_demo_models` writes (with ``extras``, the optional ones too)."""
-    return [name for name, (is_extra, _) in _WRITERS.items() if extras or not is_extra]
-
-
-# ---------------------------------------------------------------------------------------------- dims
-
-
-def _unet_dims(unet: UNet2DConditionModel) -> dict[str, int]:
-    config = unet.config
-    dims = {"in_channels": config["in_channels"], "cross_attention_dim": config["cross_attention_dim"]}
-    if config["projection_class_embeddings_input_dim"]:
-        dims["addition_embed_input_dim"] = config["projection_class_embeddings_input_dim"]
-    return dims
-
-
-def _vae_dims(vae: AutoencoderKL) -> dict[str, int]:
-    return {"latent_channels": vae.config["latent_channels"]}
-
-
-def _encoder_dims(encoder: torch.nn.Module) -> dict[str, int]:
-    config = component_config(encoder)
-    if encoder_kind(encoder) == "t5":
+def _dims(module: torch.nn.Module) -> dict[str, int]:
+    """The discriminating dimensions of a component, from its config."""
+    config = component_config(module)
+    kind = component_kind(module)
+    if kind == "unet":
+        dims = {"in_channels": config["in_channels"], "cross_attention_dim": config["cross_attention_dim"]}
+        if config["projection_class_embeddings_input_dim"]:
+            dims["addition_embed_input_dim"] = config["projection_class_embeddings_input_dim"]
+        return dims
+    if kind == "vae":
+        return {"latent_channels": config["latent_channels"]}
+    if kind == "t5":
         return {"hidden_size": config["d_model"]}
     dims = {"hidden_size": config["hidden_size"]}
-    if isinstance(encoder, CLIPTextModelWithProjection):
+    if kind == "clip_g":
         dims["projection_dim"] = config["projection_dim"]
     return dims
 
 
-_VAE_ALSO: dict[VaeKind, tuple[str, ...]] = {
-    "sd1": ("sd2", "sdxl"),
-    "sdxl": ("sd1", "sd2"),
-    "flux": ("sd3",),
-    "sd3": ("flux",),
-}
-_ENCODER_BASES: dict[EncoderKind, tuple[str, tuple[str, ...]]] = {
-    "clip_l": ("sd1", ("sdxl", "sd3", "flux")),
-    "clip_g": ("sdxl", ("sdxl_refiner", "sd3")),
-    "clip_h": ("sd2", ()),
-    "t5": ("flux", ("sd3",)),
-}
+def _describe(module: torch.nn.Module, kind: str) -> dict[str, Any]:
+    """type, base, variant, encoder and also_bases of a component of ``kind``."""
+    family = component_kind(module)
+    if family == "unet":
+        base, variant = ("sd1", "inpaint") if kind == "sd1_inpaint" else (kind, "normal")
+        return {"type": "unet", "base": base, "variant": variant}
+    if family == "vae":
+        base, also = _VAE_BASES[kind]  # type: ignore[index]
+        return {"type": "vae", "base": base, "also_bases": also}
+    base, also = _ENCODER_BASES[family]
+    return {"type": "text_encoder", "base": base, "also_bases": also, "encoder": family}
 
 
-def _base_of(kind: PipelineBase) -> tuple[str, str]:
-    """(base, variant) of a UNet / pipeline kind."""
-    return ("sd1", "inpaint") if kind == "sd1_inpaint" else (kind, "normal")
+# ------------------------------------------------------------------------------------------- writers
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint(ctx: _Context, name: str, kind: PipelineBase, filename: str) -> DemoEntry:
+def _checkpoint(ctx: _Context, spec: _Spec) -> DemoEntry:
+    kind: PipelineBase = spec.kind  # type: ignore[assignment]
     pipe = ctx.pipeline(kind)
-    encoders = tuple(getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None))
+    encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None)]
     path = save_checkpoint(
-        ctx.root / "checkpoints" / filename, base=kind, unet=pipe.unet, vae=pipe.vae, text_encoders=encoders
+        ctx.root / spec.path, base=kind, unet=pipe.unet, vae=pipe.vae, text_encoders=encoders
     )
-    base, variant = _base_of(kind)
     return ctx.file_entry(
         path,
-        name=name,
-        type="main",
-        base=base,
-        variant=variant,
+        name=spec.name,
+        **{**_describe(pipe.unet, kind), "type": "main"},
         layout="original",
         components=("unet", "vae", *PIPELINE_ENCODERS[kind]),
         class_name=PIPELINE_CLASS[kind].__name__,
         config=checkpoint_config(kind, unet=pipe.unet, vae=pipe.vae, text_encoders=encoders),
         dtype="float16",
-        dims={**_unet_dims(pipe.unet), **_vae_dims(pipe.vae)},
+        dims={**_dims(pipe.unet), **_dims(pipe.vae)},
     )
 
 
-@_writer("sd15-checkpoint")
-def _sd15_checkpoint(ctx: _Context, name: str) -> DemoEntry:
-    return _checkpoint(ctx, name, "sd1", "tiny-sd15.safetensors")
-
-
-@_writer("sdxl-checkpoint")
-def _sdxl_checkpoint(ctx: _Context, name: str) -> DemoEntry:
-    return _checkpoint(ctx, name, "sdxl", "tiny-sdxl.safetensors")
-
-
-@_writer("sd15-inpaint-checkpoint", extra=True)
-def _sd15_inpaint_checkpoint(ctx: _Context, name: str) -> DemoEntry:
-    return _checkpoint(ctx, name, "sd1_inpaint", "tiny-sd15-inpaint.safetensors")
-
-
-@_writer("sd2-checkpoint", extra=True)
-def _sd2_checkpoint(ctx: _Context, name: str) -> DemoEntry:
-    return _checkpoint(ctx, name, "sd2", "tiny-sd2-v.safetensors")
-
-
-# ------------------------------------------------------------------------------------ single components
-
-
-def _component_file(
-    ctx: _Context,
-    name: str,
-    module: UNet2DConditionModel | AutoencoderKL | TextEncoder,
-    relative: str,
-    *,
-    layout: str,
-    prefix: str | None = None,
-    metadata: bool = True,
-    entry: dict[str, Any],
-) -> DemoEntry:
-    kind: ComponentKind
-    if isinstance(module, UNet2DConditionModel):
-        kind, dims, class_name = "unet", _unet_dims(module), "UNet2DConditionModel"
-    elif isinstance(module, AutoencoderKL):
-        kind, dims, class_name = "vae", _vae_dims(module), "AutoencoderKL"
-    else:
-        kind, dims, class_name = encoder_kind(module), _encoder_dims(module), type(module).__name__
-    path = save_single_file(
-        module,
-        ctx.root / relative,
-        layout="original" if layout == "original" else "diffusers",
-        prefix=prefix,
-        with_config_metadata=metadata,
-    )
-    if prefix is None:
-        prefix = ORIGINAL_PREFIX[kind] if layout == "original" else ""
-    return ctx.file_entry(
-        path,
-        name=name,
-        layout=layout,
-        class_name=class_name,
-        prefix=prefix,
-        config=component_config(module),
-        dtype="float16",
-        dims=dims,
-        **entry,
-    )
-
-
-def _unet_file(ctx: _Context, name: str, kind: UNetKind, relative: str, **options: Any) -> DemoEntry:
-    base, variant = _base_of(kind)
-    return _component_file(
-        ctx,
-        name,
-        ctx.unet(kind),
-        relative,
-        entry={"type": "unet", "base": base, "variant": variant},
-        **options,
-    )
-
-
-@_writer("sd15-unet")
-def _sd15_unet(ctx: _Context, name: str) -> DemoEntry:
-    return _unet_file(ctx, name, "sd1", "unet/tiny-sd15-unet.safetensors", layout="diffusers")
-
-
-@_writer("sd15-inpaint-unet")
-def _sd15_inpaint_unet(ctx: _Context, name: str) -> DemoEntry:
-    return _unet_file(ctx, name, "sd1_inpaint", "unet/tiny-sd15-inpaint-unet.safetensors", layout="original")
-
-
-@_writer("sd2-unet")
-def _sd2_unet(ctx: _Context, name: str) -> DemoEntry:
-    return _unet_file(ctx, name, "sd2", "unet/tiny-sd2-unet.safetensors", layout="original", prefix="")
-
-
-@_writer("sdxl-unet")
-def _sdxl_unet(ctx: _Context, name: str) -> DemoEntry:
-    relative = "unet/tiny-sdxl-unet.safetensors"
-    return _unet_file(ctx, name, "sdxl", relative, layout="original", prefix="", metadata=False)
-
-
-@_writer("sdxl-refiner-unet")
-def _sdxl_refiner_unet(ctx: _Context, name: str) -> DemoEntry:
-    return _unet_file(ctx, name, "sdxl_refiner", "unet/tiny-sdxl-refiner-unet.safetensors", layout="original")
-
-
-def _vae_file(ctx: _Context, name: str, kind: VaeKind, relative: str, **options: Any) -> DemoEntry:
-    entry = {"type": "vae", "base": kind, "also_bases": _VAE_ALSO[kind]}
-    return _component_file(ctx, name, ctx.vae(kind), relative, entry=entry, **options)
-
-
-@_writer("sd15-vae")
-def _sd15_vae(ctx: _Context, name: str) -> DemoEntry:
-    return _vae_file(
-        ctx, name, "sd1", "vae/tiny-sd15-vae.safetensors", layout="original", prefix="", metadata=False
-    )
-
-
-@_writer("sdxl-vae")
-def _sdxl_vae(ctx: _Context, name: str) -> DemoEntry:
-    return _vae_file(ctx, name, "sdxl", "vae/tiny-sdxl-vae.safetensors", layout="diffusers")
-
-
-@_writer("flux-vae")
-def _flux_vae(ctx: _Context, name: str) -> DemoEntry:
-    return _vae_file(ctx, name, "flux", "vae/tiny-flux-vae.safetensors", layout="original", prefix="")
-
-
-def _encoder_file(ctx: _Context, name: str, kind: EncoderKind, relative: str, **options: Any) -> DemoEntry:
-    base, also = _ENCODER_BASES[kind]
-    entry = {"type": "text_encoder", "base": base, "also_bases": also, "encoder": kind}
-    return _component_file(ctx, name, ctx.encoder(kind), relative, entry=entry, **options)
-
-
-@_writer("clip-l")
-def _clip_l(ctx: _Context, name: str) -> DemoEntry:
-    return _encoder_file(ctx, name, "clip_l", "clip/tiny-clip-l.safetensors", layout="original")
-
-
-@_writer("clip-g")
-def _clip_g(ctx: _Context, name: str) -> DemoEntry:
-    return _encoder_file(ctx, name, "clip_g", "clip/tiny-clip-g.safetensors", layout="original")
-
-
-@_writer("t5")
-def _t5(ctx: _Context, name: str) -> DemoEntry:
-    return _encoder_file(ctx, name, "t5", "clip/tiny-t5.safetensors", layout="diffusers")
-
-
-# ---------------------------------------------------------------------------------------- diffusers
-
-
-def _pipeline_folder(ctx: _Context, name: str, kind: PipelineBase, folder: str) -> DemoEntry:
+def _pipeline(ctx: _Context, spec: _Spec) -> DemoEntry:
+    kind: PipelineBase = spec.kind  # type: ignore[assignment]
     pipe = ctx.pipeline(kind)
-    path = save_pipeline_folder(pipe, ctx.root / "diffusers" / folder)
-    base, variant = _base_of(kind)
-    encoders = tuple(getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None))
+    encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None)]
+    path = save_pipeline_folder(pipe, ctx.root / spec.path)
     return ctx.folder_entry(
         path,
-        name=name,
-        type="main",
-        base=base,
-        variant=variant,
+        name=spec.name,
+        **{**_describe(pipe.unet, kind), "type": "main"},
         format="diffusers",
         layout="diffusers",
         components=("unet", "vae", *PIPELINE_ENCODERS[kind]),
@@ -382,201 +231,151 @@ def _pipeline_folder(ctx: _Context, name: str, kind: PipelineBase, folder: str) 
         config=checkpoint_config(kind, unet=pipe.unet, vae=pipe.vae, text_encoders=encoders),
         dtype="float16",
         prediction_type=pipe.scheduler.config.prediction_type,
-        dims={**_unet_dims(pipe.unet), **_vae_dims(pipe.vae)},
+        dims={**_dims(pipe.unet), **_dims(pipe.vae)},
     )
 
 
-@_writer("sd15-pipeline")
-def _sd15_pipeline(ctx: _Context, name: str) -> DemoEntry:
-    return _pipeline_folder(ctx, name, "sd1", "tiny-sd15")
-
-
-@_writer("sdxl-pipeline")
-def _sdxl_pipeline(ctx: _Context, name: str) -> DemoEntry:
-    return _pipeline_folder(ctx, name, "sdxl", "tiny-sdxl")
-
-
-@_writer("sd2-pipeline", extra=True)
-def _sd2_pipeline(ctx: _Context, name: str) -> DemoEntry:
-    return _pipeline_folder(ctx, name, "sd2", "tiny-sd2-v")
-
-
-@_writer("sd15-unet-folder")
-def _sd15_unet_folder(ctx: _Context, name: str) -> DemoEntry:
-    unet = ctx.unet("sd1")
-    path = save_component_folder(
-        unet, ctx.root / "diffusers/tiny-sd15-unet", dtype=torch.float32, variants=("fp16",)
+def _file(ctx: _Context, spec: _Spec) -> DemoEntry:
+    module = ctx.component(spec.family, spec.kind)
+    path = save_single_file(
+        module,
+        ctx.root / spec.path,
+        layout="original" if spec.layout == "original" else "diffusers",
+        prefix=spec.prefix,
+        with_config_metadata=spec.metadata,
     )
-    return ctx.folder_entry(
-        path,
-        name=name,
-        type="unet",
-        base="sd1",
-        format="diffusers",
-        layout="diffusers",
-        class_name="UNet2DConditionModel",
-        config=component_config(unet),
-        dtype="float32",
-        weights_variants=("fp16",),
-        dims=_unet_dims(unet),
-    )
-
-
-@_writer("flux-vae-folder")
-def _flux_vae_folder(ctx: _Context, name: str) -> DemoEntry:
-    vae = ctx.vae("flux")
-    path = save_component_folder(vae, ctx.root / "diffusers/tiny-flux-vae")
-    return ctx.folder_entry(
-        path,
-        name=name,
-        type="vae",
-        base="flux",
-        also_bases=_VAE_ALSO["flux"],
-        format="diffusers",
-        layout="diffusers",
-        class_name="AutoencoderKL",
-        config=component_config(vae),
-        dtype="float16",
-        dims=_vae_dims(vae),
-    )
-
-
-@_writer("t5-folder")
-def _t5_folder(ctx: _Context, name: str) -> DemoEntry:
-    t5 = ctx.encoder("t5")
-    path = save_component_folder(t5, ctx.root / "diffusers/tiny-t5")
-    base, also = _ENCODER_BASES["t5"]
-    return ctx.folder_entry(
-        path,
-        name=name,
-        type="text_encoder",
-        base=base,
-        also_bases=also,
-        encoder="t5",
-        format="diffusers",
-        layout="diffusers",
-        class_name="T5EncoderModel",
-        config=component_config(t5),
-        dtype="float16",
-        dims=_encoder_dims(t5),
-    )
-
-
-@_writer("clip-tokenizer")
-def _clip_tokenizer(ctx: _Context, name: str) -> DemoEntry:
-    path = save_clip_tokenizer(ctx.root / "tokenizers/clip")
-    fields = {
-        "type": "tokenizer",
-        "format": "tokenizer",
-        "layout": "diffusers",
-        "class_name": "CLIPTokenizer",
-    }
-    return ctx.folder_entry(path, name=name, base=None, encoder="clip_l", **fields)
-
-
-@_writer("t5-tokenizer")
-def _t5_tokenizer(ctx: _Context, name: str) -> DemoEntry:
-    path = save_t5_tokenizer(ctx.root / "tokenizers/t5")
-    fields = {"type": "tokenizer", "format": "tokenizer", "layout": "diffusers", "class_name": "T5Tokenizer"}
-    return ctx.folder_entry(path, name=name, base=None, encoder="t5", **fields)
-
-
-# ----------------------------------------------------------------------------------- LoRAs, embeddings
-
-
-def _lora_entry(
-    ctx: _Context, path: Path, name: str, *, base: str, layout: str, components: tuple[str, ...]
-) -> DemoEntry:
+    prefix = spec.prefix
+    if prefix is None:
+        prefix = ORIGINAL_PREFIX[component_kind(module)] if spec.layout == "original" else ""
     return ctx.file_entry(
         path,
-        name=name,
+        name=spec.name,
+        **_describe(module, spec.kind),
+        layout=spec.layout,
+        class_name=type(module).__name__,
+        prefix=prefix,
+        config=component_config(module),
+        dtype="float16",
+        dims=_dims(module),
+    )
+
+
+def _folder(ctx: _Context, spec: _Spec) -> DemoEntry:
+    module = ctx.component(spec.family, spec.kind)
+    variants = ("fp16",) if spec.name == "sd15-unet-folder" else ()
+    dtype = torch.float32 if variants else torch.float16  # published folders: float32 + an fp16 variant
+    path = save_component_folder(module, ctx.root / spec.path, dtype=dtype, variants=variants)
+    return ctx.folder_entry(
+        path,
+        name=spec.name,
+        **_describe(module, spec.kind),
+        format="diffusers",
+        layout="diffusers",
+        class_name=type(module).__name__,
+        config=component_config(module),
+        dtype=str(dtype).removeprefix("torch."),
+        weights_variants=variants,
+        dims=_dims(module),
+    )
+
+
+def _tokenizer(ctx: _Context, spec: _Spec) -> DemoEntry:
+    if spec.kind == "t5":
+        path, class_name = save_t5_tokenizer(ctx.root / spec.path), "T5Tokenizer"
+    else:
+        path, class_name = save_clip_tokenizer(ctx.root / spec.path), "CLIPTokenizer"
+    fields = {"type": "tokenizer", "format": "tokenizer", "layout": "diffusers", "class_name": class_name}
+    return ctx.folder_entry(path, name=spec.name, base=None, encoder=spec.kind, **fields)
+
+
+def _lora(ctx: _Context, spec: _Spec) -> DemoEntry:
+    base: Any = spec.kind
+    target = ctx.root / spec.path
+    if spec.layout == "kohya":
+        path = save_kohya_lora(target, base, seed=ctx.seed)
+    elif spec.layout == "peft":
+        path = save_peft_lora(target, base, seed=ctx.seed)
+    else:
+        path = save_lycoris(target, spec.layout, seed=ctx.seed)  # type: ignore[arg-type]
+    return ctx.file_entry(
+        path,
+        name=spec.name,
         type="lora",
         base=base,
-        layout=layout,
-        components=components,
+        layout=spec.layout,
+        components=_LORA_TARGETS[base] if spec.layout in ("kohya", "peft") else ("unet",),
         dtype="float16",
         dims={"rank": DEFAULT_RANK},
-        trigger_words=(TRIGGER_WORD,) if layout != "peft" else (),
+        trigger_words=(TRIGGER_WORD,) if spec.layout != "peft" else (),
     )
 
 
-@_writer("sd15-lora-kohya")
-def _sd15_lora_kohya(ctx: _Context, name: str) -> DemoEntry:
-    path = save_kohya_lora(ctx.root / "loras/tiny-sd15-kohya.safetensors", "sd1", seed=ctx.seed)
-    return _lora_entry(ctx, path, name, base="sd1", layout="kohya", components=("unet", "text_encoder"))
-
-
-@_writer("sd15-lora-peft")
-def _sd15_lora_peft(ctx: _Context, name: str) -> DemoEntry:
-    path = save_peft_lora(ctx.root / "loras/tiny-sd15-peft.safetensors", "sd1", seed=ctx.seed)
-    return _lora_entry(ctx, path, name, base="sd1", layout="peft", components=("unet", "text_encoder"))
-
-
-@_writer("sd15-loha")
-def _sd15_loha(ctx: _Context, name: str) -> DemoEntry:
-    path = save_lycoris(ctx.root / "loras/tiny-sd15-loha.safetensors", "loha", seed=ctx.seed)
-    return _lora_entry(ctx, path, name, base="sd1", layout="loha", components=("unet",))
-
-
-@_writer("sd15-lokr")
-def _sd15_lokr(ctx: _Context, name: str) -> DemoEntry:
-    path = save_lycoris(ctx.root / "loras/tiny-sd15-lokr.safetensors", "lokr", seed=ctx.seed)
-    return _lora_entry(ctx, path, name, base="sd1", layout="lokr", components=("unet",))
-
-
-@_writer("sdxl-lora-kohya")
-def _sdxl_lora_kohya(ctx: _Context, name: str) -> DemoEntry:
-    path = save_kohya_lora(ctx.root / "loras/tiny-sdxl-kohya.safetensors", "sdxl", seed=ctx.seed)
-    return _lora_entry(
-        ctx, path, name, base="sdxl", layout="kohya", components=("unet", "text_encoder", "text_encoder_2")
-    )
-
-
-@_writer("sdxl-lora-peft")
-def _sdxl_lora_peft(ctx: _Context, name: str) -> DemoEntry:
-    path = save_peft_lora(ctx.root / "loras/tiny-sdxl-peft.safetensors", "sdxl", seed=ctx.seed)
-    return _lora_entry(
-        ctx, path, name, base="sdxl", layout="peft", components=("unet", "text_encoder", "text_encoder_2")
-    )
-
-
-def _embedding(ctx: _Context, name: str, relative: str, layout: Any, base: Any) -> DemoEntry:
-    path = save_embedding(ctx.root / relative, layout, base=base, seed=ctx.seed)
-    widths = {"sd1": {"clip_l": 768}, "sd2": {"clip_h": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}[base]
+def _embedding(ctx: _Context, spec: _Spec) -> DemoEntry:
+    base: Any = spec.kind
+    layout: Any = spec.layout
+    path = save_embedding(ctx.root / spec.path, layout, base=base, seed=ctx.seed)
+    widths = _EMBEDDING_WIDTHS[base]
     return ctx.file_entry(
         path,
-        name=name,
+        name=spec.name,
         type="textual_inversion",
         base=base,
-        layout=layout,
+        layout=spec.layout,
         components=tuple(widths),
         dtype="float32",
         dims={"vectors": 2, **{f"{k}_width": v for k, v in widths.items()}},
-        token=DEFAULT_TOKEN if layout == "diffusers" else None,
+        token=DEFAULT_TOKEN if spec.layout == "diffusers" else None,
     )
 
 
-@_writer("sd15-embedding-a1111")
-def _sd15_embedding_a1111(ctx: _Context, name: str) -> DemoEntry:
-    return _embedding(ctx, name, "embeddings/tiny-sd15-a1111.safetensors", "a1111", "sd1")
+# ----------------------------------------------------------------------------------------- the table
+
+_SPECS: tuple[_Spec, ...] = (
+    _Spec("sd15-checkpoint", "checkpoints/tiny-sd15.safetensors", _checkpoint, "sd1"),
+    _Spec("sdxl-checkpoint", "checkpoints/tiny-sdxl.safetensors", _checkpoint, "sdxl"),
+    _Spec("sd15-inpaint-checkpoint", "checkpoints/tiny-sd15-inpaint.safetensors", _checkpoint, "sd1_inpaint",
+          extra=True),
+    _Spec("sd2-checkpoint", "checkpoints/tiny-sd2-v.safetensors", _checkpoint, "sd2", extra=True),
+    _Spec("sd15-unet", "unet/tiny-sd15-unet.safetensors", _file, "sd1", family="unet", layout="diffusers"),
+    _Spec("sd15-inpaint-unet", "unet/tiny-sd15-inpaint-unet.safetensors", _file, "sd1_inpaint",
+          family="unet"),
+    _Spec("sd2-unet", "unet/tiny-sd2-unet.safetensors", _file, "sd2", family="unet", prefix=""),
+    _Spec("sdxl-unet", "unet/tiny-sdxl-unet.safetensors", _file, "sdxl", family="unet", prefix="",
+          metadata=False),
+    _Spec("sdxl-refiner-unet", "unet/tiny-sdxl-refiner-unet.safetensors", _file, "sdxl_refiner",
+          family="unet"),
+    _Spec("sd15-vae", "vae/tiny-sd15-vae.safetensors", _file, "sd1", family="vae", prefix="", metadata=False),
+    _Spec("sdxl-vae", "vae/tiny-sdxl-vae.safetensors", _file, "sdxl", family="vae", layout="diffusers"),
+    _Spec("flux-vae", "vae/tiny-flux-vae.safetensors", _file, "flux", family="vae", prefix=""),
+    _Spec("clip-l", "clip/tiny-clip-l.safetensors", _file, "clip_l", family="encoder"),
+    _Spec("clip-g", "clip/tiny-clip-g.safetensors", _file, "clip_g", family="encoder"),
+    _Spec("t5", "clip/tiny-t5.safetensors", _file, "t5", family="encoder", layout="diffusers"),
+    _Spec("sd15-pipeline", "diffusers/tiny-sd15", _pipeline, "sd1"),
+    _Spec("sdxl-pipeline", "diffusers/tiny-sdxl", _pipeline, "sdxl"),
+    _Spec("sd2-pipeline", "diffusers/tiny-sd2-v", _pipeline, "sd2", extra=True),
+    _Spec("sd15-unet-folder", "diffusers/tiny-sd15-unet", _folder, "sd1", family="unet"),
+    _Spec("flux-vae-folder", "diffusers/tiny-flux-vae", _folder, "flux", family="vae"),
+    _Spec("t5-folder", "diffusers/tiny-t5", _folder, "t5", family="encoder"),
+    _Spec("clip-tokenizer", "tokenizers/clip", _tokenizer, "clip_l"),
+    _Spec("t5-tokenizer", "tokenizers/t5", _tokenizer, "t5"),
+    _Spec("sd15-lora-kohya", "loras/tiny-sd15-kohya.safetensors", _lora, "sd1", layout="kohya"),
+    _Spec("sd15-lora-peft", "loras/tiny-sd15-peft.safetensors", _lora, "sd1", layout="peft"),
+    _Spec("sd15-loha", "loras/tiny-sd15-loha.safetensors", _lora, "sd1", layout="loha"),
+    _Spec("sd15-lokr", "loras/tiny-sd15-lokr.safetensors", _lora, "sd1", layout="lokr"),
+    _Spec("sdxl-lora-kohya", "loras/tiny-sdxl-kohya.safetensors", _lora, "sdxl", layout="kohya"),
+    _Spec("sdxl-lora-peft", "loras/tiny-sdxl-peft.safetensors", _lora, "sdxl", layout="peft"),
+    _Spec("sd15-embedding-a1111", "embeddings/tiny-sd15-a1111.safetensors", _embedding, "sd1",
+          layout="a1111"),
+    _Spec("sd15-embedding-diffusers", "embeddings/tiny-sd15-diffusers.safetensors", _embedding, "sd1",
+          layout="diffusers"),
+    _Spec("sd2-embedding-a1111", "embeddings/tiny-sd2-a1111.safetensors", _embedding, "sd2", layout="a1111"),
+    _Spec("sdxl-embedding", "embeddings/tiny-sdxl.safetensors", _embedding, "sdxl", layout="sdxl"),
+)  # fmt: skip
 
 
-@_writer("sd15-embedding-diffusers")
-def _sd15_embedding_diffusers(ctx: _Context, name: str) -> DemoEntry:
-    return _embedding(ctx, name, "embeddings/tiny-sd15-diffusers.safetensors", "diffusers", "sd1")
-
-
-@_writer("sd2-embedding-a1111")
-def _sd2_embedding_a1111(ctx: _Context, name: str) -> DemoEntry:
-    return _embedding(ctx, name, "embeddings/tiny-sd2-a1111.safetensors", "a1111", "sd2")
-
-
-@_writer("sdxl-embedding")
-def _sdxl_embedding(ctx: _Context, name: str) -> DemoEntry:
-    return _embedding(ctx, name, "embeddings/tiny-sdxl.safetensors", "sdxl", "sdxl")
-
-
-# ---------------------------------------------------------------------------------------- entry point
+def demo_entry_names(*, extras: bool = False) -> list[str]:
+    """The names of the entries :func:`write_demo_models` writes (with ``extras``, the optional ones too)."""
+    return [spec.name for spec in _SPECS if extras or not spec.extra]
 
 
 @contextmanager
@@ -600,22 +399,23 @@ def write_demo_models(
 ) -> DemoManifest:
     """Write the tiny demo set under ``root`` and its ``manifest.json``; return the manifest.
 
-    ``only`` restricts it to some entry names (see :func:`demo_entry_names`); ``extras`` adds the
-    optional entries (an SD2 v-prediction pipeline and checkpoint, an SD1 inpainting checkpoint).
-    ``progress`` is called with one line per entry written. The same ``seed`` gives the same bytes.
+    ``only`` restricts it to some entry names (see :func:`demo_entry_names`; extras included); ``extras``
+    adds the optional entries (an SD2 v-prediction pipeline and checkpoint, an SD1 inpainting
+    checkpoint). ``progress`` is called with one line per entry written. The same ``seed`` gives the
+    same bytes.
     """
-    names = demo_entry_names(extras=extras or only is not None)
+    specs = [s for s in _SPECS if extras or only is not None or not s.extra]
     if only is not None:
-        unknown = set(only) - set(names)
+        unknown = set(only) - {s.name for s in specs}
         if unknown:
             raise ValueError(f"unknown demo entries: {sorted(unknown)}")
-        names = [n for n in names if n in only]
+        specs = [s for s in specs if s.name in only]
     root.mkdir(parents=True, exist_ok=True)
     ctx = _Context(root=root, seed=seed)
     entries: list[DemoEntry] = []
     with _one_torch_thread():
-        for name in names:
-            entry = _WRITERS[name][1](ctx)
+        for spec in specs:
+            entry = spec.write(ctx, spec)
             entries.append(entry)
             if progress is not None:
                 progress(

@@ -162,7 +162,7 @@ def save_kohya_lora(
     alpha: float | None = None,
     seed: int = DEFAULT_SEED,
 ) -> Path:
-    """Write a kohya-format LoRA (UNet + text encoders) for the tiny ``base`` model, with ``ss_*`` metadata."""
+    """Write a kohya-format LoRA (UNet + text encoders) of the tiny ``base`` model, with ``ss_*`` metadata."""
     alpha = float(rank if alpha is None else alpha)
     state_dict = kohya_lora_state_dict(base, rank=rank, alpha=alpha, seed=seed)
     metadata = kohya_metadata(base, rank=rank, alpha=alpha, name=path.stem)
@@ -241,7 +241,7 @@ def save_peft_lora(
 
 
 def _factor(dim: int) -> tuple[int, int]:
-    """``dim`` as ``a * b`` with ``a <= b`` as close as possible (LyCORIS' ``factorization`` with factor -1)."""
+    """``dim`` as ``a * b``, ``a <= b`` as close as can be (LyCORIS' ``factorization``, factor -1)."""
     a = math.isqrt(dim)
     while dim % a:
         a -= 1

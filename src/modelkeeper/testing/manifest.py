@@ -3,12 +3,13 @@
 One entry per model file or folder. Field by field (``None`` / empty where it does not apply):
 
 - ``name``: unique id (``sd15-checkpoint``); ``path``: relative POSIX path under the demo root.
-- ``type``: ``main`` | ``unet`` | ``vae`` | ``text_encoder`` | ``lora`` | ``textual_inversion`` | ``tokenizer``.
+- ``type``: ``main`` | ``unet`` | ``vae`` | ``text_encoder`` | ``lora`` | ``textual_inversion``
+  | ``tokenizer``.
 - ``base``: ``sd1`` | ``sd2`` | ``sdxl`` | ``sdxl_refiner`` | ``sd3`` | ``flux``; ``also_bases``: other bases
   the same tensors fit equally (a VAE's shapes do not tell SD1 from SDXL, nor Flux from SD3).
 - ``variant``: ``normal`` | ``inpaint``.
-- ``format``: ``safetensors`` (one file) | ``diffusers`` (a folder with ``config.json`` or ``model_index.json``)
-  | ``tokenizer`` (a tokenizer folder).
+- ``format``: ``safetensors`` (one file) | ``diffusers`` (a folder with ``config.json`` or
+  ``model_index.json``) | ``tokenizer`` (a tokenizer folder).
 - ``layout``: single component files ``diffusers`` | ``original``; checkpoints ``original``; LoRAs ``kohya``
   | ``peft`` | ``loha`` | ``lokr``; embeddings ``a1111`` | ``diffusers`` | ``sdxl``; folders ``diffusers``.
 - ``encoder``: ``clip_l`` | ``clip_g`` | ``clip_h`` | ``t5`` for a text encoder; ``components``: what a main

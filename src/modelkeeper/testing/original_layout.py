@@ -59,7 +59,7 @@ def _resnet(rest: str) -> str:
 
 
 def unet_key_to_original(key: str, config: Mapping[str, Any]) -> str:
-    """One diffusers ``UNet2DConditionModel`` key in the LDM/SGM layout (``input_blocks.1.1...``), no prefix."""
+    """One diffusers ``UNet2DConditionModel`` key in the LDM/SGM layout (``input_blocks.1.1...``)."""
     layers: int = config["layers_per_block"]
     if not isinstance(layers, int):
         raise ValueError("only an integer layers_per_block has an original layout")

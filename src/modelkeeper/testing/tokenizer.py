@@ -178,7 +178,7 @@ def make_t5_tokenizer() -> T5Tokenizer:
 
 
 def save_t5_tokenizer(folder: Path, tokenizer: T5Tokenizer | None = None) -> Path:
-    """Write a T5 tokenizer (default: the tiny one) to ``folder`` (``tokenizer.json`` + ``tokenizer_config.json``)."""
+    """Write a T5 tokenizer (default: the tiny one) to ``folder`` (``tokenizer.json``, its config)."""
     folder.mkdir(parents=True, exist_ok=True)
     (tokenizer or make_t5_tokenizer()).save_pretrained(folder)
     return folder
