@@ -332,9 +332,10 @@ def main() -> None:
     sw = next(s for n, s, _ in rows if "switch" in n)
     lines.append("targets:")
     lines.append(f"  cached SDXL UNet ready <= 0.2 s: {mk_c:.3f} s {'MET' if mk_c <= 0.2 else 'MISSED'}")
-    copy_s = max(mk_c - t_asm, 1e-9)
+    copy_s = res_c["timings"]["read"]
     lines.append(
-        f"  cached copy >= 90% of raw pinned: copy part {size / copy_s / GB:.1f} GB/s = {raw / copy_s:.0%} of raw (load minus assembly)"
+        f"  cached copy >= 90% of raw pinned: worker read stage {copy_s:.3f} s = {size / copy_s / GB:.1f} GB/s = "
+        f"{raw / copy_s:.0%} of raw (includes the device allocation and the tensor views)"
     )
     lines.append(
         f"  page cache >= 25 GB/s: {size / mk_p / GB:.1f} GB/s {'MET' if size / mk_p / GB >= 25 else 'MISSED'}"
