@@ -110,7 +110,7 @@ def test_unload_and_info_of_unknown_names(worker: WorkerProcess) -> None:
 
 def test_unknown_and_unimplemented_commands(worker: WorkerProcess) -> None:
     _expect(worker, "model.fly", {}, ErrorCode.UNKNOWN_COMMAND, "model.fly")
-    _expect(worker, CommandType.LOAD_LORA, {"name": "l"}, ErrorCode.UNKNOWN_COMMAND, "model.load_lora")
+    _expect(worker, CommandType.LOAD_LORA, {"name": "l"}, ErrorCode.INVALID_REQUEST, "data.path")
 
 
 def test_malformed_lines_get_error_responses(worker: WorkerProcess) -> None:

@@ -29,6 +29,11 @@ class CommandType(StrEnum):
     GET_STATUS = "model.get_status"
     CLEANUP = "model.cleanup"
     RELEASE_SEGMENTS = "model.release_segments"
+    UNLOAD_LORA = "model.unload_lora"
+    SET_LORA_STRENGTH = "model.set_lora_strength"
+    VALIDATE_MODEL = "model.validate_model"
+    BENCHMARK_MODEL = "model.benchmark_model"
+    OPTIMIZE_MODEL = "model.optimize_model"
 
 
 #: Commands answered at once by the reader, never queued behind device work.

@@ -190,6 +190,9 @@ class UnloadResult(_Open):
 
 class ModelInfoRequest(_Strict):
     name: str | None = Field(None, description="One model; all when omitted.")
+    fingerprint: bool = Field(
+        False, description="Add a content hash of each model's live weights (runs on the device thread)."
+    )
 
 
 class LoadedModelInfo(_Open):
@@ -270,6 +273,54 @@ class ReleaseSegmentsResult(_Open):
     released: list[str]
 
 
+class LoadLoraRequest(_Strict):
+    name: str = Field(min_length=1, description="Key of the LoRA.")
+    path: str = Field(min_length=1, description="A LoRA file: kohya, LyCORIS LoHa/LoKr, diffusers or PEFT.")
+    targets: dict[str, str] = Field(
+        description="Role to loaded model name: unet or transformer, text_encoder, text_encoder_2."
+    )
+    strength: float = 1.0
+    role_strength: dict[str, float] | None = None
+    strict: bool = Field(False, description="Refuse a LoRA with any key that matches no layer.")
+    min_match: float = Field(0.5, ge=0, le=1, description="Least share of keys that must match a layer.")
+
+
+class SetLoraStrengthRequest(_Strict):
+    name: str = Field(min_length=1)
+    strength: float
+    role_strength: dict[str, float] | None = None
+
+
+class UnloadLoraRequest(_Strict):
+    name: str = Field(min_length=1)
+
+
+class ValidateModelRequest(_Strict):
+    name: str = Field(min_length=1)
+    level: Literal["header", "weights", "functional"] = "header"
+    batch: int = Field(1, ge=1, le=64)
+
+
+class BenchmarkModelRequest(_Strict):
+    name: str = Field(min_length=1)
+    resolution: int | None = Field(None, ge=8, le=4096)
+    batch: int = Field(1, ge=1, le=64)
+    steps: int = Field(10, ge=1, le=10000)
+    warmup: int = Field(2, ge=0, le=1000)
+    tokens: int | None = Field(None, ge=1, le=4096)
+
+
+class OptimizeModelRequest(_Strict):
+    name: str = Field(min_length=1)
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dtype (float32|float16|bfloat16), channels_last, attention (sdpa|default), "
+        "vae_slicing, vae_tiling, compile",
+    )
+    measure: bool = Field(True, description="Time a forward pass before and after.")
+    revert: bool = Field(False, description="Undo what earlier optimize_model calls applied.")
+
+
 class CancelRequest(_Strict):
     target_request_id: str = Field(min_length=1)
 
@@ -320,6 +371,12 @@ COMMAND_MODELS: dict[CommandType, tuple[type[BaseModel], type[BaseModel]]] = {
     CommandType.OPTIMIZE_MEMORY: (OptimizeMemoryRequest, OptimizeMemoryResult),
     CommandType.CLEANUP: (CleanupRequest, CleanupResult),
     CommandType.RELEASE_SEGMENTS: (ReleaseSegmentsRequest, ReleaseSegmentsResult),
+    CommandType.LOAD_LORA: (LoadLoraRequest, _Open),
+    CommandType.SET_LORA_STRENGTH: (SetLoraStrengthRequest, _Open),
+    CommandType.UNLOAD_LORA: (UnloadLoraRequest, _Open),
+    CommandType.VALIDATE_MODEL: (ValidateModelRequest, _Open),
+    CommandType.BENCHMARK_MODEL: (BenchmarkModelRequest, _Open),
+    CommandType.OPTIMIZE_MODEL: (OptimizeModelRequest, _Open),
 }
 
 EVENT_MODELS: dict[EventType, type[BaseModel]] = {

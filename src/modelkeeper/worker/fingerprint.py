@@ -25,13 +25,16 @@ CHUNK_BYTES = 64 * 1024 * 1024
 
 def _tensor_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
     """The tensor's bytes in C order, as host memory views, in chunks of at most CHUNK_BYTES."""
+    if tensor.is_meta:  # never loaded: only its header counts (and says so)
+        yield memoryview(b"meta")
+        return
     flat = tensor.detach().reshape(-1)
     if flat.numel() == 0:
         return
     per_chunk = max(1, CHUNK_BYTES // flat.element_size())
     for start in range(0, flat.numel(), per_chunk):
         piece = flat[start : start + per_chunk].contiguous().cpu()
-        yield memoryview(piece.view(torch.uint8).numpy())
+        yield piece.view(torch.uint8).numpy().data
 
 
 def _update(hasher: blake3.blake3, name: str, tensor: torch.Tensor) -> None:

@@ -23,12 +23,13 @@ layers do not fit (another base) or whose keys match nothing.
 Proposed protocol (the handlers resolve model names to modules and call the manager):
 
 - ``model.load_lora`` data ``{name, path, targets: {unet|transformer|text_encoder|text_encoder_2:
-  <loaded model name>}, strength: 1.0, role_strength?: {role: float}, strict: false}``; result
-  :meth:`LoraReport.as_dict` ``{name, source, format, strength, role_strength, roles: {role:
-  {layers, keys}}, matched_keys, unmatched_keys, unmatched, skipped_roles, params_patched,
-  factor_bytes, backup_bytes, backup_place, read_seconds, prepare_seconds, apply_seconds, seconds}``.
+  <loaded model name>}, strength: 1.0, role_strength?: {role: float}, strict: false,
+  min_match: 0.5}``; result :meth:`LoraReport.as_dict` ``{name, source, format, strength,
+  role_strength, roles: {role: {layers, keys}}, matched_keys, unmatched_keys, unmatched,
+  skipped_roles, params_patched, factor_bytes, backup_bytes, backup_place, read_seconds,
+  prepare_seconds, apply_seconds, seconds}``.
 - ``model.set_lora_strength`` data ``{name, strength, role_strength?}``; result
-  ``{name, strength, previous, params_patched, seconds}``.
+  ``{name, strength, previous, role_strength, params_patched, seconds}``.
 - ``model.unload_lora`` data ``{name}``; result ``{name, params_restored, params_rederived,
   freed_bytes, seconds}``. ``model.get_model_info`` may list :meth:`LoraManager.loaded`.
 """
@@ -136,13 +137,13 @@ KOHYA_PREFIXES = (
     ("lora_te_", "text_encoder"),
 )
 DOTTED_PREFIXES = (
+    ("base_model.model.", ""),
     ("unet.", "unet"),
     ("transformer.", "transformer"),
     ("text_encoder_2.", "text_encoder_2"),
     ("text_encoder_3.", "text_encoder_3"),
     ("text_encoder.", "text_encoder"),
     ("diffusion_model.", "unet"),
-    ("base_model.model.", ""),
 )
 SUFFIXES: dict[str, tuple[str, str]] = {
     "lora_down.weight": ("lora", "down"),
@@ -237,6 +238,8 @@ def parse_lora(
             ignored.append(original)
             continue
         groups.setdefault((role, name), {})[slot] = (original, tensor)
+    for group in [g for g, slots in groups.items() if set(slots) == {"alpha"}]:  # an alpha with no weights
+        ignored.append(groups.pop(group)["alpha"][0])
     if not groups:
         raise UnsupportedFormat(
             f"{label}: no LoRA keys found (e.g. {next(iter(state), 'none')!r})", path=label
@@ -529,12 +532,15 @@ class Delta:
 
     def add_to(self, out: torch.Tensor, alpha: float, src: slice | None) -> None:
         """``out += alpha * delta[src]``, ``out`` a [rows, cols] view of the weight."""
-        if self.up is not None and self.down is not None:
-            out.addmm_(self.up if src is None else self.up[src], self.down, alpha=alpha)
+        if (
+            self.up is not None and self.down is not None
+        ):  # the casts do nothing unless the model's dtype changed
+            up = self.up if src is None else self.up[src]
+            out.addmm_(up.to(out.dtype), self.down.to(out.dtype), alpha=alpha)
             return
         dense = torch.kron(*self.kron).reshape(self.shape[0], -1) if self.kron else self.dense
         assert dense is not None
-        out.add_(dense if src is None else dense[src], alpha=alpha)
+        out.add_((dense if src is None else dense[src]).to(out.dtype), alpha=alpha)
 
 
 @dataclass(eq=False)
@@ -554,6 +560,23 @@ class _Patched:
     owner: int  # id() of the target module it belongs to
     backup: torch.Tensor
     terms: list[_Term] = field(default_factory=list)
+    _views: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (data_ptr, out, base) as matrices
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and its original as [rows, cols] matrices on the weight's device, cached
+        while the weight keeps its storage (``module.to`` gives it a new one). A weight that is not
+        contiguous (channels_last) is computed into a contiguous scratch matrix."""
+        param = self.param
+        if self._views is None or self._views[0] != param.data_ptr() or not param.is_contiguous():
+            work = (
+                param
+                if param.is_contiguous()
+                else torch.empty_like(param, memory_format=torch.contiguous_format)
+            )
+            out = work.view(param.shape[0], -1)
+            base = self.backup.to(device=param.device, dtype=param.dtype, non_blocking=True).view(out.shape)
+            self._views = (param.data_ptr() if work is param else -1, out, base)
+        return self._views[1], self._views[2]
 
 
 @dataclass
@@ -650,6 +673,7 @@ class LoraManager:
         role_strength: Mapping[str, float] | None = None,
         metadata: Mapping[str, str] | None = None,
         strict: bool = False,
+        min_match: float = 0.5,
         check: Callable[[], None] | None = None,
     ) -> LoraReport:
         """Read ``source`` (a file, or a state dict with ``metadata``), match its layers to the
@@ -657,8 +681,9 @@ class LoraManager:
         ``text_encoder_2``) and patch them with ``strength`` (``role_strength`` overrides per role).
 
         Everything is checked before any weight changes: an unreadable or unsupported file, layers
-        that match nothing or whose shapes do not fit (another base) leave every module as it was;
-        with ``strict``, so does any unmatched key. ``check`` is called between stages (cancel)."""
+        whose shapes do not fit (another base), or fewer than ``min_match`` of the keys for the roles
+        given matching a layer, leave every module as it was; with ``strict``, so does any unmatched
+        key. ``check`` is called between stages (cancellation)."""
         started = time.perf_counter()
         if name in self._loras:
             raise AlreadyLoaded(f"data.name: a LoRA named {name!r} is already applied")
@@ -674,7 +699,7 @@ class LoraManager:
         fmt, layers, ignored = parse_lora(state, dict(metadata or file_metadata), label)
         matches, unmatched, skipped, mismatched = resolve(layers, targets)
         unmatched += ignored
-        _refuse_unfit(label, layers, matches, unmatched, mismatched, targets, strict)
+        _refuse_unfit(label, layers, matches, unmatched, mismatched, targets, 1.0 if strict else min_match)
         _call(check)
         deltas: dict[int, Delta] = {}
         for match in matches:
@@ -827,27 +852,18 @@ class LoraManager:
     @staticmethod
     def _rederive(state: _Patched) -> None:
         """``W = W0 + sum(strength * scale * delta)`` for one weight, from its original."""
-        param = state.param
-        live = [(t, t.lora.alpha(t)) for t in state.terms]
-        live = [(t, a) for t, a in live if a != 0.0]
+        live = [(t, a) for t in state.terms if (a := t.lora.alpha(t)) != 0.0]
         with torch.no_grad():
-            work = (
-                param
-                if param.is_contiguous()
-                else torch.empty_like(param, memory_format=torch.contiguous_format)
-            )
-            out = work.view(work.shape[0], -1)
-            base = state.backup.to(param.device, non_blocking=True).view(out.shape)
-            only = live[0][0] if len(live) == 1 else None
-            if only and only.src is None and only.dst is None and only.delta.up is not None:
-                assert only.delta.down is not None
-                torch.addmm(base, only.delta.up, only.delta.down, alpha=live[0][1], out=out)
+            out, base = state.views()
+            only = live[0][0].delta if len(live) == 1 and live[0][0].src is live[0][0].dst is None else None
+            if only and only.up is not None and only.down is not None and only.up.dtype == out.dtype:
+                torch.addmm(base, only.up, only.down, alpha=live[0][1], out=out)  # one kernel, one rounding
             else:
                 out.copy_(base)
                 for term, alpha in live:
                     term.delta.add_to(out if term.dst is None else out[term.dst], alpha, term.src)
-            if work is not param:
-                param.copy_(work)
+            if out.data_ptr() != state.param.data_ptr():
+                state.param.copy_(out.view(state.param.shape))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -875,7 +891,7 @@ def _refuse_unfit(
     unmatched: list[str],
     mismatched: list[str],
     targets: Mapping[str, torch.nn.Module],
-    strict: bool,
+    min_match: float,
 ) -> None:
     given = ", ".join(f"{role}={type(module).__name__}" for role, module in targets.items())
     if mismatched:
@@ -892,9 +908,11 @@ def _refuse_unfit(
             f"({given}); e.g. {example}",
             unmatched=unmatched[:20],
         )
-    if strict and unmatched:
+    matched = sum(len(layer.keys) for layer in {id(m.layer): m.layer for m in matches}.values())
+    if unmatched and matched < min_match * (matched + len(unmatched)):
         raise LoraIncompatible(
-            f"{label}: {len(unmatched)} key(s) match no layer (strict): {', '.join(unmatched[:5])}",
+            f"{label}: only {matched} of {matched + len(unmatched)} keys match a layer of the modules given "
+            f"({given}; at least {min_match:.0%} must): {', '.join(unmatched[:3])} ...",
             unmatched=unmatched[:20],
         )
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from modelkeeper.protocol.codec import (
     command_of,
@@ -79,7 +79,22 @@ DEVICE_HANDLERS: dict[CommandType, Handler] = {
     CommandType.OPTIMIZE_MEMORY: lambda s, d, op: s.optimize_memory(d, op),
     CommandType.CLEANUP: lambda s, d, op: s.cleanup(op),
     CommandType.RELEASE_SEGMENTS: lambda s, d, op: s.release_segments(d.paths),
+    CommandType.LOAD_LORA: lambda s, d, op: Result.model_validate(s.load_lora(d, op)),
+    CommandType.SET_LORA_STRENGTH: lambda s, d, op: Result.model_validate(
+        s.loras.set_strength(d.name, d.strength, d.role_strength)
+    ),
+    CommandType.UNLOAD_LORA: lambda s, d, op: Result.model_validate(s.loras.remove(d.name)),
+    CommandType.VALIDATE_MODEL: lambda s, d, op: Result.model_validate(s.validate_model(d, op)),
+    CommandType.BENCHMARK_MODEL: lambda s, d, op: Result.model_validate(s.benchmark_model(d, op)),
+    CommandType.OPTIMIZE_MODEL: lambda s, d, op: Result.model_validate(s.optimize_model(d, op)),
+    CommandType.GET_MODEL_INFO: lambda s, d, op: s.fingerprints(d.name),
 }
+
+
+class Result(BaseModel):
+    """A result whose fields the handler's report defines (see docs/PROTOCOL.md)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 class WorkerServer:
@@ -152,7 +167,8 @@ class WorkerServer:
                     ErrorCode.UNKNOWN_COMMAND,
                 )
             data = validate_data(command, request.data)
-            if command in IMMEDIATE_COMMANDS:
+            heavy_info = isinstance(data, ModelInfoRequest) and data.fingerprint
+            if command in IMMEDIATE_COMMANDS and not heavy_info:
                 self._respond(request_id, self._immediate(command, data, request_id))
                 return
             if self.stopping.is_set():

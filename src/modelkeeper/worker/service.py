@@ -23,11 +23,13 @@ from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.messages import (
     PROTOCOL_VERSION,
+    BenchmarkModelRequest,
     CleanupResult,
     DType,
     EventType,
     HelloResult,
     LoadedModelInfo,
+    LoadLoraRequest,
     LoadRequest,
     LoadResult,
     MemoryInfo,
@@ -35,12 +37,22 @@ from modelkeeper.protocol.messages import (
     ModelKind,
     OptimizeMemoryRequest,
     OptimizeMemoryResult,
+    OptimizeModelRequest,
     ReleaseSegmentsResult,
     UnloadResult,
+    ValidateModelRequest,
 )
 from modelkeeper.worker import assemble, convert, sources, weights
 from modelkeeper.worker.device import DeviceMemory, MiB
-from modelkeeper.worker.errors import AlreadyLoaded, Cancelled, InsufficientMemory, ModelNotFound, NotLoaded
+from modelkeeper.worker.errors import (
+    AlreadyLoaded,
+    Cancelled,
+    InsufficientMemory,
+    InvalidRequest,
+    ModelNotFound,
+    NotLoaded,
+)
+from modelkeeper.worker.lora import LoraManager
 from modelkeeper.worker.mapping import MappingTable
 
 EventSink = Callable[[EventType, str | None, dict[str, Any]], None]
@@ -106,6 +118,8 @@ class ModelService:
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
         self.mappings = MappingTable(read_only=self.device.type == "cuda")
+        self.loras = LoraManager(self.device, reserve_bytes=memory.reserve_bytes)
+        self._undo: dict[str, list[Any]] = {}
         self.skeletons = assemble.SkeletonPool()
         self.started_at = time.time()
 
@@ -336,6 +350,12 @@ class ModelService:
             return 0
         freed = model.nbytes
         before = self.memory.allocated()
+        if isinstance(model.module, torch.nn.Module):
+            for lora in self.loras.detach(model.module):
+                self._emit(
+                    EventType.STATE, None, {"name": lora, "state": "unloaded", "reason": f"{name} unloaded"}
+                )
+        self._undo.pop(name, None)
         del model
         if before - self.memory.allocated() < freed // 2:
             gc.collect()  # reference cycles held it; the common case frees by refcount alone
@@ -399,6 +419,70 @@ class ModelService:
             )
         return CleanupResult(unloaded=names, freed_bytes=freed, memory_after=self.memory_info())
 
+    # ------------------------------------------------------------------ LoRA, validation, benchmarks
+
+    def module(self, name: str, field: str = "data.name") -> torch.nn.Module:
+        """The live ``torch.nn.Module`` loaded as ``name`` (tokenizers are not modules)."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                raise NotLoaded(f"{field}: no model named {name!r} is loaded (loaded: {self._names()})")
+            model.last_used = time.time()
+        if not isinstance(model.module, torch.nn.Module):
+            raise InvalidRequest(f"{field}: {name!r} is a {model.kind.value}, not a model with weights")
+        return model.module
+
+    def load_lora(self, req: LoadLoraRequest, op: Operation) -> dict[str, Any]:
+        targets = {role: self.module(model, f"data.targets.{role}") for role, model in req.targets.items()}
+        report = self.loras.load(
+            req.name, req.path, targets, strength=req.strength, role_strength=req.role_strength,
+            strict=req.strict, min_match=req.min_match, check=op.check,
+        )  # fmt: skip
+        return report.as_dict() | {"targets": dict(req.targets)}
+
+    def validate_model(self, req: ValidateModelRequest, op: Operation) -> dict[str, Any]:
+        from modelkeeper.worker.validate import validate
+
+        return validate(self.module(req.name), req.level, batch=req.batch).as_dict() | {"name": req.name}
+
+    def benchmark_model(self, req: BenchmarkModelRequest, op: Operation) -> dict[str, Any]:
+        from modelkeeper.worker.bench import benchmark
+
+        report = benchmark(
+            self.module(req.name), resolution=req.resolution, batch=req.batch, steps=req.steps,
+            warmup=req.warmup, tokens=req.tokens,
+        )  # fmt: skip
+        return report.as_dict() | {"name": req.name, "device": str(self.device)}
+
+    def optimize_model(self, req: OptimizeModelRequest, op: Operation) -> dict[str, Any]:
+        from modelkeeper.worker.optimize import optimize, revert
+
+        module = self.module(req.name)
+        before = self.get(req.name).nbytes
+        if req.revert:
+            reverted = [r for undo in reversed(self._undo.pop(req.name, [])) for r in revert(module, undo)]
+            result: dict[str, Any] = {"reverted": reverted}
+        else:
+            report = optimize(module, req.options, measure=req.measure)
+            self._undo.setdefault(req.name, []).append(report.undo)
+            result = report.as_dict()
+        with self._lock:
+            model = self._models[req.name]
+            model.nbytes, model.parameters, model.tensors, model.dtype = assemble.module_stats(module)
+        return result | {"name": req.name, "bytes_before": before, "bytes_after": model.nbytes}
+
+    def fingerprints(self, name: str | None) -> ModelInfoResult:
+        from modelkeeper.worker.fingerprint import fingerprint
+
+        info = self.model_info(name)
+        for entry in info.models:
+            model = self.get(entry.name)
+            if isinstance(model.module, torch.nn.Module):
+                started = time.perf_counter()
+                entry.fingerprint = fingerprint(model.module)  # type: ignore[attr-defined]
+                entry.fingerprint_seconds = round(time.perf_counter() - started, 6)  # type: ignore[attr-defined]
+        return info
+
     def release_segments(self, paths: list[str] | None) -> ReleaseSegmentsResult:
         """Unmap RAM-cache segments (the orchestrator is about to drop them). Models already
         loaded from them keep their device copies; CPU views keep the pages until unloaded."""
@@ -424,6 +508,8 @@ CAPABILITIES = frozenset(
         CommandType.LOAD_MODEL, CommandType.LOAD_UNET, CommandType.LOAD_VAE, CommandType.LOAD_ENCODER,
         CommandType.LOAD_TOKENIZER, CommandType.UNLOAD_MODEL, CommandType.GET_MODEL_INFO,
         CommandType.GET_STATUS, CommandType.OPTIMIZE_MEMORY, CommandType.CLEANUP, CommandType.RELEASE_SEGMENTS,
+        CommandType.LOAD_LORA, CommandType.UNLOAD_LORA, CommandType.SET_LORA_STRENGTH, CommandType.VALIDATE_MODEL,
+        CommandType.BENCHMARK_MODEL, CommandType.OPTIMIZE_MODEL,
     }
 )  # fmt: skip
 
