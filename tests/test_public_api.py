@@ -1,5 +1,8 @@
 import modelkeeper
+import modelkeeper.cache
+import modelkeeper.discovery
 import modelkeeper.protocol
+import modelkeeper.registry
 import modelkeeper.worker
 
 
@@ -10,7 +13,11 @@ def test_top_level_exports() -> None:
 
 
 def test_every_exported_name_exists_and_is_public() -> None:
-    for module in (modelkeeper, modelkeeper.protocol, modelkeeper.worker):
+    modules = (
+        modelkeeper, modelkeeper.protocol, modelkeeper.worker, modelkeeper.cache, modelkeeper.discovery,
+        modelkeeper.registry,
+    )  # fmt: skip
+    for module in modules:
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"
         public = {n for n in dir(module) if not n.startswith("_") and n[0].isupper()}

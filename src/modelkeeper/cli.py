@@ -89,5 +89,20 @@ def run_cmd(
     worker_cmd(device=device, reserve_mb=None, budget_mb=None)
 
 
+def _mount_registry_commands() -> None:
+    from modelkeeper.discovery.cli import scan as scan_cmd
+    from modelkeeper.registry.cli import ls as ls_cmd
+    from modelkeeper.registry.cli import meta as meta_cmd
+    from modelkeeper.registry.cli import show as show_cmd
+
+    app.command("scan")(scan_cmd)
+    app.command("ls")(ls_cmd)
+    app.command("show")(show_cmd)
+    app.command("meta")(meta_cmd)
+
+
+_mount_registry_commands()
+
+
 def main() -> None:
     app()

@@ -1,0 +1,195 @@
+"""The background hashing service: hashes the registry's pending files and records the results.
+
+``Hasher(registry).run(progress=...)`` hashes synchronously; ``start(...)`` runs the same in a
+background thread and returns a :class:`HashJob` (``progress``, ``wait()``, ``cancel()``). Hashes
+are cached in the registry by (path, size, mtime): a file is hashed again only when it changes.
+After hashing, moved files are reconciled by content hash (``Registry.reconcile_moves``).
+Errors of one file (deleted meanwhile, unreadable) are counted and skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from modelkeeper.discovery.examine import sniff
+from modelkeeper.discovery.folders import weight_files
+from modelkeeper.discovery.hashing import Cancelled, FileHashes, TensorSpan, hash_file, hash_folder
+from modelkeeper.discovery.records import ModelFormat
+from modelkeeper.discovery.tables import read_gguf_table, read_safetensors_table
+from modelkeeper.formats.errors import FormatError
+from modelkeeper.registry.store import HashTask, Registry
+
+
+@dataclass(frozen=True)
+class HashProgress:
+    files_total: int = 0
+    files_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    current: str | None = None
+    errors: int = 0
+
+
+@dataclass
+class HashReport:
+    hashed: int = 0
+    skipped: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+    moved: list[tuple[str, str]] = field(default_factory=list)
+    cancelled: bool = False
+
+
+ProgressCallback = Callable[[HashProgress], None]
+
+
+def _file_spans(path: str, components: list[tuple[int, str, str, str | None]]) -> dict[str, list[TensorSpan]]:
+    """Tensor byte ranges of each component (by key prefix) of a single weights file."""
+    fmt = sniff(path)
+    if fmt is ModelFormat.SAFETENSORS:
+        table = read_safetensors_table(path)
+    elif fmt is ModelFormat.GGUF:
+        table = read_gguf_table(path)
+    else:
+        return {}
+    offset = table.data_offset or 0
+    prefixes = sorted(((prefix, name) for _, name, prefix, _ in components), key=lambda p: -len(p[0]))
+    spans: dict[str, list[TensorSpan]] = {name: [] for _, name in prefixes}
+    for tname, meta in table.tensors.items():
+        for prefix, name in prefixes:
+            if tname.startswith(prefix):
+                spans[name].append(TensorSpan(offset + meta.begin, offset + meta.end, meta.dtype))
+                break
+    return spans
+
+
+def hash_task(
+    task: HashTask, *, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None
+) -> FileHashes:
+    """Hash one registry file or folder (with its components' content ids)."""
+    if task.kind == "file":
+        return hash_file(
+            task.path, spans=_file_spans(task.path, task.components), progress=progress, cancel=cancel
+        )
+    folder = Path(task.path)
+    files: dict[str, list[Path]] = {}
+    spans: dict[str, dict[Path, list[TensorSpan]]] = {}
+    for _, name, _, subfolder in task.components:
+        sub = folder / subfolder if subfolder else folder
+        paths, _ = weight_files(sub)
+        files[name] = paths
+        for p in paths:
+            if p.suffix == ".safetensors":
+                table = read_safetensors_table(p)
+                offset = table.data_offset or 0
+                spans.setdefault(name, {})[p] = [
+                    TensorSpan(offset + m.begin, offset + m.end, m.dtype) for m in table.tensors.values()
+                ]
+    return hash_folder(files, spans, folder, progress=progress, cancel=cancel)
+
+
+class HashJob:
+    """A hashing run in a background thread."""
+
+    def __init__(self, hasher: Hasher, progress: ProgressCallback | None) -> None:
+        self._cancel = threading.Event()
+        self._report: HashReport | None = None
+        self._error: BaseException | None = None
+        self.progress = HashProgress()
+        self._callback = progress
+        self._thread = threading.Thread(
+            target=self._run, args=(hasher,), name="modelkeeper-hasher", daemon=True
+        )
+        self._thread.start()
+
+    def _on_progress(self, p: HashProgress) -> None:
+        self.progress = p
+        if self._callback is not None:
+            self._callback(p)
+
+    def _run(self, hasher: Hasher) -> None:
+        try:
+            self._report = hasher.run(progress=self._on_progress, cancel=self._cancel)
+        except BaseException as exc:  # reported by wait()
+            self._error = exc
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> HashReport | None:
+        """The report, or None if still running after ``timeout``; re-raises the run's failure."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._report
+
+
+class Hasher:
+    """Hashes what the registry lists as pending; see the module docstring."""
+
+    def __init__(self, registry: Registry, *, max_bytes: int | None = None) -> None:
+        """``max_bytes``: leave larger files pending (a quick pass over small files first)."""
+        self.registry = registry
+        self.max_bytes = max_bytes
+
+    def run(
+        self, *, progress: ProgressCallback | None = None, cancel: threading.Event | None = None
+    ) -> HashReport:
+        t0 = time.perf_counter()
+        tasks = [
+            t for t in self.registry.pending_hashes() if self.max_bytes is None or t.size <= self.max_bytes
+        ]
+        state = HashProgress(files_total=len(tasks), bytes_total=sum(t.size for t in tasks))
+        report = HashReport()
+        lock = threading.Lock()
+
+        def advance(n: int) -> None:
+            nonlocal state
+            with lock:
+                state = replace(state, bytes_done=state.bytes_done + n)
+            if progress is not None:
+                progress(state)
+
+        for task in tasks:
+            state = replace(state, current=task.path)
+            if progress is not None:
+                progress(state)
+            try:
+                st = os.stat(task.path)
+                if task.kind == "file" and (st.st_size != task.size or st.st_mtime_ns != task.mtime_ns):
+                    report.skipped += 1  # changed since the scan: the next scan re-identifies it
+                    continue
+                hashes = hash_task(task, progress=advance, cancel=cancel)
+            except Cancelled:
+                report.cancelled = True
+                break
+            except (OSError, FormatError) as exc:
+                report.errors.append((task.path, str(exc)))
+                state = replace(state, errors=state.errors + 1)
+                continue
+            by_name = {name: rid for rid, name, _, _ in task.components}
+            ids = {by_name[name]: cid for name, cid in hashes.component_ids.items() if name in by_name}
+            self.registry.record_hashes(task, blake3=hashes.blake3, sha256=hashes.sha256, component_ids=ids)
+            report.hashed += 1
+            report.bytes += hashes.size
+            state = replace(state, files_done=state.files_done + 1)
+            if progress is not None:
+                progress(state)
+        report.moved = self.registry.reconcile_moves()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def start(self, progress: ProgressCallback | None = None) -> HashJob:
+        return HashJob(self, progress)

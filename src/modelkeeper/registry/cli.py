@@ -1,0 +1,207 @@
+"""Command line of the registry: ``modelkeeper ls``, ``show`` and ``meta``.
+
+Plain typer command functions, mounted by ``modelkeeper.cli`` with ``app.command("ls")(ls)``...
+Every command takes ``--db`` (default ``$MODELKEEPER_DB`` or ``~/.local/share/modelkeeper/registry.sqlite3``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelkeeper.protocol.errors import ProtocolError
+from modelkeeper.registry.store import Registry
+
+DbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="Registry file (default: $MODELKEEPER_DB or ~/.local/share/modelkeeper/registry.sqlite3).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def open_registry(db: Path | None) -> Registry:
+    return Registry.open(db)
+
+
+def fail(exc: ProtocolError) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error[/red] {exc.code.value}: {exc.message}")
+    return typer.Exit(code=1)
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"
+
+
+def ls(
+    *,
+    type: Annotated[
+        str | None, typer.Option("--type", help="main, unet, transformer, vae, text_encoder, lora, ...")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="sd1, sd2, sdxl, sdxl_refiner, sd3, flux, any, unknown")
+    ] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", help="safetensors, pickle, gguf, diffusers")
+    ] = None,
+    tag: Annotated[str | None, typer.Option("--tag", help="Only models with this tag.")] = None,
+    query: Annotated[
+        str | None, typer.Option("--query", "-q", help="Words to find in name, description, tags.")
+    ] = None,
+    status: Annotated[str, typer.Option("--status", help="ok, missing, or all.")] = "ok",
+    sort: Annotated[str, typer.Option("--sort", help="name, type, base, size, created, updated")] = "name",
+    desc: Annotated[bool, typer.Option("--desc", help="Sort descending.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
+    offset: Annotated[int, typer.Option("--offset", min=0)] = 0,
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """List the models of the registry."""
+    try:
+        with open_registry(db) as registry:
+            page = registry.search(
+                type=type,
+                base=base,
+                format=format,
+                tag=tag,
+                query=query,
+                status=None if status == "all" else status,
+                sort=sort,
+                descending=desc,
+                limit=limit,
+                offset=offset,
+            )
+    except ProtocolError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        typer.echo(page.model_dump_json(indent=2))
+        return
+    table = Table(
+        title=f"{page.total} models"
+        + (f" (showing {offset + 1}-{offset + len(page.items)})" if page.total > len(page.items) else "")
+    )
+    for col in ("id", "name", "type", "base", "variant", "format", "size", "tags"):
+        table.add_column(col)
+    for m in page.items:
+        table.add_row(m.id, m.name, m.type, m.base, m.variant, m.format, _size(m.size), ", ".join(m.tags))
+    Console().print(table)
+
+
+def show(
+    ref: Annotated[
+        str, typer.Argument(help="Model id, name, path, or hash prefix (AutoV2, SHA-256, BLAKE3).")
+    ],
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Show one model: identification, file, hashes, components, metadata, worker spec."""
+    try:
+        with open_registry(db) as registry:
+            record = registry.resolve(ref)
+            spec = registry.worker_spec(record.id)
+            history = registry.history(record.id, limit=20)
+    except ProtocolError as exc:
+        raise fail(exc) from exc
+    data: dict[str, Any] = record.model_dump(mode="json")
+    data["worker_spec"] = spec
+    data["history"] = [h.model_dump(mode="json") for h in history]
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    f = record.file
+    console.print(f"[bold]{record.name}[/bold]  [dim]{record.id}[/dim]  ({record.status})")
+    console.print(
+        f"  {record.type} · {record.base} · {record.variant} · {record.format} · layout {record.layout}"
+    )
+    console.print(f"  rule {record.rule} (confidence {record.confidence:.2f})")
+    if record.identification.compatible_bases and len(record.identification.compatible_bases) > 1:
+        console.print(f"  fits bases: {', '.join(record.identification.compatible_bases)}")
+    if f is not None:
+        console.print(f"  path {f.path}  ({_size(f.size)})")
+        console.print(
+            f"  blake3 {f.hashes.blake3 or '-'}  sha256 {f.hashes.sha256 or '-'}  autov2 {f.hashes.autov2 or '-'}"
+        )
+    if record.lora_format:
+        console.print(f"  LoRA {record.lora_format}, rank {record.lora_rank}")
+    if record.components:
+        table = Table(title="components")
+        for col in ("name", "kind", "encoder", "tensors", "parameters", "size", "dtypes", "content id"):
+            table.add_column(col)
+        for c in record.components:
+            table.add_row(
+                c.name,
+                c.kind.value,
+                c.encoder.value if c.encoder else "",
+                str(c.tensor_count),
+                f"{c.parameters:,}",
+                _size(c.bytes),
+                ", ".join(f"{d} x{n}" for d, n in sorted(c.dtypes.items())),
+                (c.content_id or "")[:16],
+            )
+        console.print(table)
+    meta = record.meta
+    for key in ("description", "source_url", "license"):
+        value = getattr(meta, key)
+        if value:
+            console.print(f"  {key}: {value}")
+    if meta.tags:
+        console.print(f"  tags: {', '.join(meta.tags)}")
+    if meta.trigger_words:
+        console.print(f"  trigger words: {', '.join(meta.trigger_words)}")
+    for conflict in record.identification.hint_conflicts:
+        console.print(f"  [yellow]hint[/yellow] {conflict}")
+
+
+def meta(
+    ref: Annotated[str, typer.Argument(help="Model id, name, path, or hash prefix.")],
+    *,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="key=value; keys: name, description, tags (comma-separated), trigger_words (comma-separated),"
+            " source_url, license, default_settings (JSON object). Repeatable.",
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Show or set a model's user metadata."""
+    values: dict[str, str] = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            Console(stderr=True).print(
+                f"[red]error[/red] INVALID_REQUEST: --set wants key=value, got {item!r}"
+            )
+            raise typer.Exit(code=2)
+        values[key.strip()] = value
+    try:
+        with open_registry(db) as registry:
+            record = registry.resolve(ref)
+            if values:
+                record = registry.set_meta(record.id, values)
+    except ProtocolError as exc:
+        raise fail(exc) from exc
+    data = {"id": record.id, "name": record.name, **record.meta.model_dump(mode="json", exclude={"found"})}
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    for key, value in data.items():
+        console.print(f"{key}: {value}")

@@ -1,0 +1,122 @@
+"""Queries of the registry: resolving a reference to model ids, and the search listing."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from typing import Any
+
+from modelkeeper.registry.errors import InvalidMetadata
+from modelkeeper.registry.records import ModelSummary, SearchPage
+
+_HEX = re.compile(r"[0-9a-fA-F]{6,64}")
+MIN_HASH_PREFIX = 6
+
+#: Sort keys -> SQL expressions (the id breaks ties, so pages never overlap).
+SORTS: dict[str, str] = {
+    "name": "m.name COLLATE NOCASE",
+    "type": "m.type",
+    "base": "m.base",
+    "size": "m.size",
+    "created": "m.created_at",
+    "updated": "m.updated_at",
+}
+
+
+def _ids(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[str]:
+    return sorted({str(r[0]) for r in conn.execute(sql, params)})
+
+
+def by_id(conn: sqlite3.Connection, ref: str) -> list[str]:
+    return _ids(conn, "SELECT id FROM models WHERE id = ?", (ref,))
+
+
+def by_path(conn: sqlite3.Connection, ref: str) -> list[str]:
+    paths = {ref, os.path.abspath(os.path.expanduser(ref))}
+    found = _ids(
+        conn,
+        f"SELECT model_id FROM files WHERE model_id IS NOT NULL AND path IN ({','.join('?' * len(paths))})",
+        tuple(paths),
+    )
+    return found or _ids(
+        conn, "SELECT model_id FROM files WHERE model_id IS NOT NULL AND status='ok' AND rel = ?", (ref,)
+    )
+
+
+def by_name(conn: sqlite3.Connection, ref: str) -> list[str]:
+    return _ids(conn, "SELECT id FROM models WHERE name = ? COLLATE NOCASE", (ref,))
+
+
+def by_hash(conn: sqlite3.Connection, ref: str) -> list[str]:
+    if not _HEX.fullmatch(ref):
+        return []
+    prefix = ref.lower() + "%"
+    return _ids(
+        conn,
+        "SELECT model_id FROM files WHERE model_id IS NOT NULL AND (blake3 LIKE ? OR sha256 LIKE ?)",
+        (prefix, prefix),
+    )
+
+
+def search(
+    conn: sqlite3.Connection,
+    *,
+    type: str | None,
+    base: str | None,
+    format: str | None,
+    tag: str | None,
+    query: str | None,
+    status: str | None,
+    sort: str,
+    descending: bool,
+    limit: int,
+    offset: int,
+) -> SearchPage:
+    if sort not in SORTS:
+        raise InvalidMetadata(f"sort: unknown key {sort!r}; one of {', '.join(SORTS)}", sort=sort)
+    if limit < 1 or offset < 0:
+        raise InvalidMetadata("limit must be >= 1 and offset >= 0")
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("m.type", type), ("m.base", base), ("m.format", format), ("m.status", status)):
+        if value:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if tag:
+        where.append("m.id IN (SELECT model_id FROM model_tags WHERE tag = ?)")
+        params.append(tag)
+    if query:
+        for word in query.split():
+            like = f"%{word.replace('%', '').replace('_', '')}%"
+            where.append(
+                "(m.name LIKE ? OR mm.description LIKE ? OR m.id IN (SELECT model_id FROM model_tags WHERE tag LIKE ?))"
+            )
+            params += [like, like, like]
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    base_sql = f"FROM models AS m LEFT JOIN model_meta AS mm ON mm.model_id = m.id{clause}"
+    total = int(conn.execute(f"SELECT COUNT(*) {base_sql}", params).fetchone()[0])
+    order = f"{SORTS[sort]} {'DESC' if descending else 'ASC'}, m.id"
+    rows = conn.execute(
+        f"SELECT m.id, m.name, m.type, m.base, m.variant, m.format, m.status, m.size,"
+        f" (SELECT path FROM files WHERE model_id = m.id ORDER BY status='ok' DESC LIMIT 1) AS path,"
+        f" (SELECT group_concat(tag, ',') FROM model_tags WHERE model_id = m.id) AS tags"
+        f" {base_sql} ORDER BY {order} LIMIT ? OFFSET ?",
+        [*params, limit, offset],
+    ).fetchall()
+    items = [
+        ModelSummary(
+            id=r["id"],
+            name=r["name"],
+            type=r["type"],
+            base=r["base"],
+            variant=r["variant"],
+            format=r["format"],
+            status=r["status"],
+            size=r["size"],
+            path=r["path"],
+            tags=sorted(r["tags"].split(",")) if r["tags"] else [],
+        )
+        for r in rows
+    ]
+    return SearchPage(total=total, offset=offset, limit=limit, items=items)

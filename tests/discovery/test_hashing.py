@@ -1,0 +1,114 @@
+"""Hashing: BLAKE3 and SHA-256 in one read, AutoV2, component content ids, the background hasher."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from blake3 import blake3
+from safetensors.torch import save_file
+
+from conftest import scan
+from modelkeeper.discovery.hasher import Hasher, HashProgress
+from modelkeeper.discovery.hashing import Cancelled, TensorSpan, content_id, hash_file
+from modelkeeper.registry.store import Registry
+from modelkeeper.testing.manifest import DemoManifest
+
+
+def test_hash_file_matches_reference_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "blob.bin"
+    data = bytes(range(256)) * 40_000 + b"tail"
+    path.write_bytes(data)
+    seen: list[int] = []
+    h = hash_file(path, chunk_size=1 << 20, progress=seen.append)
+    assert h.blake3 == blake3(data).hexdigest()
+    assert h.sha256 == hashlib.sha256(data).hexdigest()
+    assert h.autov2 == h.sha256[:10]  # type: ignore[index]
+    assert sum(seen) == len(data) == h.size
+    assert hash_file(path, sha256=False).sha256 is None
+
+
+def test_tensor_spans_across_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "blob.bin"
+    data = bytes(range(256)) * 100
+    path.write_bytes(data)
+    spans = {
+        "a": [TensorSpan(0, 1000, "U8"), TensorSpan(1000, 1000, "U8")],
+        "b": [TensorSpan(1000, 25600, "F16")],
+    }
+    h = hash_file(path, spans=spans, chunk_size=333)
+    assert h.digests["a"] == [("U8", blake3(data[:1000]).hexdigest()), ("U8", blake3(b"").hexdigest())]
+    assert h.digests["b"] == [("F16", blake3(data[1000:]).hexdigest())]
+    assert h.component_ids["b"] == content_id([("F16", blake3(data[1000:]).hexdigest())])
+
+
+def test_content_id_ignores_names_and_order() -> None:
+    assert content_id([("F16", "aa"), ("F32", "bb")]) == content_id([("F32", "bb"), ("F16", "aa")])
+    assert content_id([("F16", "aa")]) != content_id([("F32", "aa")])
+
+
+def test_cancel(tmp_path: Path) -> None:
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"x" * 10_000)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        hash_file(path, chunk_size=1000, cancel=stop)
+
+
+def test_same_vae_in_several_files_has_one_content_id(
+    demo: DemoManifest, tmp_path: Path, registry: Registry
+) -> None:
+    """The SD1 VAE inside the checkpoint (original layout), in the pipeline folder (diffusers layout)
+    and alone: three files, one component content id."""
+    root = demo.root
+    scan(registry, root)
+    report = Hasher(registry).run()
+    assert report.hashed > 20 and not report.errors
+    checkpoint = registry.resolve(str(root / demo["sd15-checkpoint"].path))
+    pipeline = registry.resolve(str(root / demo["sd15-pipeline"].path))
+    vae_id = next(c.content_id for c in checkpoint.components if c.kind.value == "vae")
+    assert vae_id is not None
+    assert next(c.content_id for c in pipeline.components if c.kind.value == "vae") == vae_id
+    holders = {model for model, _ in registry.models_with_component(vae_id)}
+    assert {checkpoint.id, pipeline.id} <= holders
+    unet_ids = {c.content_id for c in checkpoint.components if c.kind.value == "unet"}
+    assert unet_ids.isdisjoint({vae_id})
+    # File hashes are those of the bytes on disk (AutoV2 = first 10 hex of SHA-256, as A1111 shows).
+    assert checkpoint.file is not None
+    data = Path(checkpoint.file.path).read_bytes()
+    assert checkpoint.file.hashes.sha256 == hashlib.sha256(data).hexdigest() == demo["sd15-checkpoint"].sha256
+    assert checkpoint.file.hashes.autov2 == hashlib.sha256(data).hexdigest()[:10]
+    assert checkpoint.file.hashes.blake3 == blake3(data).hexdigest()
+    assert pipeline.file is not None and pipeline.file.hashes.blake3 and pipeline.file.hashes.sha256 is None
+
+
+def test_hasher_caches_and_reports_progress(tmp_path: Path, registry: Registry) -> None:
+    save_file({"emb_params": torch.ones(4, 768)}, str(tmp_path / "a.safetensors"))
+    save_file({"emb_params": torch.zeros(4, 1024)}, str(tmp_path / "b.safetensors"))
+    scan(registry, tmp_path)
+    events: list[HashProgress] = []
+    job = Hasher(registry).start(progress=events.append)
+    report = job.wait(timeout=30)
+    assert report is not None and report.hashed == 2 and job.done
+    assert events[-1].files_done == 2 and events[-1].bytes_done == events[-1].bytes_total > 0
+    assert Hasher(registry).run().hashed == 0  # cached by (path, size, mtime)
+    # A changed file is hashed again after the next scan.
+    save_file({"emb_params": torch.full((4, 768), 2.0)}, str(tmp_path / "a.safetensors"))
+    scan(registry, tmp_path)
+    assert Hasher(registry).run().hashed == 1
+
+
+def test_resolve_by_hash_prefixes(tmp_path: Path, registry: Registry) -> None:
+    save_file({"emb_params": torch.ones(4, 768)}, str(tmp_path / "a.safetensors"))
+    (entry,) = scan(registry, tmp_path).entries
+    Hasher(registry).run()
+    record = registry.get(entry.model_id or "")
+    assert record.file is not None
+    hashes = record.file.hashes
+    assert hashes.autov2 and hashes.blake3 and hashes.sha256
+    for ref in (hashes.autov2, hashes.autov2.upper(), hashes.blake3[:8], hashes.sha256[:12], hashes.blake3):
+        assert registry.resolve(ref).id == record.id

@@ -1,0 +1,108 @@
+"""Numbered migrations, each tested on an in-memory database."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modelkeeper.registry import migrations
+from modelkeeper.registry.errors import MigrationError
+from modelkeeper.registry.migrations import LATEST, MIGRATIONS, Migration, current_version, migrate
+from modelkeeper.registry.store import Registry
+
+
+@pytest.fixture
+def conn() -> Iterator[sqlite3.Connection]:
+    c = sqlite3.connect(":memory:", isolation_level=None)
+    c.execute("PRAGMA foreign_keys=ON")
+    yield c
+    c.close()
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def test_migrations_are_numbered_in_order() -> None:
+    assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+    folder = Path(migrations.__file__).parent
+    modules = sorted(p.stem for p in folder.glob("m[0-9][0-9][0-9][0-9]_*.py"))
+    assert [int(re.match(r"m(\d{4})_", m)[1]) for m in modules] == [m.version for m in MIGRATIONS]  # type: ignore[index]
+
+
+def test_m0001_initial(conn: sqlite3.Connection) -> None:
+    assert migrate(conn, target=1) == [1]
+    assert current_version(conn) == 1
+    assert {"files", "models", "components"} <= _tables(conn)
+    assert {"path", "size", "mtime_ns", "inode", "blake3", "sha256", "autov2", "status"} <= _columns(
+        conn, "files"
+    )
+    assert {"id", "type", "base", "variant", "rule", "confidence", "identification"} <= _columns(
+        conn, "models"
+    )
+    assert {"content_id", "tensor_count", "parameters", "bytes", "dtypes"} <= _columns(conn, "components")
+    conn.execute(
+        "INSERT INTO models (id, name, type, base, variant, format, layout, rule, confidence, identification,"
+        " created_at, updated_at) VALUES ('m-1', 'x', 'vae', 'sd1', 'normal', 'safetensors', 'original', 'r', 1, '{}', 0, 0)"
+    )
+    conn.execute(
+        "INSERT INTO components (model_id, name, kind, layout) VALUES ('m-1', 'vae', 'vae', 'original')"
+    )
+    conn.execute("DELETE FROM models WHERE id='m-1'")
+    assert conn.execute("SELECT COUNT(*) FROM components").fetchone()[0] == 0  # cascades
+
+
+def test_m0002_user_metadata(conn: sqlite3.Connection) -> None:
+    migrate(conn, target=1)
+    conn.execute(
+        "INSERT INTO models (id, name, type, base, variant, format, layout, rule, confidence, identification,"
+        " created_at, updated_at) VALUES ('m-1', 'x', 'vae', 'sd1', 'normal', 'safetensors', 'original', 'r', 1, '{}', 0, 0)"
+    )
+    assert migrate(conn) == [2]
+    assert {"model_meta", "model_tags", "history"} <= _tables(conn)
+    assert (
+        conn.execute("SELECT name_source FROM models WHERE id='m-1'").fetchone()[0] == "file"
+    )  # existing rows kept
+    conn.execute("INSERT INTO model_tags VALUES ('m-1', 'Style')")
+    assert (
+        conn.execute("SELECT COUNT(*) FROM model_tags WHERE tag='style'").fetchone()[0] == 1
+    )  # case-insensitive
+
+
+def test_migrate_is_idempotent_and_refuses_newer(conn: sqlite3.Connection) -> None:
+    assert migrate(conn) == list(range(1, LATEST + 1))
+    assert migrate(conn) == []
+    conn.execute(f"PRAGMA user_version = {LATEST + 1}")
+    with pytest.raises(MigrationError, match="newer"):
+        migrate(conn)
+
+
+def test_a_failing_migration_rolls_back(conn: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(c: sqlite3.Connection) -> None:
+        c.execute("CREATE TABLE half_done (x)")
+        c.execute("THIS IS NOT SQL")
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", (*MIGRATIONS, Migration(LATEST + 1, "broken", broken)))
+    monkeypatch.setattr(migrations, "LATEST", LATEST + 1)
+    with pytest.raises(MigrationError, match="broken"):
+        migrate(conn)
+    assert current_version(conn) == LATEST  # the good ones stay applied
+    assert "half_done" not in _tables(conn)
+
+
+def test_registry_file_is_wal_and_reopens(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "r.sqlite3"
+    with Registry.open(path) as reg:
+        assert reg._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        reg.add_history(None, "test.op", {"x": 1})
+    with Registry.open(path) as reg:
+        assert current_version(reg._conn) == LATEST
+        assert reg._conn.execute("SELECT op FROM history").fetchone()[0] == "test.op"
