@@ -147,3 +147,19 @@ def test_segments_of_a_killed_owner_are_removed_at_next_start(shm: Path, tmp_pat
     own = mine.cache_file(src, component_id="mine")
     assert mine.removed_stale == leaked
     assert list(shm.iterdir()) == [own.path]
+
+
+def test_pickle_checkpoint_is_converted_once_into_a_segment(shm: Path, tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(7)
+    state = {"w": torch.randn(8, 4, generator=g).half(), "b": torch.randn(4, generator=g)}
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": state, "global_step": 3}, ckpt)
+    cache = RamCache(10 << 20, shm_dir=shm)
+    seg = cache.cache_file(ckpt, component_id="ckpt")
+    header = read_header(seg.path)
+    assert set(header.tensors) == {"state_dict.w", "state_dict.b"}
+    got = load_file(str(seg.path))
+    assert torch.equal(got["state_dict.w"], state["w"])
+    assert torch.equal(got["state_dict.b"], state["b"])
+    assert cache.cache_file(ckpt, component_id="ckpt") is seg  # converted once
+    assert cache.stats()["misses"] == 1
