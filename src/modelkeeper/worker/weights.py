@@ -7,6 +7,7 @@ per file, tensors as views of it).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,10 +34,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def nbytes_as(self, dtype: torch.dtype | None) -> int:
         if dtype is None or self.dtype not in FLOAT_DTYPES:
