@@ -84,18 +84,20 @@ def skeleton(class_name: str, config: dict[str, Any], *, path: str = "") -> torc
 
 
 class SkeletonPool:
-    """Meta-device skeletons built ahead of need, one per (class, config), so that the next load of
-    the same architecture (a model switch) does not pay for Python-side construction.
+    """Meta-device skeletons built ahead of need, ``depth`` per (class, config), so that the next
+    loads of the same architecture (model switches, even back to back) do not pay for Python-side
+    construction.
 
     Only diffusers classes are prebuilt (their construction is thread-safe under the thread-local
     meta device); ``take`` builds on the spot when none is ready.
     """
 
-    def __init__(self, max_keys: int = 8) -> None:
-        self._ready: dict[str, Future[torch.nn.Module]] = {}
+    def __init__(self, max_keys: int = 8, depth: int = 1) -> None:
+        self._ready: dict[str, list[Future[torch.nn.Module]]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skeleton")
         self._max = max_keys
+        self._depth = depth
 
     @staticmethod
     def key(class_name: str, config: dict[str, Any]) -> str:
@@ -106,17 +108,18 @@ class SkeletonPool:
             return
         key = self.key(class_name, config)
         with self._lock:
-            if key in self._ready:
-                return
-            while len(self._ready) >= self._max:
-                self._ready.pop(next(iter(self._ready)))
-            self._ready[key] = self._pool.submit(skeleton, class_name, dict(config))
+            ready = self._ready.setdefault(key, [])
+            while len(self._ready) > self._max:
+                self._ready.pop(next(k for k in self._ready if k != key))
+            while len(ready) < self._depth:
+                ready.append(self._pool.submit(skeleton, class_name, dict(config)))
 
     def take(self, class_name: str, config: dict[str, Any], *, path: str = "") -> Future[torch.nn.Module]:
         """A skeleton: the prebuilt one, else one being built in the background (diffusers classes)
         while the caller reads the weights, else (transformers classes) one built now."""
         with self._lock:
-            fut = self._ready.pop(self.key(class_name, config), None)
+            ready = self._ready.get(self.key(class_name, config))
+            fut = ready.pop(0) if ready else None
         if fut is not None:
             return fut
         if class_name in TEXT_ENCODER_CLASSES:

@@ -302,3 +302,4 @@ class WorkerServer:
                 self._running = None
                 self._known_ids.discard(op.request_id)
             self.write(reply)
+            self.service.after_reply()

@@ -121,6 +121,7 @@ class ModelService:
         self.loras = LoraManager(self.device, reserve_bytes=memory.reserve_bytes)
         self._undo: dict[str, list[Any]] = {}
         self.skeletons = assemble.SkeletonPool()
+        self._after_reply: list[tuple[str, dict[str, Any]]] = []
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ queries (any thread)
@@ -251,7 +252,7 @@ class ModelService:
             raise
         if replaced is not None:
             self._drop(request.name)
-        self.skeletons.prefetch(class_name, source.config)
+        self._after_reply.append((class_name, source.config))
         nbytes, params, count, dtype_name = assemble.module_stats(module)
         timings["total"] = time.perf_counter() - started
         source_info = source.describe() | {"rule": rule, "class_name": class_name}
@@ -418,6 +419,13 @@ class ModelService:
                 EventType.STATE, op.request_id, {"name": name, "state": "unloaded", "reason": "cleanup"}
             )
         return CleanupResult(unloaded=names, freed_bytes=freed, memory_after=self.memory_info())
+
+    def after_reply(self) -> None:
+        """Work that should not delay an answer: build the skeletons the next loads will want
+        (started once the load's response is out, so it does not compete with it)."""
+        while self._after_reply:
+            class_name, config = self._after_reply.pop()
+            self.skeletons.prefetch(class_name, config)
 
     # ------------------------------------------------------------------ LoRA, validation, benchmarks
 
