@@ -418,6 +418,8 @@ class ModelService:
             self._emit(
                 EventType.STATE, op.request_id, {"name": name, "state": "unloaded", "reason": "cleanup"}
             )
+        gc.collect()
+        self.memory.release_caches()  # unload keeps freed blocks for the next load; cleanup returns them
         return CleanupResult(unloaded=names, freed_bytes=freed, memory_after=self.memory_info())
 
     def after_reply(self) -> None:
