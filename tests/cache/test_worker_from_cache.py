@@ -114,3 +114,18 @@ def test_two_workers_map_one_segment_without_copying(
         for w in workers:
             w.stop()
     assert os.path.exists(seg.path)
+
+
+def test_cpu_models_outlive_the_release_of_their_segment(cache: RamCache, demo: DemoManifest) -> None:
+    seg = cache.cache_file(demo.path("sdxl-vae"))
+    with InProcessWorker("cpu") as w:
+        w.call(CommandType.LOAD_VAE, {"name": "v", "path": str(seg.path)})
+        want = {k: v.clone() for k, v in w.module("v").state_dict().items()}
+        assert w.call(CommandType.RELEASE_SEGMENTS)["released"] == [str(seg.path)]
+        cache.drop(seg.component_id)  # the file is gone too; the pages live while the model does
+        got = w.module("v").state_dict()
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
+        result = w.call(CommandType.VALIDATE_MODEL, {"name": "v", "level": "functional"})
+        assert result["passed"] is True
+        assert w.call(CommandType.RELEASE_SEGMENTS)["released"] == []

@@ -88,3 +88,11 @@ def test_parse_message_kinds() -> None:
     assert isinstance(err, ErrorResponse)
     assert err.error_code is ErrorCode.BUSY
     assert isinstance(parse_message(b'{"event": "progress", "request_id": "a", "data": {}}'), Event)
+
+
+def test_non_finite_floats_are_encoded_as_strict_json() -> None:
+    line = encode({"data": {"mean": float("nan"), "max": float("inf"), "min": -float("inf"), "ok": 1.5}})
+    assert b"NaN," not in line
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "data": {"mean": "NaN", "max": "Infinity", "min": "-Infinity", "ok": 1.5}
+    }

@@ -161,3 +161,32 @@ def test_tokenizers(inproc: InProcessWorker, demo: DemoManifest) -> None:
         assert result["bytes"] == 0
         ids = inproc.module(name)("a photo of a cat").input_ids
         assert len(ids) > 2
+
+
+def test_a_dtype_cast_leaves_no_tensor_tied_to_the_file_buffer(
+    inproc: InProcessWorker, demo: DemoManifest
+) -> None:
+    """Uncast tensors are copied out too, so the file-sized buffer is freed after a cast."""
+    inproc.call(
+        CommandType.LOAD_ENCODER, {"name": "t", "path": str(demo.path("t5-folder")), "dtype": "bfloat16"}
+    )
+    module = inproc.module("t")
+    for tensor in [*module.parameters(), *module.buffers()]:
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+def test_folder_text_encoder_with_legacy_position_ids(
+    inproc: InProcessWorker, demo: DemoManifest, tmp_path: object
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "te"  # type: ignore[operator]
+    shutil.copytree(demo.path("sd15-pipeline") / "text_encoder", folder)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    state["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    save_file(state, str(weights))
+    result = inproc.call(CommandType.LOAD_ENCODER, {"name": "te", "path": str(folder)})
+    assert result["class_name"] == "CLIPTextModel"

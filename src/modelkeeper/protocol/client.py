@@ -95,10 +95,13 @@ class WorkerConnection:
     async def acall(
         self, type: CommandType | str, data: dict[str, Any] | None = None, *, timeout: float | None = 120.0
     ) -> dict[str, Any]:
-        fut = asyncio.wrap_future(self.submit(type, data))
+        rid = f"{self.name}-{next(self._ids)}"
+        fut = asyncio.wrap_future(self.submit(type, data, request_id=rid))
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
+            with self._pending_lock:
+                self._pending.pop(rid, None)  # a late answer is then dropped, not delivered to a dead future
             raise ProtocolError(
                 f"no answer to {type} from {self.name} within {timeout} s", ErrorCode.TIMEOUT
             ) from None
@@ -137,16 +140,26 @@ class WorkerConnection:
                     continue
                 with self._pending_lock:
                     fut = self._pending.pop(msg.request_id, None) if msg.request_id else None
-                if fut is None:
-                    self.unmatched.put(msg)
-                elif isinstance(msg, Response):
-                    fut.set_result(msg.data)
-                else:
-                    fut.set_exception(ProtocolError(msg.error, msg.error_code, **msg.data))
+                try:
+                    self._deliver(fut, msg)
+                except Exception:  # one bad delivery must not end the connection
+                    log.exception("%s: cannot deliver an answer to %s", self.name, msg.request_id)
         except (OSError, ValueError) as exc:
             log.debug("%s reader stopped: %s", self.name, exc)
         finally:
             self._fail_pending(f"{self.name} closed its output")
+
+    def _deliver(self, fut: Future[dict[str, Any]] | None, msg: Response | ErrorResponse) -> None:
+        if fut is None:
+            self.unmatched.put(msg)
+        elif fut.done():  # the caller gave up (cancelled or timed out)
+            return
+        elif isinstance(msg, Response):
+            fut.set_result(msg.data)
+        else:
+            error = ProtocolError(msg.error, msg.error_code)
+            error.details = dict(msg.data)
+            fut.set_exception(error)
 
     def _dispatch_event(self, event: Event) -> None:
         for q in self._subscribers:

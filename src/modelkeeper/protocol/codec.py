@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -22,9 +23,25 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
 def encode(message: BaseModel | dict[str, Any]) -> bytes:
-    """One message as one line of compact JSON, newline included."""
+    """One message as one line of strict JSON, newline included. Non-finite floats (a NaN in a
+    validation statistic, say) become the strings "NaN", "Infinity" and "-Infinity", since bare NaN
+    is not JSON and other languages' parsers refuse it."""
     obj = message.model_dump(mode="json") if isinstance(message, BaseModel) else message
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    try:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(obj), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode() + b"\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def describe_validation_error(exc: ValidationError, where: str) -> str:

@@ -83,6 +83,9 @@ class Mapping:
     host: torch.Tensor  # uint8 view of the whole file
     registered: bool = False
     read_only: bool = False
+    closed: bool = False
+    device_index: int = 0
+    register_failed: bool = False
 
     @classmethod
     def open(cls, path: Path, *, read_only: bool = False) -> Mapping:
@@ -110,24 +113,31 @@ class Mapping:
 
     def register(self) -> None:
         """Page-lock the mapping for the CUDA copy engine (once per mapping)."""
-        if self.registered or self.host.numel() == 0:
+        if self.registered or self.register_failed or self.host.numel() == 0:
             return
         flags = CUDA_HOST_REGISTER_READ_ONLY if self.read_only else 0
-        err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), flags)
+        with torch.cuda.device(self.device_index):  # no stray context on GPU 0 for a cuda:N worker
+            err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), flags)
         if int(err) != 0:
+            self.register_failed = True  # once: later loads copy from pageable memory without retrying
             log.warning("cudaHostRegister of %s failed (%s); copying from pageable memory", self.path, err)
             return
         self.registered = True
 
     def close(self) -> None:
+        """Forget the mapping. A CUDA worker unregisters and unmaps it (only the copy engine read it);
+        a CPU worker only drops its reference, since models may still hold views of the pages
+        (``torch.frombuffer`` keeps the mmap object alive, not a buffer export, so an explicit
+        ``mm.close()`` would unmap memory under live tensors)."""
+        if self.closed:
+            return
+        self.closed = True
         if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            with torch.cuda.device(self.device_index):
+                torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
             self.registered = False
-        del self.host
-        try:
+            del self.host
             self.mm.close()
-        except BufferError:  # CPU views still alive; the mapping goes with the last of them
-            pass
 
 
 @dataclass
@@ -135,6 +145,7 @@ class MappingTable:
     """The segments this worker has mapped, kept until released (one registration per lifetime)."""
 
     read_only: bool = False
+    device_index: int = 0
     mappings: dict[Path, Mapping] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _stages: list[torch.Tensor] = field(default_factory=list)
@@ -158,8 +169,10 @@ class MappingTable:
             if current is not None and current.inode == inode:
                 return current
             if current is not None:
+                self.mappings.pop(path)
                 current.close()
             mapping = Mapping.open(path, read_only=self.read_only)
+            mapping.device_index = self.device_index
             self.mappings[path] = mapping
             return mapping
 
@@ -270,15 +283,17 @@ def _copy_from_mapping(
     total = sum(p.length for p in pieces)
     done = 0
     stream = torch.cuda.Stream(buffer.device)
-    with torch.cuda.stream(stream):
-        for p in pieces:
-            if check is not None:
-                check()
-            buffer[p.dst : p.dst + p.length].copy_(host[p.src : p.src + p.length], non_blocking=True)
-            done += p.length
-            if progress is not None:
-                progress(done, total)
-    stream.synchronize()
+    try:
+        with torch.cuda.stream(stream):
+            for p in pieces:
+                if check is not None:
+                    check()
+                buffer[p.dst : p.dst + p.length].copy_(host[p.src : p.src + p.length], non_blocking=True)
+                done += p.length
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        stream.synchronize()  # also on cancel: no copy may still write into a buffer handed back
 
 
 def _pread_into(fd: int, target: memoryview, offset: int, path: Path) -> None:
@@ -377,8 +392,8 @@ def _stream_to_device(
                 done += p.length
                 if progress is not None:
                     progress(done, total)
-            stream.synchronize()
     finally:
+        stream.synchronize()  # also on cancel or error: staging buffers and the target are reused
         for v in views:
             v.release()
         os.close(fd)

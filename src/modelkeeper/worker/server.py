@@ -279,27 +279,35 @@ class WorkerServer:
                     return
                 op, command, data = self._queue.popleft()
                 self._running = op
-            reply: BaseModel
-            try:
-                result = DEVICE_HANDLERS[command](self.service, data, op)
-                reply = Response(data=result.model_dump(mode="json"), request_id=op.request_id)
-            except ProtocolError as exc:
-                reply = make_error(exc, op.request_id)
-            except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-                gc.collect()
-                self.service.memory.release_caches()
-                oom = InsufficientMemory(
-                    f"{command} of {op.name!r} ran out of memory on {self.service.device}: {exc}"
-                )
-                reply = make_error(oom, op.request_id)
-            except Exception as exc:
-                log.exception("%s failed", command)
-                reply = make_error(
-                    ProtocolError(f"{type(exc).__name__}: {exc}", ErrorCode.INTERNAL), op.request_id
-                )
+            reply = self._run(op, command, data)
             # The operation ends before its answer leaves, so a status read after the answer sees it done.
             with self._cond:
                 self._running = None
                 self._known_ids.discard(op.request_id)
-            self.write(reply)
-            self.service.after_reply()
+            try:
+                self.write(reply)
+                self.service.after_reply()
+            except Exception:  # the device thread must survive anything
+                log.exception("failed to answer %s", op.request_id)
+
+    def _run(self, op: Operation, command: CommandType, data: BaseModel) -> BaseModel:
+        """Run one device operation; every failure becomes an error response."""
+        out_of_memory: ProtocolError | None = None
+        try:
+            result = DEVICE_HANDLERS[command](self.service, data, op)
+            return Response(data=result.model_dump(mode="json"), request_id=op.request_id)
+        except ProtocolError as exc:
+            return make_error(exc, op.request_id)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            out_of_memory = InsufficientMemory(
+                f"{command} of {op.name!r} ran out of memory on {self.service.device}: {exc}"
+            )
+        except Exception as exc:
+            log.exception("%s failed", command)
+            return make_error(
+                ProtocolError(f"{type(exc).__name__}: {exc}", ErrorCode.INTERNAL), op.request_id
+            )
+        # Outside the except block the failed load's frames (and their tensors) are gone: now free them.
+        gc.collect()
+        self.service.memory.release_caches()
+        return make_error(out_of_memory, op.request_id)

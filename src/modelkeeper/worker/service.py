@@ -117,7 +117,9 @@ class ModelService:
         self._throttle = throttle_mb_s * MiB if throttle_mb_s else None
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
-        self.mappings = MappingTable(read_only=self.device.type == "cuda")
+        self.mappings = MappingTable(
+            read_only=self.device.type == "cuda", device_index=self.device.index or 0
+        )
         self.loras = LoraManager(self.device, reserve_bytes=memory.reserve_bytes)
         self._undo: dict[str, list[Any]] = {}
         self.skeletons = assemble.SkeletonPool()
@@ -201,15 +203,16 @@ class ModelService:
             rule = plan.rule.name
         else:
             tensors = weights.list_tensors(source.files)
-            entries = list(tensors.values())
+            entries = [e for k, e in tensors.items() if not k.endswith(convert.IGNORED_SUFFIXES)]
             plan = None
             class_name = assemble.class_name_for(kind, source.config)
             rule = "diffusers folder"
         required = sum(e.nbytes_as(dtype) for e in entries)
-        replaced = self._models.get(request.name) if exists else None
-        evicted = self._make_room(
-            required, request, exclude=request.name, freeing=replaced.nbytes if replaced else 0
-        )
+        with self._lock:
+            old = self._models.get(request.name) if exists else None
+            replaced_bytes = old.nbytes if old is not None else 0
+            del old  # the old model stays loaded until the new one is built (an atomic replace)
+        evicted = self._make_room(required, request, exclude=request.name, freeing=replaced_bytes)
 
         op.name = request.name
         self._emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loading"})
@@ -250,7 +253,7 @@ class ModelService:
                 },
             )
             raise
-        if replaced is not None:
+        if exists:
             self._drop(request.name)
         self._after_reply.append((class_name, source.config))
         nbytes, params, count, dtype_name = assemble.module_stats(module)
@@ -294,8 +297,8 @@ class ModelService:
             request.name, ModelKind.TOKENIZER, class_name, tokenizer, "cpu", None, 0, 0, 0,
             time.perf_counter() - started, info,
         )  # fmt: skip
+        self._drop(request.name)  # a replaced model (or tokenizer) goes properly: LoRAs detached, events sent
         with self._lock:
-            self._models.pop(request.name, None)
             self._models[request.name] = loaded
         return LoadResult(
             name=request.name, type="tokenizer", class_name=class_name, device="cpu", dtype=None, bytes=0,
@@ -312,12 +315,16 @@ class ModelService:
         mem = self.memory_info()
         free_budget = mem.budget_bytes - mem.models_bytes + freeing
         if self.device.type == "cuda":
-            device_free = mem.free_bytes + self.memory.cached() + freeing - self.memory.reserve_bytes
+            # a replaced model is still resident while its successor loads: no device credit for it
+            device_free = mem.free_bytes + self.memory.cached() - self.memory.reserve_bytes
             free_budget = min(free_budget, device_free)
         if required <= free_budget:
             return []
         with self._lock:
-            lru = sorted((m for m in self._models.values() if m.name != exclude), key=lambda m: m.last_used)
+            lru = sorted(
+                (m for m in self._models.values() if m.name != exclude and m.nbytes > 0),
+                key=lambda m: m.last_used,
+            )
         plan: list[str] = []
         reclaim = 0
         if request.allow_evict:

@@ -93,9 +93,10 @@ def read_tensors(
     for path, names in by_file.items():
         tensors = load_tensors(path, names, device, table=table, progress=report, check=check)
         base += sum(t.numel() * t.element_size() for t in tensors.values())
-        if dtype is not None:
+        if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
+            # every tensor leaves the file's buffer (the uncast ones by a copy), so the buffer is freed
             tensors = {
-                k: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+                k: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t.clone()
                 for k, t in tensors.items()
             }
         out.update(tensors)
