@@ -163,3 +163,14 @@ def test_pickle_checkpoint_is_converted_once_into_a_segment(shm: Path, tmp_path:
     assert torch.equal(got["state_dict.b"], state["b"])
     assert cache.cache_file(ckpt, component_id="ckpt") is seg  # converted once
     assert cache.stats()["misses"] == 1
+
+
+def test_a_component_needs_room_only_for_its_own_tensors(shm: Path, tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(9)
+    big = {"unet.w": torch.randn(400_000, generator=g), "vae.w": torch.randn(1000, generator=g)}
+    src = tmp_path / "ckpt.safetensors"
+    save_file(big, str(src))
+    cache = RamCache(64 * 1024, shm_dir=shm)  # far less than the file, enough for the VAE part
+    seg = cache.cache_file(src, tensors=["vae.w"], component_id="vae")
+    assert seg.size < 64 * 1024
+    assert torch.equal(load_file(str(seg.path))["vae.w"], big["vae.w"])

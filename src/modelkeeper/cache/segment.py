@@ -141,7 +141,14 @@ def create_segment(
     head, jobs, size = plan_layout(header, names)
     fd_out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd_out, max(size, 1))
+        try:  # reserve the pages now: a full tmpfs would otherwise fault (SIGBUS) while filling
+            os.posix_fallocate(fd_out, 0, max(size, 1))
+        except OSError as exc:
+            from modelkeeper.cache.errors import CacheFull
+
+            raise CacheFull(
+                f"{dest.parent} has no room for {size} bytes: {exc}", required_bytes=size
+            ) from None
         with mmap.mmap(fd_out, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
             view = memoryview(mm)
             try:

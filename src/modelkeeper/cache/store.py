@@ -25,7 +25,15 @@ import blake3
 import psutil
 
 from modelkeeper.cache.errors import CacheFull, SegmentInUse, SegmentNotFound
-from modelkeeper.cache.segment import SHM_DIR, Progress, create_segment, remove_stale, segment_path
+from modelkeeper.cache.segment import (
+    SHM_DIR,
+    Progress,
+    create_segment,
+    plan_layout,
+    remove_stale,
+    segment_path,
+)
+from modelkeeper.formats.safetensors_header import read_header
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 COST_WEIGHT = 10.0
@@ -176,7 +184,10 @@ class RamCache:
                 self._filling.pop(cid).set()
 
     def _fill(self, source: Path, cid: str, names: list[str] | None, progress: Progress | None) -> Segment:
-        estimate = source.stat().st_size
+        if source.suffix.lower() in PICKLE_SUFFIXES:
+            estimate = source.stat().st_size
+        else:  # a component of a checkpoint needs only its own tensors' room
+            estimate = plan_layout(read_header(source), names)[2]
         self._make_room(estimate, cid)
         dest = segment_path(cid, shm_dir=self.shm_dir)
         dest.unlink(missing_ok=True)
