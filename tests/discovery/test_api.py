@@ -1,4 +1,4 @@
-"""The public API of modelkeeper.discovery: what ``__all__`` promises exists, nothing more leaks."""
+"""The public API of modelkeeper.discovery: the names callers rely on (existence and leaks are checked for every package in tests/test_public_api.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,3 @@ def test_exports() -> None:
         "examine",
         "identify_table",
     } <= set(discovery.__all__)
-    for name in discovery.__all__:
-        assert hasattr(discovery, name), name
-    public = {n for n in dir(discovery) if not n.startswith("_") and n[0].isupper()}
-    assert public <= set(discovery.__all__)

@@ -1,4 +1,4 @@
-"""The public API of modelkeeper.registry: what ``__all__`` promises exists, nothing more leaks."""
+"""The public API of modelkeeper.registry: the names callers rely on (existence and leaks are checked for every package in tests/test_public_api.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,3 @@ def test_exports() -> None:
         "AmbiguousReference",
         "worker_spec",
     } <= set(registry.__all__)
-    for name in registry.__all__:
-        assert hasattr(registry, name), name
-    public = {n for n in dir(registry) if not n.startswith("_") and n[0].isupper()}
-    assert public <= set(registry.__all__)
