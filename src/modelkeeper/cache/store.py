@@ -33,9 +33,9 @@ from modelkeeper.cache.segment import (
     remove_stale,
     segment_path,
 )
+from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES, convert_pickle_to_safetensors
 from modelkeeper.formats.safetensors_header import read_header
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 COST_WEIGHT = 10.0
 
 
@@ -192,8 +192,6 @@ class RamCache:
         dest = segment_path(cid, shm_dir=self.shm_dir)
         dest.unlink(missing_ok=True)
         if source.suffix.lower() in PICKLE_SUFFIXES:
-            from modelkeeper.formats.pickle_sandbox import convert_pickle_to_safetensors
-
             started = time.perf_counter()
             convert_pickle_to_safetensors(source, dest)
             size, seconds = dest.stat().st_size, time.perf_counter() - started

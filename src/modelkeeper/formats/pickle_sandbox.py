@@ -54,6 +54,9 @@ from modelkeeper.formats.errors import (
 )
 from modelkeeper.formats.safetensors_header import read_header
 
+#: File suffixes of pickle-based weights, which are only ever read through this sandbox.
+PICKLE_SUFFIXES: Final = (".ckpt", ".pt", ".pth", ".bin")
+
 __all__ = [
     "ALLOWED_GLOBALS",
     "ALLOWED_OPCODES",

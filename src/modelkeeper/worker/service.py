@@ -190,8 +190,8 @@ class ModelService:
 
         dtype = TORCH_DTYPES[request.dtype] if request.dtype else None
         assert source.config is not None
+        tensors = weights.list_tensors(source.files)
         if source.format == "single_file":
-            tensors = weights.list_tensors(source.files)
             plan = convert.plan_component(
                 kind, tensors, source.config, declared=source.layout, path=str(source.path)
             )
@@ -202,7 +202,6 @@ class ModelService:
             source.layout = plan.layout
             rule = plan.rule.name
         else:
-            tensors = weights.list_tensors(source.files)
             entries = [e for k, e in tensors.items() if not k.endswith(convert.IGNORED_SUFFIXES)]
             plan = None
             class_name = assemble.class_name_for(kind, source.config)

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsupportedFormat
+from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES
 from modelkeeper.protocol.messages import KeyLayout, LoadRequest, ModelKind
 from modelkeeper.worker.errors import InvalidRequest
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 CONFIG_METADATA_KEY = "modelkeeper.config"
 
