@@ -21,7 +21,7 @@ $(MODELS):
 demo: $(STAMP) $(MODELS)
 
 run: $(STAMP) $(MODELS)
-	$(PY) -m modelkeeper run --models $(MODELS)
+	$(PY) -m modelkeeper serve --models $(MODELS)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -64,31 +63,6 @@ def demo_models_cmd(
     console.print(f"wrote {len(manifest.entries)} demo models to {root} (see {root / 'manifest.json'})")
 
 
-@app.command("run")
-def run_cmd(
-    models: Annotated[
-        Path, typer.Option(help="Models folder (demo models are written there when empty).")
-    ] = Path("models"),
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
-) -> None:
-    """Start the main job on the embedded defaults: a worker on the best device, speaking JSON lines on stdin/stdout."""
-    if not models.exists() or not any(models.iterdir()):
-        demo_models_cmd(models)
-    example = {
-        "type": "model.load_unet",
-        "request_id": "r-1",
-        "data": {"name": "unet", "path": str((models / "diffusers" / "tiny-sd15" / "unet").resolve())},
-    }
-    print(
-        f"modelkeeper worker on {device}; models in {models.resolve()}.\n"
-        f"Type one JSON request per line, for example:\n{json.dumps(example)}\n"
-        '{"type": "model.get_model_info", "request_id": "r-2", "data": {}}\n'
-        "Ctrl-D stops.",
-        file=sys.stderr,
-    )
-    worker_cmd(device=device, reserve_mb=None, budget_mb=None)
-
-
 def _mount_registry_commands() -> None:
     from modelkeeper.discovery.cli import scan as scan_cmd
     from modelkeeper.registry.cli import ls as ls_cmd
@@ -102,6 +76,15 @@ def _mount_registry_commands() -> None:
 
 
 _mount_registry_commands()
+
+
+def _mount_service_commands() -> None:
+    from modelkeeper.api.cli import mount
+
+    mount(app)
+
+
+_mount_service_commands()
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +90,18 @@ def file_component_id(path: Path, tensors: Iterable[str] | None = None) -> str:
 class RamCache:
     """Components in shared memory under a byte budget. Thread-safe."""
 
-    def __init__(self, budget_bytes: int | None = None, *, shm_dir: Path = SHM_DIR, threads: int = 8) -> None:
+    def __init__(
+        self,
+        budget_bytes: int | None = None,
+        *,
+        shm_dir: Path = SHM_DIR,
+        threads: int = 8,
+        on_remove: Callable[[Segment], None] | None = None,
+    ) -> None:
+        """``on_remove`` hears of every segment dropped or evicted (under the cache's lock: it must
+        not block), so that workers can be told to unmap it."""
         self.budget_bytes = default_budget() if budget_bytes is None else budget_bytes
+        self.on_remove = on_remove
         self.shm_dir = shm_dir
         self.threads = threads
         self._segments: dict[str, Segment] = {}
@@ -271,6 +281,8 @@ class RamCache:
     def _remove(self, seg: Segment) -> None:
         self._segments.pop(seg.component_id, None)
         seg.path.unlink(missing_ok=True)
+        if self.on_remove is not None:
+            self.on_remove(seg)
 
     def close(self) -> None:
         """Remove every segment (the orchestrator is stopping)."""

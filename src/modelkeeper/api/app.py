@@ -1,0 +1,43 @@
+"""The FastAPI app: ``create_app(settings)`` builds the service and serves it; the OpenAPI spec is
+at ``/openapi.json``, interactive docs at ``/docs``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from modelkeeper import __version__
+from modelkeeper.api import errors, security
+from modelkeeper.api.routes_models import router as models_router
+from modelkeeper.api.routes_service import cache, health, jobs
+from modelkeeper.orchestrator import Orchestrator, Settings
+
+
+def create_app(settings: Settings | None = None, *, service: Orchestrator | None = None) -> FastAPI:
+    """The API over ``service`` (built from ``settings`` when not given), started and stopped with the app."""
+    svc = service or Orchestrator(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await svc.start()
+        try:
+            yield
+        finally:
+            await svc.stop()
+
+    app = FastAPI(
+        title="modelkeeper",
+        version=__version__,
+        description="Model manager for diffusion inference: registry, RAM cache, per-device workers.",
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+    errors.install(app)
+    security.install(app, svc.settings)
+    app.include_router(health)
+    app.include_router(cache)  # before the models router: /api/model/cache is not a model id
+    app.include_router(jobs)
+    app.include_router(models_router)
+    return app

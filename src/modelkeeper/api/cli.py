@@ -1,0 +1,518 @@
+"""Command line of the service: ``modelkeeper serve`` and the commands that talk to a running one
+(``status``, ``load``, ``unload``, ``cache``, ``validate``, ``benchmark``, ``optimize``, ``jobs``).
+
+The client commands take ``--url`` (default ``$MODELKEEPER_URL`` or http://127.0.0.1:8765) and
+``--token`` (default ``$MODELKEEPER_TOKEN``); ``--json`` prints what the API answered. Long
+operations show a live progress bar fed by the job's event stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from modelkeeper.client import DEFAULT_URL, ApiError, Client
+
+UrlOption = Annotated[
+    str | None, typer.Option("--url", help=f"Service URL (default: $MODELKEEPER_URL or {DEFAULT_URL}).")
+]
+TokenOption = Annotated[
+    str | None, typer.Option("--token", help="Bearer token (default: $MODELKEEPER_TOKEN).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer.")]
+DeviceOption = Annotated[str | None, typer.Option("--device", "-d", help="Device id (cuda:0, cpu...).")]
+
+err = Console(stderr=True)
+
+
+def _client(url: str | None, token: str | None) -> Client:
+    return Client(url, token=token)
+
+
+def _fail(exc: ApiError | OSError | Exception) -> typer.Exit:
+    if isinstance(exc, ApiError):
+        err.print(f"[red]error[/red] {exc.error_code} (HTTP {exc.status_code}): {exc.message}")
+        if exc.details.get("matches"):
+            err.print("  matches: " + ", ".join(map(str, exc.details["matches"])))
+    else:
+        err.print(f"[red]error[/red] cannot reach the service: {exc}")
+    return typer.Exit(code=1)
+
+
+def _size(n: float | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def follow_job(client: Client, job: dict[str, Any], *, quiet: bool = False) -> dict[str, Any]:
+    """Show a job's progress live (from its event stream) and return it finished."""
+    if quiet:
+        waited: dict[str, Any] = client.wait_job(job["id"])
+        return waited
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"{job['kind']} {job['id']}", total=None)
+        for event in client.job_events(job["id"]):
+            info = event.get("info") or {}
+            progress = event.get("progress") or info.get("progress") or {}
+            done, total = progress.get("done"), progress.get("total")
+            if done is None and "component" in progress:
+                done, total = progress.get("component", 0) - 1, progress.get("components")
+            if done is None and "done_bytes" in progress:
+                done, total = progress["done_bytes"], progress.get("total_bytes")
+            step = progress.get("step") or progress.get("phase") or ""
+            bar.update(task, completed=done or 0, total=total or None,
+                       description=f"{job['kind']} {step}".strip())  # fmt: skip
+            if event.get("type") in ("job.succeeded", "job.failed", "job.cancelled") or (
+                event.get("type") == "job.state" and info.get("state") in ("succeeded", "failed", "cancelled")
+            ):
+                break
+    final: dict[str, Any] = client.job(job["id"])
+    return final
+
+
+def _finish(client: Client, answer: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """A started job followed to its end; its error becomes the command's failure."""
+    job = follow_job(client, answer["job"], quiet=as_json)
+    if job["state"] != "succeeded":
+        error = job.get("error") or {}
+        raise ApiError(
+            409, str(error.get("error_code", job["state"])), str(error.get("error", job["state"])), {}
+        )
+    return job
+
+
+# ---------------------------------------------------------------------- serve
+
+
+def serve(
+    models: Annotated[
+        list[Path] | None, typer.Option("--models", "-m", help="Model root (repeat for several).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8765).")] = None,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", "-d", help="Worker device: auto, cpu, cuda:N (repeat).")
+    ] = None,
+    db: Annotated[Path | None, typer.Option("--db", help="Registry file.")] = None,
+    token: Annotated[str | None, typer.Option("--token", help="Require this bearer token.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML settings file (also $MODELKEEPER_CONFIG).")
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Write the demo models into an empty model root.")
+    ] = False,
+) -> None:
+    """Run the service: registry, first scan, RAM cache, one worker per device, REST API."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from modelkeeper.api.app import create_app
+    from modelkeeper.orchestrator import Settings
+
+    if config is not None:
+        if not config.is_file():
+            err.print(f"[red]error[/red] --config: {config} is not a file")
+            raise typer.Exit(2)
+        os.environ["MODELKEEPER_CONFIG"] = str(config)
+    given: dict[str, Any] = {"model_roots": models, "host": host, "port": port, "devices": device, "db": db,
+                             "token": token}  # fmt: skip
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+        settings.check_exposure()
+    except (ValidationError, ValueError) as exc:
+        err.print(f"[red]error[/red] settings: {exc}")
+        raise typer.Exit(2) from None
+    if demo:
+        root = settings.model_roots[0]
+        if not root.exists() or not any(root.iterdir()):
+            from modelkeeper.testing import write_demo_models
+
+            with err.status(f"writing demo models into {root}"):
+                write_demo_models(root)
+    err.print(
+        f"modelkeeper serving on http://{settings.host}:{settings.port}  "
+        f"(models: {', '.join(str(r) for r in settings.model_roots)}; devices: {', '.join(settings.devices)}; "
+        f"docs: /docs)"
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+# ---------------------------------------------------------------------- status
+
+
+def status(
+    device: Annotated[str | None, typer.Argument(help="One device only.")] = None,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Devices, their memory and loaded models; the RAM cache; jobs."""
+    try:
+        with _client(url, token) as c:
+            data = c.status(device)
+    except Exception as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(data)
+        return
+    devices = [data] if device else data["devices"]
+    table = Table(title="devices")
+    for col in ("device", "state", "pid", "used", "budget", "models", "queued"):
+        table.add_column(col)
+    for d in devices:
+        mem = d.get("memory") or {}
+        names = ", ".join(f"{m['name']} ({m['state']})" for m in d["models"]) or "-"
+        table.add_row(d["id"], d["state"], str(d.get("pid") or "-"), _size(mem.get("models_bytes")),
+                      _size(mem.get("budget_bytes")), names, str(d.get("queued", 0)))  # fmt: skip
+    console = Console()
+    console.print(table)
+    if not device and data.get("cache"):
+        cs = data["cache"]
+        console.print(
+            f"RAM cache: {cs['segments']} segments, {_size(cs['bytes_used'])} of {_size(cs['budget_bytes'])}, "
+            f"hit rate {cs['hit_rate']:.0%}, {cs['evictions']} evictions · jobs: "
+            + ", ".join(f"{k} {v}" for k, v in data["jobs"].items() if v)
+        )
+
+
+# ---------------------------------------------------------------------- load and unload
+
+
+def load(
+    model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
+    device: DeviceOption = None,
+    priority: Annotated[str, typer.Option(help="low, normal, high, critical")] = "normal",
+    timeout: Annotated[float | None, typer.Option(help="Time limit in seconds, queue included.")] = None,
+    force: Annotated[bool, typer.Option(help="Evict leased or kept models to make room.")] = False,
+    keep_loaded: Annotated[bool, typer.Option(help="Reload after a worker restart.")] = False,
+    detach: Annotated[bool, typer.Option(help="Print the job and return at once.")] = False,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Load a model on a device (placement chooses when --device is not given), with a progress bar."""
+    try:
+        with _client(url, token) as c:
+            answer = c.load(model, device, wait=False, priority=priority, timeout=timeout, force=force,
+                            keep_loaded=keep_loaded)  # fmt: skip
+            if detach:
+                _print_json(answer["job"]) if as_json else typer.echo(answer["job"]["id"])
+                return
+            job = _finish(c, answer, as_json)
+    except Exception as exc:
+        raise _fail(exc) from None
+    result = job["result"]
+    if as_json:
+        _print_json(result)
+        return
+    note = " (already loaded)" if result.get("already_loaded") else ""
+    Console().print(
+        f"[green]loaded[/green] {result['name']} [dim]{result['model_id']}[/dim] on {result['device']}{note}: "
+        f"{_size(result['bytes'])} in {result.get('load_seconds') or 0:.2f} s "
+        f"({', '.join(f'{k} from {v}' for k, v in result['sources'].items())})"
+    )
+
+
+def unload(
+    model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
+    device: DeviceOption = None,
+    force: Annotated[bool, typer.Option(help="Unload even when leased.")] = False,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Unload a model from one device or from every device holding it."""
+    try:
+        with _client(url, token) as c:
+            data = c.unload(model, device, force=force or None)
+    except Exception as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(data)
+        return
+    for u in data["unloaded"]:
+        Console().print(
+            f"[green]unloaded[/green] {u['model_id']} from {u['device']}: {_size(u['freed_bytes'])} freed"
+        )
+
+
+# ---------------------------------------------------------------------- validate, benchmark, optimize
+
+
+def _operation(
+    kind: str, model: str, options: dict[str, Any], as_json: bool, url: str | None, token: str | None
+) -> None:
+    try:
+        with _client(url, token) as c:
+            answer = getattr(c, kind)(
+                model, wait=False, **{k: v for k, v in options.items() if v is not None}
+            )
+            job = _finish(c, answer, as_json)
+    except Exception as exc:
+        raise _fail(exc) from None
+    result = job["result"]
+    if as_json:
+        _print_json(result)
+        return
+    console = Console()
+    for r in result if isinstance(result, list) else [result]:
+        for name, comp in r["components"].items():
+            if kind == "validate":
+                mark = "[green]passed[/green]" if comp.get("passed") else "[red]FAILED[/red]"
+                console.print(f"{r['model_id']} {name} on {r['device']}: {mark} ({comp.get('level')})")
+                for check in comp.get("checks", []):
+                    if not check.get("passed"):
+                        console.print(f"   [red]✗[/red] {check.get('name')}: {check.get('detail')}")
+            elif kind == "benchmark":
+                for f in comp.get("figures", []):
+                    console.print(f"{r['model_id']} {name} {f.get('part', '')}: median {f['median_s'] * 1000:.2f} ms, "
+                                  f"p90 {f['p90_s'] * 1000:.2f} ms, {f['iterations_per_second']:.1f} it/s")  # fmt: skip
+            else:
+                applied = (
+                    ", ".join(f"{a['option']}={a['after']}" for a in comp.get("applied", [])) or "nothing"
+                )
+                speed = comp.get("speedup")
+                console.print(
+                    f"{r['model_id']} {name}: applied {applied}" + (f"; {speed:.2f}x" if speed else "")
+                )
+
+
+def validate(
+    model: Annotated[str, typer.Argument(help="A loaded model.")],
+    level: Annotated[str, typer.Option(help="header, weights or functional")] = "weights",
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Validate a loaded model: header, weights (NaN, Inf, shapes), or a functional forward pass."""
+    _operation("validate", model, {"level": level, "device_id": device}, as_json, url, token)
+
+
+def benchmark(
+    model: Annotated[str, typer.Argument(help="A loaded model.")],
+    steps: Annotated[int, typer.Option(min=1)] = 10,
+    warmup: Annotated[int, typer.Option(min=0)] = 2,
+    batch: Annotated[int, typer.Option(min=1)] = 1,
+    resolution: Annotated[int | None, typer.Option(min=8)] = None,
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Time forward passes of a loaded model: median, p90, it/s, peak memory."""
+    options = {
+        "steps": steps,
+        "warmup": warmup,
+        "batch": batch,
+        "resolution": resolution,
+        "device_id": device,
+    }
+    _operation("benchmark", model, options, as_json, url, token)
+
+
+def optimize(
+    model: Annotated[str, typer.Argument(help="A loaded model.")],
+    opt: Annotated[
+        list[str] | None,
+        typer.Option("--opt", "-o", help="key=value: dtype=float16, channels_last=true, ..."),
+    ] = None,
+    revert: Annotated[bool, typer.Option(help="Undo earlier optimisations.")] = False,
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Apply optimisations to a loaded model (dtype, channels_last, attention, VAE slicing/tiling, compile)."""
+    options: dict[str, Any] = {}
+    for item in opt or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            err.print(f"[red]error[/red] --opt {item!r}: expected key=value")
+            raise typer.Exit(2)
+        options[key] = json.loads(value) if value in ("true", "false") or value.isdigit() else value
+    _operation(
+        "optimize", model, {"options": options, "revert": revert, "device_id": device}, as_json, url, token
+    )
+
+
+# ---------------------------------------------------------------------- cache
+
+
+cache_app = typer.Typer(
+    help="The RAM cache of a running service.", no_args_is_help=False, invoke_without_command=True
+)
+
+
+@cache_app.callback()
+def cache_list(
+    ctx: typer.Context, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None
+) -> None:
+    """List segments and stats (the default)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        with _client(url, token) as c:
+            data = c.cache()
+    except Exception as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(data)
+        return
+    st = data["stats"]
+    table = Table(
+        title=f"RAM cache: {_size(st['bytes_used'])} of {_size(st['budget_bytes'])}, hit rate {st['hit_rate']:.0%}"
+    )
+    for col in ("component", "size", "hits", "models", "pinned"):
+        table.add_column(col)
+    for s in data["segments"]:
+        table.add_row(
+            s["component_id"], _size(s["bytes"]), str(s["hits"]), ", ".join(s["models"]), str(s["pinned"])
+        )
+    Console().print(table)
+
+
+@cache_app.command("add")
+def cache_add(
+    model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Cache every component of a model in RAM."""
+    try:
+        with _client(url, token) as c:
+            job = _finish(c, c.cache_model(model, wait=False), as_json)
+    except Exception as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(job["result"])
+        return
+    for s in job["result"]["segments"]:
+        Console().print(
+            f"[green]cached[/green] {s['component']} as {s['component_id']} ({_size(s['bytes'])})"
+        )
+
+
+@cache_app.command("drop")
+def cache_drop(
+    component_id: Annotated[str, typer.Argument()],
+    force: bool = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Drop one segment."""
+    try:
+        with _client(url, token) as c:
+            data = c.cache_drop(component_id, force=force)
+    except Exception as exc:
+        raise _fail(exc) from None
+    Console().print(f"dropped {component_id}: {_size(data['freed_bytes'])} freed")
+
+
+@cache_app.command("clear")
+def cache_clear(force: bool = False, url: UrlOption = None, token: TokenOption = None) -> None:
+    """Drop every segment."""
+    try:
+        with _client(url, token) as c:
+            data = c.cache_clear(force=force)
+    except Exception as exc:
+        raise _fail(exc) from None
+    Console().print(f"dropped {data['dropped']} segments: {_size(data['freed_bytes'])} freed")
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+jobs_app = typer.Typer(help="Jobs of a running service.", invoke_without_command=True)
+
+
+@jobs_app.callback()
+def jobs_list(
+    ctx: typer.Context,
+    state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, cancelled")] = None,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """List jobs, newest first (the default)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        with _client(url, token) as c:
+            data = c.jobs(state=state)
+    except Exception as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(data)
+        return
+    table = Table(title="jobs")
+    for col in ("id", "kind", "state", "params", "seconds", "error"):
+        table.add_column(col)
+    for j in data:
+        secs = (j["finished_at"] or 0) - (j["started_at"] or 0) if j["finished_at"] else None
+        params = ", ".join(f"{k}={v}" for k, v in j["params"].items() if v not in (None, False))
+        error = (j.get("error") or {}).get("error_code", "")
+        table.add_row(j["id"], j["kind"], j["state"], params, f"{secs:.2f}" if secs else "-", error)
+    Console().print(table)
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+    """Follow a job's progress until it ends."""
+    try:
+        with _client(url, token) as c:
+            job = follow_job(c, c.job(job_id))
+    except Exception as exc:
+        raise _fail(exc) from None
+    Console().print(f"{job['id']} {job['kind']}: {job['state']}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+    """Cancel a job."""
+    try:
+        with _client(url, token) as c:
+            job = c.cancel_job(job_id)
+    except Exception as exc:
+        raise _fail(exc) from None
+    Console().print(f"{job['id']} {job['kind']}: {job['state']}")
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+    """Print one job as JSON."""
+    try:
+        with _client(url, token) as c:
+            _print_json(c.job(job_id))
+    except Exception as exc:
+        raise _fail(exc) from None
+
+
+def mount(app: typer.Typer) -> None:
+    """Add the service commands to the main command line."""
+    app.command("serve")(serve)
+    app.command("status")(status)
+    app.command("load")(load)
+    app.command("unload")(unload)
+    app.command("validate")(validate)
+    app.command("benchmark")(benchmark)
+    app.command("optimize")(optimize)
+    app.add_typer(cache_app, name="cache")
+    app.add_typer(jobs_app, name="jobs")

@@ -1,0 +1,298 @@
+"""``/api/model``: the seed controller's endpoints, made real.
+
+Static paths come before ``/{model_id}`` so that ``status``, ``available``, ``cache``... are
+never taken for model ids. A model id may also be a name or a hash prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Query
+from fastapi.responses import JSONResponse
+
+from modelkeeper.api.deps import Service
+from modelkeeper.api.schemas import (
+    BenchmarkBody,
+    LoadBody,
+    OptimizeBody,
+    SearchBody,
+    UnloadBody,
+    ValidateBody,
+)
+from modelkeeper.orchestrator import LoadOptions
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+
+router = APIRouter(prefix="/api/model", tags=["models"])
+
+
+def _answer(result: dict[str, Any]) -> dict[str, Any] | JSONResponse:
+    """A job started without waiting is 202 Accepted."""
+    if "result" not in result and "job" in result:
+        return JSONResponse(result, status_code=202)
+    return result
+
+
+def _need_model(body: LoadBody | UnloadBody) -> str:
+    if not body.model_id:
+        raise ProtocolError("model_id: required", ErrorCode.INVALID_REQUEST, field="model_id")
+    return body.model_id
+
+
+def _options(body: LoadBody, require_cache: bool = False) -> LoadOptions:
+    return LoadOptions(
+        priority=body.priority_value,
+        timeout=body.timeout_seconds,
+        force=body.force,
+        keep_loaded=body.keep_loaded,
+        require_cache=require_cache,
+    )
+
+
+# ---------------------------------------------------------------------- listing and status
+
+
+@router.get("")
+async def list_models(
+    service: Service,
+    type: str | None = Query(None, max_length=64),
+    base: str | None = Query(None, max_length=64),
+    format: str | None = Query(None, max_length=64),
+    tag: str | None = Query(None, max_length=200),
+    query: str | None = Query(None, max_length=1000),
+    status: str = Query("ok", pattern="^(ok|missing|all)$"),
+    sort: str = Query("name", pattern="^(name|type|base|size|created|updated)$"),
+    descending: bool = False,
+    limit: int = Query(50, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> dict[str, Any]:
+    """Registered models, filtered and paginated, each with the devices it is loaded on."""
+    return await service.list_models(
+        type=type, base=base, format=format, tag=tag, query=query, status=None if status == "all" else status,
+        sort=sort, descending=descending, limit=limit, offset=offset,
+    )  # fmt: skip
+
+
+@router.get("/status")
+async def status(service: Service) -> dict[str, Any]:
+    """Every device: its worker, memory and loaded models; the cache; jobs. From memory, no worker call."""
+    return service.status()
+
+
+@router.get("/status/{device}")
+async def device_status(service: Service, device: str) -> dict[str, Any]:
+    return service.device_status(device)
+
+
+@router.post("/status/{device}/reconcile")
+async def reconcile(service: Service, device: str) -> dict[str, Any]:
+    """Compare the view of ``device`` with its worker's full state and correct it."""
+    return await service.reconcile(device)
+
+
+@router.get("/available")
+async def available(service: Service) -> list[dict[str, Any]]:
+    return await service.available()
+
+
+@router.get("/available/{type}")
+async def available_of_type(service: Service, type: str) -> list[dict[str, Any]]:
+    return await service.available(type)
+
+
+@router.get("/components")
+async def components(service: Service) -> list[dict[str, Any]]:
+    """Components across every model (a VAE inside three checkpoints is one entry once hashed)."""
+    return await service.components()
+
+
+@router.get("/components/{type}")
+async def components_of_type(service: Service, type: str) -> list[dict[str, Any]]:
+    return await service.components(type)
+
+
+@router.post("/search")
+async def search(service: Service, body: SearchBody) -> dict[str, Any]:
+    return await service.search(**body.filters())
+
+
+# ---------------------------------------------------------------------- loading on devices
+
+
+@router.post("/load")
+async def load_all_devices(service: Service, body: LoadBody) -> Any:
+    """Load ``model_id`` on every device (``device_id`` given: that one only)."""
+    return _answer(
+        await service.load(
+            _need_model(body), body.device_id, all_devices=body.device_id is None,
+            options=_options(body), wait=body.wait_for_completion,
+        )
+    )  # fmt: skip
+
+
+@router.post("/load/{device}")
+async def load_on_device(service: Service, device: str, body: LoadBody) -> Any:
+    return _answer(
+        await service.load(_need_model(body), device, options=_options(body), wait=body.wait_for_completion)
+    )
+
+
+@router.post("/unload")
+async def unload(service: Service, body: UnloadBody) -> dict[str, Any]:
+    return await service.unload(
+        _need_model(body), body.device_id, force=body.force, timeout=body.timeout_seconds
+    )
+
+
+@router.delete("/unload")
+async def unload_everything(service: Service, force: bool = False) -> dict[str, Any]:
+    """Unload every model from every device (leased ones are refused unless ``force``)."""
+    return await service.unload_all(force=force)
+
+
+@router.delete("/unload/{device}")
+async def unload_device(service: Service, device: str, force: bool = False) -> dict[str, Any]:
+    return await service.unload_all(device, force=force)
+
+
+@router.post("/vram/load")
+async def vram_load(service: Service, body: LoadBody) -> Any:
+    """Load through the RAM cache (the segment is filled first when missing): the fast path."""
+    return _answer(
+        await service.load(
+            _need_model(body), body.device_id, options=_options(body, require_cache=True),
+            wait=body.wait_for_completion,
+        )
+    )  # fmt: skip
+
+
+@router.post("/vram/load/{device}")
+async def vram_load_device(service: Service, device: str, body: LoadBody) -> Any:
+    return _answer(
+        await service.load(
+            _need_model(body),
+            device,
+            options=_options(body, require_cache=True),
+            wait=body.wait_for_completion,
+        )
+    )
+
+
+@router.delete("/vram/unload")
+async def vram_unload(service: Service, model_id: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Free VRAM: one model (``model_id``) or every model, on every device."""
+    if model_id:
+        return await service.unload(model_id, force=force)
+    return await service.unload_all(force=force)
+
+
+@router.delete("/vram/unload/{device}")
+async def vram_unload_device(
+    service: Service, device: str, model_id: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    if model_id:
+        return await service.unload(model_id, device, force=force)
+    return await service.unload_all(device, force=force)
+
+
+# ---------------------------------------------------------------------- operations on every loaded model
+
+
+@router.post("/validate")
+async def validate_all(service: Service, body: ValidateBody) -> Any:
+    return _answer(
+        await service.model_operation(
+            "validate", None, body.device_id, body.worker_data(), component=body.component,
+            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
+        )
+    )  # fmt: skip
+
+
+@router.post("/benchmark")
+async def benchmark_all(service: Service, body: BenchmarkBody) -> Any:
+    return _answer(
+        await service.model_operation(
+            "benchmark", None, body.device_id, body.worker_data(), component=body.component,
+            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
+        )
+    )  # fmt: skip
+
+
+@router.post("/optimize")
+async def optimize_all(service: Service, body: OptimizeBody) -> Any:
+    return _answer(
+        await service.model_operation(
+            "optimize", None, body.device_id, body.worker_data(), component=body.component,
+            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
+        )
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- one model
+
+
+@router.get("/{model_id:path}/metadata")
+async def get_metadata(service: Service, model_id: str) -> dict[str, Any]:
+    return await service.metadata(model_id)
+
+
+@router.put("/{model_id:path}/metadata")
+async def put_metadata(service: Service, model_id: str, values: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    """Set user metadata: name, description, tags, trigger_words, source_url, license, default_settings."""
+    return await service.set_metadata(model_id, values)
+
+
+@router.get("/{model_id:path}")
+async def model_detail(service: Service, model_id: str) -> dict[str, Any]:
+    """Everything known of a model: identification, components, metadata, where it is, performance."""
+    return await service.model_detail(model_id)
+
+
+@router.post("/{model_id:path}/load")
+async def load_model(service: Service, model_id: str, body: LoadBody = Body(default_factory=LoadBody)) -> Any:
+    return _answer(
+        await service.load(model_id, body.device_id, options=_options(body), wait=body.wait_for_completion)
+    )
+
+
+@router.post("/{model_id:path}/unload")
+async def unload_model(
+    service: Service, model_id: str, body: UnloadBody = Body(default_factory=UnloadBody)
+) -> dict[str, Any]:
+    return await service.unload(model_id, body.device_id, force=body.force, timeout=body.timeout_seconds)
+
+
+@router.post("/{model_id:path}/validate")
+async def validate_model(
+    service: Service, model_id: str, body: ValidateBody = Body(default_factory=ValidateBody)
+) -> Any:
+    return _answer(
+        await service.model_operation(
+            "validate", model_id, body.device_id, body.worker_data(), component=body.component,
+            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
+        )
+    )  # fmt: skip
+
+
+@router.post("/{model_id:path}/benchmark")
+async def benchmark_model(
+    service: Service, model_id: str, body: BenchmarkBody = Body(default_factory=BenchmarkBody)
+) -> Any:
+    return _answer(
+        await service.model_operation(
+            "benchmark", model_id, body.device_id, body.worker_data(), component=body.component,
+            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
+        )
+    )  # fmt: skip
+
+
+@router.post("/{model_id:path}/optimize")
+async def optimize_model(
+    service: Service, model_id: str, body: OptimizeBody = Body(default_factory=OptimizeBody)
+) -> Any:
+    return _answer(
+        await service.model_operation(
+            "optimize", model_id, body.device_id, body.worker_data(), component=body.component,
+            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
+        )
+    )  # fmt: skip

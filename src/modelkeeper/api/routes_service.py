@@ -1,0 +1,172 @@
+"""The RAM cache (``/api/model/cache``), jobs, events, leases, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from modelkeeper.api.deps import Service
+from modelkeeper.api.schemas import CacheBody, LeaseBody, RenewBody
+from modelkeeper.orchestrator.metrics import CONTENT_TYPE
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+
+cache = APIRouter(prefix="/api/model/cache", tags=["cache"])
+jobs = APIRouter(prefix="/api", tags=["jobs, events, leases"])
+health = APIRouter(tags=["health"])
+
+
+def _accepted(result: dict[str, Any]) -> Any:
+    return JSONResponse(result, status_code=202) if "result" not in result else result
+
+
+# ---------------------------------------------------------------------- cache
+
+
+@cache.get("")
+async def cache_list(service: Service) -> dict[str, Any]:
+    """Segments (size, hits, last use, models using them) and stats (bytes, budget, hit rate, evictions)."""
+    return service.cache_view()
+
+
+@cache.post("")
+async def cache_add(service: Service, body: CacheBody) -> Any:
+    """Cache every component of ``model_id``, or the one component ``component_id``."""
+    if body.model_id:
+        return _accepted(await service.cache_model(body.model_id, wait=body.wait_for_completion))
+    if body.component_id:
+        return _accepted(await service.cache_component(body.component_id, wait=body.wait_for_completion))
+    raise ProtocolError("model_id or component_id: one is required", ErrorCode.INVALID_REQUEST)
+
+
+@cache.delete("")
+async def cache_clear(service: Service, force: bool = False) -> dict[str, Any]:
+    """Drop every segment (ones a worker is loading from stay unless ``force``)."""
+    return service.cache_clear(force=force)
+
+
+@cache.post("/refresh")
+async def cache_refresh(service: Service, wait_for_completion: bool = False, hash: bool = True) -> Any:
+    """Rescan the model roots (a job: new, changed, moved and deleted files), then hash what is new."""
+    return _accepted(await service.scan(wait=wait_for_completion, hash=hash))
+
+
+@cache.get("/{component_id}")
+async def cache_get(service: Service, component_id: str) -> dict[str, Any]:
+    return service.cache.get(component_id).info()
+
+
+@cache.delete("/{component_id}")
+async def cache_drop(service: Service, component_id: str, force: bool = False) -> dict[str, Any]:
+    return service.cache_drop(component_id, force=force)
+
+
+# ---------------------------------------------------------------------- jobs and events
+
+
+@jobs.get("/jobs")
+async def job_list(
+    service: Service,
+    state: str | None = Query(None, pattern="^(queued|running|succeeded|failed|cancelled)$"),
+    kind: str | None = Query(None, max_length=32),
+    limit: int = Query(100, ge=1, le=1000),
+) -> list[dict[str, Any]]:
+    return [j.info() for j in service.jobs.list(state=state, kind=kind, limit=limit)]
+
+
+@jobs.get("/jobs/{job_id}")
+async def job_get(service: Service, job_id: str) -> dict[str, Any]:
+    return service.jobs.get(job_id).info()
+
+
+@jobs.delete("/jobs/{job_id}")
+async def job_cancel(service: Service, job_id: str) -> dict[str, Any]:
+    """Cancel a job; a worker operation in flight is told to stop."""
+    job = service.jobs.cancel(job_id)
+    if job.task is not None and not job.task.done():
+        await asyncio.wait({job.task}, timeout=10)
+    return job.info()
+
+
+@jobs.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
+async def job_events(service: Service, job_id: str) -> AsyncIterator[ServerSentEvent]:
+    """The job's state now, then every change, until it finishes (Server-Sent Events)."""
+    job = service.jobs.get(job_id)
+    stream = service.bus.subscribe()
+    yield ServerSentEvent(data=job.info(), event="job.state", id="0")
+    if job.state.finished:
+        return
+    async for event in stream:
+        if event.get("job") != job_id:
+            continue
+        yield ServerSentEvent(data=event, event=event["type"], id=str(event["id"]))
+        if event["type"] in ("job.succeeded", "job.failed", "job.cancelled"):
+            return
+
+
+@jobs.get("/events", response_class=EventSourceResponse)
+async def events(
+    service: Service, type: str | None = Query(None, max_length=64)
+) -> AsyncIterator[ServerSentEvent]:
+    """Every event of the service (Server-Sent Events); ``type`` filters by prefix (``model.``, ``job.``)."""
+    yield ServerSentEvent(data={"subscribed": True}, event="hello", id="0")
+    async for event in service.bus.subscribe():
+        if type is None or event["type"].startswith(type):
+            yield ServerSentEvent(data=event, event=event["type"], id=str(event["id"]))
+
+
+# ---------------------------------------------------------------------- leases
+
+
+@jobs.get("/leases")
+async def lease_list(service: Service, model_id: str | None = None) -> list[dict[str, Any]]:
+    return [lease.info() for lease in service.leases.list(model_id)]
+
+
+@jobs.post("/leases", status_code=201)
+async def lease_grant(service: Service, body: LeaseBody) -> dict[str, Any]:
+    """Hold a model: it is neither evicted nor unloaded without force until the lease ends."""
+    return await service.grant_lease(body.model_id, body.device_id, body.holder, body.ttl_seconds)
+
+
+@jobs.get("/leases/{lease_id}")
+async def lease_get(service: Service, lease_id: str) -> dict[str, Any]:
+    return service.leases.get(lease_id).info()
+
+
+@jobs.post("/leases/{lease_id}/renew")
+async def lease_renew(service: Service, lease_id: str, body: RenewBody | None = None) -> dict[str, Any]:
+    return service.leases.renew(lease_id, body.ttl_seconds if body else None).info()
+
+
+@jobs.delete("/leases/{lease_id}")
+async def lease_release(service: Service, lease_id: str) -> dict[str, Any]:
+    lease = service.leases.release(lease_id)
+    service.bus.publish("lease.released", lease=lease.info())
+    return lease.info()
+
+
+# ---------------------------------------------------------------------- health and metrics
+
+
+@health.get("/health/live")
+async def live() -> dict[str, Any]:
+    return {"live": True}
+
+
+@health.get("/health/ready")
+async def ready(service: Service) -> Any:
+    """Ready when the registry is open and at least one worker runs."""
+    workers = {s.id: s.state.value for s in service.slots.values()}
+    ok = service.ready and any(v == "ready" for v in workers.values())
+    body = {"ready": ok, "workers": workers}
+    return body if ok else JSONResponse(body, status_code=503)
+
+
+@health.get("/metrics")
+async def metrics(service: Service) -> Response:
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,119 @@
+"""Request bodies of the API. Field names follow the seed's controller (``model_id``,
+``device_id``, ``wait_for_completion``, ``timeout_seconds``, ``force``, ``priority``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from modelkeeper.orchestrator.workers import Priority
+
+PriorityName = Literal["low", "normal", "high", "critical"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Operation(_Body):
+    wait_for_completion: bool = Field(True, description="False: answer 202 with a job at once.")
+    timeout_seconds: float | None = Field(None, gt=0, le=86400, description="Time limit, queue included.")
+    priority: PriorityName = "normal"
+
+    @property
+    def priority_value(self) -> int:
+        return int(Priority[self.priority.upper()])
+
+
+class LoadBody(_Operation):
+    model_id: str | None = Field(
+        None, min_length=1, max_length=4096, description="Id, name, path or hash prefix."
+    )
+    device_id: str | None = Field(None, max_length=64, description="Device; placement chooses when omitted.")
+    force: bool = Field(False, description="Evict leased or kept models to make room.")
+    keep_loaded: bool = Field(
+        False, description="Reload after a worker restart; never evicted without force."
+    )
+
+
+class UnloadBody(_Body):
+    model_id: str | None = Field(None, min_length=1, max_length=4096)
+    device_id: str | None = Field(None, max_length=64)
+    force: bool = Field(False, description="Unload even when leased or loading.")
+    timeout_seconds: float | None = Field(None, gt=0, le=86400)
+
+
+class ValidateBody(_Operation):
+    device_id: str | None = Field(None, max_length=64)
+    component: str | None = Field(None, max_length=64)
+    level: Literal["header", "weights", "functional"] = "header"
+    batch: int = Field(1, ge=1, le=64)
+
+    def worker_data(self) -> dict[str, Any]:
+        return {"level": self.level, "batch": self.batch}
+
+
+class BenchmarkBody(_Operation):
+    device_id: str | None = Field(None, max_length=64)
+    component: str | None = Field(None, max_length=64)
+    resolution: int | None = Field(None, ge=8, le=4096)
+    batch: int = Field(1, ge=1, le=64)
+    steps: int = Field(10, ge=1, le=10000)
+    warmup: int = Field(2, ge=0, le=1000)
+    tokens: int | None = Field(None, ge=1, le=4096)
+
+    def worker_data(self) -> dict[str, Any]:
+        return self.model_dump(
+            include={"resolution", "batch", "steps", "warmup", "tokens"}, exclude_none=True
+        )
+
+
+class OptimizeBody(_Operation):
+    device_id: str | None = Field(None, max_length=64)
+    component: str | None = Field(None, max_length=64)
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dtype (float32|float16|bfloat16), channels_last, attention (sdpa|default), "
+        "vae_slicing, vae_tiling, compile",
+    )
+    measure: bool = True
+    revert: bool = False
+
+    def worker_data(self) -> dict[str, Any]:
+        return {"options": self.options, "measure": self.measure, "revert": self.revert}
+
+
+class SearchBody(_Body):
+    type: str | None = Field(None, max_length=64)
+    base: str | None = Field(None, max_length=64)
+    format: str | None = Field(None, max_length=64)
+    tag: str | None = Field(None, max_length=200)
+    query: str | None = Field(None, max_length=1000)
+    status: Literal["ok", "missing", "all"] = "ok"
+    sort: Literal["name", "type", "base", "size", "created", "updated"] = "name"
+    descending: bool = False
+    limit: int = Field(50, ge=1, le=1000)
+    offset: int = Field(0, ge=0)
+
+    def filters(self) -> dict[str, Any]:
+        out = self.model_dump()
+        out["status"] = None if self.status == "all" else self.status
+        return out
+
+
+class CacheBody(_Body):
+    model_id: str | None = Field(None, min_length=1, max_length=4096, description="Cache every component.")
+    component_id: str | None = Field(None, min_length=1, max_length=200, description="Cache one component.")
+    wait_for_completion: bool = True
+
+
+class LeaseBody(_Body):
+    model_id: str = Field(min_length=1, max_length=4096)
+    device_id: str | None = Field(None, max_length=64, description="Hold on this device only (default: all).")
+    holder: str = Field("client", min_length=1, max_length=200)
+    ttl_seconds: float | None = Field(None, gt=0, le=7 * 86400)
+
+
+class RenewBody(_Body):
+    ttl_seconds: float | None = Field(None, gt=0, le=7 * 86400)

@@ -1,0 +1,70 @@
+"""Errors of the orchestrator.
+
+Hierarchy::
+
+    ProtocolError (modelkeeper.protocol)
+    └── OrchestratorError            INTERNAL: the service cannot do what was asked
+        ├── DeviceNotFound           INVALID_REQUEST: no worker runs on that device
+        ├── JobNotFound              INVALID_REQUEST: no job of that id
+        ├── LeaseNotFound            INVALID_REQUEST: no lease of that id (or it expired)
+        ├── ModelInUse               BUSY: a lease or a running operation holds the model; retry or use force
+        ├── NotLoaded                NOT_LOADED: the operation needs the model loaded on a device
+        ├── NotPlaceable             INSUFFICIENT_MEMORY: no device has room, even after allowed evictions
+        ├── PathOutsideRoots         INVALID_REQUEST: a path resolves outside every model root
+        └── ServiceNotReady          BUSY: the service is starting or stopping
+
+Errors of the registry, the cache and the workers pass through unchanged: every one carries its
+protocol ``code``; the API maps codes (and these classes) to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+
+__all__ = [
+    "DeviceNotFound",
+    "JobNotFound",
+    "LeaseNotFound",
+    "ModelInUse",
+    "NotLoaded",
+    "NotPlaceable",
+    "OrchestratorError",
+    "PathOutsideRoots",
+    "ServiceNotReady",
+]
+
+
+class OrchestratorError(ProtocolError):
+    code = ErrorCode.INTERNAL
+
+
+class DeviceNotFound(OrchestratorError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class JobNotFound(OrchestratorError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class LeaseNotFound(OrchestratorError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class ModelInUse(OrchestratorError):
+    code = ErrorCode.BUSY
+
+
+class NotLoaded(OrchestratorError):
+    code = ErrorCode.NOT_LOADED
+
+
+class NotPlaceable(OrchestratorError):
+    code = ErrorCode.INSUFFICIENT_MEMORY
+
+
+class PathOutsideRoots(OrchestratorError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class ServiceNotReady(OrchestratorError):
+    code = ErrorCode.BUSY

@@ -1,0 +1,174 @@
+"""Jobs: long operations (scan, hash, cache, load, validate, benchmark...) run in the background,
+with progress, cancel and an event per change.
+
+A job runs one coroutine. It reports progress with ``job.progress(done=..., total=...)``; a
+``cancel`` cancels the coroutine (a worker operation in flight is told to stop through the hook
+the coroutine registers with ``job.on_cancel``). Finished jobs are kept, newest first, up to a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import itertools
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from modelkeeper.orchestrator.errors import JobNotFound
+from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+
+_seq = itertools.count(1)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass
+class Job:
+    kind: str
+    params: dict[str, Any]
+    bus: EventBus
+    id: str = field(default_factory=lambda: f"j-{next(_seq)}-{secrets.token_hex(3)}")
+    state: JobState = JobState.QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress_data: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+    error: dict[str, Any] | None = None
+    task: asyncio.Task[Any] | None = None
+    _cancel_hooks: list[Callable[[], None]] = field(default_factory=list)
+    _last_progress: float = 0.0
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state.value,
+            "params": self.params,
+            "progress": self.progress_data,
+            "result": self.result,
+            "error": self.error,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+
+    def progress(self, *, force: bool = False, **values: Any) -> None:
+        """Update progress (``done``, ``total``, ``unit``, ``message``...); events at most 20 a second."""
+        self.progress_data.update(values)
+        now = time.monotonic()
+        if force or now - self._last_progress >= 0.05:
+            self._last_progress = now
+            self.bus.publish("job.progress", job=self.id, kind=self.kind, progress=dict(self.progress_data))
+
+    def on_cancel(self, hook: Callable[[], None]) -> None:
+        self._cancel_hooks.append(hook)
+
+    def _set(self, state: JobState) -> None:
+        self.state = state
+        now = time.time()
+        if state is JobState.RUNNING:
+            self.started_at = now
+        if state.finished:
+            self.finished_at = now
+        self.bus.publish(f"job.{state.value}", job=self.id, kind=self.kind, info=self.info())
+
+
+class JobManager:
+    def __init__(self, bus: EventBus, *, keep: int = 1000) -> None:
+        self.bus = bus
+        self.keep = keep
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def submit(
+        self, kind: str, run: Callable[[Job], Awaitable[Any]], params: dict[str, Any] | None = None
+    ) -> Job:
+        """Start ``run(job)`` as a job; its return value becomes the job's result."""
+        job = Job(kind, dict(params or {}), self.bus)
+        self._jobs[job.id] = job
+        job._set(JobState.QUEUED)
+        job.task = asyncio.get_running_loop().create_task(self._run(job, run), name=f"job {job.id}")
+        self._trim()
+        return job
+
+    async def _run(self, job: Job, run: Callable[[Job], Awaitable[Any]]) -> Any:
+        job._set(JobState.RUNNING)
+        try:
+            job.result = await run(job)
+        except asyncio.CancelledError:
+            job.error = {"error_code": ErrorCode.CANCELLED.value, "error": "cancelled"}
+            job._set(JobState.CANCELLED)
+            raise
+        except ProtocolError as exc:
+            job.error = {"error_code": exc.code.value, "error": exc.message, "details": exc.details}
+            job._set(JobState.FAILED)
+            raise
+        except Exception as exc:
+            job.error = {"error_code": ErrorCode.INTERNAL.value, "error": f"{type(exc).__name__}: {exc}"}
+            job._set(JobState.FAILED)
+            raise
+        job._set(JobState.SUCCEEDED)
+        return job.result
+
+    async def wait(self, job: Job, timeout: float | None = None) -> Any:
+        """The job's result, or its error raised (as a ProtocolError)."""
+        assert job.task is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.task), timeout)
+        except asyncio.CancelledError:
+            if job.state is JobState.CANCELLED:
+                raise ProtocolError(f"job {job.id} was cancelled", ErrorCode.CANCELLED, job=job.id) from None
+            raise
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r}", job_id=job_id)
+        return job
+
+    def list(
+        self, *, state: str | None = None, kind: str | None = None, limit: int = 100
+    ) -> builtins.list[Job]:
+        jobs = [j for j in reversed(self._jobs.values()) if (state is None or j.state == state)]
+        return [j for j in jobs if kind is None or j.kind == kind][:limit]
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if not job.state.finished and job.task is not None:
+            for hook in job._cancel_hooks:
+                hook()
+            job.task.cancel()
+        return job
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in JobState}
+        for j in self._jobs.values():
+            out[j.state.value] += 1
+        return out
+
+    def _trim(self) -> None:
+        finished = [jid for jid, j in self._jobs.items() if j.state.finished]
+        for jid in finished[: max(0, len(self._jobs) - self.keep)]:
+            del self._jobs[jid]
+
+    async def close(self) -> None:
+        tasks = [j.task for j in self._jobs.values() if j.task is not None and not j.task.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,143 @@
+"""From a registry model to worker load requests, through the RAM cache where it can.
+
+``component_requests`` turns the registry's worker spec into one load request per loadable
+component. ``through_cache`` fills (or hits) the RAM-cache segment of a component and rewrites its
+request to load from the segment: a safetensors single file (a checkpoint's component is repacked
+under its own header), a diffusers component folder with one weight file, or a pickle file
+(converted once in the sandbox). Sharded folders and tokenizers load from disk as they are.
+
+A content id names tensor data, not key names: the segment of a VAE may have been filled from a
+checkpoint (prefixed original keys) and serve a diffusers folder's VAE. Such a hit loads with the
+key layout detected by the worker; the config is always the requesting model's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelkeeper.cache import RamCache, Segment
+from modelkeeper.cache.segment import Progress
+from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES
+from modelkeeper.formats.safetensors_header import read_header
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.registry.records import ModelRecord
+
+CONFIG_METADATA_KEY = "modelkeeper.config"
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+
+
+@dataclass
+class ComponentLoad:
+    """One component to load: its registry spec and the request a worker gets."""
+
+    component: str  # slot name: unet, vae, text_encoder_2, ... ("" for a one-component model)
+    spec: dict[str, Any]
+    request: dict[str, Any]
+    bytes: int
+    segment: Segment | None = None
+
+    @property
+    def source(self) -> str:
+        return "ram" if self.segment is not None else "disk"
+
+
+def component_requests(record: ModelRecord, spec: dict[str, Any]) -> list[ComponentLoad]:
+    """One ComponentLoad per loadable component of ``spec`` (``Registry.worker_spec``); raises
+    UNSUPPORTED_FORMAT when the model cannot be loaded by a worker."""
+    if record.type == "lora":
+        raise ProtocolError(
+            f"model {record.id} ({record.name}) is a LoRA: it is applied to a loaded model, not loaded alone",
+            ErrorCode.UNSUPPORTED_FORMAT,
+            model_id=record.id,
+        )
+    specs = spec["components"].values() if "components" in spec else [spec]
+    loads: list[ComponentLoad] = []
+    for s in specs:
+        if not s.get("loadable") or s.get("request") is None:
+            continue
+        request = {k: v for k, v in s["request"].items() if v is not None}
+        size = next((c.bytes for c in record.components if c.name == s["component"]), 0)
+        loads.append(ComponentLoad(s["component"] or "", s, request, size))
+    if not loads or not spec.get("loadable", True):
+        raise ProtocolError(
+            f"model {record.id} ({record.name}, {record.type}, {record.format}) has nothing a worker can load"
+            + ("" if record.status == "ok" else f"; its file is {record.status}"),
+            ErrorCode.UNSUPPORTED_FORMAT,
+            model_id=record.id,
+        )
+    for load in loads:
+        _apply_embedded_config(load)
+    return loads
+
+
+def _apply_embedded_config(load: ComponentLoad) -> None:
+    """A single file that carries its own config (``modelkeeper.config`` metadata, a pipeline
+    config for a checkpoint) is loaded with it rather than with the known config of its base."""
+    path = Path(load.request["path"])
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES or not path.is_file():
+        return
+    try:
+        raw = read_header(path).metadata.get(CONFIG_METADATA_KEY)
+        config = json.loads(raw) if raw else None
+    except (ProtocolError, OSError, ValueError):
+        return  # the worker reports a broken file with its own error
+    if not isinstance(config, dict):
+        return
+    section = config.get(load.component)
+    if isinstance(section, dict):
+        load.request["config"] = section
+    elif "_class_name" not in config or not str(config["_class_name"]).endswith("Pipeline"):
+        load.request["config"] = config
+
+
+def _folder_weight_file(folder: Path, variant: str | None) -> Path | None:
+    """The one safetensors weight file of a diffusers component folder (None when sharded or absent)."""
+    for stem in WEIGHT_STEMS:
+        for suffix in (f".{variant}.safetensors",) if variant else (".safetensors",):
+            f = folder / f"{stem}{suffix}"
+            if f.is_file():
+                return f
+    return None
+
+
+def through_cache(
+    cache: RamCache, record: ModelRecord, load: ComponentLoad, progress: Progress | None = None
+) -> ComponentLoad:
+    """Fill or hit the component's segment and point the request at it; unchanged when the
+    component cannot be cached (see the module docstring). Raises CacheFull when it does not fit."""
+    req = load.request
+    path = Path(req["path"])
+    if req.get("type") == "tokenizer":
+        return load
+    cid = load.spec.get("content_id")
+    names: list[str] | None = None
+    config: Any
+    if path.is_dir():
+        folder = path / req["subfolder"] if req.get("subfolder") else path
+        weight = _folder_weight_file(folder, req.get("variant"))
+        if weight is None:
+            return load
+        source, config = weight, str(folder)
+    elif path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        source, config = path, req.get("config")
+        prefix = load.spec.get("key_prefix") or ""
+        if prefix:
+            names = [n for n in read_header(path).tensors if n.startswith(prefix)]
+    elif path.suffix.lower() in PICKLE_SUFFIXES:
+        source, config = path, req.get("config")
+    else:
+        return load
+    seg = cache.cache_file(source, component_id=cid, tensors=names, model=record.id, progress=progress)
+    new = {k: v for k, v in req.items() if k not in ("subfolder", "variant")}
+    new["path"] = str(seg.path)
+    if seg.source != str(source):
+        # The same tensors (one content id) were cached from another file, perhaps under another
+        # key layout (a checkpoint's prefixed names, a folder's diffusers names): the worker detects it.
+        new["layout"] = "auto"
+    if config is not None:
+        new["config"] = config
+    return ComponentLoad(load.component, load.spec, new, load.bytes, seg)

@@ -1,0 +1,135 @@
+"""Every knob of the service in one typed object.
+
+Values come from, in order of precedence: arguments, environment variables with the prefix
+``MODELKEEPER_`` (``MODELKEEPER_PORT=9000``, ``MODELKEEPER_MODEL_ROOTS='["/models"]'``), a TOML
+file named by ``MODELKEEPER_CONFIG`` (or ``--config``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "MODELKEEPER_CONFIG"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class Settings(BaseSettings):
+    """The orchestrator's settings; see the module docstring for where they come from."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELKEEPER_", extra="forbid", validate_default=True)
+
+    # ---------------------------------------------------------------- API
+    host: str = Field("127.0.0.1", description="Address the API binds; anything but loopback needs a token.")
+    port: int = Field(8765, ge=0, le=65535)
+    token: SecretStr | None = Field(None, description="Bearer token every API request must carry.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header values accepted (DNS-rebinding guard); loopback names and the bind host "
+        "are always accepted; '*' accepts any.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS (none by default)."
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+
+    # ---------------------------------------------------------------- models and registry
+    model_roots: list[Path] = Field(default_factory=lambda: [Path("models")])
+    db: Path | None = Field(
+        None, description="Registry file (default: $MODELKEEPER_DB or ~/.local/share/...)."
+    )
+    scan_on_start: bool = True
+    hash_on_start: bool = Field(True, description="Hash new files in the background after a scan.")
+    allow_outside_roots: bool = Field(False, description="Follow symlinks that leave the model roots.")
+
+    # ---------------------------------------------------------------- RAM cache
+    ram_cache_bytes: int | None = Field(
+        None, ge=0, description="RAM cache budget (default: half the free RAM)."
+    )
+    cache_loads: bool = Field(True, description="Load through the RAM cache (segments shared by workers).")
+
+    # ---------------------------------------------------------------- workers
+    devices: list[str] = Field(
+        default_factory=lambda: ["auto"],
+        description="Devices to run a worker on: 'auto' (every CUDA device, else the CPU), 'cpu', 'cuda:N'. "
+        "A device named twice gets two workers (cpu:0, cpu:1).",
+    )
+    worker_budget_mb: float | None = Field(None, ge=0, description="Cap on what models may use per worker.")
+    worker_reserve_mb: float | None = Field(None, ge=0, description="Memory each worker keeps free for work.")
+    worker_args: list[str] = Field(default_factory=list, description="Extra worker arguments.")
+    worker_start_timeout: float = Field(180.0, gt=0)
+    worker_max_restarts: int = Field(
+        5, ge=0, description="Restarts within restart_window_s before giving up."
+    )
+    restart_window_s: float = Field(300.0, gt=0)
+    ping_timeout: float = Field(10.0, gt=0, description="A worker silent this long after a timeout is hung.")
+    status_poll_s: float = Field(2.0, gt=0, description="How often worker memory is refreshed.")
+
+    # ---------------------------------------------------------------- operations
+    request_timeout: float = Field(
+        600.0, gt=0, description="Default time limit of one operation, queue included."
+    )
+    lease_ttl: float = Field(300.0, gt=0, description="Default lease lifetime in seconds.")
+    jobs_kept: int = Field(1000, ge=10, description="Finished jobs remembered.")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one device")
+        for d in v:
+            if d not in {"auto", "cpu"} and not (d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
+                raise ValueError(f"device {d!r}: expected auto, cpu, cuda or cuda:N")
+        return v
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check_exposure(self) -> None:
+        """Refuse to serve beyond this machine without a token."""
+        if not self.loopback and self.token is None:
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: set a bearer token "
+                "(MODELKEEPER_TOKEN or --token) before serving on the network"
+            )
+
+    def host_allowlist(self) -> list[str]:
+        hosts = [*LOOPBACK_NAMES, "[::1]", self.host, *self.allowed_hosts]
+        return list(dict.fromkeys(hosts))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as shown by the API (the token hidden)."""
+        out = self.model_dump(mode="json")
+        out["token"] = "***" if self.token is not None else None
+        return out

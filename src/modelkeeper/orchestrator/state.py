@@ -1,0 +1,86 @@
+"""The orchestrator's view of where each model is: one :class:`Placement` per (model, device).
+
+A placement is ``loading``, ``loaded`` or ``unloading``; a failed load leaves no placement but a
+``failed`` entry (with the reason) in ``StateView.failures`` until the next attempt. Disk and RAM
+tiers come from the registry and the cache; this module keeps the VRAM tier.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Placement:
+    model_id: str
+    name: str
+    type: str
+    device: str
+    state: str = "loading"
+    components: dict[str, str] = field(default_factory=dict)  # component -> worker name
+    sources: dict[str, str] = field(default_factory=dict)  # component -> ram / disk
+    segments: dict[str, str] = field(default_factory=dict)  # component -> cache component id
+    bytes: int = 0
+    keep_loaded: bool = False
+    loaded_at: float | None = None
+    last_used: float = field(default_factory=time.time)
+    load_seconds: float | None = None
+
+    def info(self, leases: int = 0) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "name": self.name,
+            "type": self.type,
+            "device": self.device,
+            "state": self.state,
+            "components": dict(self.components),
+            "sources": dict(self.sources),
+            "bytes": self.bytes,
+            "keep_loaded": self.keep_loaded,
+            "loaded_at": self.loaded_at,
+            "last_used": self.last_used,
+            "load_seconds": self.load_seconds,
+            "leases": leases,
+        }
+
+
+@dataclass
+class Failure:
+    model_id: str
+    device: str
+    error_code: str
+    error: str
+    at: float = field(default_factory=time.time)
+
+    def info(self) -> dict[str, Any]:
+        return {"device": self.device, "error_code": self.error_code, "error": self.error, "at": self.at}
+
+
+class StateView:
+    def __init__(self) -> None:
+        self.placements: dict[tuple[str, str], Placement] = {}
+        self.failures: dict[tuple[str, str], Failure] = {}
+
+    def get(self, model_id: str, device: str) -> Placement | None:
+        return self.placements.get((model_id, device))
+
+    def put(self, p: Placement) -> None:
+        self.placements[(p.model_id, p.device)] = p
+        self.failures.pop((p.model_id, p.device), None)
+
+    def remove(self, model_id: str, device: str) -> Placement | None:
+        return self.placements.pop((model_id, device), None)
+
+    def on_device(self, device: str) -> list[Placement]:
+        return [p for p in self.placements.values() if p.device == device]
+
+    def of_model(self, model_id: str) -> list[Placement]:
+        return [p for p in self.placements.values() if p.model_id == model_id]
+
+    def fail(self, model_id: str, device: str, code: str, error: str) -> None:
+        self.failures[(model_id, device)] = Failure(model_id, device, code, error)
+
+    def failures_of(self, model_id: str) -> list[Failure]:
+        return [f for f in self.failures.values() if f.model_id == model_id]
