@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modelkeeper.cache import CacheFull, RamCache, SegmentInUse, SegmentNotFound, segment_path
+from modelkeeper.cache import CacheFull, RamCache, SegmentInUse, SegmentNotFound
 from modelkeeper.formats.safetensors_header import read_header
 
 
@@ -94,7 +94,7 @@ def test_budget_evicts_least_valuable_and_spares_pinned(shm: Path, tmp_path: Pat
     assert "b" not in cache
     assert {"a", "c"} <= {s["component_id"] for s in cache.segments()}
     assert cache.stats()["evictions"] == 1
-    assert not segment_path("b", shm_dir=shm).exists()
+    assert not cache.segment_path("b").exists()
     with cache.acquire("a"), cache.acquire("c"):
         with pytest.raises(CacheFull):
             cache.cache_file(files[3], component_id="d")

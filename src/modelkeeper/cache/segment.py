@@ -34,9 +34,14 @@ _NAME = re.compile(rf"^{PREFIX}-(\d+)-([A-Za-z0-9_.-]+)\.safetensors$")
 Progress = Callable[[int, int], None]
 
 
-def segment_path(component_id: str, *, shm_dir: Path = SHM_DIR, pid: int | None = None) -> Path:
+def segment_path(
+    component_id: str, *, shm_dir: Path = SHM_DIR, pid: int | None = None, cache: int | None = None
+) -> Path:
+    """``modelkeeper-<owner pid>-[<cache instance>-]<component id>.safetensors``: the pid finds the
+    leftovers of dead owners; the instance keeps two caches of one process apart."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", component_id)[:180]
-    return shm_dir / f"{PREFIX}-{pid if pid is not None else os.getpid()}-{safe}.safetensors"
+    tag = "" if cache is None else f"{cache}-"
+    return shm_dir / f"{PREFIX}-{pid if pid is not None else os.getpid()}-{tag}{safe}.safetensors"
 
 
 def owner_pid(path: Path) -> int | None:

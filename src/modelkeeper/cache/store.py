@@ -12,6 +12,7 @@ loading from them) are never evicted.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -37,6 +38,7 @@ from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES, convert_pickle_t
 from modelkeeper.formats.safetensors_header import read_header
 
 COST_WEIGHT = 10.0
+_INSTANCES = itertools.count()
 
 
 @dataclass
@@ -111,9 +113,14 @@ class RamCache:
         self.misses = 0
         self.evictions = 0
         self.evicted_bytes = 0
+        self.instance = next(_INSTANCES)
         self.removed_stale = remove_stale(shm_dir)
 
     # ------------------------------------------------------------------ queries
+
+    def segment_path(self, component_id: str) -> Path:
+        """Where this cache keeps (or would keep) the segment of ``component_id``."""
+        return segment_path(component_id, shm_dir=self.shm_dir, cache=self.instance)
 
     @property
     def used_bytes(self) -> int:
@@ -199,7 +206,7 @@ class RamCache:
         else:  # a component of a checkpoint needs only its own tensors' room
             estimate = plan_layout(read_header(source), names)[2]
         self._make_room(estimate, cid)
-        dest = segment_path(cid, shm_dir=self.shm_dir)
+        dest = self.segment_path(cid)
         dest.unlink(missing_ok=True)
         if source.suffix.lower() in PICKLE_SUFFIXES:
             started = time.perf_counter()

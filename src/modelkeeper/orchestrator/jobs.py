@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import itertools
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 _seq = itertools.count(1)
+log = logging.getLogger(__name__)
 
 
 class JobState(StrEnum):
@@ -52,6 +54,7 @@ class Job:
     result: Any = None
     error: dict[str, Any] | None = None
     task: asyncio.Task[Any] | None = None
+    exception: ProtocolError | None = None
     _cancel_hooks: list[Callable[[], None]] = field(default_factory=list)
     _last_progress: float = 0.0
 
@@ -116,13 +119,16 @@ class JobManager:
             job._set(JobState.CANCELLED)
             raise
         except ProtocolError as exc:
+            job.exception = exc
             job.error = {"error_code": exc.code.value, "error": exc.message, "details": exc.details}
             job._set(JobState.FAILED)
-            raise
+            return None
         except Exception as exc:
+            log.exception("job %s (%s) failed", job.id, job.kind)
+            job.exception = ProtocolError(f"{type(exc).__name__}: {exc}", ErrorCode.INTERNAL)
             job.error = {"error_code": ErrorCode.INTERNAL.value, "error": f"{type(exc).__name__}: {exc}"}
             job._set(JobState.FAILED)
-            raise
+            return None
         job._set(JobState.SUCCEEDED)
         return job.result
 
@@ -130,11 +136,14 @@ class JobManager:
         """The job's result, or its error raised (as a ProtocolError)."""
         assert job.task is not None
         try:
-            return await asyncio.wait_for(asyncio.shield(job.task), timeout)
+            result = await asyncio.wait_for(asyncio.shield(job.task), timeout)
         except asyncio.CancelledError:
             if job.state is JobState.CANCELLED:
                 raise ProtocolError(f"job {job.id} was cancelled", ErrorCode.CANCELLED, job=job.id) from None
             raise
+        if job.exception is not None:
+            raise job.exception
+        return result
 
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)

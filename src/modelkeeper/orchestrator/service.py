@@ -210,7 +210,8 @@ class Orchestrator:
         if not wait:
             return {"job": job.info()}
         try:
-            result = await self.jobs.wait(job, timeout)
+            # the operation's own deadline fires first (and says where it was); this is the backstop
+            result = await self.jobs.wait(job, None if timeout is None else timeout + 2.0)
         except TimeoutError:
             self.jobs.cancel(job.id)
             raise ProtocolError(
@@ -357,6 +358,15 @@ class Orchestrator:
         def free(s: WorkerSlot) -> int:
             return int(s.memory.get("budget_bytes", 0)) - int(s.memory.get("models_bytes", 0))
 
+        budgets = {s.id: int(s.memory.get("budget_bytes", 0)) for s in ready}
+        if all(b < need for b in budgets.values()):
+            raise NotPlaceable(
+                f"model {record.id} needs {need} bytes, more than the budget of any device ("
+                + ", ".join(f"{d}: {b} bytes" for d, b in budgets.items())
+                + ")",
+                required_bytes=need,
+                budgets=budgets,
+            )
         fits = [s for s in ready if free(s) >= need]
         if fits:
             return max(fits, key=free)
@@ -366,11 +376,21 @@ class Orchestrator:
         room = [s for s in ready if after[s.id] >= need]
         if room:
             return max(room, key=lambda s: after[s.id])
+        evictable = {p.model_id for s in ready for p in self._evictable(s.id, opts.force, record.id)}
+        held = {
+            s.id: [p.model_id for p in self.view.on_device(s.id) if p.model_id not in evictable]
+            for s in ready
+        }
         raise NotPlaceable(
-            f"model {record.id} needs {need} bytes; no device has room even after evicting unleased models "
-            f"({', '.join(f'{s.id}: {after[s.id]} bytes free after eviction' for s in ready)})",
+            f"model {record.id} needs {need} bytes; no device has room even after evicting the models "
+            "that are not leased or kept loaded ("
+            + "; ".join(
+                f"{s.id}: {after[s.id]} bytes, held by {', '.join(held[s.id]) or 'nothing'}" for s in ready
+            )
+            + "); unload a model, release its lease, or pass force",
             required_bytes=need,
             devices={s.id: after[s.id] for s in ready},
+            held=sorted({m for ms in held.values() for m in ms}),
         )
 
     async def _load_one(
@@ -411,10 +431,34 @@ class Orchestrator:
         fut.set_result(result)
         return result
 
+    @staticmethod
+    def check_file(record: ModelRecord) -> None:
+        """Refuse a model whose file was deleted or changed since it was registered: what the
+        registry says of it (type, layout, components) may no longer hold."""
+        f = record.file
+        if f is None:
+            return
+        try:
+            st = os.stat(f.path)
+        except OSError as exc:
+            raise ProtocolError(
+                f"model {record.id}: {f.path} is gone since it was registered ({exc.strerror}); rescan the roots",
+                ErrorCode.FILE_NOT_FOUND,
+                path=f.path,
+            ) from None
+        if f.kind == "file" and (st.st_size != f.size or st.st_mtime_ns != f.mtime_ns):
+            raise ProtocolError(
+                f"model {record.id}: {f.path} changed since it was registered (size {f.size} -> {st.st_size}); "
+                "rescan the roots (POST /api/model/cache/refresh) before loading it",
+                ErrorCode.INVALID_MODEL_FILE,
+                path=f.path,
+            )
+
     async def _do_load(
         self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job, deadline: float
     ) -> dict[str, Any]:
         started = time.perf_counter()
+        self.check_file(record)
         spec = await self._db(self.registry.worker_spec, record.id)
         loads = component_requests(record, spec)
         need = sum(c.bytes for c in loads)
@@ -492,6 +536,12 @@ class Orchestrator:
 
         try:
             return await asyncio.to_thread(through_cache, self.cache, record, load, progress)
+        except OSError as exc:
+            raise ProtocolError(
+                f"model {record.id}: cannot read {exc.filename or load.request['path']}: {exc.strerror or exc}",
+                ErrorCode.FILE_NOT_FOUND,
+                path=str(exc.filename or load.request["path"]),
+            ) from None
         except CacheFull:
             if opts.require_cache:
                 raise
@@ -541,6 +591,7 @@ class Orchestrator:
                 held=held,
             )
         for p in chosen:
+            self.leases.revoke(p.model_id, slot.id)  # only force reaches a leased model
             await self._unload_placement(slot, p, reason="evicted")
         return [p.model_id for p in chosen]
 
@@ -732,6 +783,7 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
 
         async def body(job: Job) -> Any:
+            self.check_file(record)
             spec = await self._db(self.registry.worker_spec, record.id)
             loads = component_requests(record, spec)
             out = []
