@@ -44,7 +44,7 @@ def make_service(tmp_path_factory: pytest.TempPathFactory, demo: DemoManifest) -
             **overrides,
         }
         with running_service(Settings(**values)) as svc:
-            with Client(svc.url) as c:
+            with Client(svc.url, token=overrides.get("token")) as c:
                 for job in c.jobs(kind="scan"):
                     assert c.wait_job(job["id"], timeout=120)["state"] == "succeeded"
             yield svc

@@ -108,8 +108,12 @@ def test_load_placement_status_unload(client: Client) -> None:
     assert client.status(device)["memory"]["models_bytes"] == result["bytes"]
     assert client.model(mid)["state"]["vram"][0]["device"] == device
     # placement: the next model goes to the device with more free budget, the other one
-    other = client.load(CLIP_L)["result"]["device"]
-    assert other != device
+    hits = client.cache()["stats"]["hits"]
+    clip = client.load(CLIP_L)["result"]
+    assert clip["device"] != device
+    # CLIP-L holds the same tensors as the pipeline's text encoder (one content id, other key names):
+    # its load hits the segment filled from the pipeline folder
+    assert clip["sources"] == {"text_encoder": "ram"} and client.cache()["stats"]["hits"] == hits + 1
     unloaded = client.unload(mid)["unloaded"]
     assert unloaded[0]["freed_bytes"] == result["bytes"]
     assert client.status(device)["models"] == []

@@ -1,0 +1,99 @@
+"""``modelkeeper serve`` as a real process, and the CLI commands against it."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from modelkeeper.cli import app
+from modelkeeper.testing import DemoManifest
+
+runner = CliRunner()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(demo: DemoManifest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    folder = tmp_path_factory.mktemp("serve")
+    env = {**os.environ, "MODELKEEPER_HASH_ON_START": "false", "MODELKEEPER_RAM_CACHE_BYTES": str(256 << 20)}
+    cmd = [sys.executable, "-m", "modelkeeper", "serve", "--models", str(demo.root), "--device", "cpu",
+           "--port", str(port), "--db", str(folder / "registry.sqlite3")]  # fmt: skip
+    log = (folder / "serve.log").open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, (folder / "serve.log").read_text()
+            assert time.monotonic() < end, "serve did not become ready"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()  # uvicorn shuts down gracefully, then re-raises SIGTERM
+        assert proc.wait(60) in (0, -signal.SIGTERM), (folder / "serve.log").read_text()[-3000:]
+        log.close()
+        assert not glob.glob(f"/dev/shm/modelkeeper-{proc.pid}-*"), "segments left behind"
+
+
+def cli(url: str, *args: str) -> str:
+    result = runner.invoke(app, list(args), env={"MODELKEEPER_URL": url})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_session_from_load_to_unload(served: str) -> None:
+    assert "ready" in cli(served, "status")
+    out = cli(served, "load", "diffusers/tiny-sd15")
+    assert "loaded tiny-sd15" in out and "on cpu" in out
+    status = json.loads(cli(served, "status", "--json"))
+    assert [m["name"] for m in status["devices"][0]["models"]] == ["tiny-sd15"]
+    assert "tiny-sd15 (loaded)" in cli(served, "status")
+    assert "passed" in cli(served, "validate", "diffusers/tiny-sd15", "--level", "weights")
+    assert "median" in cli(served, "benchmark", "diffusers/tiny-sd15", "--steps", "1", "--warmup", "0")
+    assert "channels_last" in cli(served, "optimize", "diffusers/tiny-sd15", "-o", "channels_last=true")
+    cache = json.loads(cli(served, "cache", "--json"))
+    assert cache["stats"]["segments"] == 3
+    assert "RAM cache" in cli(served, "cache")
+    jobs = json.loads(cli(served, "jobs", "--json"))
+    assert {j["kind"] for j in jobs} >= {"scan", "load", "validate", "benchmark", "optimize"}
+    assert json.loads(cli(served, "jobs", "show", jobs[0]["id"]))["id"] == jobs[0]["id"]
+    assert "unloaded" in cli(served, "unload", "diffusers/tiny-sd15")
+    assert "cached" in cli(served, "cache", "add", "checkpoints/tiny-sd15.safetensors")
+    assert "dropped" in cli(served, "cache", "clear")
+
+
+def test_cli_errors_are_readable(served: str) -> None:
+    result = runner.invoke(app, ["load", "no-such-model"], env={"MODELKEEPER_URL": served})
+    assert result.exit_code == 1 and "MODEL_NOT_FOUND" in result.output
+    result = runner.invoke(app, ["load", "tiny-sdxl"], env={"MODELKEEPER_URL": served})
+    assert result.exit_code == 1 and "matches" in result.output
+    down = runner.invoke(app, ["status"], env={"MODELKEEPER_URL": "http://127.0.0.1:9"})
+    assert down.exit_code == 1 and "cannot reach the service" in down.output
+
+
+def test_serve_refuses_the_network_without_a_token(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--models", str(tmp_path)])
+    assert result.exit_code == 2 and "token" in result.output
