@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from modelkeeper.orchestrator import Orchestrator
 
 
-def _service(request: Request) -> Orchestrator:
+async def _service(request: Request) -> Orchestrator:  # async: no thread hop per request
     service: Orchestrator = request.app.state.service
     return service
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Body, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from modelkeeper.api.deps import Service
 from modelkeeper.api.schemas import (
@@ -74,9 +74,10 @@ async def list_models(
 
 
 @router.get("/status")
-async def status(service: Service) -> dict[str, Any]:
-    """Every device: its worker, memory and loaded models; the cache; jobs. From memory, no worker call."""
-    return service.status()
+async def status(service: Service) -> Response:
+    """Every device: its worker, memory and loaded models; the cache; jobs. From memory, no worker
+    call; memory figures are at most a quarter second old, everything else as of the last change."""
+    return Response(service.status_json(), media_type="application/json")
 
 
 @router.get("/status/{device}")

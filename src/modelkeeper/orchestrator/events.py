@@ -24,12 +24,14 @@ class EventBus:
         self._seq = itertools.count(1)
         self._queue_size = queue_size
         self.recent: deque[Event] = deque(maxlen=history)
+        self.last_id = 0  # id of the newest event: a view built before it may be stale
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
     def publish(self, type: str, **data: Any) -> Event:
         event = {"id": next(self._seq), "type": type, "at": time.time(), **data}
+        self.last_id = event["id"]
         loop = self._loop
         if loop is None or loop.is_closed():
             self.recent.append(event)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -45,6 +46,7 @@ from modelkeeper.registry import ModelNotFound, ModelRecord, Registry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+STATUS_MAX_AGE = 0.25  # seconds a status snapshot may serve when no event came
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Orchestrator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
         self.started_at = time.time()
+        self._status_cache: tuple[int, float, bytes] | None = None
         self.roots = [Path(os.path.realpath(r)) for r in self.settings.model_roots]
 
     # ------------------------------------------------------------------ lifecycle
@@ -252,6 +255,16 @@ class Orchestrator:
             "jobs": self.jobs.counts(),
             "leases": len(self.leases.list()),
         }
+
+    def status_json(self) -> bytes:
+        """``status()`` as JSON, rebuilt only after an event or when STATUS_MAX_AGE has passed (memory
+        figures are polled): hundreds of pollers a second cost one build, not one each."""
+        now = time.monotonic()
+        cached = self._status_cache
+        if cached is None or cached[0] != self.bus.last_id or now - cached[1] > STATUS_MAX_AGE:
+            body = json.dumps(self.status(), separators=(",", ":")).encode()
+            self._status_cache = cached = (self.bus.last_id, now, body)
+        return cached[2]
 
     async def list_models(self, **filters: Any) -> dict[str, Any]:
         page = await self._db(self.registry.search, **filters)
@@ -460,7 +473,7 @@ class Orchestrator:
         started = time.perf_counter()
         self.check_file(record)
         spec = await self._db(self.registry.worker_spec, record.id)
-        loads = component_requests(record, spec)
+        loads = await asyncio.to_thread(component_requests, record, spec)  # reads headers
         need = sum(c.bytes for c in loads)
         evicted = await self._make_room(slot, need, record.id, opts.force)
         p = Placement(record.id, record.name, record.type, slot.id, keep_loaded=opts.keep_loaded)
@@ -785,7 +798,7 @@ class Orchestrator:
         async def body(job: Job) -> Any:
             self.check_file(record)
             spec = await self._db(self.registry.worker_spec, record.id)
-            loads = component_requests(record, spec)
+            loads = await asyncio.to_thread(component_requests, record, spec)  # reads headers
             out = []
             for i, planned in enumerate(loads):
                 job.progress(component=i + 1, components=len(loads), step=planned.component, force=True)
