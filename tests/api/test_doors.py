@@ -37,8 +37,8 @@ def test_bearer_token_required(guarded: RunningService) -> None:
         r = httpx.get(f"{guarded.url}/api/model/status", headers=headers)
         assert r.status_code == 401 and r.json()["error_code"] == "UNAUTHORIZED"
         assert r.headers["www-authenticate"].startswith("Bearer")
-    with pytest.raises(ApiError) as err:
-        Client(guarded.url, token="wrong").status()
+    with Client(guarded.url, token="wrong") as wrong, pytest.raises(ApiError) as err:
+        wrong.status()
     assert err.value.status_code == 401
     with Client(guarded.url, token=TOKEN) as c:
         assert c.status()["ready"] is True

@@ -103,7 +103,7 @@ class Orchestrator:
         self._registry = await asyncio.to_thread(Registry.open, s.db)
         self._cache = await asyncio.to_thread(RamCache, s.ram_cache_bytes, on_remove=self._segment_removed)
         devices = await asyncio.to_thread(expand_devices, s.devices)
-        args = list(s.worker_args)
+        args = list(s.worker_args) + (["--warm"] if s.worker_warm else [])
         if s.worker_budget_mb is not None:
             args += ["--budget-mb", str(s.worker_budget_mb)]
         if s.worker_reserve_mb is not None:
@@ -485,7 +485,9 @@ class Orchestrator:
             for i, planned in enumerate(loads):
                 label = planned.component or record.type
                 job.progress(step=label, component=i + 1, components=len(loads), force=True)
+                t_cache = time.perf_counter()
                 load = await self._via_cache(record, planned, opts, job, loop)
+                cache_seconds = time.perf_counter() - t_cache
                 pin = (
                     self.cache.acquire(load.segment.component_id)
                     if load.segment
@@ -504,6 +506,11 @@ class Orchestrator:
                 if load.segment is not None:
                     p.segments[label] = load.segment.component_id
                 p.bytes += int(result.get("bytes", 0))
+                p.timings[label] = {
+                    "cache": round(cache_seconds, 6),
+                    "worker": float(result.get("load_seconds", 0.0)),
+                    **{k: round(float(v), 6) for k, v in dict(result.get("timings") or {}).items()},
+                }
                 slot.memory = dict(result.get("memory", slot.memory))
                 self.metrics.observe_load(slot.id, load.source, float(result.get("load_seconds", 0.0)))
         except BaseException as exc:

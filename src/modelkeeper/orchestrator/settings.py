@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     worker_budget_mb: float | None = Field(None, ge=0, description="Cap on what models may use per worker.")
     worker_reserve_mb: float | None = Field(None, ge=0, description="Memory each worker keeps free for work.")
     worker_args: list[str] = Field(default_factory=list, description="Extra worker arguments.")
+    worker_warm: bool = Field(
+        True, description="Workers import their libraries at start, not at the first load."
+    )
     worker_start_timeout: float = Field(180.0, gt=0)
     worker_max_restarts: int = Field(
         5, ge=0, description="Restarts within restart_window_s before giving up."

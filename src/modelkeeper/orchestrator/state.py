@@ -22,6 +22,7 @@ class Placement:
     components: dict[str, str] = field(default_factory=dict)  # component -> worker name
     sources: dict[str, str] = field(default_factory=dict)  # component -> ram / disk
     segments: dict[str, str] = field(default_factory=dict)  # component -> cache component id
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)  # component -> seconds by step
     bytes: int = 0
     keep_loaded: bool = False
     loaded_at: float | None = None
@@ -42,6 +43,7 @@ class Placement:
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
             "load_seconds": self.load_seconds,
+            "timings": dict(self.timings),
             "leases": leases,
         }
 

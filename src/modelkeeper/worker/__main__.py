@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--throttle-mb-s", type=float, default=None, help="cap the read rate (simulates a slow disk)"
     )
+    parser.add_argument(
+        "--warm", action="store_true", help="import the model libraries and open the device in the background"
+    )
     parser.add_argument("--log-level", default=os.environ.get("MODELKEEPER_LOG_LEVEL", "WARNING"))
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except ProtocolError as exc:
         print(f"modelkeeper worker: {exc}", file=sys.stderr)
         return 2
+    if args.warm:
+        from modelkeeper.worker.warm import start_warm_up
+
+        start_warm_up(server.service.memory.device)
     server.serve(sys.stdin.buffer)
     protocol_out.close()
     return 0

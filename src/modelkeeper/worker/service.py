@@ -54,6 +54,7 @@ from modelkeeper.worker.errors import (
 )
 from modelkeeper.worker.lora import LoraManager
 from modelkeeper.worker.mapping import MappingTable
+from modelkeeper.worker.warm import wait_for_warm_up
 
 EventSink = Callable[[EventType, str | None, dict[str, Any]], None]
 
@@ -177,6 +178,7 @@ class ModelService:
     # ------------------------------------------------------------------ device work (one thread)
 
     def load(self, request: LoadRequest, kind: ModelKind, op: Operation) -> LoadResult:
+        wait_for_warm_up()
         started = time.perf_counter()
         with self._lock:
             exists = request.name in self._models
