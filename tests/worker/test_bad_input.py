@@ -147,3 +147,19 @@ def test_shape_mismatch_with_config(worker: WorkerProcess, demo: DemoManifest) -
     config = {**entry.config, "cross_attention_dim": 1024}
     _expect(worker, CommandType.LOAD_UNET, {"name": "m", "path": str(demo.path(entry.name)), "config": config},
             ErrorCode.INVALID_MODEL_FILE, "shapes do not match")  # fmt: skip
+
+
+def test_worker_refuses_an_old_torch() -> None:
+    """torch < 2.10 has weaker weights_only loading: the worker does not start on it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; torch.__version__ = '2.9.1+cu128'; "
+        "from modelkeeper.worker.__main__ import main; sys.exit(main(['--device', 'cpu']))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 2
+    assert "torch 2.9.1+cu128 is too old" in run.stderr and "2.10" in run.stderr

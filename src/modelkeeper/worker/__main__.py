@@ -39,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
 
+    import torch
+
+    from modelkeeper.formats._pickle_child import ChildError, check_torch_version
+
+    try:  # older weights_only loaders have known bypasses: refuse to run at all
+        check_torch_version(torch.__version__)
+    except ChildError as exc:
+        print(f"modelkeeper worker: {exc}; modelkeeper needs torch >= 2.10", file=sys.stderr)
+        return 2
+
     from modelkeeper.worker.inprocess import build_server
 
     try:

@@ -1,0 +1,72 @@
+"""The scanning process killed (SIGKILL) mid-scan: the registry passes SQLite's integrity check
+afterwards, and a rescan converges to what an uninterrupted scan finds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from modelkeeper.registry.store import Registry
+from modelkeeper.testing import DemoManifest
+
+COPIES = 120  # x 14 small files: enough that a scan runs for a while on 2 cores
+
+
+def _library(demo: DemoManifest, root: Path) -> int:
+    small = [e for e in demo if e.path.endswith(".safetensors") and e.size_bytes < 2_500_000]
+    count = 0
+    for i in range(COPIES):
+        for e in small:
+            dest = root / f"set{i:03d}" / e.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(demo.root / e.path, dest)
+            count += 1
+    return count
+
+
+def _cmd(root: Path, db: Path) -> list[str]:
+    return [sys.executable, "-m", "modelkeeper", "scan", str(root), "--db", str(db), "--json"]
+
+
+def _models(db: Path) -> set[tuple[str, str, str]]:
+    with Registry.open(db) as r:
+        page = r.search(limit=100_000, status=None)
+        return {(m.path or "", m.type, m.status) for m in page.items}
+
+
+def test_scan_killed_midway_leaves_a_sound_registry(demo: DemoManifest, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    files = _library(demo, root)
+    db = tmp_path / "killed.sqlite3"
+    proc = subprocess.Popen(_cmd(root, db), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:  # kill once the scan has written some rows
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=5) as conn:
+                    if conn.execute("SELECT count(*) FROM files").fetchone()[0] > 50:
+                        break
+            except sqlite3.OperationalError:
+                continue
+    assert proc.poll() is None, "the scan finished before it could be killed: make the library bigger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        partial = conn.execute("SELECT count(*) FROM files").fetchone()[0]
+    assert 0 < partial < files
+
+    again = subprocess.run(_cmd(root, db), capture_output=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    clean_db = tmp_path / "clean.sqlite3"
+    clean = subprocess.run(_cmd(root, clean_db), capture_output=True, timeout=300, check=False)
+    assert clean.returncode == 0, clean.stderr.decode()[-2000:]
+    assert _models(db) == _models(clean_db)
+    assert len(_models(db)) == files
