@@ -155,6 +155,7 @@ def test_32_threads_loading_and_unloading(busy: RunningService) -> None:
     for t in threads:
         t.join(300)
     assert not errors, errors
+    print(f"\n32 threads x 6 operations: {dict(outcomes)}")
     documented = {"load ok", "unload ok", "409 NOT_LOADED", "409 BUSY"}
     assert set(outcomes) <= documented, outcomes
     assert outcomes["load ok"] > 0 and outcomes["unload ok"] > 0
