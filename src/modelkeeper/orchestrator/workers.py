@@ -90,6 +90,7 @@ class _Item:
     future: asyncio.Future[Any] = field(compare=False)
     deadline: float = field(compare=False)
     label: str = field(compare=False)
+    finished: asyncio.Event = field(compare=False, default_factory=asyncio.Event)
 
 
 class WorkerSlot:
@@ -120,7 +121,7 @@ class WorkerSlot:
         self.restarts: list[float] = []
         self.last_error: str | None = None
         self.started_at: float | None = None
-        self.running: str | None = None
+        self.running: _Item | None = None
         self._queue: asyncio.PriorityQueue[_Item] = asyncio.PriorityQueue()
         self._seq = itertools.count()
         self._runner: asyncio.Task[None] | None = None
@@ -260,6 +261,9 @@ class WorkerSlot:
             return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()) + 1.0)
         except asyncio.CancelledError:
             fut.cancel()  # the caller was cancelled: a queued item is skipped, a running one stopped
+            if self.running is item:  # wait for its clean-up (a load rolls back) before answering
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(item.finished.wait()), 60)
             raise
         except TimeoutError:
             if not fut.done():
@@ -282,7 +286,7 @@ class WorkerSlot:
                     ProtocolError(f"{item.label} on {self.id} timed out in the queue", ErrorCode.TIMEOUT)
                 )
                 continue
-            self.running = item.label
+            self.running = item
             task = asyncio.ensure_future(item.run())
             try:
                 done, _ = await asyncio.wait({task, item.future}, return_when=asyncio.FIRST_COMPLETED)
@@ -302,6 +306,7 @@ class WorkerSlot:
                         await task
             finally:
                 self.running = None
+                item.finished.set()
 
     def info(self) -> dict[str, Any]:
         proc = self.proc
@@ -316,5 +321,5 @@ class WorkerSlot:
             "last_error": self.last_error,
             "started_at": self.started_at,
             "queued": self.queue_depth,
-            "running": self.running,
+            "running": self.running.label if self.running is not None else None,
         }
