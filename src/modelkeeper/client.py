@@ -69,12 +69,22 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _sse_event(lines: list[str]) -> dict[str, Any] | None:
-    data = "\n".join(line[5:].lstrip() for line in lines if line.startswith("data:"))
-    if not data:
-        return None
-    value = json.loads(data)
-    return value if isinstance(value, dict) else {"data": value}
+class _SseParser:
+    """Server-Sent Events, line by line: an event ends at an empty line; its data is JSON."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        if line:
+            self.lines.append(line)
+            return None
+        data = "\n".join(x[5:].lstrip() for x in self.lines if x.startswith("data:"))
+        self.lines = []
+        if not data:
+            return None
+        value = json.loads(data)
+        return value if isinstance(value, dict) else {"data": value}
 
 
 def _ref(model_id: str) -> str:
@@ -293,14 +303,9 @@ class Client(_Endpoints[Any]):
             if response.status_code >= 400:
                 response.read()
                 _raise_for(response)
-            lines: list[str] = []
+            parser = _SseParser()
             for line in response.iter_lines():
-                if line:
-                    lines.append(line)
-                    continue
-                event = _sse_event(lines)
-                lines = []
-                if event is not None:
+                if (event := parser.feed(line)) is not None:
                     yield event
 
     def close(self) -> None:
@@ -335,14 +340,9 @@ class AsyncClient(_Endpoints[Awaitable[Any]]):
             if response.status_code >= 400:
                 await response.aread()
                 _raise_for(response)
-            lines: list[str] = []
+            parser = _SseParser()
             async for line in response.aiter_lines():
-                if line:
-                    lines.append(line)
-                    continue
-                event = _sse_event(lines)
-                lines = []
-                if event is not None:
+                if (event := parser.feed(line)) is not None:
                     yield event
 
     async def aclose(self) -> None:

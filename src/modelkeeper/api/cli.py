@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -30,10 +31,20 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON a
 DeviceOption = Annotated[str | None, typer.Option("--device", "-d", help="Device id (cuda:0, cpu...).")]
 
 err = Console(stderr=True)
+T = TypeVar("T")
 
 
 def _client(url: str | None, token: str | None) -> Client:
     return Client(url, token=token)
+
+
+def _call(url: str | None, token: str | None, fn: Callable[[Client], T]) -> T:
+    """``fn(client)``; an error answer or an unreachable service ends the command with a message."""
+    try:
+        with _client(url, token) as c:
+            return fn(c)
+    except Exception as exc:
+        raise _fail(exc) from None
 
 
 def _fail(exc: ApiError | OSError | Exception) -> typer.Exit:
@@ -163,11 +174,7 @@ def status(
     token: TokenOption = None,
 ) -> None:
     """Devices, their memory and loaded models; the RAM cache; jobs."""
-    try:
-        with _client(url, token) as c:
-            data = c.status(device)
-    except Exception as exc:
-        raise _fail(exc) from None
+    data = _call(url, token, lambda c: c.status(device))
     if as_json:
         _print_json(data)
         return
@@ -238,11 +245,7 @@ def unload(
     token: TokenOption = None,
 ) -> None:
     """Unload a model from one device or from every device holding it."""
-    try:
-        with _client(url, token) as c:
-            data = c.unload(model, device, force=force or None)
-    except Exception as exc:
-        raise _fail(exc) from None
+    data = _call(url, token, lambda c: c.unload(model, device, force=force or None))
     if as_json:
         _print_json(data)
         return
@@ -367,11 +370,7 @@ def cache_list(
     """List segments and stats (the default)."""
     if ctx.invoked_subcommand is not None:
         return
-    try:
-        with _client(url, token) as c:
-            data = c.cache()
-    except Exception as exc:
-        raise _fail(exc) from None
+    data = _call(url, token, lambda c: c.cache())
     if as_json:
         _print_json(data)
         return
@@ -396,11 +395,7 @@ def cache_add(
     token: TokenOption = None,
 ) -> None:
     """Cache every component of a model in RAM."""
-    try:
-        with _client(url, token) as c:
-            job = _finish(c, c.cache_model(model, wait=False), as_json)
-    except Exception as exc:
-        raise _fail(exc) from None
+    job = _call(url, token, lambda c: _finish(c, c.cache_model(model, wait=False), as_json))
     if as_json:
         _print_json(job["result"])
         return
@@ -418,22 +413,14 @@ def cache_drop(
     token: TokenOption = None,
 ) -> None:
     """Drop one segment."""
-    try:
-        with _client(url, token) as c:
-            data = c.cache_drop(component_id, force=force)
-    except Exception as exc:
-        raise _fail(exc) from None
+    data = _call(url, token, lambda c: c.cache_drop(component_id, force=force))
     Console().print(f"dropped {component_id}: {_size(data['freed_bytes'])} freed")
 
 
 @cache_app.command("clear")
 def cache_clear(force: bool = False, url: UrlOption = None, token: TokenOption = None) -> None:
     """Drop every segment."""
-    try:
-        with _client(url, token) as c:
-            data = c.cache_clear(force=force)
-    except Exception as exc:
-        raise _fail(exc) from None
+    data = _call(url, token, lambda c: c.cache_clear(force=force))
     Console().print(f"dropped {data['dropped']} segments: {_size(data['freed_bytes'])} freed")
 
 
@@ -454,11 +441,7 @@ def jobs_list(
     """List jobs, newest first (the default)."""
     if ctx.invoked_subcommand is not None:
         return
-    try:
-        with _client(url, token) as c:
-            data = c.jobs(state=state)
-    except Exception as exc:
-        raise _fail(exc) from None
+    data = _call(url, token, lambda c: c.jobs(state=state))
     if as_json:
         _print_json(data)
         return
@@ -476,33 +459,21 @@ def jobs_list(
 @jobs_app.command("watch")
 def jobs_watch(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """Follow a job's progress until it ends."""
-    try:
-        with _client(url, token) as c:
-            job = follow_job(c, c.job(job_id))
-    except Exception as exc:
-        raise _fail(exc) from None
+    job = _call(url, token, lambda c: follow_job(c, c.job(job_id)))
     Console().print(f"{job['id']} {job['kind']}: {job['state']}")
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """Cancel a job."""
-    try:
-        with _client(url, token) as c:
-            job = c.cancel_job(job_id)
-    except Exception as exc:
-        raise _fail(exc) from None
+    job = _call(url, token, lambda c: c.cancel_job(job_id))
     Console().print(f"{job['id']} {job['kind']}: {job['state']}")
 
 
 @jobs_app.command("show")
 def jobs_show(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """Print one job as JSON."""
-    try:
-        with _client(url, token) as c:
-            _print_json(c.job(job_id))
-    except Exception as exc:
-        raise _fail(exc) from None
+    _print_json(_call(url, token, lambda c: c.job(job_id)))
 
 
 def mount(app: typer.Typer) -> None:

@@ -20,7 +20,7 @@ from modelkeeper.api.schemas import (
     UnloadBody,
     ValidateBody,
 )
-from modelkeeper.orchestrator import LoadOptions
+from modelkeeper.orchestrator import LoadOptions, Orchestrator
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 router = APIRouter(prefix="/api/model", tags=["models"])
@@ -47,6 +47,33 @@ def _options(body: LoadBody, require_cache: bool = False) -> LoadOptions:
         keep_loaded=body.keep_loaded,
         require_cache=require_cache,
     )
+
+
+async def _operate(
+    service: Orchestrator, op: str, model_id: str | None, body: ValidateBody | BenchmarkBody | OptimizeBody
+) -> Any:
+    """validate / benchmark / optimize one model (``model_id``) or every loaded model (None)."""
+    return _answer(
+        await service.model_operation(
+            op, model_id, body.device_id, body.worker_data(), component=body.component,
+            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
+        )
+    )  # fmt: skip
+
+
+async def _load(
+    service: Orchestrator,
+    ref: str,
+    device: str | None,
+    body: LoadBody,
+    *,
+    everywhere: bool = False,
+    require_cache: bool = False,
+) -> Any:
+    options = _options(body, require_cache=require_cache)
+    return _answer(
+        await service.load(ref, device, all_devices=everywhere, options=options, wait=body.wait_for_completion)
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------- listing and status
@@ -123,19 +150,12 @@ async def search(service: Service, body: SearchBody) -> dict[str, Any]:
 @router.post("/load")
 async def load_all_devices(service: Service, body: LoadBody) -> Any:
     """Load ``model_id`` on every device (``device_id`` given: that one only)."""
-    return _answer(
-        await service.load(
-            _need_model(body), body.device_id, all_devices=body.device_id is None,
-            options=_options(body), wait=body.wait_for_completion,
-        )
-    )  # fmt: skip
+    return await _load(service, _need_model(body), body.device_id, body, everywhere=body.device_id is None)
 
 
 @router.post("/load/{device}")
 async def load_on_device(service: Service, device: str, body: LoadBody) -> Any:
-    return _answer(
-        await service.load(_need_model(body), device, options=_options(body), wait=body.wait_for_completion)
-    )
+    return await _load(service, _need_model(body), device, body)
 
 
 @router.post("/unload")
@@ -159,24 +179,12 @@ async def unload_device(service: Service, device: str, force: bool = False) -> d
 @router.post("/vram/load")
 async def vram_load(service: Service, body: LoadBody) -> Any:
     """Load through the RAM cache (the segment is filled first when missing): the fast path."""
-    return _answer(
-        await service.load(
-            _need_model(body), body.device_id, options=_options(body, require_cache=True),
-            wait=body.wait_for_completion,
-        )
-    )  # fmt: skip
+    return await _load(service, _need_model(body), body.device_id, body, require_cache=True)
 
 
 @router.post("/vram/load/{device}")
 async def vram_load_device(service: Service, device: str, body: LoadBody) -> Any:
-    return _answer(
-        await service.load(
-            _need_model(body),
-            device,
-            options=_options(body, require_cache=True),
-            wait=body.wait_for_completion,
-        )
-    )
+    return await _load(service, _need_model(body), device, body, require_cache=True)
 
 
 @router.delete("/vram/unload")
@@ -201,32 +209,17 @@ async def vram_unload_device(
 
 @router.post("/validate")
 async def validate_all(service: Service, body: ValidateBody) -> Any:
-    return _answer(
-        await service.model_operation(
-            "validate", None, body.device_id, body.worker_data(), component=body.component,
-            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
-        )
-    )  # fmt: skip
+    return await _operate(service, "validate", None, body)
 
 
 @router.post("/benchmark")
 async def benchmark_all(service: Service, body: BenchmarkBody) -> Any:
-    return _answer(
-        await service.model_operation(
-            "benchmark", None, body.device_id, body.worker_data(), component=body.component,
-            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
-        )
-    )  # fmt: skip
+    return await _operate(service, "benchmark", None, body)
 
 
 @router.post("/optimize")
 async def optimize_all(service: Service, body: OptimizeBody) -> Any:
-    return _answer(
-        await service.model_operation(
-            "optimize", None, body.device_id, body.worker_data(), component=body.component,
-            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
-        )
-    )  # fmt: skip
+    return await _operate(service, "optimize", None, body)
 
 
 # ---------------------------------------------------------------------- one model
@@ -251,9 +244,7 @@ async def model_detail(service: Service, model_id: str) -> dict[str, Any]:
 
 @router.post("/{model_id:path}/load")
 async def load_model(service: Service, model_id: str, body: LoadBody = Body(default_factory=LoadBody)) -> Any:
-    return _answer(
-        await service.load(model_id, body.device_id, options=_options(body), wait=body.wait_for_completion)
-    )
+    return await _load(service, model_id, body.device_id, body)
 
 
 @router.post("/{model_id:path}/unload")
@@ -267,33 +258,18 @@ async def unload_model(
 async def validate_model(
     service: Service, model_id: str, body: ValidateBody = Body(default_factory=ValidateBody)
 ) -> Any:
-    return _answer(
-        await service.model_operation(
-            "validate", model_id, body.device_id, body.worker_data(), component=body.component,
-            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
-        )
-    )  # fmt: skip
+    return await _operate(service, "validate", model_id, body)
 
 
 @router.post("/{model_id:path}/benchmark")
 async def benchmark_model(
     service: Service, model_id: str, body: BenchmarkBody = Body(default_factory=BenchmarkBody)
 ) -> Any:
-    return _answer(
-        await service.model_operation(
-            "benchmark", model_id, body.device_id, body.worker_data(), component=body.component,
-            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
-        )
-    )  # fmt: skip
+    return await _operate(service, "benchmark", model_id, body)
 
 
 @router.post("/{model_id:path}/optimize")
 async def optimize_model(
     service: Service, model_id: str, body: OptimizeBody = Body(default_factory=OptimizeBody)
 ) -> Any:
-    return _answer(
-        await service.model_operation(
-            "optimize", model_id, body.device_id, body.worker_data(), component=body.component,
-            wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
-        )
-    )  # fmt: skip
+    return await _operate(service, "optimize", model_id, body)
