@@ -85,7 +85,7 @@ def test_hung_worker_times_out_and_is_restarted(slow: RunningService) -> None:
             except ProcessLookupError:
                 pass
         st = wait_for(
-            lambda: (s := c.status("cpu"))["pid"] != pid and s["state"] == "ready" and s, 60, "restart"
+            lambda: (s := c.status("cpu"))["pid"] != pid and s["state"] == "ready" and s, 120, "restart"
         )
         assert st["restarts"] == restarts + 1
         assert c.load(SD15_CKPT)["result"]["state"] == "loaded"
