@@ -336,7 +336,17 @@ class AsyncClient(_Endpoints[Awaitable[Any]]):
         return self._request(method, path, json, params)
 
     async def job_events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
-        async with self.http.stream("GET", f"/api/jobs/{job_id}/events", timeout=None) as response:
+        """The job's state, then its events until it finishes (Server-Sent Events)."""
+        async for event in self._stream(f"/api/jobs/{job_id}/events"):
+            yield event
+
+    async def events(self, type: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every event of the service from now on; ``type`` filters by prefix (``model.``)."""
+        async for event in self._stream("/api/events", _body(type=type)):
+            yield event
+
+    async def _stream(self, path: str, params: dict[str, Any] | None = None) -> AsyncIterator[dict[str, Any]]:
+        async with self.http.stream("GET", path, params=params, timeout=None) as response:
             if response.status_code >= 400:
                 await response.aread()
                 _raise_for(response)

@@ -274,11 +274,10 @@ def test_event_stream_sees_a_load(client: Client, svc: RunningService) -> None:
         async with AsyncClient(svc.url) as ac:
 
             async def listen() -> None:
-                async with ac.http.stream("GET", "/api/events", params={"type": "model."}) as r:
-                    async for line in r.aiter_lines():
-                        if line.startswith("data:") and '"model.loaded"' in line:
-                            seen.append({"line": line})
-                            return
+                async for event in ac.events(type="model."):
+                    if event.get("type") == "model.loaded":
+                        seen.append(event)
+                        return
 
             listener = asyncio.create_task(listen())
             await asyncio.sleep(0.3)
