@@ -200,6 +200,21 @@ class _Endpoints(Generic[R]):
         path = f"/api/model/{_ref(model_id)}/optimize" if model_id else "/api/model/optimize"
         return self._send("POST", path, json=_body(wait_for_completion=wait, **options))
 
+    # ---------------------------------------------------------------- LoRA on loaded models
+    def apply_lora(
+        self, model_id: str, lora_id: str, *, strength: float = 1.0, device: str | None = None
+    ) -> R:
+        body = _body(lora_id=lora_id, strength=strength, device_id=device)
+        return self._send("POST", f"/api/model/{_ref(model_id)}/lora", json=body)
+
+    def lora_strength(self, model_id: str, lora_id: str, strength: float, *, device: str | None = None) -> R:
+        body = _body(strength=strength, device_id=device)
+        return self._send("PUT", f"/api/model/{_ref(model_id)}/lora/{_ref(lora_id)}", json=body)
+
+    def remove_lora(self, model_id: str, lora_id: str, *, device: str | None = None) -> R:
+        path = f"/api/model/{_ref(model_id)}/lora/{_ref(lora_id)}"
+        return self._send("DELETE", path, params=_body(device_id=device))
+
     # ---------------------------------------------------------------- cache
     def cache(self) -> R:
         return self._send("GET", "/api/model/cache")

@@ -287,3 +287,22 @@ def test_event_stream_sees_a_load(client: Client, svc: RunningService) -> None:
         return seen
 
     assert len(asyncio.run(run())) == 1
+
+
+def test_lora_on_a_loaded_model(client: Client) -> None:
+    mid, lid = model_id(client, SD15), model_id(client, LORA)
+    with pytest.raises(ApiError) as err:
+        client.apply_lora(mid, lid)
+    assert err.value.error_code == "NOT_LOADED"
+    before = client.load(SD15)["result"]
+    applied = client.apply_lora(mid, LORA, strength=0.8)
+    assert applied["lora_id"] == lid and applied["applied"][0]["device"] == before["device"]
+    assert applied["applied"][0]["matched_keys"] > 0
+    assert client.status(before["device"])["models"][0]["loras"][lid]["strength"] == 0.8
+    assert client.lora_strength(mid, LORA, 0.3)["devices"][0]["device"] == before["device"]
+    assert client.status(before["device"])["models"][0]["loras"][lid]["strength"] == 0.3
+    client.remove_lora(mid, lid)
+    assert client.status(before["device"])["models"][0]["loras"] == {}
+    with pytest.raises(ApiError) as not_lora:
+        client.apply_lora(mid, CLIP_L)
+    assert not_lora.value.status_code == 422 and "not a LoRA" in not_lora.value.message

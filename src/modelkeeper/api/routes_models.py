@@ -15,8 +15,10 @@ from modelkeeper.api.deps import Service
 from modelkeeper.api.schemas import (
     BenchmarkBody,
     LoadBody,
+    LoraBody,
     OptimizeBody,
     SearchBody,
+    StrengthBody,
     UnloadBody,
     ValidateBody,
 )
@@ -223,6 +225,29 @@ async def optimize_all(service: Service, body: OptimizeBody) -> Any:
 
 
 # ---------------------------------------------------------------------- one model
+
+
+@router.post("/{model_id:path}/lora")
+async def apply_lora(service: Service, model_id: str, body: LoraBody) -> dict[str, Any]:
+    """Patch a loaded model with a registered LoRA (every device holding it, or ``device_id``)."""
+    return await service.apply_lora(
+        model_id, body.lora_id, device=body.device_id, strength=body.strength,
+        timeout=body.timeout_seconds, priority=body.priority_value,
+    )  # fmt: skip
+
+
+@router.put("/{model_id:path}/lora/{lora_id:path}")
+async def lora_strength(service: Service, model_id: str, lora_id: str, body: StrengthBody) -> dict[str, Any]:
+    """Change an applied LoRA's strength (no reload)."""
+    return await service.lora_strength(model_id, lora_id, body.strength, body.device_id)
+
+
+@router.delete("/{model_id:path}/lora/{lora_id:path}")
+async def remove_lora(
+    service: Service, model_id: str, lora_id: str, device_id: str | None = None
+) -> dict[str, Any]:
+    """Take an applied LoRA off (the weights are restored exactly)."""
+    return await service.remove_lora(model_id, lora_id, device_id)
 
 
 @router.get("/{model_id:path}/metadata")

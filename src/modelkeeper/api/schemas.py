@@ -117,3 +117,18 @@ class LeaseBody(_Body):
 
 class RenewBody(_Body):
     ttl_seconds: float | None = Field(None, gt=0, le=7 * 86400)
+
+
+class LoraBody(_Operation):
+    lora_id: str = Field(
+        min_length=1, max_length=4096, description="The LoRA: id, name, path or hash prefix."
+    )
+    device_id: str | None = Field(
+        None, max_length=64, description="One device (default: every one holding the model)."
+    )
+    strength: float = Field(1.0, ge=-10, le=10)
+
+
+class StrengthBody(_Body):
+    strength: float = Field(ge=-10, le=10)
+    device_id: str | None = Field(None, max_length=64)

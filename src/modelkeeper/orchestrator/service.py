@@ -793,6 +793,95 @@ class Orchestrator:
         await self._history(p.model_id, op, {"device": p.device, "components": _summary(op, results)})
         return out
 
+    # ------------------------------------------------------------------ LoRA on loaded models
+
+    async def apply_lora(
+        self,
+        ref: str,
+        lora_ref: str,
+        *,
+        device: str | None = None,
+        strength: float = 1.0,
+        timeout: float | None = None,
+        priority: int = Priority.NORMAL,
+    ) -> dict[str, Any]:
+        """Patch every placement of a loaded model (or the one on ``device``) with a registered LoRA."""
+        record = await self.resolve(ref)
+        lora = await self.resolve(lora_ref)
+        if lora.type != "lora" or lora.path is None:
+            raise ProtocolError(
+                f"{lora_ref!r} is a {lora.type}, not a LoRA", ErrorCode.INVALID_REQUEST, field="lora_id"
+            )
+        self.check_file(lora)
+        out = []
+        for p in self._placements_for(record, device):
+            slot = self.slot(p.device)
+            targets = {
+                r: n
+                for r, n in p.components.items()
+                if r in ("unet", "transformer", "text_encoder", "text_encoder_2")
+            }
+            name = f"{lora.id}@{p.model_id}"
+            data = {"name": name, "path": lora.path, "targets": targets, "strength": strength}
+
+            async def run(slot: WorkerSlot = slot, data: dict[str, Any] = data) -> dict[str, Any]:
+                if any(
+                    entry["name"] == data["name"]
+                    for q in self.view.on_device(slot.id)
+                    for entry in q.loras.values()
+                ):
+                    await slot.call(CommandType.UNLOAD_LORA, {"name": data["name"]}, timeout=60)  # re-apply
+                return await slot.call(CommandType.LOAD_LORA, data, timeout=self.settings.request_timeout)
+
+            result = await slot.run(
+                run, priority=priority, deadline=self._deadline(timeout), label=f"lora {lora.id}"
+            )
+            p.loras[lora.id] = {"name": name, "lora": lora.name, "strength": strength}
+            p.last_used = time.time()
+            out.append({"device": p.device, **result})
+            self.bus.publish(
+                "model.lora", model_id=p.model_id, device=p.device, lora_id=lora.id, strength=strength
+            )
+        await self._history(record.id, "lora.apply", {"lora_id": lora.id, "strength": strength})
+        return {"model_id": record.id, "lora_id": lora.id, "applied": out}
+
+    async def lora_strength(
+        self, ref: str, lora_ref: str, strength: float, device: str | None = None
+    ) -> dict[str, Any]:
+        return await self._lora_each(ref, lora_ref, device, CommandType.SET_LORA_STRENGTH, strength)
+
+    async def remove_lora(self, ref: str, lora_ref: str, device: str | None = None) -> dict[str, Any]:
+        return await self._lora_each(ref, lora_ref, device, CommandType.UNLOAD_LORA, None)
+
+    async def _lora_each(
+        self, ref: str, lora_ref: str, device: str | None, command: CommandType, strength: float | None
+    ) -> dict[str, Any]:
+        record = await self.resolve(ref)
+        lora = await self.resolve(lora_ref)
+        held = [p for p in self._placements_for(record, device) if lora.id in p.loras]
+        if not held:
+            raise NotLoaded(
+                f"LoRA {lora.id} ({lora.name}) is not applied to model {record.id}", lora_id=lora.id
+            )
+        out = []
+        for p in held:
+            slot = self.slot(p.device)
+            data: dict[str, Any] = {"name": p.loras[lora.id]["name"]}
+            if strength is not None:
+                data["strength"] = strength
+            result = await slot.run(
+                lambda slot=slot, data=data: slot.call(command, data, timeout=60),  # type: ignore[misc]
+                priority=Priority.HIGH,
+                deadline=self._deadline(None),
+                label=f"lora {lora.id}",
+            )
+            if strength is None:
+                del p.loras[lora.id]
+            else:
+                p.loras[lora.id]["strength"] = strength
+            out.append({"device": p.device, **result})
+        return {"model_id": record.id, "lora_id": lora.id, "devices": out}
+
     # ------------------------------------------------------------------ cache
 
     def cache_view(self) -> dict[str, Any]:

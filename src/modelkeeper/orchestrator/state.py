@@ -23,6 +23,7 @@ class Placement:
     sources: dict[str, str] = field(default_factory=dict)  # component -> ram / disk
     segments: dict[str, str] = field(default_factory=dict)  # component -> cache component id
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # component -> seconds by step
+    loras: dict[str, dict[str, Any]] = field(default_factory=dict)  # LoRA model id -> name, strength, keys
     bytes: int = 0
     keep_loaded: bool = False
     loaded_at: float | None = None
@@ -44,6 +45,7 @@ class Placement:
             "last_used": self.last_used,
             "load_seconds": self.load_seconds,
             "timings": dict(self.timings),
+            "loras": {k: dict(v) for k, v in self.loras.items()},
             "leases": leases,
         }
 
