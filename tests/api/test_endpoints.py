@@ -255,6 +255,19 @@ def test_errors_are_json_with_codes(client: Client, svc: RunningService) -> None
     extra = httpx.post(f"{svc.url}/api/model/search", json={"colour": "blue"})
     assert extra.status_code == 422 and "colour" in extra.json()["error"]
     assert httpx.get(f"{svc.url}/api/nothing").json()["error_code"] == "NOT_FOUND"
+    # found by the fuzzer: numbers past SQLite's integers, a lone UTF-16 surrogate in valid JSON
+    assert httpx.get(f"{svc.url}/api/model", params={"offset": 10**20}).status_code == 422
+    surrogate = httpx.post(
+        f"{svc.url}/api/model/search",
+        content=b'{"query": "\\ud800"}',
+        headers={"content-type": "application/json"},
+    )
+    assert surrogate.status_code == 422 and surrogate.json()["error_code"] == "INVALID_REQUEST"
+    lone = httpx.put(
+        f"{svc.url}/api/model/{SD15}/metadata", content=b'{"description": "\\udc80"}',
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert lone.status_code == 422
 
 
 def test_metrics(client: Client) -> None:

@@ -5,6 +5,7 @@ driven with hypothesis directly."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 
@@ -16,7 +17,8 @@ from schemathesis import GenerationMode
 from modelkeeper.testing.service import RunningService
 from tests.api.conftest import ServiceFactory
 
-EXAMPLES = 30  # per operation, valid and invalid inputs mixed
+#: per operation, valid and invalid inputs mixed; MODELKEEPER_FUZZ_EXAMPLES=500 digs deeper
+EXAMPLES = int(os.environ.get("MODELKEEPER_FUZZ_EXAMPLES", "30"))
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,20 @@ def install(app: FastAPI) -> None:
             status_code=422,
         )  # fmt: skip
 
+    # Input no schema rules out but the stores cannot take: a lone UTF-16 surrogate in a string
+    # (valid JSON, not encodable as UTF-8), a number beyond SQLite's 64-bit integers.
+    @app.exception_handler(UnicodeEncodeError)
+    async def unencodable(request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        message = f"request text holds a character that cannot be encoded as UTF-8 ({exc.reason}, position {exc.start})"
+        return JSONResponse(error_body(message, ErrorCode.INVALID_REQUEST.value), status_code=422)
+
+    @app.exception_handler(OverflowError)
+    async def overflow(request: Request, exc: OverflowError) -> JSONResponse:
+        return JSONResponse(
+            error_body(f"a number in the request is too large: {exc}", ErrorCode.INVALID_REQUEST.value),
+            status_code=422,
+        )
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = CODE_BY_STATUS.get(exc.status_code, f"HTTP_{exc.status_code}")

@@ -93,7 +93,7 @@ async def list_models(
     sort: str = Query("name", pattern="^(name|type|base|size|created|updated)$"),
     descending: bool = False,
     limit: int = Query(50, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=1_000_000_000),
 ) -> dict[str, Any]:
     """Registered models, filtered and paginated, each with the devices it is loaded on."""
     return await service.list_models(

@@ -94,7 +94,7 @@ class SearchBody(_Body):
     sort: Literal["name", "type", "base", "size", "created", "updated"] = "name"
     descending: bool = False
     limit: int = Field(50, ge=1, le=1000)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=1_000_000_000)
 
     def filters(self) -> dict[str, Any]:
         out = self.model_dump()
