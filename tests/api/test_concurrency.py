@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,10 @@ def test_concurrent_loads_of_one_model_become_one_load(client: Client, slow: Run
 
 def test_queued_operations_run_by_priority(client: Client) -> None:
     blocker = client.load(SDXL, wait=False)["job"]
+    end = time.monotonic() + 30
+    while client.status("cpu")["running"] is None:  # the blocker holds the device before the others queue
+        assert time.monotonic() < end, "the blocking load never started"
+        time.sleep(0.02)
     low = client.load(CLIP_L, wait=False, priority="low")["job"]
     high = client.load(SD15_CKPT, wait=False, priority="critical")["job"]
     jobs = {
