@@ -72,7 +72,6 @@ class Orchestrator:
         self._registry: Registry | None = None
         self._cache: RamCache | None = None
         self._inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
-        self._rid_jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
@@ -444,6 +443,11 @@ class Orchestrator:
         fut.set_result(result)
         return result
 
+    async def _component_loads(self, record: ModelRecord) -> list[ComponentLoad]:
+        """The worker requests of the model's loadable components (reads headers: off the loop)."""
+        spec = await self._db(self.registry.worker_spec, record.id)
+        return await asyncio.to_thread(component_requests, record, spec)
+
     @staticmethod
     def check_file(record: ModelRecord) -> None:
         """Refuse a model whose file was deleted or changed since it was registered: what the
@@ -472,8 +476,7 @@ class Orchestrator:
     ) -> dict[str, Any]:
         started = time.perf_counter()
         self.check_file(record)
-        spec = await self._db(self.registry.worker_spec, record.id)
-        loads = await asyncio.to_thread(component_requests, record, spec)  # reads headers
+        loads = await self._component_loads(record)
         need = sum(c.bytes for c in loads)
         evicted = await self._make_room(slot, need, record.id, opts.force)
         p = Placement(record.id, record.name, record.type, slot.id, keep_loaded=opts.keep_loaded)
@@ -498,7 +501,7 @@ class Orchestrator:
                         CommandType.LOAD_MODEL,
                         load.request,
                         timeout=max(0.1, deadline - time.monotonic()),
-                        on_request_id=lambda rid: self._rid_jobs.__setitem__(rid, job),
+                        on_progress=lambda data: job.progress(**data),
                     )
                 done.append(load.request["name"])
                 p.components[label] = load.request["name"]
@@ -782,7 +785,7 @@ class Orchestrator:
                 command,
                 {**data, "name": name},
                 timeout=self.settings.request_timeout,
-                on_request_id=lambda rid: self._rid_jobs.__setitem__(rid, job),
+                on_progress=lambda data: job.progress(**data),
             )
         if component is not None and not results:
             raise NotLoaded(
@@ -893,8 +896,7 @@ class Orchestrator:
 
         async def body(job: Job) -> Any:
             self.check_file(record)
-            spec = await self._db(self.registry.worker_spec, record.id)
-            loads = await asyncio.to_thread(component_requests, record, spec)  # reads headers
+            loads = await self._component_loads(record)
             out = []
             for i, planned in enumerate(loads):
                 job.progress(component=i + 1, components=len(loads), step=planned.component, force=True)
@@ -920,8 +922,7 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
 
         async def body(job: Job) -> Any:
-            spec = await self._db(self.registry.worker_spec, model_id)
-            load = next(c for c in component_requests(record, spec) if c.component == name or len(spec) == 1)
+            load = next(c for c in await self._component_loads(record) if c.component == name)
             load = await self._via_cache(record, load, LoadOptions(require_cache=True), job, loop)
             return {"segments": [load.segment.info()] if load.segment else []}
 
@@ -1034,9 +1035,6 @@ class Orchestrator:
 
     def _worker_event(self, slot: WorkerSlot, event: Event) -> None:
         data = dict(event.data)
-        if event.event is EventType.PROGRESS and event.request_id in self._rid_jobs:
-            self._rid_jobs[event.request_id].progress(**data)
-            return
         if event.event is EventType.MEMORY_PRESSURE:
             slot.memory = data
             self.bus.publish("worker.memory_pressure", device=slot.id, memory=data)
@@ -1051,8 +1049,6 @@ class Orchestrator:
                         self.bus.publish(
                             "model.lost", model_id=p.model_id, device=slot.id, reason=data.get("reason")
                         )
-            if data.get("state") == "loaded" and event.request_id:
-                self._rid_jobs.pop(event.request_id, None)
 
     def _worker_exit(self, slot: WorkerSlot, code: int | None) -> None:
         self._spawn(self._recover(slot, code))

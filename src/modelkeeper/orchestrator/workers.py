@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from modelkeeper.protocol.client import WorkerProcess
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
-from modelkeeper.protocol.messages import Event
+from modelkeeper.protocol.messages import Event, EventType
 
 T = TypeVar("T")
 
@@ -128,6 +128,7 @@ class WorkerSlot:
         self._monitor: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._stopping = False
+        self._progress: dict[str, Callable[[dict[str, Any]], None]] = {}  # request id -> its listener
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -139,7 +140,7 @@ class WorkerSlot:
         loop = asyncio.get_running_loop()
 
         def forward(ev: Event) -> None:
-            loop.call_soon_threadsafe(self._on_event, self, ev)
+            loop.call_soon_threadsafe(self._event, ev)
 
         proc.on_event(forward)
         self.proc = proc
@@ -207,14 +208,15 @@ class WorkerSlot:
         data: dict[str, Any] | None = None,
         *,
         timeout: float | None = 60.0,
-        on_request_id: Callable[[str], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """One request to the worker. On a timeout the worker is told to cancel it and pinged; a
-        worker that does not answer the ping is killed (and restarted by the service)."""
+        """One request to the worker; its progress events go to ``on_progress`` while it runs. On a
+        timeout the worker is told to cancel it and pinged; a worker that does not answer the ping
+        is killed (and restarted by the service)."""
         proc = self._connection()
         rid = f"{self.id}-{next(self._ids)}"
-        if on_request_id is not None:
-            on_request_id(rid)
+        if on_progress is not None:
+            self._progress[rid] = on_progress
         fut = asyncio.wrap_future(proc.submit(type, data, request_id=rid))
         try:
             return await asyncio.wait_for(fut, timeout)
@@ -228,6 +230,16 @@ class WorkerSlot:
         except asyncio.CancelledError:
             self.cancel_request(rid)
             raise
+        finally:
+            self._progress.pop(rid, None)
+
+    def _event(self, event: Event) -> None:
+        """A worker event, on the loop: progress to its request's listener, the rest to the service."""
+        listener = self._progress.get(event.request_id or "") if event.event is EventType.PROGRESS else None
+        if listener is not None:
+            listener(dict(event.data))
+        else:
+            self._on_event(self, event)
 
     def cancel_request(self, rid: str) -> None:
         proc = self.proc
