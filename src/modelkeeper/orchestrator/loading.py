@@ -20,14 +20,11 @@ from typing import Any
 
 from modelkeeper.cache import RamCache, Segment
 from modelkeeper.cache.segment import Progress
+from modelkeeper.formats.conventions import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES, WEIGHT_STEMS
 from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES
 from modelkeeper.formats.safetensors_header import read_header
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.registry.records import ModelRecord
-
-CONFIG_METADATA_KEY = "modelkeeper.config"
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
 
 @dataclass

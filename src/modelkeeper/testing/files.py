@@ -33,6 +33,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer, PreTrainedModel, T5Tokenizer
 
+from modelkeeper.formats.conventions import CONFIG_METADATA_KEY
 from modelkeeper.testing.components import (
     DEFAULT_SEED,
     Base,
@@ -62,11 +63,6 @@ from modelkeeper.testing.original_layout import (
     vae_to_original,
 )
 from modelkeeper.testing.tokenizer import make_clip_tokenizer, save_clip_tokenizer, save_t5_tokenizer
-
-CONFIG_METADATA_KEY = "modelkeeper.config"
-"""safetensors ``__metadata__`` entry holding JSON: for one component, the ``config.json`` its diffusers /
-transformers folder would hold; for a full checkpoint, ``{"_class_name": <pipeline class>, "unet": {...},
-"vae": {...}, "text_encoder": {...}[, "text_encoder_2": {...}]}``."""
 
 Layout = Literal["diffusers", "original"]
 ComponentKind = Literal["unet", "vae", "clip_l", "clip_g", "clip_h", "t5"]

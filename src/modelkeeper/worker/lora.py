@@ -48,6 +48,7 @@ from typing import Any, Literal, cast
 
 import torch
 
+from modelkeeper.formats.conventions import SAFETENSORS_SUFFIXES
 from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsupportedFormat
 from modelkeeper.protocol.errors import ErrorCode
 from modelkeeper.worker.errors import AlreadyLoaded, InvalidRequest, NotLoaded, WorkerError
@@ -78,7 +79,7 @@ def read_lora_file(path: str | Path) -> tuple[StateDict, dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise ModelFileNotFound(f"{path}: no such LoRA file", path=str(path))
-    if path.suffix.lower() not in (".safetensors", ".sft"):
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise UnsupportedFormat(
             f"{path}: LoRAs are read from .safetensors files (convert pickle files first)", path=str(path)
         )

@@ -12,14 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelkeeper.formats.conventions import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES, WEIGHT_STEMS
 from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsupportedFormat
 from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES
 from modelkeeper.protocol.messages import KeyLayout, LoadRequest, ModelKind
 from modelkeeper.worker.errors import InvalidRequest
-
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
-CONFIG_METADATA_KEY = "modelkeeper.config"
 
 #: Subfolders of a diffusers pipeline that hold each kind, in order of preference.
 PIPELINE_SUBFOLDERS: dict[ModelKind, tuple[str, ...]] = {
