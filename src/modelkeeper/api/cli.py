@@ -214,16 +214,16 @@ def load(
     token: TokenOption = None,
 ) -> None:
     """Load a model on a device (placement chooses when --device is not given), with a progress bar."""
-    try:
-        with _client(url, token) as c:
-            answer = c.load(model, device, wait=False, priority=priority, timeout=timeout, force=force,
-                            keep_loaded=keep_loaded)  # fmt: skip
-            if detach:
-                _print_json(answer["job"]) if as_json else typer.echo(answer["job"]["id"])
-                return
-            job = _finish(c, answer, as_json)
-    except Exception as exc:
-        raise _fail(exc) from None
+
+    def run(c: Client) -> dict[str, Any]:
+        answer = c.load(model, device, wait=False, priority=priority, timeout=timeout, force=force,
+                        keep_loaded=keep_loaded)  # fmt: skip
+        return answer["job"] if detach else _finish(c, answer, as_json)
+
+    job = _call(url, token, run)
+    if detach:
+        _print_json(job) if as_json else typer.echo(job["id"])
+        return
     result = job["result"]
     if as_json:
         _print_json(result)
@@ -261,14 +261,8 @@ def unload(
 def _operation(
     kind: str, model: str, options: dict[str, Any], as_json: bool, url: str | None, token: str | None
 ) -> None:
-    try:
-        with _client(url, token) as c:
-            answer = getattr(c, kind)(
-                model, wait=False, **{k: v for k, v in options.items() if v is not None}
-            )
-            job = _finish(c, answer, as_json)
-    except Exception as exc:
-        raise _fail(exc) from None
+    given = {k: v for k, v in options.items() if v is not None}
+    job = _call(url, token, lambda c: _finish(c, getattr(c, kind)(model, wait=False, **given), as_json))
     result = job["result"]
     if as_json:
         _print_json(result)
