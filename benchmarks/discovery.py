@@ -3,7 +3,10 @@
 1. First scan and unchanged rescan of 10,000 generated model files of mixed kinds (checkpoints,
    UNets, VAEs, text encoders, LoRAs of four formats, embeddings, diffusers folders), in ComfyUI-like
    folders. Each file carries the real header of one tiny demo model (``modelkeeper.testing``) with
-   its own ``__metadata__``, and a sparse data section, so 10,000 files cost little disk.
+   its own ``__metadata__``, and a sparse data section, so 10,000 files cost little disk. The
+   structures vary as users' files do (``vary``: dtypes, LoRA ranks, embedding sizes), and the
+   scan is timed twice: as it runs (remembering validated tensor sections and identifications
+   across files that share a structure) and, as the anchor, with that memo off.
 2. Hashing a 2 GB file: BLAKE3 (multithreaded) and hashlib SHA-256 alone, then both in one read as
    the hasher runs them (with and without component content ids), warm page cache, best of 3.
 
@@ -18,8 +21,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
+import random
 import shutil
 import struct
 import sys
@@ -27,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from blake3 import blake3
 
@@ -70,7 +76,7 @@ FOLDERS = {
 PER_FOLDER = 250
 
 
-def _header(path: Path) -> tuple[dict[str, object], int]:
+def _header(path: Path) -> tuple[dict[str, Any], int]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -78,11 +84,61 @@ def _header(path: Path) -> tuple[dict[str, object], int]:
     return header, size
 
 
+#: Where the LoRA formats keep their rank: (name part, dimension of the shape).
+RANK_DIMS = (
+    ("lora_down", 0),
+    ("lora_up", 1),
+    ("lora_A", 0),
+    ("lora_B", 1),
+    ("hada_w1_a", 1),
+    ("hada_w2_a", 1),
+    ("hada_w1_b", 0),
+    ("hada_w2_b", 0),
+)
+DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
+
+
+def vary(header: dict[str, Any], data_size: int, rng: random.Random) -> tuple[dict[str, Any], int]:
+    """The template's structure as users' files vary it: the dtype of the weights; for LoRAs the
+    rank (mostly a common one, one in ten anything from 1 to 256) and, one in ten, no text encoder
+    part; for embeddings the number of vectors. Offsets are laid out again."""
+    meta = header.get("__metadata__")
+    tensors = {k: dict(v) for k, v in header.items() if k != "__metadata__"}
+    names = " ".join(tensors)
+    lora = any(part in names for part, _ in RANK_DIMS)
+    embedding = len(tensors) <= 2 and "." not in names
+    dtype = rng.choices(["F16", "BF16", "F32"], weights=[7, 2, 1])[0]
+    if embedding:
+        dtype = rng.choice(["F32", "F16"])
+        vectors = rng.randint(1, 16)
+    if lora:
+        rank = rng.choice([4, 8, 16, 32, 64, 128]) if rng.random() < 0.9 else rng.randint(1, 256)
+        if rng.random() < 0.1:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(("lora_te", "text_encoder"))}
+    offset = 0
+    for name, entry in tensors.items():
+        shape = list(entry["shape"])
+        if lora:
+            for part, dim in RANK_DIMS:
+                if part in name and len(shape) > dim:
+                    shape[dim] = rank
+        if embedding and len(shape) == 2:
+            shape[0] = vectors
+        if entry["dtype"] in DTYPE_BYTES:
+            entry["dtype"] = dtype
+        size = math.prod(shape) * DTYPE_BYTES.get(entry["dtype"], 1)
+        entry["shape"], entry["data_offsets"] = shape, [offset, offset + size]
+        offset += size
+    out: dict[str, Any] = {"__metadata__": meta} if meta is not None else {}
+    out.update(tensors)
+    return out, offset
+
+
 def _write_sparse(path: Path, header: dict[str, object], data_size: int, i: int) -> None:
     h = dict(header)
     meta = dict(h.get("__metadata__") or {})  # type: ignore[call-overload]
     meta["bench.copy"] = str(i)
-    h["__metadata__"] = meta
+    h = {"__metadata__": meta, **{k: v for k, v in h.items() if k != "__metadata__"}}  # as safetensors writes
     raw = json.dumps(h, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
@@ -103,7 +159,10 @@ def _copy_folder(src: Path, dst: Path, i: int) -> None:
             shutil.copyfile(item, target)
 
 
-def generate_library(root: Path, count: int, demo_root: Path) -> int:
+def generate_library(root: Path, count: int, demo_root: Path, seed: int = 0) -> tuple[int, int]:
+    """Write ``count`` model files and folders; returns (made, distinct tensor sections)."""
+    rng = random.Random(seed)
+    structures: set[str] = set()
     manifest = json.loads((demo_root / "manifest.json").read_text())
     entries = {e["name"]: e for e in manifest["entries"]}
     templates = {
@@ -122,9 +181,11 @@ def generate_library(root: Path, count: int, demo_root: Path) -> int:
                 _copy_folder(demo_root / entry["path"], root / "diffusers" / f"{name}-{i:05d}", i)
             else:
                 sub.mkdir(parents=True, exist_ok=True)
-                _write_sparse(sub / f"{name}-{i:05d}.safetensors", *templates[name], i)
+                header, size = vary(*templates[name], rng)
+                structures.add(json.dumps({k: v for k, v in header.items() if k != "__metadata__"}))
+                _write_sparse(sub / f"{name}-{i:05d}.safetensors", header, size, i)
             made += 1
-    return made
+    return made, len(structures)
 
 
 def bench_scan(count: int, work: Path, log: Callable[[str], None]) -> dict[str, float]:
@@ -134,18 +195,33 @@ def bench_scan(count: int, work: Path, log: Callable[[str], None]) -> dict[str, 
     write_demo_models(demo)
     lib = work / "library"
     t = time.perf_counter()
-    made = generate_library(lib, count, demo)
-    log(f"generated {made} model files and folders in {time.perf_counter() - t:.1f} s")
+    made, structures = generate_library(lib, count, demo)
+    log(
+        f"generated {made} model files and folders in {time.perf_counter() - t:.1f} s; "
+        f"{structures} distinct tensor sections among the single files"
+    )
     os.sync()
+    # Anchor: the same first scan without the scan's memo, every header parsed and identified.
+    plain = Registry.open(work / "plain.sqlite3")
+    t = time.perf_counter()
+    anchor = Scanner(plain, [lib], memo=False).scan()
+    anchor_s = time.perf_counter() - t
+    plain.close()
+    log(
+        f"first scan, no memo {len(anchor.entries):6d} entries  {anchor_s:6.2f} s  {len(anchor.entries) / anchor_s:8.0f} files/s"
+    )
     registry = Registry.open(work / "registry.sqlite3")
     scanner = Scanner(registry, [lib])
     t, cpu = time.perf_counter(), time.process_time()
     first = scanner.scan()
     first_s, first_cpu = time.perf_counter() - t, time.process_time() - cpu
     s = first.summary()
+    memo = scanner.last_memo
+    hits = f"header memo {memo.headers.hits} hits, {memo.headers.misses} misses" if memo else "no memo"
     log(
         f"first scan      {s['total']:6d} entries  {first_s:6.2f} s  {s['total'] / first_s:8.0f} files/s  ({s['added']} added, {s['rejected']} rejected)"
-        f"  CPU {first_cpu / s['total'] * 1e3:.2f} ms/file in {scanner.processes or 1} process(es)"
+        f"  CPU {first_cpu / s['total'] * 1e3:.2f} ms/file in {scanner.processes or 1} process(es); {hits}"
+        f"; {first_s / anchor_s:.2f}x the time of the scan without memo"
     )
     times = []
     for _ in range(3):

@@ -106,5 +106,10 @@ def test_paths_must_resolve_inside_the_model_roots(
                 assert err.value.status_code == 403, ref
                 assert "outside every model root" in err.value.message
             assert c.model(SD15)["type"] == "main"  # a relative path inside a root resolves
+            # found by the fuzzer: a NUL byte made realpath raise (500); now a named 422
+            with pytest.raises(ApiError) as err:
+                c.unload("/\x00", "0")
+            assert err.value.status_code == 422
+            assert "NUL byte" in err.value.message
     finally:
         link.unlink()

@@ -20,6 +20,7 @@ from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound
 from modelkeeper.formats.safetensors_header import (
     DTYPE_BITS,
     SafetensorsHeader,
+    StructureMemo,
     TensorInfo,
     parse_header,
     read_header,
@@ -486,3 +487,94 @@ def test_tensor_info_is_a_plain_frozen_dataclass() -> None:
     parsed = _parse({"w": _entry("F16", [2, 3], 0, 12)}, 12).tensors["w"]
     assert parsed == info
     assert hash(parsed) == hash(info)
+
+
+# --- the structure memo ------------------------------------------------------------------------
+
+
+def _metadata_first(metadata: Any, tensors: dict[str, Any], pad: int = 0) -> bytes:
+    """A header as safetensors writes it: ``__metadata__`` first, compact, then ``pad`` spaces."""
+    raw = json.dumps({"__metadata__": metadata, **tensors}, separators=(",", ":")).encode()
+    return raw + b" " * pad
+
+
+def _verdict(raw: bytes, data_size: int, memo: StructureMemo | None) -> SafetensorsHeader | str:
+    try:
+        return parse_header(raw, file_size=8 + len(raw) + data_size, path=Path("m.safetensors"), memo=memo)
+    except InvalidModelFile as exc:
+        return str(exc)
+
+
+TENSORS = {k: v for k, v in GOOD.items() if k != "__metadata__"}
+
+
+def test_memo_reuses_a_known_tensor_section_with_each_file_s_own_metadata() -> None:
+    memo = StructureMemo()
+    first = _verdict(_metadata_first({"format": "pt", "a": "1"}, TENSORS), GOOD_DATA, memo)
+    second = _verdict(_metadata_first({"b": "2"}, TENSORS, pad=5), GOOD_DATA, memo)  # padding differs
+    assert isinstance(first, SafetensorsHeader) and isinstance(second, SafetensorsHeader)
+    assert (memo.hits, memo.misses, len(memo)) == (1, 1, 1)
+    assert second.tensors is first.tensors
+    assert second.metadata == {"b": "2"}
+    assert second.structure == first.structure is not None
+    assert second.header_size == first.header_size + len('"b":"2"') - len('"format":"pt","a":"1"') + 5
+
+
+BAD_METADATA: list[Any] = [
+    {"n": 1},
+    ["a"],
+    7,
+    {"k": "\ud800"},
+]
+
+
+@pytest.mark.parametrize("metadata", BAD_METADATA, ids=["int-value", "array", "number", "lone-surrogate"])
+def test_memo_hit_checks_the_metadata_as_the_strict_parser_does(metadata: Any) -> None:
+    memo = StructureMemo()
+    assert isinstance(
+        _verdict(_metadata_first({"format": "pt"}, TENSORS), GOOD_DATA, memo), SafetensorsHeader
+    )
+    raw = _metadata_first(metadata, TENSORS)
+    with_memo = _verdict(raw, GOOD_DATA, memo)
+    assert memo.hits == 1
+    assert isinstance(with_memo, str)
+    assert with_memo == _verdict(raw, GOOD_DATA, None)
+
+
+def test_memo_hit_rejects_duplicate_metadata_keys() -> None:
+    memo = StructureMemo()
+    _verdict(_metadata_first({}, TENSORS), GOOD_DATA, memo)
+    raw = (
+        b'{"__metadata__":{"k":"1","k":"2"},'
+        + _metadata_first(None, TENSORS)[len(b'{"__metadata__":null,') :]
+    )
+    assert "duplicate key 'k'" in str(_verdict(raw, GOOD_DATA, memo))
+    assert memo.hits == 1
+
+
+def test_memo_keys_on_the_data_size_and_remembers_only_valid_sections() -> None:
+    memo = StructureMemo()
+    truncated = _verdict(_metadata_first({}, TENSORS), GOOD_DATA - 1, memo)
+    assert isinstance(truncated, str) and "truncated" in truncated
+    assert len(memo) == 0
+    assert isinstance(_verdict(_metadata_first({}, TENSORS), GOOD_DATA, memo), SafetensorsHeader)
+    trailing = _verdict(_metadata_first({}, TENSORS), GOOD_DATA + 3, memo)
+    assert isinstance(trailing, str) and "trailing bytes" in trailing
+    assert memo.hits == 0
+
+
+def test_memo_applies_only_when_metadata_comes_first() -> None:
+    memo = StructureMemo()
+    raw = json.dumps({**TENSORS, "__metadata__": {"a": "1"}}).encode()
+    for _ in range(2):
+        header = _verdict(raw, GOOD_DATA, memo)
+        assert isinstance(header, SafetensorsHeader) and header.structure is None
+    assert (memo.hits, len(memo)) == (0, 0)
+
+
+def test_memo_is_bounded() -> None:
+    memo = StructureMemo(max_bytes=300)
+    for i in range(10):
+        tensors = {f"t{i}.{k}": v for k, v in TENSORS.items()}
+        assert isinstance(_verdict(_metadata_first({}, tensors), GOOD_DATA, memo), SafetensorsHeader)
+    assert 0 < len(memo) < 10 and memo.bytes <= 300

@@ -10,12 +10,13 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelkeeper.discovery.errors import EmptyFile, FileVanished, UnreadableFile
 from modelkeeper.discovery.folders import identify_component_folder, identify_pipeline_folder
 from modelkeeper.discovery.gguf import GGUF_MAGIC
-from modelkeeper.discovery.identify import identify_table
+from modelkeeper.discovery.identify import IdentificationMemo, identify_table
 from modelkeeper.discovery.metadata import base_from_text
 from modelkeeper.discovery.records import Identification, ModelFormat
 from modelkeeper.discovery.rules.hints import hints_for
@@ -28,6 +29,7 @@ from modelkeeper.discovery.tables import (
 )
 from modelkeeper.discovery.walker import Candidate, CandidateKind
 from modelkeeper.formats.errors import FormatError, InvalidModelFile, ModelFileNotFound
+from modelkeeper.formats.safetensors_header import StructureMemo
 
 _ZIP = b"PK\x03\x04"
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -50,13 +52,22 @@ def sniff(path: str) -> ModelFormat | None:
     return None
 
 
+@dataclass
+class ScanMemo:
+    """What one scan remembers across files: tensor sections already validated and the
+    identifications of tables already seen (files that share a structure, see ``StructureMemo``)."""
+
+    headers: StructureMemo = field(default_factory=StructureMemo)
+    identifications: IdentificationMemo = field(default_factory=dict)
+
+
 def read_table(
-    path: str, fmt: ModelFormat, *, pickle_timeout: float = 60.0
+    path: str, fmt: ModelFormat, *, pickle_timeout: float = 60.0, memo: StructureMemo | None = None
 ) -> tuple[TensorTable, ModelFormat]:
     """The tensor table of a weights file, whatever its suffix says."""
     if fmt is ModelFormat.SAFETENSORS:
         try:  # the common case: one open, no sniffing
-            return read_safetensors_table(path), fmt
+            return read_safetensors_table(path, memo), fmt
         except InvalidModelFile:
             actual = sniff(path)
             if actual in (None, ModelFormat.SAFETENSORS):
@@ -78,8 +89,11 @@ def _as_format_error(exc: OSError, path: str) -> FormatError:
     return UnreadableFile(f"{path}: cannot read: {exc.strerror or exc}", path=path)
 
 
-def examine(candidate: Candidate, *, pickle_timeout: float = 60.0) -> tuple[Identification, Sidecar]:
-    """Identify one candidate; raises a FormatError for anything that cannot be read."""
+def examine(
+    candidate: Candidate, *, pickle_timeout: float = 60.0, memo: ScanMemo | None = None
+) -> tuple[Identification, Sidecar]:
+    """Identify one candidate; raises a FormatError for anything that cannot be read. A scan
+    passes one ``memo`` for all its files."""
     if candidate.error is not None:
         raise candidate.error
     hints = hints_for(candidate.folders)
@@ -95,9 +109,16 @@ def examine(candidate: Candidate, *, pickle_timeout: float = 60.0) -> tuple[Iden
             return identify_component_folder(Path(path), set(candidate.names), hints), sidecar
         if candidate.fingerprint is not None and candidate.fingerprint.size == 0:
             raise EmptyFile(f"{path}: empty file (0 bytes)", path=path)
-        table, fmt = read_table(path, candidate.format, pickle_timeout=pickle_timeout)
+        table, fmt = read_table(
+            path, candidate.format, pickle_timeout=pickle_timeout, memo=memo.headers if memo else None
+        )
         ident = identify_table(
-            table, fmt, hints=hints, sidecar_prediction=sidecar.prediction, civitai_base=civitai_base
+            table,
+            fmt,
+            hints=hints,
+            sidecar_prediction=sidecar.prediction,
+            civitai_base=civitai_base,
+            memo=memo.identifications if memo else None,
         )
         return ident, sidecar
     except ModelFileNotFound as exc:

@@ -342,6 +342,10 @@ def _small_model(
         return None
 
 
+#: Identifications by (table structure, format, file evidence, hints); see ``identify_table``.
+IdentificationMemo = dict[tuple[Any, ...], Identification]
+
+
 def identify_table(
     table: TensorTable,
     fmt: ModelFormat,
@@ -349,9 +353,15 @@ def identify_table(
     hints: PathHints | None = None,
     sidecar_prediction: str | None = None,
     civitai_base: Base | None = None,
+    memo: IdentificationMemo | None = None,
 ) -> Identification:
     """Identify one weights file from its tensor table. Never raises for an unknown file:
-    the answer is then ``type=unknown`` with rule ``none``."""
+    the answer is then ``type=unknown`` with rule ``none``.
+
+    With ``memo``, a table with a known structure (``TensorTable.structure``) and the same
+    evidence from its metadata and folders gets a copy of the earlier answer, with its own
+    metadata summary: every rule reads only the tensors, that evidence and the hints.
+    """
     file_evidence = metadata_evidence(table.metadata, table.tensors)
     if sidecar_prediction and "meta_prediction" not in file_evidence:
         file_evidence["meta_prediction"] = sidecar_prediction
@@ -359,6 +369,20 @@ def identify_table(
         file_evidence["meta_base"] = civitai_base
     if "ss_network_alpha" in table.metadata:
         file_evidence["meta_alpha"] = table.metadata["ss_network_alpha"]
+    if memo is None or table.structure is None:
+        return _identify_table(table, fmt, file_evidence, hints)
+    key = (table.structure, fmt, tuple(sorted(file_evidence.items())), hints)
+    known = memo.get(key)
+    if known is not None:
+        return known.model_copy(update={"metadata": summarize_metadata(table.metadata)}, deep=True)
+    ident = _identify_table(table, fmt, file_evidence, hints)
+    memo[key] = ident.model_copy(deep=True)
+    return ident
+
+
+def _identify_table(
+    table: TensorTable, fmt: ModelFormat, file_evidence: dict[str, Any], hints: PathHints | None
+) -> Identification:
     count, params, nbytes, dtypes = table.stats()
     common: dict[str, Any] = {
         "format": fmt,

@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelkeeper.discovery.examine import examine
+from modelkeeper.discovery.examine import ScanMemo, examine
 from modelkeeper.discovery.identify import RULES_VERSION
 from modelkeeper.discovery.records import Identification
 from modelkeeper.discovery.sidecar import Sidecar
@@ -147,10 +147,17 @@ class _Failure:
 Result = tuple[Identification, Sidecar] | BaseException | _Failure
 
 
+_PROCESS_MEMO: ScanMemo | None = None
+
+
 def examine_safely(candidate: Candidate, pickle_timeout: float) -> tuple[Identification, Sidecar] | _Failure:
-    """``examine`` for a worker process: every failure of one file becomes that file's rejection."""
+    """``examine`` for a worker process: every failure of one file becomes that file's rejection.
+    The process keeps one memo for its life (the pool lives for one scan)."""
+    global _PROCESS_MEMO
+    if _PROCESS_MEMO is None:
+        _PROCESS_MEMO = ScanMemo()
     try:
-        return examine(candidate, pickle_timeout=pickle_timeout)
+        return examine(candidate, pickle_timeout=pickle_timeout, memo=_PROCESS_MEMO)
     except FormatError as exc:
         return _Failure(exc.code.value, exc.message)
     except Exception as exc:
@@ -158,10 +165,10 @@ def examine_safely(candidate: Candidate, pickle_timeout: float) -> tuple[Identif
 
 
 def _examine_here(
-    candidate: Candidate, pickle_timeout: float
+    candidate: Candidate, pickle_timeout: float, memo: ScanMemo | None = None
 ) -> tuple[Identification, Sidecar] | BaseException:
     try:
-        return examine(candidate, pickle_timeout=pickle_timeout)
+        return examine(candidate, pickle_timeout=pickle_timeout, memo=memo)
     except Exception as exc:  # every failure of one file is that file's rejection
         return exc
 
@@ -177,6 +184,7 @@ class Scanner:
         pickle_timeout: float = 60.0,
         workers: int = 2,
         processes: int | None = None,
+        memo: bool = True,
     ) -> None:
         self.registry = registry
         self.roots = [os.path.abspath(os.fspath(r)) for r in roots]
@@ -184,6 +192,9 @@ class Scanner:
         self.allow_outside_roots = allow_outside_roots
         self.pickle_timeout = pickle_timeout
         self.workers = max(1, workers)
+        # Remember validated tensor sections and identifications across the files of one scan.
+        self.memo = memo
+        self.last_memo: ScanMemo | None = None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         # Worker processes pay off from 4 cores: below that the registry writes and the workers
         # share too few cores (measured on 2 vCPUs: slower than one process).
@@ -270,20 +281,23 @@ class Scanner:
 
         candidates = [c for c, _ in todo]
         timeouts = [self.pickle_timeout] * len(todo)
+        memo = ScanMemo() if self.memo else None
+        memos = [memo] * len(todo)
         try:
             with self._executor(len(todo)) as pool:
                 if isinstance(pool, ProcessPoolExecutor):
                     results: Iterator[Result] = pool.map(examine_safely, candidates, timeouts, chunksize=32)
                 elif self.workers > 1 and len(todo) > 1:
-                    results = pool.map(_examine_here, candidates, timeouts)
+                    results = pool.map(_examine_here, candidates, timeouts, memos)
                 else:
-                    results = map(_examine_here, candidates, timeouts)
+                    results = map(_examine_here, candidates, timeouts, memos)
                 for result in results:
                     take(result)
         except BrokenProcessPool:
             # A worker process died (killed, out of memory): finish here, one file at a time.
             for c in candidates[done:]:
-                take(_examine_here(c, self.pickle_timeout))
+                take(_examine_here(c, self.pickle_timeout, memo))
+        self.last_memo = memo
         self._write(batch, entries, now)
 
     def _executor(self, count: int) -> ThreadPoolExecutor | ProcessPoolExecutor:

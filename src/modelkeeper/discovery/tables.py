@@ -18,7 +18,7 @@ from typing import Protocol
 from modelkeeper.discovery.gguf import read_gguf_header
 from modelkeeper.formats.errors import InvalidModelFile
 from modelkeeper.formats.pickle_sandbox import inspect_pickle
-from modelkeeper.formats.safetensors_header import read_header
+from modelkeeper.formats.safetensors_header import StructureMemo, read_header
 
 #: Bytes per element of the safetensors dtypes (quantized GGUF types use the file's offsets).
 DTYPE_SIZES: dict[str, float] = {
@@ -127,6 +127,9 @@ class TensorTable:
     tensors: Mapping[str, TensorLike]
     metadata: dict[str, str] = field(default_factory=dict)
     data_offset: int | None = None  # absolute offset of the data section, when known
+    #: The tensor section's identity when read with a memo (``SafetensorsHeader.structure``):
+    #: tables with an equal structure have the same tensors.
+    structure: tuple[str, int] | None = None
     _totals: tuple[int, int, int, dict[str, int]] | None = field(default=None, repr=False, compare=False)
 
     def stats(self, names: list[str] | None = None) -> tuple[int, int, int, dict[str, int]]:
@@ -152,9 +155,9 @@ def _stats(metas: Collection[TensorLike]) -> tuple[int, int, int, dict[str, int]
 _SHAPE, _DTYPE, _BEGIN, _END = (attrgetter(a) for a in ("shape", "dtype", "begin", "end"))
 
 
-def read_safetensors_table(path: str | os.PathLike[str]) -> TensorTable:
-    header = read_header(path)
-    return TensorTable(header.tensors, dict(header.metadata), header.data_offset)
+def read_safetensors_table(path: str | os.PathLike[str], memo: StructureMemo | None = None) -> TensorTable:
+    header = read_header(path, memo=memo)
+    return TensorTable(header.tensors, dict(header.metadata), header.data_offset, header.structure)
 
 
 def read_gguf_table(path: str | os.PathLike[str]) -> TensorTable:

@@ -31,6 +31,7 @@ __all__ = [
     "DTYPE_BITS",
     "MAX_TENSOR_BYTES",
     "SafetensorsHeader",
+    "StructureMemo",
     "TensorInfo",
     "parse_header",
     "read_header",
@@ -133,6 +134,10 @@ class SafetensorsHeader:
     file_size: int
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    #: With a memo: the header's text after its leading ``__metadata__`` object, with the data
+    #: size. Files with an equal structure hold the same tensors at the same offsets (see
+    #: :class:`StructureMemo`); None when the header does not start with its metadata.
+    structure: tuple[str, int] | None = None
 
     def _select(self, names: Iterable[str] | None) -> Iterable[TensorInfo]:
         if names is None:
@@ -153,13 +158,17 @@ class SafetensorsHeader:
 
 
 def read_header(
-    path: str | os.PathLike[str], *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    path: str | os.PathLike[str],
+    *,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    memo: StructureMemo | None = None,
 ) -> SafetensorsHeader:
     """Read and validate the header of the safetensors file at ``path``.
 
     Reads the 8-byte length, then the header itself with one ``pread`` of the exact size; the
     data section is never read. Raises ``ModelFileNotFound`` when there is no such file and
-    ``InvalidModelFile`` for anything malformed.
+    ``InvalidModelFile`` for anything malformed. With ``memo``, a tensor section seen before is
+    not parsed again (see :class:`StructureMemo`).
     """
     p = Path(path)
     try:
@@ -183,10 +192,64 @@ def read_header(
         raw = _pread_exact(fd, header_size, _LENGTH.size, p)
     finally:
         os.close(fd)
-    return parse_header(raw, file_size=file_size, path=p)
+    return parse_header(raw, file_size=file_size, path=p, memo=memo)
 
 
-def parse_header(raw: bytes, *, file_size: int, path: Path) -> SafetensorsHeader:
+class StructureMemo:
+    """Tensor sections already validated, by their exact text, for a run over many files.
+
+    safetensors writes ``__metadata__`` first. Files from one training setup (LoRAs of one rank and
+    network) or of one base model (fine-tuned checkpoints) repeat the rest of the header byte for
+    byte: the same names, dtypes, shapes and offsets. For such a file only its metadata is decoded
+    and validated; the tensors are those of the first file with that text and data size. Bounded
+    by ``max_bytes`` of remembered text; thread-safe (one dict operation per access).
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20, max_text: int = 4 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.max_text = max_text
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._tensors: dict[tuple[str, int], dict[str, TensorInfo]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def get(self, key: tuple[str, int]) -> dict[str, TensorInfo] | None:
+        found = self._tensors.get(key)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def put(self, key: tuple[str, int], tensors: dict[str, TensorInfo]) -> None:
+        size = len(key[0])
+        if size <= self.max_text and self.bytes + size <= self.max_bytes and key not in self._tensors:
+            self._tensors[key] = tensors
+            self.bytes += size
+
+
+_MEMO_PREFIX = '{"' + _METADATA_KEY + '":'
+
+
+def _split_metadata(text: str) -> tuple[Any, str] | None:
+    """(the decoded leading ``__metadata__`` value, the text after it less trailing white space),
+    or None when the header does not start with it exactly as safetensors writes it."""
+    if not text.startswith(_MEMO_PREFIX):
+        return None
+    try:
+        value, end = _DECODER.raw_decode(text, len(_MEMO_PREFIX))
+    except (ValueError, RecursionError):
+        return None
+    # Trailing white space (the padding to 8 bytes) varies with the metadata's length.
+    return value, text[end:].rstrip(" \t\n\r")
+
+
+def parse_header(
+    raw: bytes, *, file_size: int, path: Path, memo: StructureMemo | None = None
+) -> SafetensorsHeader:
     """Validate ``raw``, the JSON header bytes (without the 8-byte length), of a file of ``file_size``.
 
     Pure: does no I/O; ``path`` only names the file in the result and in errors.
@@ -200,6 +263,24 @@ def parse_header(raw: bytes, *, file_size: int, path: Path) -> SafetensorsHeader
         raise InvalidModelFile(
             f"{path}: header is not valid UTF-8 (byte {exc.start})", path=str(path)
         ) from None
+    structure: tuple[str, int] | None = None
+    if memo is not None and (split := _split_metadata(text)) is not None:
+        value, rest = split
+        structure = (rest, data_size)
+        known = memo.get(structure)
+        if known is not None:
+            # The rest was valid after another metadata object: only this one needs checking,
+            # and the strict parser would look at it first too (same error for a bad one).
+            return SafetensorsHeader(
+                path=path,
+                header_size=header_size,
+                data_offset=_LENGTH.size + header_size,
+                data_size=data_size,
+                file_size=file_size,
+                tensors=known,
+                metadata=_parse_metadata(path, value),
+                structure=structure,
+            )
     # Cyclic GC passes over hundreds of thousands of fresh containers dominate the parse of a
     # big header; nothing here makes cycles, so pause it for the duration.
     gc_was_enabled = gc.isenabled()
@@ -210,6 +291,8 @@ def parse_header(raw: bytes, *, file_size: int, path: Path) -> SafetensorsHeader
     finally:
         if gc_was_enabled:
             gc.enable()
+    if memo is not None and structure is not None:
+        memo.put(structure, tensors)
     return SafetensorsHeader(
         path=path,
         header_size=header_size,
@@ -218,6 +301,7 @@ def parse_header(raw: bytes, *, file_size: int, path: Path) -> SafetensorsHeader
         file_size=file_size,
         tensors=tensors,
         metadata=metadata,
+        structure=structure,
     )
 
 

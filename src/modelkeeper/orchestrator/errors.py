@@ -5,6 +5,7 @@ Hierarchy::
     ProtocolError (modelkeeper.protocol)
     └── OrchestratorError            INTERNAL: the service cannot do what was asked
         ├── DeviceNotFound           INVALID_REQUEST: no worker runs on that device
+        ├── InvalidReference         INVALID_REQUEST: a model reference no path can hold (a NUL byte)
         ├── JobNotFound              INVALID_REQUEST: no job of that id
         ├── LeaseNotFound            INVALID_REQUEST: no lease of that id (or it expired)
         ├── ModelInUse               BUSY: a lease or a running operation holds the model; retry or use force
@@ -23,6 +24,7 @@ from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 __all__ = [
     "DeviceNotFound",
+    "InvalidReference",
     "JobNotFound",
     "LeaseNotFound",
     "ModelInUse",
@@ -39,6 +41,10 @@ class OrchestratorError(ProtocolError):
 
 
 class DeviceNotFound(OrchestratorError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class InvalidReference(OrchestratorError):
     code = ErrorCode.INVALID_REQUEST
 
 

@@ -25,6 +25,7 @@ from modelkeeper.cache import CacheFull, RamCache, Segment
 from modelkeeper.discovery import Hasher, HashProgress, Scanner, ScanProgress
 from modelkeeper.orchestrator.errors import (
     DeviceNotFound,
+    InvalidReference,
     ModelInUse,
     NotLoaded,
     NotPlaceable,
@@ -166,6 +167,8 @@ class Orchestrator:
     def check_path(self, path: str) -> Path:
         """``path`` (absolute, or relative to a model root) resolved with symlinks followed;
         PathOutsideRoots unless it lies inside a model root."""
+        if "\0" in path:
+            raise InvalidReference(f"path {path!r} contains a NUL byte", path=path)
         candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in self.roots]
         for candidate in candidates:
             real = Path(os.path.realpath(candidate))
