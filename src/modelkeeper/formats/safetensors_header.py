@@ -264,35 +264,28 @@ def parse_header(
             f"{path}: header is not valid UTF-8 (byte {exc.start})", path=str(path)
         ) from None
     structure: tuple[str, int] | None = None
+    known: dict[str, TensorInfo] | None = None
     if memo is not None and (split := _split_metadata(text)) is not None:
         value, rest = split
         structure = (rest, data_size)
         known = memo.get(structure)
-        if known is not None:
-            # The rest was valid after another metadata object: only this one needs checking,
-            # and the strict parser would look at it first too (same error for a bad one).
-            return SafetensorsHeader(
-                path=path,
-                header_size=header_size,
-                data_offset=_LENGTH.size + header_size,
-                data_size=data_size,
-                file_size=file_size,
-                tensors=known,
-                metadata=_parse_metadata(path, value),
-                structure=structure,
-            )
-    # Cyclic GC passes over hundreds of thousands of fresh containers dominate the parse of a
-    # big header; nothing here makes cycles, so pause it for the duration.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        document = _decode(path, text)
-        metadata, tensors = _validate(path, document, data_size)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    if memo is not None and structure is not None:
-        memo.put(structure, tensors)
+    if known is not None:
+        # The rest was valid after another metadata object: only this one needs checking, and
+        # the strict parser would look at it first too (the same error for a bad one).
+        tensors, metadata = known, _parse_metadata(path, value)
+    else:
+        # Cyclic GC passes over hundreds of thousands of fresh containers dominate the parse of a
+        # big header; nothing here makes cycles, so pause it for the duration.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            document = _decode(path, text)
+            metadata, tensors = _validate(path, document, data_size)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        if memo is not None and structure is not None:
+            memo.put(structure, tensors)
     return SafetensorsHeader(
         path=path,
         header_size=header_size,
