@@ -342,8 +342,8 @@ def _small_model(
         return None
 
 
-#: Identifications by (table structure, format, file evidence, hints); see ``identify_table``.
-IdentificationMemo = dict[tuple[Any, ...], Identification]
+#: Identifications (dumped) by (table structure, format, file evidence, hints); see ``identify_table``.
+IdentificationMemo = dict[tuple[Any, ...], dict[str, Any]]
 
 
 def identify_table(
@@ -374,9 +374,10 @@ def identify_table(
     key = (table.structure, fmt, tuple(sorted(file_evidence.items())), hints)
     known = memo.get(key)
     if known is not None:
-        return known.model_copy(update={"metadata": summarize_metadata(table.metadata)}, deep=True)
+        # Validation builds new containers: a copy for this file (a fifth of a deep copy's cost).
+        return Identification.model_validate({**known, "metadata": summarize_metadata(table.metadata)})
     ident = _identify_table(table, fmt, file_evidence, hints)
-    memo[key] = ident.model_copy(deep=True)
+    memo[key] = ident.model_dump()
     return ident
 
 
