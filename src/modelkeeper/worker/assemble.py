@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,39 +84,105 @@ def skeleton(class_name: str, config: dict[str, Any], *, path: str = "") -> torc
         raise InvalidModelFile(f"{path}: config does not build a {class_name}: {exc}", path=path) from None
 
 
-class SkeletonPool:
-    """Meta-device skeletons built ahead of need, ``depth`` per (class, config), so that the next
-    loads of the same architecture (model switches, even back to back) do not pay for Python-side
-    construction.
+@dataclass
+class Skeleton:
+    """A meta-device module and what loads check against, computed once per module: the shape of
+    every tensor its state dict expects, and which submodule owns each (parameter or buffer).
 
-    Only diffusers classes are prebuilt (their construction is thread-safe under the thread-local
-    meta device); ``take`` builds on the spot when none is ready.
+    A skeleton is used by one load; an unloaded module whose tensors are stripped back to the meta
+    device becomes a skeleton again (``SkeletonPool.give_back``), so switching between models of
+    one architecture costs no construction at all.
+    """
+
+    module: torch.nn.Module
+    expected: dict[str, tuple[int, ...]]
+    owners: dict[str, tuple[torch.nn.Module, str, bool]]  # key -> (owner, attribute, is a parameter)
+
+    @classmethod
+    def prepare(cls, module: torch.nn.Module) -> Skeleton:
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        modules = dict(module.named_modules())
+        owners: dict[str, tuple[torch.nn.Module, str, bool]] = {}
+        for key in expected:
+            prefix, _, attr = key.rpartition(".")
+            owner = modules[prefix]
+            owners[key] = (owner, attr, attr in owner._parameters)
+        module.eval()
+        return cls(module, expected, owners)
+
+    def strip(self) -> None:
+        """Give every tensor back to the meta device (the module keeps its shapes, frees its memory)."""
+        for key, (owner, attr, is_param) in self.owners.items():
+            old = owner._parameters[attr] if is_param else owner._buffers[attr]
+            dtype = old.dtype if old is not None else torch.float32
+            meta = torch.empty(self.expected[key], dtype=dtype, device="meta")
+            if is_param:
+                owner._parameters[attr] = torch.nn.Parameter(meta, requires_grad=False)
+            else:
+                owner._buffers[attr] = meta
+
+
+class SkeletonPool:
+    """Skeletons ready for the next loads, ``depth`` per (class, config).
+
+    Two sources: unloaded modules given back (``give_back``: their tensors stripped to the meta
+    device), and meta-device builds in a background thread (``prefetch``, which the worker calls
+    once it has been idle for a moment, so no build competes with a load for the interpreter).
+    Only diffusers classes are built in the background (their construction is thread-safe under the
+    thread-local meta device); ``take`` builds on the spot when none is ready.
     """
 
     def __init__(self, max_keys: int = 8, depth: int = 1) -> None:
-        self._ready: dict[str, list[Future[torch.nn.Module]]] = {}
+        self._ready: dict[str, list[Future[Skeleton]]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skeleton")
         self._max = max_keys
         self._depth = depth
+        self.recycled = 0
 
     @staticmethod
     def key(class_name: str, config: dict[str, Any]) -> str:
         return class_name + json.dumps(config, sort_keys=True, default=str)
+
+    def _slot(self, key: str) -> list[Future[Skeleton]]:
+        ready = self._ready.setdefault(key, [])
+        while len(self._ready) > self._max:
+            self._ready.pop(next(k for k in self._ready if k != key))
+        return ready
+
+    def wants(self, class_name: str, config: dict[str, Any]) -> bool:
+        """Whether a prefetch of this architecture would build anything."""
+        if class_name in TEXT_ENCODER_CLASSES:
+            return False
+        with self._lock:
+            return len(self._ready.get(self.key(class_name, config), [])) < self._depth
 
     def prefetch(self, class_name: str, config: dict[str, Any]) -> None:
         if class_name in TEXT_ENCODER_CLASSES:
             return
         key = self.key(class_name, config)
         with self._lock:
-            ready = self._ready.setdefault(key, [])
-            while len(self._ready) > self._max:
-                self._ready.pop(next(k for k in self._ready if k != key))
+            ready = self._slot(key)
             while len(ready) < self._depth:
-                ready.append(self._pool.submit(skeleton, class_name, dict(config)))
+                ready.append(self._pool.submit(_prepared, class_name, dict(config)))
 
-    def take(self, class_name: str, config: dict[str, Any], *, path: str = "") -> Future[torch.nn.Module]:
-        """A skeleton: the prebuilt one, else one being built in the background (diffusers classes)
+    def give_back(self, class_name: str, config: dict[str, Any], skeleton: Skeleton) -> bool:
+        """Keep an unloaded module as the next skeleton of its architecture (its tensors are stripped
+        to the meta device, freeing their memory). False, and nothing kept, when the pool is full."""
+        key = self.key(class_name, config)
+        with self._lock:
+            ready = self._slot(key)
+            if len(ready) >= self._depth:
+                return False
+            skeleton.strip()
+            done: Future[Skeleton] = Future()
+            done.set_result(skeleton)
+            ready.append(done)
+            self.recycled += 1
+            return True
+
+    def take(self, class_name: str, config: dict[str, Any], *, path: str = "") -> Future[Skeleton]:
+        """A skeleton: a ready one, else one being built in the background (diffusers classes)
         while the caller reads the weights, else (transformers classes) one built now."""
         with self._lock:
             ready = self._ready.get(self.key(class_name, config))
@@ -123,13 +190,17 @@ class SkeletonPool:
         if fut is not None:
             return fut
         if class_name in TEXT_ENCODER_CLASSES:
-            done: Future[torch.nn.Module] = Future()
+            done: Future[Skeleton] = Future()
             try:
-                done.set_result(skeleton(class_name, config, path=path))
+                done.set_result(_prepared(class_name, config, path=path))
             except InvalidModelFile as exc:
                 done.set_exception(exc)
             return done
-        return self._pool.submit(skeleton, class_name, dict(config), path=path)
+        return self._pool.submit(_prepared, class_name, dict(config), path=path)
+
+
+def _prepared(class_name: str, config: dict[str, Any], *, path: str = "") -> Skeleton:
+    return Skeleton.prepare(skeleton(class_name, config, path=path))
 
 
 def build_module(
@@ -139,15 +210,20 @@ def build_module(
     device: torch.device,
     *,
     path: str = "",
-    module: torch.nn.Module | None = None,
+    module: torch.nn.Module | Skeleton | None = None,
 ) -> torch.nn.Module:
-    """Adopt ``state`` as the tensors of a meta-device ``class_name`` (built here unless given)."""
+    """Adopt ``state`` as the tensors of a meta-device ``class_name`` (built here unless given).
+
+    Keys and shapes are checked against the skeleton's expected state dict; each tensor becomes the
+    parameter (frozen) or buffer it names, without ``load_state_dict``'s per-module machinery.
+    """
     if module is None:
         module = skeleton(class_name, config, path=path)
-    expected = module.state_dict()
+    skel = module if isinstance(module, Skeleton) else Skeleton.prepare(module)
+    module, expected = skel.module, skel.expected
     if class_name in TEXT_ENCODER_CLASSES:
         state = _rename_for_transformers(module, state, expected)
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(state.keys() - expected.keys())
     if unexpected:
         raise InvalidModelFile(
             f"{path}: {len(unexpected)} tensor(s) do not belong to {class_name}: {', '.join(unexpected[:5])}",
@@ -155,21 +231,28 @@ def build_module(
             unexpected=unexpected[:50],
         )
     mismatched = [
-        f"{k} {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
+        f"{k} {tuple(v.shape)} vs expected {expected[k]}"
         for k, v in state.items()
-        if tuple(v.shape) != tuple(expected[k].shape)
+        if tuple(v.shape) != expected[k]
     ]
     if mismatched:
         raise InvalidModelFile(
             f"{path}: shapes do not match the {class_name} config: {'; '.join(mismatched[:5])}", path=path
         )
-    _adopt(module, state)
-    missing = [n for n, p in module.named_parameters() if p.is_meta]
-    tie = getattr(module, "tie_weights", None)
-    if missing and callable(tie):
-        tie()  # files often store a tied weight once (T5's shared embedding)
-        missing = [n for n, p in module.named_parameters() if p.is_meta]
-    missing += [n for n, b in module.named_buffers() if b.is_meta]
+    owners = skel.owners
+    for key, tensor in state.items():
+        owner, attr, is_param = owners[key]
+        if is_param:
+            owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[attr] = tensor
+    missing = [k for k in expected if k not in state]
+    if missing:
+        tie = getattr(module, "tie_weights", None)
+        if callable(tie):
+            tie()  # files often store a tied weight once (T5's shared embedding)
+        missing = [k for k in missing if _tensor_of(owners[k]).is_meta]
+    missing += [n for n, b in module.named_buffers() if b.is_meta and n not in expected]
     if missing:
         raise InvalidModelFile(
             f"{path}: {len(missing)} weight(s) of {class_name} are missing from the file: {', '.join(missing[:5])}",
@@ -178,25 +261,18 @@ def build_module(
         )
     if any(b.device != device for b in module.buffers()):
         module.to(device)  # small buffers built on the CPU; parameters are already there
-    module.eval()
     return module
 
 
-def _adopt(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``load_state_dict(assign=True)`` without its per-module Python machinery: each tensor
-    becomes the parameter (frozen) or buffer it names. Keys were checked against the module."""
-    owners = dict(module.named_modules())
-    for key, tensor in state.items():
-        prefix, _, attr = key.rpartition(".")
-        owner = owners[prefix]
-        if attr in owner._parameters:
-            owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
-        else:
-            owner._buffers[attr] = tensor
+def _tensor_of(owner: tuple[torch.nn.Module, str, bool]) -> torch.Tensor:
+    module, attr, is_param = owner
+    found = module._parameters[attr] if is_param else module._buffers[attr]
+    assert found is not None
+    return found
 
 
 def _rename_for_transformers(
-    module: torch.nn.Module, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+    module: torch.nn.Module, state: dict[str, torch.Tensor], expected: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
     """Apply the key renamings transformers itself applies when loading (v5 moved some prefixes).
 

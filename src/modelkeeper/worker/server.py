@@ -47,6 +47,9 @@ from modelkeeper.worker.sources import normalise_kind
 
 log = logging.getLogger("modelkeeper.worker")
 
+#: Idle work (building skeletons ahead of need) waits for this long without a request.
+IDLE_WORK_AFTER_S = 0.5
+
 Handler = Callable[[ModelService, Any, Operation], BaseModel]
 
 KIND_OF_COMMAND = {
@@ -274,7 +277,13 @@ class WorkerServer:
         while True:
             with self._cond:
                 while not self._queue and not self.stopping.is_set() and not self._draining:
-                    self._cond.wait()
+                    if not self.service.has_idle_work():
+                        self._cond.wait()
+                    elif not self._cond.wait(IDLE_WORK_AFTER_S) and not self._queue:
+                        try:
+                            self.service.idle_work()
+                        except Exception:  # the device thread must survive anything
+                            log.exception("idle work failed")
                 if not self._queue:
                     return
                 op, command, data = self._queue.popleft()
@@ -286,7 +295,6 @@ class WorkerServer:
                 self._known_ids.discard(op.request_id)
             try:
                 self.write(reply)
-                self.service.after_reply()
             except Exception:  # the device thread must survive anything
                 log.exception("failed to answer %s", op.request_id)
 

@@ -9,6 +9,7 @@ come from another thread at any moment and only take the short state lock.
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -92,6 +93,10 @@ class LoadedModel:
     source: dict[str, Any]
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
+    #: The module's skeleton (expected shapes, owners) and its config: given back to the pool at
+    #: unload, so the next load of the same architecture builds nothing.
+    skeleton: assemble.Skeleton | None = None
+    config: dict[str, Any] | None = None
 
     def info(self) -> LoadedModelInfo:
         return LoadedModelInfo(
@@ -237,8 +242,9 @@ class ModelService:
                 state = convert.to_loadable(plan, state, source.config)
             timings["convert"] = time.perf_counter() - t
             t = time.perf_counter()
+            skel = skeleton.result()
             module = assemble.build_module(
-                class_name, source.config, state, self.device, path=str(source.path), module=skeleton.result()
+                class_name, source.config, state, self.device, path=str(source.path), module=skel
             )
             timings["assemble"] = time.perf_counter() - t
             del state
@@ -262,7 +268,7 @@ class ModelService:
         source_info = source.describe() | {"rule": rule, "class_name": class_name}
         loaded = LoadedModel(
             request.name, kind, class_name, module, str(self.device), dtype_name, nbytes, params, count,
-            time.perf_counter() - started, source_info,
+            time.perf_counter() - started, source_info, skeleton=skel, config=source.config,
         )  # fmt: skip
         with self._lock:
             self._models[request.name] = loaded
@@ -359,16 +365,33 @@ class ModelService:
             return 0
         freed = model.nbytes
         before = self.memory.allocated()
+        patched: list[str] = []
         if isinstance(model.module, torch.nn.Module):
-            for lora in self.loras.detach(model.module):
+            patched = self.loras.detach(model.module)
+            for lora in patched:
                 self._emit(
                     EventType.STATE, None, {"name": lora, "state": "unloaded", "reason": f"{name} unloaded"}
                 )
-        self._undo.pop(name, None)
+        optimized = bool(self._undo.pop(name, None))
+        self._recycle(model, clean=not patched and not optimized)
         del model
         if before - self.memory.allocated() < freed // 2:
             gc.collect()  # reference cycles held it; the common case frees by refcount alone
         return freed
+
+    def _recycle(self, model: LoadedModel, *, clean: bool) -> None:
+        """Give an unloaded module back to the skeleton pool: only one that no LoRA patched and no
+        optimisation changed, and that nothing outside this service still holds (a pipeline built
+        in-process from ``module()`` keeps its weights)."""
+        skel, config, class_name = model.skeleton, model.config, model.class_name
+        model.skeleton = None
+        if skel is None or config is None or not clean:
+            return
+        module, model.module = model.module, None
+        # References: the skeleton's, this local, and getrefcount's argument.
+        if sys.getrefcount(module) > 3:
+            return
+        self.skeletons.give_back(class_name, config, skel)
 
     def unload(self, name: str, op: Operation) -> UnloadResult:
         before = self.memory_info()
@@ -430,12 +453,18 @@ class ModelService:
         self.memory.release_caches()  # unload keeps freed blocks for the next load; cleanup returns them
         return CleanupResult(unloaded=names, freed_bytes=freed, memory_after=self.memory_info())
 
-    def after_reply(self) -> None:
-        """Work that should not delay an answer: build the skeletons the next loads will want
-        (started once the load's response is out, so it does not compete with it)."""
+    def has_idle_work(self) -> bool:
+        return bool(self._after_reply)
+
+    def idle_work(self) -> None:
+        """Work for a quiet moment (the device thread calls it once no request came for
+        ``IDLE_WORK_AFTER_S``): build the skeletons the next loads of the architectures loaded
+        lately will want, unless an unloaded module was given back for them meanwhile. A build
+        takes the interpreter for a fifth of a second (an SDXL UNet): never next to a load."""
         while self._after_reply:
             class_name, config = self._after_reply.pop()
-            self.skeletons.prefetch(class_name, config)
+            if self.skeletons.wants(class_name, config):
+                self.skeletons.prefetch(class_name, config)
 
     # ------------------------------------------------------------------ LoRA, validation, benchmarks
 
