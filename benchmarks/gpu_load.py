@@ -21,6 +21,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from datetime import date
@@ -236,6 +237,7 @@ def main() -> None:
             print(f"  worker stage timings, page cache: {res_p['timings']}", flush=True)
             from modelkeeper.worker import mapping
 
+            defaults = (mapping.READ_THREADS, mapping.STAGE_CHUNK)
             for threads in (4, 8, 16):
                 for chunk_mb in (16, 64):
                     mapping.READ_THREADS, mapping.STAGE_CHUNK = threads, chunk_mb << 20
@@ -251,7 +253,7 @@ def main() -> None:
                         f"  page cache sweep threads={threads:>2} chunk={chunk_mb:>3} MB: {min(ts):.3f} s read {r['timings']['read']:.3f} s",
                         flush=True,
                     )
-            mapping.READ_THREADS, mapping.STAGE_CHUNK = 16, 64 << 20
+            mapping.READ_THREADS, mapping.STAGE_CHUNK = defaults
             mk_cached = statistics.median(cached)
             add(
                 "modelkeeper from RAM cache (registered)",
@@ -259,6 +261,31 @@ def main() -> None:
                 f"first load incl. registration {first_s:.3f} s",
             )
             add("modelkeeper from page cache", statistics.median(page))
+            # what the orchestrator does for a component not cached yet: the worker reads the file
+            # while the RAM cache fills a segment from it (cache_fill = "alongside")
+            cache.drop("unet-a", force=True)
+            free()
+            filled: dict[str, float] = {}
+
+            def fill_alongside() -> None:
+                t0 = time.perf_counter()
+                cache.cache_file(a, component_id="unet-a")
+                filled["s"] = time.perf_counter() - t0
+
+            filler = threading.Thread(target=fill_alongside)
+            t = time.perf_counter()
+            filler.start()
+            w.call(CommandType.LOAD_UNET, {"name": "u", "path": str(a)}, timeout=600)
+            sync()
+            beside = time.perf_counter() - t
+            filler.join()
+            w.call(CommandType.UNLOAD_MODEL, {"name": "u"})
+            add(
+                "modelkeeper from page cache, cache filling alongside",
+                beside,
+                f"the fill beside it took {filled['s']:.2f} s",
+            )
+            seg_a = cache.get("unet-a")
             print(
                 f"  RAM cache fill {fill_s:.2f} s ({size / fill_s / GB:.1f} GB/s); load result bytes {res['bytes']}",
                 flush=True,
@@ -332,10 +359,12 @@ def main() -> None:
     sw = next(s for n, s, _ in rows if "switch" in n)
     lines.append("targets:")
     lines.append(f"  cached SDXL UNet ready <= 0.2 s: {mk_c:.3f} s {'MET' if mk_c <= 0.2 else 'MISSED'}")
-    copy_s = res_c["timings"]["read"]
+    copy_s = res_c["timings"].get("copy", res_c["timings"]["read"])
+    read_s = res_c["timings"]["read"]
     lines.append(
-        f"  cached copy >= 90% of raw pinned: worker read stage {copy_s:.3f} s = {size / copy_s / GB:.1f} GB/s = "
-        f"{raw / copy_s:.0%} of raw (includes the device allocation and the tensor views)"
+        f"  cached copy >= 90% of raw pinned: the copy {copy_s:.3f} s = {size / copy_s / GB:.1f} GB/s = "
+        f"{raw / copy_s:.0%} of raw {'MET' if raw / copy_s >= 0.9 else 'MISSED'}; the whole read stage "
+        f"(allocation, copy, tensor views) {read_s:.3f} s = {raw / read_s:.0%} of raw"
     )
     lines.append(
         f"  page cache >= 25 GB/s: {size / mk_p / GB:.1f} GB/s {'MET' if size / mk_p / GB >= 25 else 'MISSED'}"

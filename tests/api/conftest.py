@@ -54,3 +54,15 @@ def make_service(tmp_path_factory: pytest.TempPathFactory, demo: DemoManifest) -
 
 def model_id(client: Client, path: str) -> str:
     return str(client.model(path)["id"])
+
+
+def wait_for_segments(client: Client, mid: str, count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """The cache segments of model ``mid`` once there are ``count`` (loads fill them alongside)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        mine = [s for s in client.cache()["segments"] if mid in s["models"]]
+        if len(mine) >= count or time.monotonic() > deadline:
+            return mine
+        time.sleep(0.05)

@@ -11,7 +11,16 @@ import pytest
 
 from modelkeeper.client import ApiError, AsyncClient, Client
 from modelkeeper.testing.service import RunningService
-from tests.api.conftest import CLIP_L, LORA, SD15, SD15_CKPT, SDXL, ServiceFactory, model_id
+from tests.api.conftest import (
+    CLIP_L,
+    LORA,
+    SD15,
+    SD15_CKPT,
+    SDXL,
+    ServiceFactory,
+    model_id,
+    wait_for_segments,
+)
 
 SEED_PATHS = [
     ("get", "/api/model"), ("get", "/api/model/{model_id}"), ("get", "/api/model/status"),
@@ -99,7 +108,9 @@ def test_load_placement_status_unload(client: Client) -> None:
     result = out["result"]
     assert result["state"] == "loaded" and result["model_id"] == mid
     assert set(result["components"]) == {"unet", "vae", "text_encoder"}
-    assert set(result["sources"].values()) == {"ram"}  # loaded through the RAM cache
+    # not cached yet: read from disk while the segments fill alongside; the next loads map them
+    assert set(result["sources"].values()) == {"disk"}
+    assert len(wait_for_segments(client, mid, 3)) == 3
     device = result["device"]
     assert client.load(mid)["result"]["already_loaded"] is True
     status = client.status()
@@ -123,17 +134,20 @@ def test_load_placement_status_unload(client: Client) -> None:
 
 def test_load_on_every_device_shares_one_segment(client: Client) -> None:
     mid = model_id(client, SD15_CKPT)
-    before = client.cache()["stats"]
     out = client.load_everywhere(SD15_CKPT)["result"]
     assert sorted(p["device"] for p in out["placements"]) == ["cpu:0", "cpu:1"]
     status = client.status()
     assert all(mid in [m["model_id"] for m in d["models"]] for d in status["devices"])
-    after = client.cache()
-    mine = [s for s in after["segments"] if mid in s["models"]]
-    assert len(mine) == 3  # one segment per component, filled once, used by both workers
-    assert after["stats"]["hits"] - before["hits"] >= 3
+    mine = wait_for_segments(client, mid, 3)
+    assert len(mine) == 3  # one segment per component, filled once for both loads
+    assert len(wait_for_segments(client, mid, 4, timeout=0.5)) == 3
     assert client.unload_all("cpu:1")["unloaded"][0]["model_id"] == mid
     assert [d["id"] for d in client.status()["devices"] if d["models"]] == ["cpu:0"]
+    before = client.cache()["stats"]
+    again = client.load_on("cpu:1", SD15_CKPT)["result"]
+    assert set(again["sources"].values()) == {"ram"}  # both workers now map the same segments
+    assert client.cache()["stats"]["hits"] - before["hits"] == 3
+    assert client.unload_all("cpu:1")["unloaded"][0]["model_id"] == mid
 
 
 def test_load_on_a_device_and_the_seed_forms(client: Client) -> None:

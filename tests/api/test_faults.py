@@ -168,3 +168,23 @@ def test_32_threads_loading_and_unloading(busy: RunningService) -> None:
         c.unload_all(force=True)
         assert all(d["models"] == [] for d in c.status()["devices"])
         assert shm_files(busy) == {s["path"] for s in c.cache()["segments"]}
+
+
+def test_a_fill_that_cannot_fit_leaves_loads_on_disk(make_service: ServiceFactory) -> None:
+    """The segment filling beside a load does not fit the RAM budget: the load is not hurt, the
+    failure is published, and later loads read from disk again."""
+    with make_service(ram_cache_bytes=1 << 16) as svc, Client(svc.url) as c:
+        mid = model_id(c, SD15)
+        first = c.load(SD15)["result"]
+        assert set(first["sources"].values()) == {"disk"}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            failed = [e for e in list(svc.service.bus.recent) if e["type"] == "cache.fill_failed"]
+            if len(failed) == 3:
+                break
+            time.sleep(0.05)
+        assert len(failed) == 3 and all(e["model_id"] == mid for e in failed)
+        assert "budget" in str(failed[0]["error"]) or "room" in str(failed[0]["error"])
+        assert c.cache()["segments"] == []
+        c.unload(mid)
+        assert set(c.load(SD15)["result"]["sources"].values()) == {"disk"}

@@ -159,6 +159,32 @@ class RamCache:
 
     # ------------------------------------------------------------------ filling
 
+    def lookup(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        component_id: str | None = None,
+        tensors: Iterable[str] | None = None,
+        model: str | None = None,
+    ) -> Segment | None:
+        """The segment of ``path`` (or of its tensors) when it is cached (a hit), else None at once:
+        a miss, or a fill still under way, counts nothing (the fill counts its miss)."""
+        cid = component_id or file_component_id(Path(path), None if tensors is None else list(tensors))
+        with self._lock:
+            return self._hit(cid, model)
+
+    def _hit(self, cid: str, model: str | None) -> Segment | None:
+        """The segment of ``cid``, counted as a hit, or None (the caller holds the lock)."""
+        seg = self._segments.get(cid)
+        if seg is None:
+            return None
+        self.hits += 1
+        seg.hits += 1
+        seg.last_used = time.time()
+        if model:
+            seg.models.add(model)
+        return seg
+
     def cache_file(
         self,
         path: str | os.PathLike[str],
@@ -177,13 +203,8 @@ class RamCache:
         cid = component_id or file_component_id(source, names)
         while True:
             with self._lock:
-                seg = self._segments.get(cid)
+                seg = self._hit(cid, model)
                 if seg is not None:
-                    self.hits += 1
-                    seg.hits += 1
-                    seg.last_used = time.time()
-                    if model:
-                        seg.models.add(model)
                     return seg
                 waiter = self._filling.get(cid)
                 if waiter is None:

@@ -101,15 +101,24 @@ def _folder_weight_file(folder: Path, variant: str | None) -> Path | None:
     return None
 
 
-def through_cache(
-    cache: RamCache, record: ModelRecord, load: ComponentLoad, progress: Progress | None = None
-) -> ComponentLoad:
-    """Fill or hit the component's segment and point the request at it; unchanged when the
-    component cannot be cached (see the module docstring). Raises CacheFull when it does not fit."""
+@dataclass
+class CachePlan:
+    """What the segment of one component is filled from: a weights file, which of its tensors
+    (a checkpoint's component), its content id when known, and the config the request keeps."""
+
+    source: Path
+    component_id: str | None
+    names: list[str] | None
+    config: Any
+
+
+def cache_plan(load: ComponentLoad) -> CachePlan | None:
+    """How ``load``'s component would be cached; None when it cannot be (see the module docstring).
+    Reads a checkpoint's header (to pick the component's tensors): call it off the event loop."""
     req = load.request
     path = Path(req["path"])
     if req.get("type") == "tokenizer":
-        return load
+        return None
     cid = load.spec.get("content_id")
     names: list[str] | None = None
     config: Any
@@ -117,24 +126,50 @@ def through_cache(
         folder = path / req["subfolder"] if req.get("subfolder") else path
         weight = _folder_weight_file(folder, req.get("variant"))
         if weight is None:
-            return load
-        source, config = weight, str(folder)
-    elif path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        source, config = path, req.get("config")
+            return None
+        return CachePlan(weight, cid, None, str(folder))
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        config = req.get("config")
         prefix = load.spec.get("key_prefix") or ""
         if prefix:
             names = [n for n in read_header(path).tensors if n.startswith(prefix)]
-    elif path.suffix.lower() in PICKLE_SUFFIXES:
-        source, config = path, req.get("config")
-    else:
-        return load
-    seg = cache.cache_file(source, component_id=cid, tensors=names, model=record.id, progress=progress)
-    new = {k: v for k, v in req.items() if k not in ("subfolder", "variant")}
+        return CachePlan(path, cid, names, config)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return CachePlan(path, cid, None, req.get("config"))
+    return None
+
+
+def lookup(cache: RamCache, record: ModelRecord, plan: CachePlan) -> Segment | None:
+    """The segment of ``plan`` when it is cached (a hit), else None; fills nothing."""
+    return cache.lookup(plan.source, component_id=plan.component_id, tensors=plan.names, model=record.id)
+
+
+def fill(cache: RamCache, record: ModelRecord, plan: CachePlan, progress: Progress | None = None) -> Segment:
+    """The segment of ``plan``, filled on a miss (CacheFull when it cannot fit)."""
+    return cache.cache_file(
+        plan.source, component_id=plan.component_id, tensors=plan.names, model=record.id, progress=progress
+    )
+
+
+def from_segment(load: ComponentLoad, plan: CachePlan, seg: Segment) -> ComponentLoad:
+    """``load`` pointed at its component's segment."""
+    new = {k: v for k, v in load.request.items() if k not in ("subfolder", "variant")}
     new["path"] = str(seg.path)
-    if seg.source != str(source):
+    if seg.source != str(plan.source):
         # The same tensors (one content id) were cached from another file, perhaps under another
         # key layout (a checkpoint's prefixed names, a folder's diffusers names): the worker detects it.
         new["layout"] = "auto"
-    if config is not None:
-        new["config"] = config
+    if plan.config is not None:
+        new["config"] = plan.config
     return ComponentLoad(load.component, load.spec, new, load.bytes, seg)
+
+
+def through_cache(
+    cache: RamCache, record: ModelRecord, load: ComponentLoad, progress: Progress | None = None
+) -> ComponentLoad:
+    """Fill or hit the component's segment and point the request at it; unchanged when the
+    component cannot be cached (see the module docstring). Raises CacheFull when it does not fit."""
+    plan = cache_plan(load)
+    if plan is None:
+        return load
+    return from_segment(load, plan, fill(cache, record, plan, progress))

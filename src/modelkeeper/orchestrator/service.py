@@ -35,7 +35,16 @@ from modelkeeper.orchestrator.errors import (
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
-from modelkeeper.orchestrator.loading import ComponentLoad, component_requests, through_cache
+from modelkeeper.orchestrator.loading import (
+    CachePlan,
+    ComponentLoad,
+    cache_plan,
+    component_requests,
+    fill,
+    from_segment,
+    lookup,
+    through_cache,
+)
 from modelkeeper.orchestrator.metrics import Metrics
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.orchestrator.state import Placement, StateView
@@ -74,6 +83,7 @@ class Orchestrator:
         self._cache: RamCache | None = None
         self._inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._fills: dict[str, asyncio.Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
         self.started_at = time.time()
@@ -139,6 +149,7 @@ class Orchestrator:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(slot.stop() for slot in self.slots.values()), return_exceptions=True)
+        await self.wait_for_fills()  # a fill's thread cannot be stopped: let it finish before closing
         if self._cache is not None:
             await asyncio.to_thread(self._cache.close)
         if self._registry is not None:
@@ -561,7 +572,16 @@ class Orchestrator:
             loop.call_soon_threadsafe(lambda: job.progress(cache_bytes_done=done, cache_bytes_total=total))
 
         try:
-            return await asyncio.to_thread(through_cache, self.cache, record, load, progress)
+            if opts.require_cache or self.settings.cache_fill == "before":
+                return await asyncio.to_thread(through_cache, self.cache, record, load, progress)
+            plan = await asyncio.to_thread(cache_plan, load)
+            if plan is None:
+                return load
+            seg = await asyncio.to_thread(lookup, self.cache, record, plan)
+            if seg is not None:
+                return from_segment(load, plan, seg)
+            self._fill_alongside(record, plan)
+            return load  # from disk now; the next load hits the segment
         except OSError as exc:
             raise ProtocolError(
                 f"model {record.id}: cannot read {exc.filename or load.request['path']}: {exc.strerror or exc}",
@@ -572,6 +592,36 @@ class Orchestrator:
             if opts.require_cache:
                 raise
             return load  # no room in RAM: straight from disk
+
+    def _fill_alongside(self, record: ModelRecord, plan: CachePlan) -> None:
+        """Fill a component's segment while a worker reads the same file (the page cache serves
+        both: the disk is read once). A fill that cannot fit or fails only costs the next load its
+        hit; it is published as ``cache.fill_failed``."""
+        key = str(plan.component_id or plan.source)
+        if key in self._fills:
+            return
+
+        async def run() -> None:
+            try:
+                seg = await asyncio.to_thread(fill, self.cache, record, plan)
+                self.bus.publish(
+                    "cache.filled", model_id=record.id, component_id=seg.component_id, bytes=seg.size
+                )
+            except (CacheFull, ProtocolError, OSError) as exc:
+                reason = exc.message if isinstance(exc, ProtocolError) else str(exc)
+                log.info("cache fill of %s for %s skipped: %s", plan.source, record.id, reason)
+                self.bus.publish(
+                    "cache.fill_failed", model_id=record.id, source=str(plan.source), error=reason
+                )
+            finally:
+                self._fills.pop(key, None)
+
+        self._fills[key] = asyncio.ensure_future(run())
+
+    async def wait_for_fills(self) -> None:
+        """Until the segments being filled beside loads are complete (tests, shutdown)."""
+        while self._fills:
+            await asyncio.gather(*list(self._fills.values()), return_exceptions=True)
 
     def _evictable(self, device: str, force: bool, keep: str) -> list[Placement]:
         out = [

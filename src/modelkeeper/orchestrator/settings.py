@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         None, ge=0, description="RAM cache budget (default: half the free RAM)."
     )
     cache_loads: bool = Field(True, description="Load through the RAM cache (segments shared by workers).")
+    cache_fill: Literal["alongside", "before"] = Field(
+        "alongside",
+        description="A load of a component not yet cached: 'alongside' reads it from disk while its "
+        "segment fills beside the worker's read (one pass over the disk; the next load hits); "
+        "'before' fills the segment first and loads from it.",
+    )
 
     # ---------------------------------------------------------------- workers
     devices: list[str] = Field(

@@ -224,6 +224,7 @@ class ModelService:
         self._emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loading"})
         timings = {"plan": time.perf_counter() - started}
         skeleton = self.skeletons.take(class_name, source.config, path=str(source.path))
+        stages: dict[str, float] = {}
         try:
             t = time.perf_counter()
             state = weights.read_tensors(
@@ -234,8 +235,10 @@ class ModelService:
                 progress=lambda done, total: self._progress(op, "read", done, total),
                 check=op.check,
                 throttle_bytes_per_s=self._throttle,
+                stages=stages,
             )
             timings["read"] = time.perf_counter() - t
+            timings.update(stages)
             op.check()
             t = time.perf_counter()
             if plan is not None:

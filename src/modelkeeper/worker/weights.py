@@ -68,11 +68,13 @@ def read_tensors(
     progress: ProgressFn | None = None,
     check: CheckFn | None = None,
     throttle_bytes_per_s: float | None = None,
+    stages: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read ``entries`` onto ``device``; floating tensors are cast to ``dtype`` when given.
 
     ``check`` is called between chunks and may raise (cancellation); ``throttle_bytes_per_s``
-    caps the read rate (a diagnostic knob that simulates a slow disk).
+    caps the read rate (a diagnostic knob that simulates a slow disk). ``stages`` gathers the
+    seconds of the copy itself (``copy``) and of making the tensor views (``views``).
     """
     total = sum(e.nbytes for e in entries)
     base = 0
@@ -91,7 +93,7 @@ def read_tensors(
                 time.sleep(ahead)
 
     for path, names in by_file.items():
-        tensors = load_tensors(path, names, device, table=table, progress=report, check=check)
+        tensors = load_tensors(path, names, device, table=table, progress=report, check=check, stages=stages)
         base += sum(t.numel() * t.element_size() for t in tensors.values())
         if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
             # every tensor leaves the file's buffer (the uncast ones by a copy), so the buffer is freed
