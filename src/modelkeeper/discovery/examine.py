@@ -103,15 +103,14 @@ def examine(
             path, candidate.siblings or None, is_dir=candidate.kind is not CandidateKind.FILE
         )
         civitai_base = base_from_text(str(sidecar.civitai.get("base_model", ""))) if sidecar.civitai else None
+        headers = memo.headers if memo else None
         if candidate.kind is CandidateKind.PIPELINE:
-            return identify_pipeline_folder(Path(path), hints), sidecar
+            return identify_pipeline_folder(Path(path), hints, headers), sidecar
         if candidate.kind is CandidateKind.COMPONENT:
-            return identify_component_folder(Path(path), set(candidate.names), hints), sidecar
+            return identify_component_folder(Path(path), set(candidate.names), hints, headers), sidecar
         if candidate.fingerprint is not None and candidate.fingerprint.size == 0:
             raise EmptyFile(f"{path}: empty file (0 bytes)", path=path)
-        table, fmt = read_table(
-            path, candidate.format, pickle_timeout=pickle_timeout, memo=memo.headers if memo else None
-        )
+        table, fmt = read_table(path, candidate.format, pickle_timeout=pickle_timeout, memo=headers)
         ident = identify_table(
             table,
             fmt,

@@ -46,6 +46,7 @@ from modelkeeper.discovery.rules.engine import Decision
 from modelkeeper.discovery.rules.hints import PathHints
 from modelkeeper.discovery.tables import TensorLike, TensorTable, read_pickle_table, read_safetensors_table
 from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.safetensors_header import StructureMemo
 
 WEIGHT_STEMS: tuple[str, ...] = ("diffusion_pytorch_model", "model", "pytorch_model")
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin")
@@ -99,12 +100,12 @@ def weight_files(folder: Path, names: set[str] | None = None) -> tuple[list[Path
     return [], None
 
 
-def folder_table(files: list[Path]) -> TensorTable:
-    """One tensor table over all the shards of a component."""
+def folder_table(files: list[Path], memo: StructureMemo | None = None) -> TensorTable:
+    """One tensor table over all the shards of a component (``memo``: see ``StructureMemo``)."""
     tensors: dict[str, TensorLike] = {}
     metadata: dict[str, str] = {}
     for f in files:
-        table = read_safetensors_table(f) if f.suffix == ".safetensors" else read_pickle_table(f)
+        table = read_safetensors_table(f, memo) if f.suffix == ".safetensors" else read_pickle_table(f)
         tensors.update(table.tensors)
         metadata.update(table.metadata)
     return TensorTable(tensors, metadata)
@@ -135,11 +136,15 @@ def _config_evidence(kind: ModelType, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def identify_component_config(
-    folder: Path, config: dict[str, Any], slot: str, names: set[str] | None = None
+    folder: Path,
+    config: dict[str, Any],
+    slot: str,
+    names: set[str] | None = None,
+    memo: StructureMemo | None = None,
 ) -> tuple[ComponentInfo, dict[str, Any], Decision, str | None]:
     """One component folder: its info, the evidence for variants, its base decision, its weight variant."""
     files, weight_variant = weight_files(folder, names)
-    table = folder_table(files) if files else TensorTable({})
+    table = folder_table(files, memo) if files else TensorTable({})
     count, params, nbytes, dtypes = table.stats()
     cc = _config_class(config)
     encoder: EncoderKind | None = None
@@ -193,11 +198,11 @@ def _totals(components: list[ComponentInfo]) -> dict[str, Any]:
 
 
 def identify_component_folder(
-    folder: Path, names: set[str], hints: PathHints | None = None
+    folder: Path, names: set[str], hints: PathHints | None = None, memo: StructureMemo | None = None
 ) -> Identification:
     config = read_json_config(folder / "config.json")
     try:
-        info, evidence, base, weight_variant = identify_component_config(folder, config, "", names)
+        info, evidence, base, weight_variant = identify_component_config(folder, config, "", names, memo)
     except NotAMatch:
         return finish(
             Identification(
@@ -231,7 +236,9 @@ def identify_component_folder(
     return finish(ident, hints)
 
 
-def identify_pipeline_folder(folder: Path, hints: PathHints | None = None) -> Identification:
+def identify_pipeline_folder(
+    folder: Path, hints: PathHints | None = None, memo: StructureMemo | None = None
+) -> Identification:
     index = read_json_config(folder / "model_index.json")
     pipeline = str(index.get("_class_name", ""))
     components: list[ComponentInfo] = []
@@ -245,7 +252,7 @@ def identify_pipeline_folder(folder: Path, hints: PathHints | None = None) -> Id
             continue
         try:
             info, evidence, base, weight_variant = identify_component_config(
-                sub, read_json_config(sub / "config.json"), slot
+                sub, read_json_config(sub / "config.json"), slot, memo=memo
             )
         except NotAMatch:
             continue
