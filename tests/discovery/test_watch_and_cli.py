@@ -74,10 +74,12 @@ def test_scan_command_table_and_env_db(tmp_path: Path, monkeypatch: pytest.Monke
     db = tmp_path / "env.sqlite3"
     monkeypatch.setenv("MODELKEEPER_DB", str(db))
     write_stripped(tmp_path / "m" / "x.safetensors", EMBEDDING)
-    result = CliRunner().invoke(_app(), ["scan", str(tmp_path / "m")])
+    result = CliRunner().invoke(_app(), ["scan", str(tmp_path / "m"), "--threads", "4"])
     assert result.exit_code == 0, result.output
     assert "textual" in result.stdout and "1 added" in result.stdout
     assert db.exists()
+    bad = CliRunner().invoke(_app(), ["scan", str(tmp_path / "m"), "--threads", "0"])
+    assert bad.exit_code == 2 and "--threads" in bad.output
 
 
 def test_scan_command_missing_root(tmp_path: Path) -> None:

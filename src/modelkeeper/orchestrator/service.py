@@ -1017,7 +1017,12 @@ class Orchestrator:
                     )
                 )
 
-            scanner = Scanner(self.registry, roots, allow_outside_roots=self.settings.allow_outside_roots)
+            scanner = Scanner(
+                self.registry,
+                roots,
+                allow_outside_roots=self.settings.allow_outside_roots,
+                workers=self.settings.scan_threads,
+            )
             report = await asyncio.to_thread(scanner.scan, on_scan)
             result: dict[str, Any] = {
                 "summary": report.summary(),

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     scan_on_start: bool = True
     hash_on_start: bool = Field(True, description="Hash new files in the background after a scan.")
     allow_outside_roots: bool = Field(False, description="Follow symlinks that leave the model roots.")
+    scan_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Threads reading model headers during a scan: one is fastest on local disks, "
+        "more help on network storage (NFS, SMB).",
+    )
 
     # ---------------------------------------------------------------- RAM cache
     ram_cache_bytes: int | None = Field(
