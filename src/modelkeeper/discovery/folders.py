@@ -45,10 +45,10 @@ from modelkeeper.discovery.rules.configs import (
 from modelkeeper.discovery.rules.engine import Decision
 from modelkeeper.discovery.rules.hints import PathHints
 from modelkeeper.discovery.tables import TensorLike, TensorTable, read_pickle_table, read_safetensors_table
+from modelkeeper.formats.conventions import FOLDER_WEIGHT_STEMS
 from modelkeeper.formats.errors import InvalidModelFile
 from modelkeeper.formats.safetensors_header import StructureMemo
 
-WEIGHT_STEMS: tuple[str, ...] = ("diffusion_pytorch_model", "model", "pytorch_model")
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin")
 _MAX_CONFIG = 4 * 1024 * 1024
 
@@ -73,7 +73,7 @@ def weight_files(folder: Path, names: set[str] | None = None) -> tuple[list[Path
     if names is None:
         names = set(os.listdir(folder))
     for suffix in WEIGHT_SUFFIXES:
-        for stem in WEIGHT_STEMS:
+        for stem in FOLDER_WEIGHT_STEMS:
             plain: list[tuple[str, str | None]] = [(f"{stem}{suffix}", None)]
             candidates = plain + sorted(
                 (n, n[len(stem) + 1 : -len(suffix)])

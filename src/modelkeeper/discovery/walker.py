@@ -28,6 +28,7 @@ from modelkeeper.discovery.errors import (
     UnreadableFile,
 )
 from modelkeeper.discovery.records import ModelFormat
+from modelkeeper.formats.conventions import FOLDER_WEIGHT_STEMS
 from modelkeeper.formats.errors import FormatError
 
 #: File suffix (lowercase) -> format.
@@ -41,7 +42,6 @@ WEIGHT_SUFFIXES: dict[str, ModelFormat] = {
     ".gguf": ModelFormat.GGUF,
 }
 _FOLDER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-_FOLDER_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 
 class CandidateKind(StrEnum):
@@ -77,7 +77,7 @@ class Candidate:
 def _is_component_folder(names: set[str]) -> bool:
     if "config.json" not in names:
         return False
-    return any(n.startswith(_FOLDER_WEIGHT_STEMS) and n.endswith(_FOLDER_WEIGHT_SUFFIXES) for n in names)
+    return any(n.startswith(FOLDER_WEIGHT_STEMS) and n.endswith(_FOLDER_WEIGHT_SUFFIXES) for n in names)
 
 
 def folder_fingerprint(path: str, names: set[str] | frozenset[str], depth: int = 1) -> Fingerprint:

@@ -9,6 +9,10 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 #: (``diffusion_pytorch_model[.fp16].safetensors``, ``model.safetensors``), in order of preference.
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
+#: Stems of any weight file of a component folder, pickles included (transformers' ``pytorch_model.bin``):
+#: what discovery recognises, in order of preference.
+FOLDER_WEIGHT_STEMS = (*WEIGHT_STEMS, "pytorch_model")
+
 CONFIG_METADATA_KEY = "modelkeeper.config"
 """safetensors ``__metadata__`` entry holding JSON: for one component, the ``config.json`` its diffusers /
 transformers folder would hold; for a full checkpoint, ``{"_class_name": <pipeline class>, "unet": {...},
