@@ -179,3 +179,29 @@ def test_device_queue_runs_by_priority_and_times_out_in_queue() -> None:
         slot._runner.cancel()
 
     asyncio.run(run())
+
+
+def test_which_folder_file_a_segment_is_filled_from(tmp_path: Path) -> None:
+    """The orchestrator picks the weight file a worker would load (formats.folders): the variant
+    when asked, none for a sharded folder or one without safetensors weights."""
+    from modelkeeper.orchestrator.loading import _folder_weight_file
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    (plain / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x")
+    assert _folder_weight_file(plain, None) == plain / "diffusion_pytorch_model.safetensors"
+    assert _folder_weight_file(plain, "fp16") == plain / "diffusion_pytorch_model.fp16.safetensors"
+    assert _folder_weight_file(plain, "bf16") is None
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for i in (1, 2):
+        (sharded / f"model-0000{i}-of-00002.safetensors").write_bytes(b"x")
+    (sharded / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}'
+    )
+    assert _folder_weight_file(sharded, None) is None
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    (pickles / "pytorch_model.bin").write_bytes(b"x")
+    assert _folder_weight_file(pickles, None) is None

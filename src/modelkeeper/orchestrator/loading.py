@@ -20,7 +20,9 @@ from typing import Any
 
 from modelkeeper.cache import RamCache, Segment
 from modelkeeper.cache.segment import Progress
-from modelkeeper.formats.conventions import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES, WEIGHT_STEMS
+from modelkeeper.formats.conventions import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES
+from modelkeeper.formats.errors import FormatError
+from modelkeeper.formats.folders import find_weight_files
 from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES
 from modelkeeper.formats.safetensors_header import read_header
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -92,13 +94,13 @@ def _apply_embedded_config(load: ComponentLoad) -> None:
 
 
 def _folder_weight_file(folder: Path, variant: str | None) -> Path | None:
-    """The one safetensors weight file of a diffusers component folder (None when sharded or absent)."""
-    for stem in WEIGHT_STEMS:
-        for suffix in (f".{variant}.safetensors",) if variant else (".safetensors",):
-            f = folder / f"{stem}{suffix}"
-            if f.is_file():
-                return f
-    return None
+    """The one safetensors weight file of a component folder, as a worker resolves it (None when
+    sharded, absent or unreadable: such a folder loads from disk as it is)."""
+    try:
+        files = find_weight_files(folder, variant)
+    except FormatError:
+        return None
+    return files[0] if len(files) == 1 else None
 
 
 @dataclass
