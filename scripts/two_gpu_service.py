@@ -107,7 +107,7 @@ def main() -> None:
     print(
         f"load on every device: {report['load_everywhere_seconds']} s wall; cached loads per device: {report['cached_load_seconds']}"
     )
-    checks = report["validate"] if isinstance(report["validate"], list) else [report["validate"]]
+    checks = report["validate"]  # one entry per device holding the model
     print("validate:", {r["device"]: r["components"]["unet"]["passed"] for r in checks})
     print("pipeline:", [(p["device"], p["sources"]) for p in report["pipeline"]])
 

@@ -186,7 +186,8 @@ class _Endpoints(Generic[R]):
 
     # ---------------------------------------------------------------- validate, benchmark, optimize
     def validate(self, model_id: str | None = None, *, wait: bool = True, **options: Any) -> R:
-        """``level`` (header|weights|functional), ``batch``, ``device_id``, ``component``."""
+        """``level`` (header|weights|functional), ``batch``, ``device_id``, ``component``. The job's
+        ``result`` (as for ``benchmark`` and ``optimize``) is a list with one entry per placement."""
         path = f"/api/model/{_ref(model_id)}/validate" if model_id else "/api/model/validate"
         return self._send("POST", path, json=_body(wait_for_completion=wait, **options))
 

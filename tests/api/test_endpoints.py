@@ -180,12 +180,13 @@ def test_validate_benchmark_optimize(client: Client) -> None:
         client.validate(mid)
     assert err.value.status_code == 409 and err.value.error_code == "NOT_LOADED"
     client.load(mid)
-    v = client.validate(mid, level="weights")["result"]
-    assert set(v["components"]) == {"unet", "vae", "text_encoder"}
+    # one entry per placement, for one model as for all of them
+    [v] = client.validate(mid, level="weights")["result"]
+    assert v["model_id"] == mid and set(v["components"]) == {"unet", "vae", "text_encoder"}
     assert all(c["passed"] for c in v["components"].values())
-    b = client.benchmark(mid, component="vae", steps=2, warmup=0)["result"]
+    [b] = client.benchmark(mid, component="vae", steps=2, warmup=0)["result"]
     assert list(b["components"]) == ["vae"] and b["components"]["vae"]["figures"]
-    o = client.optimize(mid, component="unet", options={"channels_last": True}, measure=False)["result"]
+    [o] = client.optimize(mid, component="unet", options={"channels_last": True}, measure=False)["result"]
     assert o["components"]["unet"]["applied"][0]["option"] == "channels_last"
     every = client.validate(level="header")["result"]
     assert [r["model_id"] for r in every] == [mid]

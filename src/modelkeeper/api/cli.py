@@ -268,7 +268,7 @@ def _operation(
         _print_json(result)
         return
     console = Console()
-    for r in result if isinstance(result, list) else [result]:
+    for r in result:  # one entry per placement
         for name, comp in r["components"].items():
             if kind == "validate":
                 mark = "[green]passed[/green]" if comp.get("passed") else "[red]FAILED[/red]"

@@ -783,7 +783,8 @@ class Orchestrator:
         priority: int = Priority.NORMAL,
     ) -> dict[str, Any]:
         """validate / benchmark / optimize on every loaded component of a model (``ref``) or of every
-        loaded model (``ref`` None)."""
+        loaded model (``ref`` None). The result is always a list: one entry (``model_id``, ``device``,
+        ``components``) per placement, whether one model on one device or many."""
         command = {
             "validate": CommandType.VALIDATE_MODEL,
             "benchmark": CommandType.BENCHMARK_MODEL,
@@ -816,7 +817,7 @@ class Orchestrator:
                     )
                 )
             job.progress(done=len(placements), total=len(placements), force=True)
-            return out if ref is None else out[0] if len(out) == 1 else out
+            return out
 
         return await self.run_job(op, params, body, wait=wait, timeout=timeout)
 
