@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +36,7 @@ FORMATS = {
 ROLES = ("text_encoder", "text_encoder_2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors on a shared 2-core machine: parallel kernels cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def targets_for(

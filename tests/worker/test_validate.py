@@ -3,7 +3,6 @@ a shape that does not match the config and a never-loaded weight are caught."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,13 +21,7 @@ LOADED = {"sd15-unet": CommandType.LOAD_UNET, "sdxl-unet": CommandType.LOAD_UNET
           "flux-vae": CommandType.LOAD_VAE, "clip-g": CommandType.LOAD_ENCODER, "t5": CommandType.LOAD_ENCODER}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors on a shared 2-core machine: parallel kernels cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def by_name(report: Any) -> dict[str, Any]:
