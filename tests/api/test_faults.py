@@ -20,7 +20,7 @@ import pytest
 from modelkeeper.client import ApiError, Client
 from modelkeeper.testing import DemoManifest
 from modelkeeper.testing.service import RunningService
-from tests.api.conftest import CLIP_L, SD15, SD15_CKPT, SDXL, ServiceFactory, model_id
+from tests.api.conftest import CLIP_L, SD15, SD15_CKPT, SDXL, ServiceFactory, model_id, wait_for_segments
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
@@ -188,3 +188,20 @@ def test_a_fill_that_cannot_fit_leaves_loads_on_disk(make_service: ServiceFactor
         assert c.cache()["segments"] == []
         c.unload(mid)
         assert set(c.load(SD15)["result"]["sources"].values()) == {"disk"}
+
+
+def test_every_component_of_an_unhashed_checkpoint_fills_alongside(make_service: ServiceFactory) -> None:
+    """Without content ids (no hashing yet) a checkpoint's components share one path: each still
+    gets its own segment filled beside the load."""
+    with make_service(hash_on_start=False) as svc, Client(svc.url) as c:
+        cache = svc.service.cache
+        fill = cache.cache_file
+
+        def slow_fill(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(1.0)  # the fills of all three components overlap, as a big checkpoint's do
+            return fill(*args, **kwargs)
+
+        cache.cache_file = slow_fill  # type: ignore[method-assign]
+        mid = model_id(c, SD15_CKPT)
+        assert set(c.load(SD15_CKPT)["result"]["sources"].values()) == {"disk"}
+        assert len(wait_for_segments(c, mid, 3)) == 3

@@ -83,7 +83,7 @@ class Orchestrator:
         self._cache: RamCache | None = None
         self._inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._fills: dict[str, asyncio.Future[None]] = {}
+        self._fills: dict[tuple[str | None, str, tuple[str, ...]], asyncio.Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
         self.started_at = time.time()
@@ -597,7 +597,8 @@ class Orchestrator:
         """Fill a component's segment while a worker reads the same file (the page cache serves
         both: the disk is read once). A fill that cannot fit or fails only costs the next load its
         hit; it is published as ``cache.fill_failed``."""
-        key = str(plan.component_id or plan.source)
+        # One component of a file: without a content id, a checkpoint's components share its path.
+        key = (plan.component_id, str(plan.source), tuple(plan.names or ()))
         if key in self._fills:
             return
 
