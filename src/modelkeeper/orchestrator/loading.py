@@ -122,8 +122,6 @@ def cache_plan(load: ComponentLoad) -> CachePlan | None:
     if req.get("type") == "tokenizer":
         return None
     cid = load.spec.get("content_id")
-    names: list[str] | None = None
-    config: Any
     if path.is_dir():
         folder = path / req["subfolder"] if req.get("subfolder") else path
         weight = _folder_weight_file(folder, req.get("variant"))
@@ -131,11 +129,9 @@ def cache_plan(load: ComponentLoad) -> CachePlan | None:
             return None
         return CachePlan(weight, cid, None, str(folder))
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        config = req.get("config")
         prefix = load.spec.get("key_prefix") or ""
-        if prefix:
-            names = [n for n in read_header(path).tensors if n.startswith(prefix)]
-        return CachePlan(path, cid, names, config)
+        names = [n for n in read_header(path).tensors if n.startswith(prefix)] if prefix else None
+        return CachePlan(path, cid, names, req.get("config"))
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return CachePlan(path, cid, None, req.get("config"))
     return None

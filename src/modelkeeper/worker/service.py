@@ -129,7 +129,7 @@ class ModelService:
         self.loras = LoraManager(self.device, reserve_bytes=memory.reserve_bytes)
         self._undo: dict[str, list[Any]] = {}
         self.skeletons = assemble.SkeletonPool()
-        self._after_reply: list[tuple[str, dict[str, Any]]] = []
+        self._wanted_skeletons: list[tuple[str, dict[str, Any]]] = []
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ queries (any thread)
@@ -265,7 +265,7 @@ class ModelService:
             raise
         if exists:
             self._drop(request.name)
-        self._after_reply.append((class_name, source.config))
+        self._wanted_skeletons.append((class_name, source.config))
         nbytes, params, count, dtype_name = assemble.module_stats(module)
         timings["total"] = time.perf_counter() - started
         source_info = source.describe() | {"rule": rule, "class_name": class_name}
@@ -457,17 +457,15 @@ class ModelService:
         return CleanupResult(unloaded=names, freed_bytes=freed, memory_after=self.memory_info())
 
     def has_idle_work(self) -> bool:
-        return bool(self._after_reply)
+        return bool(self._wanted_skeletons)
 
     def idle_work(self) -> None:
         """Work for a quiet moment (the device thread calls it once no request came for
         ``IDLE_WORK_AFTER_S``): build the skeletons the next loads of the architectures loaded
         lately will want, unless an unloaded module was given back for them meanwhile. A build
         takes the interpreter for a fifth of a second (an SDXL UNet): never next to a load."""
-        while self._after_reply:
-            class_name, config = self._after_reply.pop()
-            if self.skeletons.wants(class_name, config):
-                self.skeletons.prefetch(class_name, config)
+        while self._wanted_skeletons:
+            self.skeletons.prefetch(*self._wanted_skeletons.pop())  # builds none where one is ready
 
     # ------------------------------------------------------------------ LoRA, validation, benchmarks
 
