@@ -481,9 +481,12 @@ class ModelService:
         return model.module
 
     def load_lora(self, req: LoadLoraRequest, op: Operation) -> dict[str, Any]:
-        targets = {role: self.module(model, f"data.targets.{role}") for role, model in req.targets.items()}
+        targets = {
+            role.value: self.module(model, f"data.targets.{role}") for role, model in req.targets.items()
+        }
+        role_strength = {role.value: value for role, value in (req.role_strength or {}).items()}
         report = self.loras.load(
-            req.name, req.path, targets, strength=req.strength, role_strength=req.role_strength,
+            req.name, req.path, targets, strength=req.strength, role_strength=role_strength,
             strict=req.strict, min_match=req.min_match, check=op.check,
         )  # fmt: skip
         return report.as_dict() | {"targets": dict(req.targets)}
