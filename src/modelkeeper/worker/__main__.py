@@ -10,7 +10,8 @@ import sys
 from modelkeeper.protocol.errors import ProtocolError
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The worker's arguments (the in-process worker takes the same, see ``InProcessWorker.start``)."""
     parser = argparse.ArgumentParser(prog="python -m modelkeeper.worker", description=__doc__)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
@@ -27,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         "--warm", action="store_true", help="import the model libraries and open the device in the background"
     )
     parser.add_argument("--log-level", default=os.environ.get("MODELKEEPER_LOG_LEVEL", "WARNING"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
