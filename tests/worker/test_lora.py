@@ -17,10 +17,10 @@ from modelkeeper.formats.errors import UnsupportedFormat
 from modelkeeper.protocol import CommandType, ErrorCode
 from modelkeeper.testing import DemoManifest, make_text_encoder, make_unet
 from modelkeeper.worker import InProcessWorker
-from modelkeeper.worker import lora as lora_module
 from modelkeeper.worker.errors import AlreadyLoaded, NotLoaded
 from modelkeeper.worker.fingerprint import differing, fingerprint, tensor_fingerprints
 from modelkeeper.worker.lora import LoraIncompatible, LoraManager
+from modelkeeper.worker.lora import manager as lora_manager
 
 from .conftest import load_data
 
@@ -90,7 +90,7 @@ def test_apply_strength_remove(
     def no_read(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the LoRA file was read again")
 
-    monkeypatch.setattr(lora_module, "read_lora_file", no_read)
+    monkeypatch.setattr(lora_manager, "read_lora_file", no_read)
     result = manager.set_strength("style", 0.5)
     assert result["previous"] == 1.0 and result["strength"] == 0.5
     assert targets["unet"] is unet
