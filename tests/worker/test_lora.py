@@ -33,7 +33,8 @@ FORMATS = {
     "sdxl-lora-kohya": ("sdxl", ("clip_l", "clip_g")),
     "sdxl-lora-peft": ("sdxl", ("clip_l", "clip_g")),
 }
-ROLES = ("text_encoder", "text_encoder_2")
+#: the text encoders' roles, in the order of FORMATS' encoders
+ENCODER_ROLES = ("text_encoder", "text_encoder_2")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,7 +44,7 @@ def targets_for(
     base: str, encoders: tuple[str, ...] = ("clip_l",), device: str = "cpu"
 ) -> dict[str, torch.nn.Module]:
     found: dict[str, torch.nn.Module] = {"unet": make_unet(base).to(device)}  # type: ignore[arg-type]
-    for role, kind in zip(ROLES, encoders, strict=False):
+    for role, kind in zip(ENCODER_ROLES, encoders, strict=False):
         found[role] = make_text_encoder(kind).to(device)  # type: ignore[arg-type]
     return found
 
@@ -81,7 +82,7 @@ def test_apply_strength_remove(
     assert report.unmatched_keys == 0 and report.skipped_roles == []
     assert report.matched_keys == demo[entry].tensor_count
     assert report.params_patched == changed(targets, saved) > 0
-    assert set(report.roles) == {"unet", *ROLES[: len(encoders)]}
+    assert set(report.roles) == {"unet", *ENCODER_ROLES[: len(encoders)]}
     assert report.format == demo[entry].layout
     assert manager.memory()["backup_device_bytes"] > 0
     full = snapshot(targets)

@@ -22,8 +22,8 @@ layers do not fit (another base) or whose keys match nothing.
 
 Proposed protocol (the handlers resolve model names to modules and call the manager):
 
-- ``model.load_lora`` data ``{name, path, targets: {unet|transformer|text_encoder|text_encoder_2:
-  <loaded model name>}, strength: 1.0, role_strength?: {role: float}, strict: false,
+- ``model.load_lora`` data ``{name, path, targets: {<role, one of ROLES>: <loaded model name>},
+  strength: 1.0, role_strength?: {role: float}, strict: false,
   min_match: 0.5}``; result :meth:`LoraReport.as_dict` ``{name, source, format, strength,
   role_strength, roles: {role: {layers, keys}}, matched_keys, unmatched_keys, unmatched,
   skipped_roles, params_patched, factor_bytes, backup_bytes, backup_place, read_seconds,

@@ -155,8 +155,8 @@ class LoraManager:
         check: Callable[[], None] | None = None,
     ) -> LoraReport:
         """Read ``source`` (a file, or a state dict with ``metadata``), match its layers to the
-        ``targets`` (role -> module: ``unet`` or ``transformer``, ``text_encoder``,
-        ``text_encoder_2``) and patch them with ``strength`` (``role_strength`` overrides per role).
+        ``targets`` (role -> module, roles of :data:`~modelkeeper.worker.lora.ROLES`: ``unet`` or
+        ``transformer``, ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``) and patch them with ``strength`` (``role_strength`` overrides per role).
 
         Everything is checked before any weight changes: an unreadable or unsupported file, layers
         whose shapes do not fit (another base), or fewer than ``min_match`` of the keys for the roles

@@ -20,8 +20,9 @@ from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, Unsu
 StateDict = dict[str, torch.Tensor]
 Algo = Literal["lora", "loha", "lokr", "full"]
 #: Roles a LoRA file names (by key prefix) and a caller maps to modules; ``unet`` and
-#: ``transformer`` both name the denoiser.
-ROLES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+#: ``transformer`` both name the denoiser. The one list of the roles the LoRA code accepts.
+ROLES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # = protocol LORA_ROLES
+#: The roles of :data:`ROLES` that name the denoiser.
 DENOISER = ("unet", "transformer")
 
 
