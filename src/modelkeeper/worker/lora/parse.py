@@ -16,12 +16,13 @@ import torch
 
 from modelkeeper.formats.conventions import SAFETENSORS_SUFFIXES
 from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsupportedFormat
+from modelkeeper.protocol.messages import LORA_ROLES
 
 StateDict = dict[str, torch.Tensor]
 Algo = Literal["lora", "loha", "lokr", "full"]
 #: Roles a LoRA file names (by key prefix) and a caller maps to modules; ``unet`` and
 #: ``transformer`` both name the denoiser. The one list of the roles the LoRA code accepts.
-ROLES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # = protocol LORA_ROLES
+ROLES = LORA_ROLES  # the one table of roles, in the protocol
 #: The roles of :data:`ROLES` that name the denoiser.
 DENOISER = ("unet", "transformer")
 
