@@ -19,7 +19,7 @@ from pathlib import Path
 
 from modelkeeper.discovery.examine import sniff
 from modelkeeper.discovery.folders import weight_files
-from modelkeeper.discovery.hashing import Cancelled, FileHashes, TensorSpan, hash_file, hash_folder
+from modelkeeper.discovery.hashing import FileHashes, HashingCancelled, TensorSpan, hash_file, hash_folder
 from modelkeeper.discovery.ports import CatalogWriter, HashTask
 from modelkeeper.discovery.records import ModelFormat
 from modelkeeper.discovery.tables import read_gguf_table, read_safetensors_table
@@ -173,7 +173,7 @@ class Hasher:
                     report.skipped += 1  # changed since the scan: the next scan re-identifies it
                     continue
                 hashes = hash_task(task, progress=advance, cancel=cancel)
-            except Cancelled:
+            except HashingCancelled:
                 report.cancelled = True
                 break
             except (OSError, FormatError) as exc:
