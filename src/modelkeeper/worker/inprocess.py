@@ -16,6 +16,7 @@ from modelkeeper.protocol.client import WorkerConnection
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ProtocolError
 from modelkeeper.protocol.messages import EventType
+from modelkeeper.worker.arguments import parser
 from modelkeeper.worker.device import DeviceMemory, parse_device
 from modelkeeper.worker.server import WorkerServer
 from modelkeeper.worker.service import ModelService
@@ -119,8 +120,6 @@ class InProcessWorker(WorkerConnection):
     def start(cls, device: str, args: Sequence[str], hello_timeout: float) -> InProcessWorker:
         """A :data:`~modelkeeper.protocol.client.WorkerFactory` like ``WorkerProcess.start``: the
         worker's own arguments (budget, reserve, throttle; ``--warm`` is moot in-process)."""
-        from modelkeeper.worker.__main__ import parser
-
         opts = parser().parse_args(["--device", device, *args])
         return cls(
             device, reserve_mb=opts.reserve_mb, budget_mb=opts.budget_mb, throttle_mb_s=opts.throttle_mb_s

@@ -50,8 +50,8 @@ from modelkeeper.worker.errors import (
     Cancelled,
     InsufficientMemory,
     InvalidRequest,
-    ModelNotFound,
     NotLoaded,
+    WorkerModelNotFound,
 )
 from modelkeeper.worker.lora import LoraManager
 from modelkeeper.worker.mapping import MappingTable
@@ -164,7 +164,9 @@ class ModelService:
     def model_info(self, name: str | None = None) -> ModelInfoResult:
         with self._lock:
             if name is not None and name not in self._models:
-                raise ModelNotFound(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
+                raise WorkerModelNotFound(
+                    f"data.name: no model named {name!r} is loaded (loaded: {self._names()})"
+                )
             models = [m.info() for m in self._models.values() if name is None or m.name == name]
         return ModelInfoResult(models=models, model_count=len(models), memory=self.memory_info())
 
@@ -173,7 +175,7 @@ class ModelService:
         with self._lock:
             model = self._models.get(name)
             if model is None:
-                raise ModelNotFound(f"no model named {name!r} is loaded (loaded: {self._names()})")
+                raise WorkerModelNotFound(f"no model named {name!r} is loaded (loaded: {self._names()})")
             model.last_used = time.time()
             return model
 
