@@ -29,9 +29,7 @@ def test_every_exported_name_exists_and_is_public() -> None:
 
 
 SRC = Path(modelkeeper.__file__).parent
-# The orchestrator's NotLoaded and the worker's NotLoaded: one of them is renamed in the orchestrator's
-# rework (worker/lora.py raises the worker's). Empty this set then.
-_KNOWN_DUPLICATES = {"NotLoaded"}
+_KNOWN_DUPLICATES: set[str] = set()
 
 
 def _exception_classes() -> dict[str, list[str]]:

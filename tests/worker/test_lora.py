@@ -17,7 +17,7 @@ from modelkeeper.formats.errors import UnsupportedFormat
 from modelkeeper.protocol import CommandType, ErrorCode
 from modelkeeper.testing import DemoManifest, make_text_encoder, make_unet
 from modelkeeper.worker import InProcessWorker
-from modelkeeper.worker.errors import AlreadyLoaded, NotLoaded
+from modelkeeper.worker.errors import AlreadyLoaded, WorkerNotLoaded
 from modelkeeper.worker.fingerprint import differing, fingerprint, tensor_fingerprints
 from modelkeeper.worker.lora import LoraIncompatible, LoraManager
 from modelkeeper.worker.lora import manager as lora_manager
@@ -190,7 +190,7 @@ def test_several_loras_are_order_independent(demo: DemoManifest) -> None:
     assert_equal_to(targets, snapshot(only_b))
     manager.remove("b")
     assert_equal_to(targets, saved)
-    with pytest.raises(NotLoaded):
+    with pytest.raises(WorkerNotLoaded):
         manager.remove("b")
 
 

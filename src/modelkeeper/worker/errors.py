@@ -7,7 +7,7 @@ Hierarchy::
     └── WorkerError                                              the request cannot be served now
         ├── InvalidRequest        INVALID_REQUEST   a field is wrong or missing (names the field)
         ├── WorkerModelNotFound   MODEL_NOT_FOUND   no loaded model of that name (info)
-        ├── NotLoaded             NOT_LOADED        unload of a name that is not loaded
+        ├── WorkerNotLoaded       NOT_LOADED        unload of a name that is not loaded
         ├── AlreadyLoaded         ALREADY_LOADED    a model of that name is loaded (use replace)
         ├── InsufficientMemory    INSUFFICIENT_MEMORY  does not fit the budget   (recoverable)
         ├── Cancelled             CANCELLED         control.cancel stopped it  (recoverable)
@@ -36,7 +36,7 @@ class WorkerModelNotFound(WorkerError):
     code = ErrorCode.MODEL_NOT_FOUND
 
 
-class NotLoaded(WorkerError):
+class WorkerNotLoaded(WorkerError):
     code = ErrorCode.NOT_LOADED
 
 

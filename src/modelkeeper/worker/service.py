@@ -50,8 +50,8 @@ from modelkeeper.worker.errors import (
     Cancelled,
     InsufficientMemory,
     InvalidRequest,
-    NotLoaded,
     WorkerModelNotFound,
+    WorkerNotLoaded,
 )
 from modelkeeper.worker.lora import LoraManager
 from modelkeeper.worker.mapping import MappingTable
@@ -403,7 +403,7 @@ class ModelService:
         with self._lock:
             known = name in self._models
         if not known:
-            raise NotLoaded(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
+            raise WorkerNotLoaded(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
         self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloading"})
         freed = self._drop(name)
         self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloaded"})
@@ -476,7 +476,7 @@ class ModelService:
         with self._lock:
             model = self._models.get(name)
             if model is None:
-                raise NotLoaded(f"{field}: no model named {name!r} is loaded (loaded: {self._names()})")
+                raise WorkerNotLoaded(f"{field}: no model named {name!r} is loaded (loaded: {self._names()})")
             model.last_used = time.time()
         if not isinstance(model.module, torch.nn.Module):
             raise InvalidRequest(f"{field}: {name!r} is a {model.kind.value}, not a model with weights")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from modelkeeper.worker.errors import AlreadyLoaded, InvalidRequest, NotLoaded
+from modelkeeper.worker.errors import AlreadyLoaded, InvalidRequest, WorkerNotLoaded
 from modelkeeper.worker.lora.delta import Delta
 from modelkeeper.worker.lora.matching import Match, refuse_unfit, resolve
 from modelkeeper.worker.lora.parse import parse_lora, read_lora_file
@@ -278,7 +278,7 @@ class LoraManager:
         with self._lock:
             lora = self._loras.get(name)
         if lora is None:
-            raise NotLoaded(
+            raise WorkerNotLoaded(
                 f"data.name: no LoRA named {name!r} is applied (applied: {self.names() or 'none'})"
             )
         return lora
