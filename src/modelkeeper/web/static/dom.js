@@ -166,14 +166,17 @@ export function jobProgress(job) {
   const bar = h("progress", { max: "1", class: "job-bar" });
   const label = h("span", { class: "job-pct" });
   const box = h("span", { class: "job-progress" }, bar, label);
+  let shown = 0; // a bar never goes back: a job's progress report may lag behind its step
   const update = (info) => {
-    const f = fraction(info);
-    if (f === null) {
+    const measured = fraction(info);
+    const f = measured === null ? null : Math.max(shown, measured);
+    if (f === null && !shown) {
       bar.removeAttribute("value");
       label.textContent = info.state === "running" ? "…" : "";
     } else {
-      bar.setAttribute("value", f.toFixed(3));
-      label.textContent = `${Math.round(f * 100)}%`;
+      shown = f ?? shown;
+      bar.setAttribute("value", shown.toFixed(3));
+      label.textContent = `${Math.round(shown * 100)}%`;
     }
     box.dataset.state = info.state;
   };

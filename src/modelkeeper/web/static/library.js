@@ -2,8 +2,8 @@
 // so 10,000 models cost one page of rows.
 import { badge, bytes, h, modelLink, refresher, table } from "./dom.js";
 
-const PAGE = 50;
-const remembered = { query: "", type: "", base: "", format: "", tag: "", status: "ok", sort: "name", descending: false, offset: 0 };
+const SIZES = ["10", "25", "50", "100", "200"];
+const remembered = { limit: "50", query: "", type: "", base: "", format: "", tag: "", status: "ok", sort: "name", descending: false, offset: 0 };
 let vocabulary = null;
 
 function select(name, choices, value, label) {
@@ -48,13 +48,19 @@ export function mount(root, ctx) {
         h("select", { name: "sort" }, ["name", "type", "base", "size", "created", "updated"].map((c) => h("option", { value: c, selected: c === state.sort }, c))),
       ),
       h("label", { class: "check" }, h("input", { name: "descending", type: "checkbox", checked: state.descending }), "descending"),
+      h(
+        "label",
+        null,
+        "Per page",
+        h("select", { name: "limit" }, [...new Set([state.limit, ...SIZES])].map((c) => h("option", { value: c, selected: c === state.limit }, c))),
+      ),
     );
   }
 
   let typing = null;
   function changed() {
     const data = new FormData(form);
-    for (const key of ["query", "type", "base", "format", "tag", "status", "sort"]) state[key] = String(data.get(key) ?? "").trim();
+    for (const key of ["query", "type", "base", "format", "tag", "status", "sort", "limit"]) state[key] = String(data.get(key) ?? "").trim();
     state.descending = data.get("descending") !== null;
     state.offset = 0;
     kick();
@@ -75,7 +81,7 @@ export function mount(root, ctx) {
         class: delta < 0 ? "prev" : "next",
         on: {
           click: () => {
-            state.offset = Math.max(0, state.offset + delta * PAGE);
+            state.offset = Math.max(0, state.offset + delta * Number(state.limit));
             kick();
           },
         },
@@ -85,7 +91,7 @@ export function mount(root, ctx) {
   }
 
   const kick = refresher(async () => {
-    const query = { ...state, limit: PAGE, descending: state.descending ? "true" : undefined };
+    const query = { ...state, descending: state.descending ? "true" : undefined };
     const data = await ctx.api("/api/model", { query });
     const rows = data.items.map((m) =>
       h(
