@@ -13,10 +13,14 @@ Rows, each measured side by side in this one run:
 - ``GET /api/model/status``, idle and while loads run,
 at each client pacing: every client polls at 2, 5 and 10 Hz (200, 500, 1,000 requests/s in all),
 and closed loop (each client sends its next request when the previous answer arrives: saturation).
+- ``GET /api/model/status`` while loads run with 5 dashboards open (``--dashboards``): each holds
+  the event stream (``/api/events``) open and fetches what the devices page fetches, as the page
+  does (on events, at most every 250 ms, and every 2 s). The dashboard's cost is the p99 change
+  from the row above it.
 
 Target on a 2-core machine: p99 <= 10 ms with 100 concurrent clients while a load runs.
 
-    python benchmarks/api_latency.py [--seconds 8] [--clients 100] [--out benchmarks/results/...txt]
+    python benchmarks/api_latency.py [--seconds 8] [--clients 100] [--dashboards 5] [--out benchmarks/results/...txt]
 """
 
 from __future__ import annotations
@@ -137,6 +141,72 @@ class LoadLoop:
         self._thread.join(120)
 
 
+class Dashboards:
+    """``count`` browser-like dashboards on the devices page, in a thread with its own event loop:
+    each keeps ``/api/events`` open and fetches ``/api/model/status`` as the page does (after
+    events, at most every ``GAP_S``; and every ``POLL_S`` regardless). Counts requests and events."""
+
+    GAP_S = 0.25  # the page's refresher: at most one status request per 250 ms
+    POLL_S = 2.0  # memory figures move without events
+
+    def __init__(self, url: str, count: int) -> None:
+        self.url = url
+        self.count = count
+        self.requests = 0
+        self.events = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _one(self, client: httpx.AsyncClient) -> None:
+        kick = asyncio.Event()
+
+        async def stream() -> None:
+            async with client.stream("GET", "/api/events") as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("event:"):
+                        self.events += 1
+                        kick.set()
+
+        async def poll() -> None:
+            while True:
+                try:
+                    await asyncio.wait_for(kick.wait(), self.POLL_S)
+                except TimeoutError:
+                    pass
+                kick.clear()
+                (await client.get("/api/model/status")).raise_for_status()
+                self.requests += 1
+                await asyncio.sleep(self.GAP_S)
+
+        await asyncio.gather(stream(), poll())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        clients = [httpx.AsyncClient(base_url=self.url, timeout=None) for _ in range(self.count)]
+        tasks = [asyncio.create_task(self._one(c)) for c in clients]
+        self._started.set()
+        await self._stop.wait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in clients:
+            await c.aclose()
+
+    def __enter__(self) -> Dashboards:
+        self._thread.start()
+        self._started.wait(30)
+        time.sleep(0.5)  # every stream subscribed before the clock starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+
+
 def serve(models: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
@@ -169,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measurement")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--rates", default="2,5,10", help="per-client polling rates in Hz")
+    parser.add_argument(
+        "--dashboards", type=int, default=5, help="dashboards open in the last row (0: no row)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
     lines: list[str] = []
@@ -188,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             c.post(f"/api/model/{MODEL}/unload", json={}).raise_for_status()
         say(f"# api_latency  {time.strftime('%Y-%m-%d %H:%M:%S')}  {platform.node()}")
         say(
-            f"# CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}"
+            f"# CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}; "
+            f"load average {os.getloadavg()[0]:.2f} (other work shares these cores)"
         )
         say(
             f"# {args.clients} concurrent clients, {args.seconds:.0f} s per row; load loop: {MODEL} from disk"
@@ -198,17 +272,27 @@ def main(argv: list[str] | None = None) -> int:
         say(header)
         say("-" * len(header))
         rates: list[float | None] = [float(r) for r in args.rates.split(",")] + [None]
+        dashboard_notes: list[str] = []
         for rate in rates:
             pacing = f"{rate:g} Hz each" if rate else "closed loop"
             anchor = asyncio.run(measure(url, "/health/live", args.clients, rate, args.seconds))
             idle = asyncio.run(measure(url, "/api/model/status", args.clients, rate, args.seconds))
             with LoadLoop(url) as loop:
                 busy = asyncio.run(measure(url, "/api/model/status", args.clients, rate, args.seconds))
-            for name, cond, r, loads in (
+            rows = [
                 ("/health/live", "idle", anchor, None),
                 ("/api/model/status", "idle", idle, None),
                 ("/api/model/status", "loading", busy, loop.loads),
-            ):
+            ]
+            if args.dashboards:
+                with LoadLoop(url) as dloop, Dashboards(url, args.dashboards) as dash:
+                    seen = asyncio.run(measure(url, "/api/model/status", args.clients, rate, args.seconds))
+                rows.append(("/api/model/status", f"load+{args.dashboards}dash", seen, dloop.loads))
+                dashboard_notes.append(
+                    f"{pacing}: p99 {busy['p99']:.2f} -> {seen['p99']:.2f} ms ({100 * (seen['p99'] / busy['p99'] - 1):+.0f}%); "
+                    f"the {args.dashboards} dashboards made {dash.requests} status requests and received {dash.events} events"
+                )
+            for name, cond, r, loads in rows:
                 ratio = r["p99"] / anchor["p99"]
                 say(f"{name:<20} {cond:<12} {pacing:<12} {r['rps']:>7.0f} {r['p50']:>7.2f} {r['p90']:>7.2f} "
                     f"{r['p99']:>7.2f} {r['max']:>7.1f} {ratio:>9.2f}x {loads if loads is not None else '':>6}")  # fmt: skip
@@ -216,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"   {r['errors']} non-200 answers")
         say()
         say("Target: p99 <= 10 ms for GET /api/model/status with 100 concurrent clients while a load runs.")
+        if dashboard_notes:
+            say(f"{args.dashboards} dashboards open (target: p99 moves by at most 10%):")
+            for note in dashboard_notes:
+                say(f"  {note}")
     finally:
         proc.terminate()
         proc.wait(60)

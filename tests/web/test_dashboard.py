@@ -19,6 +19,7 @@ pytestmark = pytest.mark.xdist_group("web")
 SD15 = "diffusers/tiny-sd15"
 SDXL = "diffusers/tiny-sdxl"  # 4 components: a load reports progress four times
 CLIP_L = "clip/tiny-clip-l.safetensors"
+LORA = "loras/tiny-sd15-kohya.safetensors"
 DASH = "\u2013"  # the pager separates a range with an en dash
 
 #: Records every value a job's progress bar takes (attribute changes and new rows), in the page.
@@ -100,7 +101,9 @@ def test_a_jobs_progress_bar_moves_and_finishes(
     watched.clean()
 
 
-def test_load_and_unload_from_the_model_page(svc: RunningService, client: Client, watched: Watched) -> None:
+def test_load_lora_and_unload_from_the_model_page(
+    svc: RunningService, client: Client, watched: Watched
+) -> None:
     mid = client.model(SD15)["id"]
     page = open_live(watched, f"{svc.url}/#/model/{mid}")
     page.wait_for_selector('[data-empty="vram"]')
@@ -108,6 +111,24 @@ def test_load_and_unload_from_the_model_page(svc: RunningService, client: Client
     page.click("button.load")
     page.wait_for_selector('table.placements tr[data-device="cpu"] .badge-loaded', timeout=30_000)
     assert [p["device"] for p in client.model(mid)["state"]["vram"]] == ["cpu"]
+
+    lora = client.model(LORA)["id"]
+    page.wait_for_selector(f'select[name=lora] option[value="{lora}"]', state="attached")
+    page.select_option("select[name=lora]", lora)
+    page.fill("input[name=strength]", "0.75")
+    page.click("button.apply-lora")
+    page.wait_for_selector(f'table.loras tr[data-lora="{lora}"]')
+    assert client.model(mid)["state"]["vram"][0]["loras"][lora]["strength"] == 0.75
+    page.fill(f'table.loras tr[data-lora="{lora}"] input[type=range]', "-0.5")
+    expect(page.locator(f'table.loras tr[data-lora="{lora}"] output')).to_have_text("-0.50")
+    page.wait_for_function(  # the slider's change reached the worker
+        "([url, lora]) => fetch(url).then(r => r.json()).then(d => d.state.vram[0].loras[lora]?.strength === -0.5)",
+        arg=[f"/api/model/{mid}", lora],
+    )
+    page.click(f'table.loras tr[data-lora="{lora}"] button.remove-lora')
+    page.wait_for_selector(f'table.loras tr[data-lora="{lora}"]', state="detached")
+    assert client.model(mid)["state"]["vram"][0]["loras"] == {}
+
     page.click("button.unload")
     page.wait_for_selector('[data-empty="vram"]')
     assert client.model(mid)["state"]["vram"] == []

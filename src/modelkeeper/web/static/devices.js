@@ -121,7 +121,7 @@ export function mount(root, ctx) {
     const status = await ctx.api("/api/model/status");
     const anyLease = status.devices.some((d) => d.models.some((m) => m.leases));
     leases = anyLease ? await ctx.api("/api/leases") : [];
-    const c = status.cache;
+    const c = status.cache || { bytes_used: 0, budget_bytes: 0, segments: 0 }; // null: the cache is off
     summary.replaceChildren(
       h("span", null, status.ready ? badge("ready", "ready") : badge("starting", "loading")),
       h("span", null, `up ${seconds(status.uptime_seconds)}`),
