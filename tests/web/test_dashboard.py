@@ -208,3 +208,18 @@ def test_editing_metadata_from_the_page(svc: RunningService, client: Client, wat
     )
     assert page.evaluate("document.querySelectorAll('main i, main u').length") == 0
     watched.clean()
+
+
+def test_cancel_a_running_job_from_the_page(svc: RunningService, client: Client, watched: Watched) -> None:
+    mid = client.model(SD15)["id"]
+    client.load(mid)
+    page = open_live(watched, f"{svc.url}/#/jobs")
+    job = client.benchmark(mid, wait=False, steps=10_000, warmup=0)["job"]  # minutes, unless cancelled
+    row = f'tr[data-job="{job["id"]}"]'
+    page.wait_for_selector(f'{row}[data-state="running"]')
+    page.click(f"{row} button.cancel")
+    page.wait_for_selector(f'{row}[data-state="cancelled"]', timeout=15_000)
+    assert client.job(job["id"])["state"] == "cancelled"
+    expect(page.locator(f"{row} button.cancel")).to_be_hidden()
+    client.unload(mid)
+    watched.clean()
