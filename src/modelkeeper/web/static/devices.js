@@ -1,5 +1,5 @@
 // Devices: each worker, its memory, and the models on it; live from the event stream.
-import { ago, badge, bytes, h, keyValues, modelLink, refresher, seconds, section, table } from "./dom.js";
+import { ago, badge, bytes, h, keyValues, modelLink, refresher, seconds, table } from "./dom.js";
 
 const POLL_MS = 2000; // memory figures move without events; everything else arrives as events
 

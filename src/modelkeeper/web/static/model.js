@@ -1,6 +1,6 @@
 // One model: what it is, where it is, what happened to it; actions and metadata editing.
 import { modelPath } from "./api.js";
-import { ago, badge, bytes, h, jobProgress, keyValues, refresher, s, seconds, section, table, when } from "./dom.js";
+import { ago, badge, bytes, h, jobProgress, keyValues, refresher, seconds, section, table, when } from "./dom.js";
 import { historyChart } from "./chart.js";
 
 const PATCHABLE = new Set(["main", "unet", "transformer"]);
