@@ -35,7 +35,7 @@ def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "condi
 
 def shm_files(svc: RunningService) -> set[str]:
     """The segment files of this service's cache (other services of this test process have their own)."""
-    return set(glob.glob(f"/dev/shm/modelkeeper-{os.getpid()}-{svc.service.cache.instance}-*"))
+    return set(glob.glob(f"/dev/shm/modelkeeper-{os.getpid()}-{svc.service.feed.cache.instance}-*"))
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_every_component_of_an_unhashed_checkpoint_fills_alongside(make_service:
     """Without content ids (no hashing yet) a checkpoint's components share one path: each still
     gets its own segment filled beside the load."""
     with make_service(hash_on_start=False) as svc, Client(svc.url) as c:
-        cache = svc.service.cache
+        cache = svc.service.feed.cache
         fill = cache.cache_file
 
         def slow_fill(*args: Any, **kwargs: Any) -> Any:

@@ -56,7 +56,7 @@ async def _operate(
 ) -> Any:
     """validate / benchmark / optimize one model (``model_id``) or every loaded model (None)."""
     return _answer(
-        await service.model_operation(
+        await service.operations.run(
             op, model_id, body.device_id, body.worker_data(), component=body.component,
             wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
         )
@@ -74,7 +74,7 @@ async def _load(
 ) -> Any:
     options = _options(body, require_cache=require_cache)
     return _answer(
-        await service.load(ref, device, all_devices=everywhere, options=options, wait=body.wait_for_completion)
+        await service.loads.load(ref, device, all_devices=everywhere, options=options, wait=body.wait_for_completion)
     )  # fmt: skip
 
 
@@ -96,7 +96,7 @@ async def list_models(
     offset: int = Query(0, ge=0, le=1_000_000_000),
 ) -> dict[str, Any]:
     """Registered models, filtered and paginated, each with the devices it is loaded on."""
-    return await service.list_models(
+    return await service.views.list_models(
         type=type, base=base, format=format, tag=tag, query=query, status=None if status == "all" else status,
         sort=sort, descending=descending, limit=limit, offset=offset,
     )  # fmt: skip
@@ -106,44 +106,44 @@ async def list_models(
 async def status(service: Service) -> Response:
     """Every device: its worker, memory and loaded models; the cache; jobs. From memory, no worker
     call; memory figures are at most a quarter second old, everything else as of the last change."""
-    return Response(service.status_json(), media_type="application/json")
+    return Response(service.views.status_json(), media_type="application/json")
 
 
 @router.get("/status/{device}")
 async def device_status(service: Service, device: str) -> dict[str, Any]:
-    return service.device_status(device)
+    return service.views.device(device)
 
 
 @router.post("/status/{device}/reconcile")
 async def reconcile(service: Service, device: str) -> dict[str, Any]:
     """Compare the view of ``device`` with its worker's full state and correct it."""
-    return await service.reconcile(device)
+    return await service.recovery.reconcile(device)
 
 
 @router.get("/available")
 async def available(service: Service) -> list[dict[str, Any]]:
-    return await service.available()
+    return await service.views.available()
 
 
 @router.get("/available/{type}")
 async def available_of_type(service: Service, type: str) -> list[dict[str, Any]]:
-    return await service.available(type)
+    return await service.views.available(type)
 
 
 @router.get("/components")
 async def components(service: Service) -> list[dict[str, Any]]:
     """Components across every model (a VAE inside three checkpoints is one entry once hashed)."""
-    return await service.components()
+    return await service.views.components()
 
 
 @router.get("/components/{type}")
 async def components_of_type(service: Service, type: str) -> list[dict[str, Any]]:
-    return await service.components(type)
+    return await service.views.components(type)
 
 
 @router.post("/search")
 async def search(service: Service, body: SearchBody) -> dict[str, Any]:
-    return await service.search(**body.filters())
+    return await service.views.list_models(**body.filters())
 
 
 # ---------------------------------------------------------------------- loading on devices
@@ -162,7 +162,7 @@ async def load_on_device(service: Service, device: str, body: LoadBody) -> Any:
 
 @router.post("/unload")
 async def unload(service: Service, body: UnloadBody) -> dict[str, Any]:
-    return await service.unload(
+    return await service.loads.unload(
         _need_model(body), body.device_id, force=body.force, timeout=body.timeout_seconds
     )
 
@@ -170,12 +170,12 @@ async def unload(service: Service, body: UnloadBody) -> dict[str, Any]:
 @router.delete("/unload")
 async def unload_everything(service: Service, force: bool = False) -> dict[str, Any]:
     """Unload every model from every device (leased ones are refused unless ``force``)."""
-    return await service.unload_all(force=force)
+    return await service.loads.unload_all(force=force)
 
 
 @router.delete("/unload/{device}")
 async def unload_device(service: Service, device: str, force: bool = False) -> dict[str, Any]:
-    return await service.unload_all(device, force=force)
+    return await service.loads.unload_all(device, force=force)
 
 
 @router.post("/vram/load")
@@ -193,8 +193,8 @@ async def vram_load_device(service: Service, device: str, body: LoadBody) -> Any
 async def vram_unload(service: Service, model_id: str | None = None, force: bool = False) -> dict[str, Any]:
     """Free VRAM: one model (``model_id``) or every model, on every device."""
     if model_id:
-        return await service.unload(model_id, force=force)
-    return await service.unload_all(force=force)
+        return await service.loads.unload(model_id, force=force)
+    return await service.loads.unload_all(force=force)
 
 
 @router.delete("/vram/unload/{device}")
@@ -202,8 +202,8 @@ async def vram_unload_device(
     service: Service, device: str, model_id: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     if model_id:
-        return await service.unload(model_id, device, force=force)
-    return await service.unload_all(device, force=force)
+        return await service.loads.unload(model_id, device, force=force)
+    return await service.loads.unload_all(device, force=force)
 
 
 # ---------------------------------------------------------------------- operations on every loaded model
@@ -230,7 +230,7 @@ async def optimize_all(service: Service, body: OptimizeBody) -> Any:
 @router.post("/{model_id:path}/lora")
 async def apply_lora(service: Service, model_id: str, body: LoraBody) -> dict[str, Any]:
     """Patch a loaded model with a registered LoRA (every device holding it, or ``device_id``)."""
-    return await service.apply_lora(
+    return await service.loras.apply(
         model_id, body.lora_id, device=body.device_id, strength=body.strength,
         timeout=body.timeout_seconds, priority=body.priority_value,
     )  # fmt: skip
@@ -239,7 +239,7 @@ async def apply_lora(service: Service, model_id: str, body: LoraBody) -> dict[st
 @router.put("/{model_id:path}/lora/{lora_id:path}")
 async def lora_strength(service: Service, model_id: str, lora_id: str, body: StrengthBody) -> dict[str, Any]:
     """Change an applied LoRA's strength (no reload)."""
-    return await service.lora_strength(model_id, lora_id, body.strength, body.device_id)
+    return await service.loras.strength(model_id, lora_id, body.strength, body.device_id)
 
 
 @router.delete("/{model_id:path}/lora/{lora_id:path}")
@@ -247,24 +247,24 @@ async def remove_lora(
     service: Service, model_id: str, lora_id: str, device_id: str | None = None
 ) -> dict[str, Any]:
     """Take an applied LoRA off (the weights are restored exactly)."""
-    return await service.remove_lora(model_id, lora_id, device_id)
+    return await service.loras.remove(model_id, lora_id, device_id)
 
 
 @router.get("/{model_id:path}/metadata")
 async def get_metadata(service: Service, model_id: str) -> dict[str, Any]:
-    return await service.metadata(model_id)
+    return await service.catalog.metadata(model_id)
 
 
 @router.put("/{model_id:path}/metadata")
 async def put_metadata(service: Service, model_id: str, values: dict[str, Any] = Body(...)) -> dict[str, Any]:
     """Set user metadata: name, description, tags, trigger_words, source_url, license, default_settings."""
-    return await service.set_metadata(model_id, values)
+    return await service.catalog.set_metadata(model_id, values)
 
 
 @router.get("/{model_id:path}")
 async def model_detail(service: Service, model_id: str) -> dict[str, Any]:
     """Everything known of a model: identification, components, metadata, where it is, performance."""
-    return await service.model_detail(model_id)
+    return await service.views.model_detail(model_id)
 
 
 @router.post("/{model_id:path}/load")
@@ -276,7 +276,9 @@ async def load_model(service: Service, model_id: str, body: LoadBody = Body(defa
 async def unload_model(
     service: Service, model_id: str, body: UnloadBody = Body(default_factory=UnloadBody)
 ) -> dict[str, Any]:
-    return await service.unload(model_id, body.device_id, force=body.force, timeout=body.timeout_seconds)
+    return await service.loads.unload(
+        model_id, body.device_id, force=body.force, timeout=body.timeout_seconds
+    )
 
 
 @router.post("/{model_id:path}/validate")

@@ -30,39 +30,39 @@ def _accepted(result: dict[str, Any]) -> Any:
 @cache.get("")
 async def cache_list(service: Service) -> dict[str, Any]:
     """Segments (size, hits, last use, models using them) and stats (bytes, budget, hit rate, evictions)."""
-    return service.cache_view()
+    return service.feed.view()
 
 
 @cache.post("")
 async def cache_add(service: Service, body: CacheBody) -> Any:
     """Cache every component of ``model_id``, or the one component ``component_id``."""
     if body.model_id:
-        return _accepted(await service.cache_model(body.model_id, wait=body.wait_for_completion))
+        return _accepted(await service.feed.cache_model(body.model_id, wait=body.wait_for_completion))
     if body.component_id:
-        return _accepted(await service.cache_component(body.component_id, wait=body.wait_for_completion))
+        return _accepted(await service.feed.cache_component(body.component_id, wait=body.wait_for_completion))
     raise ProtocolError("model_id or component_id: one is required", ErrorCode.INVALID_REQUEST)
 
 
 @cache.delete("")
 async def cache_clear(service: Service, force: bool = False) -> dict[str, Any]:
     """Drop every segment (ones a worker is loading from stay unless ``force``)."""
-    return service.cache_clear(force=force)
+    return service.feed.clear(force=force)
 
 
 @cache.post("/refresh")
 async def cache_refresh(service: Service, wait_for_completion: bool = False, hash: bool = True) -> Any:
     """Rescan the model roots (a job: new, changed, moved and deleted files), then hash what is new."""
-    return _accepted(await service.scan(wait=wait_for_completion, hash=hash))
+    return _accepted(await service.catalog.scan(wait=wait_for_completion, hash=hash))
 
 
 @cache.get("/{component_id}")
 async def cache_get(service: Service, component_id: str) -> dict[str, Any]:
-    return service.cache.get(component_id).info()
+    return service.feed.get(component_id)
 
 
 @cache.delete("/{component_id}")
 async def cache_drop(service: Service, component_id: str, force: bool = False) -> dict[str, Any]:
-    return service.cache_drop(component_id, force=force)
+    return service.feed.drop(component_id, force=force)
 
 
 # ---------------------------------------------------------------------- jobs and events
@@ -130,7 +130,7 @@ async def lease_list(service: Service, model_id: str | None = None) -> list[dict
 @jobs.post("/leases", status_code=201)
 async def lease_grant(service: Service, body: LeaseBody) -> dict[str, Any]:
     """Hold a model: it is neither evicted nor unloaded without force until the lease ends."""
-    return await service.grant_lease(body.model_id, body.device_id, body.holder, body.ttl_seconds)
+    return await service.loads.grant_lease(body.model_id, body.device_id, body.holder, body.ttl_seconds)
 
 
 @jobs.get("/leases/{lease_id}")
@@ -145,9 +145,7 @@ async def lease_renew(service: Service, lease_id: str, body: RenewBody | None = 
 
 @jobs.delete("/leases/{lease_id}")
 async def lease_release(service: Service, lease_id: str) -> dict[str, Any]:
-    lease = service.leases.release(lease_id)
-    service.bus.publish("lease.released", lease=lease.info())
-    return lease.info()
+    return service.loads.release_lease(lease_id)
 
 
 # ---------------------------------------------------------------------- health and metrics
@@ -161,7 +159,7 @@ async def live() -> dict[str, Any]:
 @health.get("/health/ready")
 async def ready(service: Service) -> Any:
     """Ready when the registry is open and at least one worker runs."""
-    workers = {s.id: s.state.value for s in service.slots.values()}
+    workers = {s.id: s.state.value for s in service.pool.slots.values()}
     ok = service.ready and any(v == "ready" for v in workers.values())
     body = {"ready": ok, "workers": workers}
     return body if ok else JSONResponse(body, status_code=503)

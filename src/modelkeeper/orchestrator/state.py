@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+
+class PlacementState(StrEnum):
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
 
 
 @dataclass
@@ -18,7 +25,7 @@ class Placement:
     name: str
     type: str
     device: str
-    state: str = "loading"
+    state: PlacementState = PlacementState.LOADING
     components: dict[str, str] = field(default_factory=dict)  # component -> worker name
     sources: dict[str, str] = field(default_factory=dict)  # component -> ram / disk
     segments: dict[str, str] = field(default_factory=dict)  # component -> cache component id
@@ -36,7 +43,7 @@ class Placement:
             "name": self.name,
             "type": self.type,
             "device": self.device,
-            "state": self.state,
+            "state": self.state.value,
             "components": dict(self.components),
             "sources": dict(self.sources),
             "bytes": self.bytes,
