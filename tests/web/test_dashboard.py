@@ -223,3 +223,10 @@ def test_cancel_a_running_job_from_the_page(svc: RunningService, client: Client,
     expect(page.locator(f"{row} button.cancel")).to_be_hidden()
     client.unload(mid)
     watched.clean()
+
+
+def test_an_unknown_model_says_so(svc: RunningService, watched: Watched) -> None:
+    page = open_live(watched, f"{svc.url}/#/model/{'<b>nope</b>'}")
+    expect(page.locator(".model-head h1")).to_have_text("No such model")
+    expect(page.locator(".model-head p")).to_contain_text("<b>nope</b>")
+    watched.clean(console=False)  # the 404 is logged by the browser

@@ -365,7 +365,10 @@ export function mount(root, ctx, id) {
     detail = d;
     status = st;
     render(d, st);
-  }, 250, ctx.failed);
+  }, 250, (err) => {
+    if (err?.status === 404 && !detail) head.replaceChildren(h("h1", null, "No such model"), h("p", { class: "muted" }, err.message));
+    else ctx.failed(err);
+  });
   kick();
 
   return {
