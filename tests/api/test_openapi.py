@@ -21,9 +21,9 @@ def says_something(schema: dict[str, Any], components: dict[str, Any]) -> bool:
     that returns ``Any`` or an untyped dict gets."""
     if "$ref" in schema:
         return says_something(components[schema["$ref"].rsplit("/", 1)[-1]], components)
-    if any(k in schema for k in ("anyOf", "oneOf", "allOf")):
-        parts = schema.get("anyOf") or schema.get("oneOf") or schema.get("allOf")
-        return all(says_something(p, components) for p in parts)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            return all(says_something(part, components) for part in schema[key])
     rest = {k: v for k, v in schema.items() if k not in WORDS}
     if rest.get("type") == "array":
         return says_something(rest.get("items", {}), components)
