@@ -103,3 +103,8 @@ def conforming(svc: RunningService) -> Callable[[httpx.Response], None]:
             schema[template][method].validate_response(response)
 
     return check
+
+
+def checked_client(svc: RunningService, **kwargs: Any) -> Client:
+    """A client of ``svc`` whose every JSON answer is checked against the spec (:func:`conforming`)."""
+    return Client(svc.url, event_hooks={"response": [conforming(svc)]}, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -18,7 +18,7 @@ from tests.api.conftest import (
     SD15_CKPT,
     SDXL,
     ServiceFactory,
-    conforming,
+    checked_client,
     model_id,
     wait_for_segments,
 )
@@ -50,15 +50,10 @@ def svc(make_service: ServiceFactory) -> Iterator[RunningService]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def conforms(svc: RunningService) -> Callable[[httpx.Response], None]:
-    return conforming(svc)
-
-
 @pytest.fixture
-def client(svc: RunningService, conforms: Callable[[httpx.Response], None]) -> Iterator[Client]:
+def client(svc: RunningService) -> Iterator[Client]:
     """A client whose every answer is checked against the OpenAPI spec."""
-    with Client(svc.url, event_hooks={"response": [conforms]}) as c:
+    with checked_client(svc) as c:
         yield c
         for lease in c.leases():
             c.release_lease(lease["id"])

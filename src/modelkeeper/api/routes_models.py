@@ -121,7 +121,7 @@ async def list_models(
     )  # fmt: skip
 
 
-@router.get("/status", response_model=ServiceStatus)  # bytes the service built: not re-validated
+@router.get("/status", response_model=ServiceStatus)  # documented; its cached bytes go out unvalidated
 async def status(service: Service) -> Response:
     """Every device: its worker, memory and loaded models; the cache; jobs. From memory, no worker
     call; memory figures are at most a quarter second old, everything else as of the last change."""
