@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
@@ -27,6 +27,7 @@ from modelkeeper.api.responses import (
     SegmentInfo,
 )
 from modelkeeper.api.schemas import CacheBody, LeaseBody, RenewBody
+from modelkeeper.orchestrator.jobs import Job
 from modelkeeper.orchestrator.metrics import CONTENT_TYPE
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
@@ -107,10 +108,15 @@ async def job_cancel(service: Service, job_id: str) -> dict[str, Any]:
     return job.info()
 
 
+async def _job(service: Service, job_id: str) -> Job:
+    """The job, looked up before a stream starts: an unknown id is a 404, not an empty stream."""
+    return service.jobs.get(job_id)
+
+
 @jobs.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=JSON_ERRORS)
-async def job_events(service: Service, job_id: str) -> AsyncIterator[ServerSentEvent]:
+async def job_events(service: Service, job: Annotated[Job, Depends(_job)]) -> AsyncIterator[ServerSentEvent]:
     """The job's state now, then every change, until it finishes (Server-Sent Events)."""
-    job = service.jobs.get(job_id)
+    job_id = job.id
     stream = service.bus.subscribe()
     yield ServerSentEvent(data=job.info(), event="job.state", id="0")
     if job.state.finished:
