@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from modelkeeper.api.app import create_app
-from modelkeeper.api.responses import ErrorBody, JobAccepted, LoadedPlacement
+from modelkeeper.api.responses import DeviceStatus, ErrorBody, JobAccepted, LoadedPlacement, NoMemory
 from modelkeeper.orchestrator import Settings
+from modelkeeper.orchestrator.workers import WorkerSlot
 
 ERROR_REF = "#/components/schemas/ErrorBody"
 #: Keys that only name or explain a schema: a schema made of these alone says nothing.
@@ -93,3 +94,14 @@ def test_fields_sometimes_absent_are_optional_not_null(spec: dict[str, Any]) -> 
          "load_seconds": 0.5, "timings": {}, "loras": {}, "leases": 0, "already_loaded": True}
     )  # fmt: skip
     assert "evicted" not in answer.model_dump(mode="json")
+
+
+def test_a_worker_that_never_reported_has_no_memory() -> None:
+    """A device whose worker did not start has an empty ``memory``: documented, not a 500."""
+    slot = WorkerSlot(
+        "cpu", "cpu", args=[], start_timeout=1, on_event=lambda *_: None, on_exit=lambda *_: None
+    )
+    answer = {**slot.info(), "models": []}
+    device = DeviceStatus.model_validate(answer)
+    assert isinstance(device.memory, NoMemory)
+    assert device.model_dump(mode="json") == answer
