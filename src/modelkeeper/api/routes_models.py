@@ -1,7 +1,8 @@
 """``/api/model``: the seed controller's endpoints, made real.
 
 Static paths come before ``/{model_id}`` so that ``status``, ``available``, ``cache``... are
-never taken for model ids. A model id may also be a name or a hash prefix.
+never taken for model ids. A model id may also be a name or a hash prefix. Every route declares
+its answer (:mod:`modelkeeper.api.responses`); a job route also its 202.
 """
 
 from __future__ import annotations
