@@ -62,7 +62,11 @@ def client(svc: RunningService) -> Iterator[Client]:
 
 def test_health_openapi_and_seed_parity(client: Client) -> None:
     assert client.live() == {"live": True}
-    assert client.ready() == {"ready": True, "workers": {"cpu:0": "ready", "cpu:1": "ready"}}
+    assert client.ready() == {
+        "ready": True,
+        "workers": {"cpu:0": "ready", "cpu:1": "ready"},
+        "preload": {"pending": 0, "loaded": [], "failed": []},
+    }
     paths = client.openapi()["paths"]
     served = {(m, p.replace(":path", "")) for p, ops in paths.items() for m in ops}
     missing = [f"{m.upper()} {p}" for m, p in SEED_PATHS if (m, p) not in served]
@@ -338,3 +342,21 @@ def test_lora_on_a_loaded_model(client: Client) -> None:
     with pytest.raises(ApiError) as not_lora:
         client.apply_lora(mid, CLIP_L)
     assert not_lora.value.status_code == 422 and "not a LoRA" in not_lora.value.message
+
+
+def test_ready_waits_for_preloads_and_placements_show_keep_alive(make_service: ServiceFactory) -> None:
+    with make_service(preload=[CLIP_L, "nope"], keep_alive=600) as running, checked_client(running) as c:
+        deadline = time.monotonic() + 60
+        while True:
+            answer = httpx.get(f"{running.url}/health/ready")
+            body = answer.json()
+            if body["preload"]["pending"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        # one preload failed: the service says it is not ready, and why
+        assert answer.status_code == 503 and not body["ready"]
+        assert [e["model"] for e in body["preload"]["loaded"]] == [CLIP_L]
+        assert body["preload"]["failed"][0]["model"] == "nope"
+        placed = c.status()["devices"][0]["models"][0]
+        assert placed["keep_loaded"] and placed["keep_alive"] == 600
+        assert placed["expires_at"] == pytest.approx(placed["last_used"] + 600)
