@@ -273,6 +273,8 @@ def test_errors_are_json_with_codes(client: Client, svc: RunningService) -> None
     bad = httpx.post(f"{svc.url}/api/model/load", json={"model_id": SD15, "priority": "urgent"})
     assert bad.status_code == 422
     assert bad.json()["error_code"] == "INVALID_REQUEST" and "priority" in bad.json()["error"]
+    flag = httpx.post(f"{svc.url}/api/model/load", json={"model_id": SD15, "timeout_seconds": True})
+    assert flag.status_code == 422 and "timeout_seconds" in flag.json()["error"]  # no number
     extra = httpx.post(f"{svc.url}/api/model/search", json={"colour": "blue"})
     assert extra.status_code == 422 and "colour" in extra.json()["error"]
     assert httpx.get(f"{svc.url}/api/nothing").json()["error_code"] == "NOT_FOUND"

@@ -114,8 +114,10 @@ class PlacementInfo(_Fixed):
     loaded_at: float | None
     last_used: float
     load_seconds: float | None
-    keep_alive: float = Field(description="Seconds after the last use before it is unloaded; -1 never.")
-    expires_at: float | None = Field(description="When it is unloaded for idleness; null: never, or in use.")
+    keep_alive: float = Field(description="Seconds it stays after its last use; -1 never (0: at once).")
+    expires_at: float | None = Field(
+        description="When it is unloaded for idleness (null: never, or now in use)."
+    )
     timings: dict[str, dict[str, float]] = Field(description="Component -> seconds per step.")
     loras: dict[str, AppliedLora] = Field(description="LoRA model id -> how it is applied.")
     leases: int = Field(description="Leases holding the model on this device.")
