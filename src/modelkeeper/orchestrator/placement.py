@@ -17,8 +17,9 @@ by node, each node's RAM cache and files on disk, kept indexed as the view chang
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -210,9 +211,11 @@ class ClusterView:
 
     Mutable on purpose: its owner (the driver's cluster state, or a simulator) reports each change
     (:meth:`put_device`, :meth:`drop_device`, :meth:`set_ram`, :meth:`set_disk`,
-    :meth:`drop_node`) and the indexes follow: which devices hold each model, which nodes cache or
-    store it, and which devices of each node are idle (``busy_until == 0``), the nodes bucketed by
-    their number of idle devices. :meth:`of` builds one from plain views, for tests and one-off use.
+    :meth:`drop_node`) and the indexes follow: which devices hold each model (the idle ones apart,
+    the busy ones in a heap by the end of their work), which nodes cache or store it, and which
+    devices of each node are idle (``busy_until == 0``), the nodes bucketed by their number of idle
+    devices. :meth:`of` builds one from plain views, for tests and one-off use. The indexes are
+    insertion-ordered, so the same changes give the same answers.
 
     ``reload_weight`` prices a model's way back when choosing what to evict (see
     :func:`choose_placement`); ``scan_nodes`` bounds how many nodes of a tier a decision compares.
@@ -225,13 +228,17 @@ class ClusterView:
         self.reload_weight = reload_weight
         self.scan_nodes = scan_nodes
         self._devices: dict[str, DeviceView] = {}
-        self._holders: dict[str, set[str]] = {}  # model -> devices holding or loading it
-        self._ram: dict[str, set[str]] = {}  # model -> nodes caching it in RAM
-        self._disk: dict[str, set[str]] = {}  # model -> nodes with its file
-        self._node_ram: dict[str, set[str]] = {}
-        self._node_disk: dict[str, set[str]] = {}
-        self._node_devices: dict[str, dict[str, None]] = {}
-        self._idle: dict[str, dict[str, None]] = {}  # node -> its idle devices (insertion-ordered)
+        self._holders: _Index = {}  # model -> devices holding or loading it
+        self._idle_holders: _Index = {}  # model -> the idle ones of those
+        self._busy_holders: dict[
+            str, list[tuple[float, str]]
+        ] = {}  # model -> heap (busy_until, device), lazy
+        self._ram: _Index = {}  # model -> nodes caching it in RAM
+        self._disk: _Index = {}  # model -> nodes with its file
+        self._node_ram: _Index = {}
+        self._node_disk: _Index = {}
+        self._node_devices: _Index = {}
+        self._idle: _Index = {}  # node -> its idle devices
         self._by_idle: dict[int, dict[str, None]] = {}  # number of idle devices -> nodes
         self._budgets: dict[int, int] = {}  # budget -> number of devices with it
 
@@ -241,9 +248,9 @@ class ClusterView:
         for d in devices:
             view.put_device(d)
         for n in nodes:
-            for m in n.ram_cached:
+            for m in sorted(n.ram_cached):
                 view.set_ram(n.id, m, True)
-            for m in n.on_disk:
+            for m in sorted(n.on_disk):
                 view.set_disk(n.id, m, True)
         return view
 
@@ -265,17 +272,35 @@ class ClusterView:
             frozenset(self._node_disk.get(node_id, ())),
         )
 
-    def holders(self, model_id: str) -> set[str]:
-        return self._holders.get(model_id, set())
+    def holders(self, model_id: str) -> Collection[str]:
+        return self._holders.get(model_id, {}).keys()
 
-    def ram_nodes(self, model_id: str) -> set[str]:
-        return self._ram.get(model_id, set())
+    def ram_nodes(self, model_id: str) -> Collection[str]:
+        """The nodes caching ``model_id`` in RAM, the first to cache it first."""
+        return self._ram.get(model_id, {}).keys()
 
-    def disk_nodes(self, model_id: str) -> set[str]:
-        return self._disk.get(model_id, set())
+    def disk_nodes(self, model_id: str) -> Collection[str]:
+        return self._disk.get(model_id, {}).keys()
 
     def max_budget(self) -> int:
         return max(self._budgets, default=0)
+
+    def idle_holder(self, model_id: str) -> DeviceView | None:
+        """An idle device holding ``model_id``, if any (O(1))."""
+        first = next(iter(self._idle_holders.get(model_id, ())), None)
+        return None if first is None else self._devices[first]
+
+    def soonest_holder(self, model_id: str) -> DeviceView | None:
+        """The busy device holding ``model_id`` whose work ends first (amortised O(log holders))."""
+        heap = self._busy_holders.get(model_id, [])
+        holders = self._holders.get(model_id, {})
+        while heap:
+            until, device_id = heap[0]
+            d = self._devices.get(device_id)
+            if d is not None and d.busy_until == until and device_id in holders:
+                return d
+            heapq.heappop(heap)
+        return None
 
     # changes
 
@@ -284,21 +309,34 @@ class ClusterView:
         if view.id in self._devices:
             self.drop_device(view.id)
         self._devices[view.id] = view
-        self._node_devices.setdefault(view.node, {})[view.id] = None
+        _add(self._node_devices, view.node, view.id)
         self._budgets[view.budget] = self._budgets.get(view.budget, 0) + 1
         for m in _models_on(view):
-            self._holders.setdefault(m, set()).add(view.id)
+            _add(self._holders, m, view.id)
+            if view.busy_until == 0:
+                _add(self._idle_holders, m, view.id)
+            else:
+                heap = self._busy_holders.setdefault(m, [])
+                heapq.heappush(heap, (view.busy_until, view.id))
+                if len(heap) > 2 * len(self._holders[m]) + 8:  # stale entries: rebuild
+                    heap[:] = [
+                        (d.busy_until, d.id)
+                        for d in map(self._devices.get, self._holders[m])
+                        if d and d.busy_until
+                    ]
+                    heapq.heapify(heap)
         if view.busy_until == 0:
             self._set_idle(view.node, view.id, True)
 
     def drop_device(self, device_id: str) -> None:
         view = self._devices.pop(device_id)
-        del self._node_devices[view.node][device_id]
+        _discard(self._node_devices, view.node, device_id)
         self._budgets[view.budget] -= 1
         if not self._budgets[view.budget]:
             del self._budgets[view.budget]
         for m in _models_on(view):
             _discard(self._holders, m, device_id)
+            _discard(self._idle_holders, m, device_id)
         self._set_idle(view.node, device_id, False)
 
     def set_ram(self, node: str, model_id: str, cached: bool) -> None:
@@ -313,18 +351,16 @@ class ClusterView:
             self.drop_device(d)
         self._node_devices.pop(node, None)
         self._idle.pop(node, None)
-        for m in self._node_ram.pop(node, set()):
+        for m in self._node_ram.pop(node, {}):
             _discard(self._ram, m, node)
-        for m in self._node_disk.pop(node, set()):
+        for m in self._node_disk.pop(node, {}):
             _discard(self._disk, m, node)
 
     @staticmethod
-    def _set(
-        by_model: dict[str, set[str]], by_node: dict[str, set[str]], node: str, model_id: str, present: bool
-    ) -> None:
+    def _set(by_model: _Index, by_node: _Index, node: str, model_id: str, present: bool) -> None:
         if present:
-            by_model.setdefault(model_id, set()).add(node)
-            by_node.setdefault(node, set()).add(model_id)
+            _add(by_model, model_id, node)
+            _add(by_node, node, model_id)
         else:
             _discard(by_model, model_id, node)
             _discard(by_node, node, model_id)
@@ -349,7 +385,7 @@ class ClusterView:
 
     # helpers of choose_placement
 
-    def idle_nodes(self, among: set[str] | None) -> Iterator[str]:
+    def idle_nodes(self, among: Collection[str] | None) -> Iterator[str]:
         """Nodes with an idle device, most idle devices first (then by name when ``among`` is
         small), restricted to ``among`` when given."""
         if among is not None and len(among) <= 4 * self.scan_nodes:
@@ -380,7 +416,7 @@ class ClusterView:
         return lambda r: r.last_used + weight * bw.seconds(self.tier_at(node, r.model_id), r.bytes)
 
     def best_device(
-        self, among: set[str] | None, model_id: str, need: int, force: bool
+        self, among: Collection[str] | None, model_id: str, need: int, force: bool
     ) -> tuple[DeviceView, tuple[str, ...]] | None:
         """The idle device of the nodes ``among`` (all nodes: None) that takes ``model_id`` at the
         least cost: the most free budget where it fits as is; else the device whose most valuable
@@ -410,14 +446,22 @@ class ClusterView:
         return None if best is None else (best[1], best[2])
 
 
-def _models_on(view: DeviceView) -> set[str]:
-    return {r.model_id for r in view.residents} | view.loading
+_Index = dict[str, dict[str, None]]  # key -> an insertion-ordered set
 
 
-def _discard(index: dict[str, set[str]], key: str, item: str) -> None:
+def _models_on(view: DeviceView) -> list[str]:
+    on = [r.model_id for r in view.residents]
+    return on + sorted(view.loading.difference(on))
+
+
+def _add(index: _Index, key: str, item: str) -> None:
+    index.setdefault(key, {})[item] = None
+
+
+def _discard(index: _Index, key: str, item: str) -> None:
     items = index.get(key)
     if items is not None:
-        items.discard(item)
+        items.pop(item, None)
         if not items:
             del index[key]
 
@@ -454,19 +498,18 @@ def choose_placement(
             required_bytes=need,
         )
     bw = cluster.bandwidths
+    idle = cluster.idle_holder(model_id)
+    if idle is not None:
+        return Placement(idle.id, idle.node, Tier.VRAM, "", 0.0)
     best: Placement | None = None
-    for device_id in cluster.holders(model_id):
-        d = cluster.device(device_id)
-        wait = max(0.0, d.busy_until - now) if d.busy_until else 0.0
-        if best is None or (wait, d.id) < (best.ready_s, best.device):
-            best = Placement(d.id, d.node, Tier.VRAM, "", wait)
-    if best is not None and best.ready_s == 0:
-        return best
+    soonest = cluster.soonest_holder(model_id)
+    if soonest is not None:
+        best = Placement(soonest.id, soonest.node, Tier.VRAM, "", max(0.0, soonest.busy_until - now))
     ram, disk = cluster.ram_nodes(model_id), cluster.disk_nodes(model_id)
     if not (ram or disk or best):
         raise NotPlaceable(f"model {model_id}: no node has its file or caches it", required_bytes=need)
     peer = Tier.PEER_RAM if ram else Tier.PEER_DISK
-    tiers: list[tuple[Tier, set[str] | None]] = [(Tier.RAM, ram), (Tier.DISK, disk), (peer, None)]
+    tiers: list[tuple[Tier, Collection[str] | None]] = [(Tier.RAM, ram), (Tier.DISK, disk), (peer, None)]
     tiers.sort(key=lambda t: bw.seconds(t[0], need))
     for tier, among in tiers if ram or disk else []:
         if (among is not None and not among) or (best is not None and best.ready_s <= bw.seconds(tier, need)):
@@ -484,10 +527,10 @@ def choose_placement(
     return _soonest_device(cluster, model_id, need, now, force)
 
 
-def _source(node: str, tier: Tier, ram: set[str], disk: set[str]) -> str:
+def _source(node: str, tier: Tier, ram: Collection[str], disk: Collection[str]) -> str:
     if tier in (Tier.RAM, Tier.DISK):
         return node
-    return min(ram) if tier is Tier.PEER_RAM else min(disk)
+    return next(iter(ram if tier is Tier.PEER_RAM else disk))
 
 
 def _soonest_device(cluster: ClusterView, model_id: str, need: int, now: float, force: bool) -> Placement:
