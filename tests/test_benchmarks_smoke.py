@@ -23,4 +23,4 @@ def test_cluster_sim_quick(tmp_path: Path) -> None:
     for name in ("modelkeeper ", "modelkeeper, RAM at 25 GB/s", "ray-serve K=2", "ray-serve K=16"):
         assert f"\n{name}" in text
     assert "seconds loading, Ray Serve / modelkeeper:" in text
-    assert "placement decision (choose_placement) at 4 nodes" in text
+    assert "placement decision (choose_placement) at 4 nodes: CPU time" in text

@@ -218,11 +218,11 @@ class ClusterView:
     insertion-ordered, so the same changes give the same answers.
 
     ``reload_weight`` prices a model's way back when choosing what to evict (see
-    :func:`choose_placement`); ``scan_nodes`` bounds how many nodes of a tier a decision compares.
+    :func:`choose_placement`; 10, as the RAM cache weighs its refills: ``cache.store.COST_WEIGHT``); ``scan_nodes`` bounds how many nodes of a tier a decision compares.
     """
 
     def __init__(
-        self, bandwidths: Bandwidths | None = None, *, reload_weight: float = 60.0, scan_nodes: int = 4
+        self, bandwidths: Bandwidths | None = None, *, reload_weight: float = 10.0, scan_nodes: int = 4
     ):
         self.bandwidths = bandwidths or Bandwidths()
         self.reload_weight = reload_weight
