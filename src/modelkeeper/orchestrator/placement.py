@@ -18,10 +18,10 @@ by node, each node's RAM cache and files on disk, kept indexed as the view chang
 from __future__ import annotations
 
 import heapq
-import math
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 from modelkeeper.orchestrator.errors import NotPlaceable
@@ -175,13 +175,14 @@ class Bandwidths:
     def seconds(self, tier: Tier, nbytes: int) -> float:
         """Estimated seconds to bring ``nbytes`` to a device from ``tier`` (a peer's bytes flow at
         the slower of its tier and the network)."""
-        rate = {
-            Tier.VRAM: math.inf,
-            Tier.RAM: self.ram,
-            Tier.DISK: self.disk,
-            Tier.PEER_RAM: min(self.network, self.ram),
-            Tier.PEER_DISK: min(self.network, self.disk),
-        }[tier]
+        if tier is Tier.VRAM:
+            return 0.0
+        if tier is Tier.RAM:
+            rate = self.ram
+        elif tier is Tier.DISK:
+            rate = self.disk
+        else:
+            rate = min(self.network, self.ram if tier is Tier.PEER_RAM else self.disk)
         return nbytes / rate
 
 
@@ -241,6 +242,7 @@ class ClusterView:
         self._idle: _Index = {}  # node -> its idle devices
         self._by_idle: dict[int, dict[str, None]] = {}  # number of idle devices -> nodes
         self._budgets: dict[int, int] = {}  # budget -> number of devices with it
+        self._busy: list[tuple[float, str]] = []  # heap (busy_until, device) of busy devices, lazy
 
     @classmethod
     def of(cls, devices: Sequence[DeviceView], nodes: Sequence[NodeView] = (), **options: Any) -> ClusterView:
@@ -302,6 +304,18 @@ class ClusterView:
             heapq.heappop(heap)
         return None
 
+    def soonest_busy(self, count: int) -> list[DeviceView]:
+        """The ``count`` busy devices whose work ends first (O(count log devices), amortised)."""
+        heap, out = self._busy, dict[str, DeviceView]()
+        while heap and len(out) < count:
+            until, device_id = heapq.heappop(heap)
+            d = self._devices.get(device_id)
+            if d is not None and d.busy_until == until:
+                out[device_id] = d
+        for d in out.values():
+            heapq.heappush(heap, (d.busy_until, d.id))
+        return list(out.values())
+
     # changes
 
     def put_device(self, view: DeviceView) -> None:
@@ -316,17 +330,17 @@ class ClusterView:
             if view.busy_until == 0:
                 _add(self._idle_holders, m, view.id)
             else:
-                heap = self._busy_holders.setdefault(m, [])
-                heapq.heappush(heap, (view.busy_until, view.id))
-                if len(heap) > 2 * len(self._holders[m]) + 8:  # stale entries: rebuild
-                    heap[:] = [
-                        (d.busy_until, d.id)
-                        for d in map(self._devices.get, self._holders[m])
-                        if d and d.busy_until
-                    ]
-                    heapq.heapify(heap)
+                holders = self._holders[m]
+                _push(
+                    self._busy_holders.setdefault(m, []),
+                    (view.busy_until, view.id),
+                    2 * len(holders) + 8,
+                    partial(self._busy_entries, holders),
+                )
         if view.busy_until == 0:
             self._set_idle(view.node, view.id, True)
+        else:
+            _push(self._busy, (view.busy_until, view.id), 2 * len(self._devices) + 64, self._busy_entries)
 
     def drop_device(self, device_id: str) -> None:
         view = self._devices.pop(device_id)
@@ -355,6 +369,11 @@ class ClusterView:
             _discard(self._ram, m, node)
         for m in self._node_disk.pop(node, {}):
             _discard(self._disk, m, node)
+
+    def _busy_entries(self, among: Iterable[str] | None = None) -> list[tuple[float, str]]:
+        """Fresh heap entries of the busy devices (of ``among``), to replace stale ones."""
+        devices = self._devices.values() if among is None else map(self._devices.__getitem__, among)
+        return [(d.busy_until, d.id) for d in devices if d.busy_until]
 
     @staticmethod
     def _set(by_model: _Index, by_node: _Index, node: str, model_id: str, present: bool) -> None:
@@ -401,19 +420,30 @@ class ClusterView:
     def tier_at(self, node: str, model_id: str) -> Tier:
         """The fastest tier ``model_id`` would come from to a device of ``node`` (a peer's RAM
         cache over the network beats the node's own disk)."""
-        ram, disk = self._ram.get(model_id, ()), self._disk.get(model_id, ())
-        if node in ram:
+        ram, disk = self._ram.get(model_id), self._disk.get(model_id)
+        if ram and node in ram:
             return Tier.RAM
-        options = [
-            t for t, ok in ((Tier.DISK, node in disk), (Tier.PEER_RAM, ram), (Tier.PEER_DISK, disk)) if ok
-        ]
-        return min(options, key=lambda t: self.bandwidths.seconds(t, 1), default=Tier.PEER_DISK)
+        local = disk is not None and node in disk
+        bw = self.bandwidths
+        if ram and (not local or min(bw.network, bw.ram) > bw.disk):
+            return Tier.PEER_RAM
+        return Tier.DISK if local else Tier.PEER_DISK
 
     def eviction_value(self, node: str) -> Callable[[Resident], float]:
         """How much a resident of ``node`` is worth keeping: its last use, plus ``reload_weight``
         times the seconds it would take to bring back from the best tier left to it."""
         weight, bw = self.reload_weight, self.bandwidths
-        return lambda r: r.last_used + weight * bw.seconds(self.tier_at(node, r.model_id), r.bytes)
+        known: dict[str, float] = {}
+
+        def value(r: Resident) -> float:
+            v = known.get(r.model_id)
+            if v is None:
+                v = known[r.model_id] = r.last_used + weight * bw.seconds(
+                    self.tier_at(node, r.model_id), r.bytes
+                )
+            return v
+
+        return value
 
     def best_device(
         self, among: Collection[str] | None, model_id: str, need: int, force: bool
@@ -452,6 +482,19 @@ _Index = dict[str, dict[str, None]]  # key -> an insertion-ordered set
 def _models_on(view: DeviceView) -> list[str]:
     on = [r.model_id for r in view.residents]
     return on + sorted(view.loading.difference(on))
+
+
+def _push(
+    heap: list[tuple[float, str]],
+    entry: tuple[float, str],
+    limit: int,
+    fresh: Callable[[], list[tuple[float, str]]],
+) -> None:
+    """Push onto a lazy heap; past ``limit`` entries (stale ones pile up), rebuild it from ``fresh``."""
+    heapq.heappush(heap, entry)
+    if len(heap) > limit:
+        heap[:] = fresh()
+        heapq.heapify(heap)
 
 
 def _add(index: _Index, key: str, item: str) -> None:
@@ -534,10 +577,25 @@ def _source(node: str, tier: Tier, ram: Collection[str], disk: Collection[str]) 
 
 
 def _soonest_device(cluster: ClusterView, model_id: str, need: int, now: float, force: bool) -> Placement:
-    """No device is idle: the one whose work ends first and that has room then (O(devices))."""
+    """No idle device takes the model: the busy one where it is ready first, among the
+    ``8 x scan_nodes`` whose work ends first; only if none of those has room, every device."""
+    for devices in (cluster.soonest_busy(8 * cluster.scan_nodes), cluster.devices()):
+        best = _readiest(cluster, devices, model_id, need, now, force)
+        if best is not None:
+            return best
+    raise NotPlaceable(
+        f"model {model_id} needs {need} bytes; no device has room even after evicting the models "
+        "that are not leased or kept loaded; unload a model, release its lease, or pass force",
+        required_bytes=need,
+    )
+
+
+def _readiest(
+    cluster: ClusterView, devices: Iterable[DeviceView], model_id: str, need: int, now: float, force: bool
+) -> Placement | None:
     ram, disk = cluster.ram_nodes(model_id), cluster.disk_nodes(model_id)
     best: Placement | None = None
-    for d in cluster.devices():
+    for d in devices:
         if d.budget < need:
             continue
         tier = cluster.tier_at(d.node, model_id)
@@ -549,10 +607,4 @@ def _soonest_device(cluster: ClusterView, model_id: str, need: int, now: float, 
         except NotPlaceable:
             continue
         best = Placement(d.id, d.node, tier, _source(d.node, tier, ram, disk), ready, tuple(victims))
-    if best is None:
-        raise NotPlaceable(
-            f"model {model_id} needs {need} bytes; no device has room even after evicting the models "
-            "that are not leased or kept loaded; unload a model, release its lease, or pass force",
-            required_bytes=need,
-        )
     return best
