@@ -45,9 +45,9 @@ Policies:
 Reported per policy, over the counted requests: cold loads (loads into VRAM), GB moved into VRAM
 and over the network, seconds spent loading, time to ready (arrival to the model ready on its GPU:
 queueing plus load) p50/p99, and the decision time p50/p99 (modelkeeper: one ``choose_placement``
-call; Ray Serve: one routing try of this script's implementation, for scale only), wall clock in
-the table. The summary gives the placement decision's CPU time too (the thread's clock): on a
-shared machine the wall clock's p99 is other processes' time slices, not the call's work. Targets: at
+call; Ray Serve: one routing try of this script's implementation, for scale only) as the CPU time
+of the call (the thread's clock). The summary gives the placement decision's wall clock too: on a
+shared machine its p99 is other processes' time slices, not the call's work. Targets: at
 least 2x fewer seconds spent loading than the count-based policy at the same memory; a placement
 decision within 1 ms p99 at 1,000 nodes.
 """
@@ -481,7 +481,7 @@ def percentile(values: list[float], q: float) -> float:
 
 HEADER = (
     f"{'policy':<28}{'requests':>9}{'loads':>8}{'GB in':>9}{'GB net':>8}{'load s':>9}"
-    f"{'ready p50':>10}{'p99':>8}{'decide p50':>11}{'p99':>9}{'OOM':>6}  loads by tier"
+    f"{'ready p50':>10}{'p99':>8}{'decide p50':>11}{'p99':>9}{'OOM':>6}  loads by tier (decide: CPU time)"
 )
 
 
@@ -490,8 +490,8 @@ def row(name: str, s: Stats) -> str:
     return (
         f"{name:<28}{s.requests:>9}{s.loads:>8}{s.load_bytes / GB:>9.0f}{s.network_bytes / GB:>8.0f}"
         f"{s.load_s:>9.0f}{percentile(s.ready_s, 0.5):>9.3f}s{percentile(s.ready_s, 0.99):>7.2f}s"
-        f"{percentile([n / 1e3 for n in s.decision_ns], 0.5):>9.0f}us"
-        f"{percentile([n / 1e3 for n in s.decision_ns], 0.99):>7.0f}us{s.ooms:>6}  {tiers}"
+        f"{percentile([n / 1e3 for n in s.decision_cpu_ns], 0.5):>9.0f}us"
+        f"{percentile([n / 1e3 for n in s.decision_cpu_ns], 0.99):>7.0f}us{s.ooms:>6}  {tiers}"
     )
 
 
@@ -546,16 +546,22 @@ def simulate(args: argparse.Namespace, nodes: int, out: Callable[[str], None]) -
     safe = f"ray-serve K={min(args.caps)}"
     ratio_safe, ratio_best = (results[k].load_s / max(mk.load_s, 1e-9) for k in (safe, best))
     wall = [n / 1e3 for n in mk.decision_ns]
+
+    def judge(target: str, met: bool) -> str:
+        if args.quick:
+            return " [a smoke run: targets not judged]"
+        return f" [target {target}: {'met' if met else 'NOT met'}]"
+
     cpu = [n / 1e3 for n in mk.decision_cpu_ns]
     out(
         f"seconds loading, Ray Serve / modelkeeper: {ratio_safe:.1f}x at {safe} (never over VRAM), "
-        f"{ratio_best:.1f}x at its best ({best}) [target >= 2x: {'met' if ratio_best >= 2 else 'NOT met'}]"
+        f"{ratio_best:.1f}x at its best ({best}){judge('>= 2x', ratio_best >= 2)}"
     )
     out(
         f"placement decision (choose_placement) at {nodes} nodes: CPU time p50 {percentile(cpu, 0.5):.0f} us, "
         f"p99 {percentile(cpu, 0.99):.0f} us, max {max(cpu, default=math.nan):.0f} us; wall clock p50 "
-        f"{percentile(wall, 0.5):.0f} us, p99 {percentile(wall, 0.99):.0f} us "
-        f"[target p99 <= 1 ms, CPU time: {'met' if percentile(cpu, 0.99) <= 1000 else 'NOT met'}]"
+        f"{percentile(wall, 0.5):.0f} us, p99 {percentile(wall, 0.99):.0f} us"
+        f"{judge('p99 <= 1 ms, CPU time', percentile(cpu, 0.99) <= 1000)}"
     )
     return results
 

@@ -219,7 +219,8 @@ class ClusterView:
     insertion-ordered, so the same changes give the same answers.
 
     ``reload_weight`` prices a model's way back when choosing what to evict (see
-    :func:`choose_placement`; 10, as the RAM cache weighs its refills: ``cache.store.COST_WEIGHT``); ``scan_nodes`` bounds how many nodes of a tier a decision compares.
+    :func:`choose_placement`; 10, as the RAM cache weighs its refills, ``cache.store.COST_WEIGHT``);
+    ``scan_nodes`` bounds how many nodes of a tier a decision compares.
     """
 
     def __init__(
@@ -231,9 +232,7 @@ class ClusterView:
         self._devices: dict[str, DeviceView] = {}
         self._holders: _Index = {}  # model -> devices holding or loading it
         self._idle_holders: _Index = {}  # model -> the idle ones of those
-        self._busy_holders: dict[
-            str, list[tuple[float, str]]
-        ] = {}  # model -> heap (busy_until, device), lazy
+        self._busy_holders: dict[str, _Heap] = {}  # model -> (busy_until, device) of the busy ones
         self._ram: _Index = {}  # model -> nodes caching it in RAM
         self._disk: _Index = {}  # model -> nodes with its file
         self._node_ram: _Index = {}
@@ -242,7 +241,7 @@ class ClusterView:
         self._idle: _Index = {}  # node -> its idle devices
         self._by_idle: dict[int, dict[str, None]] = {}  # number of idle devices -> nodes
         self._budgets: dict[int, int] = {}  # budget -> number of devices with it
-        self._busy: list[tuple[float, str]] = []  # heap (busy_until, device) of busy devices, lazy
+        self._busy: _Heap = []  # every busy device
 
     @classmethod
     def of(cls, devices: Sequence[DeviceView], nodes: Sequence[NodeView] = (), **options: Any) -> ClusterView:
@@ -370,7 +369,7 @@ class ClusterView:
         for m in self._node_disk.pop(node, {}):
             _discard(self._disk, m, node)
 
-    def _busy_entries(self, among: Iterable[str] | None = None) -> list[tuple[float, str]]:
+    def _busy_entries(self, among: Iterable[str] | None = None) -> _Heap:
         """Fresh heap entries of the busy devices (of ``among``), to replace stale ones."""
         devices = self._devices.values() if among is None else map(self._devices.__getitem__, among)
         return [(d.busy_until, d.id) for d in devices if d.busy_until]
@@ -477,6 +476,7 @@ class ClusterView:
 
 
 _Index = dict[str, dict[str, None]]  # key -> an insertion-ordered set
+_Heap = list[tuple[float, str]]  # (busy_until, device), lazy: stale entries are skipped, then rebuilt
 
 
 def _models_on(view: DeviceView) -> list[str]:
@@ -485,10 +485,10 @@ def _models_on(view: DeviceView) -> list[str]:
 
 
 def _push(
-    heap: list[tuple[float, str]],
+    heap: _Heap,
     entry: tuple[float, str],
     limit: int,
-    fresh: Callable[[], list[tuple[float, str]]],
+    fresh: Callable[[], _Heap],
 ) -> None:
     """Push onto a lazy heap; past ``limit`` entries (stale ones pile up), rebuild it from ``fresh``."""
     heapq.heappush(heap, entry)
