@@ -32,9 +32,9 @@ Policies:
   Also run with the RAM cache at page-cache speed (25 GB/s), to separate policy from tier.
 - ``ray-serve K=n``: one replica per GPU, ``@serve.multiplexed(max_num_models_per_replica=n)``,
   ``max_ongoing_requests=1``. Routing as Ray Serve's ``PowerOfTwoChoicesRequestRouter`` with its
-  ``MultiplexMixin`` (ray 2.5x): while the model-id matching timeout (uniform 1-2 s) runs, the first
-  try samples two replicas reporting the model, later tries (and a first try for a model no replica
-  has) two of the replicas with the fewest models; after it, those with the fewest models once,
+  ``MultiplexMixin`` (read in ``ray/serve/_private/request_router/``): while the model-id matching
+  timeout (uniform 1-2 s) runs, the first try samples two replicas reporting the model, later tries
+  (and a first try for a model no replica has) two of the replicas with the fewest models; after it, those with the fewest models once,
   then any two. Of the two, an idle one is taken; none idle: retry after 0, 25, 50 ... 500 ms. A
   replica evicts its least recently used model when it holds ``n`` and loads the new one. ``n = 2``
   is the most that never overflows 80 GB with Flux bf16 (33.7 GB); a larger ``n`` can: such a load
