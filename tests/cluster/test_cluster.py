@@ -204,6 +204,23 @@ def test_rest_and_cli_against_the_cluster(fleet: Fleet, client: Client) -> None:
     assert missing.value.status_code == 404
 
 
+def test_a_restarted_driver_attaches_to_the_running_agents(fleet: Fleet, client: Client) -> None:
+    loaded = client.load(CLIP_L)["result"]
+    before = {n["name"]: n["pid"] for n in client.status()["nodes"]}
+
+    async def restarted() -> tuple[dict[str, Any], dict[str, Any]]:
+        other = ClusterOrchestrator(Settings(), fleet.orch.cluster, agent_class=GatedAgent)
+        await other.start()
+        try:
+            return other.views.status(), await other.route(CLIP_L)
+        finally:
+            await other.stop()
+
+    status, route = asyncio.run(restarted())  # its own loop and state, as a new API process has
+    assert {n["name"]: n["pid"] for n in status["nodes"]} == before  # the same agents, found by name
+    assert route["device"] == loaded["device"]
+
+
 def test_a_node_killed_mid_load_and_its_kept_model_placed_again(fleet: Fleet, client: Client) -> None:
     import ray
 

@@ -16,8 +16,10 @@ from modelkeeper.orchestrator import LoadOptions
 router = APIRouter(prefix="/api/model", tags=["routing"])
 
 
-@router.get("/status/{device:path}")
-async def device_status(service: Service, device: str) -> dict[str, Any]:
+# The models router's ``/status/{device}`` cannot take a slash; this one shadows it at run time
+# and stays out of the schema, where it would be the same operation twice.
+@router.get("/status/{device:path}", include_in_schema=False)
+async def device_status_any(service: Service, device: str) -> dict[str, Any]:
     """One device (``cuda:0``, or ``node-a/cuda:0`` in cluster mode)."""
     return service.views.device(device)
 

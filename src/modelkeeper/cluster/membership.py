@@ -10,7 +10,6 @@ refreshes every node's state every ``refresh_s``; operations refresh the nodes t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -137,9 +136,10 @@ class Membership:
         last = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.node_poll_s)
-            with contextlib.suppress(Exception):
+            try:
                 await self.sync()
-            if time.monotonic() - last >= self.settings.refresh_s:
-                last = time.monotonic()
-                with contextlib.suppress(Exception):
+                if time.monotonic() - last >= self.settings.refresh_s:
+                    last = time.monotonic()
                     await self.refresh()
+            except Exception:  # the next round tries again; the loop never dies
+                log.exception("cluster membership round failed")
