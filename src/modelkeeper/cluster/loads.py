@@ -30,6 +30,7 @@ from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.loads import LoadOptions
 from modelkeeper.orchestrator.settings import Settings
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 
 class ClusterLoads:
@@ -143,7 +144,11 @@ class ClusterLoads:
             )
         except BaseException as exc:
             if not fut.done():
-                fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                fut.set_exception(
+                    exc
+                    if isinstance(exc, Exception)
+                    else ProtocolError("load cancelled", ErrorCode.CANCELLED)
+                )
             raise
         finally:
             self.inflight.pop(key, None)
