@@ -96,9 +96,10 @@ class LocalCluster:
 
 @contextmanager
 def local_ray_cluster(names: list[str], *, namespace: str = "modelkeeper") -> Iterator[LocalCluster]:
-    """See the module docstring. Sets the Ray environment variables for this process."""
-    tmp = tempfile.mkdtemp(prefix="mkray", dir="/tmp")
+    """See the module docstring. Sets the Ray environment variables for this process while it runs."""
+    tmp = tempfile.mkdtemp(prefix="mkray", dir="/tmp")  # short: Unix socket paths stay under 107 chars
     os.makedirs(os.path.join(tmp, "ray"))
+    saved = {k: os.environ.get(k) for k in (*RAY_ENV, "RAY_TMPDIR")}
     os.environ.update(RAY_ENV, RAY_TMPDIR=tmp)
     import ray
     from ray.cluster_utils import Cluster
@@ -124,3 +125,8 @@ def local_ray_cluster(names: list[str], *, namespace: str = "modelkeeper") -> It
         ray.shutdown()
         cluster.shutdown()  # type: ignore[no-untyped-call]
         shutil.rmtree(tmp, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
