@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from modelkeeper import __version__
+from modelkeeper import __version__, web
 from modelkeeper.api import errors, security
 from modelkeeper.api.routes_cluster import router as routing_router
 from modelkeeper.api.routes_models import router as models_router
@@ -44,6 +44,7 @@ def create_app(
     app.state.service = svc
     errors.install(app)
     security.install(app, svc.settings)
+    web.install(app, svc.settings)  # after security: the dashboard's door is outermost
     app.include_router(health)
     app.include_router(cache)  # before the models router: /api/model/cache is not a model id
     app.include_router(jobs)
