@@ -362,3 +362,5 @@ def test_ready_waits_for_preloads_and_placements_show_keep_alive(make_service: S
         placed = c.status()["devices"][0]["models"][0]
         assert placed["keep_loaded"] and placed["keep_alive"] == 600
         assert placed["expires_at"] == pytest.approx(placed["last_used"] + 600)
+        own = c.load(SD15, keep_alive=-1)["result"]  # a load asks for its own
+        assert own["keep_alive"] == -1 and own["expires_at"] is None

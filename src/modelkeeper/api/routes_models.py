@@ -68,6 +68,7 @@ def _options(body: LoadBody, require_cache: bool = False) -> LoadOptions:
         force=body.force,
         keep_loaded=body.keep_loaded,
         require_cache=require_cache,
+        keep_alive=body.keep_alive,
     )
 
 

@@ -37,6 +37,12 @@ class LoadBody(_Operation):
     keep_loaded: bool = Field(
         False, description="Reload after a worker restart; never evicted without force."
     )
+    keep_alive: float | None = Field(
+        None,
+        ge=-1,
+        description="Seconds the model stays after its last use (0: unloaded as soon as no lease or "
+        "operation holds it; -1: never). Default: the service's keep_alive setting.",
+    )
 
 
 class UnloadBody(_Body):

@@ -240,6 +240,10 @@ def load(
     timeout: Annotated[float | None, typer.Option(help="Time limit in seconds, queue included.")] = None,
     force: Annotated[bool, typer.Option(help="Evict leased or kept models to make room.")] = False,
     keep_loaded: Annotated[bool, typer.Option(help="Reload after a worker restart.")] = False,
+    keep_alive: Annotated[
+        float | None,
+        typer.Option(help="Seconds it stays after its last use (0: as soon as unused, -1: never)."),
+    ] = None,
     detach: Annotated[bool, typer.Option(help="Print the job and return at once.")] = False,
     as_json: ApiJsonOption = False,
     url: UrlOption = None,
@@ -249,7 +253,7 @@ def load(
 
     def run(c: Client) -> dict[str, Any]:
         answer = c.load(model, device, wait=False, priority=priority, timeout=timeout, force=force,
-                        keep_loaded=keep_loaded)  # fmt: skip
+                        keep_loaded=keep_loaded, keep_alive=keep_alive)  # fmt: skip
         return answer["job"] if detach else _finish(c, answer, as_json)
 
     job = _call(url, token, run)

@@ -43,6 +43,19 @@ function leaseCell(placement, leases) {
   return mine.map((l) => h("div", { class: "lease" }, `${l.holder}: expires in ${Math.round(l.expires_in)} s`));
 }
 
+function keepCell(placement) {
+  // kept loaded (reloaded after a worker restart), and the keep-alive expiry where one is set
+  const parts = [];
+  if (placement.keep_loaded) parts.push("kept");
+  if (placement.expires_at) {
+    const left = Math.max(0, Math.round(placement.expires_at - Date.now() / 1000));
+    parts.push(`unloads in ${left} s`);
+  } else if (placement.keep_alive >= 0 && placement.state === "loaded") {
+    parts.push("in use");
+  }
+  return parts.length ? parts.join(", ") : "–";
+}
+
 function modelRows(device, leases, ctx, kick) {
   return device.models.map((p) =>
     h(
@@ -54,7 +67,7 @@ function modelRows(device, leases, ctx, kick) {
       h("td", { class: "num" }, bytes(p.bytes)),
       h("td", null, sources(p)),
       h("td", null, leaseCell(p, leases)),
-      h("td", null, p.keep_loaded ? "kept" : "–"),
+      h("td", { class: "keep" }, keepCell(p)),
       h("td", null, Object.values(p.loras || {}).map((l) => h("div", null, `${l.lora} × ${l.strength}`))),
       h("td", null, p.loaded_at ? ago(p.loaded_at) : "–", p.load_seconds ? ` (${seconds(p.load_seconds)})` : ""),
       h(
