@@ -5,7 +5,7 @@
   ``downloadUrl``).
 - ``GET /api/v1/models/{id}``: ``id``, ``name``, ``type``, ``modelVersions`` (newest first).
 - ``GET /api/download/models/{version id}``: a ``307`` to ``/storage/{version id}/{file name}``
-  (CivitAI sends downloads to its storage host), which serves the bytes with ``Range``. A version
+  on another host name (``localhost``: CivitAI sends downloads to its storage host), which serves the bytes with ``Range``. A version
   marked ``token_required`` answers ``401`` without ``Authorization: Bearer`` :attr:`FakeCivitai.token`.
 
 Faults (:class:`~modelkeeper.testing.httpserver.Faults`) are set per file name.
@@ -116,7 +116,10 @@ class FakeCivitai(TestServer):
             faults = self.faults.get(version.file_name)
             target = faults.redirect_to if faults is not None and faults.redirect_to else None
             handler.send_response(307)
-            handler.send_header("Location", target or f"/storage/{version_id}/{quote(version.file_name)}")
+            storage = self.url.replace("127.0.0.1", "localhost")  # another host, as CivitAI's storage is
+            handler.send_header(
+                "Location", target or f"{storage}/storage/{version_id}/{quote(version.file_name)}"
+            )
             handler.send_header("Content-Length", "0")
             handler.end_headers()
 

@@ -53,14 +53,17 @@ class Faults:
     redirect_to: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Request:
-    """What the server was asked: method, path, query and the headers that matter to tests."""
+    """What the server was asked: method, path, query and headers (names in lowercase), and how many
+    body bytes of a file it sent in answer (``served``: bytes written to the socket, even those a
+    client that went away never read)."""
 
     method: str
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]
+    served: int = 0
 
     @property
     def bearer(self) -> str | None:
@@ -205,11 +208,12 @@ class TestServer:
         handler.end_headers()
         if request.method == "HEAD":
             return
-        self._send_body(handler, name, path, start, end, size, faults)
+        self._send_body(handler, request, name, path, start, end, size, faults)
 
     def _send_body(
         self,
         handler: BaseHTTPRequestHandler,
+        request: Request,
         name: str,
         path: Path,
         start: int,
@@ -227,8 +231,9 @@ class TestServer:
             if plain:
                 sent = handler.connection.sendfile(f, start, stop - start)
                 self.served_bytes[name] += sent
+                request.served += sent
             else:
-                self._send_slowly(handler, name, f, start, stop, size, faults)
+                self._send_slowly(handler, request, name, f, start, stop, size, faults)
         if dropping:
             faults.drop_times -= 1
             handler.close_connection = True
@@ -241,6 +246,7 @@ class TestServer:
     def _send_slowly(
         self,
         handler: BaseHTTPRequestHandler,
+        request: Request,
         name: str,
         f: Any,
         start: int,
@@ -261,6 +267,7 @@ class TestServer:
                 block[faults.flip_byte_at - position] ^= 0xFF
             handler.wfile.write(block)
             self.served_bytes[name] += len(block)
+            request.served += len(block)
             position += len(block)
             if faults.pause_at is not None and position == faults.pause_at:
                 faults.paused.set()

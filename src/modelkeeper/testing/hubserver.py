@@ -11,7 +11,7 @@ Endpoints (as huggingface_hub calls them; ``HF_ENDPOINT`` or ``endpoint=`` point
   LFS files (weights, anything over 10 MB) as a ``302`` to ``/cdn/{sha256}`` on another host
   name (:attr:`FakeHub.cdn_url`) carrying
   ``X-Linked-Etag`` (the SHA-256) and ``X-Linked-Size``; both with ``X-Repo-Commit``.
-- ``GET /cdn/{sha256}``: the LFS bytes, with ``Range``.
+- ``GET /cdn/{sha256}``: the LFS bytes, with ``Range`` and the file name in ``Content-Disposition``.
 
 Errors carry ``X-Error-Code`` as the Hub's do (``RepoNotFound``, ``RevisionNotFound``,
 ``EntryNotFound``, ``GatedRepo``), so huggingface_hub raises its own error classes. A gated or
@@ -147,7 +147,9 @@ class FakeHub(TestServer):
             self._api(handler, request, parts[2:])
         elif parts[:1] == ["cdn"] and len(parts) == 2 and parts[1] in self._blobs:
             entry = self._blobs[parts[1]]
-            self.send_file(handler, request, entry.path, entry.local, headers={"ETag": f'"{entry.sha256}"'})
+            disposition = f"inline; filename*=UTF-8''{quote(entry.path.rsplit('/', 1)[-1])}"
+            headers = {"ETag": f'"{entry.sha256}"', "Content-Disposition": disposition}
+            self.send_file(handler, request, entry.path, entry.local, headers=headers)
         elif len(parts) >= 5 and parts[2] == "resolve":
             self._resolve(handler, request, "/".join(parts[:2]), parts[3], "/".join(parts[4:]))
         else:
