@@ -122,7 +122,7 @@ class _Progress:
             if self._file_total
             else _PROGRESS_STEP
         )
-        if self._file_done - self._last >= step:
+        if self._file_done - self._last >= step or self._file_done == self._file_total:
             self._last = self._file_done
             self.phase("download")
 

@@ -49,7 +49,8 @@ __all__ = ["MAX_REDIRECTS", "Fetched", "adopt_local", "fetch", "open_stream", "r
 MAX_REDIRECTS = 10
 _READ_SIZE = 4 * 1024 * 1024  # prefix hashing and local copies
 _BATCH = 1024 * 1024  # bytes handed to the writing thread at once
-_QUEUE_DEPTH = 64  # batches in flight between the receiving and the writing thread
+_QUEUE_DEPTH = 8  # batches in flight between the receiving and the writing thread (a short queue
+# keeps the hash in step with the transfer, so little is left to hash after the last byte)
 
 OnBytes = Callable[[int], None]
 Cancelled = Callable[[], bool]
