@@ -36,6 +36,7 @@ from pathlib import Path
 
 import httpx
 
+from modelkeeper.formats.conventions import INSTALL_STAGING_DIR
 from modelkeeper.install.base import ModelInstaller, ProgressCallback
 from modelkeeper.install.civitai import CivitaiResolver
 from modelkeeper.install.errors import (
@@ -59,7 +60,7 @@ from modelkeeper.install.urls import UrlResolver
 __all__ = ["PARTIAL_DIR", "Installer", "KnownFiles"]
 
 #: Folder under a model root holding staged and partial downloads (skipped by discovery).
-PARTIAL_DIR = ".modelkeeper-partial"
+PARTIAL_DIR = INSTALL_STAGING_DIR
 _PROGRESS_STEP = 8 * 1024 * 1024  # report a file's progress every 1% of it, within these bounds
 _PROGRESS_MIN_STEP = 1024 * 1024
 
