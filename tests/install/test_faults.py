@@ -14,6 +14,7 @@ from modelkeeper.install import (
     ChecksumMismatch,
     InstallCancelled,
     Installer,
+    InstallProgress,
     InstallResult,
     InsufficientDisk,
     SizeMismatch,
@@ -104,7 +105,9 @@ def test_cancel_during_a_slow_transfer_then_resume(hub: FakeHub, installer: Inst
     kept = part.stat().st_size  # what the client had read when it saw the cancel
     assert 0 < kept <= size // 2
     mark = len(hub.requests)
-    result = installer.install("tiny/checkpoint", root)
+    events: list[InstallProgress] = []
+    result = installer.install("tiny/checkpoint", root, progress=events.append)
+    assert events[-1].done_bytes == events[-1].total_bytes == size  # the resumed bytes count as done
     # counted per request: the first response's late bytes (sent after the cancel) are not this run's
     assert sum(r.served for r in hub.requests[mark:]) == result.transferred_bytes <= size - kept + MiB
 

@@ -300,7 +300,9 @@ class Installer(ModelInstaller):
         what = f"{plan.source}: {remote.relative}" if plan.is_folder else plan.source
         tracker.start_file(remote)
         if final.is_file():  # verified by an earlier, interrupted install
-            return InstalledFile(final, remote.relative, final.stat().st_size, _sha256_of(final), 0, True)
+            size = final.stat().st_size
+            tracker.add(size)
+            return InstalledFile(final, remote.relative, size, _sha256_of(final), 0, True)
         local = self._local_copy(plan, remote)
         if (
             local is not None

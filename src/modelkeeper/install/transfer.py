@@ -224,6 +224,8 @@ def fetch(
     """
     part.parent.mkdir(parents=True, exist_ok=True)
     offset = _resume_offset(part, remote)
+    if offset:
+        on_bytes(offset)  # progress counts what the partial already holds
     _meta_path(part).write_text(json.dumps(_describe(remote)))
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
     keep = False
