@@ -196,3 +196,25 @@ def test_a_failed_install_leaves_no_staging_folder(hub: FakeHub, installer: Inst
     with pytest.raises(ChecksumMismatch):
         installer.install("tiny/checkpoint", root)
     assert not (root / PARTIAL_DIR).exists()
+
+
+def test_cancel_while_the_server_sends_nothing(hub: FakeHub, installer: Installer, root: Path) -> None:
+    """A stalled server: the cancel cuts the connection instead of waiting for the next byte."""
+    fault = hub.fault(CHECKPOINT)
+    fault.pause_at = checkpoint_size(hub) // 4  # and never resumed during the test
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            installer.install("tiny/checkpoint", root, cancel=cancel)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert fault.paused.wait(30)
+    cancel.set()
+    thread.join(30)
+    assert not thread.is_alive() and len(outcome) == 1 and isinstance(outcome[0], InstallCancelled)
+    assert files_under(root) == []

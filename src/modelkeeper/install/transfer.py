@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import queue
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ __all__ = ["MAX_REDIRECTS", "Fetched", "adopt_local", "fetch", "open_stream", "r
 MAX_REDIRECTS = 10
 _READ_SIZE = 4 * 1024 * 1024  # prefix hashing and local copies
 _BATCH = 1024 * 1024  # bytes handed to the writing thread at once
+_CANCEL_POLL_S = 0.05  # how often a transfer looks at its cancel events while it waits on the network
 _QUEUE_DEPTH = 8  # batches in flight between the receiving and the writing thread (a short queue
 # keeps the hash in step with the transfer, so little is left to hash after the last byte)
 
@@ -202,6 +204,40 @@ def _resume_offset(part: Path, remote: RemoteFile) -> int:
     return size
 
 
+class _CancelWatch:
+    """Shuts the socket of the response in flight once the install is cancelled, so that a cancel
+    takes effect while a stalled server sends nothing (the receiving thread would otherwise wait
+    for the next chunk or the read timeout)."""
+
+    def __init__(self, cancelled: Cancelled) -> None:
+        self._cancelled = cancelled
+        self._response: httpx.Response | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="install-cancel-watch", daemon=True)
+        self._thread.start()
+
+    def watch(self, response: httpx.Response | None) -> None:
+        with self._lock:
+            self._response = response
+
+    def _run(self) -> None:
+        while not self._stop.wait(_CANCEL_POLL_S):
+            if self._cancelled():
+                with self._lock:
+                    response = self._response
+                stream = response.extensions.get("network_stream") if response is not None else None
+                sock = stream.get_extra_info("socket") if stream is not None else None
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class _Short(Exception):
     """The body ended before the declared size: handled like a dropped connection."""
 
@@ -234,6 +270,7 @@ def fetch(
         os.lseek(fd, offset, os.SEEK_SET)
         git_size = remote.size if remote.git_sha1 is not None and remote.sha256 is None else None
         pipeline = _WritePipeline(fd, prefix=offset, git_size=git_size)
+        watch = _CancelWatch(cancelled)
         transferred = 0
         failures = 0
         try:
@@ -241,14 +278,16 @@ def fetch(
                 if cancelled():
                     raise InstallCancelled(f"{what}: cancelled", file=remote.relative)
                 try:
-                    got, restart = _receive(client, remote, offset, pipeline, what, on_bytes, cancelled)
+                    got, restart = _receive(
+                        client, remote, offset, pipeline, what, on_bytes, cancelled, watch
+                    )
                     if restart:  # the server ignored the Range: start over
                         pipeline.close()
                         os.ftruncate(fd, 0)
                         os.lseek(fd, 0, os.SEEK_SET)
                         pipeline = _WritePipeline(fd, prefix=0, git_size=git_size)
                         offset = 0
-                        got, _ = _receive(client, remote, 0, pipeline, what, on_bytes, cancelled)
+                        got, _ = _receive(client, remote, 0, pipeline, what, on_bytes, cancelled, watch)
                     offset += got
                     transferred += got
                     if remote.size is not None and offset < remote.size:
@@ -257,6 +296,8 @@ def fetch(
                 except (httpx.TransportError, _Short, TransferFailed) as exc:
                     offset += getattr(exc, "received", 0)
                     transferred += getattr(exc, "received", 0)
+                    if cancelled():  # the watch cut the connection
+                        raise InstallCancelled(f"{what}: cancelled", file=remote.relative) from None
                     failures += 1
                     if failures > retries:
                         raise TransferFailed(
@@ -267,6 +308,7 @@ def fetch(
                             done_bytes=offset,
                         ) from None
         finally:
+            watch.close()
             pipeline.close()
         result = Fetched(pipeline.sha256.hexdigest(), offset, transferred)
         _verify(remote, pipeline, result, what)
@@ -320,6 +362,7 @@ def _receive(
     what: str,
     on_bytes: OnBytes,
     cancelled: Cancelled,
+    watch: _CancelWatch,
 ) -> tuple[int, bool]:
     """One request for the bytes from ``offset``: (bytes received, whether to restart from 0)."""
     headers = {**remote.headers, "Accept-Encoding": "identity"}
@@ -328,6 +371,7 @@ def _receive(
         if remote.sha256 is None and remote.etag:
             headers["If-Range"] = remote.etag
     response = open_stream(client, remote.url, headers, what=what)
+    watch.watch(response)
     with contextlib.closing(response):
         if offset and response.status_code == 416 and remote.size == offset:
             return 0, False
