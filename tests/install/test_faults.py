@@ -174,7 +174,7 @@ def test_two_identical_installs_at_once_are_coalesced(hub: FakeHub, installer: I
     threads[0].start()
     assert fault.paused.wait(30)
     threads[1].start()
-    while len(installer._flights[next(iter(installer._flights))].cancels) < 2:  # the second has joined
+    while installer.in_flight() != {"tiny/checkpoint": 2}:  # until the second has joined
         threading.Event().wait(0.001)
     fault.resume.set()
     for thread in threads:

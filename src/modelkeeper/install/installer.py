@@ -178,6 +178,12 @@ class Installer(ModelInstaller):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def in_flight(self) -> dict[str, int]:
+        """The installs running now: canonical source -> how many callers wait on it."""
+        with self._lock:
+            flights = list(self._flights.items())
+        return {key[0]: len(flight.cancels) for key, flight in flights}
+
     # -- interface
 
     def parse(self, source: str) -> Source:
