@@ -66,6 +66,7 @@ def make_installer(hub: FakeHub, civitai: FakeCivitai | None, tmp_path: Path, **
         "civitai_endpoint": civitai.url if civitai is not None else "http://127.0.0.1:9",
         "civitai_token": False,
         "reserve_bytes": 0,
+        "retry_delay_s": 0.0,
     }
     settings.update(options)
     return Installer(**settings)  # type: ignore[arg-type]

@@ -136,7 +136,8 @@ class Installer(ModelInstaller):
     ``civitai_token``: see :class:`CivitaiResolver` (``CIVITAI_ENDPOINT``, ``CIVITAI_TOKEN``).
     ``folders`` overrides folders by type (:data:`~modelkeeper.install.plan.DEFAULT_FOLDERS`).
     ``known_files`` finds local files by SHA-256 (content already present is not fetched).
-    ``retries``: reconnections per file after a dropped connection. ``reserve_bytes``: free
+    ``retries``: reconnections per file after a dropped connection, ``retry_delay_s`` apart (growing).
+    ``reserve_bytes``: free
     disk left untouched. ``free_bytes``: how free space is measured (a test seam).
     """
 
@@ -151,6 +152,7 @@ class Installer(ModelInstaller):
         folders: Mapping[str, str] | None = None,
         known_files: KnownFiles | None = None,
         retries: int = 3,
+        retry_delay_s: float = 1.0,
         timeout_s: float = 30.0,
         reserve_bytes: int = 64 * 1024 * 1024,
         free_bytes: Callable[[Path], int] = _free_bytes,
@@ -164,6 +166,7 @@ class Installer(ModelInstaller):
         self.folders = dict(folders or {})
         self.known_files = known_files
         self.retries = retries
+        self.retry_delay_s = retry_delay_s
         self.reserve_bytes = reserve_bytes
         self._free_bytes = free_bytes
         self._flights: dict[tuple[str, ...], _Flight] = {}
@@ -325,6 +328,7 @@ class Installer(ModelInstaller):
             on_bytes=tracker.add,
             cancelled=flight.cancelled,
             retries=self.retries,
+            retry_delay_s=self.retry_delay_s,
         )
         part.with_name(part.name + ".json").unlink(missing_ok=True)
         os.replace(part, final)

@@ -4,7 +4,8 @@
   of (URL without credentials, declared size and checksum, validator); a later fetch of the same
   thing continues it with ``Range: bytes=<size>-`` (and ``If-Range`` for plain URLs). A server
   that answers ``200`` instead of ``206`` restarts it.
-- A dropped connection is retried from where it stopped, ``retries`` times.
+- A dropped connection (or a 5xx/429 answer) is retried from where it stopped, ``retries`` times,
+  after ``retry_delay_s`` times the number of failures so far.
 - Writing and hashing run on a helper thread fed by the receiving thread (hashlib and file writes
   release the GIL), so each byte is read from the socket once and hashing overlaps the transfer.
   A resumed partial's existing bytes are hashed by the same thread first, while the rest arrives.
@@ -23,6 +24,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +253,7 @@ def fetch(
     on_bytes: OnBytes,
     cancelled: Cancelled,
     retries: int = 3,
+    retry_delay_s: float = 1.0,
 ) -> Fetched:
     """Fetch ``remote`` into ``part`` (see the module docstring) and verify it.
 
@@ -307,6 +310,7 @@ def fetch(
                             url=redact_url(remote.url),
                             done_bytes=offset,
                         ) from None
+                    _pause(retry_delay_s * failures, cancelled)
         finally:
             watch.close()
             pipeline.close()
@@ -321,6 +325,13 @@ def fetch(
         os.close(fd)
         if not keep:
             remove_partial(part)
+
+
+def _pause(seconds: float, cancelled: Cancelled) -> None:
+    """Wait before a retry (longer after each failure), returning early on a cancel."""
+    deadline = time.monotonic() + seconds
+    while not cancelled() and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, _CANCEL_POLL_S))
 
 
 def _verify(remote: RemoteFile, pipeline: _WritePipeline, result: Fetched, what: str) -> None:
