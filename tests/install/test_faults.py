@@ -218,3 +218,19 @@ def test_cancel_while_the_server_sends_nothing(hub: FakeHub, installer: Installe
     thread.join(30)
     assert not thread.is_alive() and len(outcome) == 1 and isinstance(outcome[0], InstallCancelled)
     assert files_under(root) == []
+
+
+def test_server_errors_are_retried_then_reported(hub: FakeHub, tmp_path: Path, root: Path) -> None:
+    fault = hub.fault(CHECKPOINT)
+    fault.error_status, fault.error_times = 503, 2
+    with make_installer(hub, None, tmp_path, retries=2) as installer:
+        assert installer.install("tiny/checkpoint", root).path.is_file()
+    fault.error_status, fault.error_times = 500, 5
+    with (
+        make_installer(hub, None, tmp_path, retries=2) as installer,
+        pytest.raises(
+            TransferFailed, match=r"tiny/checkpoint: connection failed 3 times at byte 0 .*server error 500"
+        ),
+    ):
+        installer.install("tiny/checkpoint", root / "b")
+    assert files_under(root / "b") == []

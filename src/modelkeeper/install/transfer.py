@@ -316,7 +316,8 @@ def fetch(
                     if failures > retries:
                         raise TransferFailed(
                             f"{what}: connection failed {failures} times at byte {offset} of "
-                            f"{remote.size if remote.size is not None else '?'} ({type(exc).__name__})",
+                            f"{remote.size if remote.size is not None else '?'} "
+                            f"(last: {exc.message if isinstance(exc, TransferFailed) else type(exc).__name__})",
                             file=remote.relative,
                             url=redact_url(remote.url),
                             done_bytes=offset,

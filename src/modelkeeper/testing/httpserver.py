@@ -13,7 +13,8 @@ wrong, at a byte offset the test chooses (no timers):
 - ``extra_bytes``: send more bytes than the file has (with a ``Content-Length`` that says so,
   or with none when ``no_length``);
 - ``ignore_range``: answer ``200`` with the whole file to a ``Range`` request;
-- ``redirect_to``: answer with a redirect to that URL instead.
+- ``redirect_to``: answer with a redirect to that URL instead;
+- ``error_status``: answer with that status instead (``error_times`` times).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Faults:
     no_length: bool = False
     ignore_range: bool = False
     redirect_to: str | None = None
+    error_status: int | None = None
+    error_times: int = 1
 
 
 @dataclass
@@ -177,6 +180,10 @@ class TestServer:
     ) -> None:
         """Serve ``path`` (counted and faulted as ``name``), honouring ``Range``."""
         faults = self.faults.get(name, Faults())
+        if faults.error_status is not None and faults.error_times > 0:
+            faults.error_times -= 1
+            self.send_json(handler, {"error": "injected"}, status=faults.error_status)
+            return
         if faults.redirect_to is not None:
             self.send_redirect(handler, faults.redirect_to)
             return
