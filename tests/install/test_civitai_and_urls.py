@@ -10,6 +10,7 @@ from modelkeeper.install import (
     AccessDenied,
     ChecksumMismatch,
     Installer,
+    InsufficientDisk,
     RemoteNotFound,
     TransferFailed,
     UnsafeSource,
@@ -115,3 +116,18 @@ def test_plain_url_resumes_with_if_range(hub: FakeHub, tmp_path: Path, root: Pat
 def test_url_with_another_scheme(installer: Installer, root: Path) -> None:
     with pytest.raises(UnsafeSource):
         installer.install("ftp://127.0.0.1/x.safetensors", root)
+
+
+def test_url_without_a_size_is_bounded_by_the_free_disk(hub: FakeHub, tmp_path: Path, root: Path) -> None:
+    hub.fault(CHECKPOINT).no_length = True  # neither HEAD nor GET says how long it is
+    url = blob_url(hub, "tiny/checkpoint", CHECKPOINT)
+    with make_installer(hub, None, tmp_path, free_bytes=lambda _path: 3 * MiB) as installer:
+        assert installer.resolve(url).files[0].size is None
+        with pytest.raises(InsufficientDisk, match=r"no size declared and more than the 3,145,728 bytes"):
+            installer.install(url, root)
+    assert files_under(root, partials=True) == []
+    with make_installer(hub, None, tmp_path) as installer:
+        assert (
+            installer.install(url, root).path.stat().st_size
+            == hub.repos["tiny/checkpoint"].files[CHECKPOINT].size
+        )

@@ -320,6 +320,7 @@ class Installer(ModelInstaller):
         ):
             os.replace(part, final)
             return InstalledFile(final, remote.relative, final.stat().st_size, remote.sha256, 0, True)
+        part.parent.mkdir(parents=True, exist_ok=True)
         fetched = fetch(
             self._client,
             remote,
@@ -329,6 +330,7 @@ class Installer(ModelInstaller):
             cancelled=flight.cancelled,
             retries=self.retries,
             retry_delay_s=self.retry_delay_s,
+            max_size=None if remote.size is not None else self._free_bytes(part.parent) - self.reserve_bytes,
         )
         part.with_name(part.name + ".json").unlink(missing_ok=True)
         os.replace(part, final)

@@ -39,6 +39,7 @@ from modelkeeper.install.errors import (
     ChecksumMismatch,
     InstallCancelled,
     InstallError,
+    InsufficientDisk,
     RemoteNotFound,
     SizeMismatch,
     TransferFailed,
@@ -262,12 +263,14 @@ def fetch(
     cancelled: Cancelled,
     retries: int = 3,
     retry_delay_s: float = 1.0,
+    max_size: int | None = None,
 ) -> Fetched:
     """Fetch ``remote`` into ``part`` (see the module docstring) and verify it.
 
     Raises :class:`InstallCancelled` or :class:`TransferFailed` (partial kept),
     :class:`ChecksumMismatch`/:class:`SizeMismatch` (partial deleted), or the errors of
-    :func:`raise_for_status` and :func:`open_stream`.
+    :func:`raise_for_status` and :func:`open_stream`. ``max_size`` bounds a file that declares no
+    size (:class:`InsufficientDisk` past it).
     """
     part.parent.mkdir(parents=True, exist_ok=True)
     offset = _resume_offset(part, remote)
@@ -293,7 +296,7 @@ def fetch(
                     raise InstallCancelled(f"{what}: cancelled", file=remote.relative)
                 try:
                     got, restart = _receive(
-                        client, remote, offset, pipeline, what, on_bytes, cancelled, watch
+                        client, remote, offset, pipeline, what, on_bytes, cancelled, watch, max_size
                     )
                     if restart:  # the server ignored the Range: start over
                         pipeline.close()
@@ -301,7 +304,9 @@ def fetch(
                         os.lseek(fd, 0, os.SEEK_SET)
                         pipeline = _WritePipeline(fd, prefix=0, git_size=git_size)
                         offset = 0
-                        got, _ = _receive(client, remote, 0, pipeline, what, on_bytes, cancelled, watch)
+                        got, _ = _receive(
+                            client, remote, 0, pipeline, what, on_bytes, cancelled, watch, max_size
+                        )
                     offset += got
                     transferred += got
                     if remote.size is not None and offset < remote.size:
@@ -386,6 +391,7 @@ def _receive(
     on_bytes: OnBytes,
     cancelled: Cancelled,
     watch: _CancelWatch,
+    max_size: int | None,
 ) -> tuple[int, bool]:
     """One request for the bytes from ``offset``: (bytes received, whether to restart from 0)."""
     headers = {**remote.headers, "Accept-Encoding": "identity"}
@@ -417,12 +423,19 @@ def _receive(
         received = 0
         batch: list[bytes] = []
         batched = 0
-        limit = None if remote.size is None else remote.size - offset
+        cap = remote.size if remote.size is not None else max_size
+        limit = None if cap is None else cap - offset
         try:
             for chunk in response.iter_raw():
                 if cancelled():
                     raise InstallCancelled(f"{what}: cancelled", file=remote.relative)
                 if limit is not None and received + len(chunk) > limit:
+                    if remote.size is None:
+                        raise InsufficientDisk(
+                            f"{what}: no size declared and more than the {cap:,} bytes the disk can take "
+                            "arrived; refused",
+                            file=remote.relative,
+                        )
                     raise SizeMismatch(
                         f"{what}: the server sent more than the {remote.size} bytes declared; refused",
                         file=remote.relative,
