@@ -234,3 +234,13 @@ def test_server_errors_are_retried_then_reported(hub: FakeHub, tmp_path: Path, r
     ):
         installer.install("tiny/checkpoint", root / "b")
     assert files_under(root / "b") == []
+
+
+def test_discard_partials(hub: FakeHub, tmp_path: Path, root: Path) -> None:
+    hub.fault(CHECKPOINT).drop_after = checkpoint_size(hub) // 3
+    with make_installer(hub, None, tmp_path, retries=0) as installer:
+        with pytest.raises(TransferFailed):
+            installer.install("tiny/checkpoint", root)
+        kept = sum((root / n).stat().st_size for n in files_under(root, partials=True))
+        assert installer.discard_partials(root) == kept > 0
+        assert files_under(root, partials=True) == [] and installer.discard_partials(root) == 0

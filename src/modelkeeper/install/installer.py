@@ -42,6 +42,7 @@ from modelkeeper.install.civitai import CivitaiResolver
 from modelkeeper.install.errors import (
     DestinationExists,
     InstallCancelled,
+    InstallError,
     InsufficientDisk,
     TransferFailed,
 )
@@ -56,6 +57,7 @@ from modelkeeper.install.plan import (
 from modelkeeper.install.sources import CivitaiSource, HubSource, Source, parse_source
 from modelkeeper.install.transfer import adopt_local, fetch
 from modelkeeper.install.urls import UrlResolver
+from modelkeeper.protocol.errors import ErrorCode
 
 __all__ = ["PARTIAL_DIR", "Installer", "KnownFiles"]
 
@@ -186,6 +188,24 @@ class Installer(ModelInstaller):
         with self._lock:
             flights = list(self._flights.items())
         return {key[0]: len(flight.cancels) for key, flight in flights}
+
+    def discard_partials(self, root: Path) -> int:
+        """Delete the partial downloads kept under ``root`` for resuming; returns the bytes freed.
+
+        Raises :class:`InstallError` (BUSY) while an install into ``root`` runs in this installer.
+        """
+        real = os.path.realpath(root)
+        with self._lock:
+            if any(key[1] == real for key in self._flights):
+                raise InstallError(
+                    f"{root}: an install into it is running; try again when it ends", ErrorCode.BUSY
+                )
+        staging = Path(root) / PARTIAL_DIR
+        if not staging.is_dir():
+            return 0
+        freed = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+        shutil.rmtree(staging, ignore_errors=True)
+        return freed
 
     # -- interface
 
