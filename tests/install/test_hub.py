@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -126,7 +128,10 @@ def test_token_never_in_errors_logs_or_progress(
         plan = authed.resolve("tiny/gated")
         with pytest.raises(ChecksumMismatch) as failure:
             authed.install("tiny/gated", root, progress=events.append)
+    serialised = json.dumps(dataclasses.asdict(plan), default=str)
+    assert "SecretHeaders(" in serialised
     shown = [
+        serialised,
         str(failure.value),
         repr(failure.value),
         repr(failure.value.__dict__),

@@ -32,6 +32,7 @@ from modelkeeper.install.plan import (
     InstallProgress,
     InstallResult,
     RemoteFile,
+    SecretHeaders,
     folder_for,
 )
 from modelkeeper.install.sources import CivitaiSource, HubSource, Source, UrlSource, parse_source
@@ -62,6 +63,7 @@ __all__ = [
     "ProgressCallback",
     "RemoteFile",
     "RemoteNotFound",
+    "SecretHeaders",
     "SizeMismatch",
     "Source",
     "TransferFailed",

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from modelkeeper.install.errors import InstallError, RemoteNotFound, TransferFailed
-from modelkeeper.install.plan import InstallPlan, RemoteFile
+from modelkeeper.install.plan import InstallPlan, RemoteFile, SecretHeaders
 from modelkeeper.install.sources import CivitaiSource, check_scheme, safe_relative
 from modelkeeper.install.transfer import open_stream, raise_for_status
 
@@ -94,7 +94,7 @@ class CivitaiResolver:
                     url=url,
                     size=round(float(size_kb) * 1024) if size_kb is not None else None,
                     sha256=str(sha256).lower() if sha256 else None,
-                    headers=self._headers,
+                    headers=SecretHeaders(self._headers),
                 ),
             ),
         )

@@ -36,7 +36,7 @@ from huggingface_hub.hf_api import ModelInfo, RepoSibling
 from huggingface_hub.utils._headers import build_hf_headers
 
 from modelkeeper.install.errors import AccessDenied, InstallError, RemoteNotFound, TransferFailed
-from modelkeeper.install.plan import InstallPlan, RemoteFile, guess_type
+from modelkeeper.install.plan import InstallPlan, RemoteFile, SecretHeaders, guess_type
 from modelkeeper.install.sources import HubSource, safe_relative
 
 __all__ = ["HubResolver", "select_files"]
@@ -134,7 +134,7 @@ class HubResolver:
         commit = info.sha or source.revision or "main"
         siblings = {safe_relative(s.rfilename, what=what): s for s in info.siblings or []}
         base, chosen, is_folder = self._choose(what, source, list(siblings))
-        headers = build_hf_headers(token=self._token)
+        headers = SecretHeaders(build_hf_headers(token=self._token))
         files = tuple(self._remote(source.repo_id, commit, n, base, siblings[n], headers) for n in chosen)
         repo_name = source.repo_id.split("/")[1]
         if is_folder:
@@ -191,7 +191,7 @@ class HubResolver:
         )
 
     def _remote(
-        self, repo_id: str, commit: str, name: str, base: str, sibling: RepoSibling, headers: dict[str, str]
+        self, repo_id: str, commit: str, name: str, base: str, sibling: RepoSibling, headers: SecretHeaders
     ) -> RemoteFile:
         relative = posixpath.relpath(name, base) if base else name
         lfs = sibling.lfs

@@ -23,6 +23,7 @@ __all__ = [
     "InstallResult",
     "InstalledFile",
     "RemoteFile",
+    "SecretHeaders",
     "SourceKind",
     "folder_for",
     "guess_type",
@@ -72,13 +73,33 @@ def folder_for(model_type: str, *, is_folder: bool, folders: Mapping[str, str] |
     return table.get(key, table["other"])
 
 
+class SecretHeaders:
+    """Request headers that may carry a token. Shown as ``***`` however a plan is printed or
+    serialised (``repr``, ``str``, ``dataclasses.asdict`` then JSON with ``default=str``); only
+    :meth:`reveal` gives the values, to the code that sends the request."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, str] | None = None) -> None:
+        self._values = dict(values or {})
+
+    def reveal(self) -> dict[str, str]:
+        return dict(self._values)
+
+    def __repr__(self) -> str:
+        return f"SecretHeaders({', '.join(self._values)}: ***)"
+
+    def __deepcopy__(self, memo: dict[int, object]) -> SecretHeaders:
+        return self
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """One file to fetch: its place in the model (``relative``), where from and what it must be.
 
     ``sha256`` (lowercase hex) is the checksum the source declares (Hub LFS, CivitAI); ``git_sha1``
     the Hub's git blob id of a small non-LFS file; ``etag`` a validator for resuming a plain URL.
-    ``headers`` carry credentials: never shown (excluded from ``repr``).
+    ``headers`` may carry credentials: :class:`SecretHeaders`, never shown.
     """
 
     relative: str
@@ -87,7 +108,7 @@ class RemoteFile:
     sha256: str | None = None
     git_sha1: str | None = None
     etag: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    headers: SecretHeaders = field(default_factory=SecretHeaders, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -394,7 +394,7 @@ def _receive(
     max_size: int | None,
 ) -> tuple[int, bool]:
     """One request for the bytes from ``offset``: (bytes received, whether to restart from 0)."""
-    headers = {**remote.headers, "Accept-Encoding": "identity"}
+    headers = {**remote.headers.reveal(), "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
         if remote.sha256 is None and remote.etag:
