@@ -94,3 +94,30 @@ def test_redact_url_hides_credentials() -> None:
     assert "secret" not in shown and "abc123" not in shown
     assert shown == "https://civitai.com/api/download/models/1?token=%2A%2A%2A&type=Model"
     assert UrlSource(url).canonical() == shown
+
+
+def test_a_diffusers_repo_listing_keeps_one_weight_form_per_folder() -> None:
+    from modelkeeper.install.hub import select_files
+
+    listing = [
+        ".gitattributes", "README.md", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors", "model_index.json",
+        "unet/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.bin",
+        "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/pytorch_model.bin",
+        "text_encoder/flax_model.msgpack", "tokenizer/vocab.json", "tokenizer/merges.txt",
+        "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors", "samples/cat.png",
+        "transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+    ]  # fmt: skip
+    assert select_files(listing) == [
+        "model_index.json",
+        "text_encoder/config.json", "text_encoder/model.safetensors",
+        "tokenizer/merges.txt", "tokenizer/vocab.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",  # only a variant: kept
+    ]  # fmt: skip

@@ -64,6 +64,10 @@ def _is_weight(name: str) -> bool:
     return name.lower().endswith(_WEIGHT_SUFFIXES)
 
 
+def _is_variant(name: str) -> bool:
+    return any(mark in posixpath.basename(name) for mark in _VARIANT_MARKS)
+
+
 def select_files(names: list[str]) -> list[str]:
     """The files of a diffusers folder worth fetching: configs, tokenizers and one weight form per
     folder (safetensors over pickles, no fp16/ema variants when a plain file exists); a root-level
@@ -81,15 +85,21 @@ def select_files(names: list[str]) -> list[str]:
     selected: list[str] = []
     for files in by_folder.values():
         weights = [n for n in files if _is_weight(n)]
-        plain = [n for n in weights if not any(m in posixpath.basename(n) for m in _VARIANT_MARKS)]
+        plain = [n for n in weights if not _is_variant(n)]
         weights = plain or weights
         if any(n.endswith(".safetensors") for n in weights):
             weights = [n for n in weights if n.endswith(".safetensors")]
-        index_kept = {n for n in files if n.endswith(".index.json") and n[: -len(".index.json")] in weights}
+        kinds = {(posixpath.splitext(n)[1], _is_variant(n)) for n in weights}
+        indexes = [  # the shard index of the kept weight form
+            n
+            for n in files
+            if n.endswith(".index.json")
+            and (posixpath.splitext(n[: -len(".index.json")])[1], _is_variant(n)) in kinds
+        ]
         selected += [
             n for n in files if (not _is_weight(n) and not n.endswith(".index.json")) or n in weights
         ]
-        selected += sorted(index_kept)
+        selected += indexes
     return sorted(selected)
 
 
