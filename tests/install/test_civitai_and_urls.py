@@ -9,10 +9,10 @@ import pytest
 from modelkeeper.install import (
     AccessDenied,
     ChecksumMismatch,
+    DownloadFailed,
     Installer,
     InsufficientDisk,
     RemoteNotFound,
-    TransferFailed,
     UnsafeSource,
 )
 from modelkeeper.testing.civitaiserver import FakeCivitai
@@ -105,7 +105,7 @@ def test_plain_url_resumes_with_if_range(hub: FakeHub, tmp_path: Path, root: Pat
     size = hub.repos["tiny/checkpoint"].files[CHECKPOINT].size
     hub.fault(CHECKPOINT).drop_after = size // 2
     with make_installer(hub, None, tmp_path, retries=0) as installer:
-        with pytest.raises(TransferFailed, match="connection failed"):
+        with pytest.raises(DownloadFailed, match="connection failed"):
             installer.install(url, root, name=CHECKPOINT)
         mark = len(hub.requests)
         installer.install(url, root, name=CHECKPOINT)

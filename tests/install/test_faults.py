@@ -12,13 +12,13 @@ import pytest
 from modelkeeper.install import (
     PARTIAL_DIR,
     ChecksumMismatch,
+    DownloadFailed,
     InstallCancelled,
     Installer,
     InstallProgress,
     InstallResult,
     InsufficientDisk,
     SizeMismatch,
-    TransferFailed,
 )
 from modelkeeper.testing.hubserver import FakeHub
 from tests.install.conftest import CHECKPOINT, MiB, files_under, make_installer
@@ -65,7 +65,7 @@ def test_interrupted_install_resumes_transferring_only_the_rest(
     hub.fault(CHECKPOINT).drop_after = size // 3
     with make_installer(hub, None, tmp_path, retries=0) as installer:
         with pytest.raises(
-            TransferFailed, match=f"tiny/checkpoint: connection failed 1 times at byte {size // 3}"
+            DownloadFailed, match=f"tiny/checkpoint: connection failed 1 times at byte {size // 3}"
         ):
             installer.install("tiny/checkpoint", root)
         assert files_under(root) == []  # the partial waits in the staging folder only
@@ -229,7 +229,7 @@ def test_server_errors_are_retried_then_reported(hub: FakeHub, tmp_path: Path, r
     with (
         make_installer(hub, None, tmp_path, retries=2) as installer,
         pytest.raises(
-            TransferFailed, match=r"tiny/checkpoint: connection failed 3 times at byte 0 .*server error 500"
+            DownloadFailed, match=r"tiny/checkpoint: connection failed 3 times at byte 0 .*server error 500"
         ),
     ):
         installer.install("tiny/checkpoint", root / "b")
@@ -239,7 +239,7 @@ def test_server_errors_are_retried_then_reported(hub: FakeHub, tmp_path: Path, r
 def test_discard_partials(hub: FakeHub, tmp_path: Path, root: Path) -> None:
     hub.fault(CHECKPOINT).drop_after = checkpoint_size(hub) // 3
     with make_installer(hub, None, tmp_path, retries=0) as installer:
-        with pytest.raises(TransferFailed):
+        with pytest.raises(DownloadFailed):
             installer.install("tiny/checkpoint", root)
         kept = sum((root / n).stat().st_size for n in files_under(root, partials=True))
         assert installer.discard_partials(root) == kept > 0

@@ -32,7 +32,7 @@ class ModelInstaller(ABC):
         """What installing ``source`` would fetch, and under which name and type; nothing is written.
 
         Raises InvalidSource / UnsafeSource (bad text or listing), AccessDenied (401/403),
-        RemoteNotFound (404), TransferFailed (the server cannot be reached).
+        RemoteNotFound (404), DownloadFailed (the server cannot be reached).
         """
 
     @abstractmethod
@@ -52,6 +52,6 @@ class ModelInstaller(ABC):
         ``model_type`` overrides the type the source suggests (it picks the folder); ``name`` the
         file or folder name; ``sha256`` declares the checksum of a plain URL's file. Besides the
         errors of :meth:`resolve`: DestinationExists, InsufficientDisk, ChecksumMismatch,
-        SizeMismatch, TransferFailed and InstallCancelled (these two keep the partial download,
+        SizeMismatch, DownloadFailed and InstallCancelled (these two keep the partial download,
         so installing again resumes it). On any error nothing is left at the destination.
         """

@@ -14,7 +14,7 @@ Hierarchy::
         ├── IntegrityError              INVALID_MODEL_FILE: what arrived is not what was declared
         │   ├── ChecksumMismatch        the hash differs (names the file and both hashes)
         │   └── SizeMismatch            more (or fewer) bytes than declared
-        ├── TransferFailed              TIMEOUT: the connection failed and retries ran out (recoverable:
+        ├── DownloadFailed              TIMEOUT: the connection failed and retries ran out (recoverable:
         │                               the partial download is kept, a new install resumes it)
         └── InstallCancelled            CANCELLED: the caller cancelled (recoverable, resumes likewise)
 
@@ -33,6 +33,7 @@ __all__ = [
     "AccessDenied",
     "ChecksumMismatch",
     "DestinationExists",
+    "DownloadFailed",
     "InstallCancelled",
     "InstallError",
     "InsufficientDisk",
@@ -40,7 +41,6 @@ __all__ = [
     "InvalidSource",
     "RemoteNotFound",
     "SizeMismatch",
-    "TransferFailed",
     "UnsafeSource",
     "redact_url",
 ]
@@ -115,7 +115,7 @@ class SizeMismatch(IntegrityError):
     pass
 
 
-class TransferFailed(InstallError):
+class DownloadFailed(InstallError):
     code = ErrorCode.TIMEOUT
 
 

@@ -35,7 +35,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import ModelInfo, RepoSibling
 from huggingface_hub.utils._headers import build_hf_headers
 
-from modelkeeper.install.errors import AccessDenied, InstallError, RemoteNotFound, TransferFailed
+from modelkeeper.install.errors import AccessDenied, DownloadFailed, InstallError, RemoteNotFound
 from modelkeeper.install.plan import InstallPlan, RemoteFile, SecretHeaders, guess_type
 from modelkeeper.install.sources import HubSource, safe_relative
 
@@ -254,12 +254,12 @@ class HubResolver:
                 raise AccessDenied(
                     f"{source.repo_id}: access denied ({status})", repo=source.repo_id
                 ) from None
-            raise TransferFailed(f"{what}: the Hub answered {status}", repo=source.repo_id) from None
+            raise DownloadFailed(f"{what}: the Hub answered {status}", repo=source.repo_id) from None
         except OSError as exc:
-            raise TransferFailed(f"{what}: cannot reach the Hub: {exc.__class__.__name__}") from None
+            raise DownloadFailed(f"{what}: cannot reach the Hub: {exc.__class__.__name__}") from None
         except Exception as exc:  # httpx2 transport errors: huggingface_hub's HTTP stack
             if type(exc).__module__.split(".")[0] in ("httpx2", "httpx", "httpcore"):
-                raise TransferFailed(
+                raise DownloadFailed(
                     f"{what}: cannot reach the Hub at {self.endpoint}: {exc.__class__.__name__}",
                     repo=source.repo_id,
                 ) from None

@@ -41,10 +41,10 @@ from modelkeeper.install.base import ModelInstaller, ProgressCallback
 from modelkeeper.install.civitai import CivitaiResolver
 from modelkeeper.install.errors import (
     DestinationExists,
+    DownloadFailed,
     InstallCancelled,
     InstallError,
     InsufficientDisk,
-    TransferFailed,
 )
 from modelkeeper.install.hub import HubResolver
 from modelkeeper.install.plan import (
@@ -306,7 +306,7 @@ class Installer(ModelInstaller):
             installed = self._move_in_place(plan, files_dir, dest, installed)
             tracker.phase("done")
             return self._result(plan, dest, installed, started)
-        except (InstallCancelled, TransferFailed):
+        except (InstallCancelled, DownloadFailed):
             keep_partials = True
             raise
         finally:

@@ -37,12 +37,12 @@ import httpx
 from modelkeeper.install.errors import (
     AccessDenied,
     ChecksumMismatch,
+    DownloadFailed,
     InstallCancelled,
     InstallError,
     InsufficientDisk,
     RemoteNotFound,
     SizeMismatch,
-    TransferFailed,
     UnsafeSource,
     redact_url,
 )
@@ -194,7 +194,7 @@ def raise_for_status(response: httpx.Response, *, what: str) -> None:
     if status == 404:
         raise RemoteNotFound(f"{what}: not found (404) at {where}", status=status, url=where)
     if status >= 500 or status == 429:
-        raise TransferFailed(f"{what}: server error {status} at {where}", status=status, url=where)
+        raise DownloadFailed(f"{what}: server error {status} at {where}", status=status, url=where)
     raise InstallError(f"{what}: HTTP {status} at {where}", status=status, url=where)
 
 
@@ -267,7 +267,7 @@ def fetch(
 ) -> Fetched:
     """Fetch ``remote`` into ``part`` (see the module docstring) and verify it.
 
-    Raises :class:`InstallCancelled` or :class:`TransferFailed` (partial kept),
+    Raises :class:`InstallCancelled` or :class:`DownloadFailed` (partial kept),
     :class:`ChecksumMismatch`/:class:`SizeMismatch` (partial deleted), or the errors of
     :func:`raise_for_status` and :func:`open_stream`. ``max_size`` bounds a file that declares no
     size (:class:`InsufficientDisk` past it).
@@ -312,17 +312,17 @@ def fetch(
                     if remote.size is not None and offset < remote.size:
                         raise _Short
                     break
-                except (httpx.TransportError, _Short, TransferFailed) as exc:
+                except (httpx.TransportError, _Short, DownloadFailed) as exc:
                     offset += getattr(exc, "received", 0)
                     transferred += getattr(exc, "received", 0)
                     if cancelled():  # the watch cut the connection
                         raise InstallCancelled(f"{what}: cancelled", file=remote.relative) from None
                     failures += 1
                     if failures > retries:
-                        raise TransferFailed(
+                        raise DownloadFailed(
                             f"{what}: connection failed {failures} times at byte {offset} of "
                             f"{remote.size if remote.size is not None else '?'} "
-                            f"(last: {exc.message if isinstance(exc, TransferFailed) else type(exc).__name__})",
+                            f"(last: {exc.message if isinstance(exc, DownloadFailed) else type(exc).__name__})",
                             file=remote.relative,
                             url=redact_url(remote.url),
                             done_bytes=offset,
@@ -335,7 +335,7 @@ def fetch(
         _verify(remote, pipeline, result, what)
         keep = True
         return result
-    except (InstallCancelled, TransferFailed):
+    except (InstallCancelled, DownloadFailed):
         keep = True
         raise
     finally:
@@ -408,7 +408,7 @@ def _receive(
         if offset and response.status_code == 200:
             return 0, True
         if offset and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-            raise TransferFailed(f"{what}: the server answered a range other than bytes {offset}-")
+            raise DownloadFailed(f"{what}: the server answered a range other than bytes {offset}-")
         length = response.headers.get("Content-Length")
         if (
             remote.size is not None
