@@ -24,3 +24,19 @@ def test_cluster_sim_quick(tmp_path: Path) -> None:
         assert f"\n{name}" in text
     assert "seconds loading, Ray Serve / modelkeeper:" in text
     assert "placement decision (choose_placement) at 4 nodes: CPU time" in text
+
+
+def test_install_small(tmp_path: Path) -> None:
+    out = tmp_path / "install.txt"
+    options = ["--size-mb", "8", "--runs", "1", "--work", str(tmp_path), "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "install.py"), *options],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "throughput ratio" in text and "install+registration" in text
+    assert list(tmp_path.iterdir()) == [out]  # the work folder is removed

@@ -5,6 +5,7 @@ from pathlib import Path
 import modelkeeper
 import modelkeeper.cache
 import modelkeeper.discovery
+import modelkeeper.install
 import modelkeeper.protocol
 import modelkeeper.registry
 import modelkeeper.worker
@@ -19,7 +20,7 @@ def test_top_level_exports() -> None:
 def test_every_exported_name_exists_and_is_public() -> None:
     modules = (
         modelkeeper, modelkeeper.protocol, modelkeeper.worker, modelkeeper.cache, modelkeeper.discovery,
-        modelkeeper.registry,
+        modelkeeper.registry, modelkeeper.install,
     )  # fmt: skip
     for module in modules:
         for name in module.__all__:

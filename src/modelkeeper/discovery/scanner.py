@@ -32,7 +32,7 @@ from modelkeeper.discovery.identify import RULES_VERSION
 from modelkeeper.discovery.ports import CatalogWriter, FileRow
 from modelkeeper.discovery.records import Identification
 from modelkeeper.discovery.sidecar import Sidecar
-from modelkeeper.discovery.walker import Candidate, CandidateKind, Walker
+from modelkeeper.discovery.walker import Candidate, CandidateKind, Walker, hub_model_name, hub_origin
 from modelkeeper.formats.errors import FormatError
 from modelkeeper.protocol.errors import ErrorCode
 
@@ -128,6 +128,8 @@ def _unchanged(c: Candidate, row: FileRow) -> bool:
 
 
 def _default_name(c: Candidate) -> str:
+    if (hub_name := hub_model_name(c)) is not None:
+        return hub_name
     name = os.path.basename(c.path.rstrip(os.sep))
     return name if c.kind is not CandidateKind.FILE else os.path.splitext(name)[0]
 
@@ -378,6 +380,8 @@ class Scanner:
         assert fp is not None
         # What the file says is in the identification; "found" keeps what its sidecars say.
         found: dict[str, Any] = {} if sidecar.empty else {"sidecar": sidecar.model_dump(exclude={"user"})}
+        if (origin := hub_origin(c.rel)) is not None:
+            found["hub"] = {"repo": origin.repo_id, "revision": origin.revision}
         model_id, created = self.catalog.record_model(
             path=c.path,
             root=c.root,

@@ -5,6 +5,11 @@ Candidates are weight files (``.safetensors``/``.sft``, ``.ckpt``/``.pt``/``.pth
 (``config.json`` next to its weights). A diffusers folder is one candidate; the walk does not
 descend into it.
 
+A Hugging Face Hub cache (``models--org--name/{blobs,refs,snapshots}``) is walked as one model
+per repo: only the snapshot ``refs/main`` names (else the newest) is entered, and
+:func:`hub_origin` / :func:`hub_model_name` tell the repo and revision of what lies in it. An
+install's staging folder (``INSTALL_STAGING_DIR``) is never entered.
+
 Symlinks are followed safely: every folder is entered once (by device and inode), a link back to
 a folder being walked is reported as a loop, and a link that leaves the roots is reported (or
 followed, with ``allow_outside_roots``). Problems become *rejected* candidates carrying their
@@ -28,7 +33,7 @@ from modelkeeper.discovery.errors import (
     UnreadableFile,
 )
 from modelkeeper.discovery.records import ModelFormat
-from modelkeeper.formats.conventions import FOLDER_WEIGHT_STEMS
+from modelkeeper.formats.conventions import FOLDER_WEIGHT_STEMS, INSTALL_STAGING_DIR
 from modelkeeper.formats.errors import FormatError
 
 #: File suffix (lowercase) -> format.
@@ -72,6 +77,65 @@ class Candidate:
     siblings: frozenset[str] = field(default_factory=frozenset)  # names next to it, for sidecars
     names: frozenset[str] = field(default_factory=frozenset)  # for folders: their own entries
     error: FormatError | None = None
+
+
+_HUB_REPO_PREFIX = "models--"
+
+
+@dataclass(frozen=True)
+class HubOrigin:
+    """Where a candidate lies in a Hub cache: the repo, the snapshot's revision, the path inside it."""
+
+    repo_id: str
+    revision: str
+    inner: str  # "" for the snapshot folder itself
+
+
+def hub_origin(rel: str) -> HubOrigin | None:
+    """The Hub cache origin of the path ``rel`` (``.../models--org--name/snapshots/<rev>/...``), if any."""
+    parts = rel.split(os.sep)
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith(_HUB_REPO_PREFIX) and parts[i + 1] == "snapshots":
+            repo_id = part[len(_HUB_REPO_PREFIX) :].replace("--", "/", 1)  # Hub names never hold "--"
+            return HubOrigin(repo_id, parts[i + 2], "/".join(parts[i + 3 :]))
+    return None
+
+
+def hub_model_name(candidate: Candidate) -> str | None:
+    """``org/name`` for a Hub cache snapshot, or for the one weight file at its top; ``org/name:<path>``
+    for anything else in it; None outside a Hub cache."""
+    origin = hub_origin(candidate.rel)
+    if origin is None:
+        return None
+    if not origin.inner:
+        return origin.repo_id
+    if candidate.kind is CandidateKind.FILE:
+        weights = [n for n in candidate.siblings if os.path.splitext(n)[1].lower() in WEIGHT_SUFFIXES]
+        if "/" not in origin.inner and len(weights) == 1:
+            return origin.repo_id
+        return f"{origin.repo_id}:{os.path.splitext(origin.inner)[0]}"
+    return f"{origin.repo_id}:{origin.inner}"
+
+
+def _hub_snapshot(folder: str, names: set[str]) -> str | None:
+    """The snapshot of a Hub cache repo folder to walk: the one ``refs/main`` names, else the newest."""
+    if not os.path.basename(folder).startswith(_HUB_REPO_PREFIX) or "snapshots" not in names:
+        return None
+    snapshots = os.path.join(folder, "snapshots")
+    try:
+        revisions = os.listdir(snapshots)
+    except OSError:
+        return None
+    if not revisions:
+        return None
+    try:
+        with open(os.path.join(folder, "refs", "main")) as ref:
+            main = ref.read().strip()
+    except OSError:
+        main = ""
+    if main in revisions:
+        return main
+    return max(revisions, key=lambda r: os.stat(os.path.join(snapshots, r)).st_mtime_ns)
 
 
 def _is_component_folder(names: set[str]) -> bool:
@@ -156,7 +220,12 @@ class Walker:
                     ModelFormat.DIFFUSERS,
                 )
                 continue
+            entries = [e for e in entries if e.name != INSTALL_STAGING_DIR]
             names = {e.name for e in entries}
+            if (revision := _hub_snapshot(folder, names)) is not None:
+                snapshot = os.path.join(folder, "snapshots", revision)
+                stack.append((snapshot, (*folders, "snapshots", revision), frozenset(names)))
+                continue
             here = self._folder_candidate(root, folder, folders, names, parent_names)
             if here is not None:
                 yield here

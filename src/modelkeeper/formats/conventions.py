@@ -50,3 +50,7 @@ COMFY_CLIP_G_PREFIX = "text_encoders.clip_g."
 
 COMFY_T5XXL_PREFIX = "text_encoders.t5xxl."
 """T5-XXL in a ComfyUI all-in-one SD3 / Flux file (transformers' names under ``transformer.``)."""
+
+#: Folder under a model root where an install stages its downloads (partial and not yet verified
+#: files): the installer writes there, discovery never enters it.
+INSTALL_STAGING_DIR = ".modelkeeper-partial"
