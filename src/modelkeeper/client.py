@@ -127,6 +127,20 @@ class _Endpoints(Generic[R]):
             "GET", f"/api/model/{_ref(model_id)}/route", params={"load": "true"} if load else None
         )
 
+    def install(
+        self,
+        source: str,
+        *,
+        model_type: str | None = None,
+        name: str | None = None,
+        sha256: str | None = None,
+        wait: bool = True,
+    ) -> R:
+        """Fetch a model (Hub ``org/name[@rev][:path]``, an https URL, ``civitai:ID``) into the first
+        model root and register it: a job (``wait=False``: the job at once; follow its events)."""
+        body = _body(source=source, model_type=model_type, name=name, sha256=sha256, wait_for_completion=wait)
+        return self._send("POST", "/api/model/install", json=body)
+
     def metadata(self, model_id: str) -> R:
         return self._send("GET", f"/api/model/{_ref(model_id)}/metadata")
 

@@ -495,6 +495,33 @@ class ScanDone(JobDone[ScanResult]):
     pass
 
 
+class InstalledFileInfo(_Fixed):
+    path: str = Field(description="Relative to the installed model's path.")
+    bytes: int
+    sha256: str
+    reused: bool = Field(description="True: linked from content already registered, not downloaded.")
+
+
+class InstallResultInfo(_Fixed):
+    """An installed and registered model."""
+
+    model_id: str
+    name: str
+    type: str
+    source: str = Field(description="The source, without credentials.")
+    kind: Literal["hub", "url", "civitai"]
+    revision: str | None = Field(description="The Hub commit or the CivitAI version id.")
+    path: str
+    bytes: int
+    transferred_bytes: int = Field(description="Bytes fetched by this install (less when resumed or reused).")
+    seconds: float
+    files: list[InstalledFileInfo]
+
+
+class InstallDone(JobDone[InstallResultInfo]):
+    pass
+
+
 # ---------------------------------------------------------------------- documented statuses
 
 _ERROR = "An error (401, 403, 404, 409, 413, 422, 503, 504, 507...): the status follows `error_code`."

@@ -140,3 +140,20 @@ class LoraBody(_Operation):
 class StrengthBody(_Body):
     strength: float = Field(ge=-10, le=10)
     device_id: str | None = Field(None, max_length=64)
+
+
+class InstallBody(_Body):
+    source: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="A Hub repo (org/name[@revision][:file or folder]), an https URL, or a CivitAI "
+        "model-version (civitai:ID or a model page URL).",
+    )
+    model_type: str | None = Field(
+        None, max_length=64, description="Folder by type; default: from the source."
+    )
+    name: str | None = Field(None, max_length=255, description="File or folder name in the model root.")
+    sha256: str | None = Field(
+        None, pattern="^[0-9a-fA-F]{64}$", description="Expected SHA-256 (a URL declares none)."
+    )
+    wait_for_completion: bool = Field(True, description="False: answer 202 with a job at once.")

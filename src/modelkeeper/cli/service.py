@@ -230,6 +230,39 @@ def route(
     Console().print(f"{data['name']} [dim]{data['model_id']}[/dim] on {data['device']}")
 
 
+def pull(
+    source: Annotated[
+        str,
+        typer.Argument(help="A Hub repo (org/name[@rev][:file]), an https URL, or civitai:VERSION_ID."),
+    ],
+    model_type: Annotated[
+        str | None, typer.Option("--type", help="Folder by type (checkpoint, lora, vae...).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="File or folder name in the model root.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 (URLs declare none).")] = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Download a model into the service's first model root, verified, and register it (a progress bar;
+    an interrupted pull resumes where it stopped). Hub tokens: HF_TOKEN; CivitAI: CIVITAI_TOKEN, both
+    read by the service."""
+
+    def run(c: Client) -> dict[str, Any]:
+        answer = c.install(source, model_type=model_type, name=name, sha256=sha256, wait=False)
+        return _finish(c, answer, as_json)
+
+    result = _call(url, token, run)["result"]
+    if as_json:
+        _print_json(result)
+        return
+    fetched = result["transferred_bytes"]
+    Console().print(
+        f"[green]installed[/green] {result['name']} [dim]{result['model_id']}[/dim] ({result['type']}) at "
+        f"{result['path']}: {_size(result['bytes'])}, {_size(fetched)} fetched in {result['seconds']:.1f} s"
+    )
+
+
 # ---------------------------------------------------------------------- load and unload
 
 

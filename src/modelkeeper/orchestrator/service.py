@@ -10,6 +10,7 @@ wires them, and starts and stops them. It does nothing else; each part is a modu
 - ``recovery``: worker events and exits, restart, reconcile (:mod:`.recovery`)
 - ``views``: the status snapshot and model detail (:mod:`.views`)
 - ``idle``: unloads models whose ``keep_alive`` ran out (:mod:`.idle`)
+- ``installs``: models fetched from the Hub, CivitAI or a URL, registered (:mod:`.installs`)
 
 with the shared state they act on: the event ``bus``, ``jobs``, ``leases`` and the placement
 ``view``. The orchestrator never imports torch.
@@ -26,6 +27,7 @@ from modelkeeper.orchestrator.cachefeed import CacheFeed
 from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.idle import IdleUnloader
+from modelkeeper.orchestrator.installs import Installs
 from modelkeeper.orchestrator.jobs import JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.loads import LoadOptions, Loads
@@ -84,6 +86,7 @@ class Orchestrator:
             ready=lambda: self.ready,
         )
         self.idle = IdleUnloader(self.loads, self.view, self.leases, self.bus)
+        self.installs = Installs(s, self.catalog, self.jobs, self.bus)
 
     async def start(self) -> None:
         self.bus.bind(asyncio.get_running_loop())
@@ -130,4 +133,5 @@ class Orchestrator:
         await self.background.cancel_all()
         await self.pool.stop()
         await self.feed.close()
+        self.installs.close()
         self.catalog.close()

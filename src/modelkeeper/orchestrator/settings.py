@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     )
     lease_ttl: float = Field(300.0, gt=0, description="Default lease lifetime in seconds.")
     jobs_kept: int = Field(1000, ge=10, description="Finished jobs remembered.")
+    hub_endpoint: str | None = Field(
+        None, description="Hugging Face Hub for installs (default: $HF_ENDPOINT, else huggingface.co)."
+    )
+    civitai_endpoint: str | None = Field(
+        None, description="CivitAI for installs (default: $CIVITAI_ENDPOINT, else civitai.com)."
+    )
     keep_alive: float = Field(
         -1.0,
         ge=-1,
