@@ -38,6 +38,15 @@ from modelkeeper.protocol.errors import ErrorCode
 
 _BATCH = 256
 
+#: A test hook: with this variable set to N, a scan stops for good (until it is killed) once N or
+#: more identified rows are committed. A test kills the process at that point, never racing a timer.
+HOLD_ENV = "MODELKEEPER_SCAN_HOLD_AFTER"
+
+
+def _hold_after() -> int | None:
+    value = os.environ.get(HOLD_ENV, "").strip()
+    return int(value) if value.isdigit() else None
+
 
 @dataclass
 class ScanEntry:
@@ -203,6 +212,8 @@ class Scanner:
         # Worker processes pay off from 4 cores: below that the registry writes and the workers
         # share too few cores (measured on 2 vCPUs: slower than one process).
         self.processes = (cores - 1 if cores >= 4 else 0) if processes is None else processes
+        self._written = 0
+        self._hold = _hold_after()
 
     def scan(self, progress: ProgressCallback | None = None) -> ScanReport:
         t0 = time.perf_counter()
@@ -330,6 +341,9 @@ class Scanner:
                 else:
                     prior = entries.get(c.path)
                     entries[c.path] = self._record_ok(c, row, *result, now, moved=prior is not None)
+        self._written += len(batch)
+        if self._hold is not None and self._written >= self._hold:
+            threading.Event().wait()  # HOLD_ENV: committed; wait here to be killed
 
     def _record_error(self, c: Candidate, row: FileRow | None, exc: BaseException, now: float) -> ScanEntry:
         if isinstance(exc, FormatError):
