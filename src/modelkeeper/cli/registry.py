@@ -24,17 +24,31 @@ def _size(n: int | None) -> str:
 def ls(
     *,
     type: Annotated[
-        str | None, typer.Option("--type", help="main, unet, transformer, vae, text_encoder, lora, ...")
+        str | None,
+        typer.Option(
+            "--type",
+            help="main, unet, transformer, vae, text_encoder, lora, controlnet, textual_inversion;"
+            " also checkpoint(s), loras, embeddings...",
+        ),
     ] = None,
     base: Annotated[
-        str | None, typer.Option("--base", help="sd1, sd2, sdxl, sdxl_refiner, sd3, flux, any, unknown")
+        str | None,
+        typer.Option(
+            "--base",
+            help="sd1, sd2, sdxl, sdxl_refiner, sd3, flux, any, unknown; also SD1.5, sd15, SDXL, sd3.5...",
+        ),
     ] = None,
     format: Annotated[
         str | None, typer.Option("--format", help="safetensors, pickle, gguf, diffusers")
     ] = None,
     tag: Annotated[str | None, typer.Option("--tag", help="Only models with this tag.")] = None,
     query: Annotated[
-        str | None, typer.Option("--query", "-q", help="Words to find in name, description, tags.")
+        str | None,
+        typer.Option(
+            "--query",
+            "-q",
+            help="Words to find in names, file paths, descriptions, tags (any case, parts of words).",
+        ),
     ] = None,
     status: Annotated[str, typer.Option("--status", help="ok, missing, or all.")] = "ok",
     sort: Annotated[str, typer.Option("--sort", help="name, type, base, size, created, updated")] = "name",

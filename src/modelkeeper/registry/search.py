@@ -9,6 +9,7 @@ from typing import Any
 
 from modelkeeper.registry.errors import InvalidMetadata
 from modelkeeper.registry.records import ModelSummary, SearchPage
+from modelkeeper.registry.vocabulary import normalize, squash
 
 _HEX = re.compile(r"[0-9a-fA-F]{6,64}")
 MIN_HASH_PREFIX = 6
@@ -59,6 +60,29 @@ def by_hash(conn: sqlite3.Connection, ref: str) -> list[str]:
     )
 
 
+_PARTS = re.compile(r"[^\W_]+")  # the letters and digits of a word; "_", "-", "." and "/" separate
+_SQUASHED_NAME = "replace(replace(replace(replace(lower(m.name), '_', ''), '-', ''), ' ', ''), '.', '')"
+
+
+def _like(part: str) -> str:
+    return "%" + part.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _word_matches(word: str) -> tuple[str, list[Any]]:
+    """SQL that holds for a model matching one typed word: each of its parts (``dreamshaper_8``:
+    ``dreamshaper`` and ``8``) in its name, description, tags or file paths, without case; or the
+    whole word, without separators, in its name (``sdxlvae`` finds ``sdxl_vae``)."""
+    parts = _PARTS.findall(word) or [word]
+    each = (
+        "(m.name LIKE ? ESCAPE '\\' OR mm.description LIKE ? ESCAPE '\\'"
+        " OR m.id IN (SELECT model_id FROM model_tags WHERE tag LIKE ? ESCAPE '\\')"
+        " OR m.id IN (SELECT model_id FROM files WHERE rel LIKE ? ESCAPE '\\'))"
+    )
+    sql = " AND ".join([each] * len(parts))
+    params: list[Any] = [p for part in parts for p in [_like(part)] * 4]
+    return f"(({sql}) OR {_SQUASHED_NAME} LIKE ? ESCAPE '\\')", [*params, _like(squash(word))]
+
+
 def search(
     conn: sqlite3.Connection,
     *,
@@ -79,20 +103,19 @@ def search(
         raise InvalidMetadata("limit must be >= 1 and offset >= 0")
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("m.type", type), ("m.base", base), ("m.format", format), ("m.status", status)):
-        if value:
-            where.append(f"{column} = ?")
-            params.append(value)
+    filters = (("type", type), ("base", base), ("format", format), ("status", status))
+    for field, value in filters:
+        stored = normalize(field, value)
+        if stored is not None:
+            where.append(f"m.{field} = ?")
+            params.append(stored)
     if tag:
         where.append("m.id IN (SELECT model_id FROM model_tags WHERE tag = ?)")
         params.append(tag)
-    if query:
-        for word in query.split():
-            like = f"%{word.replace('%', '').replace('_', '')}%"
-            where.append(
-                "(m.name LIKE ? OR mm.description LIKE ? OR m.id IN (SELECT model_id FROM model_tags WHERE tag LIKE ?))"
-            )
-            params += [like, like, like]
+    for word in (query or "").split():
+        sql, values = _word_matches(word)
+        where.append(sql)
+        params += values
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     base_sql = f"FROM models AS m LEFT JOIN model_meta AS mm ON mm.model_id = m.id{clause}"
     total = int(conn.execute(f"SELECT COUNT(*) {base_sql}", params).fetchone()[0])
