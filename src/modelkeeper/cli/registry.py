@@ -58,7 +58,7 @@ def ls(
     as_json: JsonOption = False,
     db: DbOption = None,
 ) -> None:
-    """List the models of the registry."""
+    """List the models of the registry: the handle to type for each, and where it lies."""
     try:
         with open_registry(db) as registry:
             page = registry.search(
@@ -82,16 +82,20 @@ def ls(
         title=f"{page.total} models"
         + (f" (showing {offset + 1}-{offset + len(page.items)})" if page.total > len(page.items) else "")
     )
-    for col in ("id", "name", "type", "base", "variant", "format", "size", "tags"):
-        table.add_column(col)
+    for col in ("handle", "type", "base", "variant", "format", "size", "path"):
+        table.add_column(col, overflow="fold")
     for m in page.items:
-        table.add_row(m.id, m.name, m.type, m.base, m.variant, m.format, _size(m.size), ", ".join(m.tags))
+        path = (m.path or "-") + (f" (+{m.locations - 1} more)" if m.locations > 1 else "")
+        table.add_row(m.handle, m.type, m.base, m.variant, m.format, _size(m.size), path)
     Console().print(table)
 
 
 def show(
     ref: Annotated[
-        str, typer.Argument(help="Model id, name, path, or hash prefix (AutoV2, SHA-256, BLAKE3).")
+        str,
+        typer.Argument(
+            help="Model handle (as ls shows it), id, name, path, or hash prefix (AutoV2, SHA-256, BLAKE3)."
+        ),
     ],
     as_json: JsonOption = False,
     db: DbOption = None,
@@ -112,7 +116,9 @@ def show(
         return
     console = Console()
     f = record.file
-    console.print(f"[bold]{record.name}[/bold]  [dim]{record.id}[/dim]  ({record.status})")
+    console.print(f"[bold]{record.handle}[/bold]  [dim]{record.id}[/dim]  ({record.status})")
+    if record.name != record.handle:
+        console.print(f"  name {record.name}")
     console.print(
         f"  {record.type} · {record.base} · {record.variant} · {record.format} · layout {record.layout}"
     )
@@ -121,6 +127,8 @@ def show(
         console.print(f"  fits bases: {', '.join(record.identification.compatible_bases)}")
     if f is not None:
         console.print(f"  path {f.path}  ({_size(f.size)})")
+        for other in record.locations[1:]:
+            console.print(f"  also {other.path}  ({other.status.value})")
         console.print(
             f"  blake3 {f.hashes.blake3 or '-'}  sha256 {f.hashes.sha256 or '-'}  autov2 {f.hashes.autov2 or '-'}"
         )
@@ -156,7 +164,7 @@ def show(
 
 
 def meta(
-    ref: Annotated[str, typer.Argument(help="Model id, name, path, or hash prefix.")],
+    ref: Annotated[str, typer.Argument(help="Model handle, id, name, path, or hash prefix.")],
     *,
     set_: Annotated[
         list[str] | None,

@@ -29,6 +29,7 @@ from typing import Any
 
 from modelkeeper.discovery.examine import ScanMemo, examine
 from modelkeeper.discovery.identify import RULES_VERSION
+from modelkeeper.discovery.identity import content_key
 from modelkeeper.discovery.ports import CatalogWriter, FileRow
 from modelkeeper.discovery.records import Identification
 from modelkeeper.discovery.sidecar import Sidecar
@@ -405,13 +406,14 @@ class Scanner:
             user_defaults=sidecar.user,
             found=found,
             now=now,
+            content_key=content_key(c.path) if c.kind is CandidateKind.FILE else None,
         )
         return ScanEntry(
             c.rel,
             c.path,
             c.root,
             "ok",
-            "moved" if moved else ("added" if created else "updated"),
+            "moved" if moved else ("added" if created or row is None else "updated"),
             format=ident.format.value,
             type=ident.type.value,
             base=ident.base.value,

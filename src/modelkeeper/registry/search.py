@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from modelkeeper.registry.errors import InvalidMetadata
 from modelkeeper.registry.records import ModelSummary, SearchPage
 from modelkeeper.registry.vocabulary import normalize, squash
+from modelkeeper.registry.writes import under
 
 _HEX = re.compile(r"[0-9a-fA-F]{6,64}")
 MIN_HASH_PREFIX = 6
@@ -96,6 +98,8 @@ def search(
     descending: bool,
     limit: int,
     offset: int,
+    roots: Sequence[str] = (),
+    handles: Mapping[str, str] | None = None,
 ) -> SearchPage:
     if sort not in SORTS:
         raise InvalidMetadata(f"sort: unknown key {sort!r}; one of {', '.join(SORTS)}", sort=sort)
@@ -112,6 +116,10 @@ def search(
     if tag:
         where.append("m.id IN (SELECT model_id FROM model_tags WHERE tag = ?)")
         params.append(tag)
+    inside, inside_params = under(roots)
+    if inside:
+        where.append(f"m.id IN (SELECT model_id FROM files WHERE {inside})")
+        params += inside_params
     for word in (query or "").split():
         sql, values = _word_matches(word)
         where.append(sql)
@@ -122,14 +130,17 @@ def search(
     order = f"{SORTS[sort]} {'DESC' if descending else 'ASC'}, m.id"
     rows = conn.execute(
         f"SELECT m.id, m.name, m.type, m.base, m.variant, m.format, m.status, m.size,"
-        f" (SELECT path FROM files WHERE model_id = m.id ORDER BY status='ok' DESC LIMIT 1) AS path,"
+        f" (SELECT path FROM files WHERE model_id = m.id ORDER BY status='ok' DESC, {inside or 'path IS NULL'} DESC, id"
+        f" LIMIT 1) AS path,"
+        f" (SELECT COUNT(*) FROM files WHERE model_id = m.id AND status='ok') AS locations,"
         f" (SELECT group_concat(tag, ',') FROM model_tags WHERE model_id = m.id) AS tags"
         f" {base_sql} ORDER BY {order} LIMIT ? OFFSET ?",
-        [*params, limit, offset],
+        [*inside_params, *params, limit, offset],
     ).fetchall()
     items = [
         ModelSummary(
             id=r["id"],
+            handle=(handles or {}).get(r["id"], r["name"]),
             name=r["name"],
             type=r["type"],
             base=r["base"],
@@ -138,6 +149,7 @@ def search(
             status=r["status"],
             size=r["size"],
             path=r["path"],
+            locations=r["locations"],
             tags=sorted(r["tags"].split(",")) if r["tags"] else [],
         )
         for r in rows
