@@ -198,6 +198,13 @@ class Registry(ScanWrites):
                 handles=handles_now,
             )
 
+    def recorded_roots(self) -> list[str]:
+        """The roots that files not missing were found under."""
+        return [
+            r[0]
+            for r in self._rows("SELECT DISTINCT root FROM files WHERE status != 'missing' ORDER BY root")
+        ]
+
     def models_with_component(self, content_id: str) -> list[tuple[str, str]]:
         """(model id, component name) of every component with this content id: one VAE in many files."""
         rows = self._rows(
