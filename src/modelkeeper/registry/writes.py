@@ -13,6 +13,7 @@ from typing import Any
 
 from modelkeeper.discovery.ports import CatalogWriter, FileRow, HashTask
 from modelkeeper.discovery.records import ComponentInfo, Identification
+from modelkeeper.discovery.rules.known_files import apply_known, known_file
 from modelkeeper.registry import locations
 from modelkeeper.registry.base import Store, new_model_id
 
@@ -136,6 +137,8 @@ class ScanWrites(Store, CatalogWriter):
                 )
             if left is not None:
                 locations.refresh_status(c, left, now)
+            if existing is not None:
+                self._apply_known(existing.id, now)  # still hashed: the table still applies
         return model_id, created
 
     def _insert_file(
@@ -430,6 +433,45 @@ class ScanWrites(Store, CatalogWriter):
                 "UPDATE components SET content_id=? WHERE id=?",
                 [(cid, rid) for rid, cid in component_ids.items()],
             )
+            self._apply_known(task.file_id, now)
+
+    def _apply_known(self, file_id: int, now: float) -> None:
+        """Settle the identification of a hashed file's model by the known-file table
+        (``discovery/rules/known_files.py``): an SDXL VAE is filed sdxl, which shapes cannot tell."""
+        row = self._conn.execute(
+            "SELECT f.sha256, f.model_id, f.path, m.identification FROM files AS f JOIN models AS m"
+            " ON m.id = f.model_id WHERE f.id=? AND f.hashed_size IS f.size AND f.hashed_mtime_ns IS f.mtime_ns",
+            (file_id,),
+        ).fetchone()
+        known = known_file(row["sha256"]) if row is not None else None
+        if row is None or known is None:
+            return
+        before = Identification.model_validate_json(row["identification"])
+        ident = apply_known(before, known)
+        if ident == before:
+            return
+        self._conn.execute(
+            "UPDATE models SET identification=?, base=?, encoder=?, rule=?, confidence=?, updated_at=? WHERE id=?",
+            (
+                ident.model_dump_json(),
+                ident.base.value,
+                ident.encoder.value if ident.encoder else None,
+                ident.rule,
+                ident.confidence,
+                now,
+                row["model_id"],
+            ),
+        )
+        self._conn.execute(
+            "UPDATE components SET base=?, encoder=COALESCE(?, encoder) WHERE model_id=? AND kind=?",
+            (
+                known.base.value,
+                known.encoder.value if known.encoder else None,
+                row["model_id"],
+                known.type.value,
+            ),
+        )
+        self._log(row["model_id"], row["path"], "identify.known_file", {"file": known.name}, now)
 
     def reconcile_moves(self, now: float | None = None) -> list[tuple[str, str]]:
         """Settle identities by content hash, after hashing:
