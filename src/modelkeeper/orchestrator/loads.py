@@ -176,7 +176,9 @@ class Loads:
         self.catalog.check_file(record)
         loads = await self.catalog.component_loads(record)
         evicted = await self.make_room(slot, record.id, sum(c.bytes for c in loads), opts.force)
-        p = Placement(record.id, record.name, record.type, slot.id, keep_loaded=opts.keep_loaded)
+        p = Placement(
+            record.id, record.name, record.type, slot.id, keep_loaded=opts.keep_loaded, handle=record.handle
+        )
         self.view.put(p)
         self.bus.publish("model.loading", model_id=record.id, device=slot.id)
         done: list[str] = []

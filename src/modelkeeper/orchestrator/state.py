@@ -36,10 +36,12 @@ class Placement:
     loaded_at: float | None = None
     last_used: float = field(default_factory=time.time)
     load_seconds: float | None = None
+    handle: str = ""  # the model's handle when it was placed (registry/handles.py)
 
     def info(self, leases: int = 0) -> dict[str, Any]:
         return {
             "model_id": self.model_id,
+            "handle": self.handle or self.name,
             "name": self.name,
             "type": self.type,
             "device": self.device,
