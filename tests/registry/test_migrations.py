@@ -95,8 +95,8 @@ def _file(
     status: str = "ok",
 ) -> None:
     conn.execute(
-        "INSERT INTO files (path, root, rel, kind, format, status, size, inode, device, model_id, blake3,"
-        " first_seen, last_seen) VALUES (?, '/r', ?, 'file', 'safetensors', ?, 10, ?, 1, ?, ?, 0, 0)",
+        "INSERT INTO files (path, root, rel, kind, format, status, size, mtime_ns, inode, device, model_id, blake3,"
+        " first_seen, last_seen) VALUES (?, '/r', ?, 'file', 'safetensors', ?, 10, 5, ?, 1, ?, ?, 0, 0)",
         (path, path, status, inode, model_id, blake3),
     )
 

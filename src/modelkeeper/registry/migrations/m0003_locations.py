@@ -3,7 +3,7 @@
 Adds ``files.content_key`` (what tells an unhashed copy: see ``modelkeeper.discovery.identity``),
 indexes to find a file's twins (same device and inode: a symlink or a hard link; same size and
 content key: a copy), and merges the models that already share content: files with the same
-BLAKE3, or (present) the same device, inode and size, end under the oldest of their models (its id, name
+BLAKE3, or (present) the same device, inode, size and mtime, end under the oldest of their models (its id, name
 and user metadata kept; the tags of the others added; their history moved to it).
 """
 
@@ -27,7 +27,7 @@ _KEYS = """
 SELECT 'b3:' || f.blake3, f.model_id, m.created_at FROM files AS f JOIN models AS m ON m.id = f.model_id
 WHERE f.blake3 IS NOT NULL AND f.status != 'rejected'
 UNION
-SELECT 'ino:' || f.device || ':' || f.inode || ':' || f.size, f.model_id, m.created_at
+SELECT 'ino:' || f.device || ':' || f.inode || ':' || f.size || ':' || f.mtime_ns, f.model_id, m.created_at
 FROM files AS f JOIN models AS m ON m.id = f.model_id
 WHERE f.inode IS NOT NULL AND f.status = 'ok'
 """
