@@ -7,9 +7,11 @@ Every command takes ``--db`` (default ``$MODELKEEPER_DB`` or ``~/.local/share/mo
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -78,15 +80,22 @@ def ls(
     if as_json:
         typer.echo(page.model_dump_json(indent=2))
         return
+    paths = [m.path for m in page.items if m.path]
+    common = os.path.commonpath(paths) if len(paths) > 1 else ""
+    shown = f" (showing {offset + 1}-{offset + len(page.items)})" if page.total > len(page.items) else ""
     table = Table(
-        title=f"{page.total} models"
-        + (f" (showing {offset + 1}-{offset + len(page.items)})" if page.total > len(page.items) else "")
+        title=f"{page.total} models{shown}" + (f", paths under {common}" if common else ""),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
-    for col in ("handle", "type", "base", "variant", "format", "size", "path"):
+    table.add_column("handle", no_wrap=True)  # what to type is never split
+    for col in ("type", "base", "size"):
         table.add_column(col, overflow="fold")
+    table.add_column("path", overflow="fold", ratio=1)
     for m in page.items:
-        path = (m.path or "-") + (f" (+{m.locations - 1} more)" if m.locations > 1 else "")
-        table.add_row(m.handle, m.type, m.base, m.variant, m.format, _size(m.size), path)
+        path = os.path.relpath(m.path, common) if m.path and common else (m.path or "-")
+        path += f" (+{m.locations - 1})" if m.locations > 1 else ""
+        table.add_row(m.handle, m.type, m.base, _size(m.size), path)
     Console().print(table)
 
 
