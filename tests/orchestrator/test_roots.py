@@ -117,3 +117,24 @@ def test_the_watcher_registers_added_moved_and_removed_files(demo: DemoManifest,
 async def _path_is(orch: Orchestrator, model_id: str, path: Path) -> bool:
     record = await orch.catalog.get(model_id)
     return record.path == str(path) and record.status == "ok"
+
+
+def test_a_model_loads_by_handle_and_status_shows_it(demo: DemoManifest, tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    _copy(demo, CLIP_L, served)
+    shutil.copyfile(served / CLIP_L, served / "clip" / "zz-copy.safetensors")  # a second location
+    (served / "text_encoders").mkdir()
+    shutil.copyfile(
+        demo.root / "clip/tiny-t5.safetensors", served / "text_encoders" / "tiny-clip-l.safetensors"
+    )
+
+    async def body() -> None:
+        async with serving(demo, tmp_path, model_roots=[served], watch=False) as orch:
+            handles = sorted(m["handle"] for m in (await orch.views.list_models(limit=10))["items"])
+            assert handles == ["tiny-clip-l@clip", "tiny-clip-l@text_encoders"]  # the first location names it
+            assert len((await orch.catalog.resolve("tiny-clip-l@clip")).locations) == 2
+            loaded = (await orch.loads.load("tiny-clip-l@clip"))["result"]
+            (placement,) = orch.views.status()["devices"][0]["models"]
+            assert placement["handle"] == "tiny-clip-l@clip" and placement["model_id"] == loaded["model_id"]
+
+    run(body)
