@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODELS ?= models
+CHROMIUM := /usr/lib/chromium/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install run test check lint types fmt demo clean
 
@@ -23,7 +25,12 @@ demo: $(STAMP) $(MODELS)
 run: $(STAMP) $(MODELS)
 	$(PY) -m modelkeeper serve --models $(MODELS)
 
-test: $(STAMP)
+# Debian's Chromium, driven by Playwright in the dashboard's browser tests (tests/web).
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -204,3 +204,49 @@ def test_reconcile_drops_what_the_worker_no_longer_holds(demo: DemoManifest, tmp
             assert orch.view.placements == {}
 
     run(body)
+
+
+def test_keep_alive_unloads_idle_models_and_keeps_their_segments(demo: DemoManifest, tmp_path: Path) -> None:
+    async def body() -> None:
+        async with serving(demo, tmp_path) as orch:
+            clip = await orch.catalog.resolve(CLIP_L)
+            # 0: gone as soon as nothing holds it; a lease holds it
+            lease = await orch.loads.grant_lease(CLIP_L, None, "pipeline", 60)
+            placed = (await orch.loads.load(CLIP_L, options=LoadOptions(keep_alive=0)))["result"]
+            assert placed["keep_alive"] == 0 and placed["expires_at"] is not None
+            assert orch.idle._expiring() == []  # leased: not due
+            await orch.feed.wait_for_fills()
+            orch.loads.release_lease(lease["id"])
+            await until(lambda: any(e["reason"] == "expired" for e in events(orch, "model.unloaded")))
+            assert orch.view.get(clip.id, "cpu") is None
+            # its segment stayed in the RAM cache: the next load comes from RAM
+            again = (await orch.loads.load(CLIP_L, options=LoadOptions(keep_alive=-1)))["result"]
+            assert set(again["sources"].values()) == {"ram"} and again["expires_at"] is None
+
+    run(body)
+
+
+def test_keep_alive_waits_for_operations(demo: DemoManifest, tmp_path: Path) -> None:
+    async def body() -> None:
+        async with serving(demo, tmp_path, keep_alive=3600) as orch:
+            placed = (await orch.loads.load(CLIP_L))["result"]
+            p = orch.view.get(placed["model_id"], "cpu")
+            assert p is not None and p.keep_alive == 3600
+            with p.in_use():
+                assert p.expires_at is None  # never due while an operation runs
+            assert p.expires_at is not None and p.expires_at >= p.last_used + 3600 - 1e-6
+
+    run(body)
+
+
+def test_preload_at_start(demo: DemoManifest, tmp_path: Path) -> None:
+    async def body() -> None:
+        async with serving(
+            demo, tmp_path, preload=[CLIP_L, {"model": SD15, "device": "cpu"}, "nope"]
+        ) as orch:
+            await until(lambda: orch.preload["pending"] == 0)
+            assert [e["model"] for e in orch.preload["loaded"]] == [CLIP_L, SD15]
+            assert [e["model"] for e in orch.preload["failed"]] == ["nope"] and not orch.preloaded
+            assert all(p.keep_loaded for p in orch.view.on_device("cpu")) and len(orch.view.placements) == 2
+
+    run(body)

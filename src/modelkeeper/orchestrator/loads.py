@@ -43,6 +43,7 @@ class LoadOptions:
     force: bool = False
     keep_loaded: bool = False
     require_cache: bool = False
+    keep_alive: float | None = None  # seconds after the last use; -1 never; None: the setting
 
 
 class Loads:
@@ -140,6 +141,8 @@ class Loads:
             p.last_used = time.time()
             if opts.keep_loaded:
                 p.keep_loaded = True
+            if opts.keep_alive is not None:
+                p.keep_alive = opts.keep_alive
             return {**p.info(), "already_loaded": True}
         joined = self.inflight.get(key)
         if joined is not None:
@@ -176,8 +179,15 @@ class Loads:
         self.catalog.check_file(record)
         loads = await self.catalog.component_loads(record)
         evicted = await self.make_room(slot, record.id, sum(c.bytes for c in loads), opts.force)
+        keep_alive = self.settings.keep_alive if opts.keep_alive is None else opts.keep_alive
         p = Placement(
-            record.id, record.name, record.type, slot.id, keep_loaded=opts.keep_loaded, handle=record.handle
+            record.id,
+            record.name,
+            record.type,
+            slot.id,
+            keep_loaded=opts.keep_loaded,
+            keep_alive=keep_alive,
+            handle=record.handle,
         )
         self.view.put(p)
         self.bus.publish("model.loading", model_id=record.id, device=slot.id)
@@ -358,6 +368,26 @@ class Loads:
         memory = slot.memory.model_dump(mode="json") if slot.memory is not None else {}
         return {"model_id": p.model_id, "device": p.device, "freed_bytes": freed, "reason": reason,
                 "memory_after": memory}  # fmt: skip
+
+    async def expire(self, p: Placement) -> None:
+        """Unload ``p`` for idleness, on its device's queue, if it is still due when its turn comes
+        (an operation queued before may have used it meanwhile)."""
+        slot = self.pool.slot(p.device)
+
+        async def run() -> None:
+            at = p.expires_at
+            current = self.view.get(p.model_id, p.device)
+            if (
+                current is p
+                and at is not None
+                and at <= time.time()
+                and not self.leases.holding(p.model_id, p.device)
+            ):
+                await self.unload_placement(slot, p, reason="expired")
+
+        await slot.run(
+            run, priority=Priority.NORMAL, deadline=self.deadline(None), label=f"expire {p.model_id}"
+        )
 
     # ------------------------------------------------------------------ leases
 

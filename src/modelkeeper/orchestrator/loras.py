@@ -3,7 +3,6 @@ change its strength without a reload, take it off (the worker restores the weigh
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pydantic import BaseModel
@@ -95,11 +94,11 @@ class Loras:
                 )
                 return answer.model_dump(mode="json", exclude_unset=True)
 
-            result = await slot.run(
-                run, priority=priority, deadline=self.loads.deadline(timeout), label=f"lora {lora.id}"
-            )
+            with p.in_use():
+                result = await slot.run(
+                    run, priority=priority, deadline=self.loads.deadline(timeout), label=f"lora {lora.id}"
+                )
             p.loras[lora.id] = {"name": name, "lora": lora.name, "strength": strength}
-            p.last_used = time.time()
             out.append({"device": p.device, **result})
             self.bus.publish(
                 "model.lora", model_id=p.model_id, device=p.device, lora_id=lora.id, strength=strength
@@ -142,9 +141,10 @@ class Loras:
             ) -> BaseModel:
                 return await slot.call(command, request, _answer(command), timeout=60)
 
-            answer = await slot.run(
-                run, priority=Priority.HIGH, deadline=self.loads.deadline(None), label=f"lora {lora.id}"
-            )
+            with p.in_use():
+                answer = await slot.run(
+                    run, priority=Priority.HIGH, deadline=self.loads.deadline(None), label=f"lora {lora.id}"
+                )
             if strength is None:
                 del p.loras[lora.id]
             else:

@@ -3,7 +3,6 @@ model (or of every loaded model), queued on each device like loads, recorded in 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -110,22 +109,22 @@ class Operations:
         command, request = COMMANDS[op]
         result_type = COMMAND_MODELS[command][1]
         results: dict[str, Any] = {}
-        for label, name in p.components.items():
-            if component is not None and component != label:
-                continue
-            answer = await slot.call(
-                command,
-                _request(request, {**data, "name": name}),
-                result_type,
-                timeout=self.settings.request_timeout,
-                on_progress=lambda data: job.progress(**data),
-            )
-            results[label] = answer.model_dump(mode="json", exclude_unset=True)
+        with p.in_use():
+            for label, name in p.components.items():
+                if component is not None and component != label:
+                    continue
+                answer = await slot.call(
+                    command,
+                    _request(request, {**data, "name": name}),
+                    result_type,
+                    timeout=self.settings.request_timeout,
+                    on_progress=lambda data: job.progress(**data),
+                )
+                results[label] = answer.model_dump(mode="json", exclude_unset=True)
         if component is not None and not results:
             raise NotLoaded(
                 f"model {p.model_id} has no loaded component {component!r} ({', '.join(p.components)})"
             )
-        p.last_used = time.time()
         summary = {
             name: {k: v for k, v in r.items() if k in SUMMARY_FIELDS[op]} for name, r in results.items()
         }

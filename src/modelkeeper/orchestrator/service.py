@@ -10,6 +10,7 @@ wires them, and starts and stops them. It does nothing else; each part is a modu
 - ``loras``: LoRAs on loaded models (:mod:`.loras`)
 - ``recovery``: worker events and exits, restart, reconcile (:mod:`.recovery`)
 - ``views``: the status snapshot and model detail (:mod:`.views`)
+- ``idle``: unloads models whose ``keep_alive`` ran out (:mod:`.idle`)
 
 with the shared state they act on: the event ``bus``, ``jobs``, ``leases`` and the placement
 ``view``. The orchestrator never imports torch.
@@ -18,24 +19,30 @@ with the shared state they act on: the event ``bus``, ``jobs``, ``leases`` and t
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any
 
 from modelkeeper.orchestrator.background import Background
 from modelkeeper.orchestrator.cachefeed import CacheFeed
 from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.orchestrator.idle import IdleUnloader
 from modelkeeper.orchestrator.jobs import JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
-from modelkeeper.orchestrator.loads import Loads
+from modelkeeper.orchestrator.loads import LoadOptions, Loads
 from modelkeeper.orchestrator.loras import Loras
 from modelkeeper.orchestrator.metrics import Metrics
 from modelkeeper.orchestrator.operations import Operations
 from modelkeeper.orchestrator.pool import WorkerPool
 from modelkeeper.orchestrator.recovery import Recovery
-from modelkeeper.orchestrator.settings import Settings
+from modelkeeper.orchestrator.settings import Preload, Settings
 from modelkeeper.orchestrator.state import StateView
 from modelkeeper.orchestrator.views import Views
 from modelkeeper.orchestrator.watch import RootWatcher
 from modelkeeper.protocol.client import WorkerFactory, WorkerProcess
+from modelkeeper.protocol.errors import ProtocolError
+
+log = logging.getLogger(__name__)
 
 
 class Orchestrator:
@@ -46,6 +53,7 @@ class Orchestrator:
     ) -> None:
         self.settings = s = settings or Settings()
         self.ready = False
+        self.preload: dict[str, Any] = {"pending": len(s.preload), "loaded": [], "failed": []}
         self.bus = EventBus()
         self.jobs = JobManager(self.bus, keep=s.jobs_kept, accepting=lambda: self.ready)
         self.leases = LeaseTable()
@@ -78,6 +86,7 @@ class Orchestrator:
             self.bus,
             ready=lambda: self.ready,
         )
+        self.idle = IdleUnloader(self.loads, self.view, self.leases, self.bus)
 
     async def start(self) -> None:
         self.bus.bind(asyncio.get_running_loop())
@@ -85,11 +94,39 @@ class Orchestrator:
         await self.feed.open()
         await self.pool.start()
         self.background.spawn(self.pool.poll())
+        self.background.spawn(self.idle.run())
         self.ready = True
         self.bus.publish("service.ready", devices=list(self.pool.slots))
         if self.settings.scan_on_start:
             await self.catalog.scan(wait=False, hash=self.settings.hash_on_start)
         self.background.spawn(self.watcher.run())
+        if self.settings.preload:
+            self.background.spawn(self._preload())
+
+    @property
+    def preloaded(self) -> bool:
+        """True once every model of ``settings.preload`` is loaded (at once when there are none)."""
+        return self.preload["pending"] == 0 and not self.preload["failed"]
+
+    async def _preload(self) -> None:
+        """Load ``settings.preload`` once the first scan has registered the roots, kept loaded."""
+        for job in self.jobs.list(kind="scan"):
+            if job.task is not None:
+                await asyncio.wait({job.task})
+        for entry in self.settings.preload:
+            want = entry if isinstance(entry, Preload) else Preload(model=entry)
+            try:
+                result = await self.loads.load(want.model, want.device, options=LoadOptions(keep_loaded=True))
+                self.preload["loaded"].append({"model": want.model, "model_id": result["result"]["model_id"]})
+            except ProtocolError as exc:
+                log.error("preload of %s failed: %s", want.model, exc.message)
+                self.preload["failed"].append(
+                    {"model": want.model, "error_code": exc.code.value, "error": exc.message}
+                )
+                self.bus.publish("preload.failed", model=want.model, error=exc.message)
+            finally:
+                self.preload["pending"] -= 1
+        self.bus.publish("preload.done", **{k: v for k, v in self.preload.items() if k != "pending"})
 
     async def stop(self) -> None:
         self.ready = False

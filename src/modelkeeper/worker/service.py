@@ -503,7 +503,7 @@ class ModelService:
 
         report = benchmark(
             self.module(req.name), resolution=req.resolution, batch=req.batch, steps=req.steps,
-            warmup=req.warmup, tokens=req.tokens,
+            warmup=req.warmup, tokens=req.tokens, check=op.check,
         )  # fmt: skip
         return report.as_dict() | {"name": req.name, "device": str(self.device)}
 
