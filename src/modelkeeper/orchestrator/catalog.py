@@ -213,9 +213,10 @@ class Catalog:
                 "seconds": round(report.seconds, 3),
                 "rejected": [e.to_json() for e in report.entries if e.status == "rejected"][:200],
                 "missing": report.missing[:200],
-                "vanished_roots": vanished,
             }
-            self.bus.publish("registry.scanned", summary=result["summary"])
+            if vanished:
+                log.info("folders gone, their entries marked missing: %s", ", ".join(vanished))
+            self.bus.publish("registry.scanned", summary=result["summary"], vanished_roots=vanished)
             if hash:
                 cancel = threading.Event()
                 job.on_cancel(cancel.set)
