@@ -88,17 +88,14 @@ def _qualified(m: Named, group: list[Named]) -> str:
 
 def read_named(conn: sqlite3.Connection) -> list[Named]:
     """Every model with what its handle is made of (the folder of its first present location)."""
-    rows = conn.execute(
-        "SELECT m.id, m.name, m.type, m.status,"
-        " (SELECT rel FROM files WHERE model_id = m.id ORDER BY status='ok' DESC, id LIMIT 1) AS rel,"
-        " (SELECT root FROM files WHERE model_id = m.id ORDER BY status='ok' DESC, id LIMIT 1) AS root"
-        " FROM models AS m"
-    ).fetchall()
-    out = []
-    for r in rows:
-        rel = r["rel"] or ""
-        parent = os.path.basename(os.path.dirname(rel.rstrip("/"))) if rel else ""
-        if rel and not parent:
-            parent = os.path.basename((r["root"] or "").rstrip("/"))
-        out.append(Named(r["id"], r["name"], r["type"], parent, r["status"] == "ok"))
-    return out
+    folders: dict[str, str] = {}
+    for model_id, rel, root in conn.execute(
+        "SELECT model_id, rel, root FROM files WHERE model_id IS NOT NULL ORDER BY model_id, status='ok' DESC, id"
+    ):
+        if model_id not in folders:
+            parent = os.path.basename(os.path.dirname(rel.rstrip("/")))
+            folders[model_id] = parent or os.path.basename(root.rstrip("/"))
+    return [
+        Named(model_id, name, type, folders.get(model_id, ""), status == "ok")
+        for model_id, name, type, status in conn.execute("SELECT id, name, type, status FROM models")
+    ]
