@@ -43,8 +43,8 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
-def _write_lora(path: Path, fill: bytes = b"") -> Path:
-    write_stripped(path, LORA)
+def _write_lora(path: Path, fill: bytes = b"", tensors: dict[str, Any] = LORA) -> Path:
+    write_stripped(path, tensors)
     if fill:
         with open(path, "r+b") as f:
             f.seek(-len(fill), os.SEEK_END)
@@ -68,12 +68,12 @@ def test_first_scan_then_unchanged_rescan(tmp_path: Path, registry: Registry, op
 
 def test_changed_new_and_deleted(tmp_path: Path, registry: Registry, opened: list[str]) -> None:
     write_stripped(tmp_path / "a.safetensors", EMBEDDING)
-    write_stripped(tmp_path / "b.safetensors", EMBEDDING)
+    _write_lora(tmp_path / "b.safetensors", b"b", EMBEDDING)  # another content (a copy would be a location)
     first = {e.path: e for e in scan(registry, tmp_path).entries}
     opened.clear()
     _write_lora(tmp_path / "a.safetensors")  # same path, now a LoRA
     os.unlink(tmp_path / "b.safetensors")
-    write_stripped(tmp_path / "c.safetensors", EMBEDDING)
+    _write_lora(tmp_path / "c.safetensors", b"c", EMBEDDING)
     report = scan(registry, tmp_path)
     by_path = {e.path: e for e in report.entries}
     assert sorted(opened) == ["a.safetensors", "c.safetensors"]
@@ -115,20 +115,43 @@ def test_move_across_file_systems_is_recognised_by_hash(tmp_path: Path, registry
     # A copy and a delete (a new inode): the scan sees a new file and a missing one...
     shutil.copy2(tmp_path / "a.safetensors", tmp_path / "copied.safetensors")
     os.unlink(tmp_path / "a.safetensors")
+    # ...and, its content key alike, files the new one under the old model before any hashing.
     report = scan(registry, tmp_path)
     by_path = {e.path: e for e in report.entries}
     assert by_path["copied.safetensors"].change == "added"
-    # ...and hashing tells them apart: the new file takes over the old id and metadata.
+    assert by_path["copied.safetensors"].model_id == entry.model_id
     hashed = Hasher(registry).run()
-    assert hashed.moved == [(entry.model_id, str(tmp_path / "copied.safetensors"))]
+    assert hashed.moved == []  # nothing left for hashing to settle
     record = registry.resolve("My LoRA")
-    assert record.id == entry.model_id
+    assert record.id == entry.model_id and record.status == "ok"
     assert record.path == str(tmp_path / "copied.safetensors")
+    assert [(f.path, f.status) for f in record.locations] == [
+        (str(tmp_path / "copied.safetensors"), "ok"),
+        (str(tmp_path / "a.safetensors"), "missing"),
+    ]
     assert record.meta.trigger_words == ["sks"]
-    assert next(h.op for h in registry.history(record.id)) == "scan.moved"
     assert registry.search(status=None).total == 2
     # The next scan sees everything unchanged.
     assert scan(registry, tmp_path).count("unchanged") == 2
+
+
+def test_move_recognised_by_hash_when_the_copy_differs_at_first(tmp_path: Path, registry: Registry) -> None:
+    """A content key never seen (a file hashed before content keys existed): hashing settles the move."""
+    _write_lora(tmp_path / "a.safetensors", fill=b"unique-bytes")
+    (entry,) = scan(registry, tmp_path).entries
+    Hasher(registry).run()
+    registry._conn.execute("UPDATE files SET content_key = NULL")
+    registry.set_meta(entry.model_id or "", {"name": "My LoRA"})
+    shutil.copy2(tmp_path / "a.safetensors", tmp_path / "copied.safetensors")
+    os.unlink(tmp_path / "a.safetensors")
+    (new,) = scan(registry, tmp_path).entries
+    assert new.model_id != entry.model_id
+    hashed = Hasher(registry).run()
+    assert hashed.moved == [(entry.model_id, str(tmp_path / "copied.safetensors"))]
+    record = registry.resolve("My LoRA")
+    assert record.id == entry.model_id and record.path == str(tmp_path / "copied.safetensors")
+    assert next(h.op for h in registry.history(record.id)) == "scan.moved"
+    assert registry.search(status=None).total == 1
 
 
 def test_rules_version_change_reidentifies(
@@ -161,7 +184,7 @@ def test_progress_and_json_shape(tmp_path: Path, registry: Registry) -> None:
 def test_several_roots_and_missing_only_under_scanned_roots(tmp_path: Path, registry: Registry) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     write_stripped(a / "x.safetensors", EMBEDDING)
-    write_stripped(b / "y.safetensors", EMBEDDING)
+    _write_lora(b / "y.safetensors", b"y", EMBEDDING)
     assert len(scan(registry, a, b).entries) == 2
     report = scan(registry, a)  # b not scanned: its file is not missing
     assert report.missing == []

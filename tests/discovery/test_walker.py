@@ -93,6 +93,10 @@ def test_links_out_of_the_roots(tmp_path: Path) -> None:
     assert found["out_dir"][1] == "FILE_NOT_FOUND"
     assert found["out_file.safetensors"][1] == "FILE_NOT_FOUND"
     assert found["broken.safetensors"][1] == "FILE_NOT_FOUND"
+    (link,) = [c for c in Walker([str(root)]) if c.rel == "out_file.safetensors"]
+    assert link.error is not None and link.error.details["setting"] == "allow_outside_roots"
+    for words in ("--allow-outside-roots", "MODELKEEPER_ALLOW_OUTSIDE_ROOTS", str(outside / "y.safetensors")):
+        assert words in link.error.message  # the error names the setting that allows it, and the target
     allowed = _walk(root, allow_outside_roots=True)
     assert allowed["out_dir/y.safetensors"] == (CandidateKind.FILE, None)
     assert allowed["out_file.safetensors"] == (CandidateKind.FILE, None)

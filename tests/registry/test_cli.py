@@ -29,6 +29,13 @@ def test_ls_show_meta(registry: Registry) -> None:
     model_id = page["items"][0]["id"]
     table = runner.invoke(_app(), ["ls", "--db", db])
     assert table.exit_code == 0 and "7 models" in table.stdout
+    assert "style" in table.stdout and "path" in table.stdout
+    by_words = json.loads(
+        runner.invoke(_app(), ["ls", "--type", "loras", "-q", "sty", "--json", "--db", db]).stdout
+    )
+    assert [m["handle"] for m in by_words["items"]] == ["style"]
+    unknown = runner.invoke(_app(), ["ls", "--base", "sd9", "--db", db])
+    assert unknown.exit_code == 1 and "base: unknown value 'sd9'; one of sd1, sd2, sdxl" in unknown.output
     set_meta = runner.invoke(
         _app(), ["meta", model_id, "--set", "tags=ink,style", "--set", "license=MIT", "--json", "--db", db]
     )

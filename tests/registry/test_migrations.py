@@ -66,7 +66,7 @@ def test_m0002_user_metadata(conn: sqlite3.Connection) -> None:
         "INSERT INTO models (id, name, type, base, variant, format, layout, rule, confidence, identification,"
         " created_at, updated_at) VALUES ('m-1', 'x', 'vae', 'sd1', 'normal', 'safetensors', 'original', 'r', 1, '{}', 0, 0)"
     )
-    assert migrate(conn) == [2]
+    assert migrate(conn, target=2) == [2]
     assert {"model_meta", "model_tags", "history"} <= _tables(conn)
     assert (
         conn.execute("SELECT name_source FROM models WHERE id='m-1'").fetchone()[0] == "file"
@@ -75,6 +75,57 @@ def test_m0002_user_metadata(conn: sqlite3.Connection) -> None:
     assert (
         conn.execute("SELECT COUNT(*) FROM model_tags WHERE tag='style'").fetchone()[0] == 1
     )  # case-insensitive
+
+
+def _model(conn: sqlite3.Connection, model_id: str, created: float) -> None:
+    conn.execute(
+        "INSERT INTO models (id, name, type, base, variant, format, layout, rule, confidence, identification,"
+        " created_at, updated_at) VALUES (?, ?, 'vae', 'sd1', 'normal', 'safetensors', 'original', 'r', 1, '{}', ?, ?)",
+        (model_id, model_id, created, created),
+    )
+
+
+def _file(
+    conn: sqlite3.Connection,
+    path: str,
+    model_id: str,
+    *,
+    blake3: str | None = None,
+    inode: int | None = None,
+    status: str = "ok",
+) -> None:
+    conn.execute(
+        "INSERT INTO files (path, root, rel, kind, format, status, size, mtime_ns, inode, device, model_id, blake3,"
+        " first_seen, last_seen) VALUES (?, '/r', ?, 'file', 'safetensors', ?, 10, 5, ?, 1, ?, ?, 0, 0)",
+        (path, path, status, inode, model_id, blake3),
+    )
+
+
+def test_m0003_locations_merges_models_of_one_content(conn: sqlite3.Connection) -> None:
+    migrate(conn, target=2)
+    for i, model_id in enumerate(("m-old", "m-copy", "m-link", "m-other", "m-gone")):
+        _model(conn, model_id, float(i))
+    _file(conn, "/a/x.safetensors", "m-old", blake3="b1", inode=1)
+    _file(conn, "/b/x.safetensors", "m-copy", blake3="b1", inode=2)  # a copy: same BLAKE3
+    _file(conn, "/b/link.safetensors", "m-link", inode=2)  # a link to the copy: same inode, unhashed
+    _file(conn, "/a/y.safetensors", "m-other", blake3="b2", inode=3)
+    _file(conn, "/gone/z.safetensors", "m-gone", inode=1, status="missing")  # an inode reused: not merged
+    conn.execute("INSERT INTO model_tags VALUES ('m-copy', 'kept')")
+    conn.execute("INSERT INTO history (model_id, at, op) VALUES ('m-link', 0, 'load')")
+    assert migrate(conn) == [3]
+    assert "content_key" in _columns(conn, "files")
+    owners = dict(conn.execute("SELECT path, model_id FROM files").fetchall())
+    assert owners == {
+        "/a/x.safetensors": "m-old",
+        "/b/x.safetensors": "m-old",
+        "/b/link.safetensors": "m-old",
+        "/a/y.safetensors": "m-other",
+        "/gone/z.safetensors": "m-gone",
+    }
+    models = {r[0] for r in conn.execute("SELECT id FROM models")}
+    assert models == {"m-old", "m-other", "m-gone"}
+    assert conn.execute("SELECT model_id, tag FROM model_tags").fetchall() == [("m-old", "kept")]
+    assert conn.execute("SELECT model_id FROM history").fetchall() == [("m-old",)]
 
 
 def test_migrate_is_idempotent_and_refuses_newer(conn: sqlite3.Connection) -> None:

@@ -103,6 +103,7 @@ class PlacementInfo(_Fixed):
     """A model on one device (its VRAM tier)."""
 
     model_id: str
+    handle: str = Field(description="The model's handle when it was placed (what to type for it).")
     name: str
     type: str
     device: str

@@ -7,9 +7,11 @@ Every command takes ``--db`` (default ``$MODELKEEPER_DB`` or ``~/.local/share/mo
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -24,17 +26,31 @@ def _size(n: int | None) -> str:
 def ls(
     *,
     type: Annotated[
-        str | None, typer.Option("--type", help="main, unet, transformer, vae, text_encoder, lora, ...")
+        str | None,
+        typer.Option(
+            "--type",
+            help="main, unet, transformer, vae, text_encoder, lora, controlnet, textual_inversion;"
+            " also checkpoint(s), loras, embeddings...",
+        ),
     ] = None,
     base: Annotated[
-        str | None, typer.Option("--base", help="sd1, sd2, sdxl, sdxl_refiner, sd3, flux, any, unknown")
+        str | None,
+        typer.Option(
+            "--base",
+            help="sd1, sd2, sdxl, sdxl_refiner, sd3, flux, any, unknown; also SD1.5, sd15, SDXL, sd3.5...",
+        ),
     ] = None,
     format: Annotated[
         str | None, typer.Option("--format", help="safetensors, pickle, gguf, diffusers")
     ] = None,
     tag: Annotated[str | None, typer.Option("--tag", help="Only models with this tag.")] = None,
     query: Annotated[
-        str | None, typer.Option("--query", "-q", help="Words to find in name, description, tags.")
+        str | None,
+        typer.Option(
+            "--query",
+            "-q",
+            help="Words to find in names, file paths, descriptions, tags (any case, parts of words).",
+        ),
     ] = None,
     status: Annotated[str, typer.Option("--status", help="ok, missing, or all.")] = "ok",
     sort: Annotated[str, typer.Option("--sort", help="name, type, base, size, created, updated")] = "name",
@@ -44,7 +60,7 @@ def ls(
     as_json: JsonOption = False,
     db: DbOption = None,
 ) -> None:
-    """List the models of the registry."""
+    """List the models of the registry: the handle to type for each, and where it lies."""
     try:
         with open_registry(db) as registry:
             page = registry.search(
@@ -64,20 +80,31 @@ def ls(
     if as_json:
         typer.echo(page.model_dump_json(indent=2))
         return
+    paths = [m.path for m in page.items if m.path]
+    common = os.path.commonpath(paths) if len(paths) > 1 else ""
+    shown = f" (showing {offset + 1}-{offset + len(page.items)})" if page.total > len(page.items) else ""
     table = Table(
-        title=f"{page.total} models"
-        + (f" (showing {offset + 1}-{offset + len(page.items)})" if page.total > len(page.items) else "")
+        title=f"{page.total} models{shown}" + (f", paths under {common}" if common else ""),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
-    for col in ("id", "name", "type", "base", "variant", "format", "size", "tags"):
-        table.add_column(col)
+    table.add_column("handle", no_wrap=True)  # what to type is never split
+    for col in ("type", "base", "size"):
+        table.add_column(col, overflow="fold")
+    table.add_column("path", overflow="fold", ratio=1)
     for m in page.items:
-        table.add_row(m.id, m.name, m.type, m.base, m.variant, m.format, _size(m.size), ", ".join(m.tags))
+        path = os.path.relpath(m.path, common) if m.path and common else (m.path or "-")
+        path += f" (+{m.locations - 1})" if m.locations > 1 else ""
+        table.add_row(m.handle, m.type, m.base, _size(m.size), path)
     Console().print(table)
 
 
 def show(
     ref: Annotated[
-        str, typer.Argument(help="Model id, name, path, or hash prefix (AutoV2, SHA-256, BLAKE3).")
+        str,
+        typer.Argument(
+            help="Model handle (as ls shows it), id, name, path, or hash prefix (AutoV2, SHA-256, BLAKE3)."
+        ),
     ],
     as_json: JsonOption = False,
     db: DbOption = None,
@@ -98,7 +125,9 @@ def show(
         return
     console = Console()
     f = record.file
-    console.print(f"[bold]{record.name}[/bold]  [dim]{record.id}[/dim]  ({record.status})")
+    console.print(f"[bold]{record.handle}[/bold]  [dim]{record.id}[/dim]  ({record.status})")
+    if record.name != record.handle:
+        console.print(f"  name {record.name}")
     console.print(
         f"  {record.type} · {record.base} · {record.variant} · {record.format} · layout {record.layout}"
     )
@@ -107,6 +136,8 @@ def show(
         console.print(f"  fits bases: {', '.join(record.identification.compatible_bases)}")
     if f is not None:
         console.print(f"  path {f.path}  ({_size(f.size)})")
+        for other in record.locations[1:]:
+            console.print(f"  also {other.path}  ({other.status.value})")
         console.print(
             f"  blake3 {f.hashes.blake3 or '-'}  sha256 {f.hashes.sha256 or '-'}  autov2 {f.hashes.autov2 or '-'}"
         )
@@ -142,7 +173,7 @@ def show(
 
 
 def meta(
-    ref: Annotated[str, typer.Argument(help="Model id, name, path, or hash prefix.")],
+    ref: Annotated[str, typer.Argument(help="Model handle, id, name, path, or hash prefix.")],
     *,
     set_: Annotated[
         list[str] | None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -140,17 +140,23 @@ class HashJob:
 class Hasher:
     """Hashes what the catalog lists as pending; see the module docstring."""
 
-    def __init__(self, catalog: CatalogWriter, *, max_bytes: int | None = None) -> None:
-        """``max_bytes``: leave larger files pending (a quick pass over small files first)."""
+    def __init__(
+        self, catalog: CatalogWriter, *, max_bytes: int | None = None, roots: Sequence[str] = ()
+    ) -> None:
+        """``max_bytes``: leave larger files pending (a quick pass over small files first);
+        ``roots``: hash only what lies under these folders (all the catalog's files when empty)."""
         self.catalog = catalog
         self.max_bytes = max_bytes
+        self.roots = [os.path.abspath(r) for r in roots]
 
     def run(
         self, *, progress: ProgressCallback | None = None, cancel: threading.Event | None = None
     ) -> HashReport:
         t0 = time.perf_counter()
         tasks = [
-            t for t in self.catalog.pending_hashes() if self.max_bytes is None or t.size <= self.max_bytes
+            t
+            for t in self.catalog.pending_hashes(self.roots)
+            if self.max_bytes is None or t.size <= self.max_bytes
         ]
         state = HashProgress(files_total=len(tasks), bytes_total=sum(t.size for t in tasks))
         report = HashReport()

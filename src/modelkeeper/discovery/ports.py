@@ -83,8 +83,11 @@ class CatalogWriter(Protocol):
         user_defaults: Mapping[str, Any] | None = None,
         found: Mapping[str, Any] | None = None,
         now: float | None = None,
+        content_key: str | None = None,
     ) -> tuple[str, bool]:
-        """Insert or update the file at ``path`` and its model; returns (model id, created)."""
+        """Insert or update the file at ``path`` and its model; returns (model id, created).
+        A new file with the content of a known one (same device and inode, or same size and
+        ``content_key``, see ``identity.py``) becomes another location of that model."""
         ...
 
     def record_rejected(
@@ -123,8 +126,9 @@ class CatalogWriter(Protocol):
         """What a scan reports for files it did not reopen: file id -> stored answer."""
         ...
 
-    def pending_hashes(self) -> list[HashTask]:
-        """Files present and identified whose hashes are missing or stale (size or mtime changed)."""
+    def pending_hashes(self, roots: Sequence[str] = ()) -> list[HashTask]:
+        """Files present and identified under ``roots`` (all when empty) whose hashes are missing or
+        stale (size or mtime changed)."""
         ...
 
     def record_hashes(
@@ -140,6 +144,7 @@ class CatalogWriter(Protocol):
         ...
 
     def reconcile_moves(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Give a new file the model of a missing file with the same BLAKE3; returns (kept model id,
-        new path) for each move found."""
+        """Settle identities by BLAKE3: a new file takes the model of a missing one with its hash
+        (a move), copies become one model, provisional copies that differ are split; returns (kept
+        model id, new path) for each move found."""
         ...

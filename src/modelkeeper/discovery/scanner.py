@@ -29,6 +29,7 @@ from typing import Any
 
 from modelkeeper.discovery.examine import ScanMemo, examine
 from modelkeeper.discovery.identify import RULES_VERSION
+from modelkeeper.discovery.identity import content_key
 from modelkeeper.discovery.ports import CatalogWriter, FileRow
 from modelkeeper.discovery.records import Identification
 from modelkeeper.discovery.sidecar import Sidecar
@@ -37,6 +38,15 @@ from modelkeeper.formats.errors import FormatError
 from modelkeeper.protocol.errors import ErrorCode
 
 _BATCH = 256
+
+#: A test hook: with this variable set to N, a scan stops for good (until it is killed) once N or
+#: more identified rows are committed. A test kills the process at that point, never racing a timer.
+HOLD_ENV = "MODELKEEPER_SCAN_HOLD_AFTER"
+
+
+def _hold_after() -> int | None:
+    value = os.environ.get(HOLD_ENV, "").strip()
+    return int(value) if value.isdigit() else None
 
 
 @dataclass
@@ -205,6 +215,8 @@ class Scanner:
         # Worker processes pay off from 4 cores: below that the registry writes and the workers
         # share too few cores (measured on 2 vCPUs: slower than one process).
         self.processes = (cores - 1 if cores >= 4 else 0) if processes is None else processes
+        self._written = 0
+        self._hold = _hold_after()
 
     def scan(self, progress: ProgressCallback | None = None) -> ScanReport:
         t0 = time.perf_counter()
@@ -332,6 +344,9 @@ class Scanner:
                 else:
                     prior = entries.get(c.path)
                     entries[c.path] = self._record_ok(c, row, *result, now, moved=prior is not None)
+        self._written += len(batch)
+        if self._hold is not None and self._written >= self._hold:
+            threading.Event().wait()  # HOLD_ENV: committed; wait here to be killed
 
     def _record_error(self, c: Candidate, row: FileRow | None, exc: BaseException, now: float) -> ScanEntry:
         if isinstance(exc, FormatError):
@@ -395,13 +410,14 @@ class Scanner:
             user_defaults=sidecar.user,
             found=found,
             now=now,
+            content_key=content_key(c.path) if c.kind is CandidateKind.FILE else None,
         )
         return ScanEntry(
             c.rel,
             c.path,
             c.root,
             "ok",
-            "moved" if moved else ("added" if created else "updated"),
+            "moved" if moved else ("added" if created or row is None else "updated"),
             format=ident.format.value,
             type=ident.type.value,
             base=ident.base.value,

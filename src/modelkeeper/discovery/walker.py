@@ -318,7 +318,12 @@ class Walker:
                     root,
                     entry.path,
                     folders,
-                    OutsideRoots(f"{entry.path}: link leaves the scan roots"),
+                    OutsideRoots(
+                        f"{entry.path}: link leaves the scan roots (to {os.path.realpath(entry.path)}); "
+                        "scan that folder too, or follow such links with --allow-outside-roots "
+                        "(the service: allow_outside_roots, MODELKEEPER_ALLOW_OUTSIDE_ROOTS=1)",
+                        setting="allow_outside_roots",
+                    ),
                     fmt or ModelFormat.DIFFUSERS,
                 )
             return

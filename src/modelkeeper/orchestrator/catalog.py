@@ -1,6 +1,14 @@
 """The catalog: what the service knows of models, from its registry and its model roots.
 
-It opens the registry, resolves references (id, name, path inside a model root, hash prefix),
+The service serves its model roots: one path policy for every kind of reference. A model answers
+(by id, handle, name, path or hash) only if it has a location under a model root, and it loads
+from that location; listings show only such models; the scan hashes only what lies under the
+roots. The registry may know other folders (``modelkeeper scan`` of another one, an old setting):
+their entries are kept, neither hashed nor served, and a reference to one is refused with
+PathOutsideRoots naming the setting that serves it anyway (``allow_outside_roots``). Entries of
+folders that no longer exist are marked missing at each scan.
+
+It opens the registry, resolves references (id, handle, name, path inside a model root, hash prefix),
 checks that a registered file is still what was registered, turns a model into the worker
 requests of its components, keeps user metadata and the history of operations, and runs the
 scan (and hashing) of the roots as a job. Registry calls run off the event loop: a scan writing in
@@ -24,7 +32,12 @@ from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.loading import ComponentLoad, component_requests
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
-from modelkeeper.registry import ModelNotFound, ModelRecord, Registry
+from modelkeeper.registry import ModelNotFound, ModelRecord, Registry, SearchPage, worker_spec
+
+OUTSIDE_HINT = (
+    "add its folder to model_roots, or set allow_outside_roots (MODELKEEPER_ALLOW_OUTSIDE_ROOTS=1) "
+    "to serve models outside the roots"
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +50,12 @@ class Catalog:
         self.jobs = jobs
         self.roots = [Path(os.path.realpath(r)) for r in settings.model_roots]
         self._registry: Registry | None = None
+        self._scanning = asyncio.Lock()  # one scan at a time (a request, the start, the watcher)
+
+    @property
+    def served_roots(self) -> list[str]:
+        """The roots a model must lie under to be served (none: every model, allow_outside_roots)."""
+        return [] if self.settings.allow_outside_roots else [str(r) for r in self.roots]
 
     async def open(self) -> None:
         for root in self.roots:
@@ -74,17 +93,37 @@ class Catalog:
         if not os.path.isabs(path) and not any(os.path.exists(c) for c in candidates):
             raise ModelNotFound(f"no model matches {path!r}: no such path under the model roots", ref=path)
         raise PathOutsideRoots(
-            f"path {path!r} resolves to {str(real)!r}, outside every model root", path=path
+            f"path {path!r} resolves to {str(real)!r}, outside every model root; {OUTSIDE_HINT}",
+            path=path,
+            setting="allow_outside_roots",
         )
 
     async def resolve(self, ref: str) -> ModelRecord:
-        """A model by id, name, path (inside a model root) or hash prefix."""
+        """A model by id, handle, name, path (inside a model root) or hash prefix, with a location
+        under a model root (its ``file``: one there). PathOutsideRoots for a model that has none."""
         if "/" in ref or ref.startswith("."):
             ref = str(self.check_path(ref))
-        return await self.db(self.registry.resolve, ref)
+        roots = self.served_roots
+        try:
+            return await self.db(self.registry.resolve, ref, roots)
+        except ModelNotFound:
+            if not roots:
+                raise
+            outside = await self.db(self.registry.resolve, ref)  # raises if it is nowhere
+            raise PathOutsideRoots(
+                f"model {outside.handle!r} ({outside.id}) lies outside every model root ({outside.path}); "
+                f"{OUTSIDE_HINT}",
+                model_id=outside.id,
+                path=outside.path,
+                setting="allow_outside_roots",
+            ) from None
 
     async def get(self, model_id: str) -> ModelRecord:
-        return await self.db(self.registry.get, model_id)
+        return await self.db(self.registry.get, model_id, self.served_roots)
+
+    async def search(self, **filters: Any) -> SearchPage:
+        """The registry's search over the models served (a location under a model root)."""
+        return await self.db(self.registry.search, **filters, roots=self.served_roots)
 
     @staticmethod
     def check_file(record: ModelRecord) -> None:
@@ -111,7 +150,7 @@ class Catalog:
 
     async def component_loads(self, record: ModelRecord) -> list[ComponentLoad]:
         """The worker requests of the model's loadable components (reads headers: off the loop)."""
-        spec = await self.db(self.registry.worker_spec, record.id)
+        spec = worker_spec(record)  # of this record: its file is the location under the roots
         return await asyncio.to_thread(component_requests, record, spec)
 
     # ------------------------------------------------------------------ metadata and history
@@ -135,12 +174,25 @@ class Catalog:
 
     # ------------------------------------------------------------------ scanning
 
+    def forget_vanished_folders(self) -> list[str]:
+        """Mark missing the entries of recorded roots that no longer exist; returns those roots."""
+        gone = [root for root in self.registry.recorded_roots() if not os.path.isdir(root)]
+        for root in gone:
+            rows = [r for r in self.registry.file_rows([root]).values() if r.status != "missing"]
+            self.registry.mark_missing(rows)
+        return gone
+
     async def scan(self, *, wait: bool = True, hash: bool = True) -> dict[str, Any]:
-        """Scan the model roots (new, changed, moved and deleted files), then hash what is new: a job."""
+        """Scan the model roots (new, changed, moved and deleted files), then hash what is new
+        under them: a job. Scans run one at a time."""
         loop = asyncio.get_running_loop()
         roots = [str(r) for r in self.roots]
 
         async def body(job: Job) -> Any:
+            async with self._scanning:
+                return await scan_roots(job)
+
+        async def scan_roots(job: Job) -> Any:
             def on_scan(p: ScanProgress) -> None:
                 loop.call_soon_threadsafe(
                     lambda: job.progress(
@@ -154,6 +206,7 @@ class Catalog:
                 allow_outside_roots=self.settings.allow_outside_roots,
                 workers=self.settings.scan_threads,
             )
+            vanished = await asyncio.to_thread(self.forget_vanished_folders)
             report = await asyncio.to_thread(scanner.scan, on_scan)
             result: dict[str, Any] = {
                 "summary": report.summary(),
@@ -161,7 +214,9 @@ class Catalog:
                 "rejected": [e.to_json() for e in report.entries if e.status == "rejected"][:200],
                 "missing": report.missing[:200],
             }
-            self.bus.publish("registry.scanned", summary=result["summary"])
+            if vanished:
+                log.info("folders gone, their entries marked missing: %s", ", ".join(vanished))
+            self.bus.publish("registry.scanned", summary=result["summary"], vanished_roots=vanished)
             if hash:
                 cancel = threading.Event()
                 job.on_cancel(cancel.set)
@@ -177,7 +232,8 @@ class Catalog:
                         )
                     )
 
-                hreport = await asyncio.to_thread(Hasher(self.registry).run, progress=on_hash, cancel=cancel)
+                hasher = Hasher(self.registry, roots=roots)  # only what the service serves
+                hreport = await asyncio.to_thread(hasher.run, progress=on_hash, cancel=cancel)
                 result["hashed"] = {
                     "files": hreport.hashed,
                     "bytes": hreport.bytes,

@@ -181,7 +181,13 @@ class Loads:
         evicted = await self.make_room(slot, record.id, sum(c.bytes for c in loads), opts.force)
         keep_alive = self.settings.keep_alive if opts.keep_alive is None else opts.keep_alive
         p = Placement(
-            record.id, record.name, record.type, slot.id, keep_loaded=opts.keep_loaded, keep_alive=keep_alive
+            record.id,
+            record.name,
+            record.type,
+            slot.id,
+            keep_loaded=opts.keep_loaded,
+            keep_alive=keep_alive,
+            handle=record.handle,
         )
         self.view.put(p)
         self.bus.publish("model.loading", model_id=record.id, device=slot.id)

@@ -128,7 +128,7 @@ class Recovery:
                 unmanaged.append(name)
                 continue
             p = self.view.get(model_id, device) or Placement(
-                record.id, record.name, record.type, device, state=PlacementState.LOADED
+                record.id, record.name, record.type, device, state=PlacementState.LOADED, handle=record.handle
             )
             label = component or record.type
             p.components[label] = name

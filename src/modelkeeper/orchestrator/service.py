@@ -1,7 +1,8 @@
 """The orchestrator service: it builds its parts from :class:`Settings` (or takes them injected),
 wires them, and starts and stops them. It does nothing else; each part is a module of its own:
 
-- ``catalog``: the registry, references, metadata, history, the scan job (:mod:`.catalog`)
+- ``catalog``: the registry, references, metadata, history, the scan job (:mod:`.catalog`);
+  ``watcher`` rescans it when files change under the roots (:mod:`.watch`)
 - ``feed``: the RAM cache, loads through it, fills alongside (:mod:`.cachefeed`)
 - ``pool``: one worker per device and its queue (:mod:`.pool`, :mod:`.workers`)
 - ``loads``: load, placement (the pure policy in :mod:`.placement`), coalescing, rollback, unload, leases (:mod:`.loads`)
@@ -39,6 +40,7 @@ from modelkeeper.orchestrator.recovery import Recovery
 from modelkeeper.orchestrator.settings import Preload, Settings
 from modelkeeper.orchestrator.state import StateView
 from modelkeeper.orchestrator.views import Views
+from modelkeeper.orchestrator.watch import RootWatcher
 from modelkeeper.protocol.client import WorkerFactory, WorkerProcess
 from modelkeeper.protocol.errors import ProtocolError
 
@@ -60,6 +62,7 @@ class Orchestrator:
         self.view = StateView()
         self.background = Background()
         self.catalog = Catalog(s, self.bus, self.jobs)
+        self.watcher = RootWatcher(s, self.catalog)
         self.pool = WorkerPool(s, factory=worker_factory)
         self.feed = CacheFeed(s, self.catalog, self.bus, self.jobs, release=self.pool.release_segment)
         self.metrics = Metrics(
@@ -99,6 +102,7 @@ class Orchestrator:
         self.bus.publish("service.ready", devices=list(self.pool.slots))
         if self.settings.scan_on_start:
             await self.catalog.scan(wait=False, hash=self.settings.hash_on_start)
+        self.background.spawn(self.watcher.run())
         if self.settings.preload:
             self.background.spawn(self._preload())
 

@@ -58,7 +58,18 @@ class Settings(BaseSettings):
     )
     scan_on_start: bool = True
     hash_on_start: bool = Field(True, description="Hash new files in the background after a scan.")
-    allow_outside_roots: bool = Field(False, description="Follow symlinks that leave the model roots.")
+    allow_outside_roots: bool = Field(
+        False,
+        description="Follow symlinks that leave the model roots, and serve models that lie outside them "
+        "(the registry's entries of other folders).",
+    )
+    watch: bool = Field(
+        True,
+        description="Watch the model roots: added, moved and removed files are registered within seconds.",
+    )
+    watch_debounce_ms: int = Field(
+        800, ge=50, le=60_000, description="How long the watcher gathers changes before it rescans."
+    )
     scan_threads: int = Field(
         1,
         ge=1,

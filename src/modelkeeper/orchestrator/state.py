@@ -38,6 +38,7 @@ class Placement:
     loaded_at: float | None = None
     last_used: float = field(default_factory=time.time)
     load_seconds: float | None = None
+    handle: str = ""  # the model's handle when it was placed (registry/handles.py)
     keep_alive: float = -1.0  # seconds after the last use before it is unloaded; -1 never
     busy: int = 0  # operations running on it: never unloaded for idleness meanwhile
 
@@ -61,6 +62,7 @@ class Placement:
     def info(self, leases: int = 0) -> dict[str, Any]:
         return {
             "model_id": self.model_id,
+            "handle": self.handle or self.name,
             "name": self.name,
             "type": self.type,
             "device": self.device,

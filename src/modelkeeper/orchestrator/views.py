@@ -91,14 +91,14 @@ class Views:
 
     async def list_models(self, **filters: Any) -> dict[str, Any]:
         """A page of the registry's search, each model with the devices it is loaded on."""
-        page = await self.catalog.db(self.catalog.registry.search, **filters)
+        page = await self.catalog.search(**filters)
         out = page.model_dump(mode="json")
         for item in out["items"]:
             item["loaded_on"] = self.loaded_on(item["id"])
         return out
 
     async def available(self, type: str | None = None) -> list[dict[str, Any]]:
-        page = await self.catalog.db(self.catalog.registry.search, type=type, limit=10_000)
+        page = await self.catalog.search(type=type, limit=10_000)
         return [
             {**item.model_dump(mode="json"), "loaded_on": [p.device for p in self.view.of_model(item.id)]}
             for item in page.items
@@ -108,11 +108,12 @@ class Views:
     async def components(self, type: str | None = None) -> list[dict[str, Any]]:
         """Components across every model (one entry per content id once hashed), cached or not."""
         registry = self.catalog.registry
+        roots = self.catalog.served_roots
 
         def collect() -> list[dict[str, Any]]:
             seen: dict[str, dict[str, Any]] = {}
-            for item in registry.search(type=None, limit=10_000).items:
-                record = registry.get(item.id)
+            for item in registry.search(type=None, limit=10_000, roots=roots).items:
+                record = registry.get(item.id, roots)
                 for c in record.components:
                     if type is not None and c.kind.value != type:
                         continue

@@ -7,6 +7,7 @@ worker loads (``mapping.py``); queries live in ``search.py``; the schema in numb
 
 from modelkeeper.registry.errors import (
     AmbiguousReference,
+    InvalidFilter,
     InvalidMetadata,
     MigrationError,
     ModelNotFound,
@@ -34,6 +35,7 @@ __all__ = [
     "FileStatus",
     "Hashes",
     "HistoryEntry",
+    "InvalidFilter",
     "InvalidMetadata",
     "MigrationError",
     "ModelNotFound",

@@ -40,6 +40,7 @@ class Store:
         self._conn = conn
         self._lock = threading.RLock()
         self._depth = 0
+        self.generation = 0  # counts committed write transactions: what caches of reads compare
         self.path = path
 
     # ------------------------------------------------------------------ lifecycle
@@ -87,6 +88,7 @@ class Store:
             self._depth -= 1
             if self._depth == 0:
                 self._conn.execute("COMMIT")
+                self.generation += 1
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

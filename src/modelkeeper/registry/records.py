@@ -75,6 +75,7 @@ class ModelSummary(_Record):
     """One row of a listing."""
 
     id: str
+    handle: str = Field(description="The short unique name to type for this model (see registry/handles.py).")
     name: str
     type: str
     base: str
@@ -82,7 +83,8 @@ class ModelSummary(_Record):
     format: str
     status: str
     size: int
-    path: str | None
+    path: str | None = Field(description="Its first present location (under the roots asked for, if any).")
+    locations: int = Field(1, description="How many paths hold this content (copies, links, several roots).")
     tags: list[str] = Field(default_factory=list)
 
 
@@ -90,6 +92,7 @@ class ModelRecord(_Record):
     """Everything the registry knows about one model."""
 
     id: str
+    handle: str
     name: str
     name_source: str
     type: str
@@ -106,7 +109,13 @@ class ModelRecord(_Record):
     size: int
     created_at: float
     updated_at: float
-    file: FileRecord | None
+    file: FileRecord | None = Field(
+        description="The location to load: present first, under the roots asked for."
+    )
+    locations: list[FileRecord] = Field(
+        default_factory=list,
+        description="Every path of this content (copies, links, several roots), the file first.",
+    )
     components: list[ComponentInfo]
     meta: UserMeta
     identification: Identification

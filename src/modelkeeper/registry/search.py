@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from modelkeeper.registry.errors import InvalidMetadata
 from modelkeeper.registry.records import ModelSummary, SearchPage
+from modelkeeper.registry.vocabulary import normalize, squash
+from modelkeeper.registry.writes import under
 
 _HEX = re.compile(r"[0-9a-fA-F]{6,64}")
 MIN_HASH_PREFIX = 6
@@ -59,6 +62,29 @@ def by_hash(conn: sqlite3.Connection, ref: str) -> list[str]:
     )
 
 
+_PARTS = re.compile(r"[^\W_]+")  # the letters and digits of a word; "_", "-", "." and "/" separate
+_SQUASHED_NAME = "replace(replace(replace(replace(lower(m.name), '_', ''), '-', ''), ' ', ''), '.', '')"
+
+
+def _like(part: str) -> str:
+    return "%" + part.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _word_matches(word: str) -> tuple[str, list[Any]]:
+    """SQL that holds for a model matching one typed word: each of its parts (``dreamshaper_8``:
+    ``dreamshaper`` and ``8``) in its name, description, tags or file paths, without case; or the
+    whole word, without separators, in its name (``sdxlvae`` finds ``sdxl_vae``)."""
+    parts = _PARTS.findall(word) or [word]
+    each = (
+        "(m.name LIKE ? ESCAPE '\\' OR mm.description LIKE ? ESCAPE '\\'"
+        " OR m.id IN (SELECT model_id FROM model_tags WHERE tag LIKE ? ESCAPE '\\')"
+        " OR m.id IN (SELECT model_id FROM files WHERE rel LIKE ? ESCAPE '\\'))"
+    )
+    sql = " AND ".join([each] * len(parts))
+    params: list[Any] = [p for part in parts for p in [_like(part)] * 4]
+    return f"(({sql}) OR {_SQUASHED_NAME} LIKE ? ESCAPE '\\')", [*params, _like(squash(word))]
+
+
 def search(
     conn: sqlite3.Connection,
     *,
@@ -72,6 +98,8 @@ def search(
     descending: bool,
     limit: int,
     offset: int,
+    roots: Sequence[str] = (),
+    handles: Mapping[str, str] | None = None,
 ) -> SearchPage:
     if sort not in SORTS:
         raise InvalidMetadata(f"sort: unknown key {sort!r}; one of {', '.join(SORTS)}", sort=sort)
@@ -79,34 +107,40 @@ def search(
         raise InvalidMetadata("limit must be >= 1 and offset >= 0")
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("m.type", type), ("m.base", base), ("m.format", format), ("m.status", status)):
-        if value:
-            where.append(f"{column} = ?")
-            params.append(value)
+    filters = (("type", type), ("base", base), ("format", format), ("status", status))
+    for field, value in filters:
+        stored = normalize(field, value)
+        if stored is not None:
+            where.append(f"m.{field} = ?")
+            params.append(stored)
     if tag:
         where.append("m.id IN (SELECT model_id FROM model_tags WHERE tag = ?)")
         params.append(tag)
-    if query:
-        for word in query.split():
-            like = f"%{word.replace('%', '').replace('_', '')}%"
-            where.append(
-                "(m.name LIKE ? OR mm.description LIKE ? OR m.id IN (SELECT model_id FROM model_tags WHERE tag LIKE ?))"
-            )
-            params += [like, like, like]
+    inside, inside_params = under(roots)
+    if inside:
+        where.append(f"m.id IN (SELECT model_id FROM files WHERE {inside})")
+        params += inside_params
+    for word in (query or "").split():
+        sql, values = _word_matches(word)
+        where.append(sql)
+        params += values
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     base_sql = f"FROM models AS m LEFT JOIN model_meta AS mm ON mm.model_id = m.id{clause}"
     total = int(conn.execute(f"SELECT COUNT(*) {base_sql}", params).fetchone()[0])
     order = f"{SORTS[sort]} {'DESC' if descending else 'ASC'}, m.id"
     rows = conn.execute(
         f"SELECT m.id, m.name, m.type, m.base, m.variant, m.format, m.status, m.size,"
-        f" (SELECT path FROM files WHERE model_id = m.id ORDER BY status='ok' DESC LIMIT 1) AS path,"
+        f" (SELECT path FROM files WHERE model_id = m.id ORDER BY status='ok' DESC, {inside or 'path IS NULL'} DESC, id"
+        f" LIMIT 1) AS path,"
+        f" (SELECT COUNT(*) FROM files WHERE model_id = m.id AND status='ok') AS locations,"
         f" (SELECT group_concat(tag, ',') FROM model_tags WHERE model_id = m.id) AS tags"
         f" {base_sql} ORDER BY {order} LIMIT ? OFFSET ?",
-        [*params, limit, offset],
+        [*inside_params, *params, limit, offset],
     ).fetchall()
     items = [
         ModelSummary(
             id=r["id"],
+            handle=(handles or {}).get(r["id"], r["name"]),
             name=r["name"],
             type=r["type"],
             base=r["base"],
@@ -115,6 +149,7 @@ def search(
             status=r["status"],
             size=r["size"],
             path=r["path"],
+            locations=r["locations"],
             tags=sorted(r["tags"].split(",")) if r["tags"] else [],
         )
         for r in rows

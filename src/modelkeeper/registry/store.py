@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from modelkeeper.discovery.records import Identification
-from modelkeeper.registry import mapping, search
+from modelkeeper.registry import handles, mapping, search
 from modelkeeper.registry.base import DEFAULT_DB_ENV, default_db_path, new_model_id
 from modelkeeper.registry.errors import AmbiguousReference, InvalidMetadata, ModelNotFound
 from modelkeeper.registry.records import (
@@ -38,7 +38,7 @@ from modelkeeper.registry.records import (
     SearchPage,
     UserMeta,
 )
-from modelkeeper.registry.writes import ScanWrites
+from modelkeeper.registry.writes import ScanWrites, under
 
 __all__ = ["DEFAULT_DB_ENV", "Registry", "default_db_path", "new_model_id"]
 
@@ -46,17 +46,29 @@ __all__ = ["DEFAULT_DB_ENV", "Registry", "default_db_path", "new_model_id"]
 class Registry(ScanWrites):
     """The model registry; see the module docstring."""
 
+    _handles: tuple[int, dict[str, str]] | None = None
+
     # ------------------------------------------------------------------ reading
 
-    def get(self, model_id: str) -> ModelRecord:
+    def handles(self) -> dict[str, str]:
+        """Model id -> handle, for every model (``handles.py`` says how they are made)."""
+        with self._lock:
+            if self._handles is None or self._handles[0] != self.generation:
+                self._handles = (self.generation, handles.assign(handles.read_named(self._conn)))
+            return self._handles[1]
+
+    def get(self, model_id: str, roots: Sequence[str] = ()) -> ModelRecord:
+        """A model by id; its ``file`` is its first present location, under ``roots`` if it has one there."""
         with self._lock:
             row = self._conn.execute("SELECT * FROM models WHERE id=?", (model_id,)).fetchone()
             if row is None:
                 raise ModelNotFound(f"no model with id {model_id!r}", model_id=model_id)
-            file_row = self._conn.execute(
-                "SELECT * FROM files WHERE model_id=? ORDER BY status='ok' DESC, last_seen DESC LIMIT 1",
-                (model_id,),
-            ).fetchone()
+            where, params = under(roots)
+            file_rows = self._conn.execute(
+                f"SELECT *, {where or '0'} AS inside FROM files WHERE model_id=?"
+                " ORDER BY status='ok' DESC, inside DESC, id",
+                (*params, model_id),
+            ).fetchall()
             meta = self._conn.execute("SELECT * FROM model_meta WHERE model_id=?", (model_id,)).fetchone()
             tags = [
                 r[0]
@@ -74,8 +86,10 @@ class Registry(ScanWrites):
             info = by_name.get(c["name"])
             if info is not None:
                 components.append(info.model_copy(update={"content_id": c["content_id"]}))
+        locations = [_file_record(r) for r in file_rows]
         return ModelRecord(
             id=row["id"],
+            handle=self.handles().get(row["id"], row["name"]),
             name=row["name"],
             name_source=row["name_source"],
             type=row["type"],
@@ -92,25 +106,61 @@ class Registry(ScanWrites):
             size=row["size"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
-            file=_file_record(file_row) if file_row else None,
+            file=locations[0] if locations else None,
+            locations=locations,
             components=components,
             meta=_user_meta(meta, tags),
             identification=ident,
         )
 
-    def resolve(self, ref: str) -> ModelRecord:
-        """A model by id, path, name (case-insensitive) or hash prefix (BLAKE3, SHA-256, AutoV2; 6+ hex digits)."""
+    def resolve(self, ref: str, roots: Sequence[str] = ()) -> ModelRecord:
+        """A model by id, path, handle, name (case-insensitive) or hash prefix (BLAKE3, SHA-256,
+        AutoV2; 6+ hex digits), tried in this order. With ``roots``, only models with a location
+        under them answer. Raises ModelNotFound, or AmbiguousReference listing each candidate's
+        handle, type, format and path (``details["candidates"]``; ``details["matches"]``: their ids)."""
         ref = ref.strip()
         if not ref:
             raise ModelNotFound("empty model reference")
-        for finder in (search.by_id, search.by_path, search.by_name, search.by_hash):
+        ids_of_handles = {h.lower(): i for i, h in self.handles().items()}
+
+        def by_handle(_conn: sqlite3.Connection, text: str) -> list[str]:
+            found = ids_of_handles.get(text.lower())
+            return [found] if found else []
+
+        inside = self._inside(roots) if roots else None
+        for finder in (search.by_id, search.by_path, by_handle, search.by_name, search.by_hash):
             with self._lock:
                 ids = finder(self._conn, ref)
+            if inside is not None:
+                ids = [i for i in ids if i in inside]
             if len(ids) == 1:
-                return self.get(ids[0])
+                return self.get(ids[0], roots)
             if len(ids) > 1:
-                raise AmbiguousReference(f"{ref!r} matches {len(ids)} models", matches=ids[:20])
-        raise ModelNotFound(f"no model matches {ref!r} (by id, path, name or hash prefix)", ref=ref)
+                raise self._ambiguous(ref, ids, roots)
+        where = " under the model roots" if roots else ""
+        raise ModelNotFound(
+            f"no model matches {ref!r}{where} (by id, path, handle, name or hash prefix)", ref=ref
+        )
+
+    def _inside(self, roots: Sequence[str]) -> set[str]:
+        where, params = under(roots)
+        rows = self._rows(
+            f"SELECT DISTINCT model_id FROM files WHERE model_id IS NOT NULL AND ({where})", params
+        )
+        return {r[0] for r in rows}
+
+    def _ambiguous(self, ref: str, ids: list[str], roots: Sequence[str]) -> AmbiguousReference:
+        records = [self.get(i, roots) for i in ids[:20]]
+        candidates = [
+            {"id": r.id, "handle": r.handle, "type": r.type, "format": r.format, "path": r.path}
+            for r in records
+        ]
+        lines = "; ".join(f"{c['handle']} ({c['type']}, {c['format']}, {c['path']})" for c in candidates)
+        return AmbiguousReference(
+            f"{ref!r} matches {len(ids)} models, name one by its handle: {lines}",
+            matches=ids[:20],
+            candidates=candidates,
+        )
 
     def search(
         self,
@@ -125,8 +175,12 @@ class Registry(ScanWrites):
         descending: bool = False,
         limit: int = 50,
         offset: int = 0,
+        roots: Sequence[str] = (),
     ) -> SearchPage:
-        """Filter (type, base, format, tag, status), text query over name, description and tags, sort, paginate."""
+        """Filter (type, base, format, tag, status; the words users type are accepted, see
+        ``vocabulary.py``), text query over names, file paths, descriptions and tags, sort, paginate.
+        With ``roots``, only models with a location under them. Raises InvalidFilter, InvalidMetadata."""
+        handles_now = self.handles()
         with self._lock:
             return search.search(
                 self._conn,
@@ -140,7 +194,16 @@ class Registry(ScanWrites):
                 descending=descending,
                 limit=limit,
                 offset=offset,
+                roots=roots,
+                handles=handles_now,
             )
+
+    def recorded_roots(self) -> list[str]:
+        """The roots that files not missing were found under."""
+        return [
+            r[0]
+            for r in self._rows("SELECT DISTINCT root FROM files WHERE status != 'missing' ORDER BY root")
+        ]
 
     def models_with_component(self, content_id: str) -> list[tuple[str, str]]:
         """(model id, component name) of every component with this content id: one VAE in many files."""

@@ -5,6 +5,7 @@ This implements discovery's port, :class:`modelkeeper.discovery.ports.CatalogWri
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,8 @@ from typing import Any
 
 from modelkeeper.discovery.ports import CatalogWriter, FileRow, HashTask
 from modelkeeper.discovery.records import ComponentInfo, Identification
+from modelkeeper.discovery.rules.known_files import apply_known, known_file
+from modelkeeper.registry import locations
 from modelkeeper.registry.base import Store, new_model_id
 
 
@@ -24,13 +27,9 @@ class ScanWrites(Store, CatalogWriter):
             "SELECT id, path, root, kind, status, size, mtime_ns, inode, device, rules_version, model_id, error_code, error"
             " FROM files"
         )
-        params: list[str] = []
-        if roots:
-            # By path, not by recorded root: a root may lie inside another one scanned before.
-            sql += " WHERE " + " OR ".join(["(path = ? OR (path > ? AND path < ?))"] * len(roots))
-            for root in roots:
-                base = root.rstrip("/")
-                params += [base, base + "/", base + "0"]  # "0" follows "/": everything under base/
+        where, params = under(roots)
+        if where:
+            sql += " WHERE " + where
         with self._lock:
             return {r[1]: FileRow(*r) for r in self._conn.execute(sql, params)}
 
@@ -49,14 +48,33 @@ class ScanWrites(Store, CatalogWriter):
         user_defaults: Mapping[str, Any] | None = None,
         found: Mapping[str, Any] | None = None,
         now: float | None = None,
+        content_key: str | None = None,
     ) -> tuple[str, bool]:
-        """Insert or update the file at ``path`` and its model; returns (model id, created)."""
+        """Insert or update the file at ``path`` and its model; returns (model id, created).
+
+        A new file with the content of a known present one (same device and inode, or same size
+        and ``content_key``) becomes another location of its model. A location whose content
+        changed leaves its model for a new one."""
         now = time.time() if now is None else now
         size, mtime_ns, inode, device = fingerprint
         ident = identification
         model_id = existing.model_id if existing is not None else None
-        created = model_id is None
+        left: str | None = None  # the model a changed copy leaves
         with self.transaction() as c:
+            if existing is None:
+                twin = locations.twin_of(c, path, fingerprint, content_key)
+                if twin is not None:
+                    self._add_location(
+                        twin, path, root, rel, kind, fingerprint, rules_version, ident, content_key, now
+                    )
+                    return twin, False
+            elif (
+                model_id is not None
+                and (existing.size, existing.mtime_ns, existing.inode) != (size, mtime_ns, inode)
+                and self._shared(model_id, existing.id)
+            ):
+                left, model_id = model_id, None  # this copy changed: it is another model now
+            created = model_id is None
             columns = {
                 "type": ident.type.value,
                 "base": ident.base.value,
@@ -109,18 +127,73 @@ class ScanWrites(Store, CatalogWriter):
                 ident.format.value,
             )
             if existing is None:
-                c.execute(
-                    "INSERT INTO files (path, root, rel, kind, status, error_code, error, size, mtime_ns, inode, device,"
-                    " rules_version, model_id, format, first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (path, root, rel, kind, *values, now, now),
-                )
+                self._insert_file(path, root, rel, kind, values, content_key, now)
             else:
                 c.execute(
                     "UPDATE files SET status=?, error_code=?, error=?, size=?, mtime_ns=?, inode=?, device=?,"
-                    " rules_version=?, model_id=?, format=?, root=?, rel=?, kind=?, last_seen=? WHERE id=?",
-                    (*values, root, rel, kind, now, existing.id),
+                    " rules_version=?, model_id=?, format=?, root=?, rel=?, kind=?, last_seen=?, content_key=?"
+                    " WHERE id=?",
+                    (*values, root, rel, kind, now, content_key, existing.id),
                 )
+            if left is not None:
+                locations.refresh_status(c, left, now)
+            if existing is not None:
+                self._apply_known(existing.id, now)  # still hashed: the table still applies
         return model_id, created
+
+    def _insert_file(
+        self,
+        path: str,
+        root: str,
+        rel: str,
+        kind: str,
+        values: tuple[Any, ...],
+        content_key: str | None,
+        now: float,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO files (path, root, rel, kind, status, error_code, error, size, mtime_ns, inode, device,"
+            " rules_version, model_id, format, content_key, first_seen, last_seen)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (path, root, rel, kind, *values, content_key, now, now),
+        )
+
+    def _shared(self, model_id: str, file_id: int) -> bool:
+        """Whether another file is a location of ``model_id``."""
+        row = self._conn.execute(
+            "SELECT 1 FROM files WHERE model_id=? AND id!=? LIMIT 1", (model_id, file_id)
+        ).fetchone()
+        return row is not None
+
+    def _add_location(
+        self,
+        model_id: str,
+        path: str,
+        root: str,
+        rel: str,
+        kind: str,
+        fingerprint: tuple[int, int, int, int],
+        rules_version: int,
+        ident: Identification,
+        content_key: str | None,
+        now: float,
+    ) -> None:
+        size, mtime_ns, inode, device = fingerprint
+        values = (
+            "ok",
+            None,
+            None,
+            size,
+            mtime_ns,
+            inode,
+            device,
+            rules_version,
+            model_id,
+            ident.format.value,
+        )
+        self._insert_file(path, root, rel, kind, values, content_key, now)
+        locations.refresh_status(self._conn, model_id, now)
+        self._log(model_id, path, "scan.location", {}, now)
 
     def _insert_model(self, name: str, source: str, now: float, columns: Mapping[str, Any]) -> str:
         sql = (
@@ -229,10 +302,7 @@ class ScanWrites(Store, CatalogWriter):
                     (error_code, error, size, mtime_ns, inode, device, rules_version, fmt, now, existing.id),
                 )
                 if existing.model_id:
-                    c.execute(
-                        "UPDATE models SET status='missing', updated_at=? WHERE id=?",
-                        (now, existing.model_id),
-                    )
+                    locations.refresh_status(c, existing.model_id, now)
                     self._log(existing.model_id, path, "scan.rejected", {"error_code": error_code}, now)
 
     def move_file(
@@ -263,9 +333,7 @@ class ScanWrites(Store, CatalogWriter):
             c.executemany("UPDATE files SET status='missing' WHERE id=?", [(r.id,) for r in rows])
             for r in rows:
                 if r.model_id:
-                    c.execute(
-                        "UPDATE models SET status='missing', updated_at=? WHERE id=?", (now, r.model_id)
-                    )
+                    locations.refresh_status(c, r.model_id, now)
                     self._log(r.model_id, r.path, "scan.missing", {}, now)
 
     def scan_summaries(self, file_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -297,14 +365,25 @@ class ScanWrites(Store, CatalogWriter):
 
     # ------------------------------------------------------------------ hashing side
 
-    def pending_hashes(self) -> list[HashTask]:
-        """Files present and identified whose hashes are missing or stale (size or mtime changed)."""
-        rows = self._rows(
-            "SELECT id, path, kind, size, mtime_ns, model_id FROM files WHERE status='ok' AND model_id IS NOT NULL"
-            " AND (blake3 IS NULL OR hashed_size IS NOT size OR hashed_mtime_ns IS NOT mtime_ns) ORDER BY size"
+    def pending_hashes(self, roots: Sequence[str] = ()) -> list[HashTask]:
+        """Files present and identified, under ``roots`` (all when empty), whose hashes are missing
+        or stale (size or mtime changed). A file that shares its device and inode with a hashed one
+        (a symlink, a hard link) is listed once: its hashes are recorded for every path of it."""
+        sql = (
+            "SELECT id, path, kind, size, mtime_ns, model_id, device, inode FROM files"
+            " WHERE status='ok' AND model_id IS NOT NULL"
+            " AND (blake3 IS NULL OR hashed_size IS NOT size OR hashed_mtime_ns IS NOT mtime_ns)"
         )
+        where, params = under(roots)
+        rows = self._rows(sql + (f" AND ({where})" if where else "") + " ORDER BY size", params)
         tasks = []
+        listed: set[tuple[int, int, int, int]] = set()
         for r in rows:
+            if r["kind"] == "file" and r["inode"] is not None:
+                same = (r["device"], r["inode"], r["size"], r["mtime_ns"])
+                if same in listed:
+                    continue
+                listed.add(same)
             comps = self._rows(
                 "SELECT id, name, prefix, subfolder FROM components WHERE model_id=?", (r["model_id"],)
             )
@@ -329,11 +408,14 @@ class ScanWrites(Store, CatalogWriter):
         component_ids: Mapping[int, str],
         now: float | None = None,
     ) -> None:
-        """Store the hashes of ``task`` (the cache key is its size and mtime at hashing time)."""
+        """Store the hashes of ``task`` (the cache key is its size and mtime at hashing time), and
+        of the files that are the same file (a symlink or a hard link: same device and inode)."""
         now = time.time() if now is None else now
         with self.transaction() as c:
             c.execute(
-                "UPDATE files SET blake3=?, sha256=?, autov2=?, hashed_size=?, hashed_mtime_ns=?, hashed_at=? WHERE id=?",
+                "UPDATE files SET blake3=?, sha256=?, autov2=?, hashed_size=?, hashed_mtime_ns=?, hashed_at=?"
+                " WHERE id=? OR (kind='file' AND size=? AND mtime_ns=? AND (device, inode) ="
+                " (SELECT device, inode FROM files WHERE id=? AND kind='file' AND inode IS NOT NULL))",
                 (
                     blake3,
                     sha256,
@@ -342,53 +424,163 @@ class ScanWrites(Store, CatalogWriter):
                     task.mtime_ns,
                     now,
                     task.file_id,
+                    task.size,
+                    task.mtime_ns,
+                    task.file_id,
                 ),
             )
             c.executemany(
                 "UPDATE components SET content_id=? WHERE id=?",
                 [(cid, rid) for rid, cid in component_ids.items()],
             )
+            self._apply_known(task.file_id, now)
+
+    def _apply_known(self, file_id: int, now: float) -> None:
+        """Settle the identification of a hashed file's model by the known-file table
+        (``discovery/rules/known_files.py``): an SDXL VAE is filed sdxl, which shapes cannot tell."""
+        row = self._conn.execute(
+            "SELECT f.sha256, f.model_id, f.path, m.identification FROM files AS f JOIN models AS m"
+            " ON m.id = f.model_id WHERE f.id=? AND f.hashed_size IS f.size AND f.hashed_mtime_ns IS f.mtime_ns",
+            (file_id,),
+        ).fetchone()
+        known = known_file(row["sha256"]) if row is not None else None
+        if row is None or known is None:
+            return
+        before = Identification.model_validate_json(row["identification"])
+        ident = apply_known(before, known)
+        if ident == before:
+            return
+        self._conn.execute(
+            "UPDATE models SET identification=?, base=?, encoder=?, rule=?, confidence=?, updated_at=? WHERE id=?",
+            (
+                ident.model_dump_json(),
+                ident.base.value,
+                ident.encoder.value if ident.encoder else None,
+                ident.rule,
+                ident.confidence,
+                now,
+                row["model_id"],
+            ),
+        )
+        self._conn.execute(
+            "UPDATE components SET base=?, encoder=COALESCE(?, encoder) WHERE model_id=? AND kind=?",
+            (
+                known.base.value,
+                known.encoder.value if known.encoder else None,
+                row["model_id"],
+                known.type.value,
+            ),
+        )
+        self._log(row["model_id"], row["path"], "identify.known_file", {"file": known.name}, now)
 
     def reconcile_moves(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Give a new file the id and metadata of a missing file with the same BLAKE3.
+        """Settle identities by content hash, after hashing:
 
-        Returns (kept model id, new path) for each move found. The new file's provisional model
-        (created by the scan that found it) is dropped."""
+        - a moved file: a new file with the BLAKE3 of a missing one takes its model (id and
+          metadata); the new file's provisional model is dropped;
+        - copies: present files with one BLAKE3 under several models become one model, the oldest;
+        - a provisional copy that was not one (same content key, another BLAKE3) gets a model of its own.
+
+        Returns (kept model id, new path) for each move found."""
         now = time.time() if now is None else now
-        pairs = self._rows(
+        with self.transaction() as c:
+            moved = self._moves(c, now)
+            self._merge_copies(c)
+            self._split_differing(c)
+        return moved
+
+    def _moves(self, c: sqlite3.Connection, now: float) -> list[tuple[str, str]]:
+        pairs = c.execute(
             "SELECT old.id AS old_file, old.model_id AS old_model, old.path AS old_path, new.id AS new_file,"
             " new.model_id AS new_model, new.path AS new_path FROM files AS old JOIN files AS new"
             " ON old.blake3 = new.blake3 AND old.id != new.id"
             " WHERE old.status='missing' AND new.status='ok' AND old.model_id IS NOT NULL AND new.model_id IS NOT NULL"
             " AND old.model_id != new.model_id AND new.first_seen >= old.last_seen"
-        )
+            " AND NOT EXISTS (SELECT 1 FROM files AS o WHERE o.model_id = new.model_id AND o.id != new.id)"
+            " AND NOT EXISTS (SELECT 1 FROM files AS o WHERE o.model_id = old.model_id AND o.id != old.id)"
+        ).fetchall()
         moved: list[tuple[str, str]] = []
         done: set[int] = set()
-        with self.transaction() as c:
-            for p in pairs:
-                if p["old_file"] in done or p["new_file"] in done:
-                    continue
-                done.update((p["old_file"], p["new_file"]))
-                ident = c.execute(
-                    "SELECT identification, type, base, variant, format, layout, encoder, lora_format,"
-                    " lora_rank, rule, confidence, size FROM models WHERE id=?",
-                    (p["new_model"],),
-                ).fetchone()
-                c.execute(
-                    "UPDATE models SET identification=?, type=?, base=?, variant=?, format=?, layout=?, encoder=?,"
-                    " lora_format=?, lora_rank=?, rule=?, confidence=?, size=?, status='ok', updated_at=? WHERE id=?",
-                    (*tuple(ident), now, p["old_model"]),
-                )
-                c.execute("DELETE FROM components WHERE model_id=?", (p["old_model"],))
-                c.execute(
-                    "UPDATE components SET model_id=? WHERE model_id=?", (p["old_model"], p["new_model"])
-                )
-                c.execute("UPDATE files SET model_id=? WHERE id=?", (p["old_model"], p["new_file"]))
-                c.execute("DELETE FROM files WHERE id=?", (p["old_file"],))
-                c.execute("DELETE FROM models WHERE id=?", (p["new_model"],))
-                c.execute("UPDATE history SET model_id=? WHERE model_id=?", (p["old_model"], p["new_model"]))
-                self._log(
-                    p["old_model"], p["new_path"], "scan.moved", {"from": p["old_path"], "by": "blake3"}, now
-                )
-                moved.append((p["old_model"], p["new_path"]))
+        for p in pairs:
+            if p["old_file"] in done or p["new_file"] in done:
+                continue
+            done.update((p["old_file"], p["new_file"]))
+            ident = c.execute(
+                "SELECT identification, type, base, variant, format, layout, encoder, lora_format,"
+                " lora_rank, rule, confidence, size FROM models WHERE id=?",
+                (p["new_model"],),
+            ).fetchone()
+            c.execute(
+                "UPDATE models SET identification=?, type=?, base=?, variant=?, format=?, layout=?, encoder=?,"
+                " lora_format=?, lora_rank=?, rule=?, confidence=?, size=?, status='ok', updated_at=? WHERE id=?",
+                (*tuple(ident), now, p["old_model"]),
+            )
+            c.execute("DELETE FROM components WHERE model_id=?", (p["old_model"],))
+            c.execute("UPDATE components SET model_id=? WHERE model_id=?", (p["old_model"], p["new_model"]))
+            c.execute("UPDATE files SET model_id=? WHERE id=?", (p["old_model"], p["new_file"]))
+            c.execute("DELETE FROM files WHERE id=?", (p["old_file"],))
+            c.execute("DELETE FROM models WHERE id=?", (p["new_model"],))
+            c.execute("UPDATE history SET model_id=? WHERE model_id=?", (p["old_model"], p["new_model"]))
+            self._log(
+                p["old_model"], p["new_path"], "scan.moved", {"from": p["old_path"], "by": "blake3"}, now
+            )
+            moved.append((p["old_model"], p["new_path"]))
         return moved
+
+    @staticmethod
+    def _merge_copies(c: sqlite3.Connection) -> None:
+        groups = c.execute(
+            "SELECT f.blake3, group_concat(DISTINCT f.model_id) FROM files AS f"
+            " WHERE f.status='ok' AND f.blake3 IS NOT NULL AND f.model_id IS NOT NULL"
+            " GROUP BY f.blake3 HAVING COUNT(DISTINCT f.model_id) > 1"
+        ).fetchall()
+        for _, ids in groups:
+            alive = [
+                r[0]
+                for r in c.execute(
+                    f"SELECT id FROM models WHERE id IN ({','.join('?' * len(ids.split(',')))})"
+                    " ORDER BY created_at, id",
+                    ids.split(","),
+                )
+            ]
+            if len(alive) > 1:
+                locations.merge_models(c, alive[0], alive[1:])
+
+    def _split_differing(self, c: sqlite3.Connection) -> None:
+        models = c.execute(
+            "SELECT model_id FROM files WHERE status='ok' AND blake3 IS NOT NULL AND model_id IS NOT NULL"
+            " GROUP BY model_id HAVING COUNT(DISTINCT blake3) > 1"
+        ).fetchall()
+        for (model_id,) in models:
+            rows = c.execute(
+                "SELECT id, path, blake3 FROM files WHERE model_id=? AND status='ok' AND blake3 IS NOT NULL"
+                " ORDER BY id",
+                (model_id,),
+            ).fetchall()
+            keep = rows[0]["blake3"]  # the first location found keeps the model
+            others: dict[str, list[sqlite3.Row]] = {}
+            for r in rows:
+                if r["blake3"] != keep:
+                    others.setdefault(r["blake3"], []).append(r)
+            for group in others.values():
+                name = os.path.splitext(os.path.basename(group[0]["path"]))[0]
+                new_id = self._free_model_id(c)
+                locations.split_model(c, model_id, [r["id"] for r in group], name, new_id)
+
+    @staticmethod
+    def _free_model_id(c: sqlite3.Connection) -> str:
+        while True:
+            model_id = new_model_id()
+            if c.execute("SELECT 1 FROM models WHERE id=?", (model_id,)).fetchone() is None:
+                return model_id
+
+
+def under(roots: Sequence[str], column: str = "path") -> tuple[str, list[str]]:
+    """SQL that holds for a path under one of ``roots`` (none: empty SQL), and its parameters.
+    By path, not by recorded root: a root may lie inside another one scanned before."""
+    params: list[str] = []
+    for root in roots:
+        base = root.rstrip("/")
+        params += [base, base + "/", base + "0"]  # "0" follows "/": everything under base/
+    clause = f"({column} = ? OR ({column} > ? AND {column} < ?))"
+    return " OR ".join([clause] * len(roots)), params

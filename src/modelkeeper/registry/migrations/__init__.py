@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from modelkeeper.registry.errors import MigrationError
-from modelkeeper.registry.migrations import m0001_initial, m0002_user_metadata
+from modelkeeper.registry.migrations import m0001_initial, m0002_user_metadata, m0003_locations
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ def _migration(module: ModuleType) -> Migration:
     return Migration(int(module.VERSION), str(module.DESCRIPTION), module.up)
 
 
-MIGRATIONS: tuple[Migration, ...] = tuple(_migration(m) for m in (m0001_initial, m0002_user_metadata))
+MIGRATIONS: tuple[Migration, ...] = tuple(
+    _migration(m) for m in (m0001_initial, m0002_user_metadata, m0003_locations)
+)
 LATEST = MIGRATIONS[-1].version
 
 
