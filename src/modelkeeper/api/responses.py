@@ -496,6 +496,27 @@ class ScanDone(JobDone[ScanResult]):
     pass
 
 
+class RoutePlacement(_Fixed):
+    node: str | None = Field(description="The node (cluster mode); null on one host.")
+    device: str
+    state: Literal["loading", "loaded", "unloading"]
+
+
+class RouteInfo(_Fixed):
+    """Where a model is served now."""
+
+    model_id: str = Field(description="The model's id (in cluster mode, its cluster key).")
+    name: str
+    loaded: bool
+    node: str | None = Field(description="The node of the placement to use (cluster mode).")
+    device: str | None = Field(description="The device of the placement to use; null: loaded nowhere.")
+    placements: list[RoutePlacement]
+    ram_nodes: list[str] | MISSING = Field(
+        MISSING, description="Nodes holding it in their RAM cache (cluster)."
+    )
+    disk_nodes: list[str] | MISSING = Field(MISSING, description="Nodes holding its file (cluster).")
+
+
 class InstalledFileInfo(_Fixed):
     path: str = Field(description="Relative to the installed model's path.")
     bytes: int

@@ -11,9 +11,9 @@ from typing import Any
 from fastapi import APIRouter
 
 from modelkeeper.api.deps import Service
-from modelkeeper.orchestrator import LoadOptions
+from modelkeeper.api.responses import ERRORS, RouteInfo
 
-router = APIRouter(prefix="/api/model", tags=["routing"])
+router = APIRouter(prefix="/api/model", tags=["routing"], responses=ERRORS)
 
 
 # The models router's ``/status/{device}`` cannot take a slash; this one shadows it at run time
@@ -24,28 +24,8 @@ async def device_status_any(service: Service, device: str) -> dict[str, Any]:
     return service.views.device(device)
 
 
-@router.get("/{model_id:path}/route")
-async def route(service: Service, model_id: str, load: bool = False) -> dict[str, Any]:
+@router.get("/{model_id:path}/route", response_model=RouteInfo)
+async def route(service: Service, model_id: str, load: bool = False) -> Any:
     """The node and device serving ``model_id`` now (the most recently used placement);
     ``load=true`` loads it where placement says when it is loaded nowhere."""
-    cluster_route = getattr(service, "route", None)
-    if cluster_route is not None:
-        answer: dict[str, Any] = await cluster_route(model_id, load=load)
-        return answer
-    record = await service.catalog.resolve(model_id)
-    loaded = [p for p in service.view.of_model(record.id) if p.state == "loaded"]
-    if not loaded and load:
-        await service.loads.load(record.id, options=LoadOptions(), wait=True)
-        loaded = [p for p in service.view.of_model(record.id) if p.state == "loaded"]
-    best = max(loaded, key=lambda p: p.last_used) if loaded else None
-    return {
-        "model_id": record.id,
-        "name": record.name,
-        "loaded": best is not None,
-        "node": None,
-        "device": best.device if best else None,
-        "placements": [
-            {"node": None, "device": p.device, "state": p.state.value}
-            for p in service.view.of_model(record.id)
-        ],
-    }
+    return await service.loads.route(model_id, load=load)

@@ -389,6 +389,28 @@ class Loads:
             run, priority=Priority.NORMAL, deadline=self.deadline(None), label=f"expire {p.model_id}"
         )
 
+    async def route(self, ref: str, *, load: bool = False) -> dict[str, Any]:
+        """Which device serves ``ref`` now (its most recently used loaded placement); with
+        ``load``, it is loaded first where placement puts it when it is loaded nowhere. The same
+        answer as the cluster's, whose ``node`` is then set."""
+        record = await self.catalog.resolve(ref)
+        loaded = [p for p in self.view.of_model(record.id) if p.state is PlacementState.LOADED]
+        if not loaded and load:
+            await self.load(record.id, options=LoadOptions(), wait=True)
+            loaded = [p for p in self.view.of_model(record.id) if p.state is PlacementState.LOADED]
+        best = max(loaded, key=lambda p: p.last_used) if loaded else None
+        return {
+            "model_id": record.id,
+            "name": record.name,
+            "loaded": best is not None,
+            "node": None,
+            "device": best.device if best else None,
+            "placements": [
+                {"node": None, "device": p.device, "state": p.state.value}
+                for p in self.view.of_model(record.id)
+            ],
+        }
+
     # ------------------------------------------------------------------ leases
 
     async def grant_lease(
