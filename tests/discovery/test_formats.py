@@ -12,7 +12,7 @@ import torch
 from stripped import flux_bfl, write_stripped
 
 from conftest import scan
-from modelkeeper.discovery.gguf import read_gguf_header
+from modelkeeper.formats.gguf_header import read_gguf_header
 from modelkeeper.discovery.records import ModelFormat
 from modelkeeper.formats.errors import InvalidModelFile
 from modelkeeper.registry.store import Registry

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Protocol
 
-from modelkeeper.discovery.gguf import read_gguf_header
 from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.gguf_header import read_gguf_header
 from modelkeeper.formats.pickle_sandbox import inspect_pickle
 from modelkeeper.formats.safetensors_header import StructureMemo, read_header
 

@@ -43,7 +43,7 @@ from modelkeeper.protocol.messages import (
     UnloadResult,
     ValidateModelRequest,
 )
-from modelkeeper.worker import assemble, convert, sources, weights
+from modelkeeper.worker import assemble, convert, sources, storage, weights
 from modelkeeper.worker.device import DeviceMemory, MiB
 from modelkeeper.worker.errors import (
     AlreadyLoaded,
@@ -59,7 +59,29 @@ from modelkeeper.worker.warm import wait_for_warm_up
 
 EventSink = Callable[[EventType, str | None, dict[str, Any]], None]
 
-TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
+TORCH_DTYPES = {
+    DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16,
+    DType.FLOAT8_E4M3FN: torch.float8_e4m3fn, DType.FLOAT8_E5M2: torch.float8_e5m2,
+}  # fmt: skip
+
+
+def load_dtypes(request: LoadRequest) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(compute dtype, storage dtype) of a load request; an fp8 dtype is a storage dtype only."""
+    dtype = TORCH_DTYPES[request.dtype] if request.dtype else None
+    stored = TORCH_DTYPES[request.storage_dtype] if request.storage_dtype else None
+    if dtype in storage.FLOAT8:
+        raise InvalidRequest(
+            f"data.dtype: {request.dtype} is a storage dtype; pass it as storage_dtype (the compute "
+            "dtype is float32, float16 or bfloat16)"
+        )
+    if stored is not None and stored not in storage.FLOAT8:
+        if dtype is not None and dtype != stored:
+            raise InvalidRequest(
+                f"data.storage_dtype: {request.storage_dtype} is not a packed form (float8_e4m3fn, "
+                f"float8_e5m2); weights in it are computed in it, which conflicts with dtype {request.dtype}"
+            )
+        return stored, None
+    return dtype, stored
 
 
 @dataclass
@@ -195,7 +217,7 @@ class ModelService:
         if kind is ModelKind.TOKENIZER:
             return self._load_tokenizer(request, source, op, started)
 
-        dtype = TORCH_DTYPES[request.dtype] if request.dtype else None
+        dtype, storage_dtype = load_dtypes(request)
         assert source.config is not None
         tensors = weights.list_tensors(source.files)
         if source.format == "single_file":
@@ -213,7 +235,13 @@ class ModelService:
             plan = None
             class_name = assemble.class_name_for(kind, source.config)
             rule = "diffusers folder"
-        required = sum(e.nbytes_as(dtype) for e in entries)
+        packing = storage_dtype is not None or any(e.packed for e in entries)
+        if packing:
+            required = storage.estimate_bytes(
+                ((e.shape, e.nbytes, e.dtype in weights.FLOAT_DTYPES) for e in entries), storage_dtype, dtype
+            )
+        else:
+            required = sum(e.nbytes_as(dtype) for e in entries)
         with self._lock:
             old = self._models.get(request.name) if exists else None
             replaced_bytes = old.nbytes if old is not None else 0
@@ -231,7 +259,7 @@ class ModelService:
                 entries,
                 self.device,
                 table=self.mappings,
-                dtype=dtype,
+                dtype=None if packing else dtype,
                 progress=lambda done, total: self._progress(op, "read", done, total),
                 check=op.check,
                 throttle_bytes_per_s=self._throttle,
@@ -241,14 +269,22 @@ class ModelService:
             timings.update(stages)
             op.check()
             t = time.perf_counter()
+            if packing:
+                state, _scaled = storage.split_scales(state)
             if plan is not None:
                 state = convert.to_loadable(plan, state, source.config)
             timings["convert"] = time.perf_counter() - t
             t = time.perf_counter()
             skel = skeleton.result()
+            stored: storage.StoragePlan | None = None
+            if packing:
+                state, stored = storage.plan_storage(skel.module, state, compute=dtype, storage=storage_dtype)
             module = assemble.build_module(
-                class_name, source.config, state, self.device, path=str(source.path), module=skel
-            )
+                class_name, source.config, state, self.device, path=str(source.path), module=skel,
+                shapes=stored.logical_shapes() if stored is not None else None,
+            )  # fmt: skip
+            if stored is not None and stored.packed:
+                storage.attach(module, stored)
             timings["assemble"] = time.perf_counter() - t
             del state
         except BaseException as exc:
@@ -267,8 +303,13 @@ class ModelService:
             self._drop(request.name)
         self._wanted_skeletons.append((class_name, source.config))
         nbytes, params, count, dtype_name = assemble.module_stats(module)
+        form = stored.form if stored is not None else None
+        if stored is not None:
+            params, dtype_name = storage.parameter_count(module), str(stored.compute).removeprefix("torch.")
         timings["total"] = time.perf_counter() - started
         source_info = source.describe() | {"rule": rule, "class_name": class_name}
+        if form is not None:
+            source_info["storage"] = form
         loaded = LoadedModel(
             request.name, kind, class_name, module, str(self.device), dtype_name, nbytes, params, count,
             time.perf_counter() - started, source_info, skeleton=skel, config=source.config,
@@ -281,7 +322,7 @@ class ModelService:
             name=request.name, type=kind.value, class_name=class_name, device=str(self.device), dtype=dtype_name,
             bytes=nbytes, parameters=params, tensors=count, load_seconds=round(loaded.load_seconds, 6),
             source=source_info, evicted=evicted, memory=self.memory_info(),
-            timings={k: round(v, 6) for k, v in timings.items()},
+            timings={k: round(v, 6) for k, v in timings.items()}, storage=form,
         )  # fmt: skip
 
     def _load_tokenizer(
@@ -394,6 +435,7 @@ class ModelService:
         # References: the skeleton's, this local, and getrefcount's argument.
         if sys.getrefcount(module) > 3:
             return
+        storage.detach(module)  # a packed module's decode hooks go with its tensors
         self.skeletons.give_back(class_name, config, skel)
 
     def unload(self, name: str, op: Operation) -> UnloadResult:

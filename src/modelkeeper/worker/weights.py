@@ -7,18 +7,21 @@ per file, tensors as views of it).
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.gguf_header import GGUF_TYPES_KEY
 from modelkeeper.worker.mapping import MappingTable, cached_header, load_tensors
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+FLOAT8_DTYPES = {"F8_E4M3", "F8_E5M2"}
 
 ProgressFn = Callable[[int, int], None]
 CheckFn = Callable[[], None]
@@ -31,6 +34,12 @@ class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    quant: str | None = None  # the GGML type of a quantized GGUF tensor (its bytes are blocks)
+
+    @property
+    def packed(self) -> bool:
+        """Stored in a form the worker keeps packed on the device (fp8, GGUF blocks)."""
+        return self.quant is not None or self.dtype in FLOAT8_DTYPES
 
     @property
     def numel(self) -> int:
@@ -50,13 +59,38 @@ def list_tensors(files: Iterable[Path]) -> dict[str, TensorEntry]:
     """Every tensor of the files, from validated headers only. Duplicate keys across shards are an error."""
     entries: dict[str, TensorEntry] = {}
     for path in files:
-        for key, info in cached_header(path).tensors.items():
+        header = cached_header(path)
+        quants = _gguf_types(header.metadata)
+        for key, info in header.tensors.items():
             if key in entries:
                 raise InvalidModelFile(
                     f"tensor {key!r} appears in both {entries[key].file} and {path}", path=str(path)
                 )
-            entries[key] = TensorEntry(path, key, info.dtype, info.shape, info.end - info.begin)
+            entries[key] = TensorEntry(
+                path, key, info.dtype, info.shape, info.end - info.begin, quants.get(key)
+            )
     return entries
+
+
+def _gguf_types(metadata: Mapping[str, str]) -> dict[str, str]:
+    raw = metadata.get(GGUF_TYPES_KEY)
+    return dict(json.loads(raw)) if raw else {}
+
+
+def as_gguf_parameters(
+    tensors: dict[str, torch.Tensor], quants: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """The quantized tensors of a GGUF file as diffusers' ``GGUFParameter`` (bytes with their type,
+    which key conversions carry through chunks and concatenations)."""
+    if not quants:
+        return tensors
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    return {
+        k: GGUFParameter(t, quant_type=gguf.GGMLQuantizationType[quants[k]]) if k in quants else t
+        for k, t in tensors.items()
+    }
 
 
 def read_tensors(
@@ -70,7 +104,8 @@ def read_tensors(
     throttle_bytes_per_s: float | None = None,
     stages: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read ``entries`` onto ``device``; floating tensors are cast to ``dtype`` when given.
+    """Read ``entries`` onto ``device``; floating tensors are cast to ``dtype`` when given. The
+    quantized tensors of a GGUF file come as ``GGUFParameter`` (:func:`as_gguf_parameters`).
 
     ``check`` is called between chunks and may raise (cancellation); ``throttle_bytes_per_s``
     caps the read rate (a diagnostic knob that simulates a slow disk). ``stages`` gathers the
@@ -95,6 +130,7 @@ def read_tensors(
     for path, names in by_file.items():
         tensors = load_tensors(path, names, device, table=table, progress=report, check=check, stages=stages)
         base += sum(t.numel() * t.element_size() for t in tensors.values())
+        tensors = as_gguf_parameters(tensors, _gguf_types(cached_header(path).metadata))
         if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
             # every tensor leaves the file's buffer (the uncast ones by a copy), so the buffer is freed
             tensors = {

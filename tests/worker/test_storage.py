@@ -1,0 +1,181 @@
+"""fp8 weights kept packed on the device: fp8 files, ComfyUI's scaled fp8 files, storage_dtype casts."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelkeeper.protocol import ErrorCode, ProtocolError
+from modelkeeper.testing import component_config, make_transformer, make_unet
+from modelkeeper.worker import InProcessWorker
+from modelkeeper.worker.storage import plan_of
+
+from .conftest import output_cosine
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REFERENCES = {
+    "flux": lambda: make_transformer("flux"),
+    "sd3": lambda: make_transformer("sd3"),
+    "sdxl": lambda: make_unet("sdxl"),
+}
+KIND = {"flux": "transformer", "sd3": "transformer", "sdxl": "unet"}
+#: Least cosine of an fp8 model's outputs against full precision. The tiny SDXL UNet (random weights,
+#: 32 channels under GroupNorm) loses more to fp8 rounding itself: the same rounding done in float32
+#: gives 0.9965; the loaded model must then match that rounding exactly (``rounded``).
+FULL_PRECISION_COSINE = {"flux": 0.999, "sd3": 0.999, "sdxl": 0.995}
+
+
+@pytest.fixture(scope="module")
+def refs() -> dict[str, torch.nn.Module]:
+    return {name: make() for name, make in REFERENCES.items()}
+
+
+@pytest.fixture
+def worker() -> Iterator[InProcessWorker]:
+    with InProcessWorker("cpu") as w:
+        yield w
+
+
+def write(path: Path, ref: torch.nn.Module, state: dict[str, torch.Tensor]) -> Path:
+    save_file(state, str(path), metadata={"modelkeeper.config": json.dumps(component_config(ref))})
+    return path
+
+
+def fp8_state(ref: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Weights of two or more dimensions in ``dtype``, the rest in bfloat16 (as fp8 files keep them)."""
+    return {k: v.to(dtype) if v.ndim >= 2 else v.to(torch.bfloat16) for k, v in ref.state_dict().items()}
+
+
+def scaled_fp8_state(ref: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """ComfyUI's scaled fp8 form: each weight divided by a per-layer scale before the cast, the scale
+    kept as ``<layer>.scale_weight``, a ``scaled_fp8`` marker tensor."""
+    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, value in ref.state_dict().items():
+        if value.ndim >= 2 and key.endswith(".weight"):
+            scale = value.abs().max().float() / 448.0
+            out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            out[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+        else:
+            out[key] = value.to(torch.bfloat16)
+    return out
+
+
+def rounded(ref: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``ref`` with the values of :func:`fp8_state`'s file (through ``dtype`` and bfloat16), in float32."""
+    out = copy.deepcopy(ref)
+    with torch.no_grad():
+        for tensor in out.state_dict().values():  # views of the parameters and buffers
+            tensor.copy_(tensor.to(dtype if tensor.ndim >= 2 else torch.bfloat16).float())
+    return out
+
+
+def load(worker: InProcessWorker, path: Path, kind: str, **extra: Any) -> dict[str, Any]:
+    data = {"name": "m", "path": str(path), "type": kind, "replace": True, **extra}
+    return worker.call("model.load_model", data)
+
+
+def fp16_bytes(ref: torch.nn.Module) -> int:
+    return sum(t.numel() * 2 for t in ref.state_dict().values())
+
+
+@pytest.mark.parametrize("base", ["flux", "sd3", "sdxl"])
+def test_fp8_file_loads_packed_runs_and_validates(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path, base: str
+) -> None:
+    ref = refs[base]
+    path = write(tmp_path / f"{base}-fp8.safetensors", ref, fp8_state(ref, torch.float8_e4m3fn))
+    result = load(worker, path, KIND[base], dtype="float32")
+    assert result["storage"] == "float8_e4m3fn" and result["dtype"] == "float32"
+    assert result["bytes"] <= 0.55 * fp16_bytes(ref)
+    assert result["parameters"] == sum(t.numel() for t in ref.parameters())
+    report = worker.call("model.validate_model", {"name": "m", "level": "functional"})
+    assert report["passed"], [c for c in report["checks"] if not c["passed"]]
+    assert output_cosine(worker.module("m"), rounded(ref, torch.float8_e4m3fn)) >= 0.99999
+    assert output_cosine(worker.module("m"), ref) >= FULL_PRECISION_COSINE[base]
+
+
+def test_fp8_file_defaults_to_its_own_compute_dtype(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path
+) -> None:
+    ref = refs["flux"]
+    path = write(tmp_path / "flux-fp8.safetensors", ref, fp8_state(ref, torch.float8_e4m3fn))
+    result = load(worker, path, "transformer")
+    assert result["dtype"] == "bfloat16"  # the dtype of its norms and biases
+    module = worker.module("m")
+    stored = module.transformer_blocks[0].attn.to_q.weight
+    assert stored.dtype == torch.float8_e4m3fn  # kept packed, decoded only while the layer runs
+    assert worker.call("model.validate_model", {"name": "m", "level": "functional"})["passed"]
+    assert module.transformer_blocks[0].attn.to_q.weight is stored
+
+
+def test_e5m2_file(worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path) -> None:
+    ref = refs["sd3"]
+    path = write(tmp_path / "sd3-e5m2.safetensors", ref, fp8_state(ref, torch.float8_e5m2))
+    result = load(worker, path, "transformer", dtype="float32")
+    assert result["storage"] == "float8_e5m2"
+    assert worker.call("model.validate_model", {"name": "m", "level": "functional"})["passed"]
+    assert output_cosine(worker.module("m"), ref) >= 0.995  # two mantissa bits: coarser than e4m3
+
+
+@pytest.mark.parametrize("base", ["flux", "sdxl"])
+def test_scaled_fp8_file(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path, base: str
+) -> None:
+    ref = refs[base]
+    path = write(tmp_path / f"{base}-scaled.safetensors", ref, scaled_fp8_state(ref))
+    result = load(worker, path, KIND[base], dtype="float32")
+    assert result["storage"] == "scaled_float8_e4m3fn"
+    assert result["bytes"] <= 0.55 * fp16_bytes(ref)
+    report = worker.call("model.validate_model", {"name": "m", "level": "functional"})
+    assert report["passed"], [c for c in report["checks"] if not c["passed"]]
+    assert output_cosine(worker.module("m"), ref) >= FULL_PRECISION_COSINE[base]
+
+
+def test_storage_dtype_casts_a_full_precision_file(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path
+) -> None:
+    ref = refs["flux"]
+    path = write(tmp_path / "flux.safetensors", ref, dict(ref.state_dict()))
+    result = load(worker, path, "transformer", dtype="bfloat16", storage_dtype="float8_e4m3fn")
+    assert result["storage"] == "float8_e4m3fn" and result["dtype"] == "bfloat16"
+    assert result["bytes"] <= 0.55 * fp16_bytes(ref)
+    load(worker, path, "transformer", dtype="float32", storage_dtype="float8_e4m3fn")
+    module = worker.module("m")
+    assert module.proj_out.weight.dtype == torch.float32  # skipped: the last projection stays exact
+    assert output_cosine(module, ref) >= 0.999
+    assert worker.call("model.validate_model", {"name": "m", "level": "functional"})["passed"]
+
+
+def test_unload_detaches_and_a_plain_load_reuses_the_skeleton(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path
+) -> None:
+    ref = refs["flux"]
+    packed = write(tmp_path / "flux-fp8.safetensors", ref, fp8_state(ref, torch.float8_e4m3fn))
+    plain = write(tmp_path / "flux.safetensors", ref, dict(ref.state_dict()))
+    load(worker, packed, "transformer")
+    worker.call("model.unload_model", {"name": "m"})
+    load(worker, plain, "transformer")
+    module = worker.module("m")
+    assert plan_of(module) is None
+    assert not any(m._forward_pre_hooks for m in module.modules())
+    assert output_cosine(module, ref) >= 0.99999
+
+
+def test_fp8_is_a_storage_dtype_not_a_compute_dtype(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path
+) -> None:
+    ref = refs["sd3"]
+    path = write(tmp_path / "sd3.safetensors", ref, dict(ref.state_dict()))
+    with pytest.raises(ProtocolError, match="storage_dtype") as err:
+        load(worker, path, "transformer", dtype="float8_e4m3fn")
+    assert err.value.code is ErrorCode.INVALID_REQUEST
+    with pytest.raises(ProtocolError, match="conflicts with dtype"):
+        load(worker, path, "transformer", dtype="float32", storage_dtype="float16")
