@@ -48,7 +48,7 @@ from modelkeeper.discovery.rules.engine import (
 )
 from modelkeeper.discovery.rules.hints import PathHints
 from modelkeeper.discovery.rules.lora import LORA_BASE_RULES, LORA_FORMAT_RULES, LORA_PROBES, LORA_TARGETS
-from modelkeeper.discovery.tables import TensorLike, TensorTable
+from modelkeeper.discovery.tables import TensorLike, TensorTable, gguf_loadable, storage_form
 
 #: Bumped whenever a rule table changes, so that a rescan identifies unchanged files again.
 RULES_VERSION = 1
@@ -392,7 +392,8 @@ def _identify_table(
         "bytes": nbytes,
         "dtypes": dtypes,
         "metadata": summarize_metadata(table.metadata),
-        "loadable": fmt is not ModelFormat.GGUF,
+        "loadable": fmt is not ModelFormat.GGUF or gguf_loadable(table),
+        "quant": storage_form(table, gguf=fmt is ModelFormat.GGUF),
     }
     index = KeyIndex(table.tensors)
     found = _small_model(index, file_evidence, hints)

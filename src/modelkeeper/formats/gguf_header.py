@@ -202,7 +202,8 @@ def packed_shape(name: str, dtype: str, shape: tuple[int, ...], path: str = "") 
 
 def as_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """The tensors of a GGUF file as a safetensors header: plain types under their dtype, quantized
-    ones as uint8 rows of blocks; their types listed as JSON under ``GGUF_TYPES_KEY``. Raises
+    ones as uint8 rows of blocks; their types listed as JSON under ``GGUF_TYPES_KEY``, beside the
+    file's string metadata (where a ``modelkeeper.config`` is found as in safetensors files). Raises
     UnsupportedFormat for a type the worker cannot decode."""
     spath = os.fspath(path)
     header = read_gguf_header(spath)
@@ -225,5 +226,5 @@ def as_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     return SafetensorsHeader(
         path=Path(spath), header_size=header.data_offset - 8, data_offset=header.data_offset,
         data_size=size - header.data_offset, file_size=size, tensors=tensors,
-        metadata={GGUF_TYPES_KEY: json.dumps(types)},
+        metadata={k: v for k, v in header.metadata.items() if isinstance(v, str)} | {GGUF_TYPES_KEY: json.dumps(types)},
     )  # fmt: skip

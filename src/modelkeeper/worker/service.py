@@ -235,7 +235,9 @@ class ModelService:
             plan = None
             class_name = assemble.class_name_for(kind, source.config)
             rule = "diffusers folder"
-        packing = storage_dtype is not None or any(e.packed for e in entries)
+        # fp8 and GGUF tensors stay packed; a GGUF file's plain tensors (F32 norms beside F16 weights)
+        # are put in one compute dtype on the same path
+        packing = storage_dtype is not None or any(e.packed or e.file.suffix == ".gguf" for e in entries)
         if packing:
             required = storage.estimate_bytes(
                 ((e.shape, e.nbytes, e.dtype in weights.FLOAT_DTYPES) for e in entries), storage_dtype, dtype
