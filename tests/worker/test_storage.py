@@ -179,3 +179,38 @@ def test_fp8_is_a_storage_dtype_not_a_compute_dtype(
     assert err.value.code is ErrorCode.INVALID_REQUEST
     with pytest.raises(ProtocolError, match="conflicts with dtype"):
         load(worker, path, "transformer", dtype="float32", storage_dtype="float16")
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8", "scaled-fp8"])
+def test_sdxl_checkpoint_layout_in_fp8(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path, scaled: bool
+) -> None:
+    """The UNet of an original-layout checkpoint (``model.diffusion_model.`` keys, the marker beside
+    them as ComfyUI writes it) goes through diffusers' converter with its scales."""
+    from modelkeeper.testing import to_original_layout
+
+    ref = refs["sdxl"]
+    config = component_config(ref)
+    state = scaled_fp8_state(ref) if scaled else fp8_state(ref, torch.float8_e4m3fn)
+    marker = state.pop("scaled_fp8", None)
+    scales = {k: v for k, v in state.items() if k.endswith(".scale_weight")}
+    plain = {k: v for k, v in state.items() if k not in scales}
+    original = to_original_layout("unet", plain, config)
+    renamed = {_original_name(k, plain, original): v for k, v in scales.items()}
+    extra = {"model.diffusion_model.scaled_fp8": marker} if marker is not None else {}
+    path = tmp_path / "sdxl-checkpoint.safetensors"
+    save_file({**original, **renamed, **extra}, str(path))
+    result = load(worker, path, "unet", dtype="float32", config=config)
+    assert result["storage"] == ("scaled_float8_e4m3fn" if scaled else "float8_e4m3fn")
+    assert result["source"]["rule"] == "unet/original"
+    assert worker.call("model.validate_model", {"name": "m", "level": "functional"})["passed"]
+    assert output_cosine(worker.module("m"), ref) >= FULL_PRECISION_COSINE["sdxl"]
+
+
+def _original_name(scale_key: str, plain: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> str:
+    """Where ``to_original_layout`` put the weight of ``scale_key`` (found by identity of the tensor)."""
+    weight = plain[scale_key.removesuffix(".scale_weight") + ".weight"]
+    name = next(
+        k for k, v in original.items() if v.data_ptr() == weight.data_ptr() and v.shape == weight.shape
+    )
+    return name.removesuffix(".weight") + ".scale_weight"
