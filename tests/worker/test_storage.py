@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from modelkeeper.protocol import ErrorCode, ProtocolError
-from modelkeeper.testing import component_config, make_transformer, make_unet
+from modelkeeper.testing import component_config, make_transformer, make_unet, to_original_layout
+from modelkeeper.testing.fp8_files import fp8_state, scaled_fp8_state
 from modelkeeper.worker import InProcessWorker
 from modelkeeper.worker.storage import plan_of
 
@@ -49,25 +50,6 @@ def write(path: Path, ref: torch.nn.Module, state: dict[str, torch.Tensor]) -> P
     return path
 
 
-def fp8_state(ref: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Weights of two or more dimensions in ``dtype``, the rest in bfloat16 (as fp8 files keep them)."""
-    return {k: v.to(dtype) if v.ndim >= 2 else v.to(torch.bfloat16) for k, v in ref.state_dict().items()}
-
-
-def scaled_fp8_state(ref: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """ComfyUI's scaled fp8 form: each weight divided by a per-layer scale before the cast, the scale
-    kept as ``<layer>.scale_weight``, a ``scaled_fp8`` marker tensor."""
-    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
-    for key, value in ref.state_dict().items():
-        if value.ndim >= 2 and key.endswith(".weight"):
-            scale = value.abs().max().float() / 448.0
-            out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
-            out[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
-        else:
-            out[key] = value.to(torch.bfloat16)
-    return out
-
-
 def rounded(ref: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``ref`` with the values of :func:`fp8_state`'s file (through ``dtype`` and bfloat16), in float32."""
     out = copy.deepcopy(ref)
@@ -91,7 +73,7 @@ def test_fp8_file_loads_packed_runs_and_validates(
     worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path, base: str
 ) -> None:
     ref = refs[base]
-    path = write(tmp_path / f"{base}-fp8.safetensors", ref, fp8_state(ref, torch.float8_e4m3fn))
+    path = write(tmp_path / f"{base}-fp8.safetensors", ref, fp8_state(ref.state_dict(), torch.float8_e4m3fn))
     result = load(worker, path, KIND[base], dtype="float32")
     assert result["storage"] == "float8_e4m3fn" and result["dtype"] == "float32"
     assert result["bytes"] <= 0.55 * fp16_bytes(ref)
@@ -106,7 +88,7 @@ def test_fp8_file_defaults_to_its_own_compute_dtype(
     worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path
 ) -> None:
     ref = refs["flux"]
-    path = write(tmp_path / "flux-fp8.safetensors", ref, fp8_state(ref, torch.float8_e4m3fn))
+    path = write(tmp_path / "flux-fp8.safetensors", ref, fp8_state(ref.state_dict(), torch.float8_e4m3fn))
     result = load(worker, path, "transformer")
     assert result["dtype"] == "bfloat16"  # the dtype of its norms and biases
     module = worker.module("m")
@@ -118,7 +100,7 @@ def test_fp8_file_defaults_to_its_own_compute_dtype(
 
 def test_e5m2_file(worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path) -> None:
     ref = refs["sd3"]
-    path = write(tmp_path / "sd3-e5m2.safetensors", ref, fp8_state(ref, torch.float8_e5m2))
+    path = write(tmp_path / "sd3-e5m2.safetensors", ref, fp8_state(ref.state_dict(), torch.float8_e5m2))
     result = load(worker, path, "transformer", dtype="float32")
     assert result["storage"] == "float8_e5m2"
     assert worker.call("model.validate_model", {"name": "m", "level": "functional"})["passed"]
@@ -130,7 +112,7 @@ def test_scaled_fp8_file(
     worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path, base: str
 ) -> None:
     ref = refs[base]
-    path = write(tmp_path / f"{base}-scaled.safetensors", ref, scaled_fp8_state(ref))
+    path = write(tmp_path / f"{base}-scaled.safetensors", ref, scaled_fp8_state(ref.state_dict()))
     result = load(worker, path, KIND[base], dtype="float32")
     assert result["storage"] == "scaled_float8_e4m3fn"
     assert result["bytes"] <= 0.55 * fp16_bytes(ref)
@@ -158,7 +140,7 @@ def test_unload_detaches_and_a_plain_load_reuses_the_skeleton(
     worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path
 ) -> None:
     ref = refs["flux"]
-    packed = write(tmp_path / "flux-fp8.safetensors", ref, fp8_state(ref, torch.float8_e4m3fn))
+    packed = write(tmp_path / "flux-fp8.safetensors", ref, fp8_state(ref.state_dict(), torch.float8_e4m3fn))
     plain = write(tmp_path / "flux.safetensors", ref, dict(ref.state_dict()))
     load(worker, packed, "transformer")
     worker.call("model.unload_model", {"name": "m"})
@@ -187,30 +169,18 @@ def test_sdxl_checkpoint_layout_in_fp8(
 ) -> None:
     """The UNet of an original-layout checkpoint (``model.diffusion_model.`` keys, the marker beside
     them as ComfyUI writes it) goes through diffusers' converter with its scales."""
-    from modelkeeper.testing import to_original_layout
-
     ref = refs["sdxl"]
     config = component_config(ref)
-    state = scaled_fp8_state(ref) if scaled else fp8_state(ref, torch.float8_e4m3fn)
-    marker = state.pop("scaled_fp8", None)
-    scales = {k: v for k, v in state.items() if k.endswith(".scale_weight")}
-    plain = {k: v for k, v in state.items() if k not in scales}
-    original = to_original_layout("unet", plain, config)
-    renamed = {_original_name(k, plain, original): v for k, v in scales.items()}
-    extra = {"model.diffusion_model.scaled_fp8": marker} if marker is not None else {}
+    original = to_original_layout("unet", ref.state_dict(), config, prefix="model.diffusion_model.")
+    state = (
+        scaled_fp8_state(original, prefix="model.diffusion_model.")
+        if scaled
+        else fp8_state(original, torch.float8_e4m3fn)
+    )
     path = tmp_path / "sdxl-checkpoint.safetensors"
-    save_file({**original, **renamed, **extra}, str(path))
+    save_file(state, str(path))
     result = load(worker, path, "unet", dtype="float32", config=config)
     assert result["storage"] == ("scaled_float8_e4m3fn" if scaled else "float8_e4m3fn")
     assert result["source"]["rule"] == "unet/original"
     assert worker.call("model.validate_model", {"name": "m", "level": "functional"})["passed"]
     assert output_cosine(worker.module("m"), ref) >= FULL_PRECISION_COSINE["sdxl"]
-
-
-def _original_name(scale_key: str, plain: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> str:
-    """Where ``to_original_layout`` put the weight of ``scale_key`` (found by identity of the tensor)."""
-    weight = plain[scale_key.removesuffix(".scale_weight") + ".weight"]
-    name = next(
-        k for k, v in original.items() if v.data_ptr() == weight.data_ptr() and v.shape == weight.shape
-    )
-    return name.removesuffix(".weight") + ".scale_weight"
