@@ -86,3 +86,29 @@ def test_unknown_quant_type_is_refused_with_the_tensor(
     writer.close()
     with pytest.raises(UnsupportedFormat, match=r"tensor 'w' is of GGML type"):
         as_safetensors_header(path)
+
+
+def test_gguf_through_the_ram_cache(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path
+) -> None:
+    """A GGUF file's segment (its blocks repacked as uint8 tensors, the types in the metadata) loads
+    packed as the file does, with the same outputs."""
+    from modelkeeper.cache import RamCache
+
+    ref = refs["flux"]
+    path = tmp_path / "flux-Q4_K.gguf"
+    write_gguf(path, ref.state_dict(), "Q4_K", arch="flux", config=component_config(ref))
+    cache = RamCache(64 << 20)
+    try:
+        segment = cache.cache_file(path)
+        data = {"type": "transformer", "dtype": "float32", "config": component_config(ref)}
+        from_file = worker.call("model.load_model", {"name": "file", "path": str(path), **data})
+        cached = worker.call("model.load_model", {"name": "ram", "path": str(segment.path), **data})
+        assert cached["storage"] == from_file["storage"] == "gguf:Q4_K"
+        assert cached["bytes"] == from_file["bytes"]
+        assert output_cosine(worker.module("ram"), worker.module("file")) >= 0.999999
+        for name in ("file", "ram"):
+            worker.call("model.unload_model", {"name": name})
+        worker.call("model.release_segments", {})
+    finally:
+        cache.close()
