@@ -149,7 +149,7 @@ class LoadRequest(_Strict):
     dtype: DType | None = Field(
         None,
         description="Compute dtype (float32, float16, bfloat16); default keeps the file's dtype "
-        "(bfloat16 for fp8 and GGUF files).",
+        "(fp8 files: their norms and biases' dtype; quantized GGUF: bfloat16).",
     )
     storage_dtype: DType | None = Field(
         None,

@@ -193,18 +193,18 @@ def needs_plan(state: Mapping[str, torch.Tensor], storage: torch.dtype | None) -
 
 
 def compute_dtype_for(state: Mapping[str, torch.Tensor], requested: torch.dtype | None) -> torch.dtype:
-    """The requested compute dtype, else the dominant plain float dtype of the file's unpacked
-    tensors (fp8 files keep their norms and biases in it), else bfloat16."""
+    """The requested compute dtype; else bfloat16 for a GGUF file (its plain tensors are a mix of F32
+    and F16 fallbacks); else the dominant plain float dtype of the unpacked tensors (an fp8 file keeps
+    its norms and biases in it); else bfloat16."""
     if requested is not None:
         return requested
     counts: dict[torch.dtype, int] = {}
     for t in state.values():
-        if t.dtype in PLAIN_FLOATS and _gguf_type(t) is None:
+        if _gguf_type(t) is not None:
+            return torch.bfloat16
+        if t.dtype in PLAIN_FLOATS:
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-    if not counts:
-        return torch.bfloat16
-    found = max(counts, key=lambda d: counts[d])
-    return torch.bfloat16 if found is torch.float32 and any(_gguf_type(t) for t in state.values()) else found
+    return max(counts, key=lambda d: counts[d]) if counts else torch.bfloat16
 
 
 def _skipped(name: str, patterns: Iterable[str]) -> bool:
