@@ -184,3 +184,43 @@ def test_sdxl_checkpoint_layout_in_fp8(
     assert result["source"]["rule"] == "unet/original"
     assert worker.call("model.validate_model", {"name": "m", "level": "functional"})["passed"]
     assert output_cosine(worker.module("m"), ref) >= FULL_PRECISION_COSINE["sdxl"]
+
+
+@pytest.mark.parametrize("kind", ["t5", "clip_l", "clip_g"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8", "scaled-fp8"])
+def test_text_encoders_in_fp8(worker: InProcessWorker, tmp_path: Path, kind: str, scaled: bool) -> None:
+    """T5 (its ``wo`` kept in full precision, its tied ``embed_tokens`` decoded with ``shared``) and
+    CLIP with transformers' own key prefix (``text_model.``, renamed before packing)."""
+    from modelkeeper.testing import make_text_encoder
+    from modelkeeper.testing.components import state_dict_for_save
+
+    ref = make_text_encoder(kind)  # type: ignore[arg-type]
+    saved = state_dict_for_save(ref)
+    state = scaled_fp8_state(saved) if scaled else fp8_state(saved, torch.float8_e4m3fn)
+    path = write(tmp_path / f"{kind}.safetensors", ref, state)
+    result = load(worker, path, "text_encoder", dtype="float32")
+    assert result["storage"] == ("scaled_float8_e4m3fn" if scaled else "float8_e4m3fn")
+    kept = sum(4 * p.numel() for n, p in ref.named_parameters() if ".wo." in n)  # T5's wo, in float32
+    assert result["bytes"] <= 0.55 * fp16_bytes(ref) + kept
+    report = worker.call("model.validate_model", {"name": "m", "level": "functional"})
+    assert report["passed"], [c for c in report["checks"] if not c["passed"]]
+    if not scaled:
+        assert output_cosine(worker.module("m"), rounded(ref, torch.float8_e4m3fn)) >= 0.99999
+    assert output_cosine(worker.module("m"), ref) >= 0.995
+
+
+def test_a_lora_on_a_packed_model_is_refused_not_applied(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path
+) -> None:
+    """Until the LoRA manager knows packed weights, a LoRA would patch fp8 bytes in place: refused."""
+    from modelkeeper.testing import save_kohya_lora
+
+    ref = refs["sdxl"]
+    path = write(tmp_path / "sdxl-fp8.safetensors", ref, fp8_state(ref.state_dict(), torch.float8_e4m3fn))
+    load(worker, path, "unet")
+    lora = save_kohya_lora(tmp_path / "lora.safetensors", "sdxl")
+    before = worker.module("m").down_blocks[1].attentions[0].proj_in.weight.clone()
+    with pytest.raises(ProtocolError, match="packed") as err:
+        worker.call("model.load_lora", {"name": "l", "path": str(lora), "targets": {"unet": "m"}})
+    assert err.value.code is ErrorCode.UNSUPPORTED_FORMAT
+    assert torch.equal(worker.module("m").down_blocks[1].attentions[0].proj_in.weight, before)

@@ -290,16 +290,13 @@ def _packed(ctx: _Context, spec: _Spec) -> DemoEntry:
     path = ctx.root / spec.path
     fields: dict[str, Any] = {
         "name": spec.name, "layout": spec.layout, "class_name": type(module).__name__, "prefix": prefix,
-        "config": config, "dims": {"in_channels": config["in_channels"]},
+        "config": config,
     }  # fmt: skip
     if spec.family == "transformer":
-        fields |= {
-            "type": "transformer",
-            "base": spec.kind,
-            "variant": "dev" if spec.kind == "flux" else "normal",
-        }
+        fields |= {"type": "transformer", "base": spec.kind, "variant": "dev" if spec.kind == "flux" else "normal",
+                   "dims": {"in_channels": config["in_channels"]}}  # fmt: skip
     else:
-        fields |= _describe(module, spec.kind)
+        fields |= _describe(module, spec.kind) | {"dims": _dims(module)}
     if path.suffix == ".gguf":
         path.parent.mkdir(parents=True, exist_ok=True)
         write_gguf(path, state, spec.form, arch=spec.kind, config=config)
@@ -384,7 +381,8 @@ def _embedding(ctx: _Context, spec: _Spec) -> DemoEntry:
 
 def _packed_specs() -> tuple[_Spec, ...]:
     """The forms users download (extras): a transformer-only Flux beside the set's own T5, CLIP-L and
-    Flux VAE files; fp8, e5m2 and scaled fp8 Flux, SD3 and SDXL; GGUF Flux and SD3 in every type."""
+    Flux VAE files; fp8, e5m2 and scaled fp8 Flux, SD3 and SDXL; fp8 and scaled fp8 T5; GGUF Flux and
+    SD3 in every type."""
     specs = [_Spec("flux-transformer", "transformer/tiny-flux.safetensors", _packed, "flux",
                    family="transformer", layout="diffusers", extra=True, form="bfloat16")]  # fmt: skip
     for base, family, layout in (("flux", "transformer", "diffusers"), ("sd3", "transformer", "diffusers"),
@@ -394,6 +392,9 @@ def _packed_specs() -> tuple[_Spec, ...]:
                           ("scaled_float8_e4m3fn", "fp8-scaled")):  # fmt: skip
             specs.append(_Spec(f"{base}-{family}-{tag}", f"{folder}/tiny-{base}-{tag}.safetensors", _packed, base,
                                family=family, layout=layout, prefix="", extra=True, form=form))  # fmt: skip
+    for form, tag in (("float8_e4m3fn", "fp8-e4m3fn"), ("scaled_float8_e4m3fn", "fp8-scaled")):
+        specs.append(_Spec(f"t5-{tag}", f"clip/tiny-t5-{tag}.safetensors", _packed, "t5", family="encoder",
+                           layout="diffusers", prefix="", extra=True, form=form))  # fmt: skip
     for base in ("flux", "sd3"):
         for qtype in GGUF_TYPES:
             specs.append(_Spec(f"{base}-transformer-{qtype.lower()}", f"transformer/tiny-{base}-{qtype}.gguf",

@@ -226,7 +226,7 @@ def build_module(
     skel = module if isinstance(module, Skeleton) else Skeleton.prepare(module)
     module, expected = skel.module, skel.expected
     if class_name in TEXT_ENCODER_CLASSES:
-        state = _rename_for_transformers(module, state, expected)
+        state = rename_for_transformers(module, state, expected)
     unexpected = sorted(state.keys() - expected.keys())
     if unexpected:
         raise InvalidModelFile(
@@ -275,12 +275,13 @@ def _tensor_of(owner: tuple[torch.nn.Module, str, bool]) -> torch.Tensor:
     return found
 
 
-def _rename_for_transformers(
+def rename_for_transformers(
     module: torch.nn.Module, state: dict[str, torch.Tensor], expected: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
     """Apply the key renamings transformers itself applies when loading (v5 moved some prefixes).
 
-    Only renamings are applied; a checkpoint that needs tensor conversions is refused."""
+    Only renamings are applied; a checkpoint that needs tensor conversions is refused. Keys that
+    are already the module's are returned as they are (a second call is free)."""
     if all(k in expected for k in state):
         return state
     from transformers.conversion_mapping import get_model_conversion_mapping

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound
+from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsupportedFormat
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.messages import (
     PROTOCOL_VERSION,
@@ -280,6 +280,8 @@ class ModelService:
             skel = skeleton.result()
             stored: storage.StoragePlan | None = None
             if packing:
+                if class_name in assemble.TEXT_ENCODER_CLASSES:  # owners are found by the module's own keys
+                    state = assemble.rename_for_transformers(skel.module, state, skel.expected)
                 state, stored = storage.plan_storage(skel.module, state, compute=dtype, storage=storage_dtype)
             module = assemble.build_module(
                 class_name, source.config, state, self.device, path=str(source.path), module=skel,
@@ -526,6 +528,13 @@ class ModelService:
 
     def load_lora(self, req: LoadLoraRequest, op: Operation) -> dict[str, Any]:
         targets = {role: self.module(model, f"data.targets.{role}") for role, model in req.targets.items()}
+        for role, module in targets.items():
+            packed = storage.plan_of(module)
+            if packed is not None:  # the LoRA manager patches weights in place: not packed ones yet
+                raise UnsupportedFormat(
+                    f"data.targets.{role}: {req.targets[role]!r} keeps its weights packed ({packed.form}); "
+                    "LoRAs apply to models loaded with plain weights only for now"
+                )
         report = self.loras.load(
             req.name, req.path, targets, strength=req.strength, role_strength=req.role_strength,
             strict=req.strict, min_match=req.min_match, check=op.check,

@@ -222,14 +222,21 @@ def plan_storage(
     """Decide the stored form of every tensor of ``state`` (keys of ``module``'s state dict).
 
     Packed tensors of the file (fp8, scaled fp8, GGUF) stay packed where their layer can decode them
-    as it runs, else they are decoded now. With ``storage`` (an fp8 dtype) the plain weights of the
+    as it runs (not in the class's ``_keep_in_fp32_modules``), else they are decoded now. With ``storage`` (an fp8 dtype) the plain weights of the
     layers a storage cast does not skip are cast down. Every other floating tensor is put in the
     compute dtype. Tensors kept as they are stay views of the file's buffer unless most of that
     buffer was replaced anyway (then they are copied, so the buffer is freed).
     """
     dtype = compute_dtype_for(state, compute)
     hookable = hookable_classes()
-    owners = {name: m for name, m in module.named_modules() if isinstance(m, hookable)}
+    # a class's modules kept in full precision compare their weight's dtype outside their forward
+    # (T5's ``wo``: the hidden states are cast to it): those are decoded at load, never packed
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    owners = {
+        name: m
+        for name, m in module.named_modules()
+        if isinstance(m, hookable) and not keep.intersection(name.split("."))
+    }
     skip = tuple(skip)
     plan = StoragePlan(dtype)
     out: dict[str, torch.Tensor] = {}
@@ -304,8 +311,18 @@ class _Attached:
 
 
 def attach(module: torch.nn.Module, plan: StoragePlan) -> None:
-    """Give every packed layer of ``module`` its decode hooks (see the module docstring)."""
+    """Give every packed layer of ``module`` its decode hooks (see the module docstring). A layer
+    that shares a packed tensor (a tied weight: T5's ``embed_tokens`` is its ``shared``) gets them too."""
     modules = dict(module.named_modules())
+    by_tensor = {
+        id(modules[owner]._parameters[attr]): packed
+        for owner, attrs in plan.packed.items()
+        for attr, packed in attrs.items()
+    }
+    for name, layer in modules.items():
+        for attr, param in layer._parameters.items():
+            if param is not None and id(param) in by_tensor and attr not in plan.packed.get(name, {}):
+                plan.packed.setdefault(name, {})[attr] = by_tensor[id(param)]
     handles: list[Any] = []
     for owner, attrs in plan.packed.items():
         layer = modules[owner]
