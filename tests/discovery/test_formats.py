@@ -75,6 +75,9 @@ def test_gguf_flux_is_identified_with_its_quant_and_loadable(tmp_path: Path, reg
         "dev",
     )
     assert by_path["unet/flux1-schnell-Q4_K_S.gguf"].variant == "schnell"
+    assert dev.quant == "Q4_K" and dev.to_json()["quant"] == "Q4_K"
+    again = {e.path: e for e in scan(registry, tmp_path).entries}["unet/flux1-dev-Q4_K_S.gguf"]
+    assert (again.change, again.quant) == ("unchanged", "Q4_K")  # from the registry, not the file
     record = registry.get(dev.model_id or "")
     assert record.identification.loadable is True
     assert record.identification.dtypes.keys() == {"Q4_K", "F32"}
