@@ -112,3 +112,47 @@ def test_gguf_through_the_ram_cache(
         worker.call("model.release_segments", {})
     finally:
         cache.close()
+
+
+def test_original_flux_layout_keeps_blocks_packed_through_conversion() -> None:
+    """city96's Flux GGUFs use Black Forest Labs' keys: diffusers' converter splits the fused q/k/v and
+    MLP rows of the packed blocks (rows hold whole blocks), the pieces stay views, and every weight of
+    a Linear stays packed at its logical shape (full-size Flux, on the meta device)."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    from modelkeeper.formats.gguf_header import packed_shape
+    from modelkeeper.formats.known_configs import load_known_config
+    from modelkeeper.protocol.messages import ModelKind
+    from modelkeeper.testing.gguf_files import stored_type
+    from modelkeeper.worker import assemble, convert, storage
+    from modelkeeper.worker.weights import TensorEntry
+    from tests.discovery.stripped import flux_bfl
+
+    config = dict(load_known_config("flux_dev", "transformer"))
+    shapes = {k: s for k, (_, s) in flux_bfl(guidance=True).items()}
+    state: dict[str, torch.Tensor] = {}
+    for key, shape in shapes.items():
+        kind = stored_type("Q4_K", key, shape)
+        if kind == "Q4_K":
+            raw = torch.empty(packed_shape(key, kind, shape), dtype=torch.uint8, device="meta")
+            state[key] = GGUFParameter(raw, quant_type=gguf.GGMLQuantizationType.Q4_K)
+        else:
+            state[key] = torch.empty(
+                shape, dtype=torch.float16 if kind == "F16" else torch.float32, device="meta"
+            )
+    entries = {k: TensorEntry(Path("flux.gguf"), k, "U8", tuple(v.shape), 0) for k, v in state.items()}
+    plan = convert.plan_component(ModelKind.TRANSFORMER, entries, config)
+    assert plan.rule.name == "flux/original"
+    converted = convert.to_loadable(plan, state, config)
+    q = converted["transformer_blocks.0.attn.to_q.weight"]
+    assert isinstance(q, GGUFParameter) and tuple(q.shape) == (3072, 3072 // 256 * 144)
+    quantized = {k for k, v in converted.items() if isinstance(v, GGUFParameter)}
+    skel = assemble.Skeleton.prepare(assemble.skeleton("FluxTransformer2DModel", config))
+    out, plan_ = storage.plan_storage(skel.module, converted, compute=torch.bfloat16, storage=None)
+    module = assemble.build_module("FluxTransformer2DModel", config, out, torch.device("meta"), module=skel,
+                                   shapes=plan_.logical_shapes())  # fmt: skip
+    packed = plan_.logical_shapes()
+    assert plan_.form == "gguf:Q4_K" and set(packed) == quantized and len(quantized) > 400
+    assert all(module.get_parameter(k).dtype == torch.uint8 for k in packed)
+    assert all(packed[k] == skel.expected[k] for k in packed)

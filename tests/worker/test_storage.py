@@ -224,3 +224,38 @@ def test_a_lora_on_a_packed_model_is_refused_not_applied(
         worker.call("model.load_lora", {"name": "l", "path": str(lora), "targets": {"unet": "m"}})
     assert err.value.code is ErrorCode.UNSUPPORTED_FORMAT
     assert torch.equal(worker.module("m").down_blocks[1].attentions[0].proj_in.weight, before)
+
+
+def test_scales_follow_the_pieces_of_an_original_flux_file() -> None:
+    """ComfyUI's scaled Flux files use Black Forest Labs' keys: after diffusers' converter splits
+    ``img_attn.qkv`` into q, k, v (and swaps the halves of ``final_layer.adaLN_modulation``), each
+    piece carries the scale of the tensor it came from (full-size Flux, on the meta device)."""
+    from modelkeeper.formats.known_configs import load_known_config
+    from modelkeeper.protocol.messages import ModelKind
+    from modelkeeper.worker import convert
+    from modelkeeper.worker.storage import ScaledFloat8, split_scales
+    from modelkeeper.worker.weights import TensorEntry
+    from tests.discovery.stripped import flux_bfl
+
+    config = dict(load_known_config("flux_dev", "transformer"))
+    state: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, (_, shape) in flux_bfl(guidance=True).items():
+        fp8 = len(shape) == 2 and key.endswith(".weight")
+        state[key] = torch.empty(shape, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device="meta")
+        if fp8:
+            state[key.removesuffix(".weight") + ".scale_weight"] = torch.empty(1, device="meta")
+    entries = {
+        k: TensorEntry(Path("f.safetensors"), k, "F8_E4M3", tuple(v.shape), 0) for k, v in state.items()
+    }
+    plan = convert.plan_component(ModelKind.TRANSFORMER, entries, config)
+    unscaled, scaled = split_scales({k: state[k] for k in plan.keys})
+    assert scaled and not any(k.endswith("scale_weight") or k == "scaled_fp8" for k in unscaled)
+    qkv_scale = unscaled["double_blocks.0.img_attn.qkv.weight"].scale  # type: ignore[attr-defined]
+    final_scale = unscaled["final_layer.adaLN_modulation.1.weight"].scale  # type: ignore[attr-defined]
+    converted = convert.to_loadable(plan, unscaled, config)
+    for piece in ("to_q", "to_k", "to_v"):
+        tensor = converted[f"transformer_blocks.0.attn.{piece}.weight"]
+        assert isinstance(tensor, ScaledFloat8) and tensor.scale is qkv_scale
+    swapped = converted["norm_out.linear.weight"]
+    assert isinstance(swapped, ScaledFloat8) and swapped.scale is final_scale
+    assert not isinstance(converted["transformer_blocks.0.norm1.linear.bias"], ScaledFloat8)
