@@ -259,3 +259,42 @@ def test_scales_follow_the_pieces_of_an_original_flux_file() -> None:
     swapped = converted["norm_out.linear.weight"]
     assert isinstance(swapped, ScaledFloat8) and swapped.scale is final_scale
     assert not isinstance(converted["transformer_blocks.0.norm1.linear.bias"], ScaledFloat8)
+
+
+@pytest.mark.parametrize("base", ["flux", "sdxl"])
+def test_storage_dtype_casts_each_group_as_it_is_read(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path, base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The file is read a group at a time, each group cast before the next is read (the keys to cast
+    are found through the key conversion on the meta device: SDXL in its original layout here)."""
+    from modelkeeper.worker import service, weights
+
+    ref = refs[base]
+    config = component_config(ref)
+    state = dict(ref.state_dict())
+    if base == "sdxl":
+        state = to_original_layout("unet", state, config, prefix="model.diffusion_model.")
+    path = tmp_path / f"{base}.safetensors"
+    save_file(state, str(path))
+    reads: list[int] = []
+    real = weights.load_tensors
+
+    def counting(path: Path, names: list[str], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = real(path, names, *args, **kwargs)
+        reads.append(sum(t.numel() * t.element_size() for t in out.values()))
+        return out
+
+    monkeypatch.setattr(weights, "load_tensors", counting)
+    monkeypatch.setattr(service, "CAST_GROUP_BYTES", 1 << 20)
+    result = load(worker, path, KIND[base], dtype="float32", storage_dtype="float8_e4m3fn", config=config)
+    file_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    assert sum(reads) == file_bytes and len(reads) > 4 and max(reads) < file_bytes / 4
+    assert result["storage"] == "float8_e4m3fn" and result["bytes"] < 0.35 * file_bytes
+    module = worker.module("m")
+    first = module.conv_in if base == "sdxl" else module.x_embedder
+    assert first.weight.dtype == (
+        torch.float32 if base == "sdxl" else torch.float8_e4m3fn
+    )  # conv_in: skipped
+    assert worker.call("model.validate_model", {"name": "m", "level": "functional"})["passed"]
+    assert output_cosine(module, ref) >= FULL_PRECISION_COSINE[base]

@@ -54,6 +54,7 @@ from modelkeeper.worker.errors import (
     NotLoaded,
 )
 from modelkeeper.worker.lora import LoraManager
+from modelkeeper.worker.mapping import TORCH_DTYPES as MAPPED_DTYPES
 from modelkeeper.worker.mapping import MappingTable
 from modelkeeper.worker.warm import wait_for_warm_up
 
@@ -63,6 +64,11 @@ TORCH_DTYPES = {
     DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16,
     DType.FLOAT8_E4M3FN: torch.float8_e4m3fn, DType.FLOAT8_E5M2: torch.float8_e5m2,
 }  # fmt: skip
+
+
+#: Bytes read per group when a load casts down as it reads (``storage_dtype``): the device holds the
+#: stored model plus about this much of the file at the peak, not the whole file.
+CAST_GROUP_BYTES = 512 * MiB
 
 
 def load_dtypes(request: LoadRequest) -> tuple[torch.dtype | None, torch.dtype | None]:
@@ -256,6 +262,11 @@ class ModelService:
         skeleton = self.skeletons.take(class_name, source.config, path=str(source.path))
         stages: dict[str, float] = {}
         try:
+            transform = None
+            if storage_dtype in storage.FLOAT8 and not any(e.packed for e in entries):
+                # cast each group as it is read: the device holds the file's bytes a group at a time
+                early = self._cast_sources(entries, plan, source.config, class_name, skeleton.result())
+                transform = storage.cast_while_reading(early, storage_dtype)
             t = time.perf_counter()
             state = weights.read_tensors(
                 entries,
@@ -266,6 +277,8 @@ class ModelService:
                 check=op.check,
                 throttle_bytes_per_s=self._throttle,
                 stages=stages,
+                transform=transform,
+                group_bytes=CAST_GROUP_BYTES,
             )
             timings["read"] = time.perf_counter() - t
             timings.update(stages)
@@ -328,6 +341,27 @@ class ModelService:
             source=source_info, evicted=evicted, memory=self.memory_info(),
             timings={k: round(v, 6) for k, v in timings.items()}, storage=form,
         )  # fmt: skip
+
+    @staticmethod
+    def _cast_sources(
+        entries: list[weights.TensorEntry],
+        plan: convert.ComponentPlan | None,
+        config: dict[str, Any],
+        class_name: str,
+        skel: assemble.Skeleton,
+    ) -> set[str]:
+        """The file keys a storage cast packs (:func:`storage.cast_sources`), through this load's
+        own key conversion."""
+
+        def to_module_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if plan is not None:
+                state = convert.to_loadable(plan, state, config)
+            if class_name in assemble.TEXT_ENCODER_CLASSES:
+                state = assemble.rename_for_transformers(skel.module, state, skel.expected)
+            return state
+
+        shapes = {e.key: (e.shape, MAPPED_DTYPES[e.dtype]) for e in entries if e.dtype in MAPPED_DTYPES}
+        return storage.cast_sources(skel.module, shapes, to_module_keys)
 
     def _load_tokenizer(
         self, request: LoadRequest, source: sources.ComponentSource, op: Operation, started: float

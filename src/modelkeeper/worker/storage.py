@@ -149,6 +149,95 @@ def is_scale_key(key: str) -> bool:
     return key.endswith(SCALE_SUFFIXES) or key.rpartition(".")[2] == SCALED_MARKER
 
 
+# ----------------------------------------------------------------------------- casting while reading
+
+
+class _Origin(torch.Tensor):
+    """A meta tensor tagged with the file key it comes from; the tag follows it through a key
+    conversion (renames, chunks, concatenations), so each converted key knows its source."""
+
+    origin: str
+
+    @staticmethod
+    def tag(tensor: torch.Tensor, origin: str) -> _Origin:
+        out = tensor.as_subclass(_Origin)
+        out.origin = origin
+        return out
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Callable[..., Any], types: Iterable[type], args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        origin = _origin_in(args)
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **(kwargs or {}))
+        return _retag(result, origin)
+
+
+def _origin_in(args: Iterable[Any]) -> str | None:
+    for arg in args:
+        if isinstance(arg, _Origin):
+            return arg.origin
+        if isinstance(arg, list | tuple):
+            found = _origin_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _retag(result: Any, origin: str | None) -> Any:
+    if origin is None:
+        return result
+    if isinstance(result, torch.Tensor):
+        return _Origin.tag(result, origin)
+    if type(result) in (list, tuple):
+        return type(result)(_retag(r, origin) for r in result)
+    return result
+
+
+def cast_sources(
+    module: torch.nn.Module,
+    tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    *,
+    skip: Iterable[str] = SKIP_PATTERNS,
+) -> set[str]:
+    """The file keys a storage cast packs: those whose tensors all become weights of layers that keep
+    a packed form (see :func:`plan_storage`). Found by converting meta tensors tagged with their
+    keys, so a load can cast each tensor as soon as it is read, before the key conversion."""
+    meta = {
+        k: _Origin.tag(torch.empty(shape, dtype=dtype, device="meta"), k)
+        for k, (shape, dtype) in tensors.items()
+    }
+    converted = convert(dict(meta))
+    owners = _packable_owners(module)
+    skip = tuple(skip)
+    castable: set[str] = set()
+    kept: set[str] = set()
+    for key, tensor in converted.items():
+        origin = getattr(tensor, "origin", None)
+        if origin is None:
+            continue
+        owner, _, attr = key.rpartition(".")
+        packs = owner in owners and attr in owners[owner]._parameters and not _skipped(owner, skip)
+        (castable if packs and tensor.is_floating_point() else kept).add(origin)
+    return castable - kept
+
+
+def cast_while_reading(
+    keys: set[str], storage: torch.dtype
+) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A read transform: the tensors of ``keys`` cast to ``storage``, every other one copied out of
+    the group's buffer, so each group's buffer is freed before the next group is read."""
+
+    def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            k: t.to(storage) if k in keys and t.is_floating_point() else t.clone() for k, t in tensors.items()
+        }
+
+    return transform
+
+
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -207,6 +296,19 @@ def compute_dtype_for(state: Mapping[str, torch.Tensor], requested: torch.dtype 
     return max(counts, key=lambda d: counts[d]) if counts else torch.bfloat16
 
 
+def _packable_owners(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The layers that can keep a packed form, by name. A class's modules kept in full precision
+    compare their weight's dtype outside their forward (T5's ``wo``: the hidden states are cast to
+    it): those are decoded at load, never packed."""
+    hookable = hookable_classes()
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    return {
+        name: m
+        for name, m in module.named_modules()
+        if isinstance(m, hookable) and not keep.intersection(name.split("."))
+    }
+
+
 def _skipped(name: str, patterns: Iterable[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
@@ -228,15 +330,7 @@ def plan_storage(
     buffer was replaced anyway (then they are copied, so the buffer is freed).
     """
     dtype = compute_dtype_for(state, compute)
-    hookable = hookable_classes()
-    # a class's modules kept in full precision compare their weight's dtype outside their forward
-    # (T5's ``wo``: the hidden states are cast to it): those are decoded at load, never packed
-    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
-    owners = {
-        name: m
-        for name, m in module.named_modules()
-        if isinstance(m, hookable) and not keep.intersection(name.split("."))
-    }
+    owners = _packable_owners(module)
     skip = tuple(skip)
     plan = StoragePlan(dtype)
     out: dict[str, torch.Tensor] = {}
@@ -406,6 +500,8 @@ __all__ = [
     "ScaledFloat8",
     "StoragePlan",
     "attach",
+    "cast_sources",
+    "cast_while_reading",
     "compute_dtype",
     "detach",
     "estimate_bytes",

@@ -24,6 +24,7 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 FLOAT8_DTYPES = {"F8_E4M3", "F8_E5M2"}
 
 ProgressFn = Callable[[int, int], None]
+TransformFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 CheckFn = Callable[[], None]
 
 
@@ -103,6 +104,8 @@ def read_tensors(
     check: CheckFn | None = None,
     throttle_bytes_per_s: float | None = None,
     stages: dict[str, float] | None = None,
+    transform: TransformFn | None = None,
+    group_bytes: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read ``entries`` onto ``device``; floating tensors are cast to ``dtype`` when given. The
     quantized tensors of a GGUF file come as ``GGUFParameter`` (:func:`as_gguf_parameters`).
@@ -110,13 +113,14 @@ def read_tensors(
     ``check`` is called between chunks and may raise (cancellation); ``throttle_bytes_per_s``
     caps the read rate (a diagnostic knob that simulates a slow disk). ``stages`` gathers the
     seconds of the copy itself (``copy``) and of making the tensor views (``views``).
+    With ``transform``, each file is read in groups of about ``group_bytes`` (one allocation
+    each) and every group goes through ``transform`` before the next is read: a load that casts
+    down (``storage_dtype``) holds the file's bytes one group at a time, not all at once.
     """
     total = sum(e.nbytes for e in entries)
     base = 0
     started = time.perf_counter()
-    by_file: dict[Path, list[str]] = {}
-    for e in entries:
-        by_file.setdefault(e.file, []).append(e.key)
+    groups = _groups(entries, group_bytes if transform is not None else None)
     out: dict[str, torch.Tensor] = {}
 
     def report(done: int, _file_total: int) -> None:
@@ -127,7 +131,8 @@ def read_tensors(
             if ahead > 0:
                 time.sleep(ahead)
 
-    for path, names in by_file.items():
+    for group in groups:
+        path, names = group[0].file, [e.key for e in group]
         tensors = load_tensors(path, names, device, table=table, progress=report, check=check, stages=stages)
         base += sum(t.numel() * t.element_size() for t in tensors.values())
         tensors = as_gguf_parameters(tensors, _gguf_types(cached_header(path).metadata))
@@ -137,5 +142,31 @@ def read_tensors(
                 k: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t.clone()
                 for k, t in tensors.items()
             }
+        if transform is not None:
+            tensors = transform(tensors)
         out.update(tensors)
     return out
+
+
+def _groups(entries: list[TensorEntry], group_bytes: int | None) -> list[list[TensorEntry]]:
+    """``entries`` by file, in file order; with ``group_bytes``, each file's cut into runs of about
+    that many bytes (a tensor larger than that is a group alone)."""
+    by_file: dict[Path, list[TensorEntry]] = {}
+    for e in entries:
+        by_file.setdefault(e.file, []).append(e)
+    groups: list[list[TensorEntry]] = []
+    for file_entries in by_file.values():
+        if group_bytes is None:
+            groups.append(file_entries)
+            continue
+        current: list[TensorEntry] = []
+        size = 0
+        for e in file_entries:
+            if current and size + e.nbytes > group_bytes:
+                groups.append(current)
+                current, size = [], 0
+            current.append(e)
+            size += e.nbytes
+        if current:
+            groups.append(current)
+    return groups
