@@ -471,8 +471,15 @@ def _identify_table(
     return finish(ident, hints)
 
 
+#: Component rules whose key names no worker conversion handles: llama.cpp's T5 names in GGUF files.
+UNCONVERTIBLE_RULES = frozenset({"text_encoder.t5.gguf"})
+
+
 def finish(ident: Identification, hints: PathHints | None) -> Identification:
-    """Record the folder hints and whether the headers agree with them."""
+    """Record the folder hints and whether the headers agree with them; a file whose keys no worker
+    conversion handles is not loadable."""
+    if ident.rule in UNCONVERTIBLE_RULES or any(c.rule in UNCONVERTIBLE_RULES for c in ident.components):
+        ident.loadable = False
     if hints is None:
         return ident
     if hints.type_hint is not None:
