@@ -51,7 +51,7 @@ from modelkeeper.discovery.rules.lora import LORA_BASE_RULES, LORA_FORMAT_RULES,
 from modelkeeper.discovery.tables import TensorLike, TensorTable, gguf_loadable, storage_form
 
 #: Bumped whenever a rule table changes, so that a rescan identifies unchanged files again.
-RULES_VERSION = 1
+RULES_VERSION = 2  # 2: GGUF loadable, Identification.quant
 
 DENOISERS = frozenset({ModelType.UNET, ModelType.TRANSFORMER})
 
