@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODELS ?= models
+CHROMIUM := /usr/lib/chromium/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install run test check lint types fmt demo clean
 
@@ -23,12 +25,18 @@ demo: $(STAMP) $(MODELS)
 run: $(STAMP) $(MODELS)
 	$(PY) -m modelkeeper serve --models $(MODELS)
 
-test: $(STAMP)
+# Debian's Chromium, driven by Playwright in the dashboard's browser tests (tests/web).
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	PYTHONPATH=src $(VENV)/bin/lint-imports --no-logo
 
 types: $(STAMP)
 	$(VENV)/bin/mypy
@@ -40,4 +48,4 @@ fmt: $(STAMP)
 check: lint types test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

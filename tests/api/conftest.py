@@ -3,12 +3,16 @@ SQLite registry, the demo models as the model root."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import schemathesis
+from fastapi import FastAPI
 
 from modelkeeper.client import Client
 from modelkeeper.orchestrator import Settings
@@ -66,3 +70,41 @@ def wait_for_segments(client: Client, mid: str, count: int, timeout: float = 60.
         if len(mine) >= count or time.monotonic() > deadline:
             return mine
         time.sleep(0.05)
+
+
+def _templates(spec: dict[str, Any], spans: bool) -> list[tuple[re.Pattern[str], str, set[str]]]:
+    """(regex, template, methods) per path of ``spec``, in the app's routing order; a parameter is
+    one segment, or (``spans``) any text: a ``{model_id:path}`` may hold slashes."""
+    part = ".+" if spans else "[^/]+"
+    return [
+        (re.compile(re.sub(r"\\\{[^}]+\\\}", part, re.escape(path)) + "$"), path, {m.upper() for m in ops})
+        for path, ops in spec["paths"].items()
+    ]
+
+
+def conforming(svc: RunningService) -> Callable[[httpx.Response], None]:
+    """An httpx response hook: every JSON answer (errors, 202s and ``/status`` included, which the
+    app itself does not validate) must match what the service's OpenAPI spec documents for its
+    route and status. ``Client(svc.url, event_hooks={"response": [conforming(svc)]})``."""
+    app = svc.server.config.app
+    assert isinstance(app, FastAPI)
+    spec = app.openapi()
+    schema = schemathesis.openapi.from_dict(spec)
+    routes = _templates(spec, spans=False) + _templates(spec, spans=True)
+
+    def check(response: httpx.Response) -> None:
+        if not response.headers.get("content-type", "").startswith("application/json"):
+            return  # event streams (never read here), metrics text
+        method, path = response.request.method, response.request.url.path
+        template = next((t for regex, t, methods in routes if method in methods and regex.match(path)), None)
+        if template is not None:
+            response.read()
+            response.close()  # sets `elapsed`, which the check reads
+            schema[template][method].validate_response(response)
+
+    return check
+
+
+def checked_client(svc: RunningService, **kwargs: Any) -> Client:
+    """A client of ``svc`` whose every JSON answer is checked against the spec (:func:`conforming`)."""
+    return Client(svc.url, event_hooks={"response": [conforming(svc)]}, **kwargs)

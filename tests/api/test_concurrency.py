@@ -11,7 +11,7 @@ import pytest
 
 from modelkeeper.client import ApiError, AsyncClient, Client
 from modelkeeper.testing.service import RunningService
-from tests.api.conftest import CLIP_L, SD15, SD15_CKPT, SDXL, ServiceFactory, model_id
+from tests.api.conftest import CLIP_L, SD15, SD15_CKPT, SDXL, ServiceFactory, checked_client, model_id
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def slow(make_service: ServiceFactory) -> Iterator[RunningService]:
 
 @pytest.fixture
 def client(slow: RunningService) -> Iterator[Client]:
-    with Client(slow.url) as c:
+    with checked_client(slow) as c:
         yield c
         c.unload_all(force=True)
 

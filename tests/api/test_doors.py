@@ -93,7 +93,7 @@ def test_body_size_limit(guarded: RunningService) -> None:
 def test_paths_must_resolve_inside_the_model_roots(
     guarded: RunningService, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    root = guarded.service.roots[0]
+    root = guarded.service.catalog.roots[0]
     outside = tmp_path_factory.mktemp("outside")
     (outside / "secret.safetensors").write_bytes(b"\0" * 16)
     link = root / "escape-link.safetensors"

@@ -18,6 +18,7 @@ from tests.api.conftest import (
     SD15_CKPT,
     SDXL,
     ServiceFactory,
+    checked_client,
     model_id,
     wait_for_segments,
 )
@@ -51,7 +52,8 @@ def svc(make_service: ServiceFactory) -> Iterator[RunningService]:
 
 @pytest.fixture
 def client(svc: RunningService) -> Iterator[Client]:
-    with Client(svc.url) as c:
+    """A client whose every answer is checked against the OpenAPI spec."""
+    with checked_client(svc) as c:
         yield c
         for lease in c.leases():
             c.release_lease(lease["id"])
@@ -270,6 +272,8 @@ def test_errors_are_json_with_codes(client: Client, svc: RunningService) -> None
     extra = httpx.post(f"{svc.url}/api/model/search", json={"colour": "blue"})
     assert extra.status_code == 422 and "colour" in extra.json()["error"]
     assert httpx.get(f"{svc.url}/api/nothing").json()["error_code"] == "NOT_FOUND"
+    no_stream = httpx.get(f"{svc.url}/api/jobs/j-nope/events")  # was an empty 200 stream
+    assert no_stream.status_code == 404 and no_stream.json()["details"] == {"job_id": "j-nope"}
     # found by the fuzzer: numbers past SQLite's integers, a lone UTF-16 surrogate in valid JSON
     assert httpx.get(f"{svc.url}/api/model", params={"offset": 10**20}).status_code == 422
     surrogate = httpx.post(

@@ -20,7 +20,16 @@ import pytest
 from modelkeeper.client import ApiError, Client
 from modelkeeper.testing import DemoManifest
 from modelkeeper.testing.service import RunningService
-from tests.api.conftest import CLIP_L, SD15, SD15_CKPT, SDXL, ServiceFactory, model_id, wait_for_segments
+from tests.api.conftest import (
+    CLIP_L,
+    SD15,
+    SD15_CKPT,
+    SDXL,
+    ServiceFactory,
+    checked_client,
+    model_id,
+    wait_for_segments,
+)
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
@@ -35,7 +44,7 @@ def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "condi
 
 def shm_files(svc: RunningService) -> set[str]:
     """The segment files of this service's cache (other services of this test process have their own)."""
-    return set(glob.glob(f"/dev/shm/modelkeeper-{os.getpid()}-{svc.service.cache.instance}-*"))
+    return set(glob.glob(f"/dev/shm/modelkeeper-{os.getpid()}-{svc.service.feed.cache.instance}-*"))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,7 @@ def slow(make_service: ServiceFactory) -> Iterator[RunningService]:
 
 
 def test_worker_killed_mid_load_is_restarted_and_reconciled(slow: RunningService) -> None:
-    with Client(slow.url) as c:
+    with checked_client(slow) as c:
         keep = model_id(c, CLIP_L)
         c.load(CLIP_L, keep_loaded=True)
         before = c.status("cpu")
@@ -71,7 +80,7 @@ def test_worker_killed_mid_load_is_restarted_and_reconciled(slow: RunningService
 
 
 def test_hung_worker_times_out_and_is_restarted(slow: RunningService) -> None:
-    with Client(slow.url) as c:
+    with checked_client(slow) as c:
         pid = c.status("cpu")["pid"]
         restarts = c.status("cpu")["restarts"]
         os.kill(pid, signal.SIGSTOP)
@@ -194,7 +203,7 @@ def test_every_component_of_an_unhashed_checkpoint_fills_alongside(make_service:
     """Without content ids (no hashing yet) a checkpoint's components share one path: each still
     gets its own segment filled beside the load."""
     with make_service(hash_on_start=False) as svc, Client(svc.url) as c:
-        cache = svc.service.cache
+        cache = svc.service.feed.cache
         fill = cache.cache_file
 
         def slow_fill(*args: Any, **kwargs: Any) -> Any:

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from conftest import scan
 from modelkeeper.discovery.hasher import Hasher, HashProgress
-from modelkeeper.discovery.hashing import Cancelled, TensorSpan, content_id, hash_file
+from modelkeeper.discovery.hashing import HashingCancelled, TensorSpan, content_id, hash_file
 from modelkeeper.registry.store import Registry
 from modelkeeper.testing.manifest import DemoManifest
 
@@ -55,7 +55,7 @@ def test_cancel(tmp_path: Path) -> None:
     path.write_bytes(b"x" * 10_000)
     stop = threading.Event()
     stop.set()
-    with pytest.raises(Cancelled):
+    with pytest.raises(HashingCancelled):
         hash_file(path, chunk_size=1000, cancel=stop)
 
 

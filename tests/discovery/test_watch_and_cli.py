@@ -12,7 +12,7 @@ import typer
 from stripped import write_stripped
 from typer.testing import CliRunner
 
-from modelkeeper.discovery.cli import scan as scan_command
+from modelkeeper.cli.discovery import scan as scan_command
 from modelkeeper.discovery.scanner import Scanner, ScanReport
 from modelkeeper.registry.store import Registry
 
@@ -47,7 +47,7 @@ def test_watch_rescans_on_change(tmp_path: Path, registry: Registry) -> None:
 def _app() -> typer.Typer:
     app = typer.Typer()
     app.command("scan")(scan_command)
-    app.command("noop")(lambda: None)  # keeps "scan" a sub-command, as in modelkeeper.cli
+    app.command("noop")(lambda: None)  # keeps "scan" a sub-command, as in modelkeeper.cli.app
     return app
 
 

@@ -57,3 +57,5 @@ def test_cli_prints_the_schema() -> None:
     schema = json.loads(out.stdout)
     assert schema["protocol_version"] == protocol_schema()["protocol_version"]
     assert "model.load_unet" in schema["commands"]
+    for command, (_, result) in COMMAND_MODELS.items():
+        assert schema["commands"][command.value]["result"]["title"] == result.__name__

@@ -7,7 +7,7 @@ import json
 import typer
 from typer.testing import CliRunner
 
-from modelkeeper.registry.cli import ls, meta, show
+from modelkeeper.cli.registry import ls, meta, show
 from modelkeeper.registry.store import Registry
 
 

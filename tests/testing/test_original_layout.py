@@ -12,6 +12,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors.torch import load_file
 
+from modelkeeper.formats.conventions import LDM_DENOISER_PREFIX, LDM_VAE_PREFIX
 from modelkeeper.testing import (
     ENCODER_HIDDEN_SIZE,
     UNET_KINDS,
@@ -32,8 +33,6 @@ from modelkeeper.testing.original_layout import (
     SDXL_CLIP_G_PREFIX,
     SDXL_CLIP_L_PREFIX,
     SDXL_REFINER_CLIP_G_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
     unet_key_to_original,
 )
 from tests.testing.conftest import GROUP, assert_bitwise_equal
@@ -45,8 +44,8 @@ pytestmark = GROUP
 def test_unet_round_trips_through_diffusers_converter(kind: str) -> None:
     unet = make_unet(kind, dtype=torch.float16)
     diffusers_sd = state_dict_for_save(unet)
-    original = unet_to_original(diffusers_sd, unet.config, prefix=UNET_PREFIX)
-    assert all(k.startswith(UNET_PREFIX) for k in original)
+    original = unet_to_original(diffusers_sd, unet.config, prefix=LDM_DENOISER_PREFIX)
+    assert all(k.startswith(LDM_DENOISER_PREFIX) for k in original)
     back = convert_ldm_unet_checkpoint(original, dict(unet.config))
     assert_bitwise_equal(back, diffusers_sd)
 
@@ -69,7 +68,7 @@ def test_unet_original_names_are_the_ldm_ones() -> None:
 
 
 @pytest.mark.parametrize("kind", VAE_KINDS)
-@pytest.mark.parametrize("prefix", ["", VAE_PREFIX])
+@pytest.mark.parametrize("prefix", ["", LDM_VAE_PREFIX])
 def test_vae_round_trips_through_diffusers_converter(kind: str, prefix: str) -> None:
     vae = make_vae(kind, dtype=torch.float16)
     diffusers_sd = state_dict_for_save(vae)
@@ -137,7 +136,7 @@ def test_demo_component_files_convert_back(demo: DemoManifest) -> None:
         assert config is not None and entry.prefix is not None
         if entry.type == "unet":
             if not entry.prefix:
-                original = {UNET_PREFIX + k: v for k, v in original.items()}
+                original = {LDM_DENOISER_PREFIX + k: v for k, v in original.items()}
             back = convert_ldm_unet_checkpoint(original, config)
             expected = state_dict_for_save(
                 make_unet(_unet_kind(entry.base, entry.variant), dtype=torch.float16)

@@ -82,3 +82,20 @@ def test_bad_arguments_are_refused() -> None:
         benchmark(unet, resolution=100)
     with pytest.raises(InvalidRequest, match="cannot benchmark"):
         benchmark(torch.nn.Linear(2, 2))
+
+
+def test_check_runs_before_each_pass_and_can_stop_a_long_benchmark() -> None:
+    """Cancellation: ``check`` (the operation's) raises, and 10,000 passes stop at the third."""
+    from modelkeeper.worker.errors import Cancelled
+
+    calls = 0
+
+    def check() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise Cancelled("cancelled")
+
+    with pytest.raises(Cancelled):
+        benchmark(make_unet("sd1"), steps=10_000, warmup=0, check=check)
+    assert calls == 3

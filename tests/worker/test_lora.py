@@ -17,10 +17,10 @@ from modelkeeper.formats.errors import UnsupportedFormat
 from modelkeeper.protocol import CommandType, ErrorCode
 from modelkeeper.testing import DemoManifest, make_text_encoder, make_unet
 from modelkeeper.worker import InProcessWorker
-from modelkeeper.worker import lora as lora_module
-from modelkeeper.worker.errors import AlreadyLoaded, NotLoaded
+from modelkeeper.worker.errors import AlreadyLoaded, WorkerNotLoaded
 from modelkeeper.worker.fingerprint import differing, fingerprint, tensor_fingerprints
 from modelkeeper.worker.lora import LoraIncompatible, LoraManager
+from modelkeeper.worker.lora import manager as lora_manager
 
 from .conftest import load_data
 
@@ -33,7 +33,8 @@ FORMATS = {
     "sdxl-lora-kohya": ("sdxl", ("clip_l", "clip_g")),
     "sdxl-lora-peft": ("sdxl", ("clip_l", "clip_g")),
 }
-ROLES = ("text_encoder", "text_encoder_2")
+#: the text encoders' roles, in the order of FORMATS' encoders
+ENCODER_ROLES = ("text_encoder", "text_encoder_2")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,7 +44,7 @@ def targets_for(
     base: str, encoders: tuple[str, ...] = ("clip_l",), device: str = "cpu"
 ) -> dict[str, torch.nn.Module]:
     found: dict[str, torch.nn.Module] = {"unet": make_unet(base).to(device)}  # type: ignore[arg-type]
-    for role, kind in zip(ROLES, encoders, strict=False):
+    for role, kind in zip(ENCODER_ROLES, encoders, strict=False):
         found[role] = make_text_encoder(kind).to(device)  # type: ignore[arg-type]
     return found
 
@@ -81,7 +82,7 @@ def test_apply_strength_remove(
     assert report.unmatched_keys == 0 and report.skipped_roles == []
     assert report.matched_keys == demo[entry].tensor_count
     assert report.params_patched == changed(targets, saved) > 0
-    assert set(report.roles) == {"unet", *ROLES[: len(encoders)]}
+    assert set(report.roles) == {"unet", *ENCODER_ROLES[: len(encoders)]}
     assert report.format == demo[entry].layout
     assert manager.memory()["backup_device_bytes"] > 0
     full = snapshot(targets)
@@ -90,7 +91,7 @@ def test_apply_strength_remove(
     def no_read(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the LoRA file was read again")
 
-    monkeypatch.setattr(lora_module, "read_lora_file", no_read)
+    monkeypatch.setattr(lora_manager, "read_lora_file", no_read)
     result = manager.set_strength("style", 0.5)
     assert result["previous"] == 1.0 and result["strength"] == 0.5
     assert targets["unet"] is unet
@@ -189,7 +190,7 @@ def test_several_loras_are_order_independent(demo: DemoManifest) -> None:
     assert_equal_to(targets, snapshot(only_b))
     manager.remove("b")
     assert_equal_to(targets, saved)
-    with pytest.raises(NotLoaded):
+    with pytest.raises(WorkerNotLoaded):
         manager.remove("b")
 
 

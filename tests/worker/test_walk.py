@@ -48,7 +48,9 @@ def _loadable(manifest: DemoManifest, tmp_path: Path) -> list[tuple[str, list[di
             if not record.identification.loadable or record.type in ("lora", "textual_inversion"):
                 continue
             loads = component_requests(record, registry.worker_spec(record.id))
-            requests = [_with_own_config(load.request) for load in loads]
+            requests = [
+                _with_own_config(load.request.model_dump(mode="json", exclude_none=True)) for load in loads
+            ]
             if entry.path in configs and len(requests) == 1:
                 # a file without config metadata, like a published one: tiny, so not the known config
                 requests[0]["config"] = configs[entry.path]

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from modelkeeper import __version__
+from modelkeeper import __version__, web
 from modelkeeper.api import errors, security
 from modelkeeper.api.routes_models import router as models_router
 from modelkeeper.api.routes_service import cache, health, jobs
@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None, *, service: Orchestrator | None
     app.state.service = svc
     errors.install(app)
     security.install(app, svc.settings)
+    web.install(app, svc.settings)  # after security: the dashboard's door is outermost
     app.include_router(health)
     app.include_router(cache)  # before the models router: /api/model/cache is not a model id
     app.include_router(jobs)

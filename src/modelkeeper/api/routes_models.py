@@ -1,7 +1,8 @@
 """``/api/model``: the seed controller's endpoints, made real.
 
 Static paths come before ``/{model_id}`` so that ``status``, ``available``, ``cache``... are
-never taken for model ids. A model id may also be a name or a hash prefix.
+never taken for model ids. A model id may also be a name or a hash prefix. Every route declares
+its answer (:mod:`modelkeeper.api.responses`); a job route also its 202.
 """
 
 from __future__ import annotations
@@ -12,6 +13,25 @@ from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse, Response
 
 from modelkeeper.api.deps import Service
+from modelkeeper.api.responses import (
+    ACCEPTED,
+    ERRORS,
+    ComponentEntry,
+    DeviceStatus,
+    ListedModel,
+    LoadAnyDone,
+    LoadDone,
+    LoraApplied,
+    LoraChanged,
+    ModelDetail,
+    ModelMetadata,
+    ModelPage,
+    OperationDone,
+    Reconciled,
+    ServiceStatus,
+    UnloadAllAnswer,
+    UnloadAnswer,
+)
 from modelkeeper.api.schemas import (
     BenchmarkBody,
     LoadBody,
@@ -25,7 +45,7 @@ from modelkeeper.api.schemas import (
 from modelkeeper.orchestrator import LoadOptions, Orchestrator
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
-router = APIRouter(prefix="/api/model", tags=["models"])
+router = APIRouter(prefix="/api/model", tags=["models"], responses=ERRORS)
 
 
 def _answer(result: dict[str, Any]) -> dict[str, Any] | JSONResponse:
@@ -56,7 +76,7 @@ async def _operate(
 ) -> Any:
     """validate / benchmark / optimize one model (``model_id``) or every loaded model (None)."""
     return _answer(
-        await service.model_operation(
+        await service.operations.run(
             op, model_id, body.device_id, body.worker_data(), component=body.component,
             wait=body.wait_for_completion, timeout=body.timeout_seconds, priority=body.priority_value,
         )
@@ -74,14 +94,14 @@ async def _load(
 ) -> Any:
     options = _options(body, require_cache=require_cache)
     return _answer(
-        await service.load(ref, device, all_devices=everywhere, options=options, wait=body.wait_for_completion)
+        await service.loads.load(ref, device, all_devices=everywhere, options=options, wait=body.wait_for_completion)
     )  # fmt: skip
 
 
 # ---------------------------------------------------------------------- listing and status
 
 
-@router.get("")
+@router.get("", response_model=ModelPage)
 async def list_models(
     service: Service,
     type: str | None = Query(None, max_length=64),
@@ -96,130 +116,130 @@ async def list_models(
     offset: int = Query(0, ge=0, le=1_000_000_000),
 ) -> dict[str, Any]:
     """Registered models, filtered and paginated, each with the devices it is loaded on."""
-    return await service.list_models(
+    return await service.views.list_models(
         type=type, base=base, format=format, tag=tag, query=query, status=None if status == "all" else status,
         sort=sort, descending=descending, limit=limit, offset=offset,
     )  # fmt: skip
 
 
-@router.get("/status")
+@router.get("/status", response_model=ServiceStatus)  # documented; its cached bytes go out unvalidated
 async def status(service: Service) -> Response:
     """Every device: its worker, memory and loaded models; the cache; jobs. From memory, no worker
     call; memory figures are at most a quarter second old, everything else as of the last change."""
-    return Response(service.status_json(), media_type="application/json")
+    return Response(service.views.status_json(), media_type="application/json")
 
 
-@router.get("/status/{device}")
+@router.get("/status/{device}", response_model=DeviceStatus)
 async def device_status(service: Service, device: str) -> dict[str, Any]:
-    return service.device_status(device)
+    return service.views.device(device)
 
 
-@router.post("/status/{device}/reconcile")
+@router.post("/status/{device}/reconcile", response_model=Reconciled)
 async def reconcile(service: Service, device: str) -> dict[str, Any]:
     """Compare the view of ``device`` with its worker's full state and correct it."""
-    return await service.reconcile(device)
+    return await service.recovery.reconcile(device)
 
 
-@router.get("/available")
+@router.get("/available", response_model=list[ListedModel])
 async def available(service: Service) -> list[dict[str, Any]]:
-    return await service.available()
+    return await service.views.available()
 
 
-@router.get("/available/{type}")
+@router.get("/available/{type}", response_model=list[ListedModel])
 async def available_of_type(service: Service, type: str) -> list[dict[str, Any]]:
-    return await service.available(type)
+    return await service.views.available(type)
 
 
-@router.get("/components")
+@router.get("/components", response_model=list[ComponentEntry])
 async def components(service: Service) -> list[dict[str, Any]]:
     """Components across every model (a VAE inside three checkpoints is one entry once hashed)."""
-    return await service.components()
+    return await service.views.components()
 
 
-@router.get("/components/{type}")
+@router.get("/components/{type}", response_model=list[ComponentEntry])
 async def components_of_type(service: Service, type: str) -> list[dict[str, Any]]:
-    return await service.components(type)
+    return await service.views.components(type)
 
 
-@router.post("/search")
+@router.post("/search", response_model=ModelPage)
 async def search(service: Service, body: SearchBody) -> dict[str, Any]:
-    return await service.search(**body.filters())
+    return await service.views.list_models(**body.filters())
 
 
 # ---------------------------------------------------------------------- loading on devices
 
 
-@router.post("/load")
+@router.post("/load", response_model=LoadAnyDone, responses=ACCEPTED)
 async def load_all_devices(service: Service, body: LoadBody) -> Any:
     """Load ``model_id`` on every device (``device_id`` given: that one only)."""
     return await _load(service, _need_model(body), body.device_id, body, everywhere=body.device_id is None)
 
 
-@router.post("/load/{device}")
+@router.post("/load/{device}", response_model=LoadDone, responses=ACCEPTED)
 async def load_on_device(service: Service, device: str, body: LoadBody) -> Any:
     return await _load(service, _need_model(body), device, body)
 
 
-@router.post("/unload")
+@router.post("/unload", response_model=UnloadAnswer)
 async def unload(service: Service, body: UnloadBody) -> dict[str, Any]:
-    return await service.unload(
+    return await service.loads.unload(
         _need_model(body), body.device_id, force=body.force, timeout=body.timeout_seconds
     )
 
 
-@router.delete("/unload")
+@router.delete("/unload", response_model=UnloadAllAnswer)
 async def unload_everything(service: Service, force: bool = False) -> dict[str, Any]:
     """Unload every model from every device (leased ones are refused unless ``force``)."""
-    return await service.unload_all(force=force)
+    return await service.loads.unload_all(force=force)
 
 
-@router.delete("/unload/{device}")
+@router.delete("/unload/{device}", response_model=UnloadAllAnswer)
 async def unload_device(service: Service, device: str, force: bool = False) -> dict[str, Any]:
-    return await service.unload_all(device, force=force)
+    return await service.loads.unload_all(device, force=force)
 
 
-@router.post("/vram/load")
+@router.post("/vram/load", response_model=LoadDone, responses=ACCEPTED)
 async def vram_load(service: Service, body: LoadBody) -> Any:
     """Load through the RAM cache (the segment is filled first when missing): the fast path."""
     return await _load(service, _need_model(body), body.device_id, body, require_cache=True)
 
 
-@router.post("/vram/load/{device}")
+@router.post("/vram/load/{device}", response_model=LoadDone, responses=ACCEPTED)
 async def vram_load_device(service: Service, device: str, body: LoadBody) -> Any:
     return await _load(service, _need_model(body), device, body, require_cache=True)
 
 
-@router.delete("/vram/unload")
+@router.delete("/vram/unload", response_model=UnloadAnswer | UnloadAllAnswer)
 async def vram_unload(service: Service, model_id: str | None = None, force: bool = False) -> dict[str, Any]:
     """Free VRAM: one model (``model_id``) or every model, on every device."""
     if model_id:
-        return await service.unload(model_id, force=force)
-    return await service.unload_all(force=force)
+        return await service.loads.unload(model_id, force=force)
+    return await service.loads.unload_all(force=force)
 
 
-@router.delete("/vram/unload/{device}")
+@router.delete("/vram/unload/{device}", response_model=UnloadAnswer | UnloadAllAnswer)
 async def vram_unload_device(
     service: Service, device: str, model_id: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     if model_id:
-        return await service.unload(model_id, device, force=force)
-    return await service.unload_all(device, force=force)
+        return await service.loads.unload(model_id, device, force=force)
+    return await service.loads.unload_all(device, force=force)
 
 
 # ---------------------------------------------------------------------- operations on every loaded model
 
 
-@router.post("/validate")
+@router.post("/validate", response_model=OperationDone, responses=ACCEPTED)
 async def validate_all(service: Service, body: ValidateBody) -> Any:
     return await _operate(service, "validate", None, body)
 
 
-@router.post("/benchmark")
+@router.post("/benchmark", response_model=OperationDone, responses=ACCEPTED)
 async def benchmark_all(service: Service, body: BenchmarkBody) -> Any:
     return await _operate(service, "benchmark", None, body)
 
 
-@router.post("/optimize")
+@router.post("/optimize", response_model=OperationDone, responses=ACCEPTED)
 async def optimize_all(service: Service, body: OptimizeBody) -> Any:
     return await _operate(service, "optimize", None, body)
 
@@ -227,73 +247,75 @@ async def optimize_all(service: Service, body: OptimizeBody) -> Any:
 # ---------------------------------------------------------------------- one model
 
 
-@router.post("/{model_id:path}/lora")
+@router.post("/{model_id:path}/lora", response_model=LoraApplied)
 async def apply_lora(service: Service, model_id: str, body: LoraBody) -> dict[str, Any]:
     """Patch a loaded model with a registered LoRA (every device holding it, or ``device_id``)."""
-    return await service.apply_lora(
+    return await service.loras.apply(
         model_id, body.lora_id, device=body.device_id, strength=body.strength,
         timeout=body.timeout_seconds, priority=body.priority_value,
     )  # fmt: skip
 
 
-@router.put("/{model_id:path}/lora/{lora_id:path}")
+@router.put("/{model_id:path}/lora/{lora_id:path}", response_model=LoraChanged)
 async def lora_strength(service: Service, model_id: str, lora_id: str, body: StrengthBody) -> dict[str, Any]:
     """Change an applied LoRA's strength (no reload)."""
-    return await service.lora_strength(model_id, lora_id, body.strength, body.device_id)
+    return await service.loras.strength(model_id, lora_id, body.strength, body.device_id)
 
 
-@router.delete("/{model_id:path}/lora/{lora_id:path}")
+@router.delete("/{model_id:path}/lora/{lora_id:path}", response_model=LoraChanged)
 async def remove_lora(
     service: Service, model_id: str, lora_id: str, device_id: str | None = None
 ) -> dict[str, Any]:
     """Take an applied LoRA off (the weights are restored exactly)."""
-    return await service.remove_lora(model_id, lora_id, device_id)
+    return await service.loras.remove(model_id, lora_id, device_id)
 
 
-@router.get("/{model_id:path}/metadata")
+@router.get("/{model_id:path}/metadata", response_model=ModelMetadata)
 async def get_metadata(service: Service, model_id: str) -> dict[str, Any]:
-    return await service.metadata(model_id)
+    return await service.catalog.metadata(model_id)
 
 
-@router.put("/{model_id:path}/metadata")
+@router.put("/{model_id:path}/metadata", response_model=ModelMetadata)
 async def put_metadata(service: Service, model_id: str, values: dict[str, Any] = Body(...)) -> dict[str, Any]:
     """Set user metadata: name, description, tags, trigger_words, source_url, license, default_settings."""
-    return await service.set_metadata(model_id, values)
+    return await service.catalog.set_metadata(model_id, values)
 
 
-@router.get("/{model_id:path}")
+@router.get("/{model_id:path}", response_model=ModelDetail)
 async def model_detail(service: Service, model_id: str) -> dict[str, Any]:
     """Everything known of a model: identification, components, metadata, where it is, performance."""
-    return await service.model_detail(model_id)
+    return await service.views.model_detail(model_id)
 
 
-@router.post("/{model_id:path}/load")
+@router.post("/{model_id:path}/load", response_model=LoadDone, responses=ACCEPTED)
 async def load_model(service: Service, model_id: str, body: LoadBody = Body(default_factory=LoadBody)) -> Any:
     return await _load(service, model_id, body.device_id, body)
 
 
-@router.post("/{model_id:path}/unload")
+@router.post("/{model_id:path}/unload", response_model=UnloadAnswer)
 async def unload_model(
     service: Service, model_id: str, body: UnloadBody = Body(default_factory=UnloadBody)
 ) -> dict[str, Any]:
-    return await service.unload(model_id, body.device_id, force=body.force, timeout=body.timeout_seconds)
+    return await service.loads.unload(
+        model_id, body.device_id, force=body.force, timeout=body.timeout_seconds
+    )
 
 
-@router.post("/{model_id:path}/validate")
+@router.post("/{model_id:path}/validate", response_model=OperationDone, responses=ACCEPTED)
 async def validate_model(
     service: Service, model_id: str, body: ValidateBody = Body(default_factory=ValidateBody)
 ) -> Any:
     return await _operate(service, "validate", model_id, body)
 
 
-@router.post("/{model_id:path}/benchmark")
+@router.post("/{model_id:path}/benchmark", response_model=OperationDone, responses=ACCEPTED)
 async def benchmark_model(
     service: Service, model_id: str, body: BenchmarkBody = Body(default_factory=BenchmarkBody)
 ) -> Any:
     return await _operate(service, "benchmark", model_id, body)
 
 
-@router.post("/{model_id:path}/optimize")
+@router.post("/{model_id:path}/optimize", response_model=OperationDone, responses=ACCEPTED)
 async def optimize_model(
     service: Service, model_id: str, body: OptimizeBody = Body(default_factory=OptimizeBody)
 ) -> Any:

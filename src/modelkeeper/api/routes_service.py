@@ -4,20 +4,36 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from modelkeeper.api.deps import Service
+from modelkeeper.api.responses import (
+    ACCEPTED,
+    ERRORS,
+    JSON_ERRORS,
+    CacheAnswer,
+    CacheCleared,
+    CacheView,
+    JobInfo,
+    LeaseInfo,
+    Liveness,
+    Readiness,
+    ScanDone,
+    SegmentDropped,
+    SegmentInfo,
+)
 from modelkeeper.api.schemas import CacheBody, LeaseBody, RenewBody
+from modelkeeper.orchestrator.jobs import Job
 from modelkeeper.orchestrator.metrics import CONTENT_TYPE
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
-cache = APIRouter(prefix="/api/model/cache", tags=["cache"])
-jobs = APIRouter(prefix="/api", tags=["jobs, events, leases"])
-health = APIRouter(tags=["health"])
+cache = APIRouter(prefix="/api/model/cache", tags=["cache"], responses=ERRORS)
+jobs = APIRouter(prefix="/api", tags=["jobs, events, leases"], responses=ERRORS)
+health = APIRouter(tags=["health"], responses=ERRORS)
 
 
 def _accepted(result: dict[str, Any]) -> Any:
@@ -27,48 +43,48 @@ def _accepted(result: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------- cache
 
 
-@cache.get("")
+@cache.get("", response_model=CacheView)
 async def cache_list(service: Service) -> dict[str, Any]:
     """Segments (size, hits, last use, models using them) and stats (bytes, budget, hit rate, evictions)."""
-    return service.cache_view()
+    return service.feed.view()
 
 
-@cache.post("")
+@cache.post("", response_model=CacheAnswer, responses=ACCEPTED)
 async def cache_add(service: Service, body: CacheBody) -> Any:
     """Cache every component of ``model_id``, or the one component ``component_id``."""
     if body.model_id:
-        return _accepted(await service.cache_model(body.model_id, wait=body.wait_for_completion))
+        return _accepted(await service.feed.cache_model(body.model_id, wait=body.wait_for_completion))
     if body.component_id:
-        return _accepted(await service.cache_component(body.component_id, wait=body.wait_for_completion))
+        return _accepted(await service.feed.cache_component(body.component_id, wait=body.wait_for_completion))
     raise ProtocolError("model_id or component_id: one is required", ErrorCode.INVALID_REQUEST)
 
 
-@cache.delete("")
+@cache.delete("", response_model=CacheCleared)
 async def cache_clear(service: Service, force: bool = False) -> dict[str, Any]:
     """Drop every segment (ones a worker is loading from stay unless ``force``)."""
-    return service.cache_clear(force=force)
+    return service.feed.clear(force=force)
 
 
-@cache.post("/refresh")
+@cache.post("/refresh", response_model=ScanDone, responses=ACCEPTED)
 async def cache_refresh(service: Service, wait_for_completion: bool = False, hash: bool = True) -> Any:
     """Rescan the model roots (a job: new, changed, moved and deleted files), then hash what is new."""
-    return _accepted(await service.scan(wait=wait_for_completion, hash=hash))
+    return _accepted(await service.catalog.scan(wait=wait_for_completion, hash=hash))
 
 
-@cache.get("/{component_id}")
+@cache.get("/{component_id}", response_model=SegmentInfo)
 async def cache_get(service: Service, component_id: str) -> dict[str, Any]:
-    return service.cache.get(component_id).info()
+    return service.feed.get(component_id)
 
 
-@cache.delete("/{component_id}")
+@cache.delete("/{component_id}", response_model=SegmentDropped)
 async def cache_drop(service: Service, component_id: str, force: bool = False) -> dict[str, Any]:
-    return service.cache_drop(component_id, force=force)
+    return service.feed.drop(component_id, force=force)
 
 
 # ---------------------------------------------------------------------- jobs and events
 
 
-@jobs.get("/jobs")
+@jobs.get("/jobs", response_model=list[JobInfo])
 async def job_list(
     service: Service,
     state: str | None = Query(None, pattern="^(queued|running|succeeded|failed|cancelled)$"),
@@ -78,12 +94,12 @@ async def job_list(
     return [j.info() for j in service.jobs.list(state=state, kind=kind, limit=limit)]
 
 
-@jobs.get("/jobs/{job_id}")
+@jobs.get("/jobs/{job_id}", response_model=JobInfo)
 async def job_get(service: Service, job_id: str) -> dict[str, Any]:
     return service.jobs.get(job_id).info()
 
 
-@jobs.delete("/jobs/{job_id}")
+@jobs.delete("/jobs/{job_id}", response_model=JobInfo)
 async def job_cancel(service: Service, job_id: str) -> dict[str, Any]:
     """Cancel a job; a worker operation in flight is told to stop."""
     job = service.jobs.cancel(job_id)
@@ -92,10 +108,15 @@ async def job_cancel(service: Service, job_id: str) -> dict[str, Any]:
     return job.info()
 
 
-@jobs.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
-async def job_events(service: Service, job_id: str) -> AsyncIterator[ServerSentEvent]:
+async def _job(service: Service, job_id: str) -> Job:
+    """The job, looked up before a stream starts: an unknown id is a 404, not an empty stream."""
+    return service.jobs.get(job_id)
+
+
+@jobs.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=JSON_ERRORS)
+async def job_events(service: Service, job: Annotated[Job, Depends(_job)]) -> AsyncIterator[ServerSentEvent]:
     """The job's state now, then every change, until it finishes (Server-Sent Events)."""
-    job = service.jobs.get(job_id)
+    job_id = job.id
     stream = service.bus.subscribe()
     yield ServerSentEvent(data=job.info(), event="job.state", id="0")
     if job.state.finished:
@@ -108,7 +129,7 @@ async def job_events(service: Service, job_id: str) -> AsyncIterator[ServerSentE
             return
 
 
-@jobs.get("/events", response_class=EventSourceResponse)
+@jobs.get("/events", response_class=EventSourceResponse, responses=JSON_ERRORS)
 async def events(
     service: Service, type: str | None = Query(None, max_length=64)
 ) -> AsyncIterator[ServerSentEvent]:
@@ -122,51 +143,53 @@ async def events(
 # ---------------------------------------------------------------------- leases
 
 
-@jobs.get("/leases")
+@jobs.get("/leases", response_model=list[LeaseInfo])
 async def lease_list(service: Service, model_id: str | None = None) -> list[dict[str, Any]]:
     return [lease.info() for lease in service.leases.list(model_id)]
 
 
-@jobs.post("/leases", status_code=201)
+@jobs.post("/leases", status_code=201, response_model=LeaseInfo)
 async def lease_grant(service: Service, body: LeaseBody) -> dict[str, Any]:
     """Hold a model: it is neither evicted nor unloaded without force until the lease ends."""
-    return await service.grant_lease(body.model_id, body.device_id, body.holder, body.ttl_seconds)
+    return await service.loads.grant_lease(body.model_id, body.device_id, body.holder, body.ttl_seconds)
 
 
-@jobs.get("/leases/{lease_id}")
+@jobs.get("/leases/{lease_id}", response_model=LeaseInfo)
 async def lease_get(service: Service, lease_id: str) -> dict[str, Any]:
     return service.leases.get(lease_id).info()
 
 
-@jobs.post("/leases/{lease_id}/renew")
+@jobs.post("/leases/{lease_id}/renew", response_model=LeaseInfo)
 async def lease_renew(service: Service, lease_id: str, body: RenewBody | None = None) -> dict[str, Any]:
     return service.leases.renew(lease_id, body.ttl_seconds if body else None).info()
 
 
-@jobs.delete("/leases/{lease_id}")
+@jobs.delete("/leases/{lease_id}", response_model=LeaseInfo)
 async def lease_release(service: Service, lease_id: str) -> dict[str, Any]:
-    lease = service.leases.release(lease_id)
-    service.bus.publish("lease.released", lease=lease.info())
-    return lease.info()
+    return service.loads.release_lease(lease_id)
 
 
 # ---------------------------------------------------------------------- health and metrics
 
 
-@health.get("/health/live")
+@health.get("/health/live", response_model=Liveness)
 async def live() -> dict[str, Any]:
     return {"live": True}
 
 
-@health.get("/health/ready")
+@health.get(
+    "/health/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready."}},
+)
 async def ready(service: Service) -> Any:
     """Ready when the registry is open and at least one worker runs."""
-    workers = {s.id: s.state.value for s in service.slots.values()}
+    workers = {s.id: s.state.value for s in service.pool.slots.values()}
     ok = service.ready and any(v == "ready" for v in workers.values())
     body = {"ready": ok, "workers": workers}
     return body if ok else JSONResponse(body, status_code=503)
 
 
-@health.get("/metrics")
+@health.get("/metrics", response_class=PlainTextResponse, responses=JSON_ERRORS)
 async def metrics(service: Service) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE)

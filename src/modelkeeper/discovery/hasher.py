@@ -1,9 +1,10 @@
-"""The background hashing service: hashes the registry's pending files and records the results.
+"""The background hashing service: hashes the catalog's pending files and records the results.
 
-``Hasher(registry).run(progress=...)`` hashes synchronously; ``start(...)`` runs the same in a
-background thread and returns a :class:`HashJob` (``progress``, ``wait()``, ``cancel()``). Hashes
-are cached in the registry by (path, size, mtime): a file is hashed again only when it changes.
-After hashing, moved files are reconciled by content hash (``Registry.reconcile_moves``).
+``Hasher(catalog).run(progress=...)`` hashes synchronously (``catalog``: a ``CatalogWriter``, the
+registry, see ``ports.py``); ``start(...)`` runs the same in a background thread and returns a
+:class:`HashJob` (``progress``, ``wait()``, ``cancel()``). Hashes are cached in the catalog by
+(path, size, mtime): a file is hashed again only when it changes.
+After hashing, moved files are reconciled by content hash (``CatalogWriter.reconcile_moves``).
 Errors of one file (deleted meanwhile, unreadable) are counted and skipped.
 """
 
@@ -18,11 +19,11 @@ from pathlib import Path
 
 from modelkeeper.discovery.examine import sniff
 from modelkeeper.discovery.folders import weight_files
-from modelkeeper.discovery.hashing import Cancelled, FileHashes, TensorSpan, hash_file, hash_folder
+from modelkeeper.discovery.hashing import FileHashes, HashingCancelled, TensorSpan, hash_file, hash_folder
+from modelkeeper.discovery.ports import CatalogWriter, HashTask
 from modelkeeper.discovery.records import ModelFormat
 from modelkeeper.discovery.tables import read_gguf_table, read_safetensors_table
 from modelkeeper.formats.errors import FormatError
-from modelkeeper.registry.store import HashTask, Registry
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _file_spans(path: str, components: list[tuple[int, str, str, str | None]]) -
 def hash_task(
     task: HashTask, *, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None
 ) -> FileHashes:
-    """Hash one registry file or folder (with its components' content ids)."""
+    """Hash one pending file or folder (with its components' content ids)."""
     if task.kind == "file":
         return hash_file(
             task.path, spans=_file_spans(task.path, task.components), progress=progress, cancel=cancel
@@ -137,11 +138,11 @@ class HashJob:
 
 
 class Hasher:
-    """Hashes what the registry lists as pending; see the module docstring."""
+    """Hashes what the catalog lists as pending; see the module docstring."""
 
-    def __init__(self, registry: Registry, *, max_bytes: int | None = None) -> None:
+    def __init__(self, catalog: CatalogWriter, *, max_bytes: int | None = None) -> None:
         """``max_bytes``: leave larger files pending (a quick pass over small files first)."""
-        self.registry = registry
+        self.catalog = catalog
         self.max_bytes = max_bytes
 
     def run(
@@ -149,7 +150,7 @@ class Hasher:
     ) -> HashReport:
         t0 = time.perf_counter()
         tasks = [
-            t for t in self.registry.pending_hashes() if self.max_bytes is None or t.size <= self.max_bytes
+            t for t in self.catalog.pending_hashes() if self.max_bytes is None or t.size <= self.max_bytes
         ]
         state = HashProgress(files_total=len(tasks), bytes_total=sum(t.size for t in tasks))
         report = HashReport()
@@ -172,7 +173,7 @@ class Hasher:
                     report.skipped += 1  # changed since the scan: the next scan re-identifies it
                     continue
                 hashes = hash_task(task, progress=advance, cancel=cancel)
-            except Cancelled:
+            except HashingCancelled:
                 report.cancelled = True
                 break
             except (OSError, FormatError) as exc:
@@ -181,13 +182,13 @@ class Hasher:
                 continue
             by_name = {name: rid for rid, name, _, _ in task.components}
             ids = {by_name[name]: cid for name, cid in hashes.component_ids.items() if name in by_name}
-            self.registry.record_hashes(task, blake3=hashes.blake3, sha256=hashes.sha256, component_ids=ids)
+            self.catalog.record_hashes(task, blake3=hashes.blake3, sha256=hashes.sha256, component_ids=ids)
             report.hashed += 1
             report.bytes += hashes.size
             state = replace(state, files_done=state.files_done + 1)
             if progress is not None:
                 progress(state)
-        report.moved = self.registry.reconcile_moves()
+        report.moved = self.catalog.reconcile_moves()
         report.seconds = time.perf_counter() - t0
         return report
 

@@ -52,8 +52,8 @@ class FileHashes:
         return self.sha256[:10] if self.sha256 else None
 
 
-class Cancelled(Exception):
-    pass
+class HashingCancelled(Exception):
+    """The cancel event was set while hashing ``args[0]`` (the path)."""
 
 
 def content_id(entries: Sequence[tuple[str, str]]) -> str:
@@ -124,7 +124,7 @@ def hash_file(
             try:
                 for start in range(0, size, chunk_size):
                     if cancel is not None and cancel.is_set():
-                        raise Cancelled(str(path))
+                        raise HashingCancelled(str(path))
                     stop = min(start + chunk_size, size)
                     for job in pending:
                         job.result()

@@ -1,8 +1,8 @@
-"""The scanner: walk the roots, identify what is new or changed, keep the registry in step.
+"""The scanner: walk the roots, identify what is new or changed, keep the catalog in step.
 
 Interface::
 
-    scanner = Scanner(registry, ["/models"])
+    scanner = Scanner(catalog, ["/models"])      # catalog: a CatalogWriter (the registry)
     report = scanner.scan(progress=callback)      # ScanReport: one ScanEntry per file or folder
     for report in scanner.watch(stop_event=ev):   # rescans on every change (watchfiles)
         ...
@@ -29,12 +29,12 @@ from typing import Any
 
 from modelkeeper.discovery.examine import ScanMemo, examine
 from modelkeeper.discovery.identify import RULES_VERSION
+from modelkeeper.discovery.ports import CatalogWriter, FileRow
 from modelkeeper.discovery.records import Identification
 from modelkeeper.discovery.sidecar import Sidecar
 from modelkeeper.discovery.walker import Candidate, CandidateKind, Walker
 from modelkeeper.formats.errors import FormatError
 from modelkeeper.protocol.errors import ErrorCode
-from modelkeeper.registry.store import FileRow, Registry
 
 _BATCH = 256
 
@@ -179,7 +179,7 @@ def _examine_here(
 class Scanner:
     def __init__(
         self,
-        registry: Registry,
+        catalog: CatalogWriter,
         roots: list[str] | list[os.PathLike[str]],
         *,
         follow_symlinks: bool = True,
@@ -193,7 +193,7 @@ class Scanner:
         parsing holds the interpreter; a second thread only adds contention: 1,450 against 1,100
         files/s warm, 1,130-1,270 against 1,010-1,090 cold on this project's 2-core machine); more
         help where each read waits on the network (NFS, SMB)."""
-        self.registry = registry
+        self.catalog = catalog
         self.roots = [os.path.abspath(os.fspath(r)) for r in roots]
         self.follow_symlinks = follow_symlinks
         self.allow_outside_roots = allow_outside_roots
@@ -213,7 +213,7 @@ class Scanner:
         walker = Walker(
             self.roots, follow_symlinks=self.follow_symlinks, allow_outside_roots=self.allow_outside_roots
         )
-        known = self.registry.file_rows(self.roots)
+        known = self.catalog.file_rows(self.roots)
         candidates: list[Candidate] = []
         for c in walker:
             candidates.append(c)
@@ -237,7 +237,7 @@ class Scanner:
             if moved is not None:
                 fp = _fp(c)
                 assert fp is not None
-                self.registry.move_file(moved, path=c.path, root=c.root, rel=c.rel, fingerprint=fp, now=now)
+                self.catalog.move_file(moved, path=c.path, root=c.root, rel=c.rel, fingerprint=fp, now=now)
                 gone.pop(moved.path, None)
                 row = moved._replace(path=c.path)
                 if moved.rules_version == RULES_VERSION and moved.status == "ok":
@@ -248,8 +248,8 @@ class Scanner:
 
         rerooted = [(row.id, c.root, c.rel) for c, row in unchanged if row.root != c.root]
         if rerooted:
-            self.registry.set_roots(rerooted)
-        stored = self.registry.scan_summaries([row.id for _, row in unchanged])
+            self.catalog.set_roots(rerooted)
+        stored = self.catalog.scan_summaries([row.id for _, row in unchanged])
         for c, row in unchanged:
             entry = entries.get(c.path) or ScanEntry(c.rel, c.path, c.root, row.status, "unchanged")
             _fill_from_store(entry, stored.get(row.id, {}))
@@ -257,7 +257,7 @@ class Scanner:
 
         self._identify(todo, entries, now, progress)
         if gone:
-            self.registry.mark_missing(list(gone.values()), now)
+            self.catalog.mark_missing(list(gone.values()), now)
         report.missing = sorted(gone)
         report.entries = [entries[c.path] for c in candidates if c.path in entries]
         report.seconds = time.perf_counter() - t0
@@ -323,7 +323,7 @@ class Scanner:
         entries: dict[str, ScanEntry],
         now: float,
     ) -> None:
-        with self.registry.transaction():
+        with self.catalog.transaction():
             for c, row, result in batch:
                 if isinstance(result, _Failure):
                     failure = FormatError(result.message, code=ErrorCode(result.code))
@@ -352,7 +352,7 @@ class Scanner:
         if row is not None and (row.status, row.error_code, row.error) == ("rejected", code.value, message):
             entry.change = "unchanged"  # a link problem found again
             return entry
-        self.registry.record_rejected(
+        self.catalog.record_rejected(
             path=c.path,
             root=c.root,
             rel=c.rel,
@@ -381,7 +381,7 @@ class Scanner:
         assert fp is not None
         # What the file says is in the identification; "found" keeps what its sidecars say.
         found: dict[str, Any] = {} if sidecar.empty else {"sidecar": sidecar.model_dump(exclude={"user"})}
-        model_id, created = self.registry.record_model(
+        model_id, created = self.catalog.record_model(
             path=c.path,
             root=c.root,
             rel=c.rel,

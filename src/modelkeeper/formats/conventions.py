@@ -17,3 +17,36 @@ CONFIG_METADATA_KEY = "modelkeeper.config"
 """safetensors ``__metadata__`` entry holding JSON: for one component, the ``config.json`` its diffusers /
 transformers folder would hold; for a full checkpoint, ``{"_class_name": <pipeline class>, "unet": {...},
 "vae": {...}, "text_encoder": {...}[, "text_encoder_2": {...}]}``."""
+
+# Key prefixes of the components inside a single-file checkpoint in the original layout (LDM / SGM, as
+# the Stability releases and A1111 write it; ComfyUI's ``text_encoders.*`` for SD3 / Flux files): each
+# component's tensors sit behind its prefix, under the original repository's own names.
+
+LDM_DENOISER_PREFIX = "model.diffusion_model."
+"""The denoiser: the UNet of SD1 / SD2 / SDXL (LDM / SGM names), the transformer of SD3 / Flux files."""
+
+LDM_VAE_PREFIX = "first_stage_model."
+"""The VAE (LDM ``first_stage_model``)."""
+
+LDM_TEXT_ENCODER_PREFIX = "cond_stage_model."
+"""The text encoder of SD1 / SD2 (LDM ``cond_stage_model``): CLIP-L under ``transformer.`` (transformers'
+names), OpenCLIP-H under ``model.`` (open_clip names)."""
+
+LDM_CONTROLNET_PREFIX = "control_model."
+"""An original-layout ControlNet (LDM ``control_model``)."""
+
+SGM_EMBEDDER_0_PREFIX = "conditioner.embedders.0."
+"""SDXL's first text encoder (SGM conditioner): CLIP-L under ``transformer.`` in the base model; in the
+refiner, whose only encoder it is, OpenCLIP-G under ``model.``."""
+
+SGM_EMBEDDER_1_PREFIX = "conditioner.embedders.1."
+"""SDXL's second text encoder (SGM conditioner): OpenCLIP-G under ``model.``."""
+
+COMFY_CLIP_L_PREFIX = "text_encoders.clip_l."
+"""CLIP-L in a ComfyUI all-in-one SD3 / Flux file (transformers' names under ``transformer.``)."""
+
+COMFY_CLIP_G_PREFIX = "text_encoders.clip_g."
+"""CLIP-G in a ComfyUI all-in-one SD3 file (transformers' names under ``transformer.``)."""
+
+COMFY_T5XXL_PREFIX = "text_encoders.t5xxl."
+"""T5-XXL in a ComfyUI all-in-one SD3 / Flux file (transformers' names under ``transformer.``)."""

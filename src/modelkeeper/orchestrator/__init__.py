@@ -18,7 +18,8 @@ from modelkeeper.orchestrator.errors import (
     ServiceNotReady,
 )
 from modelkeeper.orchestrator.jobs import Job, JobState
-from modelkeeper.orchestrator.service import LoadOptions, Orchestrator
+from modelkeeper.orchestrator.loads import LoadOptions
+from modelkeeper.orchestrator.service import Orchestrator
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.orchestrator.workers import Priority
 

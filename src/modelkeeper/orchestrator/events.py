@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 Event = dict[str, Any]
@@ -25,6 +25,11 @@ class EventBus:
         self._queue_size = queue_size
         self.recent: deque[Event] = deque(maxlen=history)
         self.last_id = 0  # id of the newest event: a view built before it may be stale
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def on_delivery(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener`` on the loop for every event delivered (parts that react to changes)."""
+        self._listeners.append(listener)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -48,6 +53,8 @@ class EventBus:
 
     def _deliver(self, event: Event) -> None:
         self.recent.append(event)
+        for listener in self._listeners:
+            listener(event)
         for q in list(self._subscribers):
             if q.full():
                 q.get_nowait()  # drop the oldest: a slow reader never blocks the service

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from modelkeeper.orchestrator.errors import JobNotFound
+from modelkeeper.orchestrator.errors import JobNotFound, ServiceNotReady
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
@@ -94,10 +94,39 @@ class Job:
 
 
 class JobManager:
-    def __init__(self, bus: EventBus, *, keep: int = 1000) -> None:
+    def __init__(
+        self, bus: EventBus, *, keep: int = 1000, accepting: Callable[[], bool] = lambda: True
+    ) -> None:
         self.bus = bus
         self.keep = keep
+        self.accepting = accepting  # False while the service starts or stops: run() refuses
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+
+    async def run(
+        self,
+        kind: str,
+        params: dict[str, Any],
+        body: Callable[[Job], Awaitable[Any]],
+        *,
+        wait: bool,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Run ``body`` as a job: ``{"job", "result"}`` when ``wait`` (errors raised), else
+        ``{"job"}`` at once. ``timeout`` is a backstop: the operation's own deadline fires first
+        (and says where it was)."""
+        if not self.accepting():
+            raise ServiceNotReady("the service is starting or stopping")
+        job = self.submit(kind, body, params)
+        if not wait:
+            return {"job": job.info()}
+        try:
+            result = await self.wait(job, None if timeout is None else timeout + 2.0)
+        except TimeoutError:
+            self.cancel(job.id)
+            raise ProtocolError(
+                f"{kind} ran past its time limit of {timeout} s", ErrorCode.TIMEOUT, job=job.id
+            ) from None
+        return {"job": job.info(), "result": result}
 
     def submit(
         self, kind: str, run: Callable[[Job], Awaitable[Any]], params: dict[str, Any] | None = None

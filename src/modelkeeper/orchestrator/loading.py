@@ -26,6 +26,7 @@ from modelkeeper.formats.folders import find_weight_files
 from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES
 from modelkeeper.formats.safetensors_header import read_header
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.protocol.messages import KeyLayout, LoadRequest, ModelKind
 from modelkeeper.registry.records import ModelRecord
 
 
@@ -35,7 +36,7 @@ class ComponentLoad:
 
     component: str  # slot name: unet, vae, text_encoder_2, ... ("" for a one-component model)
     spec: dict[str, Any]
-    request: dict[str, Any]
+    request: LoadRequest
     bytes: int
     segment: Segment | None = None
 
@@ -58,7 +59,14 @@ def component_requests(record: ModelRecord, spec: dict[str, Any]) -> list[Compon
     for s in specs:
         if not s.get("loadable") or s.get("request") is None:
             continue
-        request = {k: v for k, v in s["request"].items() if v is not None}
+        try:
+            request = LoadRequest.model_validate({k: v for k, v in s["request"].items() if v is not None})
+        except ValueError as exc:
+            raise ProtocolError(
+                f"model {record.id} ({record.name}): its worker request is not valid: {exc}",
+                ErrorCode.INTERNAL,
+                model_id=record.id,
+            ) from None
         size = next((c.bytes for c in record.components if c.name == s["component"]), 0)
         loads.append(ComponentLoad(s["component"] or "", s, request, size))
     if not loads or not spec.get("loadable", True):
@@ -76,7 +84,7 @@ def component_requests(record: ModelRecord, spec: dict[str, Any]) -> list[Compon
 def _apply_embedded_config(load: ComponentLoad) -> None:
     """A single file that carries its own config (``modelkeeper.config`` metadata, a pipeline
     config for a checkpoint) is loaded with it rather than with the known config of its base."""
-    path = Path(load.request["path"])
+    path = Path(load.request.path)
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES or not path.is_file():
         return
     try:
@@ -88,9 +96,9 @@ def _apply_embedded_config(load: ComponentLoad) -> None:
         return
     section = config.get(load.component)
     if isinstance(section, dict):
-        load.request["config"] = section
+        load.request.config = section
     elif "_class_name" not in config or not str(config["_class_name"]).endswith("Pipeline"):
-        load.request["config"] = config
+        load.request.config = config
 
 
 def _folder_weight_file(folder: Path, variant: str | None) -> Path | None:
@@ -118,22 +126,22 @@ def cache_plan(load: ComponentLoad) -> CachePlan | None:
     """How ``load``'s component would be cached; None when it cannot be (see the module docstring).
     Reads a checkpoint's header (to pick the component's tensors): call it off the event loop."""
     req = load.request
-    path = Path(req["path"])
-    if req.get("type") == "tokenizer":
+    path = Path(req.path)
+    if req.type == ModelKind.TOKENIZER:
         return None
     cid = load.spec.get("content_id")
     if path.is_dir():
-        folder = path / req["subfolder"] if req.get("subfolder") else path
-        weight = _folder_weight_file(folder, req.get("variant"))
+        folder = path / req.subfolder if req.subfolder else path
+        weight = _folder_weight_file(folder, req.variant)
         if weight is None:
             return None
         return CachePlan(weight, cid, None, str(folder))
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         prefix = load.spec.get("key_prefix") or ""
         names = [n for n in read_header(path).tensors if n.startswith(prefix)] if prefix else None
-        return CachePlan(path, cid, names, req.get("config"))
+        return CachePlan(path, cid, names, req.config)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        return CachePlan(path, cid, None, req.get("config"))
+        return CachePlan(path, cid, None, req.config)
     return None
 
 
@@ -151,14 +159,13 @@ def fill(cache: RamCache, record: ModelRecord, plan: CachePlan, progress: Progre
 
 def from_segment(load: ComponentLoad, plan: CachePlan, seg: Segment) -> ComponentLoad:
     """``load`` pointed at its component's segment."""
-    new = {k: v for k, v in load.request.items() if k not in ("subfolder", "variant")}
-    new["path"] = str(seg.path)
+    new = load.request.model_copy(update={"path": str(seg.path), "subfolder": None, "variant": None})
     if seg.source != str(plan.source):
         # The same tensors (one content id) were cached from another file, perhaps under another
         # key layout (a checkpoint's prefixed names, a folder's diffusers names): the worker detects it.
-        new["layout"] = "auto"
+        new.layout = KeyLayout.AUTO
     if plan.config is not None:
-        new["config"] = plan.config
+        new.config = plan.config
     return ComponentLoad(load.component, load.spec, new, load.bytes, seg)
 
 

@@ -7,28 +7,40 @@ drift; the load latency is a histogram observed as loads finish.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from modelkeeper.orchestrator.service import Orchestrator
+from modelkeeper.orchestrator.jobs import JobManager
+from modelkeeper.orchestrator.leases import LeaseTable
+from modelkeeper.orchestrator.state import PlacementState, StateView
+from modelkeeper.orchestrator.workers import SlotState, WorkerSlot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class _Live(Collector):
-    def __init__(self, service: Orchestrator) -> None:
-        self.service = service
+    def __init__(
+        self,
+        cache_stats: Callable[[], dict[str, Any] | None],
+        slots: Mapping[str, WorkerSlot],
+        view: StateView,
+        jobs: JobManager,
+        leases: LeaseTable,
+    ) -> None:
+        self.cache_stats = cache_stats
+        self.slots = slots
+        self.view = view
+        self.jobs = jobs
+        self.leases = leases
 
     def collect(self) -> Iterator[Metric]:
-        s = self.service
-        if s._cache is not None:
-            st = s._cache.stats()
+        st = self.cache_stats()
+        if st is not None:
             yield GaugeMetricFamily(
                 "modelkeeper_cache_bytes", "Bytes held by the RAM cache.", value=st["bytes_used"]
             )
@@ -56,24 +68,33 @@ class _Live(Collector):
         models = GaugeMetricFamily(
             "modelkeeper_models_loaded", "Models loaded per device.", labels=["device"]
         )
-        for slot in s.slots.values():
-            used.add_metric([slot.id], float(slot.memory.get("models_bytes", 0)))
-            budget.add_metric([slot.id], float(slot.memory.get("budget_bytes", 0)))
-            up.add_metric([slot.id], 1.0 if slot.state.value == "ready" else 0.0)
+        for slot in self.slots.values():
+            used.add_metric([slot.id], float(slot.used_bytes))
+            budget.add_metric([slot.id], float(slot.budget_bytes))
+            up.add_metric([slot.id], 1.0 if slot.state is SlotState.READY else 0.0)
             restarts.add_metric([slot.id], float(len(slot.restarts)))
-            models.add_metric(
-                [slot.id], float(sum(1 for p in s.view.on_device(slot.id) if p.state == "loaded"))
-            )
+            loaded = sum(1 for p in self.view.on_device(slot.id) if p.state is PlacementState.LOADED)
+            models.add_metric([slot.id], float(loaded))
         yield from (used, budget, up, restarts, models)
         jobs = GaugeMetricFamily("modelkeeper_jobs", "Jobs by state.", labels=["state"])
-        for state, n in s.jobs.counts().items():
+        for state, n in self.jobs.counts().items():
             jobs.add_metric([state], float(n))
         yield jobs
-        yield GaugeMetricFamily("modelkeeper_leases", "Active leases.", value=len(s.leases.list()))
+        yield GaugeMetricFamily("modelkeeper_leases", "Active leases.", value=len(self.leases.list()))
 
 
 class Metrics:
-    def __init__(self, service: Orchestrator) -> None:
+    """The service's metrics: live figures read at scrape time from the parts that own them
+    (``cache_stats`` answers None while the cache is not open), and the load-time histogram."""
+
+    def __init__(
+        self,
+        cache_stats: Callable[[], dict[str, Any] | None],
+        slots: Mapping[str, WorkerSlot],
+        view: StateView,
+        jobs: JobManager,
+        leases: LeaseTable,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.load_seconds = Histogram(
             "modelkeeper_load_seconds",
@@ -82,7 +103,7 @@ class Metrics:
             buckets=LOAD_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_Live(service))
+        self.registry.register(_Live(cache_stats, slots, view, jobs, leases))
 
     def observe_load(self, device: str, source: str, seconds: float) -> None:
         self.load_seconds.labels(device=device, source=source).observe(seconds)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,14 @@ from pydantic_settings import (
 
 CONFIG_ENV = "MODELKEEPER_CONFIG"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class Preload(BaseModel):
+    """A model to load when the service starts: ``{model = "tiny-sdxl", device = "cuda:1"}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, description="Id, name, path or hash prefix.")
+    device: str | None = Field(None, description="The device; placement chooses when omitted.")
 
 
 class Settings(BaseSettings):
@@ -97,6 +105,17 @@ class Settings(BaseSettings):
     )
     lease_ttl: float = Field(300.0, gt=0, description="Default lease lifetime in seconds.")
     jobs_kept: int = Field(1000, ge=10, description="Finished jobs remembered.")
+    keep_alive: float = Field(
+        -1.0,
+        ge=-1,
+        description="Seconds a loaded model stays after its last use (as Ollama's keep_alive): 0 unloads it "
+        "as soon as no operation or lease holds it, -1 never. A load may ask for its own.",
+    )
+    preload: list[Preload | str] = Field(
+        default_factory=list,
+        description="Models to load at start (and keep loaded): a reference (id, name, path, hash prefix) "
+        "or {model, device}. /health/ready answers ready once every one is loaded.",
+    )
 
     @field_validator("devices")
     @classmethod

@@ -8,8 +8,17 @@ tiers come from the registry and the cache; this module keeps the VRAM tier.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+
+class PlacementState(StrEnum):
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
 
 
 @dataclass
@@ -18,7 +27,7 @@ class Placement:
     name: str
     type: str
     device: str
-    state: str = "loading"
+    state: PlacementState = PlacementState.LOADING
     components: dict[str, str] = field(default_factory=dict)  # component -> worker name
     sources: dict[str, str] = field(default_factory=dict)  # component -> ram / disk
     segments: dict[str, str] = field(default_factory=dict)  # component -> cache component id
@@ -29,6 +38,25 @@ class Placement:
     loaded_at: float | None = None
     last_used: float = field(default_factory=time.time)
     load_seconds: float | None = None
+    keep_alive: float = -1.0  # seconds after the last use before it is unloaded; -1 never
+    busy: int = 0  # operations running on it: never unloaded for idleness meanwhile
+
+    @property
+    def expires_at(self) -> float | None:
+        """When it is unloaded for idleness (None: never, or an operation runs on it now)."""
+        if self.keep_alive < 0 or self.busy or self.state is not PlacementState.LOADED:
+            return None
+        return self.last_used + self.keep_alive
+
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Marks an operation on the model: its idle clock restarts when the operation ends."""
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            self.last_used = time.time()
 
     def info(self, leases: int = 0) -> dict[str, Any]:
         return {
@@ -36,7 +64,7 @@ class Placement:
             "name": self.name,
             "type": self.type,
             "device": self.device,
-            "state": self.state,
+            "state": self.state.value,
             "components": dict(self.components),
             "sources": dict(self.sources),
             "bytes": self.bytes,
@@ -44,6 +72,8 @@ class Placement:
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
             "load_seconds": self.load_seconds,
+            "keep_alive": self.keep_alive,
+            "expires_at": self.expires_at,
             "timings": dict(self.timings),
             "loras": {k: dict(v) for k, v in self.loras.items()},
             "leases": leases,

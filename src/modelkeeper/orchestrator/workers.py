@@ -1,6 +1,7 @@
-"""One worker subprocess per device, its operation queue, and its restarts.
+"""One worker per device, its operation queue, and its restarts.
 
-A :class:`WorkerSlot` owns the worker of one device. Operations that change the device (loads,
+A :class:`WorkerSlot` owns the worker of one device (a subprocess by default; any
+:class:`~modelkeeper.protocol.client.Worker`, the in-process one included, through ``factory``). Operations that change the device (loads,
 unloads, validation, benchmarks...) run one at a time from a priority queue, each with a deadline
 that covers its wait in the queue; status queries go straight to the worker, which answers them
 during a load. When the process exits without being asked to, the slot calls ``on_exit`` and the
@@ -10,6 +11,7 @@ service restarts it (:meth:`restart`) and reconciles its view.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import itertools
 import subprocess
@@ -20,12 +22,15 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, TypeVar
 
-from modelkeeper.protocol.client import WorkerProcess
+from pydantic import BaseModel, ValidationError
+
+from modelkeeper.protocol.client import Worker, WorkerFactory, WorkerProcess
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
-from modelkeeper.protocol.messages import Event, EventType
+from modelkeeper.protocol.messages import Event, EventType, HelloResult, MemoryInfo, StatusResult
 
 T = TypeVar("T")
+R = TypeVar("R", bound=BaseModel)
 
 
 class Priority(IntEnum):
@@ -104,20 +109,22 @@ class WorkerSlot:
         args: list[str],
         start_timeout: float,
         ping_timeout: float = 10.0,
-        on_event: Callable[[WorkerSlot, Event], None],
-        on_exit: Callable[[WorkerSlot, int | None], None],
+        factory: WorkerFactory = WorkerProcess.start,
+        on_event: Callable[[WorkerSlot, Event], None] | None = None,
+        on_exit: Callable[[WorkerSlot, int | None], None] | None = None,
     ) -> None:
         self.id = slot_id
         self.device = device
         self.args = args
         self.start_timeout = start_timeout
         self.ping_timeout = ping_timeout
-        self._on_event = on_event
-        self._on_exit = on_exit
-        self.proc: WorkerProcess | None = None
+        self.factory = factory
+        self.on_event: Callable[[WorkerSlot, Event], None] = on_event or (lambda slot, event: None)
+        self.on_exit: Callable[[WorkerSlot, int | None], None] = on_exit or (lambda slot, code: None)
+        self.proc: Worker | None = None
         self.state = SlotState.STARTING
-        self.hello: dict[str, Any] = {}
-        self.memory: dict[str, Any] = {}
+        self.hello: HelloResult | None = None
+        self.memory: MemoryInfo | None = None
         self.restarts: list[float] = []
         self.last_error: str | None = None
         self.started_at: float | None = None
@@ -134,9 +141,7 @@ class WorkerSlot:
 
     async def start(self) -> None:
         self.state = SlotState.STARTING
-        proc = await asyncio.to_thread(
-            WorkerProcess, self.device, args=self.args, hello_timeout=self.start_timeout
-        )
+        proc = await asyncio.to_thread(self.factory, self.device, self.args, self.start_timeout)
         loop = asyncio.get_running_loop()
 
         def forward(ev: Event) -> None:
@@ -144,8 +149,8 @@ class WorkerSlot:
 
         proc.on_event(forward)
         self.proc = proc
-        self.hello = proc.hello
-        self.memory = dict(proc.hello.get("memory", {}))
+        self.hello = HelloResult.model_validate(proc.hello)
+        self.memory = self.hello.memory
         self.started_at = time.time()
         self.state = SlotState.READY
         self.last_error = None
@@ -153,26 +158,26 @@ class WorkerSlot:
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run_queue(), name=f"queue {self.id}")
 
-    async def _watch(self, proc: WorkerProcess) -> None:
-        code = await asyncio.to_thread(proc.process.wait)
+    async def _watch(self, proc: Worker) -> None:
+        code = await asyncio.to_thread(proc.wait)
         proc.close()
         if not self._stopping and self.proc is proc:
             self.last_error = f"worker process {proc.pid} exited with code {code}"
-            self._on_exit(self, code)
+            self.on_exit(self, code)
 
     async def restart(self) -> None:
         old = self.proc
         self.proc = None
         self.state = SlotState.RESTARTING
         self.restarts.append(time.time())
-        if old is not None and old.process.poll() is None:
+        if old is not None and old.alive():
             await asyncio.to_thread(old.kill)
         await self.start()
 
     def kill(self) -> None:
         """Kill the worker (a hung one); the watcher then reports its exit."""
-        if self.proc is not None and self.proc.process.poll() is None:
-            self.proc.process.kill()
+        if self.proc is not None and self.proc.alive():
+            self.proc.kill()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -192,7 +197,7 @@ class WorkerSlot:
 
     # ------------------------------------------------------------------ calls
 
-    def _connection(self) -> WorkerProcess:
+    def _connection(self) -> Worker:
         if self.proc is None or self.state is not SlotState.READY:
             raise ProtocolError(
                 f"worker {self.id} is {self.state.value}"
@@ -205,21 +210,31 @@ class WorkerSlot:
     async def call(
         self,
         type: CommandType,
-        data: dict[str, Any] | None = None,
+        data: BaseModel | None,
+        result: builtins.type[R],
         *,
         timeout: float | None = 60.0,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
-        """One request to the worker; its progress events go to ``on_progress`` while it runs. On a
-        timeout the worker is told to cancel it and pinged; a worker that does not answer the ping
-        is killed (and restarted by the service)."""
+    ) -> R:
+        """One request to the worker, its answer read as ``result``; its progress events go to
+        ``on_progress`` while it runs. On a timeout the worker is told to cancel it and pinged; a
+        worker that does not answer the ping is killed (and restarted by the service)."""
         proc = self._connection()
         rid = f"{self.id}-{next(self._ids)}"
         if on_progress is not None:
             self._progress[rid] = on_progress
-        fut = asyncio.wrap_future(proc.submit(type, data, request_id=rid))
+        payload = None if data is None else data.model_dump(mode="json", exclude_none=True)
+        fut = asyncio.wrap_future(proc.submit(type, payload, request_id=rid))
         try:
-            return await asyncio.wait_for(fut, timeout)
+            answer = await asyncio.wait_for(fut, timeout)
+            try:
+                return result.model_validate(answer)
+            except ValidationError as exc:
+                raise ProtocolError(
+                    f"{type} on {self.id}: the worker's answer does not match {result.__name__}: {exc}",
+                    ErrorCode.INTERNAL,
+                    device=self.id,
+                ) from None
         except TimeoutError:
             await self._after_timeout(proc, rid)
             raise ProtocolError(
@@ -239,14 +254,14 @@ class WorkerSlot:
         if listener is not None:
             listener(dict(event.data))
         else:
-            self._on_event(self, event)
+            self.on_event(self, event)
 
     def cancel_request(self, rid: str) -> None:
         proc = self.proc
         if proc is not None and not proc.closed.is_set():
             proc.submit(CommandType.CONTROL_CANCEL, {"target_request_id": rid})
 
-    async def _after_timeout(self, proc: WorkerProcess, rid: str) -> None:
+    async def _after_timeout(self, proc: Worker, rid: str) -> None:
         self.cancel_request(rid)
         try:
             await asyncio.wait_for(
@@ -256,10 +271,18 @@ class WorkerSlot:
             self.last_error = f"worker did not answer a status query within {self.ping_timeout} s: killed"
             self.kill()
 
-    async def status(self, timeout: float = 10.0) -> dict[str, Any]:
-        result = await self.call(CommandType.GET_STATUS, timeout=timeout)
-        self.memory = dict(result.get("memory", {}))
+    async def status(self, timeout: float = 10.0) -> StatusResult:
+        result = await self.call(CommandType.GET_STATUS, None, StatusResult, timeout=timeout)
+        self.memory = result.memory
         return result
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.memory.budget_bytes if self.memory is not None else 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self.memory.models_bytes if self.memory is not None else 0
 
     # ------------------------------------------------------------------ the operation queue
 
@@ -327,8 +350,8 @@ class WorkerSlot:
             "device": self.device,
             "state": self.state.value,
             "pid": proc.pid if proc is not None else None,
-            "name": self.hello.get("device", {}).get("name"),
-            "memory": self.memory,
+            "name": self.hello.device.name if self.hello is not None else None,
+            "memory": self.memory.model_dump(mode="json") if self.memory is not None else {},
             "restarts": len(self.restarts),
             "last_error": self.last_error,
             "started_at": self.started_at,

@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from modelkeeper.protocol.codec import encode, parse_message
 from modelkeeper.protocol.commands import CommandType
@@ -28,6 +28,46 @@ from modelkeeper.protocol.messages import ErrorResponse, Event, Response
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[Event], None]
+
+
+class Worker(Protocol):
+    """What drives one device's worker, whatever runs it: met by :class:`WorkerProcess` (a
+    subprocess) and :class:`modelkeeper.worker.InProcessWorker` (a thread of this process). The
+    orchestrator's worker slots take either."""
+
+    hello: dict[str, Any]
+    closed: threading.Event
+
+    @property
+    def pid(self) -> int: ...
+
+    def submit(
+        self, type: CommandType | str, data: dict[str, Any] | None = None, *, request_id: str | None = None
+    ) -> Future[dict[str, Any]]: ...
+
+    def on_event(self, callback: EventCallback) -> None: ...
+
+    def alive(self) -> bool:
+        """True until the worker has exited (or was killed)."""
+        ...
+
+    def wait(self) -> int | None:
+        """Block until the worker has exited; its exit code (None where there is none)."""
+        ...
+
+    def kill(self) -> None:
+        """End the worker at once, as a crash would: requests in flight fail with WORKER_DIED."""
+        ...
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Ask the worker to shut down; end it if it does not in time."""
+        ...
+
+    def close(self) -> None: ...
+
+
+WorkerFactory = Callable[[str, Sequence[str], float], Worker]
+"""Starts the worker of a device: ``factory(device, extra_args, hello_timeout)``."""
 
 
 class WorkerConnection:
@@ -222,6 +262,12 @@ class WorkerProcess(WorkerConnection):
     def pid(self) -> int:
         return self.process.pid
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self) -> int | None:
+        return self.process.wait()
+
     def stop(self, timeout: float = 30.0) -> int:
         """Ask the worker to shut down; kill it if it does not exit in time. Returns the exit code."""
         if self.process.poll() is None:
@@ -244,6 +290,11 @@ class WorkerProcess(WorkerConnection):
 
     def __enter__(self) -> WorkerProcess:
         return self
+
+    @classmethod
+    def start(cls, device: str, args: Sequence[str], hello_timeout: float) -> WorkerProcess:
+        """The default :data:`WorkerFactory`: ``python -m modelkeeper.worker --device DEVICE ARGS``."""
+        return cls(device, args=args, hello_timeout=hello_timeout)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

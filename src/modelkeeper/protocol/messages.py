@@ -290,32 +290,134 @@ class ReleaseSegmentsResult(_Open):
     released: list[str]
 
 
+class LoraRole(StrEnum):
+    """The modules a LoRA may patch, by the role they play in a pipeline: the one table of roles
+    that requests, results, the worker and the orchestrator share. ``unet`` and ``transformer``
+    both name the denoiser (a LoRA file's denoiser keys go to whichever of them is given)."""
+
+    UNET = "unet"
+    TRANSFORMER = "transformer"
+    TEXT_ENCODER = "text_encoder"
+    TEXT_ENCODER_2 = "text_encoder_2"
+    TEXT_ENCODER_3 = "text_encoder_3"
+
+
+LORA_ROLES: tuple[LoraRole, ...] = tuple(LoraRole)
+
+
 class LoadLoraRequest(_Strict):
     name: str = Field(min_length=1, description="Key of the LoRA.")
     path: str = Field(min_length=1, description="A LoRA file: kohya, LyCORIS LoHa/LoKr, diffusers or PEFT.")
-    targets: dict[str, str] = Field(
-        description="Role to loaded model name: unet or transformer, text_encoder, text_encoder_2."
+    targets: dict[LoraRole, str] = Field(
+        description="Role to loaded model name: unet or transformer, text_encoder, text_encoder_2, text_encoder_3."
     )
     strength: float = 1.0
-    role_strength: dict[str, float] | None = None
+    role_strength: dict[LoraRole, float] | None = Field(
+        None, description="Strength per role, overriding `strength` for that role's module."
+    )
     strict: bool = Field(False, description="Refuse a LoRA with any key that matches no layer.")
     min_match: float = Field(0.5, ge=0, le=1, description="Least share of keys that must match a layer.")
+
+
+class LoraRoleMatch(_Open):
+    layers: int = Field(description="Layers of the file patched into this role's module.")
+    keys: int = Field(description="Keys of the file those layers hold.")
+
+
+class LoadLoraResult(_Open):
+    name: str
+    source: str = Field(description="The file read.")
+    format: str = Field(
+        description="kohya, peft, diffusers-old, loha, lokr or full; a file mixing them joins them with '+'."
+    )
+    strength: float
+    role_strength: dict[LoraRole, float] = Field(description="Per-role overrides of `strength`.")
+    targets: dict[LoraRole, str] = Field(description="Role to the loaded model patched, as requested.")
+    roles: dict[LoraRole, LoraRoleMatch] = Field(description="What matched, per target role.")
+    matched_keys: int
+    unmatched_keys: int = Field(
+        description="Keys that matched no layer, including keys that are no LoRA key."
+    )
+    unmatched: list[str] = Field(description="The first 50 of those keys.")
+    skipped_roles: list[str] = Field(
+        description="Roles the file has keys for but no target was given; `(no prefix)` for keys without one."
+    )
+    params_patched: int = Field(description="Weights this LoRA changes.")
+    factor_bytes: int = Field(description="Bytes of its prepared factors, kept on the device.")
+    backup_bytes: int = Field(
+        description="Bytes of originals backed up for weights no LoRA had patched before."
+    )
+    backup_place: Literal["device", "cpu", "none"] = Field(
+        description="Where those originals are kept: the device, pinned host memory, or none were needed."
+    )
+    read_seconds: float
+    prepare_seconds: float
+    apply_seconds: float
+    seconds: float
 
 
 class SetLoraStrengthRequest(_Strict):
     name: str = Field(min_length=1)
     strength: float
-    role_strength: dict[str, float] | None = None
+    role_strength: dict[LoraRole, float] | None = Field(
+        None, description="Replaces the per-role overrides; omitted keeps them."
+    )
+
+
+class SetLoraStrengthResult(_Open):
+    name: str
+    strength: float
+    previous: float = Field(description="The strength before this call.")
+    role_strength: dict[LoraRole, float] = Field(description="The per-role overrides now in force.")
+    params_patched: int = Field(description="Weights re-derived from their originals.")
+    seconds: float
 
 
 class UnloadLoraRequest(_Strict):
     name: str = Field(min_length=1)
 
 
+class UnloadLoraResult(_Open):
+    name: str
+    params_restored: int = Field(
+        description="Weights only this LoRA patched: their originals copied back, bitwise."
+    )
+    params_rederived: int = Field(description="Weights other LoRAs still patch: re-derived without this one.")
+    freed_bytes: int = Field(description="Backups and factors released.")
+    seconds: float
+
+
+ValidationLevel = Literal["header", "weights", "functional"]
+
+
 class ValidateModelRequest(_Strict):
     name: str = Field(min_length=1)
-    level: Literal["header", "weights", "functional"] = "header"
+    level: ValidationLevel = "header"
     batch: int = Field(1, ge=1, le=64)
+
+
+class ValidationCheck(_Open):
+    name: str = Field(
+        description="structure, dtypes, device (header); finite, statistics (weights); "
+        "forward, encode, decode (functional)."
+    )
+    level: ValidationLevel
+    passed: bool = Field(description="False: the model is broken in this respect.")
+    detail: str = Field(description="One line for a person.")
+    seconds: float
+    data: dict[str, Any] = Field(
+        description="Figures of the check, their keys depending on it (counts, ranges, shapes, example names); "
+        'a NaN figure is written as the string "NaN".'
+    )
+
+
+class ValidateModelResult(_Open):
+    name: str
+    class_name: str
+    level: ValidationLevel = Field(description="The level asked for; the checks of the levels below ran too.")
+    passed: bool = Field(description="All checks passed.")
+    checks: list[ValidationCheck]
+    seconds: float
 
 
 class BenchmarkModelRequest(_Strict):
@@ -327,6 +429,40 @@ class BenchmarkModelRequest(_Strict):
     tokens: int | None = Field(None, ge=1, le=4096)
 
 
+class BenchmarkFigure(_Open):
+    """The timing of one part of a module over ``steps`` passes."""
+
+    part: str = Field(description="forward (denoiser, text encoder), encode or decode (VAE).")
+    dtype: str = Field(description="Dtype of the output.")
+    batch: int
+    resolution: int | None = Field(description="Pixels per side; null for text encoders.")
+    tokens: int | None = Field(description="Text tokens of the inputs.")
+    inputs: dict[str, list[int]] = Field(description="Shape of each input.")
+    output_shape: list[int]
+    warmup: int
+    steps: int
+    median_s: float
+    p90_s: float = Field(description="Nearest-rank 90th percentile.")
+    mean_s: float
+    min_s: float
+    max_s: float
+    iterations_per_second: float = Field(description="1 / median_s.")
+    items_per_second: float = Field(description="batch / median_s.")
+    peak_memory_bytes: int = Field(description="Peak memory of the passes above what was allocated before.")
+    memory_method: str = Field(
+        description="How the peak was measured: cuda.max_memory_allocated, or rss_delta (sampled process RSS)."
+    )
+    seconds: float = Field(description="Wall time of warm-up and timed passes.")
+
+
+class BenchmarkModelResult(_Open):
+    name: str
+    class_name: str
+    device: str = Field(description="The worker's device.")
+    figures: list[BenchmarkFigure] = Field(description="One per part of the module.")
+    seconds: float
+
+
 class OptimizeModelRequest(_Strict):
     name: str = Field(min_length=1)
     options: dict[str, Any] = Field(
@@ -336,6 +472,46 @@ class OptimizeModelRequest(_Strict):
     )
     measure: bool = Field(True, description="Time a forward pass before and after.")
     revert: bool = Field(False, description="Undo what earlier optimize_model calls applied.")
+
+
+class AppliedOptimization(_Open):
+    option: str
+    before: str | bool = Field(
+        description="The setting before: a dtype or attention processor name (str), or a flag (bool)."
+    )
+    after: str | bool = Field(description="The setting after, of the same kind as `before`.")
+    lossless: bool | None = Field(
+        None, description="dtype only: the cast keeps every value, so a revert restores the same bits."
+    )
+
+
+class SkippedOptimization(_Open):
+    option: str
+    reason: str = Field(description="Why it did not apply, e.g. `already float32`, `no 4-D weights`.")
+
+
+class OptimizeModelResult(_Open):
+    """An optimisation's report, or with ``revert`` only ``reverted`` and the byte counts."""
+
+    name: str
+    bytes_before: int = Field(description="Bytes of the model's tensors before the call.")
+    bytes_after: int = Field(description="Bytes of the model's tensors after the call.")
+    reverted: list[str] | None = Field(None, description="revert only: the options undone, newest first.")
+    class_name: str | None = Field(None, description="Absent with revert.")
+    applied: list[AppliedOptimization] | None = Field(None, description="Absent with revert.")
+    skipped: list[SkippedOptimization] | None = Field(None, description="Absent with revert.")
+    memory_before: int | None = Field(
+        None, description="Device memory allocated (CUDA) or process RSS (CPU) before; absent with revert."
+    )
+    memory_after: int | None = Field(None, description="The same after; absent with revert.")
+    latency_before_s: float | None = Field(
+        None, description="Median seconds of a small forward pass before; null without measure."
+    )
+    latency_after_s: float | None = Field(None, description="The same after; null without measure.")
+    speedup: float | None = Field(
+        None, description="latency_before_s / latency_after_s; null without measure."
+    )
+    seconds: float | None = Field(None, description="Absent with revert.")
 
 
 class CancelRequest(_Strict):
@@ -388,12 +564,12 @@ COMMAND_MODELS: dict[CommandType, tuple[type[BaseModel], type[BaseModel]]] = {
     CommandType.OPTIMIZE_MEMORY: (OptimizeMemoryRequest, OptimizeMemoryResult),
     CommandType.CLEANUP: (CleanupRequest, CleanupResult),
     CommandType.RELEASE_SEGMENTS: (ReleaseSegmentsRequest, ReleaseSegmentsResult),
-    CommandType.LOAD_LORA: (LoadLoraRequest, _Open),
-    CommandType.SET_LORA_STRENGTH: (SetLoraStrengthRequest, _Open),
-    CommandType.UNLOAD_LORA: (UnloadLoraRequest, _Open),
-    CommandType.VALIDATE_MODEL: (ValidateModelRequest, _Open),
-    CommandType.BENCHMARK_MODEL: (BenchmarkModelRequest, _Open),
-    CommandType.OPTIMIZE_MODEL: (OptimizeModelRequest, _Open),
+    CommandType.LOAD_LORA: (LoadLoraRequest, LoadLoraResult),
+    CommandType.SET_LORA_STRENGTH: (SetLoraStrengthRequest, SetLoraStrengthResult),
+    CommandType.UNLOAD_LORA: (UnloadLoraRequest, UnloadLoraResult),
+    CommandType.VALIDATE_MODEL: (ValidateModelRequest, ValidateModelResult),
+    CommandType.BENCHMARK_MODEL: (BenchmarkModelRequest, BenchmarkModelResult),
+    CommandType.OPTIMIZE_MODEL: (OptimizeModelRequest, OptimizeModelResult),
 }
 
 EVENT_MODELS: dict[EventType, type[BaseModel]] = {

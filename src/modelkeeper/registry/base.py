@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 from modelkeeper.registry.migrations import migrate
 
@@ -23,33 +23,6 @@ def default_db_path() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".local" / "share" / "modelkeeper" / "registry.sqlite3"
-
-
-class FileRow(NamedTuple):
-    """The columns a rescan compares, per known path."""
-
-    id: int
-    path: str
-    root: str
-    kind: str
-    status: str
-    size: int | None
-    mtime_ns: int | None
-    inode: int | None
-    device: int | None
-    rules_version: int | None
-    model_id: str | None
-    error_code: str | None = None
-    error: str | None = None
-
-
-class HashTask(NamedTuple):
-    file_id: int
-    path: str
-    kind: str
-    size: int
-    mtime_ns: int
-    components: list[tuple[int, str, str, str | None]]  # (row id, name, prefix, subfolder)
 
 
 _IDS = random.Random(int.from_bytes(os.urandom(16), "big"))  # ids need uniqueness, not secrecy

@@ -8,8 +8,9 @@ Interface (all methods are thread-safe; one connection, one lock):
 - ``get(model_id)``, ``search(...)``, ``history(model_id)``: read.
 - ``set_meta(model_id, values)``: user metadata; raises InvalidMetadata.
 - ``worker_spec(model_id, component)``: what a worker needs to load it (see ``mapping.py``).
-- The scanner and the hasher write through ``record_model``, ``record_rejected``, ``move_file``,
-  ``mark_missing``, ``record_hashes`` and ``reconcile_moves``.
+- The scanner and the hasher write through discovery's port, ``CatalogWriter``
+  (``modelkeeper.discovery.ports``), which the registry implements (``writes.py``): ``record_model``,
+  ``record_rejected``, ``move_file``, ``mark_missing``, ``record_hashes``, ``reconcile_moves``...
 
 Model ids are stable: a model keeps its id, name and metadata across rescans, renames and moves
 (a move is recognised by device and inode during a scan, or by content hash after hashing).
@@ -25,7 +26,7 @@ from typing import Any
 
 from modelkeeper.discovery.records import Identification
 from modelkeeper.registry import mapping, search
-from modelkeeper.registry.base import DEFAULT_DB_ENV, FileRow, HashTask, default_db_path, new_model_id
+from modelkeeper.registry.base import DEFAULT_DB_ENV, default_db_path, new_model_id
 from modelkeeper.registry.errors import AmbiguousReference, InvalidMetadata, ModelNotFound
 from modelkeeper.registry.records import (
     META_KEYS,
@@ -39,7 +40,7 @@ from modelkeeper.registry.records import (
 )
 from modelkeeper.registry.writes import ScanWrites
 
-__all__ = ["DEFAULT_DB_ENV", "FileRow", "HashTask", "Registry", "default_db_path", "new_model_id"]
+__all__ = ["DEFAULT_DB_ENV", "Registry", "default_db_path", "new_model_id"]
 
 
 class Registry(ScanWrites):

@@ -1,4 +1,6 @@
-"""What the scanner and the hasher write: files, models, components, moves, hashes."""
+"""What the scanner and the hasher write: files, models, components, moves, hashes.
+
+This implements discovery's port, :class:`modelkeeper.discovery.ports.CatalogWriter`."""
 
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from modelkeeper.discovery.ports import CatalogWriter, FileRow, HashTask
 from modelkeeper.discovery.records import ComponentInfo, Identification
-from modelkeeper.registry.base import FileRow, HashTask, Store, new_model_id
+from modelkeeper.registry.base import Store, new_model_id
 
 
-class ScanWrites(Store):
+class ScanWrites(Store, CatalogWriter):
+    """The registry's side of discovery's port (``modelkeeper.discovery.ports.CatalogWriter``)."""
+
     def file_rows(self, roots: Sequence[str]) -> dict[str, FileRow]:
         """Known paths under ``roots`` (all when empty) with what a rescan compares."""
         sql = (

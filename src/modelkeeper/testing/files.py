@@ -33,7 +33,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer, PreTrainedModel, T5Tokenizer
 
-from modelkeeper.formats.conventions import CONFIG_METADATA_KEY
+from modelkeeper.formats.conventions import CONFIG_METADATA_KEY, LDM_DENOISER_PREFIX, LDM_VAE_PREFIX
 from modelkeeper.testing.components import (
     DEFAULT_SEED,
     Base,
@@ -54,8 +54,6 @@ from modelkeeper.testing.original_layout import (
     SDXL_CLIP_G_PREFIX,
     SDXL_CLIP_L_PREFIX,
     SDXL_REFINER_CLIP_G_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
     StateDict,
     clip_to_openclip,
     clip_to_original,
@@ -72,8 +70,8 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 
 ORIGINAL_PREFIX: dict[ComponentKind, str] = {  # where a full checkpoint keeps each component
-    "unet": UNET_PREFIX,
-    "vae": VAE_PREFIX,
+    "unet": LDM_DENOISER_PREFIX,
+    "vae": LDM_VAE_PREFIX,
     "clip_l": SD1_CLIP_PREFIX,
     "clip_g": SDXL_CLIP_G_PREFIX,
     "clip_h": SD2_OPENCLIP_PREFIX,

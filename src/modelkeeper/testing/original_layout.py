@@ -16,16 +16,21 @@ from typing import Any, cast
 import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
+from modelkeeper.formats.conventions import (
+    LDM_TEXT_ENCODER_PREFIX,
+    SGM_EMBEDDER_0_PREFIX,
+    SGM_EMBEDDER_1_PREFIX,
+)
+
 StateDict = dict[str, torch.Tensor]
 
-# Where each component sits inside a full original-layout checkpoint.
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-SD1_CLIP_PREFIX = "cond_stage_model.transformer."
-SD2_OPENCLIP_PREFIX = "cond_stage_model.model."
-SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
-SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
-SDXL_REFINER_CLIP_G_PREFIX = "conditioner.embedders.0.model."
+# Where each text encoder sits inside a full original-layout checkpoint: its component's prefix, then
+# ``transformer.`` for transformers' CLIP names or ``model.`` for open_clip's.
+SD1_CLIP_PREFIX = LDM_TEXT_ENCODER_PREFIX + "transformer."
+SD2_OPENCLIP_PREFIX = LDM_TEXT_ENCODER_PREFIX + "model."
+SDXL_CLIP_L_PREFIX = SGM_EMBEDDER_0_PREFIX + "transformer."
+SDXL_CLIP_G_PREFIX = SGM_EMBEDDER_1_PREFIX + "model."
+SDXL_REFINER_CLIP_G_PREFIX = SGM_EMBEDDER_0_PREFIX + "model."
 
 # diffusers' own table of the renamed top-level tensors, so both directions read the same data.
 _LDM_MAPPING = cast(dict[str, dict[str, Any]], DIFFUSERS_TO_LDM_MAPPING)
@@ -201,8 +206,6 @@ __all__ = [
     "SDXL_CLIP_G_PREFIX",
     "SDXL_CLIP_L_PREFIX",
     "SDXL_REFINER_CLIP_G_PREFIX",
-    "UNET_PREFIX",
-    "VAE_PREFIX",
     "StateDict",
     "clip_to_openclip",
     "clip_to_original",

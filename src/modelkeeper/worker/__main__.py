@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
 from modelkeeper.protocol.errors import ProtocolError
+from modelkeeper.worker.arguments import parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modelkeeper.worker", description=__doc__)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument(
-        "--reserve-mb",
-        type=float,
-        default=None,
-        help="memory kept free for work (default: 1024 on CUDA, 2048 on CPU)",
-    )
-    parser.add_argument("--budget-mb", type=float, default=None, help="cap on what models may use")
-    parser.add_argument(
-        "--throttle-mb-s", type=float, default=None, help="cap the read rate (simulates a slow disk)"
-    )
-    parser.add_argument(
-        "--warm", action="store_true", help="import the model libraries and open the device in the background"
-    )
-    parser.add_argument("--log-level", default=os.environ.get("MODELKEEPER_LOG_LEVEL", "WARNING"))
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,

@@ -24,6 +24,7 @@ import math
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,8 +104,10 @@ def benchmark(
     warmup: int = 2,
     tokens: int | None = None,
     seed: int = 0,
+    check: Callable[[], None] = lambda: None,
 ) -> BenchReport:
-    """Time every part of ``module`` where it lives (see the module docstring)."""
+    """Time every part of ``module`` where it lives (see the module docstring). ``check`` runs before
+    each pass and may raise (cancellation: a long benchmark stops within one pass)."""
     for field, value, low in (("batch", batch, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
         if value < low:
             raise InvalidRequest(f"data.{field}: must be at least {low}, got {value}")
@@ -119,7 +122,7 @@ def benchmark(
     if not parts:
         raise InvalidRequest(f"data.name: cannot benchmark a {name} (no example inputs for this class)")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    figures = [_measure(p, device, batch, resolution, tokens, steps, warmup) for p in parts]
+    figures = [_measure(p, device, batch, resolution, tokens, steps, warmup, check) for p in parts]
     return BenchReport(name, str(device), figures, round(time.perf_counter() - started, 6))
 
 
@@ -171,6 +174,7 @@ def _measure(
     tokens: int,
     steps: int,
     warmup: int,
+    check: Callable[[], None],
 ) -> BenchFigure:
     cuda = device.type == "cuda"
     times: list[float] = []
@@ -178,6 +182,7 @@ def _measure(
     out: torch.Tensor | None = None
     with torch.inference_mode(), _PeakMemory(device) as memory:
         for i in range(warmup + steps):
+            check()
             if cuda:
                 torch.cuda.synchronize(device)
             begin = time.perf_counter()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from modelkeeper.formats.conventions import LDM_DENOISER_PREFIX
 from modelkeeper.formats.errors import InvalidModelFile
 from modelkeeper.protocol.messages import KeyLayout, ModelKind
 from modelkeeper.worker.weights import TensorEntry
@@ -21,7 +22,6 @@ from modelkeeper.worker.weights import TensorEntry
 StateDict = dict[str, torch.Tensor]
 Converter = Callable[[StateDict, str, dict[str, Any]], StateDict]
 
-LDM_UNET_PREFIX = "model.diffusion_model."
 #: Keys some files carry that the current classes rebuild themselves (non-persistent buffers).
 IGNORED_SUFFIXES = ("text_model.embeddings.position_ids", "logit_scale")
 
@@ -177,7 +177,7 @@ def _strip(state: StateDict, prefix: str) -> StateDict:
 def _ldm_unet(state: StateDict, prefix: str, config: dict[str, Any]) -> StateDict:
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    renamed = {LDM_UNET_PREFIX + k: v for k, v in _strip(state, prefix).items()}
+    renamed = {LDM_DENOISER_PREFIX + k: v for k, v in _strip(state, prefix).items()}
     return dict(convert_ldm_unet_checkpoint(renamed, config))
 
 

@@ -6,8 +6,8 @@ Hierarchy::
     ├── FormatError and subclasses (modelkeeper.formats.errors)   the file cannot be loaded
     └── WorkerError                                              the request cannot be served now
         ├── InvalidRequest        INVALID_REQUEST   a field is wrong or missing (names the field)
-        ├── ModelNotFound         MODEL_NOT_FOUND   no loaded model of that name (info)
-        ├── NotLoaded             NOT_LOADED        unload of a name that is not loaded
+        ├── WorkerModelNotFound   MODEL_NOT_FOUND   no loaded model of that name (info)
+        ├── WorkerNotLoaded       NOT_LOADED        unload of a name that is not loaded
         ├── AlreadyLoaded         ALREADY_LOADED    a model of that name is loaded (use replace)
         ├── InsufficientMemory    INSUFFICIENT_MEMORY  does not fit the budget   (recoverable)
         ├── Cancelled             CANCELLED         control.cancel stopped it  (recoverable)
@@ -30,11 +30,13 @@ class InvalidRequest(WorkerError):
     code = ErrorCode.INVALID_REQUEST
 
 
-class ModelNotFound(WorkerError):
+class WorkerModelNotFound(WorkerError):
+    """No loaded model of that name (the registry's ``ModelNotFound`` is about model references)."""
+
     code = ErrorCode.MODEL_NOT_FOUND
 
 
-class NotLoaded(WorkerError):
+class WorkerNotLoaded(WorkerError):
     code = ErrorCode.NOT_LOADED
 
 

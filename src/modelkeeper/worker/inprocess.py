@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from modelkeeper.protocol.client import WorkerConnection
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ProtocolError
 from modelkeeper.protocol.messages import EventType
+from modelkeeper.worker.arguments import parser
 from modelkeeper.worker.device import DeviceMemory, parse_device
 from modelkeeper.worker.server import WorkerServer
 from modelkeeper.worker.service import ModelService
@@ -81,6 +83,27 @@ class InProcessWorker(WorkerConnection):
         """The live module (or tokenizer) loaded under ``name``."""
         return self.service.get(name).module
 
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self.closed.is_set()
+
+    def wait(self) -> int | None:
+        self._thread.join()
+        self.closed.wait()
+        return None
+
+    def kill(self) -> None:
+        """End the worker as a crash would: the caller sees its output end (requests in flight fail
+        with WORKER_DIED) and the server sees its input end (it finishes what runs, then stops)."""
+        for stream in (self._server_out, self._writer):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread.is_alive():
             try:
@@ -92,6 +115,15 @@ class InProcessWorker(WorkerConnection):
 
     def __enter__(self) -> InProcessWorker:
         return self
+
+    @classmethod
+    def start(cls, device: str, args: Sequence[str], hello_timeout: float) -> InProcessWorker:
+        """A :data:`~modelkeeper.protocol.client.WorkerFactory` like ``WorkerProcess.start``: the
+        worker's own arguments (budget, reserve, throttle; ``--warm`` is moot in-process)."""
+        opts = parser().parse_args(["--device", device, *args])
+        return cls(
+            device, reserve_mb=opts.reserve_mb, budget_mb=opts.budget_mb, throttle_mb_s=opts.throttle_mb_s
+        )
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -50,8 +50,8 @@ from modelkeeper.worker.errors import (
     Cancelled,
     InsufficientMemory,
     InvalidRequest,
-    ModelNotFound,
-    NotLoaded,
+    WorkerModelNotFound,
+    WorkerNotLoaded,
 )
 from modelkeeper.worker.lora import LoraManager
 from modelkeeper.worker.mapping import TORCH_DTYPES as MAPPED_DTYPES
@@ -192,7 +192,9 @@ class ModelService:
     def model_info(self, name: str | None = None) -> ModelInfoResult:
         with self._lock:
             if name is not None and name not in self._models:
-                raise ModelNotFound(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
+                raise WorkerModelNotFound(
+                    f"data.name: no model named {name!r} is loaded (loaded: {self._names()})"
+                )
             models = [m.info() for m in self._models.values() if name is None or m.name == name]
         return ModelInfoResult(models=models, model_count=len(models), memory=self.memory_info())
 
@@ -201,7 +203,7 @@ class ModelService:
         with self._lock:
             model = self._models.get(name)
             if model is None:
-                raise ModelNotFound(f"no model named {name!r} is loaded (loaded: {self._names()})")
+                raise WorkerModelNotFound(f"no model named {name!r} is loaded (loaded: {self._names()})")
             model.last_used = time.time()
             return model
 
@@ -481,7 +483,7 @@ class ModelService:
         with self._lock:
             known = name in self._models
         if not known:
-            raise NotLoaded(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
+            raise WorkerNotLoaded(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
         self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloading"})
         freed = self._drop(name)
         self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloaded"})
@@ -554,23 +556,26 @@ class ModelService:
         with self._lock:
             model = self._models.get(name)
             if model is None:
-                raise NotLoaded(f"{field}: no model named {name!r} is loaded (loaded: {self._names()})")
+                raise WorkerNotLoaded(f"{field}: no model named {name!r} is loaded (loaded: {self._names()})")
             model.last_used = time.time()
         if not isinstance(model.module, torch.nn.Module):
             raise InvalidRequest(f"{field}: {name!r} is a {model.kind.value}, not a model with weights")
         return model.module
 
     def load_lora(self, req: LoadLoraRequest, op: Operation) -> dict[str, Any]:
-        targets = {role: self.module(model, f"data.targets.{role}") for role, model in req.targets.items()}
-        for role, module in targets.items():
-            packed = storage.plan_of(module)
+        targets = {
+            role.value: self.module(model, f"data.targets.{role}") for role, model in req.targets.items()
+        }
+        for role, model in req.targets.items():
+            packed = storage.plan_of(targets[role.value])
             if packed is not None:  # the LoRA manager patches weights in place: not packed ones yet
                 raise UnsupportedFormat(
-                    f"data.targets.{role}: {req.targets[role]!r} keeps its weights packed ({packed.form}); "
+                    f"data.targets.{role}: {model!r} keeps its weights packed ({packed.form}); "
                     "LoRAs apply to models loaded with plain weights only for now"
                 )
+        role_strength = {role.value: value for role, value in (req.role_strength or {}).items()}
         report = self.loras.load(
-            req.name, req.path, targets, strength=req.strength, role_strength=req.role_strength,
+            req.name, req.path, targets, strength=req.strength, role_strength=role_strength,
             strict=req.strict, min_match=req.min_match, check=op.check,
         )  # fmt: skip
         return report.as_dict() | {"targets": dict(req.targets)}
@@ -585,7 +590,7 @@ class ModelService:
 
         report = benchmark(
             self.module(req.name), resolution=req.resolution, batch=req.batch, steps=req.steps,
-            warmup=req.warmup, tokens=req.tokens,
+            warmup=req.warmup, tokens=req.tokens, check=op.check,
         )  # fmt: skip
         return report.as_dict() | {"name": req.name, "device": str(self.device)}
 

@@ -23,6 +23,17 @@ from modelkeeper.discovery.rules.engine import (
     VariantRule,
     keys,
 )
+from modelkeeper.formats.conventions import (
+    COMFY_CLIP_G_PREFIX,
+    COMFY_CLIP_L_PREFIX,
+    COMFY_T5XXL_PREFIX,
+    LDM_CONTROLNET_PREFIX,
+    LDM_DENOISER_PREFIX,
+    LDM_TEXT_ENCODER_PREFIX,
+    LDM_VAE_PREFIX,
+    SGM_EMBEDDER_0_PREFIX,
+    SGM_EMBEDDER_1_PREFIX,
+)
 
 T = ModelType
 UNET, TRANSFORMER, VAE, TEXT, CONTROL = T.UNET, T.TRANSFORMER, T.VAE, T.TEXT_ENCODER, T.CONTROLNET
@@ -31,15 +42,15 @@ SD_FAMILY = (Base.SD1, Base.SD2, Base.SDXL, Base.SDXL_REFINER)
 ORIG = Layout.ORIGINAL  # text encoders under these prefixes are in the checkpoint's (original) layout
 
 COMPONENT_PREFIXES: tuple[ComponentPrefix, ...] = (
-    ComponentPrefix("ldm.diffusion_model", "model.diffusion_model.", "denoiser", ORIG),
-    ComponentPrefix("ldm.first_stage_model", "first_stage_model.", "vae", ORIG),
-    ComponentPrefix("ldm.cond_stage_model", "cond_stage_model.", "text_encoder", ORIG),
-    ComponentPrefix("sgm.embedder_0", "conditioner.embedders.0.", "text_encoder", ORIG),
-    ComponentPrefix("sgm.embedder_1", "conditioner.embedders.1.", "text_encoder_2", ORIG),
-    ComponentPrefix("comfy.clip_l", "text_encoders.clip_l.", "text_encoder", ORIG),
-    ComponentPrefix("comfy.clip_g", "text_encoders.clip_g.", "text_encoder_2", ORIG),
-    ComponentPrefix("comfy.t5xxl", "text_encoders.t5xxl.", "text_encoder_3", ORIG),
-    ComponentPrefix("ldm.control_model", "control_model.", "controlnet", ORIG),
+    ComponentPrefix("ldm.diffusion_model", LDM_DENOISER_PREFIX, "denoiser", ORIG),
+    ComponentPrefix("ldm.first_stage_model", LDM_VAE_PREFIX, "vae", ORIG),
+    ComponentPrefix("ldm.cond_stage_model", LDM_TEXT_ENCODER_PREFIX, "text_encoder", ORIG),
+    ComponentPrefix("sgm.embedder_0", SGM_EMBEDDER_0_PREFIX, "text_encoder", ORIG),
+    ComponentPrefix("sgm.embedder_1", SGM_EMBEDDER_1_PREFIX, "text_encoder_2", ORIG),
+    ComponentPrefix("comfy.clip_l", COMFY_CLIP_L_PREFIX, "text_encoder", ORIG),
+    ComponentPrefix("comfy.clip_g", COMFY_CLIP_G_PREFIX, "text_encoder_2", ORIG),
+    ComponentPrefix("comfy.t5xxl", COMFY_T5XXL_PREFIX, "text_encoder_3", ORIG),
+    ComponentPrefix("ldm.control_model", LDM_CONTROLNET_PREFIX, "controlnet", ORIG),
     ComponentPrefix("pipeline.unet", "unet.", "unet"),
     ComponentPrefix("pipeline.transformer", "transformer.", "transformer"),
     ComponentPrefix("pipeline.vae", "vae.", "vae"),

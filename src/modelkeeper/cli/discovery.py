@@ -1,6 +1,6 @@
 """Command line of discovery: ``modelkeeper scan ROOT... [--json] [--hash] [--watch]``.
 
-A plain typer command function, mounted by ``modelkeeper.cli`` with ``app.command("scan")(scan)``.
+A plain typer command function, mounted by :mod:`modelkeeper.cli.app`.
 The table goes to stdout with a progress bar on stderr; ``--json`` prints one JSON object per
 model file or folder (``path`` relative to its root, ``status``, ``format``, ``type``, ``base``,
 ``variant``, ``encoder``, ``components``, ``rule``, and ``error_code`` / ``error`` when rejected).
@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from modelkeeper.cli.common import DbOption, JsonOption, fail, open_registry
 from modelkeeper.discovery.hasher import Hasher, HashProgress, HashReport
 from modelkeeper.discovery.scanner import Scanner, ScanProgress, ScanReport
 from modelkeeper.protocol.errors import ProtocolError
-from modelkeeper.registry.cli import DbOption, JsonOption, fail, open_registry
 from modelkeeper.registry.store import Registry
 
 

@@ -1,4 +1,7 @@
-"""Command line: ``modelkeeper --help``."""
+"""Local commands, which need no registry and no service: ``protocol-schema``, ``worker``, ``demo-models``.
+
+Plain typer command functions, mounted by :mod:`modelkeeper.cli.app`.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    help="modelkeeper: find, know, keep and place diffusion models.",
-)
 
-
-@app.command("protocol-schema")
 def protocol_schema_cmd(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write to a file instead of stdout.")
@@ -31,7 +27,6 @@ def protocol_schema_cmd(
         out.write_text(text + "\n", encoding="utf-8")
 
 
-@app.command("worker")
 def worker_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
     reserve_mb: Annotated[float | None, typer.Option(help="Memory kept free for work.")] = None,
@@ -48,7 +43,6 @@ def worker_cmd(
     raise typer.Exit(worker_main(args))
 
 
-@app.command("demo-models")
 def demo_models_cmd(
     root: Annotated[Path, typer.Argument(help="Folder to write the demo models into.")],
 ) -> None:
@@ -61,31 +55,3 @@ def demo_models_cmd(
     with console.status("writing demo models") as status:
         manifest = write_demo_models(root, progress=lambda what: status.update(f"writing {what}"))
     console.print(f"wrote {len(manifest.entries)} demo models to {root} (see {root / 'manifest.json'})")
-
-
-def _mount_registry_commands() -> None:
-    from modelkeeper.discovery.cli import scan as scan_cmd
-    from modelkeeper.registry.cli import ls as ls_cmd
-    from modelkeeper.registry.cli import meta as meta_cmd
-    from modelkeeper.registry.cli import show as show_cmd
-
-    app.command("scan")(scan_cmd)
-    app.command("ls")(ls_cmd)
-    app.command("show")(show_cmd)
-    app.command("meta")(meta_cmd)
-
-
-_mount_registry_commands()
-
-
-def _mount_service_commands() -> None:
-    from modelkeeper.api.cli import mount
-
-    mount(app)
-
-
-_mount_service_commands()
-
-
-def main() -> None:
-    app()

@@ -1,50 +1,24 @@
 """Command line of the registry: ``modelkeeper ls``, ``show`` and ``meta``.
 
-Plain typer command functions, mounted by ``modelkeeper.cli`` with ``app.command("ls")(ls)``...
+Plain typer command functions, mounted by :mod:`modelkeeper.cli.app`.
 Every command takes ``--db`` (default ``$MODELKEEPER_DB`` or ``~/.local/share/modelkeeper/registry.sqlite3``).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from modelkeeper.cli.common import DbOption, JsonOption, fail, human_size, open_registry
 from modelkeeper.protocol.errors import ProtocolError
-from modelkeeper.registry.store import Registry
-
-DbOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--db",
-        help="Registry file (default: $MODELKEEPER_DB or ~/.local/share/modelkeeper/registry.sqlite3).",
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def open_registry(db: Path | None) -> Registry:
-    return Registry.open(db)
-
-
-def fail(exc: ProtocolError) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error[/red] {exc.code.value}: {exc.message}")
-    return typer.Exit(code=1)
 
 
 def _size(n: int | None) -> str:
-    if not n:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"
+    return human_size(n) if n else "-"
 
 
 def ls(

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from modelkeeper.cli.common import human_size
 from modelkeeper.client import DEFAULT_URL, ApiError, Client
 
 UrlOption = Annotated[
@@ -27,7 +28,7 @@ UrlOption = Annotated[
 TokenOption = Annotated[
     str | None, typer.Option("--token", help="Bearer token (default: $MODELKEEPER_TOKEN).")
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer.")]
+ApiJsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer.")]
 DeviceOption = Annotated[str | None, typer.Option("--device", "-d", help="Device id (cuda:0, cpu...).")]
 
 err = Console(stderr=True)
@@ -58,12 +59,7 @@ def _fail(exc: ApiError | OSError | Exception) -> typer.Exit:
 
 
 def _size(n: float | None) -> str:
-    value = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"
+    return human_size(n or 0)
 
 
 def _print_json(data: Any) -> None:
@@ -169,7 +165,7 @@ def serve(
 
 def status(
     device: Annotated[str | None, typer.Argument(help="One device only.")] = None,
-    as_json: JsonOption = False,
+    as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -209,7 +205,7 @@ def load(
     force: Annotated[bool, typer.Option(help="Evict leased or kept models to make room.")] = False,
     keep_loaded: Annotated[bool, typer.Option(help="Reload after a worker restart.")] = False,
     detach: Annotated[bool, typer.Option(help="Print the job and return at once.")] = False,
-    as_json: JsonOption = False,
+    as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -240,7 +236,7 @@ def unload(
     model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
     device: DeviceOption = None,
     force: Annotated[bool, typer.Option(help="Unload even when leased.")] = False,
-    as_json: JsonOption = False,
+    as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -294,7 +290,7 @@ def validate(
     model: Annotated[str, typer.Argument(help="A loaded model.")],
     level: Annotated[str, typer.Option(help="header, weights or functional")] = "weights",
     device: DeviceOption = None,
-    as_json: JsonOption = False,
+    as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -309,7 +305,7 @@ def benchmark(
     batch: Annotated[int, typer.Option(min=1)] = 1,
     resolution: Annotated[int | None, typer.Option(min=8)] = None,
     device: DeviceOption = None,
-    as_json: JsonOption = False,
+    as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -332,7 +328,7 @@ def optimize(
     ] = None,
     revert: Annotated[bool, typer.Option(help="Undo earlier optimisations.")] = False,
     device: DeviceOption = None,
-    as_json: JsonOption = False,
+    as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -359,7 +355,7 @@ cache_app = typer.Typer(
 
 @cache_app.callback()
 def cache_list(
-    ctx: typer.Context, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None
+    ctx: typer.Context, as_json: ApiJsonOption = False, url: UrlOption = None, token: TokenOption = None
 ) -> None:
     """List segments and stats (the default)."""
     if ctx.invoked_subcommand is not None:
@@ -384,7 +380,7 @@ def cache_list(
 @cache_app.command("add")
 def cache_add(
     model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
-    as_json: JsonOption = False,
+    as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -428,7 +424,7 @@ jobs_app = typer.Typer(help="Jobs of a running service.", invoke_without_command
 def jobs_list(
     ctx: typer.Context,
     state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, cancelled")] = None,
-    as_json: JsonOption = False,
+    as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -468,16 +464,3 @@ def jobs_cancel(job_id: str, url: UrlOption = None, token: TokenOption = None) -
 def jobs_show(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """Print one job as JSON."""
     _print_json(_call(url, token, lambda c: c.job(job_id)))
-
-
-def mount(app: typer.Typer) -> None:
-    """Add the service commands to the main command line."""
-    app.command("serve")(serve)
-    app.command("status")(status)
-    app.command("load")(load)
-    app.command("unload")(unload)
-    app.command("validate")(validate)
-    app.command("benchmark")(benchmark)
-    app.command("optimize")(optimize)
-    app.add_typer(cache_app, name="cache")
-    app.add_typer(jobs_app, name="jobs")

@@ -1,0 +1,37 @@
+"""The command table: ``modelkeeper --help``. Each topic module holds plain command functions;
+this one mounts them, in the order ``--help`` lists them."""
+
+from __future__ import annotations
+
+import typer
+
+from modelkeeper.cli import discovery, local, registry, service
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="modelkeeper: find, know, keep and place diffusion models.",
+)
+
+app.command("protocol-schema")(local.protocol_schema_cmd)
+app.command("worker")(local.worker_cmd)
+app.command("demo-models")(local.demo_models_cmd)
+
+app.command("scan")(discovery.scan)
+app.command("ls")(registry.ls)
+app.command("show")(registry.show)
+app.command("meta")(registry.meta)
+
+app.command("serve")(service.serve)
+app.command("status")(service.status)
+app.command("load")(service.load)
+app.command("unload")(service.unload)
+app.command("validate")(service.validate)
+app.command("benchmark")(service.benchmark)
+app.command("optimize")(service.optimize)
+app.add_typer(service.cache_app, name="cache")
+app.add_typer(service.jobs_app, name="jobs")
+
+
+def main() -> None:
+    app()

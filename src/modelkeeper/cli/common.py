@@ -1,0 +1,41 @@
+"""What several command modules share: the registry commands' ``--db`` and ``--json`` options,
+opening the registry, turning a domain error into the command's failure, and byte sizes for tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from modelkeeper.protocol.errors import ProtocolError
+from modelkeeper.registry.store import Registry
+
+DbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="Registry file (default: $MODELKEEPER_DB or ~/.local/share/modelkeeper/registry.sqlite3).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def open_registry(db: Path | None) -> Registry:
+    return Registry.open(db)
+
+
+def fail(exc: ProtocolError) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error[/red] {exc.code.value}: {exc.message}")
+    return typer.Exit(code=1)
+
+
+def human_size(n: float) -> str:
+    """``n`` bytes in B, KB, MB, GB or TB (powers of 1024), for tables."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"

@@ -1,0 +1,188 @@
+"""The catalog: what the service knows of models, from its registry and its model roots.
+
+It opens the registry, resolves references (id, name, path inside a model root, hash prefix),
+checks that a registered file is still what was registered, turns a model into the worker
+requests of its components, keeps user metadata and the history of operations, and runs the
+scan (and hashing) of the roots as a job. Registry calls run off the event loop: a scan writing in
+a thread never stalls the API. It knows nothing of devices or the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from modelkeeper.discovery import Hasher, HashProgress, Scanner, ScanProgress
+from modelkeeper.orchestrator.errors import InvalidReference, PathOutsideRoots, ServiceNotReady
+from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.orchestrator.jobs import Job, JobManager
+from modelkeeper.orchestrator.loading import ComponentLoad, component_requests
+from modelkeeper.orchestrator.settings import Settings
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.registry import ModelNotFound, ModelRecord, Registry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Catalog:
+    def __init__(self, settings: Settings, bus: EventBus, jobs: JobManager) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.jobs = jobs
+        self.roots = [Path(os.path.realpath(r)) for r in settings.model_roots]
+        self._registry: Registry | None = None
+
+    async def open(self) -> None:
+        for root in self.roots:
+            root.mkdir(parents=True, exist_ok=True)
+        self._registry = await asyncio.to_thread(Registry.open, self.settings.db)
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            raise ServiceNotReady("the registry is not open yet")
+        return self._registry
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A registry call, off the event loop."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ references
+
+    def check_path(self, path: str) -> Path:
+        """``path`` (absolute, or relative to a model root) resolved with symlinks followed;
+        PathOutsideRoots unless it lies inside a model root."""
+        if "\0" in path:
+            raise InvalidReference(f"path {path!r} contains a NUL byte", path=path)
+        candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in self.roots]
+        for candidate in candidates:
+            real = Path(os.path.realpath(candidate))
+            if not os.path.isabs(path) and not os.path.exists(real):
+                continue
+            if self.settings.allow_outside_roots or any(real.is_relative_to(root) for root in self.roots):
+                return real
+        if not os.path.isabs(path) and not any(os.path.exists(c) for c in candidates):
+            raise ModelNotFound(f"no model matches {path!r}: no such path under the model roots", ref=path)
+        raise PathOutsideRoots(
+            f"path {path!r} resolves to {str(real)!r}, outside every model root", path=path
+        )
+
+    async def resolve(self, ref: str) -> ModelRecord:
+        """A model by id, name, path (inside a model root) or hash prefix."""
+        if "/" in ref or ref.startswith("."):
+            ref = str(self.check_path(ref))
+        return await self.db(self.registry.resolve, ref)
+
+    async def get(self, model_id: str) -> ModelRecord:
+        return await self.db(self.registry.get, model_id)
+
+    @staticmethod
+    def check_file(record: ModelRecord) -> None:
+        """Refuse a model whose file was deleted or changed since it was registered: what the
+        registry says of it (type, layout, components) may no longer hold."""
+        f = record.file
+        if f is None:
+            return
+        try:
+            st = os.stat(f.path)
+        except OSError as exc:
+            raise ProtocolError(
+                f"model {record.id}: {f.path} is gone since it was registered ({exc.strerror}); rescan the roots",
+                ErrorCode.FILE_NOT_FOUND,
+                path=f.path,
+            ) from None
+        if f.kind == "file" and (st.st_size != f.size or st.st_mtime_ns != f.mtime_ns):
+            raise ProtocolError(
+                f"model {record.id}: {f.path} changed since it was registered (size {f.size} -> {st.st_size}); "
+                "rescan the roots (POST /api/model/cache/refresh) before loading it",
+                ErrorCode.INVALID_MODEL_FILE,
+                path=f.path,
+            )
+
+    async def component_loads(self, record: ModelRecord) -> list[ComponentLoad]:
+        """The worker requests of the model's loadable components (reads headers: off the loop)."""
+        spec = await self.db(self.registry.worker_spec, record.id)
+        return await asyncio.to_thread(component_requests, record, spec)
+
+    # ------------------------------------------------------------------ metadata and history
+
+    async def metadata(self, ref: str) -> dict[str, Any]:
+        record = await self.resolve(ref)
+        return {"model_id": record.id, "name": record.name, **record.meta.model_dump(mode="json")}
+
+    async def set_metadata(self, ref: str, values: dict[str, Any]) -> dict[str, Any]:
+        record = await self.resolve(ref)
+        await self.db(self.registry.set_meta, record.id, values)
+        self.bus.publish("model.metadata", model_id=record.id, keys=sorted(values))
+        return await self.metadata(record.id)
+
+    async def record(self, model_id: str, op: str, data: dict[str, Any]) -> None:
+        """Add an operation to the model's history (a model deleted meanwhile: the operation stands)."""
+        try:
+            await self.db(self.registry.add_history, model_id, op, data)
+        except ProtocolError as exc:
+            log.warning("history of %s not recorded: %s", model_id, exc)
+
+    # ------------------------------------------------------------------ scanning
+
+    async def scan(self, *, wait: bool = True, hash: bool = True) -> dict[str, Any]:
+        """Scan the model roots (new, changed, moved and deleted files), then hash what is new: a job."""
+        loop = asyncio.get_running_loop()
+        roots = [str(r) for r in self.roots]
+
+        async def body(job: Job) -> Any:
+            def on_scan(p: ScanProgress) -> None:
+                loop.call_soon_threadsafe(
+                    lambda: job.progress(
+                        phase=p.phase, found=p.found, done=p.done, total=p.total, unit="files"
+                    )
+                )
+
+            scanner = Scanner(
+                self.registry,
+                roots,
+                allow_outside_roots=self.settings.allow_outside_roots,
+                workers=self.settings.scan_threads,
+            )
+            report = await asyncio.to_thread(scanner.scan, on_scan)
+            result: dict[str, Any] = {
+                "summary": report.summary(),
+                "seconds": round(report.seconds, 3),
+                "rejected": [e.to_json() for e in report.entries if e.status == "rejected"][:200],
+                "missing": report.missing[:200],
+            }
+            self.bus.publish("registry.scanned", summary=result["summary"])
+            if hash:
+                cancel = threading.Event()
+                job.on_cancel(cancel.set)
+
+                def on_hash(h: HashProgress) -> None:
+                    loop.call_soon_threadsafe(
+                        lambda: job.progress(
+                            phase="hash",
+                            done=h.bytes_done,
+                            total=h.bytes_total,
+                            unit="bytes",
+                            current=h.current,
+                        )
+                    )
+
+                hreport = await asyncio.to_thread(Hasher(self.registry).run, progress=on_hash, cancel=cancel)
+                result["hashed"] = {
+                    "files": hreport.hashed,
+                    "bytes": hreport.bytes,
+                    "errors": len(hreport.errors),
+                }
+            return result
+
+        return await self.jobs.run("scan", {"roots": roots, "hash": hash}, body, wait=wait)

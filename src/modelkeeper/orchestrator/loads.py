@@ -1,0 +1,402 @@
+"""Loads: a model onto a device and off it again.
+
+``load`` resolves the model, asks the placement policy for a device (unless one is named),
+queues the load on that device, and coalesces concurrent loads of one model on one device into
+one. A load makes room first (evicting what the policy picks), then loads each component through
+the cache feed; any failure rolls back the components already loaded, so no half-loaded model is
+left behind. ``unload`` honours leases and ``force``. Leases are granted here too, since they hold
+placements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from modelkeeper.orchestrator.cachefeed import CacheFeed
+from modelkeeper.orchestrator.catalog import Catalog
+from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded
+from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.orchestrator.jobs import Job, JobManager
+from modelkeeper.orchestrator.leases import LeaseTable
+from modelkeeper.orchestrator.metrics import Metrics
+from modelkeeper.orchestrator.placement import DeviceView, Resident, choose_device, plan_eviction
+from modelkeeper.orchestrator.pool import WorkerPool
+from modelkeeper.orchestrator.settings import Settings
+from modelkeeper.orchestrator.state import Placement, PlacementState, StateView
+from modelkeeper.orchestrator.workers import Priority, WorkerSlot
+from modelkeeper.protocol.commands import CommandType
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.protocol.messages import LoadResult, UnloadRequest, UnloadResult
+from modelkeeper.registry import ModelRecord
+
+
+@dataclass
+class LoadOptions:
+    """What a caller may ask of a load beyond the model and the device."""
+
+    priority: int = Priority.NORMAL
+    timeout: float | None = None
+    force: bool = False
+    keep_loaded: bool = False
+    require_cache: bool = False
+    keep_alive: float | None = None  # seconds after the last use; -1 never; None: the setting
+
+
+class Loads:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        feed: CacheFeed,
+        pool: WorkerPool,
+        view: StateView,
+        leases: LeaseTable,
+        jobs: JobManager,
+        bus: EventBus,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.feed = feed
+        self.pool = pool
+        self.view = view
+        self.leases = leases
+        self.jobs = jobs
+        self.bus = bus
+        self.metrics = metrics
+        self.inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+
+    def deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (timeout or self.settings.request_timeout)
+
+    # ------------------------------------------------------------------ placement
+
+    def device_view(self, slot: WorkerSlot) -> DeviceView:
+        """What the placement policy sees of one device."""
+        residents = tuple(
+            Resident(
+                p.model_id,
+                p.bytes,
+                p.last_used,
+                loaded=p.state is PlacementState.LOADED,
+                leased=bool(self.leases.holding(p.model_id, slot.id)),
+                keep_loaded=p.keep_loaded,
+            )
+            for p in self.view.on_device(slot.id)
+        )
+        loading = frozenset(m for m, d in self.inflight if d == slot.id)
+        return DeviceView(slot.id, slot.budget_bytes, slot.used_bytes, residents, loading)
+
+    async def place(self, record: ModelRecord, opts: LoadOptions) -> WorkerSlot:
+        """The device placement chooses for ``record`` (memory figures refreshed first)."""
+        ready = self.pool.ready()
+        if not ready:
+            raise ProtocolError("no worker is running", ErrorCode.WORKER_DIED)
+        if not any(self.device_view(s).holds(record.id) for s in ready):
+            await asyncio.gather(*(s.status() for s in ready), return_exceptions=True)
+        need = sum(c.bytes for c in record.components)
+        device = choose_device([self.device_view(s) for s in ready], record.id, need, force=opts.force)
+        return self.pool.slot(device)
+
+    # ------------------------------------------------------------------ loading
+
+    async def load(
+        self,
+        ref: str,
+        device: str | None = None,
+        *,
+        all_devices: bool = False,
+        options: LoadOptions | None = None,
+        wait: bool = True,
+    ) -> dict[str, Any]:
+        """Load a model on ``device``, on every device, or where placement puts it: a job."""
+        opts = options or LoadOptions()
+        record = await self.catalog.resolve(ref)
+        if device is not None:
+            self.pool.slot(device)
+        params = {"model_id": record.id, "name": record.name, "device": device, "all_devices": all_devices}
+
+        async def body(job: Job) -> Any:
+            if all_devices:
+                results = await asyncio.gather(
+                    *(self.load_on(record, s, opts, job) for s in self.pool.ready())
+                )
+                return {"model_id": record.id, "placements": list(results)}
+            slot = self.pool.slot(device) if device else await self.place(record, opts)
+            return await self.load_on(record, slot, opts, job)
+
+        return await self.jobs.run("load", params, body, wait=wait, timeout=opts.timeout)
+
+    async def load_on(
+        self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job
+    ) -> dict[str, Any]:
+        """``record`` on ``slot``: at once when loaded there, joined when a load is in flight, else queued."""
+        key = (record.id, slot.id)
+        p = self.view.get(*key)
+        if p is not None and p.state is PlacementState.LOADED:
+            p.last_used = time.time()
+            if opts.keep_loaded:
+                p.keep_loaded = True
+            if opts.keep_alive is not None:
+                p.keep_alive = opts.keep_alive
+            return {**p.info(), "already_loaded": True}
+        joined = self.inflight.get(key)
+        if joined is not None:
+            job.progress(message=f"joined the load of {record.id} on {slot.id} already in flight", force=True)
+            return {**(await asyncio.shield(joined)), "coalesced": True}
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.inflight[key] = fut
+        deadline = self.deadline(opts.timeout)
+        try:
+            result = await slot.run(
+                lambda: self._load(record, slot, opts, job, deadline),
+                priority=opts.priority,
+                deadline=deadline,
+                label=f"load {record.id}",
+            )
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(
+                    exc
+                    if isinstance(exc, Exception)
+                    else ProtocolError("load cancelled", ErrorCode.CANCELLED)
+                )
+            raise
+        finally:
+            self.inflight.pop(key, None)
+        fut.set_result(result)
+        return result
+
+    async def _load(
+        self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job, deadline: float
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        self.catalog.check_file(record)
+        loads = await self.catalog.component_loads(record)
+        evicted = await self.make_room(slot, record.id, sum(c.bytes for c in loads), opts.force)
+        keep_alive = self.settings.keep_alive if opts.keep_alive is None else opts.keep_alive
+        p = Placement(
+            record.id, record.name, record.type, slot.id, keep_loaded=opts.keep_loaded, keep_alive=keep_alive
+        )
+        self.view.put(p)
+        self.bus.publish("model.loading", model_id=record.id, device=slot.id)
+        done: list[str] = []
+        try:
+            for i, planned in enumerate(loads):
+                label = planned.component or record.type
+                job.progress(step=label, component=i + 1, components=len(loads), force=True)
+                t_cache = time.perf_counter()
+                load = await self.feed.route(record, planned, job, require=opts.require_cache)
+                cache_seconds = time.perf_counter() - t_cache
+                pin = (
+                    self.feed.cache.acquire(load.segment.component_id)
+                    if load.segment
+                    else contextlib.nullcontext()
+                )
+                with pin:
+                    result = await slot.call(
+                        CommandType.LOAD_MODEL,
+                        load.request,
+                        LoadResult,
+                        timeout=max(0.1, deadline - time.monotonic()),
+                        on_progress=lambda data: job.progress(**data),
+                    )
+                done.append(load.request.name)
+                p.components[label] = load.request.name
+                p.sources[label] = load.source
+                if load.segment is not None:
+                    p.segments[label] = load.segment.component_id
+                p.bytes += result.bytes
+                p.timings[label] = {
+                    "cache": round(cache_seconds, 6),
+                    "worker": result.load_seconds,
+                    **{k: round(v, 6) for k, v in result.timings.items()},
+                }
+                slot.memory = result.memory
+                self.metrics.observe_load(slot.id, load.source, result.load_seconds)
+        except BaseException as exc:
+            self.view.remove(record.id, slot.id)
+            for name in done:  # roll back: a half-loaded model is not left behind
+                with contextlib.suppress(ProtocolError, asyncio.CancelledError):
+                    await slot.call(
+                        CommandType.UNLOAD_MODEL, UnloadRequest(name=name), UnloadResult, timeout=30
+                    )
+            code = exc.code.value if isinstance(exc, ProtocolError) else ErrorCode.CANCELLED.value
+            reason = exc.message if isinstance(exc, ProtocolError) else "cancelled"
+            self.view.fail(record.id, slot.id, code, reason)
+            self.bus.publish(
+                "model.failed", model_id=record.id, device=slot.id, error_code=code, error=reason
+            )
+            await self.catalog.record(
+                record.id, "load.failed", {"device": slot.id, "error_code": code, "error": reason}
+            )
+            raise
+        p.state = PlacementState.LOADED
+        p.loaded_at = p.last_used = time.time()
+        p.load_seconds = round(time.perf_counter() - started, 6)
+        info = {**p.info(), "evicted": evicted}
+        self.bus.publish("model.loaded", model_id=record.id, device=slot.id, placement=p.info())
+        await self.catalog.record(
+            record.id,
+            "load",
+            {"device": slot.id, "seconds": p.load_seconds, "bytes": p.bytes, "sources": p.sources},
+        )
+        return info
+
+    async def make_room(self, slot: WorkerSlot, model_id: str, need: int, force: bool) -> list[str]:
+        """Unload what the policy picks so that ``need`` bytes fit on ``slot``; the ids unloaded."""
+        await slot.status()
+        chosen = plan_eviction(self.device_view(slot), model_id, need, force=force)
+        for mid in chosen:
+            p = self.view.get(mid, slot.id)
+            if p is not None:
+                self.leases.revoke(mid, slot.id)  # only force reaches a leased model
+                await self.unload_placement(slot, p, reason="evicted")
+        return chosen
+
+    # ------------------------------------------------------------------ unloading
+
+    def loaded(self, record: ModelRecord, device: str | None) -> list[Placement]:
+        """The placements of a loaded model (on ``device`` only, when given); NotLoaded when none."""
+        ps = [
+            p
+            for p in self.view.of_model(record.id)
+            if p.state is PlacementState.LOADED and device in (None, p.device)
+        ]
+        if not ps:
+            raise NotLoaded(
+                f"model {record.id} ({record.name}) is not loaded"
+                + (f" on {device}" if device else "")
+                + "; load it first",
+                model_id=record.id,
+            )
+        return ps
+
+    async def unload(
+        self, ref: str, device: str | None = None, *, force: bool = False, timeout: float | None = None
+    ) -> dict[str, Any]:
+        record = await self.catalog.resolve(ref)
+        placements = [p for p in self.view.of_model(record.id) if device is None or p.device == device]
+        if device is not None:
+            self.pool.slot(device)
+        if not placements:
+            where = f"on {device}" if device else "on any device"
+            raise NotLoaded(f"model {record.id} ({record.name}) is not loaded {where}", model_id=record.id)
+        results = [await self._unload_checked(p, force=force, timeout=timeout) for p in placements]
+        return {"model_id": record.id, "unloaded": results}
+
+    async def unload_all(self, device: str | None = None, *, force: bool = False) -> dict[str, Any]:
+        if device is not None:
+            self.pool.slot(device)
+        placements = [p for p in list(self.view.placements.values()) if device is None or p.device == device]
+        unloaded, refused = [], []
+        for p in placements:
+            try:
+                unloaded.append(await self._unload_checked(p, force=force, timeout=None))
+            except ModelInUse as exc:
+                refused.append({"model_id": p.model_id, "device": p.device, "error": exc.message})
+        return {"unloaded": unloaded, "refused": refused}
+
+    async def _unload_checked(self, p: Placement, *, force: bool, timeout: float | None) -> dict[str, Any]:
+        slot = self.pool.slot(p.device)
+        leases = self.leases.holding(p.model_id, p.device)
+        if leases and not force:
+            raise ModelInUse(
+                f"model {p.model_id} on {p.device} is held by {len(leases)} lease(s); release them or pass force",
+                leases=[lease.id for lease in leases],
+                model_id=p.model_id,
+                device=p.device,
+            )
+        key = (p.model_id, p.device)
+        if p.state is not PlacementState.LOADED:
+            if not force:
+                raise ModelInUse(f"model {p.model_id} on {p.device} is {p.state.value}; retry or pass force")
+            fut = self.inflight.get(key)
+            if fut is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(fut)
+        if force:
+            self.leases.revoke(p.model_id, p.device)
+        current = self.view.get(*key)
+        if current is None:
+            return {"model_id": p.model_id, "device": p.device, "freed_bytes": 0}
+        return await slot.run(
+            lambda: self.unload_placement(slot, current, reason="requested"),
+            priority=Priority.HIGH,
+            deadline=self.deadline(timeout),
+            label=f"unload {p.model_id}",
+        )
+
+    async def unload_placement(self, slot: WorkerSlot, p: Placement, *, reason: str) -> dict[str, Any]:
+        """Unload every component of ``p`` from its worker (components already gone are skipped)."""
+        p.state = PlacementState.UNLOADING
+        freed = 0
+        result: UnloadResult | None = None
+        try:
+            for name in p.components.values():
+                try:
+                    result = await slot.call(
+                        CommandType.UNLOAD_MODEL, UnloadRequest(name=name), UnloadResult, timeout=60
+                    )
+                    freed += result.freed_bytes
+                except ProtocolError as exc:
+                    if exc.code is not ErrorCode.MODEL_NOT_FOUND:
+                        raise
+        except BaseException:
+            p.state = PlacementState.LOADED
+            raise
+        self.view.remove(p.model_id, p.device)
+        if result is not None:
+            slot.memory = result.memory_after
+        self.bus.publish(
+            "model.unloaded", model_id=p.model_id, device=p.device, reason=reason, freed_bytes=freed
+        )
+        await self.catalog.record(
+            p.model_id, "unload", {"device": p.device, "reason": reason, "freed_bytes": freed}
+        )
+        memory = slot.memory.model_dump(mode="json") if slot.memory is not None else {}
+        return {"model_id": p.model_id, "device": p.device, "freed_bytes": freed, "reason": reason,
+                "memory_after": memory}  # fmt: skip
+
+    async def expire(self, p: Placement) -> None:
+        """Unload ``p`` for idleness, on its device's queue, if it is still due when its turn comes
+        (an operation queued before may have used it meanwhile)."""
+        slot = self.pool.slot(p.device)
+
+        async def run() -> None:
+            at = p.expires_at
+            current = self.view.get(p.model_id, p.device)
+            if (
+                current is p
+                and at is not None
+                and at <= time.time()
+                and not self.leases.holding(p.model_id, p.device)
+            ):
+                await self.unload_placement(slot, p, reason="expired")
+
+        await slot.run(
+            run, priority=Priority.NORMAL, deadline=self.deadline(None), label=f"expire {p.model_id}"
+        )
+
+    # ------------------------------------------------------------------ leases
+
+    async def grant_lease(
+        self, ref: str, device: str | None, holder: str, ttl: float | None
+    ) -> dict[str, Any]:
+        """Hold a model (on ``device`` or anywhere): neither evicted nor unloaded without force."""
+        record = await self.catalog.resolve(ref)
+        if device is not None:
+            self.pool.slot(device)
+        lease = self.leases.grant(record.id, device, holder, ttl or self.settings.lease_ttl)
+        self.bus.publish("lease.granted", lease=lease.info())
+        return lease.info()
+
+    def release_lease(self, lease_id: str) -> dict[str, Any]:
+        lease = self.leases.release(lease_id)
+        self.bus.publish("lease.released", lease=lease.info())
+        return lease.info()

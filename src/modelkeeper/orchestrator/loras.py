@@ -1,0 +1,153 @@
+"""LoRAs on loaded models: apply a registered LoRA to every placement of a model (or one device),
+change its strength without a reload, take it off (the worker restores the weights exactly)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from modelkeeper.orchestrator.catalog import Catalog
+from modelkeeper.orchestrator.errors import NotLoaded
+from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.orchestrator.loads import Loads
+from modelkeeper.orchestrator.pool import WorkerPool
+from modelkeeper.orchestrator.settings import Settings
+from modelkeeper.orchestrator.state import StateView
+from modelkeeper.orchestrator.workers import Priority, WorkerSlot
+from modelkeeper.protocol.commands import CommandType
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.protocol.messages import (
+    COMMAND_MODELS,
+    LORA_ROLES,
+    LoadLoraRequest,
+    SetLoraStrengthRequest,
+    UnloadLoraRequest,
+)
+
+
+def _answer(command: CommandType) -> type[BaseModel]:
+    return COMMAND_MODELS[command][1]
+
+
+class Loras:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        loads: Loads,
+        pool: WorkerPool,
+        view: StateView,
+        bus: EventBus,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.loads = loads
+        self.pool = pool
+        self.view = view
+        self.bus = bus
+
+    async def apply(
+        self,
+        ref: str,
+        lora_ref: str,
+        *,
+        device: str | None = None,
+        strength: float = 1.0,
+        timeout: float | None = None,
+        priority: int = Priority.NORMAL,
+    ) -> dict[str, Any]:
+        """Patch every placement of a loaded model (or the one on ``device``) with a registered LoRA."""
+        record = await self.catalog.resolve(ref)
+        lora = await self.catalog.resolve(lora_ref)
+        if lora.type != "lora" or lora.path is None:
+            raise ProtocolError(
+                f"{lora_ref!r} is a {lora.type}, not a LoRA", ErrorCode.INVALID_REQUEST, field="lora_id"
+            )
+        self.catalog.check_file(lora)
+        out = []
+        for p in self.loads.loaded(record, device):
+            slot = self.pool.slot(p.device)
+            name = f"{lora.id}@{p.model_id}"
+            request = LoadLoraRequest(
+                name=name,
+                path=lora.path,
+                targets={role: n for role, n in p.components.items() if role in LORA_ROLES},
+                strength=strength,
+            )
+
+            async def run(slot: WorkerSlot = slot, request: LoadLoraRequest = request) -> dict[str, Any]:
+                if any(
+                    e["name"] == request.name for q in self.view.on_device(slot.id) for e in q.loras.values()
+                ):
+                    await slot.call(  # applied before: re-apply
+                        CommandType.UNLOAD_LORA,
+                        UnloadLoraRequest(name=request.name),
+                        _answer(CommandType.UNLOAD_LORA),
+                        timeout=60,
+                    )
+                answer = await slot.call(
+                    CommandType.LOAD_LORA,
+                    request,
+                    _answer(CommandType.LOAD_LORA),
+                    timeout=self.settings.request_timeout,
+                )
+                return answer.model_dump(mode="json", exclude_unset=True)
+
+            with p.in_use():
+                result = await slot.run(
+                    run, priority=priority, deadline=self.loads.deadline(timeout), label=f"lora {lora.id}"
+                )
+            p.loras[lora.id] = {"name": name, "lora": lora.name, "strength": strength}
+            out.append({"device": p.device, **result})
+            self.bus.publish(
+                "model.lora", model_id=p.model_id, device=p.device, lora_id=lora.id, strength=strength
+            )
+        await self.catalog.record(record.id, "lora.apply", {"lora_id": lora.id, "strength": strength})
+        return {"model_id": record.id, "lora_id": lora.id, "applied": out}
+
+    async def strength(
+        self, ref: str, lora_ref: str, strength: float, device: str | None = None
+    ) -> dict[str, Any]:
+        return await self._each(ref, lora_ref, device, strength)
+
+    async def remove(self, ref: str, lora_ref: str, device: str | None = None) -> dict[str, Any]:
+        return await self._each(ref, lora_ref, device, None)
+
+    async def _each(
+        self, ref: str, lora_ref: str, device: str | None, strength: float | None
+    ) -> dict[str, Any]:
+        """Set the strength of (``strength``) or remove (None) an applied LoRA on each placement."""
+        record = await self.catalog.resolve(ref)
+        lora = await self.catalog.resolve(lora_ref)
+        held = [p for p in self.loads.loaded(record, device) if lora.id in p.loras]
+        if not held:
+            raise NotLoaded(
+                f"LoRA {lora.id} ({lora.name}) is not applied to model {record.id}", lora_id=lora.id
+            )
+        out = []
+        for p in held:
+            slot = self.pool.slot(p.device)
+            name = p.loras[lora.id]["name"]
+            command = CommandType.UNLOAD_LORA if strength is None else CommandType.SET_LORA_STRENGTH
+            request: BaseModel = (
+                UnloadLoraRequest(name=name)
+                if strength is None
+                else SetLoraStrengthRequest(name=name, strength=strength)
+            )
+
+            async def run(
+                slot: WorkerSlot = slot, command: CommandType = command, request: BaseModel = request
+            ) -> BaseModel:
+                return await slot.call(command, request, _answer(command), timeout=60)
+
+            with p.in_use():
+                answer = await slot.run(
+                    run, priority=Priority.HIGH, deadline=self.loads.deadline(None), label=f"lora {lora.id}"
+                )
+            if strength is None:
+                del p.loras[lora.id]
+            else:
+                p.loras[lora.id]["strength"] = strength
+            out.append({"device": p.device, **answer.model_dump(mode="json", exclude_unset=True)})
+        return {"model_id": record.id, "lora_id": lora.id, "devices": out}

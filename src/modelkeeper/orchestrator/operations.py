@@ -1,0 +1,141 @@
+"""Operations on loaded models: validate, benchmark and optimize, on every loaded component of a
+model (or of every loaded model), queued on each device like loads, recorded in the history."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from modelkeeper.orchestrator.catalog import Catalog
+from modelkeeper.orchestrator.errors import NotLoaded
+from modelkeeper.orchestrator.jobs import Job, JobManager
+from modelkeeper.orchestrator.loads import Loads
+from modelkeeper.orchestrator.pool import WorkerPool
+from modelkeeper.orchestrator.settings import Settings
+from modelkeeper.orchestrator.state import Placement, PlacementState, StateView
+from modelkeeper.orchestrator.workers import Priority, WorkerSlot
+from modelkeeper.protocol.commands import CommandType
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.protocol.messages import (
+    COMMAND_MODELS,
+    BenchmarkModelRequest,
+    OptimizeModelRequest,
+    ValidateModelRequest,
+)
+
+COMMANDS: dict[str, tuple[CommandType, type[BaseModel]]] = {
+    "validate": (CommandType.VALIDATE_MODEL, ValidateModelRequest),
+    "benchmark": (CommandType.BENCHMARK_MODEL, BenchmarkModelRequest),
+    "optimize": (CommandType.OPTIMIZE_MODEL, OptimizeModelRequest),
+}
+# What the history keeps of an operation's result: the figures, not the payload.
+SUMMARY_FIELDS = {
+    "validate": ("passed", "level", "seconds"),
+    "benchmark": ("figures", "class_name", "seconds"),
+    "optimize": ("applied", "latency_before_s", "latency_after_s", "speedup"),
+}
+
+
+class Operations:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        loads: Loads,
+        pool: WorkerPool,
+        view: StateView,
+        jobs: JobManager,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.loads = loads
+        self.pool = pool
+        self.view = view
+        self.jobs = jobs
+
+    async def run(
+        self,
+        op: str,
+        ref: str | None,
+        device: str | None,
+        data: dict[str, Any],
+        *,
+        component: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+        priority: int = Priority.NORMAL,
+    ) -> dict[str, Any]:
+        """``op`` on every loaded component of a model (``ref``) or of every loaded model (``ref``
+        None): a job whose result is a list, one entry (``model_id``, ``device``, ``components``)
+        per placement, whether one model on one device or many."""
+        if ref is not None:
+            record = await self.catalog.resolve(ref)
+            placements = self.loads.loaded(record, device)
+        else:
+            placements = [
+                p
+                for p in self.view.placements.values()
+                if p.state is PlacementState.LOADED and device in (None, p.device)
+            ]
+        params = {"model_id": None if ref is None else placements[0].model_id, "device": device, **data}
+
+        async def body(job: Job) -> Any:
+            out: list[dict[str, Any]] = []
+            for i, p in enumerate(placements):
+                slot = self.pool.slot(p.device)
+                job.progress(done=i, total=len(placements), model_id=p.model_id, device=p.device, force=True)
+
+                def run(p: Placement = p, slot: WorkerSlot = slot) -> Awaitable[dict[str, Any]]:
+                    return self._on_components(op, slot, p, data, component, job)
+
+                out.append(
+                    await slot.run(
+                        run,
+                        priority=priority,
+                        deadline=self.loads.deadline(timeout),
+                        label=f"{op} {p.model_id}",
+                    )
+                )
+            job.progress(done=len(placements), total=len(placements), force=True)
+            return out
+
+        return await self.jobs.run(op, params, body, wait=wait, timeout=timeout)
+
+    async def _on_components(
+        self, op: str, slot: WorkerSlot, p: Placement, data: dict[str, Any], component: str | None, job: Job
+    ) -> dict[str, Any]:
+        command, request = COMMANDS[op]
+        result_type = COMMAND_MODELS[command][1]
+        results: dict[str, Any] = {}
+        with p.in_use():
+            for label, name in p.components.items():
+                if component is not None and component != label:
+                    continue
+                answer = await slot.call(
+                    command,
+                    _request(request, {**data, "name": name}),
+                    result_type,
+                    timeout=self.settings.request_timeout,
+                    on_progress=lambda data: job.progress(**data),
+                )
+                results[label] = answer.model_dump(mode="json", exclude_unset=True)
+        if component is not None and not results:
+            raise NotLoaded(
+                f"model {p.model_id} has no loaded component {component!r} ({', '.join(p.components)})"
+            )
+        summary = {
+            name: {k: v for k, v in r.items() if k in SUMMARY_FIELDS[op]} for name, r in results.items()
+        }
+        await self.catalog.record(p.model_id, op, {"device": p.device, "components": summary})
+        return {"model_id": p.model_id, "device": p.device, "components": results}
+
+
+def _request(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(x) for x in first["loc"])
+        raise ProtocolError(f"{field}: {first['msg']}", ErrorCode.INVALID_REQUEST, field=field) from None

@@ -1,0 +1,130 @@
+"""Placement: which device takes a model, and which models make room for it. A pure policy.
+
+Functions of a :class:`DeviceView` list, with no I/O and no clock: the load path builds the views
+from its workers, placements and leases, asks, and acts on the answer elsewhere (the loads part).
+The same functions will be fed a cluster's view. Errors are :class:`NotPlaceable`, whose message
+says what holds each device.
+
+The order, for :func:`choose_device`: the device already holding (or loading) the model; else the
+one with the most free budget that fits it; else the one with the most room once its evictable
+models (loaded, not leased, not kept loaded, unless ``force``) are gone. :func:`plan_eviction`
+picks, on one device, the least recently used evictable models until the model fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from modelkeeper.orchestrator.errors import NotPlaceable
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A model on a device, as placement sees it."""
+
+    model_id: str
+    bytes: int
+    last_used: float
+    loaded: bool = True  # False while loading or unloading: never evicted
+    leased: bool = False
+    keep_loaded: bool = False
+
+    def evictable(self, force: bool) -> bool:
+        return self.loaded and (force or not (self.leased or self.keep_loaded))
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """One ready device: its budget, the bytes its models use, and what is on it."""
+
+    id: str
+    budget: int
+    used: int
+    residents: tuple[Resident, ...] = field(default_factory=tuple)
+    loading: frozenset[str] = frozenset()  # model ids being loaded there now
+
+    @property
+    def free(self) -> int:
+        return self.budget - self.used
+
+    def holds(self, model_id: str) -> bool:
+        return model_id in self.loading or any(r.model_id == model_id for r in self.residents)
+
+    def evictable(self, force: bool, keep: str) -> list[Resident]:
+        """Models that may go to make room for ``keep``, least recently used first."""
+        out = [r for r in self.residents if r.model_id != keep and r.evictable(force)]
+        return sorted(out, key=lambda r: r.last_used)
+
+
+def choose_device(devices: Sequence[DeviceView], model_id: str, need: int, *, force: bool = False) -> str:
+    """The id of the device that should load ``model_id`` (``need`` bytes); see the module docstring."""
+    if not devices:
+        raise NotPlaceable("no worker is running", required_bytes=need)
+    for d in devices:
+        if d.holds(model_id):
+            return d.id
+    if all(d.budget < need for d in devices):
+        budgets = {d.id: d.budget for d in devices}
+        raise NotPlaceable(
+            f"model {model_id} needs {need} bytes, more than the budget of any device ("
+            + ", ".join(f"{d}: {b} bytes" for d, b in budgets.items())
+            + ")",
+            required_bytes=need,
+            budgets=budgets,
+        )
+    fits = [d for d in devices if d.free >= need]
+    if fits:
+        return max(fits, key=lambda d: d.free).id
+    after = {d.id: d.free + sum(r.bytes for r in d.evictable(force, model_id)) for d in devices}
+    room = [d for d in devices if after[d.id] >= need]
+    if room:
+        return max(room, key=lambda d: after[d.id]).id
+    held = {
+        d.id: [r.model_id for r in d.residents if r.model_id != model_id and not r.evictable(force)]
+        for d in devices
+    }
+    raise NotPlaceable(
+        f"model {model_id} needs {need} bytes; no device has room even after evicting the models "
+        "that are not leased or kept loaded ("
+        + "; ".join(
+            f"{d.id}: {after[d.id]} bytes, held by {', '.join(held[d.id]) or 'nothing'}" for d in devices
+        )
+        + "); unload a model, release its lease, or pass force",
+        required_bytes=need,
+        devices=after,
+        held=sorted({m for ms in held.values() for m in ms}),
+    )
+
+
+def plan_eviction(device: DeviceView, model_id: str, need: int, *, force: bool = False) -> list[str]:
+    """The models to unload from ``device`` (least recently used first) so that ``model_id``
+    (``need`` bytes) fits; empty when it fits already."""
+    if need > device.budget:
+        raise NotPlaceable(
+            f"model {model_id} needs {need} bytes; the budget of {device.id} is {device.budget} bytes",
+            required_bytes=need,
+            budget_bytes=device.budget,
+            device=device.id,
+        )
+    if device.used + need <= device.budget:
+        return []
+    chosen: list[Resident] = []
+    freed = 0
+    for r in device.evictable(force, model_id):
+        if device.used + need - freed <= device.budget:
+            break
+        chosen.append(r)
+        freed += r.bytes
+    if device.used + need - freed > device.budget:
+        held = [r.model_id for r in device.residents if r not in chosen and r.model_id != model_id]
+        raise NotPlaceable(
+            f"model {model_id} needs {need} bytes on {device.id}: {device.free} free of {device.budget}, "
+            f"and the other models there are leased, kept loaded or busy ({', '.join(held) or 'none'}); "
+            "unload one, release its lease, or pass force",
+            required_bytes=need,
+            free_bytes=device.free,
+            device=device.id,
+            held=held,
+        )
+    return [r.model_id for r in chosen]

@@ -1,0 +1,140 @@
+"""Recovery: what the service does when a worker reports a change, dies, or disagrees with the view.
+
+A worker that reports a model unloaded by itself (out of memory, say) loses that placement. A
+worker that exits is restarted (up to ``worker_max_restarts`` in ``restart_window_s``), its view
+reconciled with its full state, and the models kept loaded there are loaded again. ``reconcile``
+may also be asked for at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from modelkeeper.orchestrator.background import Background
+from modelkeeper.orchestrator.catalog import Catalog
+from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.orchestrator.loads import LoadOptions, Loads
+from modelkeeper.orchestrator.pool import WorkerPool
+from modelkeeper.orchestrator.settings import Settings
+from modelkeeper.orchestrator.state import Placement, PlacementState, StateView
+from modelkeeper.orchestrator.workers import SlotState, WorkerSlot
+from modelkeeper.protocol.commands import CommandType
+from modelkeeper.protocol.errors import ProtocolError
+from modelkeeper.protocol.messages import (
+    Event,
+    EventType,
+    MemoryInfo,
+    ModelInfoRequest,
+    ModelInfoResult,
+    StateData,
+)
+
+
+class Recovery:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        loads: Loads,
+        pool: WorkerPool,
+        view: StateView,
+        bus: EventBus,
+        background: Background,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.loads = loads
+        self.pool = pool
+        self.view = view
+        self.bus = bus
+        self.background = background
+        pool.on_event = self.worker_event
+        pool.on_exit = self.worker_exit
+
+    def worker_event(self, slot: WorkerSlot, event: Event) -> None:
+        if event.event is EventType.MEMORY_PRESSURE:
+            slot.memory = MemoryInfo.model_validate(event.data)
+            self.bus.publish("worker.memory_pressure", device=slot.id, memory=dict(event.data))
+            return
+        if event.event is EventType.STATE:
+            self.bus.publish("worker.state", device=slot.id, **event.data)
+            state = StateData.model_validate(event.data)
+            if state.state == "unloaded" and state.reason not in (None, "cleanup"):
+                for p in self.view.on_device(slot.id):
+                    if p.state is PlacementState.LOADED and state.name in p.components.values():
+                        self.view.remove(p.model_id, p.device)
+                        self.bus.publish(
+                            "model.lost", model_id=p.model_id, device=slot.id, reason=state.reason
+                        )
+
+    def worker_exit(self, slot: WorkerSlot, code: int | None) -> None:
+        self.background.spawn(self.recover(slot, code))
+
+    async def recover(self, slot: WorkerSlot, code: int | None) -> None:
+        """Drop the placements of an exited worker, restart it, reconcile, reload what is kept."""
+        lost = self.view.on_device(slot.id)
+        keep = [p for p in lost if p.keep_loaded]
+        for p in lost:
+            self.view.remove(p.model_id, p.device)
+            self.bus.publish(
+                "model.lost", model_id=p.model_id, device=slot.id, reason=f"worker exited ({code})"
+            )
+        self.bus.publish("worker.exited", device=slot.id, code=code, lost=[p.model_id for p in lost])
+        window = time.time() - self.settings.restart_window_s
+        if len([t for t in slot.restarts if t > window]) >= self.settings.worker_max_restarts:
+            slot.state = SlotState.FAILED
+            slot.last_error = f"gave up after {self.settings.worker_max_restarts} restarts: {slot.last_error}"
+            self.bus.publish("worker.failed", device=slot.id, error=slot.last_error)
+            return
+        try:
+            await slot.restart()
+        except Exception as exc:
+            slot.state = SlotState.FAILED
+            slot.last_error = f"restart failed: {exc}"
+            self.bus.publish("worker.failed", device=slot.id, error=slot.last_error)
+            return
+        report = await self.reconcile(slot.id)
+        self.bus.publish(
+            "worker.restarted", device=slot.id, pid=slot.proc.pid if slot.proc else None, **report
+        )
+        for p in keep:
+            with contextlib.suppress(ProtocolError):
+                await self.loads.load(p.model_id, slot.id, options=LoadOptions(keep_loaded=True), wait=False)
+
+    async def reconcile(self, device: str) -> dict[str, Any]:
+        """Make the view of ``device`` match the worker's full state: placements whose components
+        the worker no longer holds are dropped; models the worker holds that the view lacks are
+        adopted (when the registry knows them) or reported as unmanaged."""
+        slot = self.pool.slot(device)
+        info = await slot.call(CommandType.GET_MODEL_INFO, ModelInfoRequest(), ModelInfoResult, timeout=30)
+        held = {m.name: m for m in info.models}
+        slot.memory = info.memory
+        lost, adopted, unmanaged = [], [], []
+        for p in self.view.on_device(device):
+            if p.state is PlacementState.LOADED and any(n not in held for n in p.components.values()):
+                self.view.remove(p.model_id, device)
+                lost.append(p.model_id)
+                self.bus.publish("model.lost", model_id=p.model_id, device=device, reason="reconciled")
+        claimed = {n for p in self.view.on_device(device) for n in p.components.values()}
+        for name, m in held.items():
+            if name in claimed:
+                continue
+            model_id, _, component = name.partition("/")
+            try:
+                record = await self.catalog.get(model_id)
+            except ProtocolError:
+                unmanaged.append(name)
+                continue
+            p = self.view.get(model_id, device) or Placement(
+                record.id, record.name, record.type, device, state=PlacementState.LOADED
+            )
+            label = component or record.type
+            p.components[label] = name
+            p.sources.setdefault(label, "unknown")
+            p.bytes += m.bytes
+            p.loaded_at = p.loaded_at or m.loaded_at
+            self.view.put(p)
+            adopted.append(name)
+        return {"lost": lost, "adopted": adopted, "unmanaged": unmanaged}

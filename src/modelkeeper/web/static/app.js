@@ -1,0 +1,106 @@
+// The dashboard shell: hash routes to views, the token prompt, one event stream for every view.
+import { api, EventStream, forgetToken, hasToken, onUnauthorized, setToken } from "./api.js";
+import { h } from "./dom.js";
+import * as cache from "./cache.js";
+import * as devices from "./devices.js";
+import * as jobs from "./jobs.js";
+import * as library from "./library.js";
+import * as model from "./model.js";
+
+const ROUTES = { "": devices, cache, jobs, library, model };
+const view = document.getElementById("view");
+const live = document.getElementById("live");
+const login = document.getElementById("login");
+const forget = document.getElementById("forget");
+let current = null;
+let locked = false;
+
+function toast(message, kind = "info") {
+  const box = document.getElementById("toasts");
+  const note = h("div", { class: ["toast", `toast-${kind}`], role: kind === "error" ? "alert" : "status" }, message);
+  box.append(note);
+  setTimeout(() => note.remove(), kind === "error" ? 8000 : 4000);
+}
+
+function failed(err) {
+  if (err?.status === 401) return; // the token prompt is showing
+  toast(err?.message || String(err), "error");
+}
+
+const ctx = { api, toast, failed };
+
+function setLive(state) {
+  live.dataset.state = state;
+  live.textContent = { live: "live", retrying: "reconnecting", locked: "locked", connecting: "connecting" }[state];
+}
+
+const stream = new EventStream(
+  "/api/events",
+  (type, data) => current?.onEvent?.(type, data),
+  (state) => {
+    setLive(state);
+    if (state === "live") current?.refresh?.(); // caught up after a gap: whatever was missed
+  },
+);
+
+function route() {
+  if (locked) return;
+  current?.destroy?.();
+  current = null;
+  const [name, ...rest] = location.hash.replace(/^#\/?/, "").split("/");
+  const module = ROUTES[name] || devices;
+  for (const a of document.querySelectorAll("nav a")) {
+    a.classList.toggle("active", a.dataset.route === (name || "devices") || (name === "model" && a.dataset.route === "library"));
+  }
+  const root = h("div", { class: "page", "data-page": name || "devices" });
+  view.replaceChildren(root);
+  current = module.mount(root, ctx, rest.map(decodeURIComponent).join("/"));
+}
+
+function lock(message) {
+  if (locked) return;
+  locked = true;
+  stream.stop();
+  current?.destroy?.();
+  current = null;
+  view.replaceChildren();
+  setLive("locked");
+  const error = document.getElementById("login-error");
+  error.hidden = !message;
+  error.textContent = message || "";
+  login.hidden = false;
+  forget.hidden = true;
+  document.getElementById("token").focus();
+}
+
+function unlock() {
+  locked = false;
+  login.hidden = true;
+  forget.hidden = !hasToken();
+  stream.start();
+  route();
+}
+
+onUnauthorized(() => {
+  const had = hasToken();
+  forgetToken();
+  lock(had ? "That token was refused." : "");
+});
+
+document.getElementById("login-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = document.getElementById("token");
+  const value = input.value.trim();
+  input.value = ""; // never kept in the page
+  if (!value) return;
+  setToken(value);
+  unlock();
+});
+
+forget.addEventListener("click", () => {
+  forgetToken();
+  lock("");
+});
+
+window.addEventListener("hashchange", route);
+unlock();
