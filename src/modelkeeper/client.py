@@ -121,6 +121,12 @@ class _Endpoints(Generic[R]):
     def components(self, type: str | None = None) -> R:
         return self._send("GET", "/api/model/components" + (f"/{type}" if type else ""))
 
+    def route(self, model_id: str, *, load: bool = False) -> R:
+        """Which node and device serve the model now; ``load``: load it first when loaded nowhere."""
+        return self._send(
+            "GET", f"/api/model/{_ref(model_id)}/route", params={"load": "true"} if load else None
+        )
+
     def metadata(self, model_id: str) -> R:
         return self._send("GET", f"/api/model/{_ref(model_id)}/metadata")
 

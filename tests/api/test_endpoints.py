@@ -62,7 +62,11 @@ def client(svc: RunningService) -> Iterator[Client]:
 
 def test_health_openapi_and_seed_parity(client: Client) -> None:
     assert client.live() == {"live": True}
-    assert client.ready() == {"ready": True, "workers": {"cpu:0": "ready", "cpu:1": "ready"}}
+    assert client.ready() == {
+        "ready": True,
+        "workers": {"cpu:0": "ready", "cpu:1": "ready"},
+        "preload": {"pending": 0, "loaded": [], "failed": []},
+    }
     paths = client.openapi()["paths"]
     served = {(m, p.replace(":path", "")) for p, ops in paths.items() for m in ops}
     missing = [f"{m.upper()} {p}" for m, p in SEED_PATHS if (m, p) not in served]
@@ -269,6 +273,8 @@ def test_errors_are_json_with_codes(client: Client, svc: RunningService) -> None
     bad = httpx.post(f"{svc.url}/api/model/load", json={"model_id": SD15, "priority": "urgent"})
     assert bad.status_code == 422
     assert bad.json()["error_code"] == "INVALID_REQUEST" and "priority" in bad.json()["error"]
+    flag = httpx.post(f"{svc.url}/api/model/load", json={"model_id": SD15, "timeout_seconds": True})
+    assert flag.status_code == 422 and "timeout_seconds" in flag.json()["error"]  # no number
     extra = httpx.post(f"{svc.url}/api/model/search", json={"colour": "blue"})
     assert extra.status_code == 422 and "colour" in extra.json()["error"]
     assert httpx.get(f"{svc.url}/api/nothing").json()["error_code"] == "NOT_FOUND"
@@ -338,3 +344,21 @@ def test_lora_on_a_loaded_model(client: Client) -> None:
     with pytest.raises(ApiError) as not_lora:
         client.apply_lora(mid, CLIP_L)
     assert not_lora.value.status_code == 422 and "not a LoRA" in not_lora.value.message
+
+
+def test_ready_waits_for_preloads_and_placements_show_keep_alive(make_service: ServiceFactory) -> None:
+    with make_service(preload=[CLIP_L, "nope"], keep_alive=600) as running, checked_client(running) as c:
+        deadline = time.monotonic() + 60
+        while True:
+            answer = httpx.get(f"{running.url}/health/ready")
+            body = answer.json()
+            if body["preload"]["pending"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        # one preload failed: the service says it is not ready, and why
+        assert answer.status_code == 503 and not body["ready"]
+        assert [e["model"] for e in body["preload"]["loaded"]] == [CLIP_L]
+        assert body["preload"]["failed"][0]["model"] == "nope"
+        placed = c.status()["devices"][0]["models"][0]
+        assert placed["keep_loaded"] and placed["keep_alive"] == 600
+        assert placed["expires_at"] == pytest.approx(placed["last_used"] + 600)

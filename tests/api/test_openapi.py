@@ -91,7 +91,7 @@ def test_fields_sometimes_absent_are_optional_not_null(spec: dict[str, Any]) -> 
     answer = LoadedPlacement.model_validate(
         {"model_id": "m", "name": "n", "type": "sd15", "device": "cpu", "state": "loaded", "components": {},
          "sources": {}, "bytes": 1, "keep_loaded": False, "loaded_at": 1.0, "last_used": 1.0,
-         "load_seconds": 0.5, "timings": {}, "loras": {}, "leases": 0, "already_loaded": True}
+         "load_seconds": 0.5, "keep_alive": -1.0, "expires_at": None, "timings": {}, "loras": {}, "leases": 0, "already_loaded": True}
     )  # fmt: skip
     assert "evicted" not in answer.model_dump(mode="json")
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from modelkeeper.orchestrator.errors import NotPlaceable
-from modelkeeper.orchestrator.placement import DeviceView, Resident, choose_device, plan_eviction
+from modelkeeper.orchestrator.placement import (
+    ClusterView,
+    DeviceView,
+    NodeView,
+    Resident,
+    Tier,
+    choose_device,
+    choose_placement,
+    plan_eviction,
+)
 
 
 def dev(id: str, budget: int, *residents: Resident, loading: tuple[str, ...] = ()) -> DeviceView:
@@ -109,3 +118,140 @@ def test_plan_eviction_refuses_with_the_reason() -> None:
     with pytest.raises(NotPlaceable, match=r"leased, kept loaded or busy \(x, y\)") as err:
         plan_eviction(dev("a", 100, r("x", 40, leased=True), r("y", 40, keep_loaded=True)), "m", 50)
     assert err.value.details["held"] == ["x", "y"]
+
+
+# --- The tiered choice over a cluster (choose_placement) --------------------------------------------
+
+GB = 10**9
+
+
+def cdev(id: str, *residents: Resident, budget: int = 80 * GB, busy_until: float = 0.0) -> DeviceView:
+    """A device named ``node/index``, its node taken from the name."""
+    node = id.split("/", maxsplit=1)[0]
+    used = sum(x.bytes for x in residents)
+    return DeviceView(id, budget, used, residents, node=node, busy_until=busy_until)
+
+
+def cluster(
+    devices: list[DeviceView], ram: dict[str, str] | None = None, disk: dict[str, str] | None = None
+) -> ClusterView:
+    """``ram``/``disk``: node -> the models (space-separated) it caches in RAM / has on disk."""
+    names = {d.node for d in devices} | set(ram or {}) | set(disk or {})
+    nodes = [
+        NodeView(n, frozenset((ram or {}).get(n, "").split()), frozenset((disk or {}).get(n, "").split()))
+        for n in sorted(names)
+    ]
+    return ClusterView.of(devices, nodes)
+
+
+PLACE = [
+    # (case, cluster, model, need, now, expected (device, tier, source, evict) or the error's words)
+    (
+        "in VRAM wins over a RAM cache",
+        cluster([cdev("a/0", r("m", 10 * GB)), cdev("b/0")], ram={"b": "m"}),
+        "m", 10 * GB, 0.0, ("a/0", Tier.VRAM, "", ()),
+    ),
+    (
+        "a node's RAM cache over a node with the file",
+        cluster([cdev("a/0"), cdev("b/0")], ram={"b": "m"}, disk={"a": "m"}),
+        "m", 10 * GB, 0.0, ("b/0", Tier.RAM, "b", ()),
+    ),
+    (
+        "a peer's RAM cache over the local disk",
+        cluster([cdev("a/0"), cdev("b/0", busy_until=50.0)], ram={"b": "m"}, disk={"a": "m"}),
+        "m", 10 * GB, 0.0, ("a/0", Tier.PEER_RAM, "b", ()),
+    ),
+    (
+        "the node with the file when none caches it",
+        cluster([cdev("a/0"), cdev("b/0")], disk={"b": "m"}),
+        "m", 10 * GB, 0.0, ("b/0", Tier.DISK, "b", ()),
+    ),
+    (
+        "a peer's disk when the node with the file is busy",
+        cluster([cdev("a/0", busy_until=9.0), cdev("b/0")], disk={"a": "m"}),
+        "m", 10 * GB, 0.0, ("b/0", Tier.PEER_DISK, "a", ()),
+    ),
+    (
+        "wait for a busy holder when that is sooner than a load",
+        cluster([cdev("a/0", r("m", 10 * GB), busy_until=2.0), cdev("b/0")], disk={"b": "m"}),
+        "m", 10 * GB, 1.0, ("a/0", Tier.VRAM, "", ()),
+    ),
+    (
+        "load a copy beside a busy holder when that is sooner",
+        cluster([cdev("a/0", r("m", 10 * GB), busy_until=30.0), cdev("b/0")], ram={"b": "m"}),
+        "m", 10 * GB, 1.0, ("b/0", Tier.RAM, "b", ()),
+    ),
+    (
+        "the most free budget where it fits as is",
+        cluster([cdev("a/0", r("x", 40 * GB)), cdev("a/1", r("y", 20 * GB))], disk={"a": "m x y"}),
+        "m", 30 * GB, 0.0, ("a/1", Tier.DISK, "a", ()),
+    ),
+    (
+        "evict what is cheap to bring back (in the RAM cache), not the least recently used",
+        cluster(
+            [cdev("a/0", r("x", 70 * GB, 5.0)), cdev("a/1", r("y", 70 * GB, 1.0))],
+            ram={"a": "m x"},
+            disk={"a": "y"},
+        ),
+        "m", 20 * GB, 0.0, ("a/0", Tier.RAM, "a", ("x",)),
+    ),
+    (
+        "leased models stay",
+        cluster(
+            [cdev("a/0", r("x", 70 * GB, 1.0, leased=True)), cdev("a/1", r("y", 70 * GB, 9.0))],
+            ram={"a": "m x y"},
+        ),
+        "m", 20 * GB, 0.0, ("a/1", Tier.RAM, "a", ("y",)),
+    ),
+    (
+        "every device busy: the one free soonest",
+        cluster([cdev("a/0", busy_until=9.0), cdev("b/0", busy_until=4.0)], disk={"a": "m"}),
+        "m", 10 * GB, 0.0, ("b/0", Tier.PEER_DISK, "a", ()),
+    ),
+    ("no node has the file", cluster([cdev("a/0")]), "m", GB, 0.0, "no node has its file"),
+    ("bigger than every budget", cluster([cdev("a/0")], disk={"a": "m"}), "m", 81 * GB, 0.0, "more than the budget"),
+    (
+        "no room even after eviction",
+        cluster([cdev("a/0", r("x", 70 * GB, leased=True))], disk={"a": "m"}),
+        "m", 20 * GB, 0.0, "no device has room",
+    ),
+    ("no device at all", cluster([], disk={"a": "m"}), "m", GB, 0.0, "no worker is running"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "view", "model", "need", "now", "expected"), PLACE, ids=[c[0] for c in PLACE]
+)
+def test_choose_placement(
+    case: str, view: ClusterView, model: str, need: int, now: float, expected: tuple[object, ...] | str
+) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(NotPlaceable, match=expected):
+            choose_placement(view, model, need, now=now)
+        return
+    p = choose_placement(view, model, need, now=now)
+    assert (p.device, p.tier, p.source, p.evict) == expected
+    assert p.node == p.device.split("/")[0]
+
+
+def test_cluster_view_follows_changes() -> None:
+    """The indexes follow put/drop of devices, RAM and disk changes, and a lost node."""
+    view = cluster([cdev("a/0"), cdev("b/0")], disk={"a": "m"})
+    assert choose_placement(view, "m", GB).device == "a/0"
+    view.put_device(cdev("a/0", busy_until=5.0))  # a's only device is now busy
+    assert choose_placement(view, "m", GB).tier is Tier.PEER_DISK
+    view.set_ram("b", "m", True)
+    assert (choose_placement(view, "m", GB).device, choose_placement(view, "m", GB).tier) == ("b/0", Tier.RAM)
+    view.put_device(cdev("b/0", r("m", GB)))
+    assert view.holders("m") == {"b/0"}
+    view.drop_node("b")
+    assert view.holders("m") == set() and view.ram_nodes("m") == set()
+    assert choose_placement(view, "m", GB).device == "a/0"  # the busy one, soonest free
+    assert view.node("a") == NodeView("a", frozenset(), frozenset({"m"}))
+
+
+def test_plan_eviction_by_value() -> None:
+    """Given a value, the least valuable goes first, whatever its recency."""
+    device = dev("a", 100, r("x", 40, 1.0), r("y", 40, 2.0))
+    assert plan_eviction(device, "m", 50) == ["x"]
+    assert plan_eviction(device, "m", 50, value=lambda res: -res.last_used) == ["y"]

@@ -5,18 +5,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
 from modelkeeper import __version__, web
 from modelkeeper.api import errors, security
+from modelkeeper.api.routes_cluster import router as routing_router
 from modelkeeper.api.routes_models import router as models_router
 from modelkeeper.api.routes_service import cache, health, jobs
 from modelkeeper.orchestrator import Orchestrator, Settings
 
+if TYPE_CHECKING:
+    from modelkeeper.cluster import ClusterOrchestrator
 
-def create_app(settings: Settings | None = None, *, service: Orchestrator | None = None) -> FastAPI:
-    """The API over ``service`` (built from ``settings`` when not given), started and stopped with the app."""
+
+def create_app(
+    settings: Settings | None = None, *, service: Orchestrator | ClusterOrchestrator | None = None
+) -> FastAPI:
+    """The API over ``service`` (built from ``settings`` when not given), started and stopped with the
+    app. A ``ClusterOrchestrator`` offers the same parts the routes call (cluster mode)."""
     svc = service or Orchestrator(settings)
 
     @asynccontextmanager
@@ -40,5 +48,6 @@ def create_app(settings: Settings | None = None, *, service: Orchestrator | None
     app.include_router(health)
     app.include_router(cache)  # before the models router: /api/model/cache is not a model id
     app.include_router(jobs)
+    app.include_router(routing_router)  # before the models router: /{model_id:path} would take x/route
     app.include_router(models_router)
     return app

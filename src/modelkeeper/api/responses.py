@@ -114,6 +114,10 @@ class PlacementInfo(_Fixed):
     loaded_at: float | None
     last_used: float
     load_seconds: float | None
+    keep_alive: float = Field(description="Seconds it stays after its last use; -1 never (0: at once).")
+    expires_at: float | None = Field(
+        description="When it is unloaded for idleness (null: never, or now in use)."
+    )
     timings: dict[str, dict[str, float]] = Field(description="Component -> seconds per step.")
     loras: dict[str, AppliedLora] = Field(description="LoRA model id -> how it is applied.")
     leases: int = Field(description="Leases holding the model on this device.")
@@ -456,11 +460,20 @@ class Liveness(_Fixed):
     live: bool
 
 
+class PreloadState(_Fixed):
+    """The models of ``settings.preload``: how many are still to load, which loaded, which failed."""
+
+    pending: int
+    loaded: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+
+
 class Readiness(_Fixed):
     """200 when ready, 503 (same body) when not."""
 
     ready: bool
     workers: dict[str, SlotState]
+    preload: PreloadState
 
 
 # ---------------------------------------------------------------------- job-or-result answers

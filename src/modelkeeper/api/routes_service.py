@@ -183,10 +183,11 @@ async def live() -> dict[str, Any]:
     responses={503: {"model": Readiness, "description": "Not ready."}},
 )
 async def ready(service: Service) -> Any:
-    """Ready when the registry is open and at least one worker runs."""
+    """Ready when the registry is open, at least one worker runs and every model of the
+    ``preload`` setting is loaded (a failed preload keeps the service not ready: the body says why)."""
     workers = {s.id: s.state.value for s in service.pool.slots.values()}
-    ok = service.ready and any(v == "ready" for v in workers.values())
-    body = {"ready": ok, "workers": workers}
+    ok = service.ready and service.preloaded and any(v == "ready" for v in workers.values())
+    body = {"ready": ok, "workers": workers, "preload": service.preload}
     return body if ok else JSONResponse(body, status_code=503)
 
 

@@ -13,7 +13,9 @@ PriorityName = Literal["low", "normal", "high", "critical"]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON ``true`` is no number and ``"1"`` no integer, as the schema says (an integer
+    # still passes for a float); lax validation accepted them (found by the fuzz test)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Operation(_Body):

@@ -24,6 +24,7 @@ app.command("meta")(registry.meta)
 
 app.command("serve")(service.serve)
 app.command("status")(service.status)
+app.command("route")(service.route)
 app.command("load")(service.load)
 app.command("unload")(service.unload)
 app.command("validate")(service.validate)

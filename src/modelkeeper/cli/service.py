@@ -124,6 +124,14 @@ def serve(
     demo: Annotated[
         bool, typer.Option("--demo", help="Write the demo models into an empty model root.")
     ] = False,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            help="Cluster mode: join the Ray cluster at ADDRESS (host:port, or 'auto'); one agent per node "
+            "owns that node's models, workers and cache (docs/CLUSTER.md).",
+        ),
+    ] = None,
 ) -> None:
     """Run the service: registry, first scan, RAM cache, one worker per device, REST API."""
     import uvicorn
@@ -157,7 +165,14 @@ def serve(
         f"(models: {', '.join(str(r) for r in settings.model_roots)}; devices: {', '.join(settings.devices)}; "
         f"docs: /docs)"
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    if cluster is not None:
+        from modelkeeper.cluster import ClusterOrchestrator, ClusterSettings
+
+        err.print(f"cluster mode: Ray at {cluster}; each node's agent reads that node's settings")
+        app = create_app(service=ClusterOrchestrator(settings, ClusterSettings(address=cluster)))
+    else:
+        app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 
 
 # ---------------------------------------------------------------------- status
@@ -192,6 +207,27 @@ def status(
             f"hit rate {cs['hit_rate']:.0%}, {cs['evictions']} evictions · jobs: "
             + ", ".join(f"{k} {v}" for k, v in data["jobs"].items() if v)
         )
+
+
+# ---------------------------------------------------------------------- routing
+
+
+def route(
+    model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
+    load: Annotated[bool, typer.Option("--load", help="Load it first when it is loaded nowhere.")] = False,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Which node and device serve a model now (cluster mode: node/device)."""
+    data = _call(url, token, lambda c: c.route(model, load=load))
+    if as_json:
+        _print_json(data)
+        return
+    if not data["loaded"]:
+        Console().print(f"{data['name']} [dim]{data['model_id']}[/dim] is loaded nowhere")
+        raise typer.Exit(1)
+    Console().print(f"{data['name']} [dim]{data['model_id']}[/dim] on {data['device']}")
 
 
 # ---------------------------------------------------------------------- load and unload

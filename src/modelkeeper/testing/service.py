@@ -8,25 +8,35 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from modelkeeper.api import create_app
 from modelkeeper.orchestrator import Orchestrator, Settings
 
+if TYPE_CHECKING:
+    from modelkeeper.cluster import ClusterOrchestrator
+
 
 @dataclass
 class RunningService:
     url: str
     port: int
-    service: Orchestrator
+    service: Orchestrator | ClusterOrchestrator
     server: uvicorn.Server
 
 
 @contextmanager
-def running_service(settings: Settings, *, start_timeout: float = 180.0) -> Iterator[RunningService]:
-    """Serve ``settings`` (port 0 picks a free port) until the block ends."""
-    service = Orchestrator(settings)
+def running_service(
+    settings: Settings,
+    *,
+    start_timeout: float = 180.0,
+    service: Orchestrator | ClusterOrchestrator | None = None,
+) -> Iterator[RunningService]:
+    """Serve ``settings`` (port 0 picks a free port) until the block ends; ``service``: a service
+    built already (a cluster's driver), else an orchestrator of ``settings``."""
+    service = service or Orchestrator(settings)
     app = create_app(service=service)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)

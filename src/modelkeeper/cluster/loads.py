@@ -1,0 +1,357 @@
+"""Cluster loads: a model onto a device of some node, off it again, leases, and routing.
+
+``load`` resolves the model in the cluster catalog, asks the tiered placement
+(:mod:`.placing`) for a ``node/device`` unless one is named, brings the model's file to that node
+when it lacks it (:meth:`ClusterLoads.bring`: sent by a node that has it, chunked, checked by
+hash), and forwards the load to that node's agent, which runs the single-host load there
+(queue, priority, deadline, eviction, cache). Concurrent loads of one model coalesce cluster-wide:
+placement answers the device already loading it, and the second load joins the first. Leases are
+the driver's, by cluster key; the ones on a device are passed to its agent with each load, so its
+eviction honours them. Models loaded with ``keep_loaded`` are loaded again elsewhere when their
+node is lost. ``route`` tells which node and device serve a model, loading it if asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+from modelkeeper.cluster.catalog import ClusterCatalog, ClusterModel
+from modelkeeper.cluster.errors import TransferFailed
+from modelkeeper.cluster.membership import Membership
+from modelkeeper.cluster.placing import choose_cluster_device
+from modelkeeper.cluster.settings import ClusterSettings
+from modelkeeper.cluster.view import ClusterView, device_id, split_device
+from modelkeeper.orchestrator.errors import DeviceNotFound, ModelInUse, NotLoaded, NotPlaceable
+from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.orchestrator.jobs import Job, JobManager
+from modelkeeper.orchestrator.leases import LeaseTable
+from modelkeeper.orchestrator.loads import LoadOptions
+from modelkeeper.orchestrator.settings import Settings
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+
+
+class ClusterLoads:
+    def __init__(
+        self,
+        settings: Settings,
+        cluster: ClusterSettings,
+        catalog: ClusterCatalog,
+        members: Membership,
+        view: ClusterView,
+        leases: LeaseTable,
+        jobs: JobManager,
+        bus: EventBus,
+    ) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.catalog = catalog
+        self.members = members
+        self.view = view
+        self.leases = leases
+        self.jobs = jobs
+        self.bus = bus
+        self.inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        self.kept: dict[str, LoadOptions] = {}  # cluster key -> the options of its keep-loaded load
+        self._fetches: dict[tuple[str, str], asyncio.Future[str]] = {}
+
+    # ------------------------------------------------------------------ placement
+
+    def check_device(self, device: str) -> None:
+        node, local = split_device(device)
+        if not any(n.name == node and d["id"] == local for n, d in self.view.devices()):
+            raise DeviceNotFound(
+                f"no device {device!r} in the cluster (devices: "
+                + ", ".join(device_id(n.name, d["id"]) for n, d in self.view.devices())
+                + "); devices are named node/device",
+                device=device,
+            )
+
+    def leased(self, key: str, device: str) -> bool:
+        return bool(self.leases.holding(key, device))
+
+    async def place(self, model: ClusterModel, opts: LoadOptions) -> str:
+        """The ``node/device`` the tiered placement picks for ``model`` (the view refreshed first)."""
+        await self.members.refresh()
+        views = self.view.device_views(self.leased, self.inflight)
+        if not views:
+            raise NotPlaceable("no node of the cluster has a ready device", required_bytes=model.need)
+        return choose_cluster_device(
+            views,
+            lambda d: split_device(d)[0],
+            model.key,
+            model.need,
+            ram_nodes=self.view.nodes_with_ram(model.key),
+            disk_nodes=self.view.nodes_with_disk(model.key),
+            force=opts.force,
+        )
+
+    # ------------------------------------------------------------------ loading
+
+    async def load(
+        self,
+        ref: str,
+        device: str | None = None,
+        *,
+        all_devices: bool = False,
+        options: LoadOptions | None = None,
+        wait: bool = True,
+    ) -> dict[str, Any]:
+        """Load a model on ``device``, on every device, or where placement puts it: a job."""
+        opts = options or LoadOptions()
+        model = await self.catalog.resolve(ref)
+        if device is not None:
+            self.check_device(device)
+        params = {"model_id": model.key, "name": model.name, "device": device, "all_devices": all_devices}
+
+        async def body(job: Job) -> Any:
+            if all_devices:
+                devices = [
+                    device_id(n.name, d["id"]) for n, d in self.view.devices() if d["state"] == "ready"
+                ]
+                results = await asyncio.gather(*(self.load_on(model, d, opts, job) for d in devices))
+                return {"model_id": model.key, "placements": list(results)}
+            return await self.load_on(model, device or await self.place(model, opts), opts, job)
+
+        return await self.jobs.run("load", params, body, wait=wait, timeout=opts.timeout)
+
+    async def load_on(self, model: ClusterModel, device: str, opts: LoadOptions, job: Job) -> dict[str, Any]:
+        """``model`` on ``device``: joined when a load of it there is in flight, else sent to its node."""
+        if opts.keep_loaded:
+            self.kept[model.key] = opts
+        key = (model.key, device)
+        joined = self.inflight.get(key)
+        if joined is not None:
+            job.progress(message=f"joined the load of {model.key} on {device} already in flight", force=True)
+            return {**(await asyncio.shield(joined)), "coalesced": True}
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.inflight[key] = fut
+        node, local = split_device(device)
+        try:
+            local_id = await self.bring(model, node, job)
+            job.progress(step="load", node=node, device=device, force=True)
+            held = self.held_on(node, device)
+            result = await self.members.link(node).call(
+                "load",
+                local_id,
+                local,
+                dataclasses.asdict(opts),
+                held,
+                what=f"the load of {model.name} on {device}",
+            )
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(
+                    exc
+                    if isinstance(exc, Exception)
+                    else ProtocolError("load cancelled", ErrorCode.CANCELLED)
+                )
+            raise
+        finally:
+            self.inflight.pop(key, None)
+            await self.members.refresh(node)
+        out = self.in_cluster_terms(node, result)
+        fut.set_result(out)
+        self.bus.publish("model.loaded", model_id=model.key, device=device, node=node, placement=out)
+        return out
+
+    def in_cluster_terms(self, node: str, result: dict[str, Any]) -> dict[str, Any]:
+        """A node's load result with the cluster's names: key for model id, ``node/device``."""
+        view = self.view.nodes.get(node)
+        key_of = view.key_of if view is not None else (lambda m: m)
+        return {
+            **result,
+            "model_id": key_of(result["model_id"]),
+            "local_id": result["model_id"],
+            "node": node,
+            "device": device_id(node, result["device"]),
+            "evicted": [key_of(m) for m in result.get("evicted", [])],
+        }
+
+    def held_on(self, node: str, device: str) -> list[str]:
+        """The local ids, on ``node``, of the models that driver leases hold on ``device``."""
+        view = self.view.nodes.get(node)
+        out = []
+        for lease in self.leases.list():
+            if lease.device in (None, device) and view is not None and (m := view.model(lease.model_id)):
+                out.append(str(m["model_id"]))
+        return out
+
+    # ------------------------------------------------------------------ files between nodes
+
+    async def bring(self, model: ClusterModel, node: str, job: Job) -> str:
+        """The local id of ``model`` on ``node``, its file sent there first when the node lacks it."""
+        if node in model.locations:
+            return model.local_id(node)
+        key = (model.key, node)
+        running = self._fetches.get(key)
+        if running is None:
+            running = self._fetches[key] = asyncio.ensure_future(self._send(model, node, job))
+            running.add_done_callback(lambda f: self._fetches.pop(key, None))
+        return await asyncio.shield(running)
+
+    async def _send(self, model: ClusterModel, node: str, job: Job) -> str:
+        if model.key.startswith("name:"):
+            raise TransferFailed(
+                f"model {model.name} is not hashed on any node yet: it cannot be sent to {node} and checked",
+                model_id=model.key,
+            )
+        sources = [n for n in model.locations if n in self.members.links]
+        if not sources:
+            raise NotPlaceable(f"no live node has the file of {model.name}", model_id=model.key)
+        source = sources[0]
+        link = self.members.link(source)
+        what = f"sending {model.name} from {source} to {node}"
+        job.progress(step="transfer", source=source, target=node, force=True)
+        files = await link.call("files", model.local_id(source), what=what)
+        started = time.perf_counter()
+        got = await self.members.link(node).call(
+            "fetch", model.key, link.actor, model.local_id(source), files,
+            self.cluster.chunk_bytes, self.cluster.chunks_in_flight, what=what,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        await self.members.refresh(node)
+        self.bus.publish(
+            "model.transferred", model_id=model.key, source=source, target=node, bytes=got["bytes"],
+            seconds=got["seconds"], total_seconds=round(seconds, 6),
+        )  # fmt: skip
+        return str(got["model_id"])
+
+    async def transfer(self, ref: str, node: str, *, wait: bool = True) -> dict[str, Any]:
+        """Send a model's file to ``node`` (from a node that has it): a job."""
+        model = await self.catalog.resolve(ref)
+        self.members.link(node)
+
+        async def body(job: Job) -> Any:
+            local_id = await self.bring(model, node, job)
+            return {"model_id": model.key, "node": node, "local_id": local_id}
+
+        return await self.jobs.run("transfer", {"model_id": model.key, "node": node}, body, wait=wait)
+
+    # ------------------------------------------------------------------ unloading
+
+    async def unload(
+        self, ref: str, device: str | None = None, *, force: bool = False, timeout: float | None = None
+    ) -> dict[str, Any]:
+        model = await self.catalog.resolve(ref)
+        if device is not None:
+            self.check_device(device)
+        placements = [p for p in self.view.placements(model.key) if device in (None, p["device"])]
+        if not placements:
+            where = f"on {device}" if device else "on any device"
+            raise NotLoaded(f"model {model.key} ({model.name}) is not loaded {where}", model_id=model.key)
+        results = [await self._unload_checked(p, force=force, timeout=timeout) for p in placements]
+        if device is None or not self.view.placements(model.key):
+            self.kept.pop(model.key, None)
+        return {"model_id": model.key, "unloaded": results}
+
+    async def unload_all(self, device: str | None = None, *, force: bool = False) -> dict[str, Any]:
+        if device is not None:
+            self.check_device(device)
+        unloaded, refused = [], []
+        for p in self.view.placements():
+            if device not in (None, p["device"]):
+                continue
+            try:
+                unloaded.append(await self._unload_checked(p, force=force, timeout=None))
+                self.kept.pop(p["model_id"], None)
+            except ModelInUse as exc:
+                refused.append({"model_id": p["model_id"], "device": p["device"], "error": exc.message})
+        return {"unloaded": unloaded, "refused": refused}
+
+    async def _unload_checked(
+        self, p: dict[str, Any], *, force: bool, timeout: float | None
+    ) -> dict[str, Any]:
+        leases = self.leases.holding(p["model_id"], p["device"])
+        if leases and not force:
+            raise ModelInUse(
+                f"model {p['model_id']} on {p['device']} is held by {len(leases)} lease(s); release them or pass force",
+                leases=[lease.id for lease in leases],
+                model_id=p["model_id"],
+                device=p["device"],
+            )
+        if force:
+            self.leases.revoke(p["model_id"], p["device"])
+        node, local = split_device(p["device"])
+        try:
+            result = await self.members.link(node).call(
+                "unload",
+                p["local_id"],
+                local,
+                force,
+                timeout,
+                what=f"the unload of {p['model_id']} on {p['device']}",
+            )
+        finally:
+            await self.members.refresh(node)
+        freed = sum(u.get("freed_bytes", 0) for u in result["unloaded"])
+        self.bus.publish("model.unloaded", model_id=p["model_id"], device=p["device"], freed_bytes=freed)
+        return {"model_id": p["model_id"], "device": p["device"], "freed_bytes": freed}
+
+    # ------------------------------------------------------------------ leases
+
+    async def grant_lease(
+        self, ref: str, device: str | None, holder: str, ttl: float | None
+    ) -> dict[str, Any]:
+        """Hold a model (on ``device`` or anywhere): neither evicted nor unloaded without force."""
+        model = await self.catalog.resolve(ref)
+        if device is not None:
+            self.check_device(device)
+        lease = self.leases.grant(model.key, device, holder, ttl or self.settings.lease_ttl)
+        self.bus.publish("lease.granted", lease=lease.info())
+        return lease.info()
+
+    def release_lease(self, lease_id: str) -> dict[str, Any]:
+        lease = self.leases.release(lease_id)
+        self.bus.publish("lease.released", lease=lease.info())
+        return lease.info()
+
+    # ------------------------------------------------------------------ routing
+
+    async def route(
+        self, ref: str, *, load: bool = False, options: LoadOptions | None = None
+    ) -> dict[str, Any]:
+        """Which node and device serve ``ref`` now (the most recently used loaded placement);
+        with ``load``, loading it first where placement says when it is loaded nowhere."""
+        model = await self.catalog.resolve(ref)
+        loaded = [p for p in self.view.placements(model.key) if p["state"] == "loaded"]
+        if not loaded and load:
+            result = (await self.load(model.key, options=options, wait=True))["result"]
+            loaded = [p for p in self.view.placements(model.key) if p["state"] == "loaded"] or [result]
+        out: dict[str, Any] = {
+            "model_id": model.key,
+            "name": model.name,
+            "loaded": bool(loaded),
+            "node": None,
+            "device": None,
+            "placements": [
+                {"node": p["node"], "device": p["device"], "state": p["state"]}
+                for p in self.view.placements(model.key)
+            ],
+            "ram_nodes": self.view.nodes_with_ram(model.key),
+            "disk_nodes": self.view.nodes_with_disk(model.key),
+        }
+        if loaded:
+            best = max(loaded, key=lambda p: p.get("last_used") or 0)
+            out.update(node=best["node"], device=best["device"])
+        return out
+
+    # ------------------------------------------------------------------ node loss
+
+    async def replace_kept(self, node: str, gone: list[dict[str, Any]]) -> None:
+        """After ``node`` is lost: its driver leases end, and every kept model loaded nowhere now is
+        loaded again where placement puts it (one job each, not awaited)."""
+        for lease in self.leases.list():
+            if lease.device is not None and split_device(lease.device)[0] == node:
+                self.leases.revoke(lease.model_id, lease.device)
+        for key, opts in list(self.kept.items()):
+            if any(p["state"] in ("loaded", "loading") for p in self.view.placements(key)):
+                continue
+            try:
+                await self.load(key, options=opts, wait=False)
+                self.bus.publish("model.replacing", model_id=key, lost_node=node)
+            except Exception as exc:
+                self.bus.publish("model.replace_failed", model_id=key, lost_node=node, error=str(exc))

@@ -1,0 +1,162 @@
+"""The cluster view: per node and device what the agents last reported, and what placement sees.
+
+Each node's entry is its agent's ``state()`` (devices with budget, used bytes and placements; the
+models on its disk with their cluster keys and the bytes of them in its RAM cache), replaced on
+every refresh. Devices are named ``node/device`` (``node-a/cuda:0``). ``device_views`` gives the
+placement policy one :class:`DeviceView` per ready device, models named by their cluster keys,
+leases and loads in flight taken from the driver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelkeeper.orchestrator.placement import DeviceView, Resident
+
+SEP = "/"
+
+
+def device_id(node: str, device: str) -> str:
+    return f"{node}{SEP}{device}"
+
+
+def split_device(cluster_device: str) -> tuple[str, str]:
+    node, sep, device = cluster_device.partition(SEP)
+    return (node, device) if sep else ("", cluster_device)
+
+
+@dataclass
+class NodeView:
+    name: str
+    node_id: str
+    state: dict[str, Any]
+    at: float = field(default_factory=time.time)
+
+    def key_of(self, model_id: str) -> str:
+        """The cluster key of a local model id (the id itself when the model is unknown here)."""
+        for m in self.state["models"]:
+            if m["model_id"] == model_id:
+                return str(m["key"])
+        return model_id
+
+    def model(self, key: str) -> dict[str, Any] | None:
+        return next((m for m in self.state["models"] if m["key"] == key), None)
+
+
+class ClusterView:
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeView] = {}
+
+    def update(self, name: str, node_id: str, state: dict[str, Any]) -> None:
+        self.nodes[name] = NodeView(name, node_id, state)
+
+    def drop(self, name: str) -> NodeView | None:
+        return self.nodes.pop(name, None)
+
+    # ------------------------------------------------------------------ devices and placements
+
+    def devices(self) -> Iterable[tuple[NodeView, dict[str, Any]]]:
+        for node in self.nodes.values():
+            for d in node.state["devices"]:
+                yield node, d
+
+    def placements(self, key: str | None = None) -> list[dict[str, Any]]:
+        """Every placement (of ``key`` only, when given), named in cluster terms."""
+        out = []
+        for node, d in self.devices():
+            for p in d["placements"]:
+                k = node.key_of(p["model_id"])
+                if key is None or k == key:
+                    out.append(
+                        {**p, "model_id": k, "local_id": p["model_id"], "node": node.name,
+                         "device": device_id(node.name, d["id"])}
+                    )  # fmt: skip
+        return out
+
+    def device_views(
+        self,
+        leased: Callable[[str, str], bool],
+        loading: Iterable[tuple[str, str]] = (),
+        nodes: Iterable[str] | None = None,
+    ) -> list[DeviceView]:
+        """What placement sees: ready devices (of ``nodes``, when given), models by cluster key;
+        ``leased(key, device)`` says whether a driver lease holds a model there; ``loading``:
+        (key, device) of the loads in flight from the driver."""
+        chosen = None if nodes is None else set(nodes)
+        inflight = list(loading)
+        out = []
+        for node, d in self.devices():
+            if d["state"] != "ready" or (chosen is not None and node.name not in chosen):
+                continue
+            dev = device_id(node.name, d["id"])
+            residents = tuple(
+                Resident(
+                    node.key_of(p["model_id"]),
+                    int(p["bytes"]),
+                    float(p["last_used"]),
+                    loaded=p["state"] == "loaded",
+                    leased=bool(p.get("leases")) or leased(node.key_of(p["model_id"]), dev),
+                    keep_loaded=bool(p["keep_loaded"]),
+                )
+                for p in d["placements"]
+            )
+            busy = frozenset(k for k, at in inflight if at == dev)
+            out.append(DeviceView(dev, int(d["budget"]), int(d["used"]), residents, busy))
+        return out
+
+    # ------------------------------------------------------------------ tiers
+
+    def nodes_with_ram(self, key: str) -> list[str]:
+        return [n.name for n in self.nodes.values() if (m := n.model(key)) is not None and m["ram_bytes"] > 0]
+
+    def nodes_with_disk(self, key: str) -> list[str]:
+        return [n.name for n in self.nodes.values() if n.model(key) is not None]
+
+    # ------------------------------------------------------------------ status
+
+    def device_status(self, node: NodeView, d: dict[str, Any]) -> dict[str, Any]:
+        models = [
+            {**p, "model_id": node.key_of(p["model_id"]), "local_id": p["model_id"],
+             "device": device_id(node.name, d["id"])}
+            for p in d["placements"]
+        ]  # fmt: skip
+        info = {k: v for k, v in d.items() if k not in ("placements", "budget", "used")}
+        return {
+            **info,
+            "id": device_id(node.name, d["id"]),
+            "node": node.name,
+            "local_id": d["id"],
+            "models": models,
+        }
+
+    def status(self) -> dict[str, Any]:
+        caches = [n.state["cache"] for n in self.nodes.values() if n.state.get("cache")]
+        return {
+            "nodes": [
+                {
+                    "name": n.name,
+                    "node_id": n.node_id,
+                    "pid": n.state.get("pid"),
+                    "refreshed_at": n.at,
+                    "devices": [device_id(n.name, d["id"]) for d in n.state["devices"]],
+                    "models_on_disk": len(n.state["models"]),
+                    "cache": n.state.get("cache"),
+                }
+                for n in self.nodes.values()
+            ],
+            "devices": [self.device_status(n, d) for n, d in self.devices()],
+            "cache": total_cache(caches) if caches else None,
+        }
+
+
+def total_cache(caches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The RAM caches of every node as one (sums; the hit rate over every lookup)."""
+    out = {
+        k: sum(int(c.get(k) or 0) for c in caches)
+        for k in ("segments", "bytes_used", "budget_bytes", "evictions", "hits", "misses")
+    }
+    lookups = out["hits"] + out["misses"]
+    return {**out, "hit_rate": out["hits"] / lookups if lookups else 0.0}

@@ -1,0 +1,250 @@
+"""Cluster mode on a local multi-node Ray cluster: a head and one Ray node per modelkeeper node,
+each with its own resource, model root, registry, RAM cache and CPU worker (in the agent's
+process: the same protocol). One cluster for the module; each test leaves no model loaded.
+Moments of contention and of faults are made by the test: a gate holds a device's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import shutil
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from typer.testing import CliRunner
+
+from modelkeeper.cli.app import app as cli
+from modelkeeper.client import ApiError, Client
+from modelkeeper.cluster import ClusterOrchestrator, ClusterSettings
+from modelkeeper.cluster.settings import AGENT_PREFIX
+from modelkeeper.orchestrator import Settings
+from modelkeeper.testing import DemoManifest
+from modelkeeper.testing.cluster import GatedAgent, LocalCluster, local_ray_cluster
+from modelkeeper.testing.service import RunningService, running_service
+
+pytestmark = [pytest.mark.xdist_group("ray-cluster"), pytest.mark.slow]
+
+MiB = 1 << 20
+CKPT = "checkpoints/tiny-sd15.safetensors"  # node-a only, 8.7 MB
+SD15 = "diffusers/tiny-sd15"  # node-b only, 8.7 MB
+CLIP_L = "clip/tiny-clip-l.safetensors"  # node-a and node-b, 6 MB
+UNET = "unet/tiny-sd15-unet.safetensors"  # node-a only: sent to node-b by a test
+LAYOUT = {"node-a": [CKPT, CLIP_L, UNET], "node-b": [SD15, CLIP_L], "node-c": [CLIP_L]}
+T = TypeVar("T")
+
+
+@dataclass
+class Fleet:
+    lc: LocalCluster
+    svc: RunningService
+    orch: ClusterOrchestrator
+    roots: dict[str, Path]
+
+    def run(self, make: Callable[[], Coroutine[Any, Any, T]], timeout: float = 60) -> T:
+        """A coroutine on the driver's loop (the service's), from the test's thread."""
+        loop = self.orch.bus._loop
+        assert loop is not None
+        return asyncio.run_coroutine_threadsafe(make(), loop).result(timeout)
+
+    def client(self) -> Client:
+        return Client(self.svc.url)
+
+    def events(self, type: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.orch.bus.recent) if e["type"] == type]
+
+    def actor(self, node: str) -> Any:
+        return self.orch.members.link(node).actor
+
+
+def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+
+
+def node_settings(root: Path, folder: Path) -> dict[str, Any]:
+    return {
+        "model_roots": [str(root)],
+        "db": str(folder / "registry.sqlite3"),
+        "devices": ["cpu"],
+        "ram_cache_bytes": 64 * MiB,
+        "worker_budget_mb": 30,
+        "worker_warm": False,
+        "status_poll_s": 60,
+    }
+
+
+@pytest.fixture(scope="module")
+def fleet(demo: DemoManifest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    import ray
+
+    roots, overrides = {}, {}
+    for node, paths in LAYOUT.items():
+        folder = tmp_path_factory.mktemp(node)
+        root = roots[node] = folder / "models"
+        for rel in paths:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            src = demo.root / rel
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / rel)
+        overrides[node] = node_settings(root, folder)
+    with local_ray_cluster(["node-a", "node-b"]) as lc:
+        cluster = ClusterSettings(
+            address=lc.address, workers="inprocess", named_nodes_only=True, node_poll_s=0.1,
+            refresh_s=0.5, node_overrides=overrides,
+        )  # fmt: skip
+        orch = ClusterOrchestrator(Settings(port=0), cluster, agent_class=GatedAgent)
+        try:
+            with running_service(Settings(port=0), service=orch) as svc:
+                yield Fleet(lc, svc, orch, roots)
+        finally:
+            for node in LAYOUT:
+                try:
+                    agent = ray.get_actor(AGENT_PREFIX + node, namespace=cluster.namespace)
+                except ValueError:
+                    continue
+                try:
+                    ray.get(agent.stop.remote(), timeout=60)
+                except ray.exceptions.RayError:
+                    pass  # a node killed by a test: its agent is gone
+                finally:
+                    ray.kill(agent)
+
+
+@pytest.fixture
+def client(fleet: Fleet) -> Iterator[Client]:
+    with fleet.client() as c:
+        yield c
+        c.unload_all(force=True)
+
+
+def test_placement_by_bytes_and_routing(fleet: Fleet, client: Client) -> None:
+    status = client.status()
+    assert {d["id"] for d in status["devices"]} == {"node-a/cpu", "node-b/cpu"}
+    assert {n["name"] for n in status["nodes"]} == {"node-a", "node-b"}
+    # a model on one node's disk goes to that node
+    sd15 = client.load(SD15)["result"]
+    assert sd15["device"] == "node-b/cpu" and sd15["node"] == "node-b"
+    # on both disks: the device with the most room (node-a is empty, node-b holds 8.7 MB)
+    clip = client.load(CLIP_L)["result"]
+    assert clip["device"] == "node-a/cpu"
+    assert clip["model_id"] == client.model(CLIP_L)["id"]  # the cluster key: its content hash
+    assert len(clip["model_id"]) == 64
+    # routing answers the warm device; with load=true a cold model is loaded where its file is
+    assert client.route(CLIP_L)["device"] == "node-a/cpu"
+    assert client.route(SD15)["device"] == "node-b/cpu"
+    cold = client.route(CKPT)
+    assert not cold["loaded"] and cold["disk_nodes"] == ["node-a"]
+    assert client.route(CKPT, load=True)["device"] == "node-a/cpu"
+    # already loaded: placement answers the device holding it, nothing is loaded twice
+    again = client.load(CLIP_L)["result"]
+    assert again["device"] == "node-a/cpu" and again["already_loaded"]
+    # the model list names every node holding a model, and where it is loaded
+    listed = {m["name"]: m for m in client.list_models(limit=100)["items"]}
+    assert set(listed["tiny-clip-l"]["nodes"]) == {"node-a", "node-b"}
+    assert listed["tiny-clip-l"]["loaded_on"] == ["node-a/cpu"]
+    # a lease holds a model cluster-wide: no unload without force
+    lease = client.lease(CLIP_L, device="node-a/cpu", holder="test")
+    with pytest.raises(ApiError) as refused:
+        client.unload(CLIP_L)
+    assert refused.value.error_code == "BUSY"
+    client.release_lease(lease["id"])
+
+
+def test_loads_of_one_model_coalesce_cluster_wide(fleet: Fleet, client: Client) -> None:
+    import ray
+
+    for node in ("node-a", "node-b"):
+        ray.get(fleet.actor(node).gate.remote("cpu"))
+    jobs = [client.load(CLIP_L, wait=False)["job"] for _ in range(4)]
+    until(lambda: fleet.orch.loads.inflight, what="a load in flight")
+    for node in ("node-a", "node-b"):
+        ray.get(fleet.actor(node).let_go.remote("cpu"))
+    done = [client.wait_job(j["id"], timeout=60) for j in jobs]
+    assert all(j["state"] == "succeeded" for j in done)
+    assert len({j["result"]["device"] for j in done}) == 1
+    assert sum(1 for j in done if j["result"].get("coalesced")) == 3
+
+
+def test_a_file_is_sent_to_the_node_that_lacks_it(fleet: Fleet, client: Client) -> None:
+    key = client.model(UNET)["id"]
+    assert list(client.model(UNET)["nodes"]) == ["node-a"]
+    result = client.load(UNET, "node-b/cpu")["result"]
+    assert result["device"] == "node-b/cpu" and result["model_id"] == key
+    sent = [e for e in fleet.events("model.transferred") if e["model_id"] == key]
+    assert len(sent) == 1 and sent[0]["source"] == "node-a" and sent[0]["target"] == "node-b"
+    # node-b hashed what it received: the same key (content hash), the same bytes
+    nodes = client.model(key)["nodes"]
+    assert set(nodes) == {"node-a", "node-b"}
+    assert filecmp.cmp(nodes["node-a"]["path"], nodes["node-b"]["path"], shallow=False)
+    assert sent[0]["bytes"] == Path(nodes["node-a"]["path"]).stat().st_size
+
+
+def test_rest_and_cli_against_the_cluster(fleet: Fleet, client: Client) -> None:
+    runner = CliRunner()
+    url = ["--url", fleet.svc.url]
+    routed = runner.invoke(cli, ["route", CKPT, "--load", *url])
+    assert routed.exit_code == 0, routed.output
+    assert "node-a/cpu" in routed.output
+    shown = runner.invoke(cli, ["status", *url])
+    assert shown.exit_code == 0, shown.output
+    assert "node-a/cpu" in shown.output and "node-b/cpu" in shown.output
+    one = client.status("node-a/cpu")
+    assert one["node"] == "node-a" and [m["name"] for m in one["models"]] == ["tiny-sd15"]
+    assert client.ready()["ready"]
+    assert "modelkeeper_cluster_nodes 2.0" in client.metrics()
+    with pytest.raises(ApiError) as missing:
+        client.load(CKPT, "node-z/cpu")
+    assert missing.value.status_code == 404
+
+
+def test_a_restarted_driver_attaches_to_the_running_agents(fleet: Fleet, client: Client) -> None:
+    loaded = client.load(CLIP_L)["result"]
+    before = {n["name"]: n["pid"] for n in client.status()["nodes"]}
+
+    async def restarted() -> tuple[dict[str, Any], dict[str, Any]]:
+        other = ClusterOrchestrator(Settings(), fleet.orch.cluster, agent_class=GatedAgent)
+        await other.start()
+        try:
+            return other.views.status(), await other.route(CLIP_L)
+        finally:
+            await other.stop()
+
+    status, route = asyncio.run(restarted())  # its own loop and state, as a new API process has
+    assert {n["name"]: n["pid"] for n in status["nodes"]} == before  # the same agents, found by name
+    assert route["device"] == loaded["device"]
+
+
+def test_a_node_killed_mid_load_and_its_kept_model_placed_again(fleet: Fleet, client: Client) -> None:
+    import ray
+
+    fleet.lc.add("node-c")  # a node that joins is used at once
+    until(lambda: "node-c" in fleet.orch.members.links, 120, "node-c attached")
+    assert "node-c/cpu" in {d["id"] for d in client.status()["devices"]}
+    actor = fleet.actor("node-c")
+    ray.get(actor.gate.remote("cpu"))
+    job = client.load(CLIP_L, "node-c/cpu", wait=False, keep_loaded=True)["job"]
+    until(lambda: ray.get(actor.queued.remote("cpu")) >= 1, what="the load queued on node-c")
+    pid = ray.get(actor.pid.remote())
+    killed = time.time()
+    fleet.lc.kill("node-c", [pid])
+    failed = client.wait_job(job["id"], timeout=30)
+    assert failed["state"] == "failed"
+    assert failed["error"]["error_code"] == "WORKER_DIED" and "node-c" in failed["error"]["error"]
+    lost = until(lambda: fleet.events("node.lost"), 10, "node.lost")
+    assert lost[0]["node"] == "node-c" and lost[0]["at"] - killed < 2.0
+    # the kept model is loaded again on a node still there; nothing else stopped
+    placed = until(lambda: client.route(CLIP_L)["device"], 30, "the kept model placed again")
+    assert placed in ("node-a/cpu", "node-b/cpu")
+    assert {d["id"] for d in client.status()["devices"]} == {"node-a/cpu", "node-b/cpu"}
+    assert client.load(SD15)["result"]["device"] == "node-b/cpu"
+    fleet.run(lambda: fleet.orch.loads.unload(CLIP_L, force=True))
+    assert CLIP_L not in {k for k, _ in fleet.orch.loads.kept.items()}
