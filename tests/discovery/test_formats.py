@@ -1,4 +1,4 @@
-"""Formats other than safetensors: GGUF (recognised, not loadable), pickles (through the sandbox),
+"""Formats other than safetensors: GGUF (identified with its quant, loadable), pickles (through the sandbox),
 and files whose suffix lies about their format."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from stripped import flux_bfl, write_stripped
 
 from conftest import scan
-from modelkeeper.discovery.gguf import read_gguf_header
 from modelkeeper.discovery.records import ModelFormat
 from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.gguf_header import read_gguf_header
 from modelkeeper.registry.store import Registry
 from modelkeeper.testing.manifest import DemoManifest
 
@@ -56,7 +56,7 @@ def _quantized_flux(guidance: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
     }
 
 
-def test_gguf_flux_is_recognised_not_loadable(tmp_path: Path, registry: Registry) -> None:
+def test_gguf_flux_is_identified_with_its_quant_and_loadable(tmp_path: Path, registry: Registry) -> None:
     write_gguf(
         tmp_path / "unet" / "flux1-dev-Q4_K_S.gguf", _quantized_flux(True), {"general.architecture": "flux"}
     )
@@ -75,10 +75,14 @@ def test_gguf_flux_is_recognised_not_loadable(tmp_path: Path, registry: Registry
         "dev",
     )
     assert by_path["unet/flux1-schnell-Q4_K_S.gguf"].variant == "schnell"
+    assert dev.quant == "Q4_K" and dev.to_json()["quant"] == "Q4_K"
+    again = {e.path: e for e in scan(registry, tmp_path).entries}["unet/flux1-dev-Q4_K_S.gguf"]
+    assert (again.change, again.quant) == ("unchanged", "Q4_K")  # from the registry, not the file
     record = registry.get(dev.model_id or "")
-    assert record.identification.loadable is False
+    assert record.identification.loadable is True
     assert record.identification.dtypes.keys() == {"Q4_K", "F32"}
-    assert registry.worker_spec(record.id)["loadable"] is False
+    assert record.identification.quant == "Q4_K"
+    assert registry.worker_spec(record.id)["loadable"] is True
 
 
 def test_gguf_header_shapes_in_torch_order(tmp_path: Path) -> None:

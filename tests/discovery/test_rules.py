@@ -347,3 +347,9 @@ def test_alternatives_get_one_literal_each() -> None:
     )
     assert keys(r"a(?:b|c)d").literals == ("d",) or keys(r"a(?:b|c)d").literals == ("a",)
     assert keys(r".+|x").literals == ()
+
+
+def test_llama_cpp_t5_names_are_identified_but_not_loadable() -> None:
+    """city96's T5 GGUFs keep llama.cpp's names (``enc.blk.0.attn_q``): no worker conversion reads them."""
+    found = ident(_t5_gguf())
+    assert (found.type.value, found.loadable) == ("text_encoder", False)

@@ -17,6 +17,7 @@ from modelkeeper.testing import (
     demo_entry_names,
     write_demo_models,
 )
+from modelkeeper.testing.demo import PACKED_ENTRY_NAMES
 from tests.testing.conftest import GROUP, read_config_metadata, read_metadata
 
 pytestmark = GROUP
@@ -120,10 +121,30 @@ def test_writing_is_reproducible_and_selectable(demo: DemoManifest, tmp_path: Pa
 
 def test_extras(tmp_path: Path) -> None:
     extras = set(demo_entry_names(extras=True)) - set(demo_entry_names())
-    assert extras == {"sd2-pipeline", "sd2-checkpoint", "sd15-inpaint-checkpoint"}
+    assert extras == {"sd2-pipeline", "sd2-checkpoint", "sd15-inpaint-checkpoint", *PACKED_ENTRY_NAMES}
     manifest = write_demo_models(tmp_path, only=["sd2-checkpoint", "sd15-inpaint-checkpoint"])
     assert manifest["sd2-checkpoint"].components == ("unet", "vae", "clip_h")
     assert manifest["sd15-inpaint-checkpoint"].variant == "inpaint"
     with safe_open(str(manifest.path("sd2-checkpoint")), framework="pt") as handle:
         keys = set(handle.keys())
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+
+
+def test_packed_forms(tmp_path: Path) -> None:
+    """The fp8, scaled fp8 and GGUF files hold what their manifest entries say, and scan agrees."""
+    from modelkeeper.discovery.tables import read_gguf_table, read_safetensors_table, storage_form
+
+    manifest = write_demo_models(tmp_path, only=PACKED_ENTRY_NAMES)
+    assert len(manifest) == len(PACKED_ENTRY_NAMES) == 1 + 3 * 3 + 2 + 2 * 7
+    for entry in manifest:
+        path = manifest.root / entry.path
+        gguf = entry.format == "gguf"
+        table = read_gguf_table(path) if gguf else read_safetensors_table(path)
+        assert storage_form(table, gguf=gguf) == (entry.quant or (None if not gguf else entry.quant)), (
+            entry.name
+        )
+        assert entry.config_metadata and entry.size_bytes == path.stat().st_size
+    flux = manifest["flux-transformer-fp8-scaled"]
+    with safe_open(str(manifest.root / flux.path), framework="pt") as handle:
+        assert "scaled_fp8" in set(handle.keys())
+        assert "transformer_blocks.0.attn.to_q.scale_weight" in set(handle.keys())

@@ -76,3 +76,13 @@ def src(demo: Any, name: str) -> dict[str, Any]:
     data = load_data(demo[name], demo.root)
     data.pop("name")
     return data
+
+
+def output_cosine(module: torch.nn.Module, ref: torch.nn.Module, seed: int = 1) -> float:
+    """Cosine similarity of the outputs of ``module`` and ``ref`` on the same example inputs."""
+    from modelkeeper.worker.validate import probes
+
+    with torch.inference_mode():
+        got = probes(module, seed=seed)[0].run().float().flatten().cpu()
+        want = probes(ref, seed=seed)[0].run().float().flatten().cpu()
+    return float(torch.nn.functional.cosine_similarity(got, want, dim=0))

@@ -90,7 +90,20 @@ def test_not_a_safetensors_file(worker: WorkerProcess, tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("suffix", [".ckpt", ".gguf", ".onnx"])
+def test_broken_gguf_is_an_invalid_file(worker: WorkerProcess, tmp_path: Path) -> None:
+    """GGUF files load (docs/FORMATS.md); one that is not a GGUF file is named as broken."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04")
+    _expect(
+        worker,
+        CommandType.LOAD_UNET,
+        {"name": "m", "path": str(path)},
+        ErrorCode.INVALID_MODEL_FILE,
+        str(path),
+    )
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".onnx"])
 def test_unsupported_formats(worker: WorkerProcess, tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"model{suffix}"
     path.write_bytes(b"PK\x03\x04")

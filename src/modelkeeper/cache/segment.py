@@ -8,7 +8,8 @@ like any file; mapping costs no copy.
 Filling reads the source with several threads straight into the mapping (``os.preadv``): no
 intermediate buffer. A whole file is copied as is; a subset of tensors (one component of a full
 checkpoint) is repacked under a new header, largest element size first, so every tensor stays
-aligned to its element size.
+aligned to its element size. A GGUF file is always repacked: its blocks become uint8 tensors, their
+quant types go into the segment's metadata, and a worker reads them as it reads the GGUF file.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.gguf_header import as_safetensors_header
 from modelkeeper.formats.safetensors_header import DTYPE_BITS, SafetensorsHeader, TensorInfo, read_header
 
 SHM_DIR = Path("/dev/shm")
@@ -82,8 +84,19 @@ class CopyJob:
     length: int
 
 
+def source_header(source: Path) -> SafetensorsHeader:
+    """The tensors of a source file: a safetensors header, or a GGUF file's tensors described as one
+    (quantized blocks as uint8 rows, their types in the metadata), which a segment repacks."""
+    if source.suffix.lower() == ".gguf":
+        return as_safetensors_header(source)
+    return read_header(source)
+
+
 def plan_layout(header: SafetensorsHeader, names: Iterable[str] | None) -> tuple[bytes, list[CopyJob], int]:
-    """(header bytes, copy jobs, total size) for a segment holding ``names`` (all when None)."""
+    """(header bytes, copy jobs, total size) for a segment holding ``names`` (all when None; a GGUF
+    source is always repacked, never copied as is)."""
+    if names is None and header.path.suffix.lower() == ".gguf":
+        names = list(header.tensors)
     if names is None:
         jobs = _chunk([CopyJob(0, 0, header.data_offset + header.data_size)])
         return b"", jobs, header.data_offset + header.data_size
@@ -142,7 +155,7 @@ def create_segment(
     anything fails, so a half-filled segment is never left behind.
     """
     started = time.perf_counter()
-    header = read_header(source)
+    header = source_header(source)
     head, jobs, size = plan_layout(header, names)
     fd_out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:

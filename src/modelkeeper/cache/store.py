@@ -33,9 +33,9 @@ from modelkeeper.cache.segment import (
     plan_layout,
     remove_stale,
     segment_path,
+    source_header,
 )
 from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES, convert_pickle_to_safetensors
-from modelkeeper.formats.safetensors_header import read_header
 
 COST_WEIGHT = 10.0
 _INSTANCES = itertools.count()
@@ -225,7 +225,7 @@ class RamCache:
         if source.suffix.lower() in PICKLE_SUFFIXES:
             estimate = source.stat().st_size
         else:  # a component of a checkpoint needs only its own tensors' room
-            estimate = plan_layout(read_header(source), names)[2]
+            estimate = plan_layout(source_header(source), names)[2]
         self._make_room(estimate, cid)
         dest = self.segment_path(cid)
         dest.unlink(missing_ok=True)

@@ -80,7 +80,8 @@ def _print_table(report: ScanReport, console: Console) -> None:
             kind = e.type or ""
             if e.encoder:
                 kind += f" ({e.encoder})"
-            table.add_row(e.path, e.change, kind, e.base or "", e.variant or "", e.format or "", e.rule or "")
+            fmt = f"{e.format} ({e.quant})" if e.format and e.quant else e.format or ""
+            table.add_row(e.path, e.change, kind, e.base or "", e.variant or "", fmt, e.rule or "")
     console.print(table)
     s = report.summary()
     console.print(

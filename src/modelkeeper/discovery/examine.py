@@ -15,7 +15,6 @@ from pathlib import Path
 
 from modelkeeper.discovery.errors import EmptyFile, FileVanished, UnreadableFile
 from modelkeeper.discovery.folders import identify_component_folder, identify_pipeline_folder
-from modelkeeper.discovery.gguf import GGUF_MAGIC
 from modelkeeper.discovery.identify import IdentificationMemo, identify_table
 from modelkeeper.discovery.metadata import base_from_text
 from modelkeeper.discovery.records import Identification, ModelFormat
@@ -29,6 +28,7 @@ from modelkeeper.discovery.tables import (
 )
 from modelkeeper.discovery.walker import Candidate, CandidateKind
 from modelkeeper.formats.errors import FormatError, InvalidModelFile, ModelFileNotFound
+from modelkeeper.formats.gguf_header import GGUF_MAGIC
 from modelkeeper.formats.safetensors_header import StructureMemo
 
 _ZIP = b"PK\x03\x04"

@@ -48,10 +48,10 @@ from modelkeeper.discovery.rules.engine import (
 )
 from modelkeeper.discovery.rules.hints import PathHints
 from modelkeeper.discovery.rules.lora import LORA_BASE_RULES, LORA_FORMAT_RULES, LORA_PROBES, LORA_TARGETS
-from modelkeeper.discovery.tables import TensorLike, TensorTable
+from modelkeeper.discovery.tables import TensorLike, TensorTable, gguf_loadable, storage_form
 
 #: Bumped whenever a rule table changes, so that a rescan identifies unchanged files again.
-RULES_VERSION = 1
+RULES_VERSION = 2  # 2: GGUF loadable, Identification.quant
 
 DENOISERS = frozenset({ModelType.UNET, ModelType.TRANSFORMER})
 
@@ -392,7 +392,8 @@ def _identify_table(
         "bytes": nbytes,
         "dtypes": dtypes,
         "metadata": summarize_metadata(table.metadata),
-        "loadable": fmt is not ModelFormat.GGUF,
+        "loadable": fmt is not ModelFormat.GGUF or gguf_loadable(table),
+        "quant": storage_form(table, gguf=fmt is ModelFormat.GGUF),
     }
     index = KeyIndex(table.tensors)
     found = _small_model(index, file_evidence, hints)
@@ -470,8 +471,15 @@ def _identify_table(
     return finish(ident, hints)
 
 
+#: Component rules whose key names no worker conversion handles: llama.cpp's T5 names in GGUF files.
+UNCONVERTIBLE_RULES = frozenset({"text_encoder.t5.gguf"})
+
+
 def finish(ident: Identification, hints: PathHints | None) -> Identification:
-    """Record the folder hints and whether the headers agree with them."""
+    """Record the folder hints and whether the headers agree with them; a file whose keys no worker
+    conversion handles is not loadable."""
+    if ident.rule in UNCONVERTIBLE_RULES or any(c.rule in UNCONVERTIBLE_RULES for c in ident.components):
+        ident.loadable = False
     if hints is None:
         return ident
     if hints.type_hint is not None:

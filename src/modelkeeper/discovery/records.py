@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class ModelFormat(StrEnum):
     SAFETENSORS = "safetensors"
     PICKLE = "pickle"  # .ckpt / .pt / .pth / .bin, read only in the sandbox
-    GGUF = "gguf"  # recognised and reported; not loadable yet
+    GGUF = "gguf"  # quantized blocks, loaded packed (the worker decodes them layer by layer)
     DIFFUSERS = "diffusers"  # a folder: a pipeline (model_index.json) or one component (config.json)
 
 
@@ -130,6 +130,11 @@ class Identification(_Record):
     parameters: int = 0
     bytes: int = 0
     dtypes: dict[str, int] = Field(default_factory=dict)
+    quant: str | None = Field(
+        None,
+        description="Stored form of the weights when not plain floats: the dominant GGUF type (Q8_0, "
+        "Q4_K, F16...), float8_e4m3fn, float8_e5m2, or scaled_float8_e4m3fn (ComfyUI's scaled fp8).",
+    )
     weight_variant: str | None = Field(None, description="diffusers weight variant of a folder (fp16...).")
     hints: list[str] = Field(default_factory=list, description="Folder conventions that applied.")
     hint_conflicts: list[str] = Field(default_factory=list, description="Hints the headers contradicted.")

@@ -63,6 +63,7 @@ class ScanEntry:
     base: str | None = None
     variant: str | None = None
     encoder: str | None = None
+    quant: str | None = None  # the stored form of packed weights: Q4_K, float8_e4m3fn, ...
     components: list[str] = field(default_factory=list)
     rule: str | None = None
     confidence: float | None = None
@@ -85,6 +86,8 @@ class ScanEntry:
             "model_id": self.model_id,
             "change": self.change,
         }
+        if self.quant is not None:
+            out["quant"] = self.quant
         if self.status == "rejected":
             out["error_code"] = self.error_code
             out["error"] = self.error
@@ -423,6 +426,7 @@ class Scanner:
             base=ident.base.value,
             variant=ident.variant,
             encoder=ident.encoder.value if ident.encoder else None,
+            quant=ident.quant,
             components=[comp.kind.value for comp in ident.components],
             rule=ident.rule,
             confidence=ident.confidence,
@@ -460,6 +464,7 @@ def _fill_from_store(entry: ScanEntry, row: dict[str, Any]) -> None:
     entry.base = row["base"]
     entry.variant = row["variant"]
     entry.encoder = row["encoder"]
+    entry.quant = row.get("quant")
     entry.rule = row["rule"]
     entry.confidence = row["confidence"]
     entry.model_id = row["model_id"]

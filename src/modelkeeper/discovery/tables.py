@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Protocol
 
-from modelkeeper.discovery.gguf import read_gguf_header
 from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.gguf_header import BLOCK_SIZES, PLAIN_TYPES, read_gguf_header
 from modelkeeper.formats.pickle_sandbox import inspect_pickle
 from modelkeeper.formats.safetensors_header import StructureMemo, read_header
 
@@ -187,3 +187,32 @@ def read_pickle_table(
             tensors = inner
             break
     return TensorTable(tensors, {"pickle.format": str(inspection.format)})
+
+
+#: safetensors dtypes of fp8 weights, by the torch name the worker reports.
+FLOAT8_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def storage_form(table: TensorTable, *, gguf: bool = False) -> str | None:
+    """How the file stores its weights when not as plain floats: the dominant GGUF type of a GGUF
+    file (``Q8_0``, ``Q4_K``, ``F16``...), ``float8_e4m3fn`` / ``float8_e5m2`` for fp8 weights, with
+    ``scaled_`` before it for ComfyUI's scaled fp8 files (``scale_weight`` tensors). None otherwise."""
+    elements: Counter[str] = Counter()
+    for meta in table.tensors.values():
+        elements[meta.dtype] += math.prod(meta.shape)
+    if not elements:
+        return None
+    if gguf:
+        quant = Counter({d: n for d, n in elements.items() if d not in PLAIN_TYPES}) or elements
+        return quant.most_common(1)[0][0]
+    fp8 = Counter({FLOAT8_NAMES[d]: n for d, n in elements.items() if d in FLOAT8_NAMES})
+    if not fp8:
+        return None
+    name = fp8.most_common(1)[0][0]
+    scaled = any(k.endswith(".scale_weight") or k.rpartition(".")[2] == "scaled_fp8" for k in table.tensors)
+    return f"scaled_{name}" if scaled else name
+
+
+def gguf_loadable(table: TensorTable) -> bool:
+    """Whether the worker can decode every tensor type of a GGUF file."""
+    return all(m.dtype in BLOCK_SIZES for m in table.tensors.values())

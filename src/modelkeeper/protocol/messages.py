@@ -95,6 +95,8 @@ class DType(StrEnum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
+    FLOAT8_E4M3FN = "float8_e4m3fn"  # storage only: kept in memory, upcast layer by layer to compute
+    FLOAT8_E5M2 = "float8_e5m2"  # storage only
 
 
 class DeviceInfo(_Open):
@@ -144,7 +146,17 @@ class LoadRequest(_Strict):
     type: ModelKind | Literal["encoder"] | None = None
     subfolder: str | None = Field(None, description="Component folder inside a pipeline folder.")
     variant: str | None = Field(None, description="Weight variant of a diffusers folder, e.g. fp16.")
-    dtype: DType | None = Field(None, description="Cast on load; default keeps the file's dtype.")
+    dtype: DType | None = Field(
+        None,
+        description="Compute dtype (float32, float16, bfloat16); default keeps the file's dtype "
+        "(fp8 files: their norms and biases' dtype; quantized GGUF: bfloat16).",
+    )
+    storage_dtype: DType | None = Field(
+        None,
+        description="Dtype the weights are kept in on the device, upcast to the compute dtype layer by "
+        "layer as it runs (float8_e4m3fn, float8_e5m2). Default: the file's own form (fp8 and GGUF "
+        "files stay packed), else the compute dtype.",
+    )
     layout: KeyLayout = KeyLayout.AUTO
     config: dict[str, Any] | str | None = Field(
         None, description="Model config for a single file: a dict or a path to config.json or a folder."
@@ -169,6 +181,11 @@ class LoadResult(_Open):
     evicted: list[str] = Field(default_factory=list)
     memory: MemoryInfo
     vocab_size: int | None = Field(None, description="Tokenizers only.")
+    storage: str | None = Field(
+        None,
+        description="How the weights are kept when not in the compute dtype: float8_e4m3fn, "
+        "float8_e5m2, scaled_float8_e4m3fn, or the dominant GGUF quant (gguf:Q8_0, ...).",
+    )
     timings: dict[str, float] = Field(
         default_factory=dict, description="Seconds per stage: plan, read, convert, assemble, total."
     )

@@ -343,7 +343,8 @@ class ScanWrites(Store, CatalogWriter):
         with self._lock:
             rows = self._conn.execute(
                 "SELECT f.id, f.status, f.format AS file_format, f.error_code, f.error, m.id AS model_id, m.type,"
-                " m.base, m.variant, m.format, m.encoder, m.rule, m.confidence, c.kinds"
+                " m.base, m.variant, m.format, m.encoder, m.rule, m.confidence, c.kinds,"
+                " json_extract(m.identification, '$.quant') AS quant"
                 " FROM files AS f LEFT JOIN models AS m ON m.id = f.model_id"
                 " LEFT JOIN (SELECT model_id, group_concat(kind, ',') AS kinds FROM components GROUP BY model_id)"
                 " AS c ON c.model_id = m.id"

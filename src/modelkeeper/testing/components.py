@@ -24,6 +24,8 @@ from accelerate import init_empty_weights
 # Classes come from their modules: under mypy, ``from diffusers import X`` resolves to diffusers' dummies.
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
@@ -121,6 +123,43 @@ def unet_config(kind: UNetKind = "sd1", **overrides: Any) -> dict[str, Any]:
         config.update(_SDXL_BLOCKS, projection_class_embeddings_input_dim=1280 + 5 * 256)
     config.update(overrides)
     return config
+
+
+TransformerKind = Literal["flux", "sd3"]
+#: Width of the tiny transformers: 256, one K-quant block, so GGUF files of them hold every quant type.
+TRANSFORMER_WIDTH = 256
+
+
+def transformer_config(kind: TransformerKind = "flux", **overrides: Any) -> dict[str, Any]:
+    """Init arguments of a tiny ``FluxTransformer2DModel`` or ``SD3Transformer2DModel``: one block of
+    each sort, 2 heads of 128, the tiny T5's width for text and CLIP's pooled widths (768; 768 + 1280)."""
+    common = {"num_layers": 1, "attention_head_dim": 128, "num_attention_heads": 2,
+              "joint_attention_dim": ENCODER_HIDDEN_SIZE["t5"]}  # fmt: skip
+    if kind == "flux":
+        config = {**common, "patch_size": 1, "in_channels": 64, "num_single_layers": 1,
+                  "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}  # fmt: skip
+    else:
+        config = {**common, "sample_size": 16, "patch_size": 2, "in_channels": 16, "out_channels": 16,
+                  "caption_projection_dim": TRANSFORMER_WIDTH, "pooled_projection_dim": 2048,
+                  "pos_embed_max_size": 16}  # fmt: skip
+    return config | overrides
+
+
+def make_transformer(
+    kind: TransformerKind = "flux",
+    *,
+    seed: int = DEFAULT_SEED,
+    dtype: torch.dtype = torch.float32,
+    device: Device = "cpu",
+    **overrides: Any,
+) -> FluxTransformer2DModel | SD3Transformer2DModel:
+    """A tiny Flux or SD3 transformer with seeded random weights (float16-exact), in eval mode."""
+    config = transformer_config(kind, **overrides)
+    cls = FluxTransformer2DModel if kind == "flux" else SD3Transformer2DModel
+    module: FluxTransformer2DModel | SD3Transformer2DModel = _materialize(
+        lambda: cls(**config), f"transformer:{kind}", seed, dtype, device
+    )
+    return module
 
 
 def vae_config(kind: VaeKind = "sd1", **overrides: Any) -> dict[str, Any]:

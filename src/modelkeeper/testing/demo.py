@@ -20,6 +20,7 @@ same seed writes the same bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,8 +36,10 @@ from modelkeeper.testing.components import (
     VaeKind,
     component_config,
     make_text_encoder,
+    make_transformer,
     make_unet,
     make_vae,
+    state_dict_for_save,
 )
 from modelkeeper.testing.embeddings import DEFAULT_TOKEN, save_embedding
 from modelkeeper.testing.files import (
@@ -52,7 +55,11 @@ from modelkeeper.testing.files import (
     save_component_folder,
     save_pipeline_folder,
     save_single_file,
+    to_original_layout,
+    write_safetensors,
 )
+from modelkeeper.testing.fp8_files import packed_state
+from modelkeeper.testing.gguf_files import GGUF_TYPES, write_gguf
 from modelkeeper.testing.loras import (
     DEFAULT_RANK,
     TRIGGER_WORD,
@@ -109,6 +116,7 @@ class _Context:
             "unet": make_unet,
             "vae": make_vae,
             "encoder": make_text_encoder,
+            "transformer": make_transformer,
         }
         return self._cached(
             (family, kind), lambda: builders[family](kind, seed=self.seed, dtype=torch.float16)
@@ -137,6 +145,16 @@ class _Context:
             **fields,
         )
 
+    def gguf_entry(self, path: Path, **fields: Any) -> DemoEntry:
+        from modelkeeper.formats.gguf_header import read_gguf_header
+
+        header = read_gguf_header(path)
+        return DemoEntry(
+            path=path.relative_to(self.root).as_posix(), format="gguf", tensor_count=len(header.tensors),
+            size_bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+            config_metadata=CONFIG_METADATA_KEY in header.metadata, **fields,
+        )  # fmt: skip
+
     def folder_entry(self, folder: Path, **fields: Any) -> DemoEntry:
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         return DemoEntry(path=folder.relative_to(self.root).as_posix(), size_bytes=size, **fields)
@@ -155,6 +173,7 @@ class _Spec:
     prefix: str | None = None  # single files: None = where a full checkpoint keeps the component
     metadata: bool = True  # single files: carry the modelkeeper.config entry
     extra: bool = False  # written only on request
+    form: str = ""  # packed files: an fp8 form (testing.fp8_files.FP8_FORMS) or a GGUF type
 
 
 # ------------------------------------------------------------------------------------------ dimensions
@@ -260,6 +279,35 @@ def _file(ctx: _Context, spec: _Spec) -> DemoEntry:
     )
 
 
+def _packed(ctx: _Context, spec: _Spec) -> DemoEntry:
+    """A transformer or UNet file in a packed form: fp8, scaled fp8 (safetensors) or a GGUF type."""
+    module = ctx.component(spec.family, spec.kind)
+    config = component_config(module)
+    state = state_dict_for_save(module)
+    prefix = spec.prefix or ""
+    if spec.layout == "original":
+        state = to_original_layout("unet", state, config, prefix=prefix)
+    path = ctx.root / spec.path
+    fields: dict[str, Any] = {
+        "name": spec.name, "layout": spec.layout, "class_name": type(module).__name__, "prefix": prefix,
+        "config": config,
+    }  # fmt: skip
+    if spec.family == "transformer":
+        fields |= {"type": "transformer", "base": spec.kind, "variant": "dev" if spec.kind == "flux" else "normal",
+                   "dims": {"in_channels": config["in_channels"]}}  # fmt: skip
+    else:
+        fields |= _describe(module, spec.kind) | {"dims": _dims(module)}
+    if path.suffix == ".gguf":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(path, state, spec.form, arch=spec.kind, config=config)
+        dtype = {"F16": "float16", "BF16": "bfloat16"}.get(spec.form)
+        return ctx.gguf_entry(path, dtype=dtype, quant=spec.form, **fields)
+    packed = packed_state(state, spec.form, prefix=prefix)
+    write_safetensors(packed, path, metadata={CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True)})
+    quant = None if spec.form == "bfloat16" else spec.form
+    return ctx.file_entry(path, dtype=spec.form.removeprefix("scaled_"), quant=quant, **fields)
+
+
 def _folder(ctx: _Context, spec: _Spec) -> DemoEntry:
     module = ctx.component(spec.family, spec.kind)
     variants = ("fp16",) if spec.name == "sd15-unet-folder" else ()
@@ -330,6 +378,34 @@ def _embedding(ctx: _Context, spec: _Spec) -> DemoEntry:
 
 # ----------------------------------------------------------------------------------------- the table
 
+
+def _packed_specs() -> tuple[_Spec, ...]:
+    """The forms users download (extras): a transformer-only Flux beside the set's own T5, CLIP-L and
+    Flux VAE files; fp8, e5m2 and scaled fp8 Flux, SD3 and SDXL; fp8 and scaled fp8 T5; GGUF Flux and
+    SD3 in every type."""
+    specs = [_Spec("flux-transformer", "transformer/tiny-flux.safetensors", _packed, "flux",
+                   family="transformer", layout="diffusers", extra=True, form="bfloat16")]  # fmt: skip
+    for base, family, layout in (("flux", "transformer", "diffusers"), ("sd3", "transformer", "diffusers"),
+                                 ("sdxl", "unet", "original")):  # fmt: skip
+        folder = "unet" if family == "unet" else "transformer"
+        for form, tag in (("float8_e4m3fn", "fp8-e4m3fn"), ("float8_e5m2", "fp8-e5m2"),
+                          ("scaled_float8_e4m3fn", "fp8-scaled")):  # fmt: skip
+            specs.append(_Spec(f"{base}-{family}-{tag}", f"{folder}/tiny-{base}-{tag}.safetensors", _packed, base,
+                               family=family, layout=layout, prefix="", extra=True, form=form))  # fmt: skip
+    for form, tag in (("float8_e4m3fn", "fp8-e4m3fn"), ("scaled_float8_e4m3fn", "fp8-scaled")):
+        specs.append(_Spec(f"t5-{tag}", f"clip/tiny-t5-{tag}.safetensors", _packed, "t5", family="encoder",
+                           layout="diffusers", prefix="", extra=True, form=form))  # fmt: skip
+    for base in ("flux", "sd3"):
+        for qtype in GGUF_TYPES:
+            specs.append(_Spec(f"{base}-transformer-{qtype.lower()}", f"transformer/tiny-{base}-{qtype}.gguf",
+                               _packed, base, family="transformer", layout="diffusers", extra=True, form=qtype))  # fmt: skip
+    return tuple(specs)
+
+
+_PACKED = _packed_specs()
+#: The names of the packed-format entries (written with ``extras`` or ``only``).
+PACKED_ENTRY_NAMES = tuple(spec.name for spec in _PACKED)
+
 _SPECS: tuple[_Spec, ...] = (
     _Spec("sd15-checkpoint", "checkpoints/tiny-sd15.safetensors", _checkpoint, "sd1"),
     _Spec("sdxl-checkpoint", "checkpoints/tiny-sdxl.safetensors", _checkpoint, "sdxl"),
@@ -370,6 +446,7 @@ _SPECS: tuple[_Spec, ...] = (
           layout="diffusers"),
     _Spec("sd2-embedding-a1111", "embeddings/tiny-sd2-a1111.safetensors", _embedding, "sd2", layout="a1111"),
     _Spec("sdxl-embedding", "embeddings/tiny-sdxl.safetensors", _embedding, "sdxl", layout="sdxl"),
+    *_PACKED,
 )  # fmt: skip
 
 
@@ -426,4 +503,4 @@ def write_demo_models(
     return manifest
 
 
-__all__ = ["Progress", "demo_entry_names", "write_demo_models"]
+__all__ = ["PACKED_ENTRY_NAMES", "Progress", "demo_entry_names", "write_demo_models"]

@@ -3,12 +3,12 @@
 One entry per model file or folder. Field by field (``None`` / empty where it does not apply):
 
 - ``name``: unique id (``sd15-checkpoint``); ``path``: relative POSIX path under the demo root.
-- ``type``: ``main`` | ``unet`` | ``vae`` | ``text_encoder`` | ``lora`` | ``textual_inversion``
-  | ``tokenizer``.
+- ``type``: ``main`` | ``unet`` | ``transformer`` | ``vae`` | ``text_encoder`` | ``lora``
+  | ``textual_inversion`` | ``tokenizer``.
 - ``base``: ``sd1`` | ``sd2`` | ``sdxl`` | ``sdxl_refiner`` | ``sd3`` | ``flux``; ``also_bases``: other bases
   the same tensors fit equally (a VAE's shapes do not tell SD1 from SDXL, nor Flux from SD3).
 - ``variant``: ``normal`` | ``inpaint``.
-- ``format``: ``safetensors`` (one file) | ``diffusers`` (a folder with ``config.json`` or
+- ``format``: ``safetensors`` or ``gguf`` (one file) | ``diffusers`` (a folder with ``config.json`` or
   ``model_index.json``) | ``tokenizer`` (a tokenizer folder).
 - ``layout``: single component files ``diffusers`` | ``original``; checkpoints ``original``; LoRAs ``kohya``
   | ``peft`` | ``loha`` | ``lokr``; embeddings ``a1111`` | ``diffusers`` | ``sdxl``; folders ``diffusers``.
@@ -20,7 +20,8 @@ One entry per model file or folder. Field by field (``None`` / empty where it do
 - ``config``: the component's ``config.json`` (for main models ``{"_class_name": pipeline, "unet": ...}``),
   so tests can hand it to a loader explicitly; None for LoRAs, embeddings and tokenizers.
 - ``dtype``: the stored floating dtype of the (main) weights; ``weights_variants``: diffusers variants
-  present (``fp16``).
+  present (``fp16``); ``quant``: the packed form scan reports (``float8_e4m3fn``,
+  ``scaled_float8_e4m3fn``, a GGUF type such as ``Q4_K``), None for plain floats.
 - ``prediction_type``: ``epsilon`` | ``v_prediction`` where the model says so (scheduler config).
 - ``dims``: the discriminating dimensions (``cross_attention_dim``, ``in_channels``, ``latent_channels``,
   ``hidden_size``, ``projection_dim``, ``addition_embed_input_dim``, ``rank``, ``vectors``...).
@@ -37,8 +38,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-ModelType = Literal["main", "unet", "vae", "text_encoder", "lora", "textual_inversion", "tokenizer"]
-EntryFormat = Literal["safetensors", "diffusers", "tokenizer"]
+ModelType = Literal[
+    "main", "unet", "transformer", "vae", "text_encoder", "lora", "textual_inversion", "tokenizer"
+]
+EntryFormat = Literal["safetensors", "gguf", "diffusers", "tokenizer"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -63,6 +66,7 @@ class DemoEntry:
     config_metadata: bool = False
     config: dict[str, Any] | None = None
     dtype: str | None = None
+    quant: str | None = None
     weights_variants: tuple[str, ...] = ()
     prediction_type: str | None = None
     dims: dict[str, int] = field(default_factory=dict)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -211,18 +212,21 @@ def build_module(
     *,
     path: str = "",
     module: torch.nn.Module | Skeleton | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> torch.nn.Module:
     """Adopt ``state`` as the tensors of a meta-device ``class_name`` (built here unless given).
 
     Keys and shapes are checked against the skeleton's expected state dict; each tensor becomes the
     parameter (frozen) or buffer it names, without ``load_state_dict``'s per-module machinery.
+    ``shapes`` gives the logical shape of tensors stored packed (GGUF blocks are bytes).
     """
+    shapes = shapes or {}
     if module is None:
         module = skeleton(class_name, config, path=path)
     skel = module if isinstance(module, Skeleton) else Skeleton.prepare(module)
     module, expected = skel.module, skel.expected
     if class_name in TEXT_ENCODER_CLASSES:
-        state = _rename_for_transformers(module, state, expected)
+        state = rename_for_transformers(module, state, expected)
     unexpected = sorted(state.keys() - expected.keys())
     if unexpected:
         raise InvalidModelFile(
@@ -231,9 +235,9 @@ def build_module(
             unexpected=unexpected[:50],
         )
     mismatched = [
-        f"{k} {tuple(v.shape)} vs expected {expected[k]}"
+        f"{k} {shapes.get(k, tuple(v.shape))} vs expected {expected[k]}"
         for k, v in state.items()
-        if tuple(v.shape) != expected[k]
+        if shapes.get(k, tuple(v.shape)) != expected[k]
     ]
     if mismatched:
         raise InvalidModelFile(
@@ -271,12 +275,13 @@ def _tensor_of(owner: tuple[torch.nn.Module, str, bool]) -> torch.Tensor:
     return found
 
 
-def _rename_for_transformers(
+def rename_for_transformers(
     module: torch.nn.Module, state: dict[str, torch.Tensor], expected: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
     """Apply the key renamings transformers itself applies when loading (v5 moved some prefixes).
 
-    Only renamings are applied; a checkpoint that needs tensor conversions is refused."""
+    Only renamings are applied; a checkpoint that needs tensor conversions is refused. Keys that
+    are already the module's are returned as they are (a second call is free)."""
     if all(k in expected for k in state):
         return state
     from transformers.conversion_mapping import get_model_conversion_mapping

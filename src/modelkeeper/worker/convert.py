@@ -150,7 +150,22 @@ def has_text_projection(plan: ComponentPlan) -> bool:
 def to_loadable(plan: ComponentPlan, state: StateDict, config: dict[str, Any]) -> StateDict:
     """Convert the component's tensors (keys with the plan's prefix) to the class's own key names."""
     converter = CONVERTERS[plan.rule.family]
-    return converter(state, plan.prefix, config)
+    with _PiecesNotCopies():
+        return converter(state, plan.prefix, config)
+
+
+class _PiecesNotCopies(torch.overrides.TorchFunctionMode):
+    """diffusers' converters put every piece of a split tensor through ``torch.cat([piece])`` (each
+    q, k, v weight of a Flux file): a copy of a third of the model, while the file's buffer, which
+    the other tensors still view, stays alive. Here ``cat`` of one tensor is that tensor, a view."""
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.cat and args and isinstance(args[0], list | tuple) and len(args[0]) == 1:
+            return args[0][0]
+        return func(*args, **kwargs)
 
 
 def _strip(state: StateDict, prefix: str) -> StateDict:

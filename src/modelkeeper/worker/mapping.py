@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.gguf_header import as_safetensors_header
 from modelkeeper.formats.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,16 @@ _HEADER_LOCK = threading.Lock()
 
 
 def cached_header(path: Path) -> SafetensorsHeader:
-    """The validated header of ``path``, parsed once per (path, inode, size, mtime)."""
+    """The validated header of ``path``, parsed once per (path, inode, size, mtime). A GGUF file's
+    tensors are described as a safetensors header's (:func:`as_safetensors_header`), so every copy
+    path below reads them the same way."""
     st = path.stat()
     key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
     with _HEADER_LOCK:
         hit = _HEADER_CACHE.get(key)
     if hit is not None:
         return hit
-    header = read_header(path)
+    header = as_safetensors_header(path) if path.suffix.lower() == ".gguf" else read_header(path)
     with _HEADER_LOCK:
         if len(_HEADER_CACHE) >= 64:
             _HEADER_CACHE.pop(next(iter(_HEADER_CACHE)))

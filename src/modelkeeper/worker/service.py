@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound
+from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsupportedFormat
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.messages import (
     PROTOCOL_VERSION,
@@ -43,7 +43,7 @@ from modelkeeper.protocol.messages import (
     UnloadResult,
     ValidateModelRequest,
 )
-from modelkeeper.worker import assemble, convert, sources, weights
+from modelkeeper.worker import assemble, convert, sources, storage, weights
 from modelkeeper.worker.device import DeviceMemory, MiB
 from modelkeeper.worker.errors import (
     AlreadyLoaded,
@@ -54,12 +54,40 @@ from modelkeeper.worker.errors import (
     WorkerNotLoaded,
 )
 from modelkeeper.worker.lora import LoraManager
+from modelkeeper.worker.mapping import TORCH_DTYPES as MAPPED_DTYPES
 from modelkeeper.worker.mapping import MappingTable
 from modelkeeper.worker.warm import wait_for_warm_up
 
 EventSink = Callable[[EventType, str | None, dict[str, Any]], None]
 
-TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
+TORCH_DTYPES = {
+    DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16,
+    DType.FLOAT8_E4M3FN: torch.float8_e4m3fn, DType.FLOAT8_E5M2: torch.float8_e5m2,
+}  # fmt: skip
+
+
+#: Bytes read per group when a load casts down as it reads (``storage_dtype``): the device holds the
+#: stored model plus about this much of the file at the peak, not the whole file.
+CAST_GROUP_BYTES = 512 * MiB
+
+
+def load_dtypes(request: LoadRequest) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(compute dtype, storage dtype) of a load request; an fp8 dtype is a storage dtype only."""
+    dtype = TORCH_DTYPES[request.dtype] if request.dtype else None
+    stored = TORCH_DTYPES[request.storage_dtype] if request.storage_dtype else None
+    if dtype in storage.FLOAT8:
+        raise InvalidRequest(
+            f"data.dtype: {request.dtype} is a storage dtype; pass it as storage_dtype (the compute "
+            "dtype is float32, float16 or bfloat16)"
+        )
+    if stored is not None and stored not in storage.FLOAT8:
+        if dtype is not None and dtype != stored:
+            raise InvalidRequest(
+                f"data.storage_dtype: {request.storage_dtype} is not a packed form (float8_e4m3fn, "
+                f"float8_e5m2); weights in it are computed in it, which conflicts with dtype {request.dtype}"
+            )
+        return stored, None
+    return dtype, stored
 
 
 @dataclass
@@ -197,7 +225,7 @@ class ModelService:
         if kind is ModelKind.TOKENIZER:
             return self._load_tokenizer(request, source, op, started)
 
-        dtype = TORCH_DTYPES[request.dtype] if request.dtype else None
+        dtype, storage_dtype = load_dtypes(request)
         assert source.config is not None
         tensors = weights.list_tensors(source.files)
         if source.format == "single_file":
@@ -215,7 +243,15 @@ class ModelService:
             plan = None
             class_name = assemble.class_name_for(kind, source.config)
             rule = "diffusers folder"
-        required = sum(e.nbytes_as(dtype) for e in entries)
+        # fp8 and GGUF tensors stay packed; a GGUF file's plain tensors (F32 norms beside F16 weights)
+        # are put in one compute dtype on the same path
+        packing = storage_dtype is not None or any(e.packed or e.file.suffix == ".gguf" for e in entries)
+        if packing:
+            required = storage.estimate_bytes(
+                ((e.shape, e.nbytes, e.dtype in weights.FLOAT_DTYPES) for e in entries), storage_dtype, dtype
+            )
+        else:
+            required = sum(e.nbytes_as(dtype) for e in entries)
         with self._lock:
             old = self._models.get(request.name) if exists else None
             replaced_bytes = old.nbytes if old is not None else 0
@@ -228,29 +264,46 @@ class ModelService:
         skeleton = self.skeletons.take(class_name, source.config, path=str(source.path))
         stages: dict[str, float] = {}
         try:
+            transform = None
+            if storage_dtype in storage.FLOAT8 and not any(e.packed for e in entries):
+                # cast each group as it is read: the device holds the file's bytes a group at a time
+                early = self._cast_sources(entries, plan, source.config, class_name, skeleton.result())
+                transform = storage.cast_while_reading(early, storage_dtype)
             t = time.perf_counter()
             state = weights.read_tensors(
                 entries,
                 self.device,
                 table=self.mappings,
-                dtype=dtype,
+                dtype=None if packing else dtype,
                 progress=lambda done, total: self._progress(op, "read", done, total),
                 check=op.check,
                 throttle_bytes_per_s=self._throttle,
                 stages=stages,
+                transform=transform,
+                group_bytes=CAST_GROUP_BYTES,
             )
             timings["read"] = time.perf_counter() - t
             timings.update(stages)
             op.check()
             t = time.perf_counter()
+            if packing:
+                state, _scaled = storage.split_scales(state)
             if plan is not None:
                 state = convert.to_loadable(plan, state, source.config)
             timings["convert"] = time.perf_counter() - t
             t = time.perf_counter()
             skel = skeleton.result()
+            stored: storage.StoragePlan | None = None
+            if packing:
+                if class_name in assemble.TEXT_ENCODER_CLASSES:  # owners are found by the module's own keys
+                    state = assemble.rename_for_transformers(skel.module, state, skel.expected)
+                state, stored = storage.plan_storage(skel.module, state, compute=dtype, storage=storage_dtype)
             module = assemble.build_module(
-                class_name, source.config, state, self.device, path=str(source.path), module=skel
-            )
+                class_name, source.config, state, self.device, path=str(source.path), module=skel,
+                shapes=stored.logical_shapes() if stored is not None else None,
+            )  # fmt: skip
+            if stored is not None and stored.packed:
+                storage.attach(module, stored)
             timings["assemble"] = time.perf_counter() - t
             del state
         except BaseException as exc:
@@ -269,8 +322,13 @@ class ModelService:
             self._drop(request.name)
         self._wanted_skeletons.append((class_name, source.config))
         nbytes, params, count, dtype_name = assemble.module_stats(module)
+        form = stored.form if stored is not None else None
+        if stored is not None:
+            params, dtype_name = storage.parameter_count(module), str(stored.compute).removeprefix("torch.")
         timings["total"] = time.perf_counter() - started
         source_info = source.describe() | {"rule": rule, "class_name": class_name}
+        if form is not None:
+            source_info["storage"] = form
         loaded = LoadedModel(
             request.name, kind, class_name, module, str(self.device), dtype_name, nbytes, params, count,
             time.perf_counter() - started, source_info, skeleton=skel, config=source.config,
@@ -283,8 +341,29 @@ class ModelService:
             name=request.name, type=kind.value, class_name=class_name, device=str(self.device), dtype=dtype_name,
             bytes=nbytes, parameters=params, tensors=count, load_seconds=round(loaded.load_seconds, 6),
             source=source_info, evicted=evicted, memory=self.memory_info(),
-            timings={k: round(v, 6) for k, v in timings.items()},
+            timings={k: round(v, 6) for k, v in timings.items()}, storage=form,
         )  # fmt: skip
+
+    @staticmethod
+    def _cast_sources(
+        entries: list[weights.TensorEntry],
+        plan: convert.ComponentPlan | None,
+        config: dict[str, Any],
+        class_name: str,
+        skel: assemble.Skeleton,
+    ) -> set[str]:
+        """The file keys a storage cast packs (:func:`storage.cast_sources`), through this load's
+        own key conversion."""
+
+        def to_module_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if plan is not None:
+                state = convert.to_loadable(plan, state, config)
+            if class_name in assemble.TEXT_ENCODER_CLASSES:
+                state = assemble.rename_for_transformers(skel.module, state, skel.expected)
+            return state
+
+        shapes = {e.key: (e.shape, MAPPED_DTYPES[e.dtype]) for e in entries if e.dtype in MAPPED_DTYPES}
+        return storage.cast_sources(skel.module, shapes, to_module_keys)
 
     def _load_tokenizer(
         self, request: LoadRequest, source: sources.ComponentSource, op: Operation, started: float
@@ -396,6 +475,7 @@ class ModelService:
         # References: the skeleton's, this local, and getrefcount's argument.
         if sys.getrefcount(module) > 3:
             return
+        storage.detach(module)  # a packed module's decode hooks go with its tensors
         self.skeletons.give_back(class_name, config, skel)
 
     def unload(self, name: str, op: Operation) -> UnloadResult:
@@ -486,6 +566,13 @@ class ModelService:
         targets = {
             role.value: self.module(model, f"data.targets.{role}") for role, model in req.targets.items()
         }
+        for role, model in req.targets.items():
+            packed = storage.plan_of(targets[role.value])
+            if packed is not None:  # the LoRA manager patches weights in place: not packed ones yet
+                raise UnsupportedFormat(
+                    f"data.targets.{role}: {model!r} keeps its weights packed ({packed.form}); "
+                    "LoRAs apply to models loaded with plain weights only for now"
+                )
         role_strength = {role.value: value for role, value in (req.role_strength or {}).items()}
         report = self.loras.load(
             req.name, req.path, targets, strength=req.strength, role_strength=role_strength,

@@ -88,11 +88,9 @@ def resolve(request: LoadRequest, kind: ModelKind) -> ComponentSource:
             f"{path}: pickle-based {suffix} files are not loaded directly; convert to safetensors first",
             path=str(path),
         )
-    if suffix == ".gguf":
-        raise UnsupportedFormat(f"{path}: GGUF files are recognised but not loadable yet", path=str(path))
-    if suffix not in SAFETENSORS_SUFFIXES:
+    if suffix not in (*SAFETENSORS_SUFFIXES, ".gguf"):
         raise UnsupportedFormat(
-            f"{path}: unknown file type {suffix!r}; expected .safetensors", path=str(path)
+            f"{path}: unknown file type {suffix!r}; expected .safetensors or .gguf", path=str(path)
         )
     config, origin = _single_file_config(path, request)
     return ComponentSource(kind, path, "single_file", [path], config, origin, request.layout)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from modelkeeper.worker.errors import InvalidRequest
+from modelkeeper.worker.storage import FLOAT8, compute_dtype, logical_shapes, stored_forms
 
 Level = Literal["header", "weights", "functional"]
 LEVELS: tuple[Level, ...] = ("header", "weights", "functional")
@@ -124,7 +125,8 @@ def _structure(module: torch.nn.Module) -> tuple[bool, str, dict[str, Any]]:
     twin = meta_twin(module)
     if twin is None:
         return True, f"skipped: {type(module).__name__} is not a diffusers or transformers model", {}
-    got = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    packed = logical_shapes(module)
+    got = {k: packed.get(k, tuple(v.shape)) for k, v in module.state_dict().items()}
     want = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
     missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
     shapes = [
@@ -147,12 +149,14 @@ def _structure(module: torch.nn.Module) -> tuple[bool, str, dict[str, Any]]:
 def _dtypes(module: torch.nn.Module) -> tuple[bool, str, dict[str, Any]]:
     counts: dict[str, int] = {}
     meta = []
+    forms = stored_forms(module)  # packed weights count under their form (gguf:Q8_0, ...)
     for name, param in module.named_parameters():
-        key = str(param.dtype).removeprefix("torch.")
+        key = forms.get(name) or str(param.dtype).removeprefix("torch.")
         counts[key] = counts.get(key, 0) + param.numel()
         if param.is_meta:
             meta.append(name)
-    odd = [d for d in counts if getattr(torch, d) not in FLOATS and not d.startswith("float8")]
+    odd = [d for d in counts if d not in forms.values() and getattr(torch, d) not in FLOATS
+           and not d.startswith("float8")]  # fmt: skip
     passed = not meta and not odd
     detail = ", ".join(f"{d}: {n:,}" for d, n in sorted(counts.items(), key=lambda x: -x[1]))
     if meta:
@@ -190,7 +194,7 @@ class _Stats:
         with torch.no_grad():
             for name, tensor in self.module.state_dict().items():
                 self.elements += tensor.numel()
-                if tensor.dtype not in FLOATS or tensor.numel() == 0:
+                if tensor.dtype not in (*FLOATS, *FLOAT8) or tensor.numel() == 0:
                     self.other += 1
                     continue
                 x = tensor.detach().float()
@@ -249,7 +253,11 @@ class Probe:
 
 
 def _first_float(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the module runs and in which dtype (a packed module: its compute dtype)."""
+    packed = compute_dtype(module)
     for t in module.parameters():
+        if packed is not None:
+            return t.device, packed
         if t.dtype in FLOATS:
             return t.device, t.dtype
     return torch.device("cpu"), torch.float32

@@ -1,18 +1,21 @@
 """Read the header of a GGUF file: metadata and tensor infos, never the weights.
 
-GGUF files are recognised and identified (city96's quantized Flux/SD3 transformers, T5
-encoders) but not loadable yet. Shapes are returned in torch order (GGUF lists dims innermost
-first).
+Used by discovery (identification, which quant a file holds) and by the worker (which reads the
+tensors' bytes as it reads a safetensors file's: :func:`as_safetensors_header`). Shapes are
+returned in torch order (GGUF lists dims innermost first).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
-from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.errors import InvalidModelFile, UnsupportedFormat
+from modelkeeper.formats.safetensors_header import DTYPE_BITS, SafetensorsHeader, TensorInfo
 
 GGUF_MAGIC = b"GGUF"
 _MAX_COUNT = 1_000_000
@@ -41,6 +44,17 @@ GGML_TYPES: dict[int, str] = {
     28: "F64",
     30: "BF16",
 }
+
+#: (elements per block, bytes per block) of the types a diffusion GGUF holds (ggml's table).
+BLOCK_SIZES: dict[str, tuple[int, int]] = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
+    "Q5_1": (32, 24), "Q8_0": (32, 34), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
+    "Q5_K": (256, 176), "Q6_K": (256, 210),
+}  # fmt: skip
+#: GGUF types that are plain torch dtypes (read as such), by their safetensors dtype name.
+PLAIN_TYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
+#: Metadata key under which :func:`as_safetensors_header` lists the quantized tensors' types.
+GGUF_TYPES_KEY = "modelkeeper.gguf_types"
 
 _SCALARS: dict[int, str] = {
     0: "<B",
@@ -153,3 +167,64 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
         dtype = GGML_TYPES.get(ttype, f"GGML_{ttype}")
         tensors[name] = GGUFTensor(name, dtype, shape, offset, next_offset.get(offset, offset) - offset)
     return GGUFHeader(version, metadata, tensors, data_offset)
+
+
+def dominant_quant(header: GGUFHeader) -> str | None:
+    """The type holding the most elements among the quantized tensors (``Q8_0``, ``Q4_K``...);
+    for files with no quantized tensor, the dominant float type (``F16``, ``BF16``)."""
+    counts: dict[str, int] = {}
+    for t in header.tensors.values():
+        n = 1
+        for d in t.shape:
+            n *= d
+        counts[t.dtype] = counts.get(t.dtype, 0) + n
+    quant = {k: v for k, v in counts.items() if k not in PLAIN_TYPES}
+    pool = quant or counts
+    return max(pool, key=lambda k: pool[k]) if pool else None
+
+
+def packed_shape(name: str, dtype: str, shape: tuple[int, ...], path: str = "") -> tuple[int, ...]:
+    """The byte shape a tensor of ``dtype`` is stored in: rows of blocks (``shape`` for plain types)."""
+    if dtype in PLAIN_TYPES:
+        return shape
+    if dtype not in BLOCK_SIZES:
+        raise UnsupportedFormat(
+            f"{path}: tensor {name!r} is of GGML type {dtype}, which is not loadable "
+            f"(loadable: {', '.join(BLOCK_SIZES)})",
+            path=path,
+        )
+    block, size = BLOCK_SIZES[dtype]
+    if not shape or shape[-1] % block:
+        raise InvalidModelFile(f"{path}: tensor {name!r} of type {dtype} has rows of {shape[-1:]} elements, "
+                               f"not whole blocks of {block}", path=path)  # fmt: skip
+    return (*shape[:-1], shape[-1] // block * size)
+
+
+def as_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """The tensors of a GGUF file as a safetensors header: plain types under their dtype, quantized
+    ones as uint8 rows of blocks; their types listed as JSON under ``GGUF_TYPES_KEY``, beside the
+    file's string metadata (where a ``modelkeeper.config`` is found as in safetensors files). Raises
+    UnsupportedFormat for a type the worker cannot decode."""
+    spath = os.fspath(path)
+    header = read_gguf_header(spath)
+    size = os.path.getsize(spath)
+    tensors: dict[str, TensorInfo] = {}
+    types: dict[str, str] = {}
+    for t in sorted(header.tensors.values(), key=lambda t: t.offset):
+        shape = packed_shape(t.name, t.dtype, t.shape, spath)
+        dtype = PLAIN_TYPES.get(t.dtype, "U8")
+        n = DTYPE_BITS[dtype] // 8
+        for d in shape:
+            n *= d
+        if n > t.nbytes:
+            raise InvalidModelFile(
+                f"{spath}: tensor {t.name!r} needs {n} bytes, the file has {t.nbytes}", path=spath
+            )
+        tensors[t.name] = TensorInfo(t.name, dtype, shape, t.offset, t.offset + n)
+        if t.dtype not in PLAIN_TYPES:
+            types[t.name] = t.dtype
+    return SafetensorsHeader(
+        path=Path(spath), header_size=header.data_offset - 8, data_offset=header.data_offset,
+        data_size=size - header.data_offset, file_size=size, tensors=tensors,
+        metadata={k: v for k, v in header.metadata.items() if isinstance(v, str)} | {GGUF_TYPES_KEY: json.dumps(types)},
+    )  # fmt: skip
