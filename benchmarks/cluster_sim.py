@@ -69,15 +69,9 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from modelkeeper.orchestrator.placement import (
-    Bandwidths,
-    ClusterView,
-    DeviceView,
-    Resident,
-    Tier,
-    choose_placement,
-    plan_eviction,
-)
+from modelkeeper.orchestrator.placement import DeviceView, Resident, plan_eviction
+from modelkeeper.orchestrator.placement_tiers import choose_placement
+from modelkeeper.orchestrator.tiers import Bandwidths, ClusterView, Tier
 
 GB = 10**9
 GPUS_PER_NODE = 8

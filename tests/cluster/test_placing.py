@@ -1,53 +1,128 @@
-"""The tiered cluster placement on tables of cases: pure, no Ray."""
+"""Cluster placement on tables of cases: agent states as the driver holds them, through the tiered
+policy (``choose_placement``) and back to ``node/device`` names. Pure, no Ray."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from modelkeeper.cluster.placing import choose_cluster_device
-from modelkeeper.cluster.view import split_device
+from modelkeeper.cluster.placing import SENT_FILES, choose_cluster_placement, tiered_view
+from modelkeeper.cluster.view import ClusterState
 from modelkeeper.orchestrator.errors import NotPlaceable
-from modelkeeper.orchestrator.placement import DeviceView, Resident
+from modelkeeper.orchestrator.tiers import Tier
 
 MB = 1_000_000
 
 
-def dev(id: str, budget: int, *residents: tuple[str, int], kept: tuple[str, ...] = ()) -> DeviceView:
-    rs = tuple(Resident(m, b * MB, 0.0, keep_loaded=m in kept) for m, b in residents)
-    return DeviceView(id, budget * MB, sum(r.bytes for r in rs), rs)
+def device(
+    local: str, budget: int, *residents: tuple[str, int, float], kept: str = "", ready: bool = True
+) -> dict[str, Any]:
+    """One device of an agent's ``state()``: residents are (model, MB, last used)."""
+    placements = [
+        {"model_id": m, "bytes": b * MB, "last_used": used, "state": "loaded", "keep_loaded": m in kept.split(),
+         "leases": 0}
+        for m, b, used in residents
+    ]  # fmt: skip
+    used = sum(p["bytes"] for p in placements)
+    return {"id": local, "state": "ready" if ready else "starting", "budget": budget * MB, "used": used,
+            "placements": placements}  # fmt: skip
 
 
-def node_of(device: str) -> str:
-    return split_device(device)[0]
+def state(nodes: dict[str, list[dict[str, Any]]], disk: str = "", ram: str = "") -> ClusterState:
+    """A cluster state: ``disk``/``ram`` are ``node:model`` words (its file there; bytes of it in
+    the node's RAM cache). Local ids equal cluster keys, as for models hashed alike on every node."""
+    on_disk = [w.split(":") for w in disk.split()]
+    cached = {tuple(w.split(":")) for w in ram.split()}
+    out = ClusterState()
+    for name, devices in nodes.items():
+        models = [
+            {"key": m, "model_id": m, "ram_bytes": MB if (name, m) in cached else 0}
+            for n, m in on_disk
+            if n == name
+        ]
+        out.update(name, f"id-{name}", {"devices": devices, "models": models})
+    return out
+
+
+def never_leased(key: str, device: str) -> bool:
+    return False
 
 
 CASES = [
-    # (devices, need MB, ram nodes, disk nodes, expected)
-    pytest.param([dev("a/cpu", 100), dev("b/cpu", 100, ("m", 10))], 10, [], ["a"], "b/cpu", id="vram-holder-first"),
-    pytest.param([dev("a/cpu", 100), dev("b/cpu", 100, ("x", 50))], 10, ["b"], ["a", "b"], "b/cpu", id="ram-before-disk"),
-    pytest.param([dev("a/cpu", 100, ("x", 50)), dev("b/cpu", 100)], 10, [], ["a"], "a/cpu", id="disk-before-room"),
-    pytest.param(
-        [dev("a/cpu", 100, ("x", 95), kept=("x",)), dev("b/cpu", 100)], 10, ["a"], ["a"], "b/cpu",
-        id="full-ram-node-passed-over",
-    ),
-    pytest.param(
-        [dev("a/cpu", 100, ("x", 60)), dev("a/cuda:0", 100, ("y", 20)), dev("b/cpu", 100)], 30, [], ["a"],
-        "a/cuda:0", id="most-room-within-a-tier",
-    ),
-    pytest.param(
-        [dev("a/cpu", 100, ("x", 95)), dev("b/cpu", 100, ("y", 90))], 30, [], [], "a/cpu",
-        id="most-room-after-eviction",
-    ),
+    # (case, cluster state, need MB, expected device, tier)
+    ("vram holder first", state({"a": [device("cpu", 100)], "b": [device("cpu", 100, ("m", 10, 0))]}, "a:m b:m"),
+     10, "b/cpu", Tier.VRAM),
+    ("ram before disk", state({"a": [device("cpu", 100)], "b": [device("cpu", 100, ("x", 50, 0))]}, "a:m b:m", "b:m"),
+     10, "b/cpu", Tier.RAM),
+    ("disk before room", state({"a": [device("cpu", 100, ("x", 50, 0))], "b": [device("cpu", 100)]}, "a:m"),
+     10, "a/cpu", Tier.DISK),
+    ("full ram node passed over, a peer sends it",
+     state({"a": [device("cpu", 100, ("x", 95, 0), kept="x")], "b": [device("cpu", 100)]}, "a:m", "a:m"),
+     10, "b/cpu", Tier.PEER_RAM),
+    ("own disk before a roomier node fed from a peer's RAM cache (files are sent, not streamed)",
+     state({"a": [device("cpu", 100)], "c": [device("cpu", 100, ("x", 95, 0), kept="x")], "d": [device("cpu", 200)]},
+           "a:m c:m", "c:m"),
+     10, "a/cpu", Tier.DISK),
+    ("most room within a tier",
+     state({"a": [device("cpu", 100, ("x", 60, 0)), device("cuda:0", 100, ("y", 20, 0))], "b": [device("cpu", 100)]},
+           "a:m"),
+     30, "a/cuda:0", Tier.DISK),
+    ("least valuable victim: the least recently used",
+     state({"a": [device("cpu", 100, ("x", 95, 5.0))], "b": [device("cpu", 100, ("y", 90, 1.0))]}, "a:m b:m"),
+     30, "b/cpu", Tier.DISK),
+    ("kept loaded stays", state({"a": [device("cpu", 100, ("x", 95, 0.0), kept="x")], "b": [device("cpu", 100, ("y", 90, 9.0))]}, "a:m b:m"),
+     30, "b/cpu", Tier.DISK),
+    ("a device not ready is passed over",
+     state({"a": [device("cpu", 100, ready=False)], "b": [device("cpu", 100, ("x", 10, 0))]}, "a:m b:m", "a:m"),
+     10, "b/cpu", Tier.DISK),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("devices", "need", "ram", "disk", "expected"), CASES)
-def test_tiers(devices: list[DeviceView], need: int, ram: list[str], disk: list[str], expected: str) -> None:
-    got = choose_cluster_device(devices, node_of, "m", need * MB, ram_nodes=ram, disk_nodes=disk)
-    assert got == expected
+@pytest.mark.parametrize(("case", "cluster", "need", "expected", "tier"), CASES, ids=[c[0] for c in CASES])
+def test_tiers(case: str, cluster: ClusterState, need: int, expected: str, tier: Tier) -> None:
+    got = choose_cluster_placement(tiered_view(cluster, never_leased), "m", need * MB)
+    assert (got.device, got.node, got.tier) == (expected, expected.split("/", maxsplit=1)[0], tier)
+
+
+def test_eviction_plan_in_cluster_keys() -> None:
+    cluster = state({"a": [device("cpu", 100, ("x", 60, 1.0), ("y", 30, 2.0))]}, "a:m a:x a:y")
+    got = choose_cluster_placement(tiered_view(cluster, never_leased), "m", 50 * MB)
+    assert (got.device, got.evict) == ("a/cpu", ("x",))
+
+
+def test_driver_leases_hold() -> None:
+    cluster = state(
+        {"a": [device("cpu", 100, ("x", 95, 0.0))], "b": [device("cpu", 100, ("y", 90, 9.0))]}, "a:m b:m"
+    )
+    view = tiered_view(cluster, lambda key, dev: (key, dev) == ("x", "a/cpu"))
+    assert choose_cluster_placement(view, "m", 30 * MB).device == "b/cpu"
+    assert choose_cluster_placement(view, "m", 30 * MB, force=True).device == "a/cpu"
+
+
+def test_a_load_in_flight_is_joined() -> None:
+    cluster = state({"a": [device("cpu", 100)], "b": [device("cpu", 100)]}, "a:m", "a:m")
+    got = choose_cluster_placement(tiered_view(cluster, never_leased, [("m", "b/cpu")]), "m", 10 * MB)
+    assert (got.device, got.tier) == ("b/cpu", Tier.VRAM)
+
+
+def test_the_view_prices_sent_files() -> None:
+    assert tiered_view(ClusterState(), never_leased).bandwidths == SENT_FILES
+    assert SENT_FILES.seconds(Tier.PEER_RAM, 10**9) >= SENT_FILES.seconds(Tier.DISK, 10**9)
 
 
 def test_nothing_fits_names_every_device() -> None:
-    devices = [dev("a/cpu", 100, ("x", 95), kept=("x",)), dev("b/cpu", 20)]
-    with pytest.raises(NotPlaceable, match="a/cpu"):
-        choose_cluster_device(devices, node_of, "m", 50 * MB, ram_nodes=["a"], disk_nodes=["a", "b"])
+    cluster = state(
+        {"a": [device("cpu", 100, ("x", 95, 0), kept="x")], "b": [device("cpu", 60)]}, "a:m b:m", "a:m"
+    )
+    with pytest.raises(
+        NotPlaceable, match=r"a/cpu: 5000000 of 100000000 bytes free, held by x; b/cpu"
+    ) as err:
+        choose_cluster_placement(tiered_view(cluster, never_leased), "m", 80 * MB)
+    assert err.value.details["devices"] == {"a/cpu": 5 * MB, "b/cpu": 60 * MB}
+
+
+def test_no_ready_device() -> None:
+    cluster = state({"a": [device("cpu", 100, ready=False)]}, "a:m")
+    with pytest.raises(NotPlaceable, match="no node of the cluster has a ready device"):
+        choose_cluster_placement(tiered_view(cluster, never_leased), "m", 10 * MB)

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 
 from modelkeeper.orchestrator.errors import NotPlaceable
-from modelkeeper.orchestrator.placement import (
-    ClusterView,
-    DeviceView,
-    NodeView,
-    Resident,
-    Tier,
-    choose_device,
-    choose_placement,
-    plan_eviction,
-)
+from modelkeeper.orchestrator.placement import DeviceView, Resident, choose_device, plan_eviction
+from modelkeeper.orchestrator.placement_tiers import choose_placement
+from modelkeeper.orchestrator.tiers import ClusterView, NodeView, Tier
 
 
 def dev(id: str, budget: int, *residents: Resident, loading: tuple[str, ...] = ()) -> DeviceView:

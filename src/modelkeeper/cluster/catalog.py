@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelkeeper.cluster.view import ClusterView
+from modelkeeper.cluster.view import ClusterState
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.registry.errors import AmbiguousReference, ModelNotFound
 
@@ -50,7 +50,7 @@ class ClusterModel:
 
 
 class ClusterCatalog:
-    def __init__(self, view: ClusterView) -> None:
+    def __init__(self, view: ClusterState) -> None:
         self.view = view
 
     async def metadata(self, ref: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Cluster loads: a model onto a device of some node, off it again, leases, and routing.
 
 ``load`` resolves the model in the cluster catalog, asks the tiered placement
-(:mod:`.placing`) for a ``node/device`` unless one is named, brings the model's file to that node
+(:mod:`.placing`, the orchestrator's ``choose_placement`` fed the cluster state) for a
+``node/device`` unless one is named, brings the model's file to that node
 when it lacks it (:meth:`ClusterLoads.bring`: sent by a node that has it, chunked, checked by
 hash), and forwards the load to that node's agent, which runs the single-host load there
 (queue, priority, deadline, eviction, cache). Concurrent loads of one model coalesce cluster-wide:
@@ -21,9 +22,9 @@ from typing import Any
 from modelkeeper.cluster.catalog import ClusterCatalog, ClusterModel
 from modelkeeper.cluster.errors import TransferFailed
 from modelkeeper.cluster.membership import Membership
-from modelkeeper.cluster.placing import choose_cluster_device
+from modelkeeper.cluster.placing import choose_cluster_placement, tiered_view
 from modelkeeper.cluster.settings import ClusterSettings
-from modelkeeper.cluster.view import ClusterView, device_id, split_device
+from modelkeeper.cluster.view import ClusterState, device_id, split_device
 from modelkeeper.orchestrator.errors import DeviceNotFound, ModelInUse, NotLoaded, NotPlaceable
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
@@ -40,7 +41,7 @@ class ClusterLoads:
         cluster: ClusterSettings,
         catalog: ClusterCatalog,
         members: Membership,
-        view: ClusterView,
+        view: ClusterState,
         leases: LeaseTable,
         jobs: JobManager,
         bus: EventBus,
@@ -73,20 +74,10 @@ class ClusterLoads:
         return bool(self.leases.holding(key, device))
 
     async def place(self, model: ClusterModel, opts: LoadOptions) -> str:
-        """The ``node/device`` the tiered placement picks for ``model`` (the view refreshed first)."""
+        """The ``node/device`` the tiered placement picks for ``model`` (the state refreshed first)."""
         await self.members.refresh()
-        views = self.view.device_views(self.leased, self.inflight)
-        if not views:
-            raise NotPlaceable("no node of the cluster has a ready device", required_bytes=model.need)
-        return choose_cluster_device(
-            views,
-            lambda d: split_device(d)[0],
-            model.key,
-            model.need,
-            ram_nodes=self.view.nodes_with_ram(model.key),
-            disk_nodes=self.view.nodes_with_disk(model.key),
-            force=opts.force,
-        )
+        view = tiered_view(self.view, self.leased, self.inflight)
+        return choose_cluster_placement(view, model.key, model.need, force=opts.force).device
 
     # ------------------------------------------------------------------ loading
 

@@ -19,7 +19,7 @@ from modelkeeper.cluster.agent import NodeAgent
 from modelkeeper.cluster.errors import NodeLost
 from modelkeeper.cluster.nodes import NodeLink, RayNode, agent_for, read_nodes
 from modelkeeper.cluster.settings import ClusterSettings
-from modelkeeper.cluster.view import ClusterView
+from modelkeeper.cluster.view import ClusterState
 from modelkeeper.orchestrator.errors import DeviceNotFound
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.protocol.errors import ProtocolError
@@ -32,7 +32,7 @@ class Membership:
     def __init__(
         self,
         settings: ClusterSettings,
-        view: ClusterView,
+        view: ClusterState,
         bus: EventBus,
         *,
         agent_class: type[NodeAgent] = NodeAgent,

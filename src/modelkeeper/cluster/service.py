@@ -21,7 +21,7 @@ from modelkeeper.cluster.catalog import ClusterCatalog
 from modelkeeper.cluster.loads import ClusterLoads
 from modelkeeper.cluster.membership import Membership
 from modelkeeper.cluster.settings import ClusterSettings
-from modelkeeper.cluster.view import ClusterView
+from modelkeeper.cluster.view import ClusterState
 from modelkeeper.cluster.views import ClusterMetrics, ClusterPool, ClusterViews, Unavailable
 from modelkeeper.orchestrator.background import Background
 from modelkeeper.orchestrator.events import EventBus
@@ -62,7 +62,7 @@ class ClusterOrchestrator:
         self.bus = EventBus()
         self.jobs = JobManager(self.bus, keep=s.jobs_kept, accepting=lambda: self.ready)
         self.leases = LeaseTable()
-        self.view = ClusterView()
+        self.view = ClusterState()
         self.background = Background()
         self.members = Membership(c, self.view, self.bus, agent_class=agent_class)
         self.catalog = ClusterCatalog(self.view)

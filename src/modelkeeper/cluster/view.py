@@ -1,10 +1,13 @@
-"""The cluster view: per node and device what the agents last reported, and what placement sees.
+"""The cluster state: per node and device what the agents last reported, and what placement sees.
 
 Each node's entry is its agent's ``state()`` (devices with budget, used bytes and placements; the
 models on its disk with their cluster keys and the bytes of them in its RAM cache), replaced on
 every refresh. Devices are named ``node/device`` (``node-a/cuda:0``). ``device_views`` gives the
-placement policy one :class:`DeviceView` per ready device, models named by their cluster keys,
-leases and loads in flight taken from the driver.
+placement policy one :class:`DeviceView` per ready device (its node set), models named by their
+cluster keys, leases and loads in flight taken from the driver; :meth:`NodeState.ram_keys` and
+:meth:`NodeState.disk_keys` give the node's tiers. (Named ``*State`` so as not to be taken for the
+tiered policy's own index, :class:`modelkeeper.orchestrator.tiers.ClusterView`, which
+``placing.py`` builds from this.)
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def split_device(cluster_device: str) -> tuple[str, str]:
 
 
 @dataclass
-class NodeView:
+class NodeState:
     name: str
     node_id: str
     state: dict[str, Any]
@@ -45,20 +48,28 @@ class NodeView:
     def model(self, key: str) -> dict[str, Any] | None:
         return next((m for m in self.state["models"] if m["key"] == key), None)
 
+    def disk_keys(self) -> frozenset[str]:
+        """The cluster keys of the models whose files are on this node's disk."""
+        return frozenset(str(m["key"]) for m in self.state["models"])
 
-class ClusterView:
+    def ram_keys(self) -> frozenset[str]:
+        """The cluster keys of the models with bytes in this node's RAM cache."""
+        return frozenset(str(m["key"]) for m in self.state["models"] if m["ram_bytes"] > 0)
+
+
+class ClusterState:
     def __init__(self) -> None:
-        self.nodes: dict[str, NodeView] = {}
+        self.nodes: dict[str, NodeState] = {}
 
     def update(self, name: str, node_id: str, state: dict[str, Any]) -> None:
-        self.nodes[name] = NodeView(name, node_id, state)
+        self.nodes[name] = NodeState(name, node_id, state)
 
-    def drop(self, name: str) -> NodeView | None:
+    def drop(self, name: str) -> NodeState | None:
         return self.nodes.pop(name, None)
 
     # ------------------------------------------------------------------ devices and placements
 
-    def devices(self) -> Iterable[tuple[NodeView, dict[str, Any]]]:
+    def devices(self) -> Iterable[tuple[NodeState, dict[str, Any]]]:
         for node in self.nodes.values():
             for d in node.state["devices"]:
                 yield node, d
@@ -104,7 +115,7 @@ class ClusterView:
                 for p in d["placements"]
             )
             busy = frozenset(k for k, at in inflight if at == dev)
-            out.append(DeviceView(dev, int(d["budget"]), int(d["used"]), residents, busy))
+            out.append(DeviceView(dev, int(d["budget"]), int(d["used"]), residents, busy, node=node.name))
         return out
 
     # ------------------------------------------------------------------ tiers
@@ -117,7 +128,7 @@ class ClusterView:
 
     # ------------------------------------------------------------------ status
 
-    def device_status(self, node: NodeView, d: dict[str, Any]) -> dict[str, Any]:
+    def device_status(self, node: NodeState, d: dict[str, Any]) -> dict[str, Any]:
         models = [
             {**p, "model_id": node.key_of(p["model_id"]), "local_id": p["model_id"],
              "device": device_id(node.name, d["id"])}

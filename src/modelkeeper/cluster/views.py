@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from modelkeeper.cluster.catalog import ClusterCatalog
 from modelkeeper.cluster.membership import Membership
-from modelkeeper.cluster.view import ClusterView
+from modelkeeper.cluster.view import ClusterState
 from modelkeeper.orchestrator.errors import DeviceNotFound
 from modelkeeper.orchestrator.jobs import JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
@@ -32,7 +32,7 @@ class ClusterViews:
     def __init__(
         self,
         catalog: ClusterCatalog,
-        view: ClusterView,
+        view: ClusterState,
         members: Membership,
         leases: LeaseTable,
         jobs: JobManager,
@@ -131,7 +131,7 @@ class DeviceSlot:
 class ClusterPool:
     """The devices of every node, as ``pool.slots`` of one host."""
 
-    def __init__(self, view: ClusterView) -> None:
+    def __init__(self, view: ClusterState) -> None:
         self.view = view
 
     @property
@@ -144,7 +144,7 @@ class ClusterPool:
 
 
 class _Live(Collector):
-    def __init__(self, view: ClusterView, members: Membership) -> None:
+    def __init__(self, view: ClusterState, members: Membership) -> None:
         self.view = view
         self.members = members
 
@@ -165,7 +165,7 @@ class _Live(Collector):
 
 
 class ClusterMetrics:
-    def __init__(self, view: ClusterView, members: Membership) -> None:
+    def __init__(self, view: ClusterState, members: Membership) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_Live(view, members))
 
