@@ -122,6 +122,9 @@ class PlacementInfo(_Fixed):
     timings: dict[str, dict[str, float]] = Field(description="Component -> seconds per step.")
     loras: dict[str, AppliedLora] = Field(description="LoRA model id -> how it is applied.")
     leases: int = Field(description="Leases holding the model on this device.")
+    node: str | MISSING = Field(MISSING, description="Cluster mode: the node of the device.")
+    local_id: str | MISSING = Field(MISSING, description="Cluster mode: the model's id on that node.")
+    loading: bool | MISSING = Field(MISSING, description="Cluster mode: a load is in flight there.")
 
 
 class LoadedPlacement(PlacementInfo):
@@ -294,8 +297,17 @@ class ScanResult(_Fixed):
 # ---------------------------------------------------------------------- the registry
 
 
+class NodeLocation(_Fixed):
+    model_id: str = Field(description="The model's id in that node's registry.")
+    path: str | None
+    ram_bytes: int = Field(description="Bytes of it in that node's RAM cache.")
+
+
 class ListedModel(ModelSummary):
     loaded_on: list[str] = Field(description="Devices the model is loaded on.")
+    nodes: dict[str, NodeLocation] | MISSING = Field(
+        MISSING, description="Cluster mode: where it lies on each node."
+    )
 
 
 class ModelPage(_Fixed):
@@ -385,6 +397,30 @@ class ModelDetail(ModelRecord):
     state: Tiers
     performance: Performance
     history: list[HistoryEntry]
+
+
+class ClusterTiers(_Fixed):
+    disk: list[dict[str, Any]] = Field(description="Nodes holding its file: node, path.")
+    ram: list[dict[str, Any]] = Field(description="Nodes holding it in their RAM cache: node, bytes.")
+    vram: list[PlacementInfo]
+
+
+class ClusterModelDetail(_Fixed):
+    """A model across the cluster (cluster mode): its key, where it lies on each node, its placements."""
+
+    id: str = Field(description="The cluster key (content hash).")
+    handle: str
+    name: str
+    type: str | None
+    base: str | None
+    variant: str | None
+    format: str | None
+    size: int | None
+    path: str | None
+    tags: list[str] | None
+    status: str
+    nodes: dict[str, NodeLocation]
+    state: ClusterTiers
 
 
 # ---------------------------------------------------------------------- unloading

@@ -16,6 +16,7 @@ from modelkeeper.api.deps import Service
 from modelkeeper.api.responses import (
     ACCEPTED,
     ERRORS,
+    ClusterModelDetail,
     ComponentEntry,
     DeviceStatus,
     ListedModel,
@@ -282,7 +283,7 @@ async def put_metadata(service: Service, model_id: str, values: dict[str, Any] =
     return await service.catalog.set_metadata(model_id, values)
 
 
-@router.get("/{model_id:path}", response_model=ModelDetail)
+@router.get("/{model_id:path}", response_model=ModelDetail | ClusterModelDetail)
 async def model_detail(service: Service, model_id: str) -> dict[str, Any]:
     """Everything known of a model: identification, components, metadata, where it is, performance."""
     return await service.views.model_detail(model_id)

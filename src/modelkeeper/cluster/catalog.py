@@ -40,6 +40,7 @@ class ClusterModel:
         return {
             **{k: self.info.get(k) for k in ("type", "base", "variant", "format", "size", "path", "tags")},
             "id": self.key,
+            "handle": self.name,
             "name": self.name,
             "status": "ok",
             "nodes": {

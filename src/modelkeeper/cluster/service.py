@@ -59,6 +59,8 @@ class ClusterOrchestrator:
         self.settings = s = settings or Settings()
         self.cluster = c = cluster or ClusterSettings()
         self.ready = False
+        self.preloaded = True  # preloads are a node's setting in cluster mode (each agent's own)
+        self.preload: dict[str, Any] = {"pending": 0, "loaded": [], "failed": []}
         self.bus = EventBus()
         self.jobs = JobManager(self.bus, keep=s.jobs_kept, accepting=lambda: self.ready)
         self.leases = LeaseTable()
