@@ -250,3 +250,21 @@ def test_preload_at_start(demo: DemoManifest, tmp_path: Path) -> None:
             assert all(p.keep_loaded for p in orch.view.on_device("cpu")) and len(orch.view.placements) == 2
 
     run(body)
+
+
+def test_storage_dtype_keeps_fewer_bytes_and_placement_counts_them(
+    demo: DemoManifest, tmp_path: Path
+) -> None:
+    from modelkeeper.protocol.messages import DType
+
+    async def body() -> None:
+        async with serving(demo, tmp_path, cache_loads=False) as orch:
+            record = await orch.catalog.resolve(SD15)
+            full = (await orch.loads.load(SD15))["result"]
+            await orch.loads.unload(SD15)
+            fp8 = LoadOptions(storage_dtype=DType.FLOAT8_E4M3FN)
+            assert fp8.stored_bytes(record) < 0.6 * LoadOptions().stored_bytes(record)
+            packed = (await orch.loads.load(SD15, options=fp8))["result"]
+            assert packed["bytes"] <= 0.6 * full["bytes"]
+
+    run(body)

@@ -45,6 +45,7 @@ from modelkeeper.api.schemas import (
 )
 from modelkeeper.orchestrator import LoadOptions, Orchestrator
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.protocol.messages import DType
 
 router = APIRouter(prefix="/api/model", tags=["models"], responses=ERRORS)
 
@@ -70,6 +71,8 @@ def _options(body: LoadBody, require_cache: bool = False) -> LoadOptions:
         keep_loaded=body.keep_loaded,
         require_cache=require_cache,
         keep_alive=body.keep_alive,
+        dtype=DType(body.dtype) if body.dtype else None,
+        storage_dtype=DType(body.storage_dtype) if body.storage_dtype else None,
     )
 
 

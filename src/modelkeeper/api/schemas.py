@@ -43,6 +43,14 @@ class LoadBody(_Operation):
         description="Seconds the model stays after its last use (0: unloaded as soon as no lease or "
         "operation holds it; -1: never). Default: the service's keep_alive setting.",
     )
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="Compute dtype (the weights are cast on load); default: the file's."
+    )
+    storage_dtype: Literal["float8_e4m3fn", "float8_e5m2"] | None = Field(
+        None,
+        description="Keep the weights in this dtype on the device and upcast them layer by layer as the "
+        "model runs (about half the bytes of fp16/bf16). fp8 and GGUF files stay packed without it.",
+    )
 
 
 class UnloadBody(_Body):

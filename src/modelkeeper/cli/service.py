@@ -277,6 +277,10 @@ def load(
         float | None,
         typer.Option(help="Seconds it stays after its last use (0: as soon as unused, -1: never)."),
     ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Compute dtype: float32, float16, bfloat16.")] = None,
+    storage_dtype: Annotated[
+        str | None, typer.Option(help="Keep weights in fp8 on the device: float8_e4m3fn, float8_e5m2.")
+    ] = None,
     detach: Annotated[bool, typer.Option(help="Print the job and return at once.")] = False,
     as_json: ApiJsonOption = False,
     url: UrlOption = None,
@@ -286,7 +290,8 @@ def load(
 
     def run(c: Client) -> dict[str, Any]:
         answer = c.load(model, device, wait=False, priority=priority, timeout=timeout, force=force,
-                        keep_loaded=keep_loaded, keep_alive=keep_alive)  # fmt: skip
+                        keep_loaded=keep_loaded, keep_alive=keep_alive, dtype=dtype,
+                        storage_dtype=storage_dtype)  # fmt: skip
         return answer["job"] if detach else _finish(c, answer, as_json)
 
     job = _call(url, token, run)

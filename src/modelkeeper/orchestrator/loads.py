@@ -30,7 +30,7 @@ from modelkeeper.orchestrator.state import Placement, PlacementState, StateView
 from modelkeeper.orchestrator.workers import Priority, WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
-from modelkeeper.protocol.messages import LoadResult, UnloadRequest, UnloadResult
+from modelkeeper.protocol.messages import DType, LoadRequest, LoadResult, UnloadRequest, UnloadResult
 from modelkeeper.registry import ModelRecord
 
 
@@ -44,6 +44,33 @@ class LoadOptions:
     keep_loaded: bool = False
     require_cache: bool = False
     keep_alive: float | None = None  # seconds after the last use; -1 never; None: the setting
+    dtype: DType | None = None  # compute dtype (a cast on load); None: the file's
+    storage_dtype: DType | None = None  # kept in this dtype on the device (fp8), upcast per layer
+
+    def request(self, request: LoadRequest) -> LoadRequest:
+        """A component's worker request with the load's dtype options."""
+        update = {
+            k: v for k, v in (("dtype", self.dtype), ("storage_dtype", self.storage_dtype)) if v is not None
+        }
+        return request.model_copy(update=update) if update else request
+
+    def stored_bytes(self, record: ModelRecord) -> int:
+        """What the model will hold on the device: its file's bytes, or its parameters in the
+        dtype it is kept in when the load asks for one (fp8 storage: one byte each)."""
+        kept = self.storage_dtype or self.dtype
+        if kept is None:
+            return sum(c.bytes for c in record.components)
+        size = ITEM_SIZES[kept]
+        return sum(min(c.bytes, c.parameters * size) if c.parameters else c.bytes for c in record.components)
+
+
+ITEM_SIZES = {
+    DType.FLOAT32: 4,
+    DType.FLOAT16: 2,
+    DType.BFLOAT16: 2,
+    DType.FLOAT8_E4M3FN: 1,
+    DType.FLOAT8_E5M2: 1,
+}
 
 
 class Loads:
@@ -98,7 +125,7 @@ class Loads:
             raise ProtocolError("no worker is running", ErrorCode.WORKER_DIED)
         if not any(self.device_view(s).holds(record.id) for s in ready):
             await asyncio.gather(*(s.status() for s in ready), return_exceptions=True)
-        need = sum(c.bytes for c in record.components)
+        need = opts.stored_bytes(record)
         device = choose_device([self.device_view(s) for s in ready], record.id, need, force=opts.force)
         return self.pool.slot(device)
 
@@ -178,7 +205,7 @@ class Loads:
         started = time.perf_counter()
         self.catalog.check_file(record)
         loads = await self.catalog.component_loads(record)
-        evicted = await self.make_room(slot, record.id, sum(c.bytes for c in loads), opts.force)
+        evicted = await self.make_room(slot, record.id, opts.stored_bytes(record), opts.force)
         keep_alive = self.settings.keep_alive if opts.keep_alive is None else opts.keep_alive
         p = Placement(
             record.id,
@@ -198,6 +225,7 @@ class Loads:
                 job.progress(step=label, component=i + 1, components=len(loads), force=True)
                 t_cache = time.perf_counter()
                 load = await self.feed.route(record, planned, job, require=opts.require_cache)
+                load.request = opts.request(load.request)
                 cache_seconds = time.perf_counter() - t_cache
                 pin = (
                     self.feed.cache.acquire(load.segment.component_id)
