@@ -5,7 +5,6 @@ whose sidecar is hostile)."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -41,7 +40,10 @@ def hostile_root(folder: Path, demo: DemoManifest) -> Path:
     """A model root with one real LoRA whose civitai sidecar holds script payloads."""
     target = folder / HOSTILE
     target.parent.mkdir(parents=True)
-    shutil.copyfile(demo.root / LORA, target)
+    # its own content (not a copy of the demo LoRA, which would be one model with two locations)
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(demo.root / LORA), target, metadata={"ss_output_name": "evil-lora"})
     info = {
         "id": 1,
         "modelId": 2,
