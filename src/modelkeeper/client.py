@@ -32,11 +32,22 @@ R = TypeVar("R")
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
+#: The protocol code behind each HTTP-layer code the service answers with (``api/errors.py``).
+PROTOCOL_CODE_OF = {
+    "NOT_FOUND": ErrorCode.INVALID_REQUEST,  # no device, job or lease of that id; no such route
+    "FORBIDDEN": ErrorCode.INVALID_REQUEST,  # a path outside the model roots
+    "NOT_READY": ErrorCode.BUSY,  # the service is starting or stopping
+}
+
+
 class ApiError(ProtocolError):
     """An error answer: ``status_code`` (HTTP), ``code`` (protocol), ``error_code`` (as sent)."""
 
     def __init__(self, status_code: int, error_code: str, message: str, details: dict[str, Any]) -> None:
-        code = ErrorCode(error_code) if error_code in ErrorCode.__members__ else ErrorCode.INTERNAL
+        if error_code in ErrorCode.__members__:
+            code = ErrorCode(error_code)
+        else:
+            code = PROTOCOL_CODE_OF.get(error_code, ErrorCode.INTERNAL)
         super().__init__(message, code, **details)
         self.status_code = status_code
         self.error_code = error_code

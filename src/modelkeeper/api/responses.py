@@ -46,7 +46,8 @@ class ErrorBody(_Fixed):
     error: str = Field(description="What went wrong, naming the file, field or device.")
     error_code: str = Field(
         description="The protocol's error code (MODEL_NOT_FOUND, INSUFFICIENT_MEMORY...), or "
-        "NOT_FOUND, METHOD_NOT_ALLOWED, UNAUTHORIZED, BODY_TOO_LARGE from the HTTP layer."
+        "NOT_FOUND, FORBIDDEN, NOT_READY, METHOD_NOT_ALLOWED, UNAUTHORIZED, BODY_TOO_LARGE from "
+        "the HTTP layer. Each code has one HTTP status."
     )
     details: Open = Field(description="Context: the field, path, device, leases... (may be empty).")
 
