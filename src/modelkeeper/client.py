@@ -218,6 +218,14 @@ class _Endpoints(Generic[R]):
         path = f"/api/model/{_ref(model_id)}/optimize" if model_id else "/api/model/optimize"
         return self._send("POST", path, json=_body(wait_for_completion=wait, **options))
 
+    def optimize_memory(
+        self, device: str, *, target_free_mb: float | None = None, timeout: float | None = None
+    ) -> R:
+        """Free ``device``'s cached memory; with ``target_free_mb``, unload idle models until that
+        much of its budget is free (never leased, kept or busy ones)."""
+        body = _body(device_id=device, target_free_mb=target_free_mb, timeout_seconds=timeout)
+        return self._send("POST", "/api/model/memory/optimize", json=body)
+
     # ---------------------------------------------------------------- LoRA on loaded models
     def apply_lora(
         self, model_id: str, lora_id: str, *, strength: float = 1.0, device: str | None = None

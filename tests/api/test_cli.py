@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import modelkeeper
 from modelkeeper.cli import app
+from modelkeeper.client import Client
 from modelkeeper.testing import DemoManifest
 from tests.api.conftest import LORA
 
@@ -175,3 +176,19 @@ def test_ctrl_c_stops_serve_quietly(demo: DemoManifest, tmp_path: Path) -> None:
     text = stderr.decode("utf-8", "replace")
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, text)
+
+
+def test_optimize_memory_through_rest_and_cli(served: str) -> None:
+    cli(served, "load", "diffusers/tiny-sd15")
+    with Client(served) as c:
+        kept = c.optimize_memory("cpu")  # no target: caches only, every model stays
+        assert kept["unloaded"] == [] and kept["device"] == "cpu"
+        assert [m["name"] for m in c.status("cpu")["models"]] == ["tiny-sd15"]
+        lease = c.lease("diffusers/tiny-sd15", holder="test", ttl=60)
+        held = c.optimize_memory("cpu", target_free_mb=1 << 30)  # more than any budget
+        assert held["unloaded"] == [] and not held["target_met"] and held["kept"]
+        c.release_lease(lease["id"])
+    out = cli(served, "optimize-memory", "cpu", "--target-mb", str(1 << 30))
+    assert "unloaded" in out and "target NOT met" in out, out
+    status = json.loads(cli(served, "status", "--json"))
+    assert status["devices"][0]["models"] == []  # the view followed the worker

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from modelkeeper import __version__, web
 from modelkeeper.api import docs, errors, security
 from modelkeeper.api.routes_cluster import router as routing_router
+from modelkeeper.api.routes_memory import router as memory_router
 from modelkeeper.api.routes_models import router as models_router
 from modelkeeper.api.routes_service import cache, health, jobs
 from modelkeeper.orchestrator import Orchestrator, Settings
@@ -52,5 +53,6 @@ def create_app(
     app.include_router(cache)  # before the models router: /api/model/cache is not a model id
     app.include_router(jobs)
     app.include_router(routing_router)  # before the models router: /{model_id:path} would take x/route
+    app.include_router(memory_router)  # before the models router: memory/optimize is not a model id
     app.include_router(models_router)
     return app

@@ -156,6 +156,19 @@ class DeviceStatus(_Fixed):
     models: list[PlacementInfo]
 
 
+class MemoryOptimized(_Fixed):
+    """What ``POST /api/model/memory/optimize`` freed on one device."""
+
+    device: str
+    memory_before: MemoryInfo
+    memory_after: MemoryInfo
+    unloaded: list[str] = Field(description="Worker names of the models unloaded to meet the target.")
+    freed_bytes: int
+    target_met: bool
+    lost: list[str] = Field(description="Models whose placement on the device ended (their ids).")
+    kept: list[str] = Field(description="Worker names never unloaded: leased, kept, busy or loading.")
+
+
 class Reconciled(_Fixed):
     lost: list[str] = Field(description="Models the worker no longer held: dropped from the view.")
     adopted: list[str] = Field(description="Worker models of registered models: added to the view.")

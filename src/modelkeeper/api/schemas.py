@@ -134,3 +134,13 @@ class LoraBody(_Operation):
 class StrengthBody(_Body):
     strength: float = Field(ge=-10, le=10)
     device_id: str | None = Field(None, max_length=64)
+
+
+class MemoryOptimizeBody(_Body):
+    device_id: str = Field(max_length=64, description="The device whose memory to free (cuda:0, cpu).")
+    target_free_mb: float | None = Field(
+        None,
+        ge=0,
+        description="Unload least-recently-used idle models until this much of the budget is free.",
+    )
+    timeout_seconds: float | None = Field(None, gt=0, le=86400)

@@ -418,6 +418,29 @@ def optimize(
     )
 
 
+def optimize_memory(
+    device: Annotated[str, typer.Argument(help="The device: cuda:0, cpu...")],
+    target_mb: Annotated[
+        float | None,
+        typer.Option(
+            "--target-mb", min=0, help="Unload idle models until this many MB of the budget are free."
+        ),
+    ] = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Free a device's cached memory; with --target-mb, unload least-recently-used idle models."""
+    with err.status(f"freeing memory on {device}"):
+        data = _call(url, token, lambda c: c.optimize_memory(device, target_free_mb=target_mb))
+    if as_json:
+        _print_json(data)
+        return
+    unloaded = ", ".join(data["unloaded"]) or "no model"
+    met = "" if target_mb is None else ("; target met" if data["target_met"] else "; target NOT met")
+    Console().print(f"{device}: {_size(data['freed_bytes'])} freed, unloaded {unloaded}{met}")
+
+
 # ---------------------------------------------------------------------- LoRA
 
 lora_app = typer.Typer(help="LoRAs on the loaded models of a running service.", no_args_is_help=True)
