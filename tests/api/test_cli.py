@@ -95,6 +95,15 @@ def test_cli_errors_are_readable(served: str) -> None:
     assert result.exit_code == 1 and "MODEL_NOT_FOUND" in result.output
     result = runner.invoke(app, ["load", "tiny-sdxl"], env={"MODELKEEPER_URL": served})
     assert result.exit_code == 1 and "matches" in result.output
+    # a failed job names its code and job, never an HTTP status it did not have (was "HTTP 409")
+    cli(served, "load", "clip/tiny-clip-l.safetensors")
+    try:
+        result = runner.invoke(app, ["optimize", "clip/tiny-clip-l.safetensors", "-o", "colour=blue"],
+                               env={"MODELKEEPER_URL": served})  # fmt: skip
+        assert result.exit_code == 1 and "INVALID_REQUEST (job j-" in result.output, result.output
+        assert "HTTP" not in result.output and "colour" in result.output, result.output
+    finally:
+        cli(served, "unload", "clip/tiny-clip-l.safetensors")
     down = runner.invoke(app, ["status"], env={"MODELKEEPER_URL": "http://127.0.0.1:9"})
     assert down.exit_code == 1 and "cannot reach the service" in down.output
 

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from modelkeeper.cli.common import human_size
 from modelkeeper.client import DEFAULT_URL, ApiError, Client
+from modelkeeper.protocol.errors import ProtocolError
 
 UrlOption = Annotated[
     str | None, typer.Option("--url", help=f"Service URL (default: $MODELKEEPER_URL or {DEFAULT_URL}).")
@@ -49,8 +50,22 @@ def _call(url: str | None, token: str | None, fn: Callable[[Client], T]) -> T:
         raise _fail(exc) from None
 
 
+class JobFailed(ProtocolError):
+    """A job that ended without success: its error code and message, no HTTP status (the job's
+    own request was answered 202; a made-up 409 once stood beside any code, e.g. INVALID_REQUEST)."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        error = job.get("error") or {}
+        code = str(error.get("error_code", job["state"]))
+        super().__init__(str(error.get("error", job["state"])), job=job["id"])
+        self.error_code = code
+        self.job_id = str(job["id"])
+
+
 def _fail(exc: ApiError | OSError | Exception) -> typer.Exit:
-    if isinstance(exc, ApiError):
+    if isinstance(exc, JobFailed):
+        err.print(f"[red]error[/red] {exc.error_code} (job {exc.job_id}): {exc.message}", highlight=False)
+    elif isinstance(exc, ApiError):
         err.print(f"[red]error[/red] {exc.error_code} (HTTP {exc.status_code}): {exc.message}")
         if exc.details.get("matches"):
             err.print("  matches: " + ", ".join(map(str, exc.details["matches"])))
@@ -124,10 +139,7 @@ def _finish(client: Client, answer: dict[str, Any], as_json: bool) -> dict[str, 
     """A started job followed to its end; its error becomes the command's failure."""
     job = follow_job(client, answer["job"], quiet=as_json)
     if job["state"] != "succeeded":
-        error = job.get("error") or {}
-        raise ApiError(
-            409, str(error.get("error_code", job["state"])), str(error.get("error", job["state"])), {}
-        )
+        raise JobFailed(job)
     return job
 
 
