@@ -54,12 +54,17 @@ class JobFailed(ProtocolError):
     """A job that ended without success: its error code and message, no HTTP status (the job's
     own request was answered 202; a made-up 409 once stood beside any code, e.g. INVALID_REQUEST)."""
 
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, message: str, error_code: str = "FAILED", job_id: str = "") -> None:
+        super().__init__(message, job=job_id)
+        self.error_code = error_code
+        self.job_id = job_id
+
+    @classmethod
+    def of(cls, job: dict[str, Any]) -> JobFailed:
         error = job.get("error") or {}
-        code = str(error.get("error_code", job["state"]))
-        super().__init__(str(error.get("error", job["state"])), job=job["id"])
-        self.error_code = code
-        self.job_id = str(job["id"])
+        return cls(
+            str(error.get("error", job["state"])), str(error.get("error_code", job["state"])), str(job["id"])
+        )
 
 
 def _fail(exc: ApiError | OSError | Exception) -> typer.Exit:
@@ -139,7 +144,7 @@ def _finish(client: Client, answer: dict[str, Any], as_json: bool) -> dict[str, 
     """A started job followed to its end; its error becomes the command's failure."""
     job = follow_job(client, answer["job"], quiet=as_json)
     if job["state"] != "succeeded":
-        raise JobFailed(job)
+        raise JobFailed.of(job)
     return job
 
 
