@@ -201,3 +201,25 @@ def test_optimize_memory_through_rest_and_cli(served: str) -> None:
     assert "unloaded" in out and "target NOT met" in out, out
     status = json.loads(cli(served, "status", "--json"))
     assert status["devices"][0]["models"] == []  # the view followed the worker
+
+
+def test_a_terminal_sees_a_moving_bar_for_one_placement(served: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One placement reports 0 of 1 until the end: the bar pulses and names the device instead
+    of standing at 0% (benchmark looked frozen for 16 s)."""
+    import io
+
+    from rich.console import Console
+
+    from modelkeeper.cli import service
+
+    screen = io.StringIO()
+    monkeypatch.setattr(service, "err", Console(file=screen, force_terminal=True, width=80))
+    cli(served, "load", "diffusers/tiny-sd15")
+    try:
+        with Client(served) as c:
+            answer = c.benchmark("diffusers/tiny-sd15", wait=False, steps=2, warmup=0)
+            assert service.follow_job(c, answer["job"])["state"] == "succeeded"
+    finally:
+        cli(served, "unload", "diffusers/tiny-sd15")
+    shown = screen.getvalue()
+    assert "benchmark on cpu" in shown and " 0%" not in shown, shown[-2000:]

@@ -17,7 +17,14 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from modelkeeper.cli.common import human_size
@@ -94,7 +101,13 @@ def follow_job(client: Client, job: dict[str, Any], *, quiet: bool = False) -> d
         return waited
     if not err.is_terminal:  # a log or a pipe: one line per step instead of a live bar
         return _follow_plain(client, job)
-    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),  # moves even while the job reports no step (one placement: 0 of 1)
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"{job['kind']} {job['id']}", total=None)
         for event in client.job_events(job["id"]):
@@ -105,7 +118,10 @@ def follow_job(client: Client, job: dict[str, Any], *, quiet: bool = False) -> d
                 done, total = progress.get("component", 0) - 1, progress.get("components")
             if done is None and "done_bytes" in progress:
                 done, total = progress["done_bytes"], progress.get("total_bytes")
-            step = progress.get("step") or progress.get("phase") or ""
+            if total is not None and total <= 1 and not done:
+                total = None  # a single unit not yet done: a pulsing bar, not a frozen 0%
+            where = f"on {progress['device']}" if progress.get("device") else ""
+            step = progress.get("step") or progress.get("phase") or where
             bar.update(task, completed=done or 0, total=total or None,
                        description=f"{job['kind']} {step}".strip())  # fmt: skip
             if _ended(event):
