@@ -4,6 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODELS ?= models
+# `make run PORT=9000 HOST=0.0.0.0 ARGS="--token s3cret --device cuda:0"`; empty: the settings' defaults.
+PORT   ?=
+HOST   ?=
+ARGS   ?=
+SERVE_ARGS = --models $(MODELS) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(ARGS)
 CHROMIUM := /usr/lib/chromium/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -23,7 +28,7 @@ $(MODELS):
 demo: $(STAMP) $(MODELS)
 
 run: $(STAMP) $(MODELS)
-	$(PY) -m modelkeeper serve --models $(MODELS)
+	$(PY) -m modelkeeper serve $(SERVE_ARGS)
 
 # Debian's Chromium, driven by Playwright in the dashboard's browser tests (tests/web).
 $(CHROMIUM):

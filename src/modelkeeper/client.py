@@ -32,11 +32,22 @@ R = TypeVar("R")
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
+#: The protocol code behind each HTTP-layer code the service answers with (``api/errors.py``).
+PROTOCOL_CODE_OF = {
+    "NOT_FOUND": ErrorCode.INVALID_REQUEST,  # no device, job or lease of that id; no such route
+    "FORBIDDEN": ErrorCode.INVALID_REQUEST,  # a path outside the model roots
+    "NOT_READY": ErrorCode.BUSY,  # the service is starting or stopping
+}
+
+
 class ApiError(ProtocolError):
     """An error answer: ``status_code`` (HTTP), ``code`` (protocol), ``error_code`` (as sent)."""
 
     def __init__(self, status_code: int, error_code: str, message: str, details: dict[str, Any]) -> None:
-        code = ErrorCode(error_code) if error_code in ErrorCode.__members__ else ErrorCode.INTERNAL
+        if error_code in ErrorCode.__members__:
+            code = ErrorCode(error_code)
+        else:
+            code = PROTOCOL_CODE_OF.get(error_code, ErrorCode.INTERNAL)
         super().__init__(message, code, **details)
         self.status_code = status_code
         self.error_code = error_code
@@ -226,6 +237,14 @@ class _Endpoints(Generic[R]):
         """``options`` (dtype, channels_last, attention...), ``measure``, ``revert``, ``device_id``."""
         path = f"/api/model/{_ref(model_id)}/optimize" if model_id else "/api/model/optimize"
         return self._send("POST", path, json=_body(wait_for_completion=wait, **options))
+
+    def optimize_memory(
+        self, device: str, *, target_free_mb: float | None = None, timeout: float | None = None
+    ) -> R:
+        """Free ``device``'s cached memory; with ``target_free_mb``, unload idle models until that
+        much of its budget is free (never leased, kept or busy ones)."""
+        body = _body(device_id=device, target_free_mb=target_free_mb, timeout_seconds=timeout)
+        return self._send("POST", "/api/model/memory/optimize", json=body)
 
     # ---------------------------------------------------------------- LoRA on loaded models
     def apply_lora(

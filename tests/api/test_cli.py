@@ -12,13 +12,18 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import typer
 from typer.testing import CliRunner
 
+import modelkeeper
 from modelkeeper.cli import app
+from modelkeeper.client import Client
 from modelkeeper.testing import DemoManifest
+from tests.api.conftest import LORA
 
 runner = CliRunner()
 
@@ -90,6 +95,15 @@ def test_cli_errors_are_readable(served: str) -> None:
     assert result.exit_code == 1 and "MODEL_NOT_FOUND" in result.output
     result = runner.invoke(app, ["load", "tiny-sdxl"], env={"MODELKEEPER_URL": served})
     assert result.exit_code == 1 and "matches" in result.output
+    # a failed job names its code and job, never an HTTP status it did not have (was "HTTP 409")
+    cli(served, "load", "clip/tiny-clip-l.safetensors")
+    try:
+        result = runner.invoke(app, ["optimize", "clip/tiny-clip-l.safetensors", "-o", "colour=blue"],
+                               env={"MODELKEEPER_URL": served})  # fmt: skip
+        assert result.exit_code == 1 and "INVALID_REQUEST (job j-" in result.output, result.output
+        assert "HTTP" not in result.output and "colour" in result.output, result.output
+    finally:
+        cli(served, "unload", "clip/tiny-clip-l.safetensors")
     down = runner.invoke(app, ["status"], env={"MODELKEEPER_URL": "http://127.0.0.1:9"})
     assert down.exit_code == 1 and "cannot reach the service" in down.output
 
@@ -97,3 +111,115 @@ def test_cli_errors_are_readable(served: str) -> None:
 def test_serve_refuses_the_network_without_a_token(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--models", str(tmp_path)])
     assert result.exit_code == 2 and "token" in result.output
+
+
+def _commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    yield path
+    for name, command in getattr(group, "commands", {}).items():
+        yield from _commands(command, (*path, name))
+
+
+def test_version_and_help_read_well_at_80_columns() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"modelkeeper {modelkeeper.__version__}"
+    paths = list(_commands(typer.main.get_command(app)))
+    assert ("lora", "apply") in paths and ("lora", "strength") in paths and ("lora", "remove") in paths
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80", "TERM": "dumb"})
+        assert result.exit_code == 0, (path, result.output)
+        text = result.output
+        assert "<bool>" not in text and "`" not in text, (path, text)
+        assert max(len(line) for line in text.splitlines()) <= 80, (path, text)
+
+
+def test_lora_commands_status_progress_and_revert(served: str) -> None:
+    wide = {"MODELKEEPER_URL": served, "COLUMNS": "200"}
+    cli(served, "load", "diffusers/tiny-sd15")
+    try:
+        out = cli(served, "lora", "apply", "diffusers/tiny-sd15", LORA, "--strength", "0.8")
+        assert "applied" in out and "on cpu" in out, out
+        placement = json.loads(cli(served, "status", "--json"))["devices"][0]["models"][0]
+        (applied,) = placement["loras"].values()
+        assert applied["strength"] == 0.8
+        shown = runner.invoke(app, ["status"], env=wide)
+        assert f"+ {applied['lora']} x0.8" in shown.output, shown.output
+        assert "strength 0.5" in cli(served, "lora", "strength", "diffusers/tiny-sd15", LORA, "0.5")
+        assert "removed" in cli(served, "lora", "remove", "diffusers/tiny-sd15", LORA)
+        assert json.loads(cli(served, "status", "--json"))["devices"][0]["models"][0]["loras"] == {}
+        # a long operation is never silent: started, then its end (stderr is no terminal here)
+        bench = cli(served, "benchmark", "diffusers/tiny-sd15", "--steps", "1", "--warmup", "0")
+        assert "benchmark j-" in bench and ": started" in bench and ": succeeded" in bench, bench
+        assert "channels_last" in cli(served, "optimize", "diffusers/tiny-sd15", "-o", "channels_last=true")
+        reverted = cli(served, "optimize", "diffusers/tiny-sd15", "--revert")
+        assert "reverted channels_last" in reverted and "applied nothing" not in reverted, reverted
+    finally:
+        cli(served, "unload", "diffusers/tiny-sd15")
+
+
+def test_ctrl_c_stops_serve_quietly(demo: DemoManifest, tmp_path: Path) -> None:
+    """Ctrl-C at a terminal signals the whole foreground process group: the workers (in their own
+    group) must not print a KeyboardInterrupt traceback; the service stops them."""
+    port = free_port()
+    env = {**os.environ, "MODELKEEPER_HASH_ON_START": "false"}
+    cmd = [sys.executable, "-m", "modelkeeper", "serve", "--models", str(demo.root), "--device", "cpu",
+           "--port", str(port), "--db", str(tmp_path / "registry.sqlite3")]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        end = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < end, "serve did not become ready"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the service's whole group
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = stderr.decode("utf-8", "replace")
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, text)
+
+
+def test_optimize_memory_through_rest_and_cli(served: str) -> None:
+    cli(served, "load", "diffusers/tiny-sd15")
+    with Client(served) as c:
+        kept = c.optimize_memory("cpu")  # no target: caches only, every model stays
+        assert kept["unloaded"] == [] and kept["device"] == "cpu"
+        assert [m["name"] for m in c.status("cpu")["models"]] == ["tiny-sd15"]
+        lease = c.lease("diffusers/tiny-sd15", holder="test", ttl=60)
+        held = c.optimize_memory("cpu", target_free_mb=1 << 30)  # more than any budget
+        assert held["unloaded"] == [] and not held["target_met"] and held["kept"]
+        c.release_lease(lease["id"])
+    out = cli(served, "optimize-memory", "cpu", "--target-mb", str(1 << 30))
+    assert "unloaded" in out and "target NOT met" in out, out
+    status = json.loads(cli(served, "status", "--json"))
+    assert status["devices"][0]["models"] == []  # the view followed the worker
+
+
+def test_a_terminal_sees_a_moving_bar_for_one_placement(served: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One placement reports 0 of 1 until the end: the bar pulses and names the device instead
+    of standing at 0% (benchmark looked frozen for 16 s)."""
+    import io
+
+    from rich.console import Console
+
+    from modelkeeper.cli import service
+
+    screen = io.StringIO()
+    monkeypatch.setattr(service, "err", Console(file=screen, force_terminal=True, width=80))
+    cli(served, "load", "diffusers/tiny-sd15")
+    try:
+        with Client(served) as c:
+            answer = c.benchmark("diffusers/tiny-sd15", wait=False, steps=2, warmup=0)
+            assert service.follow_job(c, answer["job"])["state"] == "succeeded"
+    finally:
+        cli(served, "unload", "diffusers/tiny-sd15")
+    shown = screen.getvalue()
+    assert "benchmark on cpu" in shown and " 0%" not in shown, shown[-2000:]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from modelkeeper.api.errors import status_of
 from modelkeeper.client import ApiError, AsyncClient, Client
 from modelkeeper.testing.service import RunningService
 from tests.api.conftest import (
@@ -260,16 +261,17 @@ def test_leases_protect_models(client: Client) -> None:
 def test_errors_are_json_with_codes(client: Client, svc: RunningService) -> None:
     cases = [
         (lambda: client.model("no-such-model"), 404, "MODEL_NOT_FOUND"),
-        (lambda: client.load(SD15, "cuda:7"), 404, "INVALID_REQUEST"),
+        (lambda: client.load(SD15, "cuda:7"), 404, "NOT_FOUND"),
         (lambda: client.load(LORA), 422, "UNSUPPORTED_FORMAT"),
-        (lambda: client.job("j-nope"), 404, "INVALID_REQUEST"),
-        (lambda: client.load_on("cpu:0", "/etc/passwd"), 403, "INVALID_REQUEST"),
+        (lambda: client.job("j-nope"), 404, "NOT_FOUND"),
+        (lambda: client.load_on("cpu:0", "/etc/passwd"), 403, "FORBIDDEN"),
         (lambda: client.load("tiny-sdxl"), 422, "INVALID_REQUEST"),  # ambiguous: three models
     ]
     for call, status, code in cases:
         with pytest.raises(ApiError) as err:
             call()
         assert (err.value.status_code, err.value.error_code) == (status, code), err.value
+        assert status_of(code) == status  # each code has one status (tests/api/test_error_statuses.py)
     bad = httpx.post(f"{svc.url}/api/model/load", json={"model_id": SD15, "priority": "urgent"})
     assert bad.status_code == 422
     assert bad.json()["error_code"] == "INVALID_REQUEST" and "priority" in bad.json()["error"]

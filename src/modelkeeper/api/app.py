@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from modelkeeper import __version__, web
-from modelkeeper.api import errors, security
+from modelkeeper.api import docs, errors, security
 from modelkeeper.api.routes_cluster import router as routing_router
 from modelkeeper.api.routes_install import router as install_router
+from modelkeeper.api.routes_memory import router as memory_router
 from modelkeeper.api.routes_models import router as models_router
 from modelkeeper.api.routes_service import cache, health, jobs
 from modelkeeper.orchestrator import Orchestrator, Settings
@@ -41,15 +42,19 @@ def create_app(
         version=__version__,
         description="Model manager for diffusion inference: registry, RAM cache, per-device workers.",
         lifespan=lifespan,
+        docs_url=None,  # served by api/docs.py from the package, not from a CDN
+        redoc_url=None,
     )
     app.state.service = svc
     errors.install(app)
     security.install(app, svc.settings)
     web.install(app, svc.settings)  # after security: the dashboard's door is outermost
+    docs.install(app)
     app.include_router(health)
     app.include_router(cache)  # before the models router: /api/model/cache is not a model id
     app.include_router(jobs)
     app.include_router(routing_router)  # before the models router: /{model_id:path} would take x/route
     app.include_router(install_router)  # before the models router: /install is not a model id
+    app.include_router(memory_router)  # before the models router: memory/optimize is not a model id
     app.include_router(models_router)
     return app

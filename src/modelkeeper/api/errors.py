@@ -1,5 +1,7 @@
 """Domain errors to HTTP: every error body is ``{"error", "error_code", "details"}`` with the
-protocol's error code; the status follows the code, or the class where a code is too coarse."""
+protocol's error code, or an HTTP-layer code for the few error classes where the protocol's code
+is too coarse (an unknown job id is ``NOT_FOUND``, no ``INVALID_REQUEST``). Each code has exactly
+one HTTP status (``status_of``), so a client can rely on either."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from modelkeeper.cache import SegmentNotFound
 from modelkeeper.orchestrator.errors import (
     DeviceNotFound,
     JobNotFound,
@@ -38,24 +39,55 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL: 500,
 }
 
-STATUS_BY_CLASS: tuple[tuple[type[ProtocolError], int], ...] = (
-    (DeviceNotFound, 404),
-    (JobNotFound, 404),
-    (LeaseNotFound, 404),
-    (SegmentNotFound, 404),
-    (PathOutsideRoots, 403),
-    (ServiceNotReady, 503),
+#: Codes of the HTTP layer, beside the protocol's: the framework's own answers (unknown route,
+#: wrong method, token, body size), and the API's name for an error class whose protocol code
+#: would otherwise answer with two statuses (a job id that is unknown is no malformed request).
+HTTP_CODES: dict[str, int] = {
+    "NOT_FOUND": 404,
+    "METHOD_NOT_ALLOWED": 405,
+    "UNAUTHORIZED": 401,
+    "FORBIDDEN": 403,
+    "BODY_TOO_LARGE": 413,
+    "NOT_READY": 503,
+}
+
+#: Error classes answered with an HTTP-layer code (and so its status) instead of their protocol
+#: code: ``INVALID_REQUEST`` is always 422, ``BUSY`` always 409.
+CODE_BY_CLASS: tuple[tuple[type[ProtocolError], str], ...] = (
+    (DeviceNotFound, "NOT_FOUND"),
+    (JobNotFound, "NOT_FOUND"),
+    (LeaseNotFound, "NOT_FOUND"),
+    (PathOutsideRoots, "FORBIDDEN"),
+    (ServiceNotReady, "NOT_READY"),
 )
 
-#: HTTP statuses raised by the framework itself (unknown route, wrong method...) and their codes.
-CODE_BY_STATUS = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 401: "UNAUTHORIZED", 413: "BODY_TOO_LARGE"}
+#: HTTP statuses raised by the framework itself and their codes (the inverse of HTTP_CODES).
+CODE_BY_STATUS = {
+    status: code for code, status in HTTP_CODES.items() if code not in ("FORBIDDEN", "NOT_READY")
+}
+
+
+def status_of(code: str) -> int:
+    """The one HTTP status of an error code (protocol or HTTP layer); 500 for one unknown."""
+    if code in HTTP_CODES:
+        return HTTP_CODES[code]
+    if code in ErrorCode.__members__:
+        return STATUS_BY_CODE[ErrorCode(code)]
+    if code.startswith("HTTP_") and code[5:].isdigit():  # another status of the framework
+        return int(code[5:])
+    return 500
+
+
+def error_code(exc: ProtocolError) -> str:
+    """The code an error is answered with: its class's HTTP-layer code, else its protocol code."""
+    for cls, code in CODE_BY_CLASS:
+        if isinstance(exc, cls):
+            return code
+    return exc.code.value
 
 
 def http_status(exc: ProtocolError) -> int:
-    for cls, status in STATUS_BY_CLASS:
-        if isinstance(exc, cls):
-            return status
-    return STATUS_BY_CODE.get(exc.code, 500)
+    return status_of(error_code(exc))
 
 
 def error_body(message: str, code: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -65,9 +97,8 @@ def error_body(message: str, code: str, details: dict[str, Any] | None = None) -
 def install(app: FastAPI) -> None:
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.message, exc.code.value, exc.details), status_code=http_status(exc)
-        )
+        code = error_code(exc)
+        return JSONResponse(error_body(exc.message, code, exc.details), status_code=status_of(code))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -46,7 +46,8 @@ class ErrorBody(_Fixed):
     error: str = Field(description="What went wrong, naming the file, field or device.")
     error_code: str = Field(
         description="The protocol's error code (MODEL_NOT_FOUND, INSUFFICIENT_MEMORY...), or "
-        "NOT_FOUND, METHOD_NOT_ALLOWED, UNAUTHORIZED, BODY_TOO_LARGE from the HTTP layer."
+        "NOT_FOUND, FORBIDDEN, NOT_READY, METHOD_NOT_ALLOWED, UNAUTHORIZED, BODY_TOO_LARGE from "
+        "the HTTP layer. Each code has one HTTP status."
     )
     details: Open = Field(description="Context: the field, path, device, leases... (may be empty).")
 
@@ -157,6 +158,19 @@ class DeviceStatus(_Fixed):
     queued: int
     running: str | None = Field(description="The operation the device runs now.")
     models: list[PlacementInfo]
+
+
+class MemoryOptimized(_Fixed):
+    """What ``POST /api/model/memory/optimize`` freed on one device."""
+
+    device: str
+    memory_before: MemoryInfo
+    memory_after: MemoryInfo
+    unloaded: list[str] = Field(description="Worker names of the models unloaded to meet the target.")
+    freed_bytes: int
+    target_met: bool
+    lost: list[str] = Field(description="Models whose placement on the device ended (their ids).")
+    kept: list[str] = Field(description="Worker names never unloaded: leased, kept, busy or loading.")
 
 
 class Reconciled(_Fixed):

@@ -165,3 +165,13 @@ class InstallBody(_Body):
         None, pattern="^[0-9a-fA-F]{64}$", description="Expected SHA-256 (a URL declares none)."
     )
     wait_for_completion: bool = Field(True, description="False: answer 202 with a job at once.")
+
+
+class MemoryOptimizeBody(_Body):
+    device_id: str = Field(max_length=64, description="The device whose memory to free (cuda:0, cpu).")
+    target_free_mb: float | None = Field(
+        None,
+        ge=0,
+        description="Unload least-recently-used idle models until this much of the budget is free.",
+    )
+    timeout_seconds: float | None = Field(None, gt=0, le=86400)

@@ -3,8 +3,12 @@ this one mounts them, in the order ``--help`` lists them."""
 
 from __future__ import annotations
 
-import typer
+from typing import Annotated, Any
 
+import typer
+from typer.core import TyperOption
+
+import modelkeeper
 from modelkeeper.cli import discovery, local, registry, service
 
 app = typer.Typer(
@@ -12,6 +16,33 @@ app = typer.Typer(
     add_completion=False,
     help="modelkeeper: find, know, keep and place diffusion models.",
 )
+
+_display_type = TyperOption.display_type_rich
+
+
+def _flag_type(self: TyperOption, ctx: Any) -> str | None:
+    """No type column for a flag (typer prints ``<bool>`` beside every ``--json`` and ``--help``)."""
+    return None if self.is_flag else _display_type(self, ctx)
+
+
+setattr(TyperOption, "display_type_rich", _flag_type)  # noqa: B010 (a method of the library's class)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"modelkeeper {modelkeeper.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """modelkeeper: find, know, keep and place diffusion models."""
+
 
 app.command("protocol-schema")(local.protocol_schema_cmd)
 app.command("worker")(local.worker_cmd)
@@ -31,6 +62,8 @@ app.command("unload")(service.unload)
 app.command("validate")(service.validate)
 app.command("benchmark")(service.benchmark)
 app.command("optimize")(service.optimize)
+app.command("optimize-memory")(service.optimize_memory)
+app.add_typer(service.lora_app, name="lora")
 app.add_typer(service.cache_app, name="cache")
 app.add_typer(service.jobs_app, name="jobs")
 

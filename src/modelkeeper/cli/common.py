@@ -27,7 +27,8 @@ def open_registry(db: Path | None) -> Registry:
 
 
 def fail(exc: ProtocolError) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error[/red] {exc.code.value}: {exc.message}")
+    code = getattr(exc, "error_code", exc.code.value)  # an ApiError names the code it was sent
+    Console(stderr=True).print(f"[red]error[/red] {code}: {exc.message}", markup=True, highlight=False)
     return typer.Exit(code=1)
 
 

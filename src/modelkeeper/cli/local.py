@@ -32,7 +32,7 @@ def worker_cmd(
     reserve_mb: Annotated[float | None, typer.Option(help="Memory kept free for work.")] = None,
     budget_mb: Annotated[float | None, typer.Option(help="Cap on what models may use.")] = None,
 ) -> None:
-    """Run a worker on stdin/stdout (JSON lines), as ``python -m modelkeeper.worker`` does."""
+    """Run a worker on stdin/stdout (JSON lines), as 'python -m modelkeeper.worker' does."""
     from modelkeeper.worker.__main__ import main as worker_main
 
     args = ["--device", device]

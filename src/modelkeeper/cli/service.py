@@ -1,5 +1,6 @@
 """Command line of the service: ``modelkeeper serve`` and the commands that talk to a running one
-(``status``, ``load``, ``unload``, ``cache``, ``validate``, ``benchmark``, ``optimize``, ``jobs``).
+(``status``, ``load``, ``unload``, ``cache``, ``validate``, ``benchmark``, ``optimize``, ``lora``,
+``jobs``).
 
 The client commands take ``--url`` (default ``$MODELKEEPER_URL`` or http://127.0.0.1:8765) and
 ``--token`` (default ``$MODELKEEPER_TOKEN``); ``--json`` prints what the API answered. Long
@@ -16,11 +17,19 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from modelkeeper.cli.common import human_size
 from modelkeeper.client import DEFAULT_URL, ApiError, Client
+from modelkeeper.protocol.errors import ProtocolError
 
 UrlOption = Annotated[
     str | None, typer.Option("--url", help=f"Service URL (default: $MODELKEEPER_URL or {DEFAULT_URL}).")
@@ -48,8 +57,27 @@ def _call(url: str | None, token: str | None, fn: Callable[[Client], T]) -> T:
         raise _fail(exc) from None
 
 
+class JobFailed(ProtocolError):
+    """A job that ended without success: its error code and message, no HTTP status (the job's
+    own request was answered 202; a made-up 409 once stood beside any code, e.g. INVALID_REQUEST)."""
+
+    def __init__(self, message: str, error_code: str = "FAILED", job_id: str = "") -> None:
+        super().__init__(message, job=job_id)
+        self.error_code = error_code
+        self.job_id = job_id
+
+    @classmethod
+    def of(cls, job: dict[str, Any]) -> JobFailed:
+        error = job.get("error") or {}
+        return cls(
+            str(error.get("error", job["state"])), str(error.get("error_code", job["state"])), str(job["id"])
+        )
+
+
 def _fail(exc: ApiError | OSError | Exception) -> typer.Exit:
-    if isinstance(exc, ApiError):
+    if isinstance(exc, JobFailed):
+        err.print(f"[red]error[/red] {exc.error_code} (job {exc.job_id}): {exc.message}", highlight=False)
+    elif isinstance(exc, ApiError):
         err.print(f"[red]error[/red] {exc.error_code} (HTTP {exc.status_code}): {exc.message}")
         if exc.details.get("matches"):
             err.print("  matches: " + ", ".join(map(str, exc.details["matches"])))
@@ -71,7 +99,15 @@ def follow_job(client: Client, job: dict[str, Any], *, quiet: bool = False) -> d
     if quiet:
         waited: dict[str, Any] = client.wait_job(job["id"])
         return waited
-    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    if not err.is_terminal:  # a log or a pipe: one line per step instead of a live bar
+        return _follow_plain(client, job)
+    columns = (
+        SpinnerColumn(),  # moves even while the job reports no step (one placement: 0 of 1)
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"{job['kind']} {job['id']}", total=None)
         for event in client.job_events(job["id"]):
@@ -82,14 +118,41 @@ def follow_job(client: Client, job: dict[str, Any], *, quiet: bool = False) -> d
                 done, total = progress.get("component", 0) - 1, progress.get("components")
             if done is None and "done_bytes" in progress:
                 done, total = progress["done_bytes"], progress.get("total_bytes")
-            step = progress.get("step") or progress.get("phase") or ""
+            if total is not None and total <= 1 and not done:
+                total = None  # a single unit not yet done: a pulsing bar, not a frozen 0%
+            where = f"on {progress['device']}" if progress.get("device") else ""
+            step = progress.get("step") or progress.get("phase") or where
             bar.update(task, completed=done or 0, total=total or None,
                        description=f"{job['kind']} {step}".strip())  # fmt: skip
-            if event.get("type") in ("job.succeeded", "job.failed", "job.cancelled") or (
-                event.get("type") == "job.state" and info.get("state") in ("succeeded", "failed", "cancelled")
-            ):
+            if _ended(event):
                 break
     final: dict[str, Any] = client.job(job["id"])
+    return final
+
+
+def _ended(event: dict[str, Any]) -> bool:
+    info = event.get("info") or {}
+    return event.get("type") in ("job.succeeded", "job.failed", "job.cancelled") or (
+        event.get("type") == "job.state" and info.get("state") in ("succeeded", "failed", "cancelled")
+    )
+
+
+def _follow_plain(client: Client, job: dict[str, Any]) -> dict[str, Any]:
+    """``follow_job`` where stderr is no terminal: a line when the job starts, at each new step
+    and at its end, so that a long operation is never silent."""
+    err.print(f"{job['kind']} {job['id']}: started", highlight=False)
+    last = ""
+    for event in client.job_events(job["id"]):
+        info = event.get("info") or {}
+        progress = event.get("progress") or info.get("progress") or {}
+        step = str(progress.get("step") or progress.get("phase") or "")
+        if step and step != last:
+            err.print(f"{job['kind']} {job['id']}: {step}", highlight=False)
+            last = step
+        if _ended(event):
+            break
+    final: dict[str, Any] = client.job(job["id"])
+    err.print(f"{job['kind']} {job['id']}: {final['state']}", highlight=False)
     return final
 
 
@@ -97,10 +160,7 @@ def _finish(client: Client, answer: dict[str, Any], as_json: bool) -> dict[str, 
     """A started job followed to its end; its error becomes the command's failure."""
     job = follow_job(client, answer["job"], quiet=as_json)
     if job["state"] != "succeeded":
-        error = job.get("error") or {}
-        raise ApiError(
-            409, str(error.get("error_code", job["state"])), str(error.get("error", job["state"])), {}
-        )
+        raise JobFailed.of(job)
     return job
 
 
@@ -178,6 +238,13 @@ def serve(
 # ---------------------------------------------------------------------- status
 
 
+def _placement_line(m: dict[str, Any]) -> str:
+    """``name (state)``, with the LoRAs applied to it and their strengths."""
+    loras = (m.get("loras") or {}).values()
+    applied = "".join(f" + {lora['lora']} x{lora['strength']:g}" for lora in loras)
+    return f"{m['name']} ({m['state']}){applied}"
+
+
 def status(
     device: Annotated[str | None, typer.Argument(help="One device only.")] = None,
     as_json: ApiJsonOption = False,
@@ -195,7 +262,7 @@ def status(
         table.add_column(col)
     for d in devices:
         mem = d.get("memory") or {}
-        names = ", ".join(f"{m['name']} ({m['state']})" for m in d["models"]) or "-"
+        names = ", ".join(_placement_line(m) for m in d["models"]) or "-"
         table.add_row(d["id"], d["state"], str(d.get("pid") or "-"), _size(mem.get("models_bytes")),
                       _size(mem.get("budget_bytes")), names, str(d.get("queued", 0)))  # fmt: skip
     console = Console()
@@ -354,6 +421,9 @@ def _operation(
                 for f in comp.get("figures", []):
                     console.print(f"{r['model_id']} {name} {f.get('part', '')}: median {f['median_s'] * 1000:.2f} ms, "
                                   f"p90 {f['p90_s'] * 1000:.2f} ms, {f['iterations_per_second']:.1f} it/s")  # fmt: skip
+            elif "reverted" in comp:
+                reverted = ", ".join(map(str, comp["reverted"])) or "nothing"
+                console.print(f"{r['model_id']} {name}: reverted {reverted}")
             else:
                 applied = (
                     ", ".join(f"{a['option']}={a['after']}" for a in comp.get("applied", [])) or "nothing"
@@ -421,6 +491,99 @@ def optimize(
     _operation(
         "optimize", model, {"options": options, "revert": revert, "device_id": device}, as_json, url, token
     )
+
+
+def optimize_memory(
+    device: Annotated[str, typer.Argument(help="The device: cuda:0, cpu...")],
+    target_mb: Annotated[
+        float | None,
+        typer.Option(
+            "--target-mb", min=0, help="Unload idle models until this many MB of the budget are free."
+        ),
+    ] = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Free a device's cached memory; with --target-mb, unload least-recently-used idle models."""
+    with err.status(f"freeing memory on {device}"):
+        data = _call(url, token, lambda c: c.optimize_memory(device, target_free_mb=target_mb))
+    if as_json:
+        _print_json(data)
+        return
+    unloaded = ", ".join(data["unloaded"]) or "no model"
+    met = "" if target_mb is None else ("; target met" if data["target_met"] else "; target NOT met")
+    Console().print(f"{device}: {_size(data['freed_bytes'])} freed, unloaded {unloaded}{met}")
+
+
+# ---------------------------------------------------------------------- LoRA
+
+lora_app = typer.Typer(help="LoRAs on the loaded models of a running service.", no_args_is_help=True)
+LoraArgument = Annotated[str, typer.Argument(help="The LoRA: model id, name, path or hash prefix.")]
+LoadedArgument = Annotated[str, typer.Argument(help="A loaded model: id, name, path or hash prefix.")]
+
+
+def _lora_devices(data: dict[str, Any], key: str) -> str:
+    return ", ".join(str(d["device"]) for d in data.get(key, [])) or "no device"
+
+
+@lora_app.command("apply")
+def lora_apply(
+    model: LoadedArgument,
+    lora: LoraArgument,
+    strength: Annotated[float, typer.Option(help="Scale of the LoRA's change.")] = 1.0,
+    device: DeviceOption = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Apply a LoRA to a loaded model (on every device holding it, or on --device)."""
+    with err.status(f"applying {lora} to {model}"):
+        data = _call(url, token, lambda c: c.apply_lora(model, lora, strength=strength, device=device))
+    if as_json:
+        _print_json(data)
+        return
+    for d in data["applied"]:
+        keys = f"{d['matched_keys']} keys" if "matched_keys" in d else ""
+        Console().print(
+            f"[green]applied[/green] {lora} x{strength:g} to {model} on {d['device']}"
+            + (f": {keys}" if keys else "")
+        )
+
+
+@lora_app.command("strength")
+def lora_strength(
+    model: LoadedArgument,
+    lora: LoraArgument,
+    strength: Annotated[float, typer.Argument(help="The new strength (0 turns it off).")],
+    device: DeviceOption = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Change the strength of a LoRA applied to a loaded model."""
+    data = _call(url, token, lambda c: c.lora_strength(model, lora, strength, device=device))
+    if as_json:
+        _print_json(data)
+        return
+    Console().print(f"{lora} on {model}: strength {strength:g} on {_lora_devices(data, 'devices')}")
+
+
+@lora_app.command("remove")
+def lora_remove(
+    model: LoadedArgument,
+    lora: LoraArgument,
+    device: DeviceOption = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Remove a LoRA from a loaded model: its original weights come back."""
+    data = _call(url, token, lambda c: c.remove_lora(model, lora, device=device))
+    if as_json:
+        _print_json(data)
+        return
+    Console().print(f"[green]removed[/green] {lora} from {model} on {_lora_devices(data, 'devices')}")
 
 
 # ---------------------------------------------------------------------- cache

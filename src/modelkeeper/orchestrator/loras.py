@@ -149,5 +149,8 @@ class Loras:
                 del p.loras[lora.id]
             else:
                 p.loras[lora.id]["strength"] = strength
+            self.bus.publish(  # a change of the view: the status snapshot is rebuilt
+                "model.lora", model_id=p.model_id, device=p.device, lora_id=lora.id, strength=strength
+            )
             out.append({"device": p.device, **answer.model_dump(mode="json", exclude_unset=True)})
         return {"model_id": record.id, "lora_id": lora.id, "devices": out}

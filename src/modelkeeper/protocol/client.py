@@ -9,6 +9,7 @@ cannot tell the two apart. Nothing here imports torch.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -187,7 +188,11 @@ class WorkerConnection:
         except (OSError, ValueError) as exc:
             log.debug("%s reader stopped: %s", self.name, exc)
         finally:
-            self._fail_pending(f"{self.name} closed its output")
+            self._fail_pending(self._closed_reason())
+
+    def _closed_reason(self) -> str:
+        """Why pending requests fail once the output ends (a subprocess adds its last words)."""
+        return f"{self.name} closed its output"
 
     def _deliver(self, fut: Future[dict[str, Any]] | None, msg: Response | ErrorResponse) -> None:
         if fut is None:
@@ -226,10 +231,44 @@ class WorkerConnection:
                 pass
 
 
+class StderrTail:
+    """Reads a subprocess's stderr in a thread: passes every line on to this process's stderr
+    (file descriptor 2, as an inherited stderr would) and keeps the last ``lines`` of it, so that
+    an error about the process's death can say why it died (a traceback it printed)."""
+
+    def __init__(self, stream: IO[bytes], *, name: str, lines: int = 20) -> None:
+        self._stream = stream
+        self._lines: collections.deque[str] = collections.deque(maxlen=lines)
+        self._thread = threading.Thread(target=self._pump, name=f"{name}-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            for raw in self._stream:
+                self._lines.append(raw.decode("utf-8", "replace").rstrip())
+                try:
+                    os.write(2, raw)
+                except OSError:
+                    pass
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._stream.close()
+
+    def text(self, wait: float = 2.0) -> str:
+        """The kept lines; waits up to ``wait`` s for the stream's end (the process exiting)."""
+        self._thread.join(wait)
+        return "\n".join(line for line in list(self._lines) if line)
+
+
 class WorkerProcess(WorkerConnection):
     """A worker subprocess (``python -m modelkeeper.worker``) and the connection to it.
 
-    The handshake runs in the constructor; its result is ``hello``.
+    The handshake runs in the constructor; its result is ``hello``. The worker runs in its own
+    process group, so a Ctrl-C at the terminal reaches only the service, which stops its workers
+    (no worker ``KeyboardInterrupt`` traceback). Unless ``stderr`` is given, the worker's stderr
+    passes through to ours and its tail is kept: a worker that dies says why in the WORKER_DIED
+    message (a CUDA device that does not exist, an import error...).
     """
 
     def __init__(
@@ -247,16 +286,28 @@ class WorkerProcess(WorkerConnection):
             cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=stderr,
+            stderr=subprocess.PIPE if stderr is None else stderr,
             env={**os.environ, **(env or {})},
+            process_group=0,
         )
         assert self.process.stdin is not None and self.process.stdout is not None
+        self._stderr_tail = (
+            StderrTail(self.process.stderr, name=f"worker[{device}]")
+            if stderr is None and self.process.stderr
+            else None
+        )
         super().__init__(self.process.stdout, self.process.stdin, name=f"worker[{device}]")
         try:
             self.hello = self.call(CommandType.WORKER_HELLO, {"client": "modelkeeper"}, timeout=hello_timeout)
         except ProtocolError:
             self.kill()
             raise
+
+    def _closed_reason(self) -> str:
+        reason = super()._closed_reason()
+        stderr: StderrTail | None = getattr(self, "_stderr_tail", None)  # None before it is set
+        tail = stderr.text() if stderr is not None else ""
+        return f"{reason}; its stderr ended with:\n{tail}" if tail else reason
 
     @property
     def pid(self) -> int:
