@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from modelkeeper.formats.known_configs import load_known_config
 from modelkeeper.protocol import CommandType
-from modelkeeper.worker import InProcessWorker
+from modelkeeper.worker import InProcessWorker, streaming
 from modelkeeper.worker.streaming import Streamer
 
 GB = 1e9
@@ -194,7 +194,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
             if args.free_resident:
                 worker.call(CommandType.UNLOAD_MODEL, {"name": "resident"})
                 del resident
-            for fraction in BUDGETS:
+            for fraction, pool_mb in [(f, p) for p in args.pools for f in BUDGETS]:
+                streaming.POOL_TARGET = int(pool_mb * 1024 * 1024)
                 data = {"name": "s", "type": kind, "offload": int(fraction * nbytes), **load}
                 worker.call(CommandType.LOAD_MODEL, data)
                 model = worker.module("s")
@@ -205,7 +206,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                     exact = bool(torch.equal(out(model), want))
                 t = step_time(lambda m=model: out(m), device, args.steps, args.warmup)
                 gbs = stream.streamed_bytes / t / GB
-                rows.append({"model": name, "mode": f"modelkeeper {int(fraction * 100)}% resident",
+                ring = f", ring {pool_mb:g} MB" if pool_mb else ""
+                rows.append({"model": name, "mode": f"modelkeeper {int(fraction * 100)}% resident{ring}",
                              "resident_gb": stream.resident_bytes / GB, "streamed_gb": stream.streamed_bytes / GB,
                              "pool_gb": stream.pool_bytes / GB, "ms": t * 1e3, "ratio": t / base, "gb_s": gbs,
                              "copy_gb_s": copy_only(stream, device), "exact": exact,
@@ -297,10 +299,11 @@ def report(rows: list[dict[str, Any]], raw: float) -> str:
         )
     lines += ["", "targets (issue 17):"]
     for model, mode, target, label in TARGETS:
-        row = next((r for r in rows if r["model"] == model and r["mode"] == mode), None)
-        if row is not None:
+        found = [r for r in rows if r["model"] == model and r["mode"].startswith(mode)]
+        if found:
+            row = min(found, key=lambda r: r["ratio"])
             verdict = "met" if row["ratio"] <= target else f"missed by {row['ratio'] / target - 1:.0%}"
-            lines.append(f"  {label}: {row['ratio']:.2f}x ({verdict})")
+            lines.append(f"  {label}: {row['ratio']:.2f}x ({verdict}; {row['mode']})")
     for r in rows:
         if r.get("copy_gb_s") and raw:
             lines.append(
@@ -329,7 +332,11 @@ def main() -> None:
         "--free-resident", action="store_true", help="unload the resident model before streaming"
     )
     parser.add_argument("--out", help="also write the rows as JSON here")
+    parser.add_argument(
+        "--pools", default="0", help="ring sizes to try, MB (0: three of the largest streamed blocks)"
+    )
     args = parser.parse_args()
+    args.pools = [float(p) for p in args.pools.split(",")]
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda:0")
     if args.tiny:
         args.steps, args.warmup = min(args.steps, 2), 1

@@ -35,7 +35,7 @@ FRACTIONS = (1.0, 0.5, 0.25, 0.0)
 def unet_inputs(module: torch.nn.Module, device: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     cfg = module.config  # type: ignore[attr-defined]
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, cfg.in_channels, 16, 16, generator=g)
+    x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
     enc = torch.randn(2, 5, cfg.cross_attention_dim, generator=g)
     kwargs: dict[str, Any] = {}
     if cfg.addition_embed_type == "text_time":
@@ -80,12 +80,12 @@ def test_streamed_unet_is_bit_identical_at_every_budget(
         assert got["streamed_bytes"] > 0
         assert got["resident_bytes"] <= max(cap, info(worker, "s")["resident_bytes"])
     want = run_unet(worker.module("ref"), worker_device)
-    for _ in range(3):  # the first pass learns the order of the blocks, the next ones prefetch by it
+    for _ in range(2):  # the first pass learns the order of the blocks, the next prefetches by it
         assert torch.equal(run_unet(worker.module("s"), worker_device), want)
     stats = info(worker, "s")
     if fraction < 1.0:
-        assert stats["streaming"]["passes"] == 3
-        assert stats["streaming"]["copied_bytes"] >= 3 * stats["streamed_bytes"]
+        assert stats["streaming"]["passes"] == 2
+        assert stats["streaming"]["copied_bytes"] >= 2 * stats["streamed_bytes"]
         streamed_units = stats["streaming"]["streamed_units"]
         assert stats["streaming"]["misses"] == streamed_units  # all in the first pass, none after
         module = worker.module("s")
