@@ -365,7 +365,8 @@ class Streamer:
     no unit holds, is resident whatever the cap); ``device_budget``: bytes the resident weights and
     the ring may take together. ``pinned``: whether a host tensor may be copied from as it is
     (page-locked); otherwise a streamed unit's weights are copied once into a pinned buffer of
-    their own (CUDA). ``pool_bytes``: the ring's size (at least two of the largest streamed units).
+    their own (CUDA). ``pool_bytes``: the bytes the ring may prefetch ahead (it holds at least three of the largest
+    streamed units; default ``MODELKEEPER_STREAM_POOL_MB``).
     Call :meth:`close` before dropping the module.
     """
 
