@@ -133,6 +133,10 @@ def step_time(fn: Callable[[], Any], device: torch.device, steps: int, warmup: i
     return statistics.median(times)
 
 
+def diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
 def raw_pinned(device: torch.device) -> float:
     if device.type != "cuda":
         return 0.0
@@ -189,8 +193,11 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
             with torch.no_grad():
                 want = out(resident).clone()
             base = step_time(lambda: out(resident), device, args.steps, args.warmup)
+            with torch.no_grad():  # is the resident step itself reproducible?
+                again = out(resident)
             rows.append({"model": name, "mode": "modelkeeper resident", "resident_gb": nbytes / GB,
-                         "streamed_gb": 0.0, "pool_gb": 0.0, "ms": base * 1e3, "exact": True})  # fmt: skip
+                         "streamed_gb": 0.0, "pool_gb": 0.0, "ms": base * 1e3, "exact": bool(torch.equal(again, want)),
+                         "diff": diff(again, want)})  # fmt: skip
             if args.free_resident:
                 worker.call(CommandType.UNLOAD_MODEL, {"name": "resident"})
                 del resident
@@ -203,14 +210,15 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                 assert stream is not None
                 with torch.no_grad():
                     out(model)  # the first pass records the order
-                    exact = bool(torch.equal(out(model), want))
+                    got = out(model)
+                    exact, gap = bool(torch.equal(got, want)), diff(got, want)
                 t = step_time(lambda m=model: out(m), device, args.steps, args.warmup)
                 gbs = stream.streamed_bytes / t / GB
                 ring = f", ring {pool_mb:g} MB" if pool_mb else ""
                 rows.append({"model": name, "mode": f"modelkeeper {int(fraction * 100)}% resident{ring}",
                              "resident_gb": stream.resident_bytes / GB, "streamed_gb": stream.streamed_bytes / GB,
                              "pool_gb": stream.pool_bytes / GB, "ms": t * 1e3, "ratio": t / base, "gb_s": gbs,
-                             "copy_gb_s": copy_only(stream, device), "exact": exact,
+                             "copy_gb_s": copy_only(stream, device), "exact": exact, "diff": gap,
                              "misses": stream.stats.misses})  # fmt: skip
                 del model, stream
                 worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
@@ -245,11 +253,12 @@ def diffusers_modes(
         streams = device.type == "cuda"  # the CPU run (--tiny) checks the script only
         apply_group_offloading(module, onload_device=device, offload_type=level, use_stream=streams, **kwargs)
         with torch.no_grad():
-            exact = bool(torch.equal(out(module), want))
+            got = out(module)
+        exact, gap = bool(torch.equal(got, want)), diff(got, want)
         t = step_time(lambda: out(module), device, args.steps, args.warmup)
         rows.append({"model": name, "mode": f"diffusers group offload {level.split('_')[0]}", "resident_gb": 0.0,
                      "streamed_gb": nbytes / GB, "pool_gb": 0.0, "ms": t * 1e3, "ratio": t / base,
-                     "gb_s": nbytes / t / GB, "exact": exact})  # fmt: skip
+                     "gb_s": nbytes / t / GB, "exact": exact, "diff": gap})  # fmt: skip
         _remove_group_offloading(module)
     module.to("cpu")
     model, hook = cpu_offload_with_hook(module, device)
@@ -260,10 +269,11 @@ def diffusers_modes(
 
     t = step_time(onload_each_step, device, args.steps, args.warmup)
     with torch.no_grad():
-        exact = bool(torch.equal(out(model), want))
+        got = out(model)
+    exact, gap = bool(torch.equal(got, want)), diff(got, want)
     rows.append({"model": name, "mode": "diffusers model cpu offload (onload each step)", "resident_gb": 0.0,
                  "streamed_gb": nbytes / GB, "pool_gb": 0.0, "ms": t * 1e3, "ratio": t / base,
-                 "gb_s": nbytes / t / GB, "exact": exact})  # fmt: skip
+                 "gb_s": nbytes / t / GB, "exact": exact, "diff": gap})  # fmt: skip
     hook.remove()
     return rows
 
@@ -289,13 +299,13 @@ TARGETS = (
 
 def report(rows: list[dict[str, Any]], raw: float) -> str:
     lines = [f"raw pinned host-to-device: {raw:.1f} GB/s", ""]
-    head = f"{'model':6} {'mode':48} {'resident':>9} {'streamed':>9} {'ring':>6} {'step ms':>9} {'x res':>6} {'GB/s':>6} {'copy GB/s':>9} exact"
+    head = f"{'model':6} {'mode':48} {'resident':>9} {'streamed':>9} {'ring':>6} {'step ms':>9} {'x res':>6} {'GB/s':>6} {'copy GB/s':>9} exact (max diff)"
     lines += [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['model']:6} {r['mode']:48} {r['resident_gb']:8.2f}G {r['streamed_gb']:8.2f}G {r['pool_gb']:5.2f}G "
             f"{r['ms']:9.1f} {r.get('ratio', 1.0):6.2f} {r.get('gb_s', 0.0):6.1f} {r.get('copy_gb_s', 0.0):9.1f} "
-            f"{'yes' if r['exact'] else 'NO'}"
+            f"{'yes' if r['exact'] else 'NO'} ({r.get('diff', 0.0):.2g})"
         )
     lines += ["", "targets (issue 17):"]
     for model, mode, target, label in TARGETS:

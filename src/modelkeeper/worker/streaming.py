@@ -13,7 +13,9 @@ came from disk) and are copied into a device *ring* just ahead of their use:
 - a forward post-hook records when the compute that reads the unit has been issued, so a later copy
   into the same bytes waits for it on the GPU (no host synchronisation anywhere);
 - the module's forward (a *pass*) records the order of unit calls, which the next pass prefetches
-  by; its end points every parameter back at its host copy (the state at rest, which LoRAs patch).
+  by; its end points every parameter back at its host copy (the state at rest, which LoRAs patch)
+  and starts the copies of the next pass's first units while this pass's tail computes (what the
+  ring holds stays valid while its host copies are unchanged: same address, same version counter).
 
 Each unit is copied as a few contiguous runs of host memory (tensors of one block sit together in a
 safetensors file), so a copy is one or two large DMA transfers, not one per tensor. Outputs are
@@ -99,6 +101,7 @@ class Unit:
     runs: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (host uint8 view, dst)
     where: list[int] = field(default_factory=list)
     ptrs: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # of the host tensors when last copied
     size: int = 0
     # ring state
     offset: int | None = None
@@ -519,7 +522,13 @@ class Streamer:
                 if self._trace:
                     self._order[root] = self._trace
                 self._trace = self._root = None
-                self.settle()
+                for unit in self._streamed:
+                    if unit.active:
+                        self._release(unit)
+                self._current = None
+                # the ring keeps what it holds (checked against the host copies before use) and
+                # the copy engine starts on the next pass while this one's tail computes
+                self._prefetch(self._order.get(root, []), 0)
 
         return hook
 
@@ -533,7 +542,7 @@ class Streamer:
                 if self._trace is not None and (not self._trace or self._trace[-1] is not unit):
                     self._trace.append(unit)
                 self._advance(order, unit)
-                if not (unit.valid and unit.offset is not None) or self._moved(unit):
+                if not self._held_ok(unit):
                     self.stats.misses += 1
                     self._fetch(unit, demand=True)
                 unit.pending = False
@@ -577,7 +586,7 @@ class Streamer:
 
     def _prefetch(self, order: list[Unit], start: int) -> None:
         for unit in order[start:]:
-            if unit.valid and unit.offset is not None:
+            if self._held_ok(unit):
                 continue
             if not self._fetch(unit, demand=False):
                 return
@@ -585,6 +594,16 @@ class Streamer:
 
     def _moved(self, unit: Unit) -> bool:
         return any(w.host.data_ptr() != p for w, p in zip(unit.weights, unit.ptrs, strict=True))
+
+    def _held_ok(self, unit: Unit) -> bool:
+        """Whether the ring holds ``unit`` as its host copies are now: none moved (a LoRA gave it a
+        private copy) and none was written since (a LoRA's strength changed in place)."""
+        return (
+            unit.valid
+            and unit.offset is not None
+            and not self._moved(unit)
+            and all(w.host._version == v for w, v in zip(unit.weights, unit.versions, strict=True))
+        )
 
     def _fetch(self, unit: Unit, *, demand: bool) -> bool:
         """Copy ``unit`` into the ring; False (nothing done) when a prefetch finds no free room."""
@@ -604,6 +623,7 @@ class Streamer:
                 self._drop(region.unit)
             if region in self._regions:
                 self._regions.remove(region)
+        unit.versions = [w.host._version for w in unit.weights]
         unit.ready = self._link.copy(unit.runs, self._ring, start, waits)
         unit.offset, unit.valid, unit.done = start, True, None
         self._regions.append(_Region(start, start + size, unit))
