@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,10 +301,18 @@ def _host_bytes(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return out
 
 
-def plan_copy(weights: Sequence[Weight]) -> tuple[list[tuple[torch.Tensor, int]], list[int], int]:
+def plan_copy(
+    weights: Sequence[Weight], anchors: Mapping[int, int] | None = None
+) -> tuple[list[tuple[torch.Tensor, int]], list[int], int]:
     """Runs of host bytes covering ``weights`` (neighbours in one storage merged) and where each
-    weight lands: ``(runs as (host view, dst offset), dst offset per weight, size)``. A run lands
-    at the same address modulo ALIGN as in host memory, so every view keeps its alignment."""
+    weight lands: ``(runs as (host view, dst offset), dst offset per weight, size)``.
+
+    Every weight lands at the alignment (modulo ALIGN) it has relative to its storage's *anchor*
+    (``anchors``: storage address -> address of its first tensor; default the storage itself),
+    which is where a resident load puts it: a component read from a file is one device buffer
+    whose first tensor is ALIGN-aligned. The same alignment means the same kernels, so the same
+    bits."""
+    anchors = anchors or {}
     spans = sorted(
         (
             (w.host.data_ptr(), w.host.data_ptr() + w.span, w.host.untyped_storage().data_ptr(), i)
@@ -322,8 +330,8 @@ def plan_copy(weights: Sequence[Weight]) -> tuple[list[tuple[torch.Tensor, int]]
     runs: list[tuple[torch.Tensor, int]] = []
     where = [0] * len(weights)
     size = 0
-    for start, end, _, first, last in merged:
-        dst = size + (-size % ALIGN) + start % ALIGN
+    for start, end, base, first, last in merged:
+        dst = size + (-size % ALIGN) + (start - anchors.get(base, base)) % ALIGN
         runs.append((_host_bytes(weights[spans[first][3]].host, start, end - start), dst))
         for k in range(first, last + 1):
             where[spans[k][3]] = dst + spans[k][0] - start
@@ -393,6 +401,10 @@ class Streamer:
         self._hooks: list[Any] = []
         self._held: list[torch.Tensor] = []  # device and pinned buffers this streamer owns
         self.units = find_units(module, class_name)
+        self._anchors: dict[int, int] = {}  # host storage -> its first tensor (see plan_copy)
+        for p in module.parameters():
+            base = p.untyped_storage().data_ptr()
+            self._anchors[base] = min(self._anchors.get(base, p.data_ptr()), p.data_ptr())
         in_units = {id(w.host) for u in self.units for w in u.weights}
         rest = [p for p in module.parameters() if id(p) not in in_units]
         first = next(iter(module.parameters()), None)  # `module.device` reads it: keep it resident
@@ -475,7 +487,7 @@ class Streamer:
         weights = [w for w in weights if w.host.device != self.device]
         if not weights:
             return
-        runs, where, size = plan_copy(weights)
+        runs, where, size = plan_copy(weights, self._anchors)
         buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
         for src, dst in runs:
             buffer[dst : dst + src.numel()].copy_(src, non_blocking=True)
@@ -493,7 +505,7 @@ class Streamer:
         loose = [w for w in unit.weights if not pinned(w.host)]
         if not loose:
             return
-        runs, where, size = plan_copy(loose)
+        runs, where, size = plan_copy(loose, self._anchors)
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         for src, dst in runs:
             buffer[dst : dst + src.numel()].copy_(src)
@@ -608,7 +620,7 @@ class Streamer:
     def _fetch(self, unit: Unit, *, demand: bool) -> bool:
         """Copy ``unit`` into the ring; False (nothing done) when a prefetch finds no free room."""
         if not unit.runs or self._moved(unit):
-            unit.runs, unit.where, unit.size = plan_copy(unit.weights)
+            unit.runs, unit.where, unit.size = plan_copy(unit.weights, self._anchors)
             unit.ptrs = [w.host.data_ptr() for w in unit.weights]
             unit.views = {}
         size = unit.size + ALIGN
