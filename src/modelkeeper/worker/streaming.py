@@ -522,6 +522,9 @@ class Streamer:
                     return  # a pass already runs (a root called inside another)
                 self._root, self._trace, self._pos = root, [], 0
                 self.stats.passes += 1
+                for unit in self._streamed:  # host copies change between passes only (LoRAs)
+                    if unit.valid and not self._held_ok(unit):
+                        unit.valid = unit.pending = False
                 self._prefetch(self._order.get(root, []), 0)
 
         return hook
@@ -554,7 +557,8 @@ class Streamer:
                 if self._trace is not None and (not self._trace or self._trace[-1] is not unit):
                     self._trace.append(unit)
                 self._advance(order, unit)
-                if not self._held_ok(unit):
+                held = unit.valid and unit.offset is not None
+                if not (held if self._trace is not None else self._held_ok(unit)):
                     self.stats.misses += 1
                     self._fetch(unit, demand=True)
                 unit.pending = False
@@ -597,8 +601,14 @@ class Streamer:
                 return
 
     def _prefetch(self, order: list[Unit], start: int) -> None:
+        """Fetch the next units of ``order`` from ``start`` that the ring can take (a look no
+        further ahead than the ring is long: each hook runs this, its cost is the pass's)."""
+        reach = self.pool_bytes
         for unit in order[start:]:
-            if self._held_ok(unit):
+            reach -= unit.size + ALIGN
+            if reach < 0:
+                return
+            if unit.valid and unit.offset is not None:
                 continue
             if not self._fetch(unit, demand=False):
                 return
