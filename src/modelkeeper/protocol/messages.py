@@ -14,7 +14,7 @@ command type to the pair. Unknown fields are refused, so a typo is an error, not
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -165,6 +165,13 @@ class LoadRequest(_Strict):
     estimated_size_mb: float | None = Field(None, ge=0)
     allow_evict: bool = Field(False, description="Unload least-recently-used models to make room.")
     replace: bool = Field(False, description="Unload a model of the same name first.")
+    offload: Literal["none", "auto"] | Annotated[int, Field(strict=True, ge=0)] = Field(
+        "none",
+        description="Partial residency: `none` loads the whole model or refuses it (INSUFFICIENT_MEMORY); "
+        "`auto` keeps resident what fits the device budget and streams the rest of its blocks from host "
+        "memory as the forward pass reaches them; a byte count keeps at most that many bytes of weights "
+        "resident (the parts outside the blocks always are).",
+    )
 
 
 class LoadResult(_Open):
@@ -189,6 +196,8 @@ class LoadResult(_Open):
     timings: dict[str, float] = Field(
         default_factory=dict, description="Seconds per stage: plan, read, convert, assemble, total."
     )
+    resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
+    streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
 
 
 class UnloadRequest(_Strict):
@@ -225,6 +234,11 @@ class LoadedModelInfo(_Open):
     loaded_at: float
     last_used: float
     source: dict[str, Any]
+    resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
+    streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
+    streaming: dict[str, Any] | None = Field(
+        None, description="Offloaded models: ring bytes, units, passes, fetches, misses, copied bytes."
+    )
 
 
 class ModelInfoResult(_Open):

@@ -43,7 +43,7 @@ from modelkeeper.protocol.messages import (
     UnloadResult,
     ValidateModelRequest,
 )
-from modelkeeper.worker import assemble, convert, sources, storage, weights
+from modelkeeper.worker import assemble, convert, sources, storage, streaming, weights
 from modelkeeper.worker.device import DeviceMemory, MiB
 from modelkeeper.worker.errors import (
     AlreadyLoaded,
@@ -125,13 +125,24 @@ class LoadedModel:
     #: unload, so the next load of the same architecture builds nothing.
     skeleton: assemble.Skeleton | None = None
     config: dict[str, Any] | None = None
+    #: Partial residency (``offload``): the streamer that keeps part of the weights on the host.
+    streamer: streaming.Streamer | None = None
+
+    @property
+    def device_bytes(self) -> int:
+        """What the model holds against the budget: all its bytes, or (offloaded) its resident
+        weights and its ring."""
+        return self.nbytes if self.streamer is None else self.streamer.device_bytes
 
     def info(self) -> LoadedModelInfo:
+        stream = self.streamer
         return LoadedModelInfo(
             name=self.name, type=self.kind.value, class_name=self.class_name, device=self.device,
             dtype=self.dtype, bytes=self.nbytes, parameters=self.parameters, tensors=self.tensors,
             load_seconds=round(self.load_seconds, 6), loaded_at=self.loaded_at, last_used=self.last_used,
-            source=self.source,
+            source=self.source, resident_bytes=self.nbytes if stream is None else stream.resident_bytes,
+            streamed_bytes=0 if stream is None else stream.streamed_bytes,
+            streaming=None if stream is None else stream.describe(),
         )  # fmt: skip
 
 
@@ -164,7 +175,7 @@ class ModelService:
 
     def models_bytes(self) -> int:
         with self._lock:
-            return sum(m.nbytes for m in self._models.values())
+            return sum(m.device_bytes for m in self._models.values())
 
     def memory_info(self) -> MemoryInfo:
         return self.memory.snapshot(self.models_bytes())
@@ -256,7 +267,19 @@ class ModelService:
             old = self._models.get(request.name) if exists else None
             replaced_bytes = old.nbytes if old is not None else 0
             del old  # the old model stays loaded until the new one is built (an atomic replace)
-        evicted = self._make_room(required, request, exclude=request.name, freeing=replaced_bytes)
+        # offload: None loads the whole model here; a number streams what does not fit it (host first)
+        offload = streaming.resident_limit(request.offload, required, self._free_budget(replaced_bytes))
+        if offload is not None and packing:
+            raise InvalidRequest(
+                f"data.offload: {request.name!r} keeps packed weights (fp8 or GGUF); streaming them is not "
+                "supported yet: load it fully resident (offload: none) or from a full-precision file"
+            )
+        evicted = (
+            []
+            if offload is not None
+            else self._make_room(required, request, exclude=request.name, freeing=replaced_bytes)
+        )
+        target = self.device if offload is None else torch.device("cpu")
 
         op.name = request.name
         self._emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loading"})
@@ -272,7 +295,7 @@ class ModelService:
             t = time.perf_counter()
             state = weights.read_tensors(
                 entries,
-                self.device,
+                target,
                 table=self.mappings,
                 dtype=None if packing else dtype,
                 progress=lambda done, total: self._progress(op, "read", done, total),
@@ -299,13 +322,14 @@ class ModelService:
                     state = assemble.rename_for_transformers(skel.module, state, skel.expected)
                 state, stored = storage.plan_storage(skel.module, state, compute=dtype, storage=storage_dtype)
             module = assemble.build_module(
-                class_name, source.config, state, self.device, path=str(source.path), module=skel,
+                class_name, source.config, state, target, path=str(source.path), module=skel,
                 shapes=stored.logical_shapes() if stored is not None else None,
             )  # fmt: skip
             if stored is not None and stored.packed:
                 storage.attach(module, stored)
             timings["assemble"] = time.perf_counter() - t
             del state
+            stream = None if offload is None else self._stream(module, class_name, offload, source, request)
         except BaseException as exc:
             self._emit(
                 EventType.STATE,
@@ -332,6 +356,7 @@ class ModelService:
         loaded = LoadedModel(
             request.name, kind, class_name, module, str(self.device), dtype_name, nbytes, params, count,
             time.perf_counter() - started, source_info, skeleton=skel, config=source.config,
+            streamer=stream,
         )  # fmt: skip
         with self._lock:
             self._models[request.name] = loaded
@@ -342,6 +367,7 @@ class ModelService:
             bytes=nbytes, parameters=params, tensors=count, load_seconds=round(loaded.load_seconds, 6),
             source=source_info, evicted=evicted, memory=self.memory_info(),
             timings={k: round(v, 6) for k, v in timings.items()}, storage=form,
+            resident_bytes=loaded.info().resident_bytes, streamed_bytes=loaded.info().streamed_bytes,
         )  # fmt: skip
 
     @staticmethod
@@ -401,19 +427,52 @@ class ModelService:
         op.progress = {"stage": stage, "done": done, "total": total, "unit": "bytes"}
         self._emit(EventType.PROGRESS, op.request_id, op.progress)
 
-    def _make_room(self, required: int, request: LoadRequest, *, exclude: str, freeing: int) -> list[str]:
-        """Check the budget; with ``allow_evict`` unload least-recently-used models until it fits."""
+    def _free_budget(self, freeing: int) -> int:
+        """Bytes a new model may take now: the budget's free part (``freeing``: bytes of a model it
+        replaces), and on CUDA no more than the device has free."""
         mem = self.memory_info()
         free_budget = mem.budget_bytes - mem.models_bytes + freeing
         if self.device.type == "cuda":
             # a replaced model is still resident while its successor loads: no device credit for it
             device_free = mem.free_bytes + self.memory.cached() - self.memory.reserve_bytes
             free_budget = min(free_budget, device_free)
+        return free_budget
+
+    def _stream(
+        self,
+        module: torch.nn.Module,
+        class_name: str,
+        limit: int,
+        source: sources.ComponentSource,
+        request: LoadRequest,
+    ) -> streaming.Streamer:
+        """Place a host-built module with partial residency (``offload``), or refuse it when not
+        even its always-resident part and its ring fit."""
+        free = self._free_budget(0)
+        pinned = streaming.registered_host(source.files, self.mappings, self.device)
+        stream = streaming.Streamer(module, self.device, class_name, limit, device_budget=free, pinned=pinned)
+        if stream.device_bytes > free:
+            stream.close()
+            mem = self.memory_info()
+            raise InsufficientMemory(
+                f"data.offload: {request.name!r} needs {stream.device_bytes / MiB:.1f} MiB on {self.device} even "
+                f"streamed (its parts outside the blocks and a ring for the largest) but "
+                f"{max(free, 0) / MiB:.1f} MiB of the {mem.budget_bytes / MiB:.1f} MiB budget is free",
+                required_bytes=stream.device_bytes,
+                free_budget_bytes=max(free, 0),
+                budget_bytes=mem.budget_bytes,
+            )
+        return stream
+
+    def _make_room(self, required: int, request: LoadRequest, *, exclude: str, freeing: int) -> list[str]:
+        """Check the budget; with ``allow_evict`` unload least-recently-used models until it fits."""
+        mem = self.memory_info()
+        free_budget = self._free_budget(freeing)
         if required <= free_budget:
             return []
         with self._lock:
             lru = sorted(
-                (m for m in self._models.values() if m.name != exclude and m.nbytes > 0),
+                (m for m in self._models.values() if m.name != exclude and m.device_bytes > 0),
                 key=lambda m: m.last_used,
             )
         plan: list[str] = []
@@ -423,7 +482,7 @@ class ModelService:
                 if required <= free_budget + reclaim:
                     break
                 plan.append(model.name)
-                reclaim += model.nbytes
+                reclaim += model.device_bytes
         if required > free_budget + reclaim:
             hint = (
                 ""
@@ -447,7 +506,7 @@ class ModelService:
             model = self._models.pop(name, None)
         if model is None:
             return 0
-        freed = model.nbytes
+        freed = model.device_bytes
         before = self.memory.allocated()
         patched: list[str] = []
         if isinstance(model.module, torch.nn.Module):
@@ -457,7 +516,9 @@ class ModelService:
                     EventType.STATE, None, {"name": lora, "state": "unloaded", "reason": f"{name} unloaded"}
                 )
         optimized = bool(self._undo.pop(name, None))
-        self._recycle(model, clean=not patched and not optimized)
+        if model.streamer is not None:
+            model.streamer.close()  # hooks off, ring and pinned copies given back
+        self._recycle(model, clean=not patched and not optimized and model.streamer is None)
         del model
         if before - self.memory.allocated() < freed // 2:
             gc.collect()  # reference cycles held it; the common case frees by refcount alone
@@ -560,6 +621,8 @@ class ModelService:
             model.last_used = time.time()
         if not isinstance(model.module, torch.nn.Module):
             raise InvalidRequest(f"{field}: {name!r} is a {model.kind.value}, not a model with weights")
+        if model.streamer is not None:
+            model.streamer.settle()  # every weight at rest on its host copy (what LoRAs patch)
         return model.module
 
     def load_lora(self, req: LoadLoraRequest, op: Operation) -> dict[str, Any]:
@@ -598,6 +661,11 @@ class ModelService:
         from modelkeeper.worker.optimize import optimize, revert
 
         module = self.module(req.name)
+        if self.get(req.name).streamer is not None:
+            raise InvalidRequest(
+                f"data.name: {req.name!r} is partially resident (offload); optimisations apply to "
+                "fully resident models (load it with offload: none)"
+            )
         before = self.get(req.name).nbytes
         if req.revert:
             reverted = [r for undo in reversed(self._undo.pop(req.name, [])) for r in revert(module, undo)]

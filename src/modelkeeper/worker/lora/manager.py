@@ -1,5 +1,10 @@
 """The LoRAs patched into one device's modules: applied, re-strengthened and removed exactly, each
-weight re-derived from its original (kept in a backup on the device or in pinned host memory)."""
+weight re-derived from its original (kept in a backup on the device or in pinned host memory).
+
+A weight that lives in host memory on a CUDA worker (a streamed block of a partially resident
+model, :mod:`modelkeeper.worker.streaming`) is derived on the device like any other, bit for bit,
+and the result stored in a private pinned copy that the parameter then holds; its original (often a
+read-only view of a RAM-cache segment) is the backup, given back on removal without a copy."""
 
 from __future__ import annotations
 
@@ -39,20 +44,24 @@ class _Patched:
     backup: torch.Tensor
     terms: list[_Term] = field(default_factory=list)
     _views: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (data_ptr, out, base) as matrices
+    #: where the weight is derived: its own device, or the worker's device for a host weight
+    work: torch.device | None = None
+    private: bool = False  # a host weight holds its own pinned copy (its original is the backup)
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight and its original as [rows, cols] matrices on the weight's device, cached
+        """The weight and its original as [rows, cols] matrices on the device of the work, cached
         while the weight keeps its storage (``module.to`` gives it a new one). A weight that is not
-        contiguous (channels_last) is computed into a contiguous scratch matrix."""
+        contiguous (channels_last), or lives on the host, is computed into a contiguous scratch matrix."""
         param = self.param
+        work_device = self.work or param.device
         if self._views is None or self._views[0] != param.data_ptr() or not param.is_contiguous():
             work = (
                 param
-                if param.is_contiguous()
-                else torch.empty_like(param, memory_format=torch.contiguous_format)
+                if param.is_contiguous() and param.device == work_device
+                else torch.empty(param.shape, dtype=param.dtype, device=work_device)
             )
             out = work.view(param.shape[0], -1)
-            base = self.backup.to(device=param.device, dtype=param.dtype, non_blocking=True).view(out.shape)
+            base = self.backup.to(device=work_device, dtype=param.dtype, non_blocking=True).view(out.shape)
             self._views = (param.data_ptr() if work is param else -1, out, base)
         return self._views[1], self._views[2]
 
@@ -182,7 +191,9 @@ class LoraManager:
         deltas: dict[int, Delta] = {}
         for match in matches:
             if id(match.layer) not in deltas:
-                deltas[id(match.layer)] = Delta(match.layer.factors, match.param.device, match.param.dtype)
+                deltas[id(match.layer)] = Delta(
+                    match.layer.factors, self._work_device(match.param), match.param.dtype
+                )
         lora = _Lora(name, float(strength), dict(role_strength or {}))
         lora.factor_bytes = sum(d.nbytes for d in deltas.values())
         prepared = time.perf_counter()
@@ -238,6 +249,11 @@ class LoraManager:
             if state.terms:
                 self._rederive(state)
                 rederived += 1
+            elif state.private:
+                state.param.data = state.backup  # the original host copy, as it was
+                state.private = False
+                freed += state.backup.numel() * state.backup.element_size()
+                restored += 1
             else:
                 with torch.no_grad():
                     state.param.copy_(state.backup)
@@ -283,7 +299,12 @@ class LoraManager:
             )
         return lora
 
+    def _work_device(self, param: torch.Tensor) -> torch.device:
+        """A host weight on a CUDA worker (streamed) is derived on the worker's device."""
+        return self.device if param.device.type == "cpu" and self.device.type == "cuda" else param.device
+
     def _on_device(self, params: list[torch.Tensor]) -> bool:
+        params = [p for p in params if self._work_device(p) == p.device]  # host weights keep no backup
         need = sum(p.numel() * p.element_size() for p in params)
         if not params or params[0].device.type == "cpu" or self.backup != "auto":
             return self.backup != "cpu" or not params or params[0].device.type == "cpu"
@@ -305,7 +326,10 @@ class LoraManager:
             for match in matches:
                 key = id(match.param)
                 if key not in self._patched:
-                    state = _Patched(match.param, id(targets[match.role]), _backup(match.param, on_device))
+                    work = self._work_device(match.param)
+                    host = work != match.param.device
+                    backup = match.param.detach() if host else _backup(match.param, on_device)
+                    state = _Patched(match.param, id(targets[match.role]), backup, work=work)
                     with self._lock:
                         self._patched[key] = state
                     created.append(key)
@@ -341,6 +365,10 @@ class LoraManager:
                 for term, alpha in live:
                     term.delta.add_to(out if term.dst is None else out[term.dst], alpha, term.src)
             if out.data_ptr() != state.param.data_ptr():
+                if state.work not in (None, state.param.device) and not state.private:
+                    # a host weight: never written in place (it may be a read-only segment view)
+                    state.param.data = torch.empty(state.param.shape, dtype=out.dtype, pin_memory=True)
+                    state.private = True
                 state.param.copy_(out.view(state.param.shape))
 
     def _sync(self) -> None:

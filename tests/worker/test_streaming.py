@@ -1,0 +1,322 @@
+"""Partial residency (``offload``): models kept partly on the device, the rest of their blocks streamed
+from host memory. Outputs are bit-identical to the resident model at every budget; the budget counts
+only resident weights and the ring; LoRAs patch streamed blocks exactly; unloading frees it all."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from modelkeeper.protocol import CommandType, ErrorCode, ProtocolError
+from modelkeeper.protocol.messages import LoadRequest
+from modelkeeper.testing import DemoManifest, make_text_encoder, make_vae
+from modelkeeper.worker import InProcessWorker
+from modelkeeper.worker.device import MiB
+from modelkeeper.worker.streaming import Streamer, choose_resident, find_units, resident_limit
+
+from .conftest import load_data as demo_load
+
+
+def load_data(*args: Any, **extra: Any) -> dict[str, Any]:
+    """A load request in float32 (the demo files are fp16; the CPU computes float32)."""
+    return demo_load(*args, **{"dtype": "float32", **extra})
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FRACTIONS = (1.0, 0.5, 0.25, 0.0)
+
+
+def unet_inputs(module: torch.nn.Module, device: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    cfg = module.config  # type: ignore[attr-defined]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
+    enc = torch.randn(2, 5, cfg.cross_attention_dim, generator=g)
+    kwargs: dict[str, Any] = {}
+    if cfg.addition_embed_type == "text_time":
+        text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, text, generator=g).to(device),
+            "time_ids": torch.randn(2, 6, generator=g).to(device),
+        }
+    args = (x.to(device), torch.tensor([10, 500], device=device), enc.to(device))
+    return args, kwargs
+
+
+def run_unet(module: torch.nn.Module, device: str) -> torch.Tensor:
+    args, kwargs = unet_inputs(module, device)
+    with torch.no_grad():
+        return module(*args, **kwargs).sample  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def worker(worker_device: str) -> Iterator[InProcessWorker]:
+    with InProcessWorker(worker_device) as w:
+        yield w
+
+
+def info(worker: InProcessWorker, name: str, **extra: Any) -> dict[str, Any]:
+    models: list[dict[str, Any]] = worker.call(CommandType.GET_MODEL_INFO, {"name": name, **extra})["models"]
+    return models[0]
+
+
+@pytest.mark.parametrize("fraction", FRACTIONS)
+def test_streamed_unet_is_bit_identical_at_every_budget(
+    worker: InProcessWorker, demo: DemoManifest, worker_device: str, fraction: float
+) -> None:
+    entry = demo["sdxl-unet"]
+    ref = worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="ref"))
+    cap = int(fraction * ref["bytes"])
+    got = worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=cap))
+    assert got["resident_bytes"] + got["streamed_bytes"] == ref["bytes"]
+    if fraction == 1.0:
+        assert got["streamed_bytes"] == 0
+    else:
+        assert got["streamed_bytes"] > 0
+        assert got["resident_bytes"] <= max(cap, info(worker, "s")["resident_bytes"])
+    want = run_unet(worker.module("ref"), worker_device)
+    for _ in range(2):  # the first pass learns the order of the blocks, the next prefetches by it
+        assert torch.equal(run_unet(worker.module("s"), worker_device), want)
+    stats = info(worker, "s")
+    if fraction < 1.0:
+        assert stats["streaming"]["passes"] == 2
+        assert stats["streaming"]["copied_bytes"] >= stats["streamed_bytes"]
+        streamed_units = stats["streaming"]["streamed_units"]
+        assert stats["streaming"]["misses"] == streamed_units  # all in the first pass, none after
+        module = worker.module("s")
+        host = [p for p in module.parameters() if p.device.type == "cpu"] if worker_device != "cpu" else []
+        assert worker_device == "cpu" or host  # at rest streamed weights live on the host
+    for name in ("ref", "s"):
+        worker.call(CommandType.UNLOAD_MODEL, {"name": name})
+
+
+def test_budget_counts_resident_weights_and_ring(worker: InProcessWorker, demo: DemoManifest) -> None:
+    entry = demo["sdxl-unet"]
+    got = worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=0))
+    stats = info(worker, "s")
+    ring = stats["streaming"]["pool_bytes"]
+    assert ring > 0
+    assert got["resident_bytes"] < got["bytes"] // 4  # only the parts outside the blocks
+    assert got["memory"]["models_bytes"] == got["resident_bytes"] + ring
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
+    assert worker.call(CommandType.GET_MODEL_INFO)["memory"]["models_bytes"] == 0
+
+
+def test_auto_streams_what_does_not_fit_and_none_still_refuses(
+    demo: DemoManifest, worker_device: str
+) -> None:
+    entry = demo["sdxl-unet"]
+    budget = 0.8 * 2 * entry.size_bytes  # the file is fp16, the load float32
+    with InProcessWorker(worker_device, budget_mb=budget / MiB) as w:
+        with pytest.raises(ProtocolError) as refused:
+            w.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="u"))
+        assert refused.value.code is ErrorCode.INSUFFICIENT_MEMORY
+        got = w.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="u", offload="auto"))
+        assert got["streamed_bytes"] > 0
+        assert got["memory"]["models_bytes"] <= budget
+        assert (
+            got["memory"]["models_bytes"] == got["resident_bytes"] + info(w, "u")["streaming"]["pool_bytes"]
+        )
+        w.call(CommandType.UNLOAD_MODEL, {"name": "u"})
+    with InProcessWorker(worker_device, budget_mb=0.05 * entry.size_bytes / MiB) as w:  # not even the ring
+        with pytest.raises(ProtocolError) as refused:
+            w.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="u", offload="auto"))
+        assert refused.value.code is ErrorCode.INSUFFICIENT_MEMORY
+        assert "data.offload" in refused.value.message
+
+
+def test_auto_loads_a_model_that_fits_whole(worker: InProcessWorker, demo: DemoManifest) -> None:
+    got = worker.call(
+        CommandType.LOAD_UNET, load_data(demo["sd15-unet"], demo.root, name="u", offload="auto")
+    )
+    assert (got["resident_bytes"], got["streamed_bytes"]) == (got["bytes"], 0)
+    assert info(worker, "u")["streaming"] is None
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "u"})
+
+
+@pytest.mark.parametrize("value", ["half", -1, 1.5, True, "1024", None])
+def test_bad_offload_values_are_refused_naming_the_field(
+    worker: InProcessWorker, demo: DemoManifest, value: object
+) -> None:
+    with pytest.raises(ProtocolError) as refused:
+        worker.call(CommandType.LOAD_UNET, load_data(demo["sd15-unet"], demo.root, name="u", offload=value))
+    assert refused.value.code is ErrorCode.INVALID_REQUEST
+    assert "offload" in refused.value.message
+    assert worker.call(CommandType.GET_MODEL_INFO)["model_count"] == 0
+
+
+def test_the_request_field_accepts_none_auto_and_byte_counts() -> None:
+    for value in ("none", "auto", 0, 5 * MiB):
+        assert LoadRequest(name="m", path="/x", offload=value).offload == value
+    assert LoadRequest(name="m", path="/x").offload == "none"
+
+
+def test_lora_on_a_streamed_model_is_exact(
+    worker: InProcessWorker, demo: DemoManifest, worker_device: str
+) -> None:
+    entry = demo["sdxl-unet"]
+    worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="ref"))
+    worker.call(
+        CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=int(0.3 * entry.size_bytes))
+    )
+    before = info(worker, "s", fingerprint=True)["fingerprint"]
+    assert before == info(worker, "ref", fingerprint=True)["fingerprint"]
+    lora = str(demo.path("sdxl-lora-kohya"))
+    for name, model in (("a", "ref"), ("b", "s")):
+        worker.call(CommandType.LOAD_LORA, {"name": name, "path": lora, "targets": {"unet": model}})
+    assert torch.equal(
+        run_unet(worker.module("s"), worker_device), run_unet(worker.module("ref"), worker_device)
+    )
+    assert (
+        info(worker, "s", fingerprint=True)["fingerprint"]
+        == info(worker, "ref", fingerprint=True)["fingerprint"]
+    )
+    assert info(worker, "s", fingerprint=True)["fingerprint"] != before
+    for name in ("a", "b"):
+        worker.call(CommandType.SET_LORA_STRENGTH, {"name": name, "strength": 0.5})
+    assert torch.equal(
+        run_unet(worker.module("s"), worker_device), run_unet(worker.module("ref"), worker_device)
+    )
+    for name in ("a", "b"):
+        worker.call(CommandType.UNLOAD_LORA, {"name": name})
+    assert info(worker, "s", fingerprint=True)["fingerprint"] == before
+    got, want = run_unet(worker.module("s"), worker_device), run_unet(worker.module("ref"), worker_device)
+    assert torch.equal(got, want), float((got - want).abs().max())
+    for name in ("ref", "s"):
+        worker.call(CommandType.UNLOAD_MODEL, {"name": name})
+
+
+def test_unload_frees_the_module_its_ring_and_hooks(
+    worker: InProcessWorker, demo: DemoManifest, worker_device: str
+) -> None:
+    worker.call(CommandType.LOAD_UNET, load_data(demo["sdxl-unet"], demo.root, name="s", offload=0))
+    module = worker.module("s")
+    run_unet(module, worker_device)
+    gone = weakref.ref(module)
+    del module
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
+    gc.collect()
+    assert gone() is None
+    assert worker.call(CommandType.GET_MODEL_INFO)["memory"]["models_bytes"] == 0
+
+
+def test_optimize_is_refused_on_a_streamed_model(worker: InProcessWorker, demo: DemoManifest) -> None:
+    worker.call(CommandType.LOAD_UNET, load_data(demo["sd15-unet"], demo.root, name="s", offload=0))
+    with pytest.raises(ProtocolError) as refused:
+        worker.call(CommandType.OPTIMIZE_MODEL, {"name": "s", "options": {"channels_last": True}})
+    assert "offload" in refused.value.message
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
+
+
+# ----------------------------------------------------------------------------- the streamer on its own
+
+
+def streamed(module: torch.nn.Module, class_name: str, fraction: float, device: str) -> Streamer:
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    return Streamer(module, torch.device(device), class_name, int(fraction * total))
+
+
+@pytest.mark.parametrize("kind", ["clip_l", "t5"])
+def test_text_encoders_stream_by_layer(kind: str) -> None:
+    ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = make_text_encoder(kind)(ids).last_hidden_state  # type: ignore[arg-type]
+        module = make_text_encoder(kind)  # type: ignore[arg-type]
+        stream = streamed(module, type(module).__name__, 0.0, "cpu")
+        assert all("layers." in u.name or "block." in u.name for u in stream.units)
+        for _ in range(2):
+            assert torch.equal(module(ids).last_hidden_state, want)
+    stream.close()
+
+
+def test_vae_streams_through_encode_and_decode() -> None:
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = make_vae("sdxl")
+        want = ref.decode(ref.encode(image).latent_dist.mean).sample
+        module = make_vae("sdxl")
+        stream = streamed(module, "AutoencoderKL", 0.0, "cpu")
+        for _ in range(2):
+            assert torch.equal(module.decode(module.encode(image).latent_dist.mean).sample, want)
+    assert stream.stats.passes == 4  # the encoder and the decoder, twice
+    stream.close()
+
+
+def tiny_flux() -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=2, num_single_layers=3, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=12, axes_dims_rope=(2, 2, 4),
+    ).eval()  # fmt: skip
+
+
+def test_flux_streams_by_transformer_block() -> None:
+    g = torch.Generator().manual_seed(4)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 8, generator=g), "encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+        "pooled_projections": torch.randn(1, 12, generator=g), "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(5, 3),
+    }  # fmt: skip
+    with torch.no_grad():
+        want = tiny_flux()(**inputs).sample
+        module = tiny_flux()
+        stream = streamed(module, "FluxTransformer2DModel", 0.25, "cpu")
+        assert (
+            sorted(u.name.split(".")[0] for u in stream.units)
+            == ["single_transformer_blocks"] * 3 + ["transformer_blocks"] * 2
+        )
+        for _ in range(2):
+            assert torch.equal(module(**inputs).sample, want)
+    stream.close()
+
+
+def test_unknown_architectures_stream_groups_of_leaf_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkeeper.worker import streaming
+
+    monkeypatch.setattr(streaming, "GROUP_BYTES", 40_000)
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 64) for _ in range(8)]
+    module = torch.nn.Sequential(*layers)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = module(x)
+        stream = streamed(module, "Sequential", 0.0, "cpu")
+        assert [len(u.modules) for u in stream.units] == [2, 2, 2, 2]  # 16.6 kB a layer
+        for _ in range(2):
+            assert torch.equal(module(x), want)
+        assert stream.stats.fetches >= len(stream.units) - 1  # the first group stays resident
+    stream.close()
+
+
+def test_resident_units_are_spread_through_the_order() -> None:
+    assert choose_resident([10] * 8, 40) == {1, 3, 5, 7}
+    assert choose_resident([10] * 4, 0) == set()
+    assert choose_resident([10] * 4, 100) == {0, 1, 2, 3}
+    assert choose_resident([10, 30, 10], 15, keep=[0]) == {0}
+    assert choose_resident([5, 30, 5], 12) == {0, 2}
+
+
+def test_resident_limit() -> None:
+    assert resident_limit("none", 100, 10) is None
+    assert resident_limit("auto", 100, 200) is None
+    assert resident_limit("auto", 100, 60) == 60
+    assert resident_limit(100, 100, 10) is None
+    assert resident_limit(40, 100, 1000) == 40
+
+
+def test_tied_weights_stay_resident(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkeeper.worker import streaming
+
+    monkeypatch.setattr(streaming, "GROUP_BYTES", 1)  # one unit per leaf
+    module = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
+    module[1].weight = module[0].weight
+    units = find_units(module, "Sequential")
+    assert len(units) == 1  # the Linear's bias alone
+    assert all(w.host is not module[0].weight for u in units for w in u.weights)
