@@ -26,6 +26,7 @@ MiB = 1 << 20
 SD15 = "diffusers/tiny-sd15"
 CKPT = "checkpoints/tiny-sd15.safetensors"
 CLIP_L = "clip/tiny-clip-l.safetensors"
+UNET = "diffusers/tiny-sd15-unet"  # a UNet alone, ~6 MB
 
 pytestmark = pytest.mark.xdist_group("orchestrator-inprocess")
 
@@ -266,5 +267,19 @@ def test_storage_dtype_keeps_fewer_bytes_and_placement_counts_them(
             assert fp8.stored_bytes(record) < 0.6 * LoadOptions().stored_bytes(record)
             packed = (await orch.loads.load(SD15, options=fp8))["result"]
             assert packed["bytes"] <= 0.6 * full["bytes"]
+
+    run(body)
+
+
+def test_offload_auto_places_a_model_larger_than_the_budget(demo: DemoManifest, tmp_path: Path) -> None:
+    async def body() -> None:
+        async with serving(demo, tmp_path, worker_budget_mb=3, cache_loads=False) as orch:
+            record = await orch.catalog.resolve(UNET)
+            assert LoadOptions().stored_bytes(record) > 3 * MiB  # too big for the device as a whole
+            with pytest.raises(NotPlaceable):
+                await orch.loads.load(UNET)
+            placed = (await orch.loads.load(UNET, options=LoadOptions(offload="auto")))["result"]
+            assert placed["streamed_bytes"] > 0 and placed["bytes"] <= 3 * MiB
+            assert placed["bytes"] + placed["streamed_bytes"] >= LoadOptions().stored_bytes(record) * 0.9
 
     run(body)

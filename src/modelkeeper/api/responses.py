@@ -111,7 +111,10 @@ class PlacementInfo(_Fixed):
     state: Literal["loading", "loaded", "unloading"]
     components: dict[str, str] = Field(description="Component -> name in the worker.")
     sources: dict[str, str] = Field(description="Component -> where it was read from: ram, disk.")
-    bytes: int
+    bytes: int = Field(description="Bytes on the device: the stored form, the resident part when offloaded.")
+    streamed_bytes: int | MISSING = Field(
+        MISSING, description="Weights streamed from RAM as it runs (offload)."
+    )
     keep_loaded: bool
     loaded_at: float | None
     last_used: float

@@ -73,6 +73,7 @@ def _options(body: LoadBody, require_cache: bool = False) -> LoadOptions:
         keep_alive=body.keep_alive,
         dtype=DType(body.dtype) if body.dtype else None,
         storage_dtype=DType(body.storage_dtype) if body.storage_dtype else None,
+        offload=body.offload,
     )
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +45,11 @@ class LoadBody(_Operation):
     )
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="Compute dtype (the weights are cast on load); default: the file's."
+    )
+    offload: Literal["none", "auto"] | Annotated[int, Field(strict=True, ge=0)] | None = Field(
+        None,
+        description="Partial residency: 'none' (all on the device, else 507), 'auto' (what fits stays, the "
+        "rest streams from RAM as the model runs) or a byte count to keep resident. Default: none.",
     )
     storage_dtype: Literal["float8_e4m3fn", "float8_e5m2"] | None = Field(
         None,

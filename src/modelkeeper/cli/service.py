@@ -348,6 +348,10 @@ def load(
     storage_dtype: Annotated[
         str | None, typer.Option(help="Keep weights in fp8 on the device: float8_e4m3fn, float8_e5m2.")
     ] = None,
+    offload: Annotated[
+        str | None,
+        typer.Option(help="none, auto (what fits stays, the rest streams from RAM) or bytes kept resident."),
+    ] = None,
     detach: Annotated[bool, typer.Option(help="Print the job and return at once.")] = False,
     as_json: ApiJsonOption = False,
     url: UrlOption = None,
@@ -358,7 +362,8 @@ def load(
     def run(c: Client) -> dict[str, Any]:
         answer = c.load(model, device, wait=False, priority=priority, timeout=timeout, force=force,
                         keep_loaded=keep_loaded, keep_alive=keep_alive, dtype=dtype,
-                        storage_dtype=storage_dtype)  # fmt: skip
+                        storage_dtype=storage_dtype,
+                        offload=int(offload) if offload and offload.isdigit() else offload)  # fmt: skip
         return answer["job"] if detach else _finish(c, answer, as_json)
 
     job = _call(url, token, run)

@@ -46,13 +46,21 @@ class LoadOptions:
     keep_alive: float | None = None  # seconds after the last use; -1 never; None: the setting
     dtype: DType | None = None  # compute dtype (a cast on load); None: the file's
     storage_dtype: DType | None = None  # kept in this dtype on the device (fp8), upcast per layer
+    offload: str | int | None = None  # "none", "auto" or bytes kept resident; the rest streams from RAM
 
     def request(self, request: LoadRequest) -> LoadRequest:
-        """A component's worker request with the load's dtype options."""
-        update = {
-            k: v for k, v in (("dtype", self.dtype), ("storage_dtype", self.storage_dtype)) if v is not None
-        }
+        """A component's worker request with the load's dtype and residency options."""
+        options = (("dtype", self.dtype), ("storage_dtype", self.storage_dtype), ("offload", self.offload))
+        update = {k: v for k, v in options if v is not None}
         return request.model_copy(update=update) if update else request
+
+    def resident_need(self, need: int, budget: int) -> int:
+        """The bytes placement must find on a device of ``budget``: all of them, or with ``offload``
+        what stays resident (the rest streams; the worker keeps its ring within what is left)."""
+        if self.offload is None or self.offload == "none":
+            return need
+        cap = budget if self.offload == "auto" else min(int(self.offload), budget)
+        return min(need, cap)
 
     def stored_bytes(self, record: ModelRecord) -> int:
         """What the model will hold on the device: its file's bytes, or its parameters in the
@@ -125,7 +133,7 @@ class Loads:
             raise ProtocolError("no worker is running", ErrorCode.WORKER_DIED)
         if not any(self.device_view(s).holds(record.id) for s in ready):
             await asyncio.gather(*(s.status() for s in ready), return_exceptions=True)
-        need = opts.stored_bytes(record)
+        need = opts.resident_need(opts.stored_bytes(record), max(s.budget_bytes for s in ready))
         device = choose_device([self.device_view(s) for s in ready], record.id, need, force=opts.force)
         return self.pool.slot(device)
 
@@ -205,7 +213,9 @@ class Loads:
         started = time.perf_counter()
         self.catalog.check_file(record)
         loads = await self.catalog.component_loads(record)
-        evicted = await self.make_room(slot, record.id, opts.stored_bytes(record), opts.force)
+        await slot.status()
+        need = opts.resident_need(opts.stored_bytes(record), slot.budget_bytes)
+        evicted = await self.make_room(slot, record.id, need, opts.force)
         keep_alive = self.settings.keep_alive if opts.keep_alive is None else opts.keep_alive
         p = Placement(
             record.id,
@@ -245,7 +255,8 @@ class Loads:
                 p.sources[label] = load.source
                 if load.segment is not None:
                     p.segments[label] = load.segment.component_id
-                p.bytes += result.bytes
+                p.bytes += result.resident_bytes if result.resident_bytes is not None else result.bytes
+                p.streamed_bytes += result.streamed_bytes or 0
                 p.timings[label] = {
                     "cache": round(cache_seconds, 6),
                     "worker": result.load_seconds,

@@ -33,7 +33,8 @@ class Placement:
     segments: dict[str, str] = field(default_factory=dict)  # component -> cache component id
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # component -> seconds by step
     loras: dict[str, dict[str, Any]] = field(default_factory=dict)  # LoRA model id -> name, strength, keys
-    bytes: int = 0
+    bytes: int = 0  # on the device (the stored form; the resident part when offloaded)
+    streamed_bytes: int = 0  # weights kept in RAM and streamed in as the model runs (offload)
     keep_loaded: bool = False
     loaded_at: float | None = None
     last_used: float = field(default_factory=time.time)
@@ -70,6 +71,7 @@ class Placement:
             "components": dict(self.components),
             "sources": dict(self.sources),
             "bytes": self.bytes,
+            "streamed_bytes": self.streamed_bytes,
             "keep_loaded": self.keep_loaded,
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
