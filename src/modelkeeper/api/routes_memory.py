@@ -10,13 +10,13 @@ from typing import Any
 from fastapi import APIRouter
 
 from modelkeeper.api.deps import Service
-from modelkeeper.api.responses import MemoryOptimized
+from modelkeeper.api.responses import ERRORS, MemoryOptimized
 from modelkeeper.api.schemas import MemoryOptimizeBody
 from modelkeeper.orchestrator.state import PlacementState
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.messages import OptimizeMemoryRequest, OptimizeMemoryResult
 
-router = APIRouter(prefix="/api/model", tags=["models"])
+router = APIRouter(prefix="/api/model", tags=["models"], responses=ERRORS)
 
 
 @router.post("/memory/optimize", response_model=MemoryOptimized)
