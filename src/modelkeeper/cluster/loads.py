@@ -29,7 +29,7 @@ from modelkeeper.orchestrator.errors import DeviceNotFound, ModelInUse, NotLoade
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
-from modelkeeper.orchestrator.loads import LoadOptions
+from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 

@@ -18,7 +18,7 @@ from modelkeeper.orchestrator.errors import (
     ServiceNotReady,
 )
 from modelkeeper.orchestrator.jobs import Job, JobState
-from modelkeeper.orchestrator.loads import LoadOptions
+from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.service import Orchestrator
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.orchestrator.workers import Priority

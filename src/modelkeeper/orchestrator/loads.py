@@ -5,7 +5,8 @@ queues the load on that device, and coalesces concurrent loads of one model on o
 one. A load makes room first (evicting what the policy picks), then loads each component through
 the cache feed; any failure rolls back the components already loaded, so no half-loaded model is
 left behind. ``unload`` honours leases and ``force``. Leases are granted here too, since they hold
-placements.
+placements. (About 420 lines: load, unload, eviction and idle expiry share one flow of checks on the
+same placements and queues; split apart, each would reach back into the others.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from modelkeeper.orchestrator.cachefeed import CacheFeed
@@ -23,6 +23,7 @@ from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.metrics import Metrics
+from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.placement import DeviceView, Resident, choose_device, plan_eviction
 from modelkeeper.orchestrator.pool import WorkerPool
 from modelkeeper.orchestrator.settings import Settings
@@ -30,55 +31,8 @@ from modelkeeper.orchestrator.state import Placement, PlacementState, StateView
 from modelkeeper.orchestrator.workers import Priority, WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
-from modelkeeper.protocol.messages import DType, LoadRequest, LoadResult, UnloadRequest, UnloadResult
+from modelkeeper.protocol.messages import LoadResult, UnloadRequest, UnloadResult
 from modelkeeper.registry import ModelRecord
-
-
-@dataclass
-class LoadOptions:
-    """What a caller may ask of a load beyond the model and the device."""
-
-    priority: int = Priority.NORMAL
-    timeout: float | None = None
-    force: bool = False
-    keep_loaded: bool = False
-    require_cache: bool = False
-    keep_alive: float | None = None  # seconds after the last use; -1 never; None: the setting
-    dtype: DType | None = None  # compute dtype (a cast on load); None: the file's
-    storage_dtype: DType | None = None  # kept in this dtype on the device (fp8), upcast per layer
-    offload: str | int | None = None  # "none", "auto" or bytes kept resident; the rest streams from RAM
-
-    def request(self, request: LoadRequest) -> LoadRequest:
-        """A component's worker request with the load's dtype and residency options."""
-        options = (("dtype", self.dtype), ("storage_dtype", self.storage_dtype), ("offload", self.offload))
-        update = {k: v for k, v in options if v is not None}
-        return request.model_copy(update=update) if update else request
-
-    def resident_need(self, need: int, budget: int) -> int:
-        """The bytes placement must find on a device of ``budget``: all of them, or with ``offload``
-        what stays resident (the rest streams; the worker keeps its ring within what is left)."""
-        if self.offload is None or self.offload == "none":
-            return need
-        cap = budget if self.offload == "auto" else min(int(self.offload), budget)
-        return min(need, cap)
-
-    def stored_bytes(self, record: ModelRecord) -> int:
-        """What the model will hold on the device: its file's bytes, or its parameters in the
-        dtype it is kept in when the load asks for one (fp8 storage: one byte each)."""
-        kept = self.storage_dtype or self.dtype
-        if kept is None:
-            return sum(c.bytes for c in record.components)
-        size = ITEM_SIZES[kept]
-        return sum(min(c.bytes, c.parameters * size) if c.parameters else c.bytes for c in record.components)
-
-
-ITEM_SIZES = {
-    DType.FLOAT32: 4,
-    DType.FLOAT16: 2,
-    DType.BFLOAT16: 2,
-    DType.FLOAT8_E4M3FN: 1,
-    DType.FLOAT8_E5M2: 1,
-}
 
 
 class Loads:

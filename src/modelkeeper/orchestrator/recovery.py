@@ -15,7 +15,8 @@ from typing import Any
 from modelkeeper.orchestrator.background import Background
 from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.events import EventBus
-from modelkeeper.orchestrator.loads import LoadOptions, Loads
+from modelkeeper.orchestrator.loads import Loads
+from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.pool import WorkerPool
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.orchestrator.state import Placement, PlacementState, StateView

@@ -31,10 +31,11 @@ from modelkeeper.orchestrator.idle import IdleUnloader
 from modelkeeper.orchestrator.installs import Installs
 from modelkeeper.orchestrator.jobs import JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
-from modelkeeper.orchestrator.loads import LoadOptions, Loads
+from modelkeeper.orchestrator.loads import Loads
 from modelkeeper.orchestrator.loras import Loras
 from modelkeeper.orchestrator.metrics import Metrics
 from modelkeeper.orchestrator.operations import Operations
+from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.pool import WorkerPool
 from modelkeeper.orchestrator.recovery import Recovery
 from modelkeeper.orchestrator.settings import Preload, Settings
