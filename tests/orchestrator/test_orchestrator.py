@@ -283,3 +283,19 @@ def test_offload_auto_places_a_model_larger_than_the_budget(demo: DemoManifest, 
             assert placed["bytes"] + placed["streamed_bytes"] >= LoadOptions().stored_bytes(record) * 0.9
 
     run(body)
+
+
+def test_bytes_follow_a_dtype_change(demo: DemoManifest, tmp_path: Path) -> None:
+    async def body() -> None:
+        async with serving(demo, tmp_path) as orch:
+            placed = (await orch.loads.load(CLIP_L))["result"]
+            before = placed["bytes"]
+            await orch.operations.run(
+                "optimize", CLIP_L, None, {"options": {"dtype": "float32"}, "measure": False}
+            )
+            p = orch.view.get(placed["model_id"], "cpu")
+            assert p is not None and 1.9 * before < p.bytes <= 2 * before  # fp16 weights, now fp32
+            await orch.operations.run("optimize", CLIP_L, None, {"revert": True, "measure": False})
+            assert p.bytes == before
+
+    run(body)

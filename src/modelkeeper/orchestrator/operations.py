@@ -21,6 +21,8 @@ from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.protocol.messages import (
     COMMAND_MODELS,
     BenchmarkModelRequest,
+    ModelInfoRequest,
+    ModelInfoResult,
     OptimizeModelRequest,
     ValidateModelRequest,
 )
@@ -121,6 +123,8 @@ class Operations:
                     on_progress=lambda data: job.progress(**data),
                 )
                 results[label] = answer.model_dump(mode="json", exclude_unset=True)
+        if op == "optimize":  # a dtype change changes the bytes the placement holds
+            await _refresh_bytes(slot, p)
         if component is not None and not results:
             raise NotLoaded(
                 f"model {p.model_id} has no loaded component {component!r} ({', '.join(p.components)})"
@@ -139,3 +143,13 @@ def _request(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
         first = exc.errors()[0]
         field = ".".join(str(x) for x in first["loc"])
         raise ProtocolError(f"{field}: {first['msg']}", ErrorCode.INVALID_REQUEST, field=field) from None
+
+
+async def _refresh_bytes(slot: WorkerSlot, p: Placement) -> None:
+    """Set ``p.bytes`` (and its streamed bytes) from what the worker holds now."""
+    info = await slot.call(CommandType.GET_MODEL_INFO, ModelInfoRequest(), ModelInfoResult, timeout=30)
+    held = {m.name: m for m in info.models}
+    mine = [held[n] for n in p.components.values() if n in held]
+    p.bytes = sum(m.resident_bytes if m.resident_bytes is not None else m.bytes for m in mine)
+    p.streamed_bytes = sum(m.streamed_bytes or 0 for m in mine)
+    slot.memory = info.memory
