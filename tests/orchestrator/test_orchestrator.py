@@ -299,3 +299,31 @@ def test_bytes_follow_a_dtype_change(demo: DemoManifest, tmp_path: Path) -> None
             assert p.bytes == before
 
     run(body)
+
+
+@pytest.mark.parametrize("cache_loads", [True, False])
+def test_a_pickle_checkpoint_loads_on_first_use(
+    demo: DemoManifest, tmp_path: Path, cache_loads: bool
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    state = load_file(demo.root / CKPT)
+    torch.save({"state_dict": state, "global_step": 1}, root / "checkpoints" / "tiny-sd15.ckpt")
+
+    async def body() -> None:
+        async with serving(demo, tmp_path, model_roots=[root], cache_loads=cache_loads) as orch:
+            record = await orch.catalog.resolve("checkpoints/tiny-sd15.ckpt")
+            # The tiny file has no config of its own (a safetensors demo file carries one in its
+            # metadata) and the known SD1 config is full size: the worker refuses its shapes. What
+            # this test holds: the pickle was converted in the sandbox into segments and reached the
+            # worker from them (it was refused as UNSUPPORTED_FORMAT before, and never loaded with
+            # the cache off).
+            with pytest.raises(ProtocolError) as err:
+                await orch.loads.load(record.id)
+            assert err.value.code is ErrorCode.INVALID_MODEL_FILE  # not UNSUPPORTED_FORMAT
+            assert any(record.id in s["models"] for s in orch.feed.segments())
+
+    run(body)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from modelkeeper.cache import CacheFull, RamCache, Segment
+from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES
 from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.errors import ServiceNotReady
 from modelkeeper.orchestrator.events import EventBus
@@ -83,8 +85,11 @@ class CacheFeed:
         self, record: ModelRecord, load: ComponentLoad, job: Job, *, require: bool = False
     ) -> ComponentLoad:
         """``load`` pointed at its component's segment when cached (or filled first: ``require``,
-        ``cache_fill = "before"``); else unchanged, with the segment filling alongside."""
-        if not (self.settings.cache_loads or require):
+        ``cache_fill = "before"``, or a pickle file, which is converted in the sandbox whether the
+        cache is on or off); else unchanged, with the segment filling alongside."""
+        # a pickle file reaches a worker only as a segment, converted in the sandbox: cache on or off
+        pickle = Path(load.request.path).suffix.lower() in PICKLE_SUFFIXES
+        if not (self.settings.cache_loads or require or pickle):
             return load
         loop = asyncio.get_running_loop()
 
@@ -92,7 +97,7 @@ class CacheFeed:
             loop.call_soon_threadsafe(lambda: job.progress(cache_bytes_done=done, cache_bytes_total=total))
 
         try:
-            if require or self.settings.cache_fill == "before":
+            if require or pickle or self.settings.cache_fill == "before":
                 return await asyncio.to_thread(through_cache, self.cache, record, load, progress)
             plan = await asyncio.to_thread(cache_plan, load)
             if plan is None:
@@ -110,7 +115,7 @@ class CacheFeed:
                 path=path,
             ) from None
         except CacheFull:
-            if require:
+            if require or pickle:
                 raise
             return load  # no room in RAM: straight from disk
 
