@@ -25,13 +25,13 @@ from modelkeeper.cluster.membership import Membership
 from modelkeeper.cluster.placing import choose_cluster_placement, tiered_view
 from modelkeeper.cluster.settings import ClusterSettings
 from modelkeeper.cluster.view import ClusterState, device_id, split_device
+from modelkeeper.orchestrator.coalesce import coalesced
 from modelkeeper.orchestrator.errors import DeviceNotFound, ModelInUse, NotLoaded, NotPlaceable
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.settings import Settings
-from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 
 class ClusterLoads:
@@ -113,41 +113,28 @@ class ClusterLoads:
         if opts.keep_loaded:
             self.kept[model.key] = opts
         key = (model.key, device)
-        joined = self.inflight.get(key)
-        if joined is not None:
-            job.progress(message=f"joined the load of {model.key} on {device} already in flight", force=True)
-            return {**(await asyncio.shield(joined)), "coalesced": True}
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self.inflight[key] = fut
         node, local = split_device(device)
-        try:
-            local_id = await self.bring(model, node, job)
-            job.progress(step="load", node=node, device=device, force=True)
-            held = self.held_on(node, device)
-            result = await self.members.link(node).call(
-                "load",
-                local_id,
-                local,
-                dataclasses.asdict(opts),
-                held,
-                what=f"the load of {model.name} on {device}",
-            )
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(
-                    exc
-                    if isinstance(exc, Exception)
-                    else ProtocolError("load cancelled", ErrorCode.CANCELLED)
+
+        async def send() -> dict[str, Any]:
+            try:
+                local_id = await self.bring(model, node, job)
+                job.progress(step="load", node=node, device=device, force=True)
+                held = self.held_on(node, device)
+                result = await self.members.link(node).call(
+                    "load",
+                    local_id,
+                    local,
+                    dataclasses.asdict(opts),
+                    held,
+                    what=f"the load of {model.name} on {device}",
                 )
-            raise
-        finally:
-            self.inflight.pop(key, None)
-            await self.members.refresh(node)
-        out = self.in_cluster_terms(node, result)
-        fut.set_result(out)
-        self.bus.publish("model.loaded", model_id=model.key, device=device, node=node, placement=out)
-        return out
+            finally:
+                await self.members.refresh(node)
+            out = self.in_cluster_terms(node, result)
+            self.bus.publish("model.loaded", model_id=model.key, device=device, node=node, placement=out)
+            return out
+
+        return await coalesced(self.inflight, key, job, f"the load of {model.key} on {device}", send)
 
     def in_cluster_terms(self, node: str, result: dict[str, Any]) -> dict[str, Any]:
         """A node's load result with the cluster's names: key for model id, ``node/device``."""

@@ -18,6 +18,7 @@ from typing import Any
 
 from modelkeeper.orchestrator.cachefeed import CacheFeed
 from modelkeeper.orchestrator.catalog import Catalog
+from modelkeeper.orchestrator.coalesce import coalesced
 from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
@@ -133,33 +134,19 @@ class Loads:
             if opts.keep_alive is not None:
                 p.keep_alive = opts.keep_alive
             return {**p.info(), "already_loaded": True}
-        joined = self.inflight.get(key)
-        if joined is not None:
-            job.progress(message=f"joined the load of {record.id} on {slot.id} already in flight", force=True)
-            return {**(await asyncio.shield(joined)), "coalesced": True}
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self.inflight[key] = fut
         deadline = self.deadline(opts.timeout)
-        try:
-            result = await slot.run(
+        return await coalesced(
+            self.inflight,
+            key,
+            job,
+            f"the load of {record.id} on {slot.id}",
+            lambda: slot.run(
                 lambda: self._load(record, slot, opts, job, deadline),
                 priority=opts.priority,
                 deadline=deadline,
                 label=f"load {record.id}",
-            )
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(
-                    exc
-                    if isinstance(exc, Exception)
-                    else ProtocolError("load cancelled", ErrorCode.CANCELLED)
-                )
-            raise
-        finally:
-            self.inflight.pop(key, None)
-        fut.set_result(result)
-        return result
+            ),
+        )
 
     async def _load(
         self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job, deadline: float
