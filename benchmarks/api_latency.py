@@ -14,10 +14,14 @@ Rows, each measured side by side in this one run:
 at each client pacing: every client polls at 2, 5 and 10 Hz (200, 500, 1,000 requests/s in all),
 and closed loop (each client sends its next request when the previous answer arrives: saturation).
 - ``GET /api/model/status`` while loads run with 5 dashboards open (``--dashboards``, in a process
-  of their own): each holds the event stream (``/api/events``) open and fetches what the devices
-  page fetches, as the page does (on events, at most every 250 ms, and every 2 s). Their cost is
-  the p99 change from the row above; ``--pairs N`` alternates N rows without and with them and
-  compares the medians (background load on a shared machine drifts between rows).
+  of their own, as browsers are; on this machine it shares the cores, so its CPU is reported):
+  each is a tab on the devices page, doing what the page's scripts do (``_dashboard``: the event
+  stream, the refetches it triggers through the page's refresher, the poll), over bare HTTP/1.1
+  with each answer and event parsed, so the simulated tabs cost little CPU of their own. Their
+  cost is the p99 change from the row above; ``--pairs N`` alternates N rows without and with
+  them and compares the medians (background load on a shared machine drifts between rows).
+Every row also reports the service process's CPU, and a last measurement takes the dashboards'
+cost without pollers: the service's CPU with the load loop alone, then with the dashboards open.
 
 Target on a 2-core machine: p99 <= 10 ms with 100 concurrent clients while a load runs.
 
@@ -28,9 +32,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -39,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,25 +67,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(
-    url: str, path: str, clients: int, rate_hz: float | None, seconds: float
+    url: str, path: str, clients: int, rate_hz: float | None, seconds: float, pid: int
 ) -> dict[str, float]:
-    """Latencies (ms) of ``clients`` concurrent pollers of ``path``; ``rate_hz`` None is closed loop."""
+    """Latencies (ms) of ``clients`` concurrent pollers of ``path``; ``rate_hz`` None is closed loop.
+    Also the CPU the service (process ``pid``) and this client used, in shares of one core."""
     latencies: list[float] = []
     errors = 0
     host, port = url.removeprefix("http://").split(":")
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    get = _http_get(request_bytes(url, path))
     conns = [await asyncio.open_connection(host, int(port)) for _ in range(clients)]
-
-    async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-        """One keep-alive HTTP/1.1 GET, answer read whole: a client too thin to be the bottleneck."""
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")
-        )
-        await reader.readexactly(length)
-        return int(head.split(b" ", 2)[1])
-
     await asyncio.gather(*(get(r, w) for r, w in conns))  # connected and warm before the clock starts
     end = time.perf_counter() + seconds
     period = 1.0 / rate_hz if rate_hz else 0.0
@@ -94,14 +92,15 @@ async def measure(
             t0 = time.perf_counter()
             if t0 >= end:
                 return
-            status = await get(reader, writer)
+            status, _ = await get(reader, writer)
             latencies.append((time.perf_counter() - t0) * 1000)
             if status != 200:
                 errors += 1
 
-    started = time.perf_counter()
+    started, server0, client0 = time.perf_counter(), cpu_seconds(pid), time.process_time()
     await asyncio.gather(*(one(i, r, w) for i, (r, w) in enumerate(conns)))
     wall = time.perf_counter() - started
+    server, client = cpu_seconds(pid) - server0, time.process_time() - client0
     for _, w in conns:
         w.close()
     return {
@@ -112,6 +111,8 @@ async def measure(
         "p99": percentile(latencies, 99),
         "max": max(latencies),
         "errors": errors,
+        "server_cpu": server / wall,
+        "client_cpu": client / wall,
     }
 
 
@@ -144,45 +145,182 @@ class LoadLoop:
         self._thread.join(120)
 
 
-GAP_S = 0.25  # the page's refresher: at most one status request per 250 ms
-POLL_S = 2.0  # the devices page's poll: memory figures move without events
+def _http_get(request: bytes) -> Any:
+    """A keep-alive HTTP/1.1 GET over asyncio streams, answer read whole (status, body): a client
+    too thin to be the bottleneck (httpx costs ~1 ms of CPU a request here)."""
+
+    async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, bytes]:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")
+        )
+        return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
+
+    return get
 
 
-async def _dashboard(url: str, requests: Any, events: Any) -> None:
-    """One dashboard on the devices page: the event stream open, ``/api/model/status`` fetched
-    after events (at most every GAP_S) and every POLL_S regardless."""
-    kick = asyncio.Event()
-    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
-
-        async def stream() -> None:
-            async with client.stream("GET", "/api/events") as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("event:"):
-                        with events.get_lock():
-                            events.value += 1
-                        kick.set()
-
-        async def poll() -> None:
-            while True:
-                try:
-                    await asyncio.wait_for(kick.wait(), POLL_S)
-                except TimeoutError:
-                    pass
-                kick.clear()
-                (await client.get("/api/model/status")).raise_for_status()
-                with requests.get_lock():
-                    requests.value += 1
-                await asyncio.sleep(GAP_S)
-
-        await asyncio.gather(stream(), poll())
+def request_bytes(url: str, path: str, accept: str = "application/json") -> bytes:
+    host = url.removeprefix("http://")
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {accept}\r\n\r\n".encode()
 
 
-def _dashboards_process(url: str, count: int, ready: Any, stop: Any, requests: Any, events: Any) -> None:
+# What the devices page does (src/modelkeeper/web/static/devices.js, app.js, dom.js), mirrored:
+EVENTS_PATH = "/api/events"  # app.js: one stream for every view
+GAP_S = 0.25  # dom.js refresher(): at most one refresh per 250 ms, never two at once, one after the last kick
+POLL_S = 2.0  # devices.js: memory figures move without events
+KICKS = re.compile(r"^(model|worker|lease|job|cache)\.")  # devices.js onEvent: the events that refetch
+
+
+class Refresher:
+    """dom.js ``refresher()``: ``load`` at most once per ``gap`` s, never two at once, and once
+    more after the last kick."""
+
+    def __init__(self, load: Any, gap: float) -> None:
+        self._load, self._gap = load, gap
+        self._running = self._pending = False
+        self._last = -1e9
+        self._timer: asyncio.TimerHandle | None = None
+
+    def kick(self) -> None:
+        if self._running:
+            self._pending = True
+        else:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, self._last + self._gap - loop.time()), self._run)
+
+    def _run(self) -> None:
+        self._timer = None
+        if self._running:
+            self._pending = True
+            return
+        self._pending, self._running = False, True
+        self._last = asyncio.get_running_loop().time()
+        asyncio.get_running_loop().create_task(self._go())
+
+    async def _go(self) -> None:
+        try:
+            await self._load()
+        finally:
+            self._running = False
+            if self._pending:
+                self._schedule()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+async def read_events(reader: asyncio.StreamReader, on_event: Any) -> None:
+    """Server-Sent Events from a chunked HTTP/1.1 answer: each event's type and parsed JSON data
+    to ``on_event`` (what api.js EventStream does: split on blank lines, JSON.parse the data)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"the event stream answered {head[:40]!r}")
+    buffer = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        if size == 0:
+            return
+        buffer += (await reader.readexactly(size + 2))[:-2]
+        *blocks, buffer = buffer.split(b"\n\n")
+        for block in blocks:
+            kind, data = "message", []
+            for line in block.split(b"\n"):
+                if line.startswith(b"event:"):
+                    kind = line[6:].strip().decode()
+                elif line.startswith(b"data:"):
+                    data.append(line[5:].strip())
+            if data:
+                on_event(kind, json.loads(b"\n".join(data)))
+
+
+class Connection:
+    """A browser's keep-alive connection to the service: reopened when the service has closed it
+    (uvicorn closes one idle for 5 s), as a browser does."""
+
+    def __init__(self, url: str) -> None:
+        self.host, port = url.removeprefix("http://").split(":")
+        self.port = int(port)
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self, request: bytes) -> tuple[int, bytes]:
+        for attempt in (1, 2):
+            if self.streams is None:
+                self.streams = await asyncio.open_connection(self.host, self.port)
+            try:
+                return await _http_get(request)(*self.streams)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+async def _dashboard(url: str, counts: Any) -> None:
+    """One browser tab on the devices page: the event stream open, ``/api/model/status`` (and
+    ``/api/leases`` when a model holds one) refetched on the events the page reacts to, through
+    the page's refresher, and every POLL_S; each answer parsed as the page parses it."""
+    host, port = url.removeprefix("http://").split(":")
+    stream = await asyncio.open_connection(host, int(port))
+    api = Connection(url)
+    status_request = request_bytes(url, "/api/model/status")
+    leases_request = request_bytes(url, "/api/leases")
+
+    async def load() -> None:
+        code, body = await api.get(status_request)
+        if code != 200:
+            raise RuntimeError(f"status answered {code}")
+        status = json.loads(body)
+        with counts.get_lock():
+            counts[0] += 1
+        if any(m.get("leases") for d in status["devices"] for m in d["models"]):
+            json.loads((await api.get(leases_request))[1])
+            with counts.get_lock():
+                counts[0] += 1
+
+    refresh = Refresher(load, GAP_S)
+
+    def on_event(kind: str, data: Any) -> None:
+        with counts.get_lock():
+            counts[1] += 1
+        if kind == "hello" or KICKS.match(kind):  # hello: app.js refreshes the view once live
+            refresh.kick()
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            refresh.kick()
+
+    stream[1].write(request_bytes(url, EVENTS_PATH, "text/event-stream"))
+    refresh.kick()  # mount
+    try:
+        await asyncio.gather(read_events(stream[0], on_event), poll())
+    finally:
+        refresh.stop()
+        stream[1].close()
+        api.close()
+
+
+def _dashboards_process(url: str, count: int, ready: Any, stop: Any, counts: Any) -> None:
     async def main() -> None:
-        tasks = [asyncio.create_task(_dashboard(url, requests, events)) for _ in range(count)]
-        await asyncio.sleep(0.5)  # every stream subscribed before the clock starts
+        tasks = [asyncio.create_task(_dashboard(url, counts)) for _ in range(count)]
+        await asyncio.sleep(0.5)  # every stream subscribed and the pages drawn before the clock starts
+        with counts.get_lock():
+            counts[0] = counts[1] = 0
+        cpu = sum(os.times()[:2])
         ready.set()
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        counts[2] = sum(os.times()[:2]) - cpu
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -191,26 +329,29 @@ def _dashboards_process(url: str, count: int, ready: Any, stop: Any, requests: A
 
 
 class Dashboards:
-    """``count`` browser-like dashboards on the devices page, in a process of their own (as
-    browsers are: they must not share the measuring client's interpreter). Counts what they did."""
+    """``count`` browser tabs on the devices page, in a process of their own (browsers are: they
+    must not share the measuring client's interpreter; on this machine they do share its cores,
+    so their CPU time is counted and reported). Counts what they did."""
 
     def __init__(self, url: str, count: int) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._ready, self._stop = ctx.Event(), ctx.Event()
-        self._requests, self._events = ctx.Value("i", 0), ctx.Value("i", 0)
+        self._counts = ctx.Array("d", 3)  # requests, events, CPU seconds from ready to stop
         self._proc = ctx.Process(
-            target=_dashboards_process,
-            args=(url, count, self._ready, self._stop, self._requests, self._events),
-            daemon=True,
+            target=_dashboards_process, args=(url, count, self._ready, self._stop, self._counts), daemon=True
         )
 
     @property
     def requests(self) -> int:
-        return int(self._requests.value)
+        return int(self._counts[0])
 
     @property
     def events(self) -> int:
-        return int(self._events.value)
+        return int(self._counts[1])
+
+    @property
+    def cpu_seconds(self) -> float:
+        return float(self._counts[2])
 
     def __enter__(self) -> Dashboards:
         self._proc.start()
@@ -221,6 +362,12 @@ class Dashboards:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._proc.join(30)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serve(models: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -246,6 +393,30 @@ def serve(models: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
             raise RuntimeError((work / "serve.log").read_text())
         time.sleep(0.2)
     raise TimeoutError("the service did not start")
+
+
+def joined(values: Iterable[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+def quiet_cost(url: str, pid: int, dashboards: int, seconds: float) -> dict[str, float]:
+    """The service's CPU (share of a core) over ``seconds`` while the load loop runs and no poller
+    does, with ``dashboards`` open (0: none): the dashboards' own cost, away from 100 pollers."""
+    with (
+        LoadLoop(url) as loop,
+        Dashboards(url, dashboards) if dashboards else contextlib.nullcontext() as dash,
+    ):
+        t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
+        time.sleep(seconds)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    out = {"server_cpu": cpu / wall, "loads": loop.loads / wall}
+    if isinstance(dash, Dashboards):
+        out |= {
+            "client_cpu": dash.cpu_seconds / wall,
+            "requests": dash.requests / wall,
+            "events": dash.events / wall,
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
 
     write_demo_models(work / "models")
     proc, url = serve(work / "models", work)
+    pid = proc.pid
+
+    def row(path: str, rate: float | None) -> dict[str, float]:
+        return asyncio.run(measure(url, path, args.clients, rate, args.seconds, pid))
+
     try:
         with httpx.Client(base_url=url, timeout=120) as c:  # warm the worker: first load imports diffusers
             c.post(f"/api/model/{MODEL}/load", json={}).raise_for_status()
@@ -281,23 +457,24 @@ def main(argv: list[str] | None = None) -> int:
         say(f"# api_latency  {time.strftime('%Y-%m-%d %H:%M:%S')}  {platform.node()}")
         say(
             f"# CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}; "
-            f"load average {os.getloadavg()[0]:.2f} (other work shares these cores)"
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min; other work shares these cores)"
         )
         say(
-            f"# {args.clients} concurrent clients, {args.seconds:.0f} s per row; load loop: {MODEL} from disk"
+            f"# {args.clients} concurrent clients, {args.seconds:g} s per row; load loop: {MODEL} from disk; "
+            "srv CPU: the service's process, in % of one core"
         )
         say()
-        header = f"{'endpoint':<20} {'condition':<12} {'pacing':<12} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'p99/anchor':>10} {'loads':>6}"
+        header = f"{'endpoint':<20} {'condition':<12} {'pacing':<12} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'p99/anchor':>10} {'srv CPU':>8} {'loads':>6}"
         say(header)
         say("-" * len(header))
         rates: list[float | None] = [float(r) for r in args.rates.split(",")] + [None]
         dashboard_notes: list[str] = []
         for rate in rates:
             pacing = f"{rate:g} Hz each" if rate else "closed loop"
-            anchor = asyncio.run(measure(url, "/health/live", args.clients, rate, args.seconds))
-            idle = asyncio.run(measure(url, "/api/model/status", args.clients, rate, args.seconds))
+            anchor = row("/health/live", rate)
+            idle = row("/api/model/status", rate)
             with LoadLoop(url) as loop:
-                busy = asyncio.run(measure(url, "/api/model/status", args.clients, rate, args.seconds))
+                busy = row("/api/model/status", rate)
             rows = [
                 ("/health/live", "idle", anchor, None),
                 ("/api/model/status", "idle", idle, None),
@@ -306,32 +483,37 @@ def main(argv: list[str] | None = None) -> int:
             if args.dashboards:
                 # Pairs without and with the dashboards, alternated (--pairs): on a shared machine
                 # the background load drifts between rows; the medians of the pairs resist it.
-                without, with_ = [busy["p99"]], []
+                without, with_ = [busy], []
+                dash_cpu: list[float] = []
                 for i in range(args.pairs):
                     if i:
                         with LoadLoop(url):
-                            again = asyncio.run(
-                                measure(url, "/api/model/status", args.clients, rate, args.seconds)
-                            )
-                        without.append(again["p99"])
+                            without.append(row("/api/model/status", rate))
                     with LoadLoop(url) as dloop, Dashboards(url, args.dashboards) as dash:
-                        seen = asyncio.run(
-                            measure(url, "/api/model/status", args.clients, rate, args.seconds)
-                        )
-                    with_.append(seen["p99"])
+                        seen = row("/api/model/status", rate)
+                    with_.append(seen)
+                    dash_cpu.append(dash.cpu_seconds / args.seconds)
                     if i == 0:
                         rows.append(("/api/model/status", f"load+{args.dashboards}dash", seen, dloop.loads))
-                before, after = statistics.median(without), statistics.median(with_)
+
+                def med(runs: list[dict[str, float]], key: str) -> float:
+                    return statistics.median(r[key] for r in runs)
+
+                before, after = med(without, "p99"), med(with_, "p99")
                 dashboard_notes.append(
                     f"{pacing}: p99 {before:.2f} -> {after:.2f} ms ({100 * (after / before - 1):+.0f}%), median of "
-                    f"{len(without)} alternated pairs (without: {', '.join(f'{x:.1f}' for x in without)}; "
-                    f"with: {', '.join(f'{x:.1f}' for x in with_)}); the dashboards of the last pair made "
-                    f"{dash.requests} status requests and received {dash.events} events"
+                    f"{len(without)} alternated pairs (without: {joined(r['p99'] for r in without)}; "
+                    f"with: {joined(r['p99'] for r in with_)}); service CPU {100 * med(without, 'server_cpu'):.0f}% "
+                    f"-> {100 * med(with_, 'server_cpu'):.0f}% of a core; the dashboards' process used "
+                    f"{100 * statistics.median(dash_cpu):.1f}% of a core, the measuring client "
+                    f"{100 * med(with_, 'client_cpu'):.0f}%; the dashboards of the last pair made {dash.requests} "
+                    f"requests and received {dash.events} events"
                 )
             for name, cond, r, loads in rows:
                 ratio = r["p99"] / anchor["p99"]
                 say(f"{name:<20} {cond:<12} {pacing:<12} {r['rps']:>7.0f} {r['p50']:>7.2f} {r['p90']:>7.2f} "
-                    f"{r['p99']:>7.2f} {r['max']:>7.1f} {ratio:>9.2f}x {loads if loads is not None else '':>6}")  # fmt: skip
+                    f"{r['p99']:>7.2f} {r['max']:>7.1f} {ratio:>9.2f}x {100 * r['server_cpu']:>7.0f}% "
+                    f"{loads if loads is not None else '':>6}")  # fmt: skip
                 if r["errors"]:
                     say(f"   {r['errors']} non-200 answers")
         say()
@@ -340,6 +522,22 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{args.dashboards} dashboards open (target: p99 moves by at most 10%):")
             for note in dashboard_notes:
                 say(f"  {note}")
+            quiet_s = max(args.seconds, 10.0)  # CPU time comes in 10 ms ticks
+            quiet = [(quiet_cost(url, pid, 0, quiet_s), quiet_cost(url, pid, args.dashboards, quiet_s))
+                     for _ in range(args.pairs)]  # fmt: skip
+            base = statistics.median(a["server_cpu"] for a, _ in quiet)
+            dash_on = statistics.median(b["server_cpu"] for _, b in quiet)
+            say(
+                f"  no pollers, the load loop running ({statistics.median(a['loads'] for a, _ in quiet):.1f} loads/s): "
+                f"service CPU {100 * base:.1f}% -> {100 * dash_on:.1f}% of a core with the dashboards, "
+                f"{1000 * (dash_on - base) / args.dashboards:.1f} ms of CPU per second per dashboard (median of "
+                f"{args.pairs}: without {joined(100 * a['server_cpu'] for a, _ in quiet)}; with "
+                f"{joined(100 * b['server_cpu'] for _, b in quiet)}); the {args.dashboards} made "
+                f"{statistics.median(b['requests'] for _, b in quiet):.1f} requests/s and received "
+                f"{statistics.median(b['events'] for _, b in quiet):.1f} events/s, their process used "
+                f"{100 * statistics.median(b['client_cpu'] for _, b in quiet):.1f}% of a core"
+            )
+        say(f"# load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         proc.terminate()
         proc.wait(60)
