@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import StringConstraints
 
 from modelkeeper.api.deps import Service
 from modelkeeper.api.responses import (
@@ -27,6 +27,7 @@ from modelkeeper.api.responses import (
     SegmentInfo,
 )
 from modelkeeper.api.schemas import CacheBody, LeaseBody, RenewBody
+from modelkeeper.orchestrator.events import FINISHED, FrameSubscription, encode_frame
 from modelkeeper.orchestrator.jobs import Job
 from modelkeeper.orchestrator.metrics import CONTENT_TYPE
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -113,31 +114,73 @@ async def _job(service: Service, job_id: str) -> Job:
     return service.jobs.get(job_id)
 
 
-@jobs.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=JSON_ERRORS)
-async def job_events(service: Service, job: Annotated[Job, Depends(_job)]) -> AsyncIterator[ServerSentEvent]:
-    """The job's state now, then every change, until it finishes (Server-Sent Events)."""
-    job_id = job.id
-    stream = service.bus.subscribe()
-    yield ServerSentEvent(data=job.info(), event="job.state", id="0")
-    if job.state.finished:
-        return
-    async for event in stream:
-        if event.get("job") != job_id:
-            continue
-        yield ServerSentEvent(data=event, event=event["type"], id=str(event["id"]))
-        if event["type"] in ("job.succeeded", "job.failed", "job.cancelled"):
-            return
+class EventStream(StreamingResponse):
+    """Server-Sent Events made by the bus (``bus.frames``: encoded once for all streams), sent as
+    they are. Not FastAPI's ``EventSourceResponse``, whose routes encode every event per stream."""
+
+    media_type = "text/event-stream"
 
 
-@jobs.get("/events", response_class=EventSourceResponse, responses=JSON_ERRORS)
-async def events(
-    service: Service, type: str | None = Query(None, max_length=64)
-) -> AsyncIterator[ServerSentEvent]:
-    """Every event of the service (Server-Sent Events); ``type`` filters by prefix (``model.``, ``job.``)."""
-    yield ServerSentEvent(data={"subscribed": True}, event="hello", id="0")
-    async for event in service.bus.subscribe():
-        if type is None or event["type"].startswith(type):
-            yield ServerSentEvent(data=event, event=event["type"], id=str(event["id"]))
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffers the stream
+SSE_EVENT_SCHEMA: dict[str, Any] = {  # one event on the wire, as OpenAPI 3.2 describes a stream's items
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+}
+SSE_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-Sent Events",
+        "content": {"text/event-stream": {"itemSchema": SSE_EVENT_SCHEMA}},
+    }
+}
+Prefixes = Annotated[list[Annotated[str, StringConstraints(max_length=64)]] | None, Query(max_length=32)]
+
+
+async def _stream(
+    subscribe: Callable[[], FrameSubscription],
+    first: Callable[[], tuple[bytes, bool]],
+    last: frozenset[str] = frozenset(),
+) -> AsyncIterator[bytes]:
+    """The frame ``first()`` makes, then the subscription's frames as they come (a burst in one
+    write), until one whose type is in ``last`` has gone (or at once when ``first()`` says it was
+    the last). Subscribed when the stream starts and closed with it, however it ends."""
+    with subscribe() as sub:
+        data, over = first()  # read after subscribing: no change slips between the two
+        yield data
+        while not over:
+            batch = await sub.next_batch()
+            yield b"".join(f.data for f in batch)
+            over = any(f.type in last for f in batch)
+
+
+def _sse(content: AsyncIterator[bytes]) -> EventStream:
+    return EventStream(content, headers=SSE_HEADERS)
+
+
+@jobs.get("/jobs/{job_id}/events", response_class=EventStream, responses={**JSON_ERRORS, **SSE_DOC})
+async def job_events(service: Service, job: Annotated[Job, Depends(_job)]) -> Response:
+    """The job's state now, then every change, until it finishes (Server-Sent Events; its
+    ``job.progress`` at most 10 a second, the latest)."""
+
+    def state() -> tuple[bytes, bool]:
+        return encode_frame("job.state", job.info(), 0), job.state.finished
+
+    return _sse(_stream(lambda: service.bus.frames.subscribe(job=job.id), state, FINISHED))
+
+
+@jobs.get("/events", response_class=EventStream, responses={**JSON_ERRORS, **SSE_DOC})
+async def events(service: Service, type: Prefixes = None, exclude: Prefixes = None) -> Response:
+    """Every event of the service (Server-Sent Events); ``type`` keeps those whose type starts with
+    one of its values (``model.``, ``job.``; repeat it for several), ``exclude`` drops those whose
+    type starts with one of its values (``worker.state``). ``job.progress`` comes at most 10 times
+    a second per job, the latest, always before that job's next event. Each event is encoded once
+    for all streams."""
+    types, excluded = tuple(type or ()), tuple(exclude or ())
+    return _sse(
+        _stream(
+            lambda: service.bus.frames.subscribe(types, excluded),
+            lambda: (encode_frame("hello", {"subscribed": True}, 0), False),
+        )
+    )
 
 
 # ---------------------------------------------------------------------- leases

@@ -1,20 +1,35 @@
 """The event bus: every state change, job update and worker event, fanned out to subscribers.
 
-``publish`` may be called from any thread; subscribers are asyncio queues on the service's loop
-(the API streams them as Server-Sent Events). A slow subscriber loses its oldest events, never
-blocks the service.
+``publish`` may be called from any thread; subscribers are asyncio queues on the service's loop.
+A slow subscriber loses its oldest events, never blocks the service.
+
+The API's event streams (Server-Sent Events) subscribe to ``frames``: each event is encoded to
+its SSE frame once, and the same bytes go to every stream (a dashboard costs a queue put per
+event, not a JSON encoding); ``job.progress`` events are thinned per job to at most one per
+``PROGRESS_INTERVAL_S`` there, the latest winning, and a held one goes out before the next event
+of its job, so a stream never shows a job's end before its last progress.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
+import json
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 Event = dict[str, Any]
+
+PROGRESS_INTERVAL_S = 0.1  # job.progress on the streams: at most 10 a second per job
+PING_INTERVAL_S = 15.0  # an idle stream gets a comment this often (proxies, dead peers)
+PING = b": ping\n\n"
+FINISHED = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 
 
 class EventBus:
@@ -26,6 +41,7 @@ class EventBus:
         self.recent: deque[Event] = deque(maxlen=history)
         self.last_id = 0  # id of the newest event: a view built before it may be stale
         self._listeners: list[Callable[[Event], None]] = []
+        self.frames = FrameFanout(queue_size=queue_size)
 
     def on_delivery(self, listener: Callable[[Event], None]) -> None:
         """Call ``listener`` on the loop for every event delivered (parts that react to changes)."""
@@ -59,6 +75,7 @@ class EventBus:
             if q.full():
                 q.get_nowait()  # drop the oldest: a slow reader never blocks the service
             q.put_nowait(event)
+        self.frames.deliver(event)
 
     async def subscribe(self) -> AsyncIterator[Event]:
         """Events from now on, until the consumer stops iterating."""
@@ -72,4 +89,189 @@ class EventBus:
 
     @property
     def subscriber_count(self) -> int:
+        return len(self._subscribers) + self.frames.subscriber_count
+
+
+# ---------------------------------------------------------------------- SSE frames
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One event as the bytes of a Server-Sent Event, shared by every stream that sends it."""
+
+    type: str
+    job: str | None
+    data: bytes
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what ``json`` does not know (pydantic models, enums, paths, sets)."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as null (JSON has neither; browsers refuse them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def encode_frame(type: str, data: Any, id: int | str) -> bytes:
+    """The SSE wire form of one event: ``event:``, one ``data:`` line of compact JSON, ``id:``."""
+    try:
+        body = json.dumps(data, separators=(",", ":"), default=_plain, allow_nan=False)
+    except ValueError:
+        body = json.dumps(_finite(json.loads(json.dumps(data, default=_plain))), separators=(",", ":"))
+    return b"event: %s\ndata: %s\nid: %s\n\n" % (type.encode(), body.encode(), str(id).encode())
+
+
+class FrameSubscription:
+    """One stream's queue of frames. ``types``: type prefixes to send (empty: all); ``exclude``:
+    type prefixes not to send; ``job``: only that job's events."""
+
+    def __init__(
+        self, fanout: FrameFanout, types: tuple[str, ...], exclude: tuple[str, ...], job: str | None
+    ) -> None:
+        self._fanout = fanout
+        self.types = types
+        self.exclude = exclude
+        self.job = job
+        self.queue: asyncio.Queue[Frame] = asyncio.Queue(fanout.queue_size)
+
+    def wants(self, frame: Frame) -> bool:
+        if self.job is not None and frame.job != self.job:
+            return False
+        return (not self.types or frame.type.startswith(self.types)) and not frame.type.startswith(
+            self.exclude
+        )
+
+    def put(self, frame: Frame) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()  # drop the oldest: a slow reader never blocks the service
+        self.queue.put_nowait(frame)
+
+    async def next_batch(self) -> list[Frame]:
+        """The frames waiting now (at least one: waits for it): a burst goes out in one write."""
+        batch = [await self.queue.get()]
+        while not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        return batch
+
+    def close(self) -> None:
+        self._fanout.unsubscribe(self)
+
+    def __enter__(self) -> FrameSubscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+PING_FRAME = Frame(type="", job=None, data=PING)
+
+
+class FrameFanout:
+    """Events to the event streams as shared frames, ``job.progress`` thinned per job (see the
+    module docstring). Runs on the service's loop (``EventBus._deliver``)."""
+
+    def __init__(self, *, queue_size: int = 1000, progress_interval: float = PROGRESS_INTERVAL_S) -> None:
+        self.queue_size = queue_size
+        self.progress_interval = progress_interval
+        self._subscribers: set[FrameSubscription] = set()
+        self._sent_at: dict[str, float] = {}  # job -> loop time its last progress went out
+        self._held: dict[str, Event] = {}  # job -> its newest progress not sent yet
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._pinger: asyncio.TimerHandle | None = None
+
+    @property
+    def subscriber_count(self) -> int:
         return len(self._subscribers)
+
+    def subscribe(
+        self, types: tuple[str, ...] = (), exclude: tuple[str, ...] = (), job: str | None = None
+    ) -> FrameSubscription:
+        """A subscription from now on (on the loop); close it (or use it as a context manager)."""
+        sub = FrameSubscription(self, types, exclude, job)
+        self._subscribers.add(sub)
+        if self._pinger is None:
+            self._pinger = asyncio.get_running_loop().call_later(PING_INTERVAL_S, self._ping)
+        return sub
+
+    def unsubscribe(self, sub: FrameSubscription) -> None:
+        self._subscribers.discard(sub)
+        if not self._subscribers:
+            self._reset()
+
+    def deliver(self, event: Event) -> None:
+        if not self._subscribers:
+            return
+        job = event.get("job")
+        kind = event["type"]
+        if not isinstance(job, str):
+            self._send(event, None)
+            return
+        loop = asyncio.get_running_loop()
+        if kind == "job.progress":
+            now = loop.time()
+            if job not in self._held and now - self._sent_at.get(job, -math.inf) >= self.progress_interval:
+                self._sent_at[job] = now
+                self._send(event, job)
+            else:
+                self._held[job] = event  # the latest wins
+                if job not in self._timers:
+                    due = self._sent_at[job] + self.progress_interval
+                    self._timers[job] = loop.call_at(due, self._flush, job)
+            return
+        self._flush(job)  # a held progress goes out before its job's next event
+        self._send(event, job)
+        if kind in FINISHED:
+            self._sent_at.pop(job, None)
+        if len(self._sent_at) > 1000:  # jobs that never finished: old entries hold nothing back
+            now = loop.time()
+            self._sent_at = {j: t for j, t in self._sent_at.items() if now - t < self.progress_interval}
+
+    def _flush(self, job: str) -> None:
+        timer = self._timers.pop(job, None)
+        if timer is not None:
+            timer.cancel()
+        event = self._held.pop(job, None)
+        if event is not None:
+            self._sent_at[job] = asyncio.get_running_loop().time()
+            self._send(event, job)
+
+    def _send(self, event: Event, job: str | None) -> None:
+        frame = Frame(event["type"], job, encode_frame(event["type"], event, event["id"]))
+        for sub in list(self._subscribers):
+            if sub.wants(frame):
+                sub.put(frame)
+
+    def _ping(self) -> None:
+        self._pinger = None
+        if not self._subscribers:
+            return
+        for sub in list(self._subscribers):
+            if sub.queue.empty():
+                sub.put(PING_FRAME)
+        self._pinger = asyncio.get_running_loop().call_later(PING_INTERVAL_S, self._ping)
+
+    def _reset(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._held.clear()
+        self._sent_at.clear()
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None

@@ -1,0 +1,122 @@
+"""The event bus's frames for the event streams: encoded once for every stream, filtered per
+stream, ``job.progress`` thinned per job without losing a job's last progress or its end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from modelkeeper.orchestrator.events import EventBus, Frame, FrameSubscription, encode_frame
+
+
+def on_loop(test: Callable[[EventBus], Awaitable[None]], progress_interval: float = 3600.0) -> None:
+    """Run ``test`` with a bus bound to a running loop; a long interval holds every progress
+    after a job's first until its next event, so no timer decides what a test sees."""
+
+    async def run() -> None:
+        bus = EventBus()
+        bus.bind(asyncio.get_running_loop())
+        bus.frames.progress_interval = progress_interval
+        await test(bus)
+
+    asyncio.run(run())
+
+
+def drain(sub: FrameSubscription) -> list[Frame]:
+    out = []
+    while not sub.queue.empty():
+        out.append(sub.queue.get_nowait())
+    return out
+
+
+def parsed(frame: Frame) -> tuple[str, dict[str, Any]]:
+    lines = frame.data.decode().split("\n")
+    assert lines[-2:] == ["", ""] and lines[0].startswith("event: ") and lines[1].startswith("data: ")
+    return lines[0][7:], json.loads(lines[1][6:])
+
+
+def test_one_encoding_shared_by_every_stream_and_filters_per_stream() -> None:
+    async def test(bus: EventBus) -> None:
+        everything = bus.frames.subscribe()
+        models = bus.frames.subscribe(types=("model.", "lease."))
+        quiet = bus.frames.subscribe(exclude=("worker.state",))
+        bus.publish("model.loaded", model_id="m-1", device="cpu")
+        bus.publish("worker.state", device="cpu", name="m-1/unet", state="loaded")
+        a, b, c = drain(everything), drain(models), drain(quiet)
+        assert [f.type for f in a] == ["model.loaded", "worker.state"]
+        assert [f.type for f in b] == ["model.loaded"] and [f.type for f in c] == ["model.loaded"]
+        assert a[0].data is b[0].data is c[0].data  # one encoding, the same bytes for all
+        kind, data = parsed(a[0])
+        assert kind == "model.loaded" and data["model_id"] == "m-1" and data["type"] == "model.loaded"
+        assert a[0].data.endswith(b"id: %d\n\n" % data["id"])
+        for sub in (everything, models, quiet):
+            sub.close()
+        assert bus.subscriber_count == 0
+
+    on_loop(test)
+
+
+def test_progress_thinned_per_job_latest_wins_and_flushed_before_the_end() -> None:
+    async def test(bus: EventBus) -> None:
+        with bus.frames.subscribe() as sub, bus.frames.subscribe(job="j-1") as one_job:
+            for done in range(1, 6):
+                bus.publish("job.progress", job="j-1", progress={"done": done, "total": 5})
+            bus.publish("job.progress", job="j-2", progress={"done": 1})  # another job is not held back
+            bus.publish("job.succeeded", job="j-1", info={"state": "succeeded"})
+            frames = drain(sub)
+            seen = [(f.type, parsed(f)[1].get("job"), parsed(f)[1].get("progress")) for f in frames]
+            assert seen == [
+                ("job.progress", "j-1", {"done": 1, "total": 5}),  # the first goes out at once
+                ("job.progress", "j-2", {"done": 1}),
+                ("job.progress", "j-1", {"done": 5, "total": 5}),  # 2-4 dropped, 5 before the end
+                ("job.succeeded", "j-1", None),
+            ]
+            assert [f.type for f in drain(one_job)] == ["job.progress", "job.progress", "job.succeeded"]
+            # after its end a job's next progress (a new run of the id) is not held back
+            bus.publish("job.progress", job="j-1", progress={"done": 1})
+            assert [f.type for f in drain(sub)] == ["job.progress"]
+
+    on_loop(test)
+
+
+def test_a_held_progress_goes_out_when_its_interval_ends() -> None:
+    async def test(bus: EventBus) -> None:
+        with bus.frames.subscribe() as sub:
+            bus.publish("job.progress", job="j-1", progress={"done": 1})
+            bus.publish("job.progress", job="j-1", progress={"done": 2})
+            bus.publish("job.progress", job="j-1", progress={"done": 3})
+            first = await asyncio.wait_for(sub.next_batch(), 5)
+            assert [parsed(f)[1]["progress"] for f in first] == [{"done": 1}]
+            later = await asyncio.wait_for(sub.next_batch(), 5)  # held, then sent by the timer
+            assert [parsed(f)[1]["progress"] for f in later] == [{"done": 3}]
+
+    on_loop(test, progress_interval=0.01)
+
+
+def test_events_without_subscribers_cost_nothing_and_hold_nothing() -> None:
+    async def test(bus: EventBus) -> None:
+        bus.publish("job.progress", job="j-1", progress={"done": 1})
+        bus.publish("job.progress", job="j-1", progress={"done": 2})
+        with bus.frames.subscribe() as sub:
+            bus.publish("job.progress", job="j-1", progress={"done": 3})
+            assert [parsed(f)[1]["progress"] for f in drain(sub)] == [{"done": 3}]
+
+    on_loop(test)
+
+
+class Colour(Enum):
+    RED = "red"
+
+
+def test_encoding_of_what_json_does_not_know() -> None:
+    frame = encode_frame(
+        "x.y", {"path": Path("/m/a.safetensors"), "colour": Colour.RED, "ratio": math.nan}, 7
+    )
+    assert frame.startswith(b"event: x.y\ndata: ") and frame.endswith(b"\nid: 7\n\n")
+    data = json.loads(frame.split(b"\n")[1][6:])
+    assert data == {"path": "/m/a.safetensors", "colour": "red", "ratio": None}
