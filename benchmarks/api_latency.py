@@ -165,19 +165,32 @@ def request_bytes(url: str, path: str, accept: str = "application/json") -> byte
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {accept}\r\n\r\n".encode()
 
 
-# What the devices page does (src/modelkeeper/web/static/devices.js, app.js, dom.js), mirrored:
-EVENTS_PATH = "/api/events"  # app.js: one stream for every view
-GAP_S = 0.25  # dom.js refresher(): at most one refresh per 250 ms, never two at once, one after the last kick
-POLL_S = 2.0  # devices.js: memory figures move without events
-KICKS = re.compile(r"^(model|worker|lease|job|cache)\.")  # devices.js onEvent: the events that refetch
+# What the devices page does, read from its scripts (so the simulated tabs cannot drift from them):
+STATIC = Path(__file__).resolve().parents[1] / "src/modelkeeper/web/static"
+
+
+def _from_script(name: str, pattern: str) -> str:
+    found = re.search(pattern, (STATIC / name).read_text())
+    if found is None:
+        raise RuntimeError(f"{STATIC / name}: {pattern!r} not found; update the benchmark's reading of it")
+    return found.group(1)
+
+
+EVENTS_PATH = _from_script("app.js", r'const EVENTS = "([^"]+)"')  # one stream for every view
+GAP_S = 0.25  # devices.js: refresher(..., 250, ...): at most one refresh per 250 ms, never two at once
+SETTLE_S = int(_from_script("devices.js", r"const SETTLE_MS = (\d+);")) / 1000  # a kick waits this long
+POLL_S = (
+    int(_from_script("devices.js", r"const POLL_MS = (\d+);")) / 1000
+)  # refetch after this long without one
+REFETCH = re.compile(_from_script("devices.js", r"const REFETCH = /(.+)/;"))  # the events that refetch
 
 
 class Refresher:
-    """dom.js ``refresher()``: ``load`` at most once per ``gap`` s, never two at once, and once
-    more after the last kick."""
+    """dom.js ``refresher()``: ``load`` at most once per ``gap`` s, never two at once, once more
+    after the last kick, a kick waiting ``settle`` s (the tab is visible: loads are not deferred)."""
 
-    def __init__(self, load: Any, gap: float) -> None:
-        self._load, self._gap = load, gap
+    def __init__(self, load: Any, gap: float, settle: float) -> None:
+        self._load, self._gap, self._settle = load, gap, settle
         self._running = self._pending = False
         self._last = -1e9
         self._timer: asyncio.TimerHandle | None = None
@@ -191,7 +204,7 @@ class Refresher:
     def _schedule(self) -> None:
         if self._timer is None:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(max(0.0, self._last + self._gap - loop.time()), self._run)
+            self._timer = loop.call_later(max(self._settle, self._last + self._gap - loop.time()), self._run)
 
     def _run(self) -> None:
         self._timer = None
@@ -269,14 +282,26 @@ class Connection:
 async def _dashboard(url: str, counts: Any) -> None:
     """One browser tab on the devices page: the event stream open, ``/api/model/status`` (and
     ``/api/leases`` when a model holds one) refetched on the events the page reacts to, through
-    the page's refresher, and every POLL_S; each answer parsed as the page parses it."""
+    the page's refresher, and when POLL_S pass without a refetch; each answer parsed as the page
+    parses it."""
     host, port = url.removeprefix("http://").split(":")
     stream = await asyncio.open_connection(host, int(port))
     api = Connection(url)
     status_request = request_bytes(url, "/api/model/status")
     leases_request = request_bytes(url, "/api/leases")
 
+    poll: asyncio.TimerHandle | None = None
+
     async def load() -> None:
+        nonlocal poll
+        if poll is not None:
+            poll.cancel()
+        try:
+            await draw()
+        finally:
+            poll = asyncio.get_running_loop().call_later(POLL_S, refresh.kick)
+
+    async def draw() -> None:
         code, body = await api.get(status_request)
         if code != 200:
             raise RuntimeError(f"status answered {code}")
@@ -288,25 +313,22 @@ async def _dashboard(url: str, counts: Any) -> None:
             with counts.get_lock():
                 counts[0] += 1
 
-    refresh = Refresher(load, GAP_S)
+    refresh = Refresher(load, GAP_S, SETTLE_S)
 
     def on_event(kind: str, data: Any) -> None:
         with counts.get_lock():
             counts[1] += 1
-        if kind == "hello" or KICKS.match(kind):  # hello: app.js refreshes the view once live
-            refresh.kick()
-
-    async def poll() -> None:
-        while True:
-            await asyncio.sleep(POLL_S)
+        if kind == "hello" or REFETCH.search(kind):  # hello: app.js refreshes the view once live
             refresh.kick()
 
     stream[1].write(request_bytes(url, EVENTS_PATH, "text/event-stream"))
     refresh.kick()  # mount
     try:
-        await asyncio.gather(read_events(stream[0], on_event), poll())
+        await read_events(stream[0], on_event)
     finally:
         refresh.stop()
+        if poll is not None:
+            poll.cancel()
         stream[1].close()
         api.close()
 

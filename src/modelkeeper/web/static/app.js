@@ -34,8 +34,11 @@ function setLive(state) {
   live.textContent = { live: "live", retrying: "reconnecting", locked: "locked", connecting: "connecting" }[state];
 }
 
+// worker.state (a worker's per-component steps) is the bulk of a load's events and no view
+// shows it: what it changes reaches the views as model.* events.
+const EVENTS = "/api/events?exclude=worker.state";
 const stream = new EventStream(
-  "/api/events",
+  EVENTS,
   (type, data) => current?.onEvent?.(type, data),
   (state) => {
     setLive(state);

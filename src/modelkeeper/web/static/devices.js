@@ -1,7 +1,12 @@
 // Devices: each worker, its memory, and the models on it; live from the event stream.
 import { ago, badge, bytes, h, keyValues, modelLink, refresher, seconds, table } from "./dom.js";
 
-const POLL_MS = 2000; // memory figures move without events; everything else arrives as events
+// Memory figures move without events: the page refetches when POLL_MS pass without a refresh.
+// Everything else arrives as events; these make it refetch (not job.progress: nothing here shows
+// it; worker.state is not even subscribed to, see app.js). A burst's kicks settle into one request.
+const POLL_MS = 2000;
+const SETTLE_MS = 100;
+const REFETCH = /^(model|worker|lease|cache)\.|^job\.(queued|running|succeeded|failed|cancelled)$/;
 
 function memoryBar(m) {
   const total = m.total_bytes || m.budget_bytes || 1;
@@ -130,7 +135,22 @@ export function mount(root, ctx) {
   root.append(h("h1", null, "Devices"), summary, list);
   let leases = [];
 
-  const kick = refresher(async () => {
+  let poll = null;
+  const kick = refresher(
+    async () => {
+      clearTimeout(poll);
+      try {
+        await draw();
+      } finally {
+        poll = setTimeout(kick, POLL_MS);
+      }
+    },
+    250,
+    ctx.failed,
+    { settle: SETTLE_MS },
+  );
+
+  async function draw() {
     const status = await ctx.api("/api/model/status");
     const anyLease = status.devices.some((d) => d.models.some((m) => m.leases));
     leases = anyLease ? await ctx.api("/api/leases") : [];
@@ -143,16 +163,16 @@ export function mount(root, ctx) {
       h("span", null, `leases: ${status.leases}`),
     );
     list.replaceChildren(...status.devices.map((d) => deviceCard(d, leases, ctx, kick)));
-  }, 250, ctx.failed);
+  }
+
   kick();
-  const timer = setInterval(kick, POLL_MS);
   return {
     refresh: kick,
     onEvent(type) {
-      if (/^(model|worker|lease|job)\./.test(type) || type.startsWith("cache.")) kick();
+      if (REFETCH.test(type)) kick();
     },
     destroy() {
-      clearInterval(timer);
+      clearTimeout(poll);
       kick.stop();
     },
   };

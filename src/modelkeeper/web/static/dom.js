@@ -108,20 +108,36 @@ export function section(title, ...children) {
 }
 
 /** A refresh that runs ``load`` at most once per ``gap`` ms, never two at once, and always once
- * more after the last kick: events can arrive in bursts, the page still makes few requests. */
-export function refresher(load, gap = 250, onError = console.error) {
+ * more after the last kick: events can arrive in bursts, the page still makes few requests.
+ * ``settle`` ms: a kick waits that long before its load, so the kicks of one burst (a load's
+ * job, model and cache events come within a few ms) make one request, not two. A hidden tab
+ * makes none: its loads wait until it is shown, then one runs (events that are applied in place,
+ * like job progress, still are). */
+export function refresher(load, gap = 250, onError = console.error, { settle = 0 } = {}) {
   let running = false;
   let pending = false;
   let last = -Infinity;
   let timer = null;
   let dead = false;
+  let deferred = false;
+  function shown() {
+    if (!document.hidden && deferred) {
+      deferred = false;
+      schedule();
+    }
+  }
+  document.addEventListener("visibilitychange", shown);
   function schedule() {
     if (timer !== null || dead) return;
-    timer = setTimeout(run, Math.max(0, last + gap - performance.now()));
+    timer = setTimeout(run, Math.max(settle, last + gap - performance.now()));
   }
   async function run() {
     timer = null;
     if (dead) return;
+    if (document.hidden) {
+      deferred = true;
+      return;
+    }
     if (running) {
       pending = true;
       return;
@@ -145,6 +161,7 @@ export function refresher(load, gap = 250, onError = console.error) {
   kick.stop = () => {
     dead = true;
     if (timer !== null) clearTimeout(timer);
+    document.removeEventListener("visibilitychange", shown);
   };
   return kick;
 }
