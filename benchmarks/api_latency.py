@@ -417,6 +417,66 @@ def serve(models: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise TimeoutError("the service did not start")
 
 
+async def unit_costs(url: str, pid: int, streams: int = 50, events: int = 300) -> dict[str, float]:
+    """The service's CPU for one event sent on one stream (``events`` metadata edits, each one
+    ``model.metadata`` event, with ``streams`` of the page's event streams open against none) and
+    for one ``GET /api/model/status``; in microseconds."""
+    host, port = url.removeprefix("http://").split(":")
+    model = httpx.get(f"{url}/api/model", params={"limit": 1}).json()["items"][0]["id"]
+    body = b'{"description": "dashboard cost"}'
+    edit = _http_get(
+        f"PUT /api/model/{model}/metadata HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+    async def drain(reader: asyncio.StreamReader) -> None:
+        while await reader.read(65536):
+            pass
+
+    async def edits(count: int) -> float:
+        conns = [await asyncio.open_connection(host, int(port)) for _ in range(count)]
+        for _, w in conns:
+            w.write(request_bytes(url, EVENTS_PATH, "text/event-stream"))
+        readers = [asyncio.create_task(drain(r)) for r, _ in conns]
+        api = await asyncio.open_connection(host, int(port))
+        await edit(*api)
+        await asyncio.sleep(0.5)  # subscribed, the warm-up edit sent
+        cpu = cpu_seconds(pid)
+        for _ in range(events):
+            code, answer = await edit(*api)
+            if code != 200:
+                raise RuntimeError(f"a metadata edit answered {code}: {answer[:200]!r}")
+        await asyncio.sleep(0.5)  # the last events sent
+        cpu = cpu_seconds(pid) - cpu
+        for t in readers:
+            t.cancel()
+        for _, w in [*conns, api]:
+            w.close()
+        return cpu
+
+    alone, watched = await edits(0), await edits(streams)
+    api = await asyncio.open_connection(host, int(port))
+    status = _http_get(request_bytes(url, "/api/model/status"))
+    await status(*api)
+    cpu = cpu_seconds(pid)
+    for _ in range(events):
+        await status(*api)
+    cpu = cpu_seconds(pid) - cpu
+    api[1].close()
+    return {"event": 1e6 * (watched - alone) / (events * streams), "status": 1e6 * cpu / events}
+
+
+def report_unit_costs(say: Any, url: str, pid: int, runs: int) -> None:
+    costs = [asyncio.run(unit_costs(url, pid)) for _ in range(runs)]
+    say(
+        f"  unit costs (service CPU, median of {runs}): one event on one stream "
+        f"{statistics.median(c['event'] for c in costs):.0f} us ({joined(c['event'] for c in costs)}), "
+        f"one status request {statistics.median(c['status'] for c in costs):.0f} us "
+        f"({joined(c['status'] for c in costs)}); 300 metadata edits with 50 streams open against none"
+    )
+
+
 def joined(values: Iterable[float]) -> str:
     return ", ".join(f"{v:.1f}" for v in values)
 
@@ -454,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pairs", type=int, default=1, help="rows without and with the dashboards, alternated"
     )
+    parser.add_argument(
+        "--unit-costs-only",
+        action="store_true",
+        help="only the cost of an event on a stream and of a status request",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
     lines: list[str] = []
@@ -486,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             "srv CPU: the service's process, in % of one core"
         )
         say()
+        if args.unit_costs_only:
+            report_unit_costs(say, url, pid, args.pairs)
+            return 0
         header = f"{'endpoint':<20} {'condition':<12} {'pacing':<12} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'p99/anchor':>10} {'srv CPU':>8} {'loads':>6}"
         say(header)
         say("-" * len(header))
@@ -559,13 +627,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.median(b['events'] for _, b in quiet):.1f} events/s, their process used "
                 f"{100 * statistics.median(b['client_cpu'] for _, b in quiet):.1f}% of a core"
             )
+            report_unit_costs(say, url, pid, args.pairs)
         say(f"# load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         proc.terminate()
         proc.wait(60)
         shutil.rmtree(work, ignore_errors=True)
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -230,3 +230,33 @@ def test_an_unknown_model_says_so(svc: RunningService, watched: Watched) -> None
     expect(page.locator(".model-head h1")).to_have_text("No such model")
     expect(page.locator(".model-head p")).to_contain_text("<b>nope</b>")
     watched.clean(console=False)  # the 404 is logged by the browser
+
+
+#: Makes the tab look hidden (True) or shown (False) to the page, as switching tabs does.
+SET_HIDDEN = """(hidden) => {
+  Object.defineProperty(document, "hidden", { configurable: true, get: () => hidden });
+  Object.defineProperty(document, "visibilityState", { configurable: true, get: () => (hidden ? "hidden" : "visible") });
+  document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
+def test_a_hidden_tab_requests_nothing_and_catches_up_when_shown(
+    svc: RunningService, client: Client, watched: Watched
+) -> None:
+    requests: list[str] = []
+    watched.page.on("request", lambda r: requests.append(r.url))
+    page = open_live(watched, f"{svc.url}/#/")
+    page.wait_for_selector('section[data-device="cpu"]')
+    assert any(u.endswith("/api/events?exclude=worker.state") for u in requests), requests
+    page.evaluate(SET_HIDDEN, True)
+    requests.clear()
+    mid = client.model(CLIP_L)["id"]
+    client.load(mid)  # its events reach the hidden page: no refetch, no poll
+    page.wait_for_timeout(2500)  # past the devices page's 2 s poll
+    assert requests == [] and page.locator(f'tr[data-model="{mid}"]').count() == 0
+    page.evaluate(SET_HIDDEN, False)
+    page.wait_for_selector(f'tr[data-model="{mid}"] .badge-loaded', timeout=1000)
+    assert [u for u in requests if "/api/" in u] == [f"{svc.url}/api/model/status"]  # one, not one per event
+    client.unload(mid)
+    page.wait_for_selector(f'tr[data-model="{mid}"]', state="detached", timeout=1000)
+    watched.clean()
