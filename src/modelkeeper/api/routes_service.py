@@ -158,8 +158,7 @@ def _sse(content: AsyncIterator[bytes]) -> EventStream:
 
 @jobs.get("/jobs/{job_id}/events", response_class=EventStream, responses={**JSON_ERRORS, **SSE_DOC})
 async def job_events(service: Service, job: Annotated[Job, Depends(_job)]) -> Response:
-    """The job's state now, then every change, until it finishes (Server-Sent Events; its
-    ``job.progress`` at most 10 a second, the latest)."""
+    """The job's state now, then every change, until it finishes (Server-Sent Events)."""
 
     def state() -> tuple[bytes, bool]:
         return encode_frame("job.state", job.info(), 0), job.state.finished

@@ -5,9 +5,10 @@ A slow subscriber loses its oldest events, never blocks the service.
 
 The API's event streams (Server-Sent Events) subscribe to ``frames``: each event is encoded to
 its SSE frame once, and the same bytes go to every stream (a dashboard costs a queue put per
-event, not a JSON encoding); ``job.progress`` events are thinned per job to at most one per
-``PROGRESS_INTERVAL_S`` there, the latest winning, and a held one goes out before the next event
-of its job, so a stream never shows a job's end before its last progress.
+event, not a JSON encoding). On the service-wide streams (``/api/events``: dashboards)
+``job.progress`` events are thinned per job to at most one per ``PROGRESS_INTERVAL_S``, the
+latest winning, and a held one goes out before the next event of its job, so a stream never
+shows a job's end before its last progress; a job's own stream takes every progress.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def encode_frame(type: str, data: Any, id: int | str) -> bytes:
 
 class FrameSubscription:
     """One stream's queue of frames. ``types``: type prefixes to send (empty: all); ``exclude``:
-    type prefixes not to send; ``job``: only that job's events."""
+    type prefixes not to send; ``job``: only that job's events, and every progress of it (a job's
+    own stream, followed by one client: the CLI prints each step); the others take thinned progress."""
 
     def __init__(
         self, fanout: FrameFanout, types: tuple[str, ...], exclude: tuple[str, ...], job: str | None
@@ -148,6 +150,7 @@ class FrameSubscription:
         self.types = types
         self.exclude = exclude
         self.job = job
+        self.thin = job is None
         self.queue: asyncio.Queue[Frame] = asyncio.Queue(fanout.queue_size)
 
     def wants(self, frame: Frame) -> bool:
@@ -191,7 +194,7 @@ class FrameFanout:
         self.progress_interval = progress_interval
         self._subscribers: set[FrameSubscription] = set()
         self._sent_at: dict[str, float] = {}  # job -> loop time its last progress went out
-        self._held: dict[str, Event] = {}  # job -> its newest progress not sent yet
+        self._held: dict[str, Frame] = {}  # job -> its newest progress not sent yet
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._pinger: asyncio.TimerHandle | None = None
 
@@ -218,25 +221,31 @@ class FrameFanout:
         if not self._subscribers:
             return
         job = event.get("job")
-        kind = event["type"]
-        if not isinstance(job, str):
-            self._send(event, None)
+        frame = Frame(
+            event["type"],
+            job if isinstance(job, str) else None,
+            encode_frame(event["type"], event, event["id"]),
+        )
+        if frame.job is None:
+            self._send(frame)
             return
+        job = frame.job
         loop = asyncio.get_running_loop()
-        if kind == "job.progress":
+        if frame.type == "job.progress":
+            self._send(frame, thin=False)  # the streams that take every progress (one job's)
             now = loop.time()
             if job not in self._held and now - self._sent_at.get(job, -math.inf) >= self.progress_interval:
                 self._sent_at[job] = now
-                self._send(event, job)
+                self._send(frame, thin=True)
             else:
-                self._held[job] = event  # the latest wins
+                self._held[job] = frame  # the latest wins
                 if job not in self._timers:
                     due = self._sent_at[job] + self.progress_interval
                     self._timers[job] = loop.call_at(due, self._flush, job)
             return
         self._flush(job)  # a held progress goes out before its job's next event
-        self._send(event, job)
-        if kind in FINISHED:
+        self._send(frame)
+        if frame.type in FINISHED:
             self._sent_at.pop(job, None)
         if len(self._sent_at) > 1000:  # jobs that never finished: old entries hold nothing back
             now = loop.time()
@@ -246,15 +255,16 @@ class FrameFanout:
         timer = self._timers.pop(job, None)
         if timer is not None:
             timer.cancel()
-        event = self._held.pop(job, None)
-        if event is not None:
+        frame = self._held.pop(job, None)
+        if frame is not None:
             self._sent_at[job] = asyncio.get_running_loop().time()
-            self._send(event, job)
+            self._send(frame, thin=True)
 
-    def _send(self, event: Event, job: str | None) -> None:
-        frame = Frame(event["type"], job, encode_frame(event["type"], event, event["id"]))
+    def _send(self, frame: Frame, thin: bool | None = None) -> None:
+        """``frame`` to the subscriptions that want it (``thin``: only those that do (True) or do
+        not (False) thin progress; None: all)."""
         for sub in list(self._subscribers):
-            if sub.wants(frame):
+            if (thin is None or sub.thin is thin) and sub.wants(frame):
                 sub.put(frame)
 
     def _ping(self) -> None:
