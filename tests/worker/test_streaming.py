@@ -5,8 +5,10 @@ only resident weights and the ring; LoRAs patch streamed blocks exactly; unloadi
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -320,3 +322,111 @@ def test_tied_weights_stay_resident(monkeypatch: pytest.MonkeyPatch) -> None:
     units = find_units(module, "Sequential")
     assert len(units) == 1  # the Linear's bias alone
     assert all(w.host is not module[0].weight for u in units for w in u.weights)
+
+
+# ----------------------------------------------------------------------------- packed weights streamed
+
+
+def packed_file(form: str, tmp_path: Path) -> tuple[Path, str, dict[str, Any]]:
+    """A tiny file that loads packed: (path, type, extra load fields)."""
+    from safetensors.torch import save_file
+
+    from modelkeeper.testing import component_config, make_transformer, make_unet
+    from modelkeeper.testing.fp8_files import fp8_state, scaled_fp8_state
+    from modelkeeper.testing.gguf_files import write_gguf
+
+    ref = make_unet("sdxl") if form in ("cast", "scaled") else make_transformer("flux")
+    config = component_config(ref)
+    path = tmp_path / f"{form}.safetensors"
+    if form.startswith("gguf:"):
+        path = path.with_suffix(".gguf")
+        write_gguf(path, ref.state_dict(), form.removeprefix("gguf:"), arch="flux", config=config)
+        return path, "transformer", {"dtype": "float32"}
+    state = {
+        "cast": dict(ref.state_dict()),
+        "fp8": fp8_state(ref.state_dict(), torch.float8_e4m3fn),
+        "scaled": scaled_fp8_state(ref.state_dict()),
+    }[form]
+    save_file(state, str(path), metadata={"modelkeeper.config": json.dumps(config)})
+    extra: dict[str, Any] = {"dtype": "float32"}
+    if form == "cast":
+        extra["storage_dtype"] = "float8_e4m3fn"
+    return path, "unet" if form in ("cast", "scaled") else "transformer", extra
+
+
+def probe_output(module: torch.nn.Module) -> torch.Tensor:
+    from modelkeeper.worker.validate import probes
+
+    with torch.no_grad():
+        return probes(module, seed=5)[0].run()
+
+
+@pytest.mark.parametrize("form", ["cast", "fp8", "scaled", "gguf:Q4_K"])
+def test_packed_weights_stream_packed_and_bit_identical(
+    worker: InProcessWorker, tmp_path: Path, form: str
+) -> None:
+    path, kind, extra = packed_file(form, tmp_path)
+    load = {"path": str(path), "type": kind, **extra}
+    ref = worker.call(CommandType.LOAD_MODEL, {"name": "ref", **load})
+    assert ref["storage"] is not None
+    want = probe_output(worker.module("ref"))
+    for fraction in (0.5, 0.0):
+        got = worker.call(
+            CommandType.LOAD_MODEL, {"name": "s", "offload": int(fraction * ref["bytes"]), **load}
+        )
+        assert got["storage"] == ref["storage"] and got["bytes"] == ref["bytes"]  # packed bytes, not decoded
+        assert got["streamed_bytes"] > 0
+        assert got["resident_bytes"] + got["streamed_bytes"] == ref["bytes"]
+        stream = worker.service.get("s").streamer
+        assert stream is not None
+        packed = {p.dtype for u in stream.units if not u.resident for w in u.weights for p in [w.host]}
+        assert packed & {torch.float8_e4m3fn, torch.uint8}  # the packed form is what travels
+        for _ in range(2):
+            assert torch.equal(probe_output(worker.module("s")), want)
+        stats = info(worker, "s")
+        stored = sum(
+            w.host.numel() * w.host.element_size() for u in stream.units if not u.resident for w in u.weights
+        )
+        assert stats["streamed_bytes"] == stored  # the packed bytes: what crosses the link
+        assert stats["streaming"]["copied_bytes"] >= stored
+        worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "ref"})
+
+
+def packed_sequential() -> torch.nn.Module:
+    """Four Linear layers whose weights are stored in fp8 (two of them scaled) and decoded by hooks."""
+    from modelkeeper.worker.storage import Packed, StoragePlan, attach
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)])
+    plan = StoragePlan(torch.float32)
+    for i, layer in enumerate(module):
+        assert isinstance(layer, torch.nn.Linear)
+        scale = torch.tensor(0.5) if i % 2 else None
+        layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+        plan.packed[str(i)] = {"weight": Packed("scaled_float8_e4m3fn" if scale is not None else "float8_e4m3fn",
+                                                (32, 32), scale=scale)}  # fmt: skip
+    attach(module, plan)
+    return module.eval()
+
+
+def test_a_packed_layer_that_is_a_unit_decodes_from_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkeeper.worker import streaming
+
+    monkeypatch.setattr(
+        streaming, "GROUP_BYTES", 1
+    )  # one unit per layer: the streamer's hook and the decode hook on one module
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = packed_sequential()(x)
+        module = packed_sequential()
+        stream = streamed(module, "Sequential", 0.0, "cpu")
+        assert len(stream.units) == 4 and sum(not u.resident for u in stream.units) == 3
+        assert stream.streamed_bytes == 3 * (32 * 32 + 32 * 4)  # fp8 weights and float32 biases
+        for _ in range(2):
+            assert torch.equal(module(x), want)
+        assert stream.stats.misses == 3  # the first pass only
+        assert all(
+            p.dtype == torch.float8_e4m3fn for layer in module for p in [layer.weight]
+        )  # at rest: packed
+    stream.close()

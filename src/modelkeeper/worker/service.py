@@ -269,11 +269,6 @@ class ModelService:
             del old  # the old model stays loaded until the new one is built (an atomic replace)
         # offload: None loads the whole model here; a number streams what does not fit it (host first)
         offload = streaming.resident_limit(request.offload, required, self._free_budget(replaced_bytes))
-        if offload is not None and packing:
-            raise InvalidRequest(
-                f"data.offload: {request.name!r} keeps packed weights (fp8 or GGUF); streaming them is not "
-                "supported yet: load it fully resident (offload: none) or from a full-precision file"
-            )
         evicted = (
             []
             if offload is not None

@@ -20,6 +20,10 @@ came from disk) and are copied into a device *ring* just ahead of their use:
 Each unit is copied as a few contiguous runs of host memory (tensors of one block sit together in a
 safetensors file), so a copy is one or two large DMA transfers, not one per tensor. Outputs are
 bit-identical to the resident module: the same kernels read the same bytes, only from elsewhere.
+Packed weights (fp8, scaled fp8, GGUF blocks: :mod:`modelkeeper.worker.storage`) stream packed:
+the ring receives the stored bytes (half or a quarter of the decoded ones over the link), and the
+layer's decode hook, which runs after the unit's pre-hook, decodes them on the device as it does
+for a resident packed layer.
 On a CPU worker the "device" is the CPU: streamed weights live in their own host buffers and are
 copied into the ring before use (synchronously), which exercises the same mechanics.
 """
@@ -36,6 +40,7 @@ from typing import Any
 
 import torch
 
+from modelkeeper.worker import storage
 from modelkeeper.worker.mapping import MappingTable, is_segment
 
 #: Module-name patterns of the units of each architecture (the outermost match is the unit).
@@ -429,6 +434,7 @@ class Streamer:
         self.resident_unit_bytes = sum(u.nbytes for u in self.units if u.resident)
         self.streamed_bytes = sum(u.nbytes for u in streamed)
         self._place_resident(rest, [u for u in self.units if u.resident])
+        storage.move_scales(module, device)
         if device.type == "cuda":
             for unit in streamed:
                 self._pin(unit, pinned)
@@ -444,7 +450,8 @@ class Streamer:
         self._streamed = streamed
         for unit in streamed:
             for m in unit.modules:
-                self._hooks.append(m.register_forward_pre_hook(self._pre_hook(unit)))
+                # first of the unit's pre-hooks: a packed layer's decode hook reads the ring's bytes
+                self._hooks.append(m.register_forward_pre_hook(self._pre_hook(unit), prepend=True))
                 self._hooks.append(m.register_forward_hook(self._post_hook(unit), always_call=True))
         if streamed:
             for name in PASS_ROOTS.get(class_name, ("",)):
