@@ -223,17 +223,62 @@ def streamed(module: torch.nn.Module, class_name: str, fraction: float, device: 
     return Streamer(module, torch.device(device), class_name, int(fraction * total))
 
 
+def deeper_text_encoder(kind: str, layers: int) -> torch.nn.Module:
+    """The demo's text encoder (one layer) with ``layers`` layers, seeded."""
+    config = make_text_encoder(kind).config  # type: ignore[arg-type]
+    if kind == "t5":
+        config.num_layers = layers
+    else:
+        config.num_hidden_layers = layers
+    torch.manual_seed(7)
+    return type(make_text_encoder(kind))(config).eval()  # type: ignore[arg-type]
+
+
+def total_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
 @pytest.mark.parametrize("kind", ["clip_l", "t5"])
 def test_text_encoders_stream_by_layer(kind: str) -> None:
     ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = make_text_encoder(kind)(ids).last_hidden_state  # type: ignore[arg-type]
-        module = make_text_encoder(kind)  # type: ignore[arg-type]
+        want = deeper_text_encoder(kind, 6)(ids).last_hidden_state
+        module = deeper_text_encoder(kind, 6)
         stream = streamed(module, type(module).__name__, 0.0, "cpu")
         assert all("layers." in u.name or "block." in u.name for u in stream.units)
+        assert stream.streamed_bytes > 0
+        assert stream.device_bytes < total_bytes(module)  # embeddings resident, layers through the ring
         for _ in range(2):
             assert torch.equal(module(ids).last_hidden_state, want)
     stream.close()
+
+
+@pytest.mark.parametrize("kind", ["clip_l", "clip_g", "t5"])
+@pytest.mark.parametrize("layers", [1, 2, 3, 4])
+def test_a_streamed_text_encoder_never_needs_more_than_resident(kind: str, layers: int) -> None:
+    """Few layers beside large embeddings: a ring of three of the largest would outgrow the layers it
+    streams; the layers stay resident instead, as many as that takes."""
+    module = deeper_text_encoder(kind, layers)
+    total = total_bytes(module)
+    for fraction in (0.0, 0.5):
+        stream = streamed(module, type(module).__name__, fraction, "cpu")
+        assert stream.device_bytes <= total
+        assert stream.resident_bytes + stream.streamed_bytes == total
+        assert stream.streamed_bytes == 0 or stream.pool_bytes < stream.streamed_bytes
+        stream.close()
+
+
+def test_a_one_layer_text_encoder_loads_streamed_within_its_resident_bytes(
+    worker: InProcessWorker, demo: DemoManifest
+) -> None:
+    entry = demo["clip-l"]
+    ref = worker.call(CommandType.LOAD_MODEL, load_data(entry, demo.root, name="ref", type="text_encoder"))
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "ref"})
+    got = worker.call(
+        CommandType.LOAD_MODEL, load_data(entry, demo.root, name="s", type="text_encoder", offload=0)
+    )
+    assert got["memory"]["models_bytes"] <= ref["memory"]["models_bytes"]
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
 
 
 def test_vae_streams_through_encode_and_decode() -> None:
@@ -284,13 +329,13 @@ def test_unknown_architectures_stream_groups_of_leaf_modules(monkeypatch: pytest
 
     monkeypatch.setattr(streaming, "GROUP_BYTES", 40_000)
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(64, 64) for _ in range(8)]
+    layers = [torch.nn.Linear(64, 64) for _ in range(16)]
     module = torch.nn.Sequential(*layers)
     x = torch.randn(3, 64)
     with torch.no_grad():
         want = module(x)
         stream = streamed(module, "Sequential", 0.0, "cpu")
-        assert [len(u.modules) for u in stream.units] == [2, 2, 2, 2]  # 16.6 kB a layer
+        assert [len(u.modules) for u in stream.units] == [2] * 8  # 16.6 kB a layer
         for _ in range(2):
             assert torch.equal(module(x), want)
         assert stream.stats.fetches >= len(stream.units) - 1  # the first group stays resident
@@ -335,7 +380,14 @@ def packed_file(form: str, tmp_path: Path) -> tuple[Path, str, dict[str, Any]]:
     from modelkeeper.testing.fp8_files import fp8_state, scaled_fp8_state
     from modelkeeper.testing.gguf_files import write_gguf
 
-    ref = make_unet("sdxl") if form in ("cast", "scaled") else make_transformer("flux")
+    if form in ("cast", "scaled"):
+        ref = make_unet("sdxl")
+    else:  # more blocks than the demo's two: a ring of three of them would stream nothing
+        from diffusers import FluxTransformer2DModel
+
+        torch.manual_seed(0)
+        config = {**component_config(make_transformer("flux")), "num_layers": 4, "num_single_layers": 8}
+        ref = FluxTransformer2DModel.from_config(config)
     config = component_config(ref)
     path = tmp_path / f"{form}.safetensors"
     if form.startswith("gguf:"):
@@ -394,18 +446,18 @@ def test_packed_weights_stream_packed_and_bit_identical(
 
 
 def packed_sequential() -> torch.nn.Module:
-    """Four Linear layers whose weights are stored in fp8 (two of them scaled) and decoded by hooks."""
+    """Eight Linear layers whose weights are stored in fp8 (half of them scaled) and decoded by hooks."""
     from modelkeeper.worker.storage import Packed, StoragePlan, attach
 
     torch.manual_seed(0)
-    module = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)])
+    module = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
     plan = StoragePlan(torch.float32)
     for i, layer in enumerate(module):
         assert isinstance(layer, torch.nn.Linear)
         scale = torch.tensor(0.5) if i % 2 else None
         layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
         plan.packed[str(i)] = {"weight": Packed("scaled_float8_e4m3fn" if scale is not None else "float8_e4m3fn",
-                                                (32, 32), scale=scale)}  # fmt: skip
+                                                (64, 64), scale=scale)}  # fmt: skip
     attach(module, plan)
     return module.eval()
 
@@ -416,16 +468,16 @@ def test_a_packed_layer_that_is_a_unit_decodes_from_the_ring(monkeypatch: pytest
     monkeypatch.setattr(
         streaming, "GROUP_BYTES", 1
     )  # one unit per layer: the streamer's hook and the decode hook on one module
-    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         want = packed_sequential()(x)
         module = packed_sequential()
         stream = streamed(module, "Sequential", 0.0, "cpu")
-        assert len(stream.units) == 4 and sum(not u.resident for u in stream.units) == 3
-        assert stream.streamed_bytes == 3 * (32 * 32 + 32 * 4)  # fp8 weights and float32 biases
+        assert len(stream.units) == 8 and sum(not u.resident for u in stream.units) == 7
+        assert stream.streamed_bytes == 7 * (64 * 64 + 64 * 4)  # fp8 weights and float32 biases
         for _ in range(2):
             assert torch.equal(module(x), want)
-        assert stream.stats.misses == 3  # the first pass only
+        assert stream.stats.misses == 7  # the first pass only
         assert all(
             p.dtype == torch.float8_e4m3fn for layer in module for p in [layer.weight]
         )  # at rest: packed

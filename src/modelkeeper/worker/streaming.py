@@ -224,6 +224,21 @@ def _pool(streamed: Sequence[Unit], target: int) -> int:
     return max(3 * max(u.bound for u in streamed), min(target, sum(u.bound for u in streamed)))
 
 
+def ring_pays(units: Sequence[Unit], resident: Iterable[int], target: int) -> set[int]:
+    """``resident`` (indices into ``units``) grown until the ring takes fewer bytes than the units it
+    streams: while it would take as many (a model of few blocks: the ring holds three of the largest),
+    the largest streamed unit stays resident instead. So a streamed module never needs more device
+    bytes than the same module resident (at worst it is resident whole, with no ring)."""
+    chosen = set(resident)
+    while True:
+        streamed = [i for i in range(len(units)) if i not in chosen]
+        if not streamed or _pool([units[i] for i in streamed], target) < sum(
+            units[i].nbytes for i in streamed
+        ):
+            return chosen
+        chosen.add(max(streamed, key=lambda i: units[i].nbytes))
+
+
 def resident_limit(offload: str | int, required: int, free: int) -> int | None:
     """The resident bytes a load with ``offload`` may keep, or None to load the whole model as
     always (``none``; ``auto`` when it fits ``free``; a cap at least ``required``)."""
@@ -426,7 +441,7 @@ class Streamer:
         budget = resident_cap - self.rest_bytes
         if device_budget is not None:  # the ring as if every unit streamed: an upper bound
             budget = min(budget, device_budget - self.rest_bytes - _pool(self.units, target))
-        resident = choose_resident(sizes, budget, keep=keep)
+        resident = ring_pays(self.units, choose_resident(sizes, budget, keep=keep), target)
         for i, unit in enumerate(self.units):
             unit.resident = i in resident
         streamed = [u for u in self.units if not u.resident]
