@@ -482,3 +482,50 @@ def test_a_packed_layer_that_is_a_unit_decodes_from_the_ring(monkeypatch: pytest
             p.dtype == torch.float8_e4m3fn for layer in module for p in [layer.weight]
         )  # at rest: packed
     stream.close()
+
+
+def test_streamed_weights_keep_their_resident_alignment(
+    worker: InProcessWorker, demo: DemoManifest, worker_device: str
+) -> None:
+    """cuDNN and cuBLAS choose kernels by the alignment of the weights' addresses: every streamed weight
+    must sit in the ring at the offset modulo ALIGN that it has in the resident model's buffer."""
+    from modelkeeper.worker.streaming import ALIGN
+
+    entry = demo["sdxl-unet"]
+    worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="ref"))
+    worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=0))
+    ref = dict(worker.module("ref").named_parameters())
+    module = worker.module("s")
+    names = {id(m): n for n, m in module.named_modules()}
+    stream = worker.service.get("s").streamer
+    assert stream is not None
+    seen: dict[str, tuple[int, int]] = {}
+
+    def check(unit: Any) -> Any:
+        def hook(_m: torch.nn.Module, _args: Any) -> None:
+            base = stream._ring.data_ptr()
+            for w in unit.weights:
+                owner, attr = w.places[0]
+                name = f"{names[id(owner)]}.{attr}".lstrip(".")
+                want = ref[name]
+                got = owner._parameters[attr]
+                assert got is not None and got.device.type == want.device.type
+                seen[name] = (
+                    (got.data_ptr() - base) % ALIGN,
+                    (want.data_ptr() - want.untyped_storage().data_ptr()) % ALIGN,
+                )
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(check(u)) for u in stream.units if not u.resident for m in u.modules
+    ]
+    for _ in range(3):
+        run_unet(module, worker_device)
+    for h in handles:
+        h.remove()
+    assert len(seen) == sum(len(u.weights) for u in stream.units if not u.resident)
+    wrong = {n: v for n, v in seen.items() if v[0] != v[1]}
+    assert not wrong, wrong
+    for name in ("ref", "s"):
+        worker.call(CommandType.UNLOAD_MODEL, {"name": name})

@@ -359,6 +359,11 @@ def plan_copy(
     return runs, where, size
 
 
+def _up(n: int) -> int:
+    """``n`` rounded up to a multiple of ALIGN."""
+    return n + (-n % ALIGN)
+
+
 def _view(storage: torch.UntypedStorage, offset: int, like: torch.Tensor) -> torch.nn.Parameter:
     t = torch.empty(0, dtype=like.dtype, device=storage.device)
     t.set_(storage, offset // like.element_size(), like.shape, like.stride())
@@ -627,7 +632,7 @@ class Streamer:
         further ahead than the ring is long: each hook runs this, its cost is the pass's)."""
         reach = self.pool_bytes
         for unit in order[start:]:
-            reach -= unit.size + ALIGN
+            reach -= _up(unit.size)
             if reach < 0:
                 return
             if unit.valid and unit.offset is not None:
@@ -655,7 +660,7 @@ class Streamer:
             unit.runs, unit.where, unit.size = plan_copy(unit.weights, self._anchors)
             unit.ptrs = [w.host.data_ptr() for w in unit.weights]
             unit.views = {}
-        size = unit.size + ALIGN
+        size = _up(unit.size)  # every place in the ring ALIGN-aligned: plan_copy's offsets hold there
         start = self._room(size, demand)
         if start is None:
             return False
