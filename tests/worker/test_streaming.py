@@ -97,6 +97,29 @@ def test_streamed_unet_is_bit_identical_at_every_budget(
         worker.call(CommandType.UNLOAD_MODEL, {"name": name})
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.0])
+def test_passes_repeat_their_placements_with_no_host_work_after_the_first(
+    worker: InProcessWorker, demo: DemoManifest, worker_device: str, fraction: float
+) -> None:
+    """Once the ring's places repeat (a pass or a cycle of two; the first pass records the order),
+    every unit arrives ahead of its use (no miss) at a place of the ring it held before (no new
+    parameter views): the hooks allocate nothing per step."""
+    entry = demo["sdxl-unet"]
+    cap = int(fraction * 2 * entry.size_bytes)  # the file is fp16, the load float32
+    worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=cap))
+    module = worker.module("s")
+    for _ in range(5):
+        run_unet(module, worker_device)
+    before = info(worker, "s")["streaming"]
+    for _ in range(3):
+        run_unet(module, worker_device)
+    after = info(worker, "s")["streaming"]
+    assert after["passes"] == before["passes"] + 3
+    assert (after["misses"], after["views"]) == (before["misses"], before["views"])
+    assert after["copied_bytes"] - before["copied_bytes"] <= 3 * 1.01 * info(worker, "s")["streamed_bytes"]
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
+
+
 def test_budget_counts_resident_weights_and_ring(worker: InProcessWorker, demo: DemoManifest) -> None:
     entry = demo["sdxl-unet"]
     got = worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=0))

@@ -70,6 +70,9 @@ GROUP_BYTES = 64 * 1024 * 1024
 #: Runs of host memory closer than this are copied as one (the gap is alignment padding).
 MERGE_GAP = 4096
 ALIGN = 256
+#: Ring positions whose parameter views a unit keeps (placements repeat from pass to pass; a view
+#: costs a few microseconds of host time per weight, a thousand and more weights a pass).
+VIEW_CACHE = 4
 #: The ring holds at least three of the largest units (one in use, the next arriving, the wrap);
 #: beyond that it prefetches up to this many bytes ahead (``MODELKEEPER_STREAM_POOL_MB``), capped at the streamed total.
 POOL_TARGET = int(float(os.environ.get("MODELKEEPER_STREAM_POOL_MB", "0")) * 1024 * 1024)
@@ -392,6 +395,7 @@ class StreamStats:
     fetches: int = 0
     misses: int = 0  # fetched on demand, not ahead
     bytes: int = 0  # copied into the ring
+    views: int = 0  # parameter views made over the ring (host work; none once placements repeat)
 
 
 class Streamer:
@@ -497,6 +501,7 @@ class Streamer:
             "pool_bytes": self.pool_bytes, "units": len(self.units),
             "streamed_units": len(self._streamed), "passes": self.stats.passes,
             "fetches": self.stats.fetches, "misses": self.stats.misses, "copied_bytes": self.stats.bytes,
+            "views": self.stats.views,
         }  # fmt: skip
 
     # ------------------------------------------------------------------ placement
@@ -587,7 +592,7 @@ class Streamer:
                 held = unit.valid and unit.offset is not None
                 if not (held if self._trace is not None else self._held_ok(unit)):
                     self.stats.misses += 1
-                    self._fetch(unit, demand=True)
+                    self._fetch(unit, demand=True, first=bool(order) and order[0] is unit)
                 unit.pending = False
                 self._link.wait(unit.ready)
                 assert unit.offset is not None
@@ -597,7 +602,10 @@ class Streamer:
                         _view(self._ring_storage, unit.offset + at, w.host)
                         for w, at in zip(unit.weights, unit.where, strict=True)
                     ]
-                    unit.views = {unit.offset: params}
+                    self.stats.views += len(params)
+                    if len(unit.views) >= VIEW_CACHE:
+                        del unit.views[next(iter(unit.views))]
+                    unit.views[unit.offset] = params
                 for w, p in zip(unit.weights, params, strict=True):
                     for owner, attr in w.places:
                         owner._parameters[attr] = p
@@ -628,16 +636,20 @@ class Streamer:
                 return
 
     def _prefetch(self, order: list[Unit], start: int) -> None:
-        """Fetch the next units of ``order`` from ``start`` that the ring can take (a look no
-        further ahead than the ring is long: each hook runs this, its cost is the pass's)."""
+        """Fetch the next units of ``order`` from ``start`` that the ring can take, and past the
+        order's end the next pass's first ones: the copy engine keeps working through this pass's
+        tail (a look no further ahead than the ring is long: each hook runs this)."""
         reach = self.pool_bytes
-        for unit in order[start:]:
+        n = len(order)
+        for k in range(start, start + n):
+            unit = order[k % n]
             reach -= _up(unit.size)
             if reach < 0:
                 return
             if unit.valid and unit.offset is not None:
+                unit.pending = unit is not self._current  # held from before: kept until it is used
                 continue
-            if not self._fetch(unit, demand=False):
+            if not self._fetch(unit, demand=False, first=k % n == 0):
                 return
             unit.pending = True
 
@@ -654,14 +666,16 @@ class Streamer:
             and all(w.host._version == v for w, v in zip(unit.weights, unit.versions, strict=True))
         )
 
-    def _fetch(self, unit: Unit, *, demand: bool) -> bool:
-        """Copy ``unit`` into the ring; False (nothing done) when a prefetch finds no free room."""
+    def _fetch(self, unit: Unit, *, demand: bool, first: bool = False) -> bool:
+        """Copy ``unit`` into the ring; False (nothing done) when a prefetch finds no free room.
+        ``first``: the first unit of a pass, placed at the ring's start when that is free, so each
+        pass places its units as the last one did (and finds their views made)."""
         if not unit.runs or self._moved(unit):
             unit.runs, unit.where, unit.size = plan_copy(unit.weights, self._anchors)
             unit.ptrs = [w.host.data_ptr() for w in unit.weights]
             unit.views = {}
         size = _up(unit.size)  # every place in the ring ALIGN-aligned: plan_copy's offsets hold there
-        start = self._room(size, demand)
+        start = self._room(size, demand, 0 if first else self._head)
         if start is None:
             return False
         hit = [r for r in self._regions if r.start < start + size and start < r.end]
@@ -681,14 +695,16 @@ class Streamer:
         self.stats.bytes += unit.size
         return True
 
-    def _room(self, size: int, demand: bool) -> int | None:
-        """Where ``size`` bytes go: the first place from the head on, in ring order, that holds no
+    def _room(self, size: int, demand: bool, head: int) -> int | None:
+        """Where ``size`` bytes go: the first place from ``head`` on, in ring order, that holds no
         unit in use or prefetched (a demand fetch takes the head, or the start, whatever is there)."""
         busy = [
             r for r in self._regions if r.unit is not None and (r.unit.pending or r.unit is self._current)
         ]
+        if head + size <= self.pool_bytes and not any(r.start < head + size and head < r.end for r in busy):
+            return head  # the usual case: the ring is filled in order
         candidates = sorted(
-            {self._head, 0, *(r.end for r in busy)}, key=lambda c: (c - self._head) % (self.pool_bytes or 1)
+            {head, 0, *(r.end for r in busy)}, key=lambda c: (c - head) % (self.pool_bytes or 1)
         )
         for start in candidates:
             if start + size <= self.pool_bytes and not any(
@@ -696,7 +712,7 @@ class Streamer:
             ):
                 return start
         if demand:
-            return self._head if self._head + size <= self.pool_bytes else 0
+            return head if head + size <= self.pool_bytes else 0
         return None
 
     def _drop(self, unit: Unit) -> None:
