@@ -9,13 +9,16 @@ came from disk) and are copied into a device *ring* just ahead of their use:
 - a forward pre-hook on the unit makes sure it is in the ring (a copy on a side stream, issued
   earlier by a prefetch when the order of calls is known), makes the compute stream wait for that
   copy, points the unit's parameters at their ring views, and prefetches the next streamed units
-  into the free part of the ring;
+  into the free part of the ring, past the end of the order into the next pass's first units (the
+  copy engine keeps working while a pass's tail computes);
 - a forward post-hook records when the compute that reads the unit has been issued, so a later copy
   into the same bytes waits for it on the GPU (no host synchronisation anywhere);
 - the module's forward (a *pass*) records the order of unit calls, which the next pass prefetches
-  by; its end points every parameter back at its host copy (the state at rest, which LoRAs patch)
-  and starts the copies of the next pass's first units while this pass's tail computes (what the
-  ring holds stays valid while its host copies are unchanged: same address, same version counter).
+  by; its end points every parameter back at its host copy (the state at rest, which LoRAs patch);
+  what the ring holds stays valid while its host copies are unchanged (same address, same version
+  counter). A pass's first unit goes to the ring's start, so every pass places its units where the
+  last one did and finds their parameter views made (no host allocation per step once it settles);
+  every place is ALIGN-aligned, so each weight keeps the address alignment of the resident load.
 
 Each unit is copied as a few contiguous runs of host memory (tensors of one block sit together in a
 safetensors file), so a copy is one or two large DMA transfers, not one per tensor. Outputs are
