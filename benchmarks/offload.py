@@ -53,7 +53,7 @@ from modelkeeper.worker import InProcessWorker, streaming
 from modelkeeper.worker.streaming import ALIGN, Streamer
 
 GB = 1e9
-BUDGETS = (0.5, 0.25, 0.0)
+BUDGETS = "0.5,0.25,0"
 
 
 # ----------------------------------------------------------------------------- models and inputs
@@ -274,7 +274,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
             if args.free_resident:
                 worker.call(CommandType.UNLOAD_MODEL, {"name": "resident"})
                 del resident
-            for fraction, pool_mb in [(f, p) for p in args.pools for f in BUDGETS]:
+            for fraction, pool_mb in [(f, p) for p in args.pools for f in args.budgets]:
                 streaming.POOL_TARGET = int(pool_mb * 1024 * 1024)
                 data = {"name": "s", "type": kind, "offload": int(fraction * nbytes), **load}
                 worker.call(CommandType.LOAD_MODEL, data)
@@ -306,7 +306,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if not args.storage_dtype:  # diffusers' modes run the full-precision module: see the plain run
+        if not args.storage_dtype and not args.skip_diffusers:  # they run the full-precision module
             rows += diffusers_modes(name, module, out, want, device, args, base)
     finally:
         path.unlink(missing_ok=True)
@@ -426,6 +426,12 @@ def main() -> None:
     )
     parser.add_argument("--out", help="also write the rows as JSON here")
     parser.add_argument(
+        "--budgets", default=BUDGETS, help="fractions resident to stream at (default %(default)s)"
+    )
+    parser.add_argument(
+        "--skip-diffusers", action="store_true", help="leave out diffusers' modes (measured in earlier runs)"
+    )
+    parser.add_argument(
         "--deterministic", action=argparse.BooleanOptionalAction, default=True,
         help="deterministic cuBLAS/cuDNN settings (default on; exactness is checked under them)",
     )  # fmt: skip
@@ -437,6 +443,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.pools = [float(p) for p in args.pools.split(",")]
+    args.budgets = [float(b) for b in args.budgets.split(",")]
     if args.deterministic:
         deterministic()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda:0")
