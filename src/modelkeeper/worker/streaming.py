@@ -475,6 +475,9 @@ class Streamer:
         self._root: int | None = None
         self._pos = 0
         self._streamed = streamed
+        # a module of one pass (a UNet, a transformer: called step after step) prefetches past the
+        # pass's end into the next; a VAE's encoder is not followed by another encode
+        self._wraps = len(PASS_ROOTS.get(class_name, ("",))) == 1
         for unit in streamed:
             for m in unit.modules:
                 # first of the unit's pre-hooks: a packed layer's decode hook reads the ring's bytes
@@ -644,7 +647,7 @@ class Streamer:
         tail (a look no further ahead than the ring is long: each hook runs this)."""
         reach = self.pool_bytes
         n = len(order)
-        for k in range(start, start + n):
+        for k in range(start, start + n if self._wraps else n):
             unit = order[k % n]
             reach -= _up(unit.size)
             if reach < 0:
