@@ -29,7 +29,11 @@ same alignment), so a difference of a streamed mode can be told from run-to-run 
 kernels. ``align`` counts the streamed weights whose ring address modulo 256 differs from the
 resident model's (cuDNN and cuBLAS choose kernels by alignment); ``views`` and ``misses`` count the
 parameter views made and the units fetched on demand in the timed steps (both 0 when the schedule
-has settled). ``--storage-dtype float8_e4m3fn`` loads every modelkeeper mode packed (fp8 weights
+has settled). ``ideal`` is the back-to-back step of an ideal schedule with the same ring, resident
+units and copy speed (``ideal_step``, from the resident step's per-unit compute times): the measured
+``b2b ms`` above it is the implementation's cost (host work, waits, fragmentation), the ideal above
+the resident step is the ring's and the link's; a line per model gives the ideal at 0% resident
+for several ring sizes. ``--storage-dtype float8_e4m3fn`` loads every modelkeeper mode packed (fp8 weights
 streamed packed, decoded on the device).
 """
 
@@ -53,6 +57,7 @@ from modelkeeper.worker import InProcessWorker, streaming
 from modelkeeper.worker.streaming import ALIGN, Streamer
 
 GB = 1e9
+NOTES: list[str] = []  # lines for the report beside the table
 BUDGETS = "0.5,0.25,0"
 
 
@@ -68,8 +73,8 @@ def model_spec(name: str, tiny: bool) -> tuple[str, dict[str, Any], torch.dtype]
             return "UNet2DConditionModel", unet_config("sdxl"), torch.float32
         return "UNet2DConditionModel", load_known_config("sdxl", "unet"), torch.float16
     if tiny:
-        config = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 8, "num_layers": 2,
-                  "num_single_layers": 4, "attention_head_dim": 8, "num_attention_heads": 2,
+        config = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 8, "num_layers": 4,
+                  "num_single_layers": 8, "attention_head_dim": 8, "num_attention_heads": 2,
                   "joint_attention_dim": 16, "pooled_projection_dim": 12, "guidance_embeds": True,
                   "axes_dims_rope": [2, 2, 4]}  # fmt: skip
         return "FluxTransformer2DModel", config, torch.float32
@@ -192,6 +197,90 @@ def misaligned(stream: Streamer, resident: torch.nn.Module) -> int | None:
     return wrong
 
 
+# ----------------------------------------------------------------------------- the ideal schedule
+
+Timeline = list[tuple[str, float, float]]  # (unit name, ms of compute before it, ms of its own)
+
+
+def unit_timeline(
+    module: torch.nn.Module, names: list[str], fn: Callable[[], Any], device: torch.device
+) -> tuple[Timeline, float] | None:
+    """The resident step cut at the units' edges: for each unit in call order, the compute before it
+    (since the last unit) and its own, in ms; and the compute after the last. None when a unit is
+    not one module (the generic grouping) or is called twice."""
+    try:
+        mods = [module.get_submodule(n) for n in names]
+    except AttributeError:
+        return None
+    marks: list[tuple[str, Any]] = []
+
+    def stamp() -> Any:
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    handles = []
+    for name, mod in zip(names, mods, strict=True):
+        handles.append(mod.register_forward_pre_hook(lambda _m, _a, n=name: marks.append((n, stamp()))))
+        handles.append(mod.register_forward_hook(lambda _m, _a, _o, n=name: marks.append((n, stamp()))))
+    try:
+        with torch.no_grad():
+            fn()  # warm
+            sync(device)
+            marks.clear()
+            marks.append(("", stamp()))
+            fn()
+            marks.append(("", stamp()))
+            sync(device)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(marks) != 2 * len(names) + 2:
+        return None
+
+    def ms(a: Any, b: Any) -> float:
+        return float(a.elapsed_time(b)) if device.type == "cuda" else (b - a) * 1e3
+
+    timeline = [
+        (
+            marks[1 + 2 * i][0],
+            ms(marks[2 * i][1], marks[1 + 2 * i][1]),
+            ms(marks[1 + 2 * i][1], marks[2 + 2 * i][1]),
+        )
+        for i in range(len(names))
+    ]
+    return timeline, ms(marks[-2][1], marks[-1][1])
+
+
+def ideal_step(timeline: tuple[Timeline, float], streamed: dict[str, int], ring: int, gb_s: float) -> float:
+    """ms of a step issued back to back under the ideal schedule: one copy engine at ``gb_s`` copying
+    the ``streamed`` units (name -> bytes) in call order, each as soon as the engine is free and the
+    ring (first in, first out; ``ring`` bytes) has room, room a unit's bytes give back once its compute
+    ends; the compute of a unit waits for its copy. No host time, no ring fragmentation: a floor for
+    the streamer's schedule, the same for any implementation with this ring."""
+    units, tail = timeline
+    compute = copy = 0.0
+    alive: list[tuple[int, float]] = []  # (bytes, compute end) of units in the ring, oldest first
+    ends = []
+    for _ in range(3):  # the third step is the steady state
+        for name, before, own in units:
+            ready = 0.0
+            size = streamed.get(name)
+            if size is not None:
+                start = copy
+                while alive and sum(b for b, _ in alive) + size > ring:
+                    start = max(start, alive.pop(0)[1])
+                copy = ready = start + size / (gb_s * GB) * 1e3
+            compute = max(compute + before, ready) + own
+            if size is not None:
+                alive.append((size, compute))
+        compute += tail
+        ends.append(compute)
+    return ends[-1] - ends[-2]
+
+
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -274,6 +363,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
             if args.free_resident:
                 worker.call(CommandType.UNLOAD_MODEL, {"name": "resident"})
                 del resident
+            timeline = None
             for fraction, pool_mb in [(f, p) for p in args.pools for f in args.budgets]:
                 streaming.POOL_TARGET = int(pool_mb * 1024 * 1024)
                 data = {"name": "s", "type": kind, "offload": int(fraction * nbytes), **load}
@@ -290,12 +380,29 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                 t_b2b = back_to_back(lambda m=model: out(m), device, args.steps, args.warmup)
                 misses, views = stream.stats.misses - misses, stream.stats.views - views
                 gbs = stream.streamed_bytes / t / GB
+                copy_gb_s = copy_only(stream, device)
+                bw = copy_gb_s or args.assume_gb_s
+                order = next(iter(stream._order.values()), [])
+                if timeline is None and not args.free_resident and len(stream._order) == 1:
+                    all_units = [u.name for u in streaming.find_units(resident, class_name)]
+                    timeline = unit_timeline(resident, all_units, lambda: out(resident), device)
+                ideal = None
+                if timeline is not None and order:
+                    sizes = {u.name: streaming._up(u.size) for u in order}
+                    ideal = ideal_step(timeline, sizes, stream.pool_bytes, bw) / 1e3
+                    if fraction == 0 and pool_mb == args.pools[0]:
+                        rings = [stream.pool_bytes, *(int(g * GB) for g in (0.5, 1, 2, 4))]
+                        sims = ", ".join(
+                            f"{r / GB:.2g} GB {ideal_step(timeline, sizes, r, bw):.0f} ms" for r in rings
+                        )
+                        NOTES.append(f"  {name} 0% resident, ideal back-to-back step by ring size: {sims}")
                 ring = f", ring {pool_mb:g} MB" if pool_mb else ""
                 rows.append({"model": name, "mode": f"modelkeeper {int(fraction * 100)}% resident{ring}",
                              "resident_gb": stream.resident_bytes / GB, "streamed_gb": stream.streamed_bytes / GB,
                              "pool_gb": stream.pool_bytes / GB, "ms": t * 1e3, "ratio": t / base, "gb_s": gbs,
                              "b2b_ms": t_b2b * 1e3, "b2b_ratio": t_b2b / base_b2b,
-                             "copy_gb_s": copy_only(stream, device), "exact": exact, "diff": gap,
+                             "ideal_ms": None if ideal is None else ideal * 1e3,
+                             "copy_gb_s": copy_gb_s, "exact": exact, "diff": gap,
                              "misses": misses, "views": views,
                              "align": None if args.free_resident else misaligned(stream, resident)})  # fmt: skip
                 del model, stream
@@ -379,17 +486,18 @@ TARGETS = (
 def report(rows: list[dict[str, Any]], raw: float, settings: str) -> str:
     lines = [f"raw pinned host-to-device: {raw:.1f} GB/s; {settings}", ""]
     head = (f"{'model':6} {'mode':48} {'resident':>9} {'streamed':>9} {'ring':>6} {'step ms':>9} {'x res':>6} "
-            f"{'b2b ms':>8} {'x res':>6} {'GB/s':>6} {'copy GB/s':>9} {'misses':>6} {'views':>5} {'align':>5} exact (max diff)")  # fmt: skip
+            f"{'b2b ms':>8} {'x res':>6} {'ideal':>6} {'GB/s':>6} {'copy GB/s':>9} {'misses':>6} {'views':>5} {'align':>5} exact (max diff)")  # fmt: skip
     lines += [head, "-" * len(head)]
     for r in rows:
         align = "" if r.get("align") is None else str(r["align"])
         lines.append(
             f"{r['model']:6} {r['mode']:48} {r['resident_gb']:8.2f}G {r['streamed_gb']:8.2f}G {r['pool_gb']:5.2f}G "
             f"{r['ms']:9.1f} {r.get('ratio', 1.0):6.2f} {r.get('b2b_ms', 0.0):8.1f} {r.get('b2b_ratio', 0.0):6.2f} "
+            f"{'' if r.get('ideal_ms') is None else format(r['ideal_ms'], '.1f'):>6} "
             f"{r.get('gb_s', 0.0):6.1f} {r.get('copy_gb_s', 0.0):9.1f} {r.get('misses', ''):>6} {r.get('views', ''):>5} "
             f"{align:>5} {'yes' if r['exact'] else 'NO'} ({r.get('diff', 0.0):.2g}){' ' + r['note'] if r.get('note') else ''}"
         )
-    lines += ["", "targets (issue 17):"]
+    lines += ["", *NOTES, "", "targets (issue 17):"]
     for model, mode, target, label in TARGETS:
         found = [r for r in rows if r["model"] == model and r["mode"].startswith(mode)]
         for key, how in (("ratio", "synchronised per step"), ("b2b_ratio", "back to back")):
@@ -425,6 +533,12 @@ def main() -> None:
         "--free-resident", action="store_true", help="unload the resident model before streaming"
     )
     parser.add_argument("--out", help="also write the rows as JSON here")
+    parser.add_argument(
+        "--assume-gb-s",
+        type=float,
+        default=55.0,
+        help="link speed for the ideal schedule on the CPU (--tiny)",
+    )
     parser.add_argument(
         "--budgets", default=BUDGETS, help="fractions resident to stream at (default %(default)s)"
     )
