@@ -23,6 +23,7 @@ from modelkeeper.cache.segment import Progress
 from modelkeeper.formats.conventions import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES
 from modelkeeper.formats.errors import FormatError
 from modelkeeper.formats.folders import find_weight_files
+from modelkeeper.formats.gguf_header import read_gguf_header
 from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES
 from modelkeeper.formats.safetensors_header import read_header
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -82,14 +83,16 @@ def component_requests(record: ModelRecord, spec: dict[str, Any]) -> list[Compon
 
 
 def _apply_embedded_config(load: ComponentLoad) -> None:
-    """A single file that carries its own config (``modelkeeper.config`` metadata, a pipeline
-    config for a checkpoint) is loaded with it rather than with the known config of its base."""
+    """A single file (safetensors or GGUF) that carries its own config (``modelkeeper.config``
+    metadata, a pipeline config for a checkpoint) is loaded with it rather than with the known config of its base."""
     path = Path(load.request.path)
-    if path.suffix.lower() not in SAFETENSORS_SUFFIXES or not path.is_file():
+    gguf = path.suffix.lower() == ".gguf"
+    if not (gguf or path.suffix.lower() in SAFETENSORS_SUFFIXES) or not path.is_file():
         return
     try:
-        raw = read_header(path).metadata.get(CONFIG_METADATA_KEY)
-        config = json.loads(raw) if raw else None
+        metadata = read_gguf_header(path).metadata if gguf else read_header(path).metadata
+        raw = metadata.get(CONFIG_METADATA_KEY)
+        config = json.loads(raw) if isinstance(raw, str) and raw else None
     except (ProtocolError, OSError, ValueError):
         return  # the worker reports a broken file with its own error
     if not isinstance(config, dict):
@@ -140,7 +143,9 @@ def cache_plan(load: ComponentLoad) -> CachePlan | None:
         prefix = load.spec.get("key_prefix") or ""
         names = [n for n in read_header(path).tensors if n.startswith(prefix)] if prefix else None
         return CachePlan(path, cid, names, req.config)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES or path.suffix.lower() == ".gguf":
+        # a pickle is converted on fill; a GGUF file is repacked (its blocks as uint8 tensors, their
+        # quant types and the file's string metadata, its config included, in the segment's header)
         return CachePlan(path, cid, None, req.config)
     return None
 
