@@ -33,8 +33,8 @@ def refs() -> dict[str, torch.nn.Module]:
 
 
 @pytest.fixture
-def worker() -> Iterator[InProcessWorker]:
-    with InProcessWorker("cpu") as w:
+def worker(worker_device: str) -> Iterator[InProcessWorker]:
+    with InProcessWorker(worker_device) as w:
         yield w
 
 
@@ -55,7 +55,7 @@ def outputs(module: torch.nn.Module) -> torch.Tensor:
     from modelkeeper.worker.validate import probes
 
     with torch.inference_mode():
-        return probes(module, seed=1)[0].run().float().flatten()
+        return probes(module, seed=1)[0].run().float().flatten().cpu()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -70,7 +70,7 @@ def decoded_twin(module: torch.nn.Module, ref: torch.nn.Module) -> torch.nn.Modu
     for key, tensor in module.state_dict().items():
         owner, _, attr = key.rpartition(".")
         packed = plan.packed.get(owner, {}).get(attr)
-        state[key] = packed.decode(tensor, torch.float32) if packed else tensor.float()
+        state[key] = (packed.decode(tensor, torch.float32) if packed else tensor.float()).cpu()
     twin = copy.deepcopy(ref)
     twin.load_state_dict(state)
     return twin
@@ -234,3 +234,44 @@ def test_a_failure_midway_leaves_no_hook(
     assert manager.names() == [] and calls["n"] > 5  # the undo went through the hooked weights
     assert not any("_modelkeeper_adjust" in layer.__dict__ for layer in module.modules())
     assert torch.equal(outputs(module), bare)
+
+
+def fused_flux_lora(module: torch.nn.Module, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A kohya LoRA in sd-scripts' Flux names, whose fused layers split over several packed weights
+    (q, k, v of both block kinds, the single blocks' MLP input) or swap halves (the last modulation)."""
+    block, single = module.transformer_blocks[0], module.single_transformer_blocks[0]  # type: ignore[index]
+    fused = {
+        "double_blocks_0_img_attn_qkv": [block.attn.to_q, block.attn.to_k, block.attn.to_v],
+        "single_blocks_0_linear1": [single.attn.to_q, single.attn.to_k, single.attn.to_v, single.proj_mlp],
+        "final_layer_adaLN_modulation_1": [module.norm_out.linear],
+    }
+    generator = torch.Generator().manual_seed(4)
+    state: dict[str, torch.Tensor] = {}
+    for name, layers in fused.items():
+        rows, cols = sum(layer.out_features for layer in layers), layers[0].in_features
+        state[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, cols, generator=generator) * 0.2
+        state[f"lora_unet_{name}.lora_up.weight"] = torch.randn(rows, rank, generator=generator) * 0.2
+    return state
+
+
+@pytest.mark.parametrize("form", ["gguf:Q8_0", "scaled_float8_e4m3fn"])
+def test_fused_flux_layers_split_over_packed_weights(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path, form: str
+) -> None:
+    """Row slices of one fused delta land on the packed weights by their logical shapes (a GGUF
+    weight's stored shape is its bytes)."""
+    ref = refs["flux"]
+    path = tmp_path / "flux.safetensors"
+    if form.startswith("gguf:"):
+        path = path.with_suffix(".gguf")
+        write_gguf(path, ref.state_dict(), "Q8_0", arch="flux", config=component_config(ref))
+    else:
+        save_file(packed_state(ref.state_dict(), form), str(path),
+                  metadata={"modelkeeper.config": json.dumps(component_config(ref))})  # fmt: skip
+    data = {"name": "flux", "path": str(path), "type": "transformer", "dtype": "float32"}
+    assert worker.call("model.load_model", data)["storage"] == form
+    module = worker.module("flux")
+    assert {"norm_out.linear.weight", "transformer_blocks.0.attn.to_q.weight"} <= set(stored_forms(module))
+    lora = tmp_path / "fused.safetensors"
+    save_file(fused_flux_lora(ref), str(lora))
+    check_apply_strength_remove(worker, decoded_twin(module, ref), lora, {"transformer": "flux"})
