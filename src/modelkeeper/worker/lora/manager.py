@@ -413,7 +413,7 @@ class LoraManager:
         created: list[int] = []
         try:
             for match in matches:
-                key = id(match.param)
+                key = _key(match, targets)
                 if key not in self._patched:
                     target = targets[match.role]
                     state: _Weight
@@ -448,6 +448,12 @@ class LoraManager:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _key(match: Match, targets: Mapping[str, torch.nn.Module]) -> int:
+    """A patched weight's key: the parameter, or for a packed weight its layer (the hook's owner,
+    which stays while a streamed weight's stored tensor may change between uses)."""
+    return id(targets[match.role].get_submodule(match.module)) if match.packed else id(match.param)
 
 
 def _call(check: Callable[[], None] | None) -> None:
