@@ -173,13 +173,16 @@ def test_a_pinned_part_is_used_and_an_incompatible_one_refused(
                 ({"text_encoder_2": "tiny-clip-g"}, "tiny-clip-g (CLIP-G, 1280 wide) is not a T5-XXL"),
                 ({"vae": "tiny-sd15-vae"}, "tiny-sd15-vae (VAE, 4 latent channels): flux needs 16 latent channels"),
             ):  # fmt: skip
-                await orch.catalog.set_metadata(ref, {"default_settings": {"parts": pin}})
+                settings = {"default_settings": {"parts": pin}}
+                with pytest.raises(IncompatiblePart) as err:  # refused when set through the service
+                    await orch.catalog.set_metadata(ref, settings)
+                assert reason in err.value.message
+                # set in the registry directly (``modelkeeper meta --set``): refused at the load
+                await orch.catalog.db(orch.catalog.registry.set_meta, done["model_id"], settings)
                 with pytest.raises(IncompatiblePart) as err:
                     await orch.loads.load(ref)
-                assert (
-                    reason in err.value.message
-                    and f"the {next(iter(pin))} pinned is refused" in err.value.message
-                )
+                assert reason in err.value.message
+                assert f"the {next(iter(pin))} pinned is refused" in err.value.message
             assert not orch.view.placements
 
     run(body)

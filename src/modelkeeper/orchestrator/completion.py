@@ -57,15 +57,23 @@ class PartsPlan:
             for c in self.choices
         ]
 
-    def check(self) -> None:
-        """Raise IncompatiblePart when a pinned part is refused, else MissingPart when a role has
-        no part; both name the role, what would fit and why."""
-        m = self.model
-        head = f"{m.base} transformer {m.id} ({m.handle})"
+    @property
+    def _head(self) -> str:
+        return f"{self.model.base} transformer {self.model.id} ({self.model.handle})"
+
+    def check_pins(self) -> None:
+        """Raise IncompatiblePart when a pinned part is refused, naming the role and why."""
         refused = [c for c in self.choices if c.status == "refused"]
         if refused:
             text = "; ".join(f"the {c.role.name} pinned is refused: {c.why}" for c in refused)
-            raise IncompatiblePart(f"{head}: {text}", model_id=m.id, parts=_details(refused))
+            raise IncompatiblePart(f"{self._head}: {text}", model_id=self.model.id, parts=_details(refused))
+
+    def check(self) -> None:
+        """Raise IncompatiblePart when a pinned part is refused, else MissingPart when a role has
+        no part; both name the role, what would fit and why."""
+        self.check_pins()
+        m = self.model
+        head = self._head
         missing = [c for c in self.choices if c.status == "missing"]
         if missing:
             text = "; ".join(f"needs a {c.role.name} ({c.role.wants}): {c.why}" for c in missing)
