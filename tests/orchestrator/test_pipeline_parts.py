@@ -5,6 +5,7 @@ incompatible pinned part and a missing part are refused with the reason."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,30 @@ def test_a_missing_part_is_named(parts_demo: DemoManifest, tmp_path: Path) -> No
             assert not orch.view.placements
 
     run(body)
+
+
+def test_cli_show_lists_the_parts_and_a_pin(parts_demo: DemoManifest, tmp_path: Path) -> None:
+    """``modelkeeper show`` on the registry alone: the parts table, its JSON, a pin refused."""
+    import typer
+    from typer.testing import CliRunner
+
+    from modelkeeper.cli.registry import meta, show
+    from modelkeeper.discovery.scanner import Scanner
+    from modelkeeper.registry.store import Registry
+
+    db = str(tmp_path / "registry.sqlite3")
+    with Registry.open(db) as registry:
+        Scanner(registry, [str(parts_demo.root)]).scan()
+    app = typer.Typer()
+    app.command("show")(show)
+    app.command("meta")(meta)
+    runner = CliRunner()
+    shown = runner.invoke(app, ["show", "tiny-flux", "--db", db], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "parts" in shown.stdout and "T5-XXL, 32 wide" in shown.stdout and "tiny-t5" in shown.stdout
+    pin = 'default_settings={"parts": {"vae": "tiny-sd15-vae"}}'
+    assert runner.invoke(app, ["meta", "tiny-flux", "--set", pin, "--db", db]).exit_code == 0
+    data = json.loads(runner.invoke(app, ["show", "tiny-flux", "--json", "--db", db]).stdout)
+    vae = next(p for p in data["parts"] if p["role"] == "vae")
+    assert vae["status"] == "refused" and "flux needs 16 latent channels" in vae["why"]
+    assert json.loads(runner.invoke(app, ["show", "tiny-t5", "--json", "--db", db]).stdout)["parts"] == []
