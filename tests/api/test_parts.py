@@ -43,3 +43,11 @@ def test_missing_and_refused_parts_over_rest(make_service: ServiceFactory, no_t5
         assert "tiny-clip-g (CLIP-G, 1280 wide) is not a T5-XXL" in err.value.message
         assert client.metadata(FLUX)["default_settings"] == {}  # nothing written
         assert client.status()["devices"][0]["models"] == []
+        write_demo_models(no_t5, only=["t5"])  # the missing part arrives
+        assert client.refresh(wait=True)["result"]["summary"]["added"] == 1
+        t5 = client.model("clip/tiny-t5.safetensors")["id"]
+        placed = client.load(FLUX)["result"]  # a real worker subprocess: every part placed
+        assert placed["parts"]["text_encoder_2"] == t5 and set(placed["parts"]) == set(parts)
+        assert set(placed["components"]) == {"transformer", *parts}
+        listed = client.status()["devices"][0]["models"]
+        assert [m["parts"]["text_encoder_2"] for m in listed] == [t5]

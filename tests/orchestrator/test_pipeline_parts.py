@@ -136,9 +136,11 @@ def test_a_transformer_loads_with_its_parts_and_shares_one_t5(
             assert {p["role"]: (p["status"], p["handle"]) for p in detail["parts"]} == {
                 "text_encoder": ("auto", "tiny-clip-l"), "text_encoder_2": ("auto", "tiny-t5"),
                 "vae": ("auto", "tiny-flux-vae")}  # fmt: skip
+            parts = {p["role"]: p for p in detail["parts"]}
             flux = (await orch.loads.load("transformer/tiny-flux.safetensors"))["result"]
             assert set(flux["components"]) == {"transformer", "text_encoder", "text_encoder_2", "vae"}
             assert set(flux["sources"].values()) == {"ram"}
+            assert flux["parts"] == {role: p["model_id"] for role, p in parts.items()}
             checked = await orch.operations.run("validate", flux["model_id"], None, {"level": "functional"})
             results = checked["result"][0]["components"]
             assert set(results) == set(flux["components"]) and all(r["passed"] for r in results.values())

@@ -127,6 +127,9 @@ class PlacementInfo(_Fixed):
     timings: dict[str, dict[str, float]] = Field(description="Component -> seconds per step.")
     loras: dict[str, AppliedLora] = Field(description="LoRA model id -> how it is applied.")
     leases: int = Field(description="Leases holding the model on this device.")
+    parts: dict[str, str] | MISSING = Field(
+        MISSING, description="A transformer-only model: role -> the model id of the part loaded for it."
+    )
     node: str | MISSING = Field(MISSING, description="Cluster mode: the node of the device.")
     local_id: str | MISSING = Field(MISSING, description="Cluster mode: the model's id on that node.")
     loading: bool | MISSING = Field(MISSING, description="Cluster mode: a load is in flight there.")

@@ -202,6 +202,8 @@ class Loads:
                     )
                 done.append(load.request.name)
                 p.components[label] = load.request.name
+                if load.spec.get("model_id") not in (None, record.id):  # a part that completes it
+                    p.parts[label] = load.spec["model_id"]
                 p.sources[label] = load.source
                 if load.segment is not None:
                     p.segments[label] = load.segment.component_id
