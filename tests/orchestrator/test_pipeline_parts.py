@@ -115,8 +115,8 @@ def test_pins_are_used_when_they_fit_and_refused_with_the_reason() -> None:
 
 # ----------------------------------------------------------------------------- through the orchestrator
 
-PARTS = ["flux-transformer", "flux-transformer-q8_0", "t5", "t5-fp8-scaled", "clip-l", "clip-g", "flux-vae",
-         "sd15-vae"]  # fmt: skip
+PARTS = ["flux-transformer", "flux-transformer-q8_0", "sd3-transformer", "t5", "t5-fp8-scaled", "clip-l", "clip-g",
+         "flux-vae", "sd15-vae"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +150,21 @@ def test_a_transformer_loads_with_its_parts_and_shares_one_t5(
             p2 = orch.view.get(gguf["model_id"], gguf["device"])
             assert p1 is not None and p2 is not None
             assert p1.segments["text_encoder_2"] == p2.segments["text_encoder_2"] == t5
+            sd3 = (await orch.loads.load("transformer/tiny-sd3.safetensors"))["result"]
+            assert set(sd3["components"]) == {
+                "transformer",
+                "text_encoder",
+                "text_encoder_2",
+                "text_encoder_3",
+                "vae",
+            }
+            handles = {(await orch.catalog.get(m)).handle for m in sd3["parts"].values()}
+            assert handles == {"tiny-clip-l", "tiny-clip-g", "tiny-t5", "tiny-flux-vae"}
+            checked = await orch.operations.run("validate", sd3["model_id"], None, {"level": "functional"})
+            assert all(r["passed"] for r in checked["result"][0]["components"].values())
             segments = [s for s in orch.feed.segments() if s["component_id"] == t5]
-            assert len(segments) == 1 and {flux["model_id"], gguf["model_id"]} <= set(segments[0]["models"])
+            users = {flux["model_id"], gguf["model_id"], sd3["model_id"]}
+            assert len(segments) == 1 and users <= set(segments[0]["models"])
 
     run(body)
 
