@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from modelkeeper.discovery import Hasher, HashProgress, Scanner, ScanProgress
-from modelkeeper.orchestrator.completion import PIN_KEY, PartsPlan, plan_parts
+from modelkeeper.orchestrator.completion import PIN_KEY, PartsPlan, needs_parts, plan_parts
 from modelkeeper.orchestrator.errors import InvalidReference, PathOutsideRoots, ServiceNotReady
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
@@ -154,6 +154,8 @@ class Catalog:
     async def parts(self, record: ModelRecord) -> PartsPlan | None:
         """The parts a transformer-only Flux or SD3 model is completed with (None for another
         model), chosen among the models served (see ``completion.py``)."""
+        if not needs_parts(record):
+            return None  # most models: no registry reads, no thread
         return await self.db(plan_parts, self.registry, record, self.served_roots)
 
     async def component_loads(self, record: ModelRecord) -> list[ComponentLoad]:
