@@ -165,8 +165,8 @@ def choose(role: Role, needs: Needs, candidates: Sequence[Candidate]) -> Choice:
     choice naming the near misses (candidates of the right kind that do not fit, and why)."""
     fits = sorted((c for c in candidates if misfit(role, needs, c) is None), key=lambda c: _rank(needs, c))
     if fits:
-        others = f"; {len(fits) - 1} more fit" if len(fits) > 1 else ""
-        return Choice(role, "auto", fits[0], f"fits: {role.wants}{others}")
+        order = f" (first of {len(fits)} that fit: own base, full precision, handle)" if len(fits) > 1 else ""
+        return Choice(role, "auto", fits[0], f"fits {role.wants}{order}")
     near = [reason for c in candidates if c.kind == role.kind and (reason := misfit(role, needs, c))]
     why = "none in the registry" if not near else "none fits (" + "; ".join(near[:3]) + ")"
     return Choice(role, "missing", None, why)
@@ -192,7 +192,7 @@ def resolve(
         elif (reason := misfit(role, needs, pin)) is not None:
             out.append(Choice(role, "refused", None, reason))
         else:
-            out.append(Choice(role, "pinned", pin, f"pinned: {role.wants}"))
+            out.append(Choice(role, "pinned", pin, f"pinned in default_settings.parts; fits {role.wants}"))
     names = [r.name for r in slots]
     for name in pins:
         if name not in names:
