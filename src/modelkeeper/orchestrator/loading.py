@@ -1,7 +1,8 @@
 """From a registry model to worker load requests, through the RAM cache where it can.
 
 ``component_requests`` turns the registry's worker spec into one load request per loadable
-component. ``through_cache`` fills (or hits) the RAM-cache segment of a component and rewrites its
+component; ``as_part`` makes a text encoder's or VAE's request one more component of a
+transformer-only model that it completes. ``through_cache`` fills (or hits) the RAM-cache segment of a component and rewrites its
 request to load from the segment: a safetensors single file (a checkpoint's component is repacked
 under its own header), a diffusers component folder with one weight file, or a pickle file
 (converted once in the sandbox). Sharded folders and tokenizers load from disk as they are.
@@ -80,6 +81,14 @@ def component_requests(record: ModelRecord, spec: dict[str, Any]) -> list[Compon
     for load in loads:
         _apply_embedded_config(load)
     return loads
+
+
+def as_part(record: ModelRecord, role: str, load: ComponentLoad) -> ComponentLoad:
+    """``load`` (a standalone text encoder or VAE) as the ``role`` part of ``record``: one more
+    component of its placement, named after the role. Its spec, content id and config stay the
+    part's own, so the RAM cache serves one segment to every model that uses the part."""
+    request = load.request.model_copy(update={"name": f"{record.id}/{role}"})
+    return ComponentLoad(role, load.spec, request, load.bytes, load.segment)
 
 
 def _apply_embedded_config(load: ComponentLoad) -> None:
