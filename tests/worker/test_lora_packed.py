@@ -106,6 +106,9 @@ def check_apply_strength_remove(
     worker.call("model.set_lora_strength", {"name": "style", "strength": 0.5})
     manager.set_strength("style", 0.5)
     assert_follows(outputs(module), outputs(twin), bare)
+    worker.call("model.set_lora_strength", {"name": "style", "strength": 0.0})
+    assert torch.equal(outputs(module), bare)  # a zero strength adds nothing
+    worker.call("model.set_lora_strength", {"name": "style", "strength": 0.5})
     removed = worker.call("model.unload_lora", {"name": "style"})
     assert removed["params_restored"] == report["params_patched"]
     assert fingerprint(worker, targets[role]) == before
@@ -275,3 +278,26 @@ def test_fused_flux_layers_split_over_packed_weights(
     lora = tmp_path / "fused.safetensors"
     save_file(fused_flux_lora(ref), str(lora))
     check_apply_strength_remove(worker, decoded_twin(module, ref), lora, {"transformer": "flux"})
+
+
+def test_two_loras_on_a_packed_model(
+    worker: InProcessWorker, refs: dict[str, torch.nn.Module], demo: DemoManifest, tmp_path: Path
+) -> None:
+    """Two LoRAs on the same packed weights add up; removing one leaves exactly the other."""
+    ref = refs["sdxl"]
+    path = write_packed(tmp_path / "unet.safetensors", ref, "gguf:Q8_0")
+    worker.call("model.load_model", {"name": "m", "path": str(path), "type": "unet", "dtype": "float32"})
+    module = worker.module("m")
+    before, bare = fingerprint(worker, "m"), outputs(module)
+    twin = decoded_twin(module, ref)
+    manager = LoraManager()
+    for name, entry, strength in (("a", "sdxl-lora-kohya", 0.7), ("b", "sdxl-lora-peft", 1.5)):
+        manager.load(name, demo.path(entry), {"unet": twin}, strength=strength)
+        data = {"name": name, "path": str(demo.path(entry)), "targets": {"unet": "m"}, "strength": strength}
+        worker.call("model.load_lora", data)
+    assert_follows(outputs(module), outputs(twin), bare)
+    worker.call("model.unload_lora", {"name": "a"})
+    manager.remove("a")
+    assert_follows(outputs(module), outputs(twin), bare)
+    assert worker.call("model.unload_lora", {"name": "b"})["params_restored"] > 0
+    assert fingerprint(worker, "m") == before and torch.equal(outputs(module), bare)
