@@ -176,6 +176,24 @@ def test_loads_of_one_model_coalesce_cluster_wide(fleet: Fleet, client: Client) 
     assert sum(1 for j in done if j["result"].get("coalesced")) == 3
 
 
+def test_a_cancelled_cluster_load_is_cancelled_on_its_node(fleet: Fleet, client: Client) -> None:
+    import ray
+
+    actor = fleet.actor("node-b")
+    ray.get(actor.gate.remote("cpu"))
+    try:
+        job = client.load(SD15, wait=False)["job"]
+        until(lambda: ray.get(actor.queued.remote("cpu")) >= 1, what="the load queued on node-b")
+        client.cancel_job(job["id"])
+        # the node's own job is cancelled too, while the gate still holds its device
+        states = lambda: ray.get(actor.job_states.remote("load"))  # noqa: E731
+        until(lambda: states()[0] == "cancelled", 10, "the node's load cancelled")
+    finally:
+        ray.get(actor.let_go.remote("cpu"))
+    assert client.wait_job(job["id"], timeout=30)["state"] == "cancelled"
+    assert not client.route(SD15)["loaded"]
+
+
 def test_a_file_is_sent_to_the_node_that_lacks_it(fleet: Fleet, client: Client) -> None:
     key = client.model(UNET)["id"]
     assert list(client.model(UNET)["nodes"]) == ["node-a"]

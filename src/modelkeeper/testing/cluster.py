@@ -59,6 +59,10 @@ class GatedAgent(NodeAgent):
     async def queued(self, device: str) -> int:
         return self.service.pool.slot(device).queue_depth
 
+    async def job_states(self, kind: str) -> list[str]:
+        """The states of the node's own jobs of ``kind``, newest first."""
+        return [j.state.value for j in self.service.jobs.list(kind=kind)]
+
     async def let_go(self, device: str) -> bool:
         self._gates.pop(device).set()
         await self._held.pop(device)
