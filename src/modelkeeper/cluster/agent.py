@@ -241,7 +241,6 @@ class NodeAgent:
             out = self._method(part, method)(*args, **kwargs)
             if inspect.isawaitable(out):
                 out = await out
-            self._models = None if part == "feed" else self._models
             return out
 
         return await answer(run())
