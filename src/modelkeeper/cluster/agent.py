@@ -257,10 +257,11 @@ class NodeAgent:
         ``{"progress": ...}`` as its job reports progress, then ``{"ok": result}`` or ``{"error"}``.
         ``held``: (device, model ids) leased cluster-wide, held here until the job ends. A driver
         that stops reading (its job cancelled) cancels the job here."""
-        granted = self._grant(*held) if held else []
+        granted: list[Lease] = []
         job: Job | None = None
         try:
             try:
+                granted = self._grant(*held) if held else []
                 started = await self._method(part, method)(*args, **{**kwargs, "wait": False})
             except ProtocolError as exc:
                 yield error_answer(exc)

@@ -34,9 +34,10 @@ from modelkeeper.orchestrator.settings import Settings
 
 
 def progress(job: Job | None, values: dict[str, Any]) -> None:
-    """A node's progress into the driver's job (when there is one)."""
+    """A node's progress into the driver's job (when there is one), published every time: the
+    node sends it at most every ``agent.PROGRESS_S``, and its last snapshot must not be dropped."""
     if job is not None:
-        job.progress(**values)
+        job.progress(**values, force=True)
 
 
 class ClusterLoads:
@@ -128,7 +129,7 @@ class ClusterLoads:
                     "stream", "loads", "load", [local_id, local], {"options": opts},
                     (local, self.held_on(node, device)),
                     what=f"the load of {model.name} on {device}",
-                    on_progress=lambda p: job.progress(**{**p, "node": node, "device": device}),
+                    on_progress=lambda p: progress(job, {**p, "node": node, "device": device}),
                 )  # fmt: skip
             finally:
                 await self.members.refresh(node)

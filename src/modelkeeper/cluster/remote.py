@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from modelkeeper.cluster.catalog import ClusterCatalog, ClusterModel
-from modelkeeper.cluster.loads import ClusterLoads
+from modelkeeper.cluster.loads import ClusterLoads, progress
 from modelkeeper.cluster.membership import Membership
 from modelkeeper.cluster.view import ClusterState, device_id, split_device, total_cache
 from modelkeeper.orchestrator.errors import NotLoaded
@@ -61,13 +61,13 @@ class Remote:
     ) -> Any:
         """Like ``call`` for a method that runs a job on the node: its progress goes to ``job``."""
 
-        def progress(p: dict[str, Any]) -> None:
-            job.progress(**{**p, "node": node})
+        def forward(p: dict[str, Any]) -> None:
+            progress(job, {**p, "node": node})
 
         try:
             link = self.members.link(node)
             return await link.stream(
-                "stream", part, method, list(args), kwargs, what=what, on_progress=progress
+                "stream", part, method, list(args), kwargs, what=what, on_progress=forward
             )
         finally:
             await self.members.refresh(node)
