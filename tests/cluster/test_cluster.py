@@ -262,6 +262,9 @@ def test_cache_per_node_through_rest(fleet: Fleet, client: Client) -> None:
     with pytest.raises(ApiError) as unnamed:
         client.cache_drop("abc")
     assert unnamed.value.status_code == 422 and "node/component" in unnamed.value.message
+    # a refresh rescans every node's roots: one job, the nodes' results summed
+    rescanned = client.refresh(wait=True, hash=False)["result"]
+    assert rescanned["summary"]["total"] >= 6 and rescanned["summary"]["added"] == 0
 
 
 def test_operations_and_loras_on_the_node_holding_the_model(fleet: Fleet, client: Client) -> None:

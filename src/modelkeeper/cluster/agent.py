@@ -294,9 +294,9 @@ class NodeAgent:
     async def unload(self, model_id: str, device: str | None, force: bool, timeout: float | None) -> Answer:
         return await answer(self.service.loads.unload(model_id, device, force=force, timeout=timeout))
 
-    async def scan(self) -> Answer:
+    async def scan(self, hash: bool = True) -> Answer:
         async def run() -> dict[str, Any]:
-            result = await self.service.catalog.scan(wait=True, hash=True)
+            result = await self.service.catalog.scan(wait=True, hash=hash)
             self._models = None
             out: dict[str, Any] = result["result"]
             return out

@@ -99,6 +99,41 @@ class Remote:
         return out
 
 
+async def scan_nodes(remote: Remote, *, wait: bool = True, hash: bool = True) -> dict[str, Any]:
+    """Every node rescans (and hashes) its roots: one job, its result the sum of the nodes' as one
+    host answers it, each node's own under ``nodes``."""
+    nodes = list(remote.members.links)
+
+    async def one(node: str) -> dict[str, Any]:
+        try:
+            out: dict[str, Any] = await remote.members.link(node).call(
+                "scan", hash, what=f"the scan of {node}"
+            )
+            return out
+        finally:
+            await remote.members.refresh(node)
+
+    async def body(job: Job) -> Any:
+        results = await asyncio.gather(*(one(n) for n in nodes))
+        total: dict[str, Any] = {
+            "summary": {
+                k: sum(int(r["summary"].get(k, 0)) for r in results)
+                for k in ("added", "updated", "unchanged", "moved", "rejected", "missing", "total")
+            },
+            "seconds": max((float(r["seconds"]) for r in results), default=0.0),
+            "rejected": [e for r in results for e in r["rejected"]][:200],
+            "missing": [p for r in results for p in r["missing"]][:200],
+        }
+        if hash:
+            total["hashed"] = {
+                k: sum(int(r.get("hashed", {}).get(k, 0)) for r in results)
+                for k in ("files", "bytes", "errors")
+            }
+        return total
+
+    return await remote.jobs.run("scan", {"nodes": nodes, "hash": hash}, body, wait=wait)
+
+
 def by_node(placements: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for p in placements:

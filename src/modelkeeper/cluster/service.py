@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from typing import Any
 
@@ -21,7 +22,7 @@ from modelkeeper.cluster.agent import NodeAgent
 from modelkeeper.cluster.catalog import ClusterCatalog
 from modelkeeper.cluster.loads import ClusterLoads
 from modelkeeper.cluster.membership import Membership
-from modelkeeper.cluster.remote import ClusterFeed, ClusterLoras, ClusterOperations, Remote
+from modelkeeper.cluster.remote import ClusterFeed, ClusterLoras, ClusterOperations, Remote, scan_nodes
 from modelkeeper.cluster.settings import ClusterSettings
 from modelkeeper.cluster.view import ClusterState
 from modelkeeper.cluster.views import ClusterMetrics, ClusterPool, ClusterViews, Unavailable
@@ -84,6 +85,7 @@ class ClusterOrchestrator:
         self.feed = ClusterFeed(remote)
         self.operations = ClusterOperations(remote)
         self.loras = ClusterLoras(remote)
+        self.catalog.scanner = functools.partial(scan_nodes, remote)
         self.recovery = Unavailable("recovery")
         self._joined = False
 
