@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from modelkeeper.cluster.keys import cluster_key
 from modelkeeper.cluster.receive import Receiver, ram_root, read_chunk
 from modelkeeper.orchestrator import Orchestrator, Settings
 from modelkeeper.orchestrator.errors import LeaseNotFound
@@ -40,7 +41,6 @@ from modelkeeper.orchestrator.leases import Lease
 from modelkeeper.orchestrator.state import PlacementState
 from modelkeeper.protocol.client import WorkerFactory, WorkerProcess
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
-from modelkeeper.registry import ModelRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,14 +54,6 @@ PARTS: dict[str, frozenset[str]] = {
     "operations": frozenset({"run"}),
     "loras": frozenset({"apply", "strength", "remove"}),
 }
-
-
-def cluster_key(record: ModelRecord) -> str:
-    """A model's identity across nodes: its content hash (BLAKE3), or ``name:<name>`` until hashed."""
-    hashes = record.file.hashes if record.file is not None else None
-    if hashes is not None and hashes.blake3:
-        return hashes.blake3
-    return f"name:{record.name}"
 
 
 def error_answer(exc: ProtocolError) -> Answer:

@@ -4,8 +4,9 @@
 (:mod:`.placing`, the orchestrator's ``choose_placement`` fed the cluster state) for a
 ``node/device`` unless one is named, brings the model's file to that node
 when it lacks it (:meth:`ClusterLoads.bring`: sent by a node that has it, chunked, checked by
-hash), and forwards the load to that node's agent, which runs the single-host load there
-(queue, priority, deadline, eviction, cache). Concurrent loads of one model coalesce cluster-wide:
+hash, into its RAM cache), and forwards the load to that node's agent, which runs the
+single-host load there (queue, priority, deadline, eviction, cache); the node's job progress and
+the transfer's bytes stream into the driver's job as they happen. Concurrent loads of one model coalesce cluster-wide:
 placement answers the device already loading it, and the second load joins the first. Leases are
 the driver's, by cluster key; the ones on a device are passed to its agent with each load, so its
 eviction honours them. Models loaded with ``keep_loaded`` are loaded again elsewhere when their

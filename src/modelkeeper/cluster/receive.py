@@ -43,6 +43,7 @@ from blake3 import blake3
 from modelkeeper.cache import CacheFull
 from modelkeeper.cache.segment import SHM_DIR
 from modelkeeper.cluster.errors import TransferFailed
+from modelkeeper.cluster.keys import cluster_key
 from modelkeeper.formats.conventions import SAFETENSORS_SUFFIXES
 from modelkeeper.orchestrator import Orchestrator
 from modelkeeper.orchestrator.loading import ComponentLoad, cache_plan, fill
@@ -244,8 +245,6 @@ class Receiver:
         return root / top_rel
 
     async def _register(self, key: str, top: Path) -> ModelRecord:
-        from modelkeeper.cluster.agent import cluster_key
-
         catalog = self.orch.catalog
         await catalog.scan(wait=True, hash=True)
         try:
