@@ -441,3 +441,19 @@ def test_output_words_are_checked_in_order() -> None:
     assert missing_in_order(["loaded", "(unet", "from", "ram,", "vae", "from", "ram)"], printed) == ["ram)"]
     with pytest.raises(AssertionError, match="--fail"):
         curl_request(["curl", "--fail", "localhost:8765/x"], "http://127.0.0.1:1")
+
+
+@pytest.mark.parametrize("doc", [README, *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name)
+def test_every_link_is_to_a_file_of_the_clone(doc: Path) -> None:
+    """A relative link (``[x](docs/SERVICE.md)``, an image) or a quoted ``../`` path names a file
+    of the repository (the README once sent readers to ``../shared/DESIGN.md``, outside it)."""
+    text = doc.read_text()
+    targets = re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text) + re.findall(r"`(\.\./[^`\s]+)`", text)
+    broken = [
+        t
+        for t in targets
+        if "://" not in t
+        and not t.startswith("mailto:")
+        and not ((doc.parent / t).exists() and (doc.parent / t).resolve().is_relative_to(ROOT))
+    ]
+    assert not broken, f"{doc.relative_to(ROOT)}: links to {broken}, which a clone does not have"
