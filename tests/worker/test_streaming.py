@@ -552,3 +552,32 @@ def test_streamed_weights_keep_their_resident_alignment(
     assert not wrong, wrong
     for name in ("ref", "s"):
         worker.call(CommandType.UNLOAD_MODEL, {"name": name})
+
+
+def test_lora_on_a_streamed_packed_model_is_exact(
+    worker: InProcessWorker, demo: DemoManifest, worker_device: str
+) -> None:
+    """A LoRA on packed weights adjusts each decoded weight (storage.set_adjust): the streamed bytes
+    stay the packed ones, and the outputs equal the same LoRA on the resident packed model."""
+    entry = demo["sdxl-unet"]
+    packed = {"storage_dtype": "float8_e4m3fn"}
+    ref = worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="ref", **packed))
+    worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=0, **packed))
+    assert info(worker, "s")["streamed_bytes"] > 0 and ref["storage"] == "float8_e4m3fn"
+    lora = str(demo.path("sdxl-lora-kohya"))
+    before = run_unet(worker.module("s"), worker_device)
+    for name, model in (("a", "ref"), ("b", "s")):
+        worker.call(CommandType.LOAD_LORA, {"name": name, "path": lora, "targets": {"unet": model}})
+    got = run_unet(worker.module("s"), worker_device)
+    assert torch.equal(got, run_unet(worker.module("ref"), worker_device))
+    assert not torch.equal(got, before)
+    for name in ("a", "b"):
+        worker.call(CommandType.SET_LORA_STRENGTH, {"name": name, "strength": 0.5})
+    assert torch.equal(
+        run_unet(worker.module("s"), worker_device), run_unet(worker.module("ref"), worker_device)
+    )
+    for name in ("a", "b"):
+        worker.call(CommandType.UNLOAD_LORA, {"name": name})
+    assert torch.equal(run_unet(worker.module("s"), worker_device), before)
+    for name in ("ref", "s"):
+        worker.call(CommandType.UNLOAD_MODEL, {"name": name})
