@@ -215,6 +215,9 @@ class SegmentInfo(_Fixed):
     hits: int
     models: list[str]
     pinned: bool = Field(description="A worker is loading from it now.")
+    node: str | MISSING = Field(
+        MISSING, description="The node whose RAM cache holds it (cluster mode; ids are node/component)."
+    )
 
 
 class _ComponentLabel(_Fixed):
@@ -225,9 +228,17 @@ class CachedSegment(SegmentInfo, _ComponentLabel):  # the label comes first, as 
     pass
 
 
+class NodeCache(_Fixed):
+    """One node's RAM cache (cluster mode)."""
+
+    stats: CacheStats
+    segments: list[SegmentInfo]
+
+
 class CacheView(_Fixed):
     stats: CacheStats
     segments: list[SegmentInfo]
+    nodes: dict[str, NodeCache] | MISSING = Field(MISSING, description="Each node's cache (cluster mode).")
 
 
 class CacheFilled(_Fixed):

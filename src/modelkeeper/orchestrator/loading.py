@@ -152,7 +152,9 @@ def cache_plan(load: ComponentLoad) -> CachePlan | None:
         prefix = load.spec.get("key_prefix") or ""
         names = [n for n in read_header(path).tensors if n.startswith(prefix)] if prefix else None
         return CachePlan(path, cid, names, req.config)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES or path.suffix.lower() == ".gguf":
+        # a pickle is converted on fill; a GGUF file is repacked (its blocks as uint8 tensors, their
+        # quant types and the file's string metadata, its config included, in the segment's header)
         return CachePlan(path, cid, None, req.config)
     return None
 
