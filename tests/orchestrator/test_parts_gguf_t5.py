@@ -72,6 +72,7 @@ def test_the_flux_transformer_loads_with_the_gguf_t5_pinned(parts_demo: DemoMani
             flux = (await orch.loads.load(ref))["result"]
             assert set(flux["components"]) == {"transformer", "text_encoder", "text_encoder_2", "vae"}
             assert flux["parts"]["text_encoder_2"] == t5.id
+            assert flux["sources"]["text_encoder_2"] == "ram"  # from its RAM-cache segment: no .gguf there
             source = await worker_source(orch, flux, "text_encoder_2")
             assert (source["storage"], source["class_name"], source["rule"]) == (
                 "gguf:Q8_0", "T5EncoderModel", "t5/gguf")  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 from modelkeeper.formats import llama_t5
 from modelkeeper.formats.conventions import LDM_DENOISER_PREFIX
 from modelkeeper.formats.errors import InvalidModelFile
-from modelkeeper.formats.gguf_header import read_gguf_header
+from modelkeeper.formats.gguf_header import BLOCK_SIZES, read_gguf_header
 from modelkeeper.protocol.messages import KeyLayout, ModelKind
 from modelkeeper.worker.weights import TensorEntry
 
@@ -135,18 +135,27 @@ def plan_component(
     return ComponentPlan(rule, prefix, keys)
 
 
-def gguf_t5_config(path: Path, kind: ModelKind, config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` fitted to a GGUF T5 encoder in llama.cpp's names (city96's T5 GGUFs): the file's
-    shapes and ``t5encoder.*`` metadata decide the architecture (``formats.llama_t5.t5_config``),
-    so a known T5-XXL config, or any T5 config given, builds the model the file holds. Any other
-    file's config is returned as it is."""
-    if kind is not ModelKind.TEXT_ENCODER or path.suffix.lower() != ".gguf":
+def gguf_t5_config(
+    kind: ModelKind, tensors: dict[str, TensorEntry], path: Path, config: dict[str, Any]
+) -> dict[str, Any]:
+    """``config`` fitted to a T5 encoder in llama.cpp's names (city96's T5 GGUFs, read from the file
+    or from its RAM-cache segment): the tensors' logical shapes and, from the GGUF file itself, its
+    ``t5encoder.*`` metadata decide the architecture (``formats.llama_t5.t5_config``), so a known
+    T5-XXL config, or any T5 config given, builds the model the file holds. Any other component's
+    config is returned as it is."""
+    if kind is not ModelKind.TEXT_ENCODER or not llama_t5.is_llama_t5(tensors):
         return config
-    header = read_gguf_header(path)
-    if not llama_t5.is_llama_t5(header.tensors):
-        return config
-    shapes = {name: t.shape for name, t in header.tensors.items()}
-    return llama_t5.t5_config(shapes, header.metadata, config)
+    shapes = {key: _logical_shape(e) for key, e in tensors.items()}
+    metadata = read_gguf_header(path).metadata if path.suffix.lower() == ".gguf" else {}
+    return llama_t5.t5_config(shapes, metadata, config)
+
+
+def _logical_shape(entry: TensorEntry) -> tuple[int, ...]:
+    """The shape a tensor stands for: a quantized GGUF tensor is stored as rows of blocks (bytes)."""
+    if entry.quant is None or entry.quant not in BLOCK_SIZES or not entry.shape:
+        return entry.shape
+    block, size = BLOCK_SIZES[entry.quant]
+    return (*entry.shape[:-1], entry.shape[-1] // size * block)
 
 
 def _pick_text_encoder(
