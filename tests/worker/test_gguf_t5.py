@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,21 @@ def test_loads_packed_and_matches_the_full_precision_t5(worker: InProcessWorker,
     assert float(torch.nn.functional.cosine_similarity(got, want, dim=0)) >= 0.999
     for name in ("gguf", "bf16"):
         worker.call("model.unload_model", {"name": name})
+
+
+@pytest.mark.parametrize(
+    ("qtype", "cosine"), [("F16", 0.9999), ("Q8_0", 0.999), ("Q5_0", 0.995), ("Q4_0", 0.98)]
+)
+def test_other_quant_types(worker: InProcessWorker, tmp_path: Path, qtype: str, cosine: float) -> None:
+    """The other types of city96's T5 GGUFs whose blocks fit the tiny T5's 32-wide rows, in float32."""
+    from modelkeeper.testing.gguf_files import write_llama_t5_gguf
+
+    ref = make_text_encoder("t5")
+    path = tmp_path / f"t5-{qtype}.gguf"
+    types = write_llama_t5_gguf(path, ref, qtype)
+    assert types["enc.blk.0.attn_q.weight"] == qtype
+    data = {"name": qtype, "path": str(path), "type": "text_encoder", "config": "flux_dev/text_encoder_2"}
+    result = worker.call("model.load_model", data | {"dtype": "float32"})
+    assert result["storage"] == (None if qtype == "F16" else f"gguf:{qtype}")
+    assert output_cosine(worker.module(qtype), ref) >= cosine
+    worker.call("model.unload_model", {"name": qtype})
