@@ -240,6 +240,7 @@ class ModelService:
         assert source.config is not None
         tensors = weights.list_tensors(source.files)
         if source.format == "single_file":
+            source.config = convert.gguf_t5_config(kind, tensors, source.path, source.config)
             plan = convert.plan_component(
                 kind, tensors, source.config, declared=source.layout, path=str(source.path)
             )
