@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsupportedFormat
+from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.messages import (
     PROTOCOL_VERSION,
@@ -240,6 +240,7 @@ class ModelService:
         assert source.config is not None
         tensors = weights.list_tensors(source.files)
         if source.format == "single_file":
+            source.config = convert.gguf_t5_config(kind, tensors, source.path, source.config)
             plan = convert.plan_component(
                 kind, tensors, source.config, declared=source.layout, path=str(source.path)
             )
@@ -269,11 +270,6 @@ class ModelService:
             del old  # the old model stays loaded until the new one is built (an atomic replace)
         # offload: None loads the whole model here; a number streams what does not fit it (host first)
         offload = streaming.resident_limit(request.offload, required, self._free_budget(replaced_bytes))
-        if offload is not None and packing:
-            raise InvalidRequest(
-                f"data.offload: {request.name!r} keeps packed weights (fp8 or GGUF); streaming them is not "
-                "supported yet: load it fully resident (offload: none) or from a full-precision file"
-            )
         evicted = (
             []
             if offload is not None
@@ -547,6 +543,9 @@ class ModelService:
             raise WorkerNotLoaded(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
         self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloading"})
         freed = self._drop(name)
+        # Hand the freed blocks back to the device: kept in the allocator's cache they stay used for
+        # every other process on the GPU (an eviction inside a load keeps them: that load reuses them).
+        self.memory.release_caches()
         self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloaded"})
         return UnloadResult(
             name=name, freed_bytes=freed, memory_before=before, memory_after=self.memory_info()
@@ -596,7 +595,7 @@ class ModelService:
                 EventType.STATE, op.request_id, {"name": name, "state": "unloaded", "reason": "cleanup"}
             )
         gc.collect()
-        self.memory.release_caches()  # unload keeps freed blocks for the next load; cleanup returns them
+        self.memory.release_caches()  # the freed blocks back to the device, as an unload does
         return CleanupResult(unloaded=names, freed_bytes=freed, memory_after=self.memory_info())
 
     def has_idle_work(self) -> bool:
@@ -629,13 +628,6 @@ class ModelService:
         targets = {
             role.value: self.module(model, f"data.targets.{role}") for role, model in req.targets.items()
         }
-        for role, model in req.targets.items():
-            packed = storage.plan_of(targets[role.value])
-            if packed is not None:  # the LoRA manager patches weights in place: not packed ones yet
-                raise UnsupportedFormat(
-                    f"data.targets.{role}: {model!r} keeps its weights packed ({packed.form}); "
-                    "LoRAs apply to models loaded with plain weights only for now"
-                )
         role_strength = {role.value: value for role, value in (req.role_strength or {}).items()}
         report = self.loras.load(
             req.name, req.path, targets, strength=req.strength, role_strength=role_strength,
