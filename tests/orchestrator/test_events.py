@@ -87,6 +87,17 @@ def test_progress_thinned_per_job_latest_wins_and_flushed_before_the_end() -> No
     on_loop(test)
 
 
+def test_every_change_of_step_goes_out_with_the_last_step_latest_before_it() -> None:
+    async def test(bus: EventBus) -> None:
+        with bus.frames.subscribe() as sub:
+            for step, done in [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2), ("c", 1)]:
+                bus.publish("job.progress", job="j-1", progress={"step": step, "done": done})
+            seen = [(p["step"], p["done"]) for p in (parsed(f)[1]["progress"] for f in drain(sub))]
+            assert seen == [("a", 1), ("a", 3), ("b", 1), ("b", 2), ("c", 1)]  # a load's bar moves
+
+    on_loop(test)
+
+
 def test_a_held_progress_goes_out_when_its_interval_ends() -> None:
     async def test(bus: EventBus) -> None:
         with bus.frames.subscribe() as sub:

@@ -193,8 +193,8 @@ async def events(service: Service, type: Prefixes = None, exclude: Prefixes = No
     """Every event of the service (Server-Sent Events); ``type`` keeps those whose type starts with
     one of its values (``model.``, ``job.``; repeat it for several), ``exclude`` drops those whose
     type starts with one of its values (``worker.state``). ``job.progress`` comes at most 10 times
-    a second per job, the latest, always before that job's next event. Each event is encoded once
-    for all streams."""
+    a second per job (the latest within a step; every change of step), always before that job's
+    next event. Each event is encoded once for all streams."""
     types, excluded = tuple(type or ()), tuple(exclude or ())
     return _sse(
         _stream(

@@ -7,7 +7,8 @@ The API's event streams (Server-Sent Events) subscribe to ``frames``: each event
 its SSE frame once, and the same bytes go to every stream (a dashboard costs a queue put per
 event, not a JSON encoding). On the service-wide streams (``/api/events``: dashboards)
 ``job.progress`` events are thinned per job to at most one per ``PROGRESS_INTERVAL_S``, the
-latest winning, and a held one goes out before the next event of its job, so a stream never
+latest winning within a step (a change of step always goes out: a load's components, an
+install's phases), and a held one goes out before the next event of its job, so a stream never
 shows a job's end before its last progress; a job's own stream takes every progress.
 """
 
@@ -209,6 +210,14 @@ class FrameSubscription:
 
 
 PING_FRAME = Frame(type="", job=None, data=PING)
+STAGE_KEYS = ("step", "component", "phase")  # what names a job's step in its progress
+
+
+def _stage(event: Event) -> tuple[Any, ...]:
+    """The step a progress event reports (a load's component, an install's phase): thinning keeps
+    the latest within a step and lets every change of step through (a job has few)."""
+    progress = event.get("progress")
+    return tuple(progress.get(k) for k in STAGE_KEYS) if isinstance(progress, dict) else ()
 
 
 class FrameFanout:
@@ -221,6 +230,7 @@ class FrameFanout:
         self._subscribers: set[FrameSubscription] = set()
         self._sent_at: dict[str, float] = {}  # job -> loop time its last progress went out
         self._held: dict[str, Frame] = {}  # job -> its newest progress not sent yet
+        self._stage: dict[str, tuple[Any, ...]] = {}  # job -> the step of its last progress sent
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._pinger: asyncio.TimerHandle | None = None
 
@@ -260,7 +270,13 @@ class FrameFanout:
         if frame.type == "job.progress":
             self._send(frame, thin=False)  # the streams that take every progress (one job's)
             now = loop.time()
-            if job not in self._held and now - self._sent_at.get(job, -math.inf) >= self.progress_interval:
+            stage = _stage(event)
+            if stage != self._stage.get(job):  # a new step is shown, never thinned away
+                self._flush(job)  # the last step's latest first
+                self._stage[job] = stage
+                self._sent_at[job] = now
+                self._send(frame, thin=True)
+            elif job not in self._held and now - self._sent_at.get(job, -math.inf) >= self.progress_interval:
                 self._sent_at[job] = now
                 self._send(frame, thin=True)
             else:
@@ -273,9 +289,11 @@ class FrameFanout:
         self._send(frame)
         if frame.type in FINISHED:
             self._sent_at.pop(job, None)
+            self._stage.pop(job, None)
         if len(self._sent_at) > 1000:  # jobs that never finished: old entries hold nothing back
             now = loop.time()
             self._sent_at = {j: t for j, t in self._sent_at.items() if now - t < self.progress_interval}
+            self._stage = {j: v for j, v in self._stage.items() if j in self._sent_at}
 
     def _flush(self, job: str) -> None:
         timer = self._timers.pop(job, None)
@@ -308,6 +326,7 @@ class FrameFanout:
         self._timers.clear()
         self._held.clear()
         self._sent_at.clear()
+        self._stage.clear()
         if self._pinger is not None:
             self._pinger.cancel()
             self._pinger = None
