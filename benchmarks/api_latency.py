@@ -20,12 +20,14 @@ and closed loop (each client sends its next request when the previous answer arr
   with each answer and event parsed, so the simulated tabs cost little CPU of their own. Their
   cost is the p99 change from the row above; ``--pairs N`` alternates N rows without and with
   them and compares the medians (background load on a shared machine drifts between rows).
-Every row also reports the service process's CPU, and a last measurement takes the dashboards'
-cost without pollers: the service's CPU with the load loop alone, then with the dashboards open.
+Every row also reports the service process's CPU, and two last measurements resist a shared
+machine's noise: the dashboards' cost without pollers (the service's CPU with the load loop
+alone, then with the dashboards open), and the unit costs (the service's CPU for one event sent
+on one stream, and for one status request; ``--unit-costs-only`` measures just these).
 
 Target on a 2-core machine: p99 <= 10 ms with 100 concurrent clients while a load runs.
 
-    python benchmarks/api_latency.py [--seconds 8] [--clients 100] [--dashboards 5] [--pairs 3] [--out benchmarks/results/...txt]
+    python benchmarks/api_latency.py [--seconds 8] [--clients 100] [--dashboards 5] [--pairs 3] [--unit-costs-only] [--out benchmarks/results/...txt]
 """
 
 from __future__ import annotations
