@@ -35,6 +35,7 @@ SD15 = "diffusers/tiny-sd15"  # node-b only, 8.7 MB
 CLIP_L = "clip/tiny-clip-l.safetensors"  # node-a and node-b, 6 MB
 UNET = "unet/tiny-sd15-unet.safetensors"  # node-a only: sent to node-b by a test
 LORA = "loras/tiny-sd15-kohya.safetensors"  # node-a only: sent to node-b to patch SD15 there
+FLUX = "transformer/tiny-flux.safetensors"  # written on node-a and node-b by a test
 LAYOUT = {"node-a": [CKPT, CLIP_L, UNET, LORA], "node-b": [SD15, CLIP_L], "node-c": [CLIP_L]}
 T = TypeVar("T")
 
@@ -293,6 +294,75 @@ def test_operations_and_loras_on_the_node_holding_the_model(fleet: Fleet, client
     with pytest.raises(ApiError) as not_lora:
         client.apply_lora(SD15, CLIP_L)
     assert not_lora.value.status_code == 422 and "not a LoRA" in not_lora.value.message
+
+
+def test_reconcile_and_memory_on_the_nodes(fleet: Fleet, client: Client) -> None:
+    key = client.model(SD15)["id"]
+    assert client.load(SD15)["result"]["device"] == "node-b/cpu"
+    # every device of the cluster (*), of one node, one device: in step with the workers
+    every = client.reconcile("*")
+    assert set(every["devices"]) == {"node-a/cpu", "node-b/cpu"}
+    assert every["lost"] == every["adopted"] == every["unmanaged"] == []
+    assert set(client.reconcile("node-b")["devices"]) == {"node-b/cpu"}
+    assert client.reconcile("node-b/cpu")["devices"]["node-b/cpu"]["lost"] == []
+    with pytest.raises(ApiError) as nowhere:
+        client.reconcile("node-z")
+    assert nowhere.value.status_code == 404
+    # the memory route on the node: a model leased on the driver is kept, then freed once released
+    lease = client.lease(SD15, device="node-b/cpu")
+    kept = client.optimize_memory("node-b/cpu", target_free_mb=1000)
+    assert kept["device"] == "node-b/cpu" and kept["lost"] == [] and kept["unloaded"] == []
+    assert kept["kept"] and all(name.startswith(key + "/") for name in kept["kept"])
+    client.release_lease(lease["id"])
+    freed = client.optimize_memory("node-b/cpu", target_free_mb=1000)
+    assert freed["kept"] == [] and set(freed["lost"]) <= {key}  # lost: unless its worker said so first
+    assert sorted(freed["unloaded"]) == [f"{key}/{c}" for c in ("text_encoder", "unet", "vae")]
+    assert client.status("node-b/cpu")["models"] == []  # the driver's view followed the node's
+    with pytest.raises(ApiError) as bare:
+        client.optimize_memory("cpu")
+    assert bare.value.status_code == 404 and "node/device" in bare.value.message
+
+
+def node_metadata(fleet: Fleet, node: str, model: dict[str, Any]) -> dict[str, Any]:
+    """The user metadata in ``node``'s own registry, read from its agent."""
+    import ray
+
+    local = model["nodes"][node]["model_id"]
+    answer: dict[str, Any] = ray.get(fleet.actor(node).call.remote("catalog", "metadata", [local], {}))
+    return dict(answer["ok"])
+
+
+def test_metadata_and_components_on_the_node_registries(fleet: Fleet, client: Client) -> None:
+    from modelkeeper.testing.demo import write_demo_models
+
+    # a transformer-only Flux on both nodes, its VAE on node-a only
+    write_demo_models(fleet.roots["node-a"], only=["flux-transformer", "flux-vae"])
+    write_demo_models(fleet.roots["node-b"], only=["flux-transformer"])
+    client.refresh(wait=True)
+    flux = client.model(FLUX)
+    key = flux["id"]
+    assert set(flux["nodes"]) == {"node-a", "node-b"}
+    written = client.set_metadata(FLUX, description="tiny", tags=["cluster"])
+    assert written["model_id"] == key and written["tags"] == ["cluster"]
+    assert [node_metadata(fleet, n, flux)["description"] for n in ("node-a", "node-b")] == ["tiny"] * 2
+    assert client.metadata(key)["description"] == "tiny" and client.model(key)["tags"] == ["cluster"]
+    # pins are checked on each node as on one host: a part that does not fit is refused ...
+    with pytest.raises(ApiError) as unfit:
+        client.set_metadata(key, default_settings={"parts": {"vae": "tiny-clip-l"}})
+    assert unfit.value.error_code == "INCOMPATIBLE_PART" and "on node-a" in unfit.value.message
+    # ... and one that fits on node-a but is nowhere on node-b too, undone on node-a
+    with pytest.raises(ApiError) as elsewhere:
+        client.set_metadata(key, default_settings={"parts": {"vae": "tiny-flux-vae"}})
+    assert elsewhere.value.error_code == "INCOMPATIBLE_PART" and "on node-b" in elsewhere.value.message
+    assert node_metadata(fleet, "node-a", flux)["default_settings"] == {}
+    # the components of every node's registry, one entry per component, models by cluster key
+    clip = client.model(CLIP_L)["id"]
+    entries = [c for c in client.components() if any(u["model_id"] == clip for u in c["models"])]
+    assert len(entries) == 1 and set(entries[0]["nodes"]) == {"node-a", "node-b"}
+    assert [u["model_id"] for u in entries[0]["models"]].count(clip) == 1
+    vaes = client.components("vae")
+    assert vaes and {c["kind"] for c in vaes} == {"vae"}
+    assert any(u["model_id"] == client.model("tiny-flux-vae")["id"] for c in vaes for u in c["models"])
 
 
 def test_rest_and_cli_against_the_cluster(fleet: Fleet, client: Client) -> None:

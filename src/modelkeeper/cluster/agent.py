@@ -53,7 +53,12 @@ PARTS: dict[str, frozenset[str]] = {
     "feed": frozenset({"view", "get", "cache_model", "cache_component", "drop", "clear"}),
     "operations": frozenset({"run"}),
     "loras": frozenset({"apply", "strength", "remove"}),
+    "recovery": frozenset({"reconcile", "optimize_memory"}),
+    "catalog": frozenset({"metadata", "set_metadata"}),
+    "views": frozenset({"components"}),
 }
+#: The methods that write the node's registry: its model listing is read again after them.
+WRITES = frozenset({("catalog", "set_metadata")})
 
 
 def error_answer(exc: ProtocolError) -> Answer:
@@ -226,13 +231,27 @@ class NodeAgent:
         fn: Callable[..., Any] = getattr(getattr(self.service, part), method)
         return fn
 
-    async def call(self, part: str, method: str, args: list[Any], kwargs: dict[str, Any]) -> Answer:
-        """``part.method(*args, **kwargs)`` of the node's orchestrator (see ``PARTS``), awaited."""
+    async def call(
+        self,
+        part: str,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        held: tuple[str, list[str]] | None = None,
+    ) -> Answer:
+        """``part.method(*args, **kwargs)`` of the node's orchestrator (see ``PARTS``), awaited.
+        ``held``: (device, model ids) leased cluster-wide, held here for the call (as ``stream``)."""
 
         async def run() -> Any:
-            out = self._method(part, method)(*args, **kwargs)
-            if inspect.isawaitable(out):
-                out = await out
+            granted = self._grant(*held) if held else []
+            try:
+                out = self._method(part, method)(*args, **kwargs)
+                if inspect.isawaitable(out):
+                    out = await out
+            finally:
+                self._release(granted)
+                if (part, method) in WRITES:
+                    self._models = None
             return out
 
         return await answer(run())
