@@ -25,6 +25,7 @@ from modelkeeper.cluster.settings import AGENT_PREFIX
 from modelkeeper.orchestrator import Settings
 from modelkeeper.testing import DemoManifest
 from modelkeeper.testing.cluster import GatedAgent, LocalCluster, local_ray_cluster
+from modelkeeper.testing.hubserver import FakeHub
 from modelkeeper.testing.service import RunningService, running_service
 
 pytestmark = [pytest.mark.xdist_group("ray-cluster"), pytest.mark.slow]
@@ -36,6 +37,7 @@ CLIP_L = "clip/tiny-clip-l.safetensors"  # node-a and node-b, 6 MB
 UNET = "unet/tiny-sd15-unet.safetensors"  # node-a only: sent to node-b by a test
 LORA = "loras/tiny-sd15-kohya.safetensors"  # node-a only: sent to node-b to patch SD15 there
 FLUX = "transformer/tiny-flux.safetensors"  # written on node-a and node-b by a test
+PEFT = "tiny-sd15-peft.safetensors"  # on the fake Hub only: installed onto a node by a test
 LAYOUT = {"node-a": [CKPT, CLIP_L, UNET, LORA], "node-b": [SD15, CLIP_L], "node-c": [CLIP_L]}
 T = TypeVar("T")
 
@@ -74,9 +76,10 @@ def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "cond
         time.sleep(0.02)
 
 
-def node_settings(root: Path, folder: Path) -> dict[str, Any]:
+def node_settings(root: Path, folder: Path, hub: str) -> dict[str, Any]:
     return {
         "model_roots": [str(root)],
+        "hub_endpoint": hub,
         "db": str(folder / "registry.sqlite3"),
         "devices": ["cpu"],
         "ram_cache_bytes": 64 * MiB,
@@ -86,8 +89,25 @@ def node_settings(root: Path, folder: Path) -> dict[str, Any]:
     }
 
 
+def node_metadata(fleet: Fleet, node: str, model: dict[str, Any]) -> dict[str, Any]:
+    """The user metadata in ``node``'s own registry, read from its agent."""
+    import ray
+
+    local = model["nodes"][node]["model_id"]
+    answer: dict[str, Any] = ray.get(fleet.actor(node).call.remote("catalog", "metadata", [local], {}))
+    return dict(answer["ok"])
+
+
 @pytest.fixture(scope="module")
-def fleet(demo: DemoManifest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def hub(demo: DemoManifest) -> Iterator[FakeHub]:
+    """The fake Hub the nodes install from: one LoRA no node has."""
+    with FakeHub() as server:
+        server.add_repo("tiny/lora", {PEFT: demo.root / "loras" / PEFT})
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fleet(demo: DemoManifest, hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     import ray
 
     roots, overrides = {}, {}
@@ -98,7 +118,7 @@ def fleet(demo: DemoManifest, tmp_path_factory: pytest.TempPathFactory) -> Itera
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             src = demo.root / rel
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / rel)
-        overrides[node] = node_settings(root, folder)
+        overrides[node] = node_settings(root, folder, hub.url)
     with local_ray_cluster(["node-a", "node-b"]) as lc:
         cluster = ClusterSettings(
             address=lc.address, workers="inprocess", named_nodes_only=True, node_poll_s=0.1,
@@ -198,6 +218,7 @@ def test_a_cancelled_cluster_load_is_cancelled_on_its_node(fleet: Fleet, client:
 def test_a_file_is_sent_to_the_node_that_lacks_it(fleet: Fleet, client: Client) -> None:
     key = client.model(UNET)["id"]
     assert list(client.model(UNET)["nodes"]) == ["node-a"]
+    client.set_metadata(UNET, tags=["sent"], description="goes along")
     answer = client.load(UNET, "node-b/cpu")
     result = answer["result"]
     assert result["device"] == "node-b/cpu" and result["model_id"] == key
@@ -207,6 +228,7 @@ def test_a_file_is_sent_to_the_node_that_lacks_it(fleet: Fleet, client: Client) 
     nodes = client.model(key)["nodes"]
     assert set(nodes) == {"node-a", "node-b"}
     assert filecmp.cmp(nodes["node-a"]["path"], nodes["node-b"]["path"], shallow=False)
+    assert node_metadata(fleet, "node-b", client.model(key))["tags"] == ["sent"]  # its metadata along
     assert sent[0]["bytes"] == Path(nodes["node-a"]["path"]).stat().st_size
     # the bytes landed in node-b's RAM cache too: the load that followed came from RAM
     assert sent[0]["to_disk"] and sent[0]["segments"] == 1
@@ -323,15 +345,6 @@ def test_reconcile_and_memory_on_the_nodes(fleet: Fleet, client: Client) -> None
     assert bare.value.status_code == 404 and "node/device" in bare.value.message
 
 
-def node_metadata(fleet: Fleet, node: str, model: dict[str, Any]) -> dict[str, Any]:
-    """The user metadata in ``node``'s own registry, read from its agent."""
-    import ray
-
-    local = model["nodes"][node]["model_id"]
-    answer: dict[str, Any] = ray.get(fleet.actor(node).call.remote("catalog", "metadata", [local], {}))
-    return dict(answer["ok"])
-
-
 def test_metadata_and_components_on_the_node_registries(fleet: Fleet, client: Client) -> None:
     from modelkeeper.testing.demo import write_demo_models
 
@@ -363,6 +376,16 @@ def test_metadata_and_components_on_the_node_registries(fleet: Fleet, client: Cl
     vaes = client.components("vae")
     assert vaes and {c["kind"] for c in vaes} == {"vae"}
     assert any(u["model_id"] == client.model("tiny-flux-vae")["id"] for c in vaes for u in c["models"])
+
+
+def test_an_install_goes_onto_one_node(fleet: Fleet, client: Client) -> None:
+    done = client.install(f"tiny/lora:{PEFT}")
+    result, node = done["result"], done["result"]["node"]
+    assert done["job"]["kind"] == "install" and done["job"]["state"] == "succeeded"
+    assert node in ("node-a", "node-b") and Path(result["path"]).is_relative_to(fleet.roots[node])
+    model = client.model(result["model_id"])  # the cluster key: its hash
+    assert model["id"] == result["model_id"] and set(model["nodes"]) == {node}
+    assert model["type"] == "lora"
 
 
 def test_rest_and_cli_against_the_cluster(fleet: Fleet, client: Client) -> None:

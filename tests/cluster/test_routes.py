@@ -19,9 +19,7 @@ from modelkeeper.api.app import create_app
 from modelkeeper.cluster import ClusterOrchestrator
 
 #: Routes deliberately not offered in cluster mode ("METHOD path": why); also in docs/CLUSTER.md.
-EXCEPTIONS: dict[str, str] = {
-    "POST /api/model/install": "an install downloads onto one node's disk: not routed to a node yet",
-}
+EXCEPTIONS: dict[str, str] = {}
 REFUSALS = ("not available in cluster mode", "not in cluster mode")
 
 

@@ -637,6 +637,7 @@ class InstallResultInfo(_Fixed):
     transferred_bytes: int = Field(description="Bytes fetched by this install (less when resumed or reused).")
     seconds: float
     files: list[InstalledFileInfo]
+    node: str | MISSING = Field(MISSING, description="The node it was installed onto (cluster mode).")
 
 
 class InstallDone(JobDone[InstallResultInfo]):

@@ -10,7 +10,9 @@ So these run on the node registries through the single-host parts (``NodeAgent.P
   ``set_metadata``: its checks hold as on one host (the parts pinned in
   ``default_settings.parts`` must resolve and fit in that node's registry, ``IncompatiblePart``
   otherwise). A node that refuses undoes the write on the nodes already written (their earlier
-  values set again) and the error names it: the cluster keeps one set of metadata per model.
+  values set again) and the error names it: the cluster keeps one set of metadata per model. A
+  node that receives a model's file from another (``receive.py``) gets its metadata along
+  (``copy``; parts pinned that it cannot resolve are left out there).
 - **Components**: every node's listing merged, one entry per content id (per model and component
   while unhashed), models by cluster key, ``nodes`` the nodes holding it, ``cached`` true when any
   node's RAM cache holds it.
@@ -25,6 +27,7 @@ from typing import Any
 from modelkeeper.cluster.catalog import ClusterModel
 from modelkeeper.cluster.remote import Remote
 from modelkeeper.protocol.errors import ProtocolError
+from modelkeeper.registry.records import META_KEYS
 
 
 class ClusterRecords:
@@ -60,12 +63,26 @@ class ClusterRecords:
         self.remote.loads.bus.publish("model.metadata", model_id=model.key, keys=sorted(values))
         return {**out, "model_id": model.key}
 
-    async def _write(self, model: ClusterModel, node: str, values: dict[str, Any]) -> dict[str, Any]:
+    async def _write(
+        self, model: ClusterModel, node: str, values: dict[str, Any], local_id: str | None = None
+    ) -> dict[str, Any]:
         out: dict[str, Any] = await self.remote.call(
-            node, "catalog", "set_metadata", model.local_id(node), values,
+            node, "catalog", "set_metadata", local_id or model.local_id(node), values,
             what=f"the metadata of {model.name} written on {node}",
         )  # fmt: skip
         return out
+
+    async def copy(self, model: ClusterModel, source: str, target: str, local_id: str) -> None:
+        """``model``'s user metadata on ``source`` set on ``target``, which has just received its
+        file (as ``local_id``): parts pinned that ``target`` cannot resolve are left out there."""
+        before = await self._read(model, source)
+        values = {k: before[k] for k in META_KEYS if k in before}
+        try:
+            await self._write(model, target, values, local_id)
+        except ProtocolError:
+            values.pop("default_settings", None)
+            with contextlib.suppress(ProtocolError):
+                await self._write(model, target, values, local_id)
 
     async def _undo(self, model: ClusterModel, written: dict[str, dict[str, Any]]) -> None:
         for node, before in written.items():

@@ -5,7 +5,8 @@ catalog built from their states, and offers the parts the API routes call, with 
 implementations: ``loads`` (placement by bytes across nodes, loads forwarded to the chosen node,
 leases, routing), ``feed``, ``operations`` and ``loras`` (run on the nodes holding the model,
 :mod:`.remote`), ``recovery`` (reconcile and the memory route on the nodes, :mod:`.upkeep`),
-``views``, ``catalog`` (user metadata and components on the nodes' registries, :mod:`.records`); and the shared ones of one host: ``jobs``, ``leases``,
+``views``, ``catalog`` (user metadata and components on the nodes' registries, :mod:`.records`),
+``installs`` (onto the node with the most free disk, :mod:`.installs`); and the shared ones of one host: ``jobs``, ``leases``,
 ``bus``. Nodes lost are noticed by polling Ray's node table and by failed calls; kept-loaded models
 are loaded again elsewhere. ``await start()``, use it, ``await stop()`` (the agents keep running:
 a restarted driver attaches to them by name; ``stop(agents=True)`` stops them too).
@@ -21,6 +22,7 @@ from typing import Any
 
 from modelkeeper.cluster.agent import NodeAgent
 from modelkeeper.cluster.catalog import ClusterCatalog
+from modelkeeper.cluster.installs import ClusterInstalls
 from modelkeeper.cluster.loads import ClusterLoads
 from modelkeeper.cluster.membership import Membership
 from modelkeeper.cluster.records import ClusterRecords
@@ -90,8 +92,10 @@ class ClusterOrchestrator:
         self.operations = ClusterOperations(remote)
         self.loras = ClusterLoras(remote)
         self.recovery = ClusterRecovery(remote)
+        self.installs = ClusterInstalls(remote)
         self.catalog.scanner = functools.partial(scan_nodes, remote)
         self.catalog.records = records
+        self.loads.on_received = records.copy
         self._joined = False
 
     async def route(self, ref: str, *, load: bool = False) -> dict[str, Any]:
