@@ -1,5 +1,6 @@
 """Every file that ``scan`` reports as loadable loads through the service: the whole demo set with
-its packed forms (fp8, scaled fp8, GGUF, a transformer-only Flux) and a pickle ``.ckpt``, scanned
+its packed forms (fp8, scaled fp8, GGUF, a transformer-only Flux) and a pickle ``.ckpt`` (with the
+cache off too: ``test_orchestrator.test_a_pickle_checkpoint_loads_on_first_use``), scanned
 into a real SQLite registry, each model loaded by the orchestrator on an in-process CPU worker and
 unloaded again. Single files without a config of their own (the tiny SDXL UNet and SD1 VAE) load
 with the config their shapes imply. A worker's error about a file it read from a RAM-cache segment
@@ -106,24 +107,6 @@ def test_every_loadable_model_loads_through_the_service(everything: DemoManifest
                 await orch.loads.unload(record.id)
             assert not failures, "\n".join(failures)
             assert not orch.view.placements
-
-    run(body)
-
-
-@pytest.mark.parametrize("cache_loads", [True, False])
-def test_a_pickle_checkpoint_loads_on_first_use(
-    everything: DemoManifest, tmp_path: Path, cache_loads: bool
-) -> None:
-    root = tmp_path / "models"
-    (root / "checkpoints").mkdir(parents=True)
-    (root / CKPT).write_bytes((everything.root / CKPT).read_bytes())
-
-    async def body() -> None:
-        async with serving(root, tmp_path, cache_loads=cache_loads) as orch:
-            record = await orch.catalog.resolve(CKPT)
-            result = (await orch.loads.load(record.id, "cpu"))["result"]
-            assert set(result["components"]) == {"unet", "vae", "text_encoder"}
-            assert set(result["sources"].values()) == {"ram"}  # converted in the sandbox, cache on or off
 
     run(body)
 
