@@ -4,11 +4,13 @@ Three kinds of case: the published configs fit their own shapes (nothing changes
 layout); the two demo files written without a config (a tiny SDXL UNet, a tiny SD1 VAE) get the
 architecture they were built with; shrunk variants that are not in the demo set (another number
 of levels, layers and attention depth; no mid attention; a two-layer OpenCLIP; T5 with other
-heads) get a config whose module has exactly the file's shapes."""
+heads; a Flux with fewer blocks, an SD 3.5 Large) get a config whose module has exactly the file's
+shapes."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,12 +25,14 @@ from modelkeeper.testing import DemoManifest, write_demo_models
 from modelkeeper.testing.components import (
     component_config,
     make_text_encoder,
+    make_transformer,
     make_unet,
     make_vae,
     state_dict_for_save,
 )
 from modelkeeper.testing.original_layout import clip_to_openclip, unet_to_original, vae_to_original
 from modelkeeper.worker.assemble import class_name_for, skeleton
+from tests.discovery.stripped import flux_bfl, sd3_mmdit
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -202,5 +206,58 @@ def test_no_known_config_at_all() -> None:
 
 def test_unknown_layouts_and_foreign_shapes_change_nothing() -> None:
     config = load_known_config("sd1", "unet")
-    assert fit_config("flux/original", {"img_in.weight": (3072, 64)}, config) == fit_config("x", {}, config)
+    assert (
+        fit_config("controlnet/original", {"input_hint_block.0.weight": (16, 3, 3, 3)}, config).changed == ()
+    )
     assert fit_config("unet/diffusers", {"something.else": (1,)}, config).changed == ()
+
+
+# ------------------------------------------------------------------------------------------- transformers
+
+
+def _stripped(shapes: Mapping[str, tuple[str, tuple[int, ...]]], prefix: str = "") -> Shapes:
+    """A stripped header's (dtype, shape) entries as shapes, the prefix removed."""
+    return {k[len(prefix) :]: shape for k, (_, shape) in shapes.items()}
+
+
+@pytest.mark.parametrize("base", ["flux_dev", "flux_schnell", "sd3"])
+def test_published_transformer_configs_fit_their_own_shapes(base: str) -> None:
+    config = load_known_config(base, "transformer")
+    assert (
+        fit_config("transformer/diffusers", _module_shapes(ModelKind.TRANSFORMER, config), config).changed
+        == ()
+    )
+    if base == "sd3":
+        original = _stripped(sd3_mmdit(prefix=""))
+        assert fit_config("sd3/original", original, config).changed == ()
+    else:
+        original = _stripped(flux_bfl(guidance=base == "flux_dev"))
+        assert fit_config("flux/original", original, config).changed == ()
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_the_tiny_transformers_over_their_full_size_configs(kind: str) -> None:
+    module = make_transformer(kind, device="meta")  # type: ignore[arg-type]
+    known = load_known_config("flux_dev" if kind == "flux" else "sd3", "transformer")
+    fitted = _fits_exactly(
+        ModelKind.TRANSFORMER, module, "transformer/diffusers", _shapes(module.state_dict()), known
+    )
+    # the width is 256 either way; SD 3.0 has no query norm to tell its head width by (nor the tiny copy)
+    assert fitted["num_layers"] == 1 and fitted["num_attention_heads"] * fitted["attention_head_dim"] == 256
+
+
+def test_a_flux_with_fewer_double_blocks_and_an_sd35_large() -> None:
+    """Flux lite keeps 8 of the 19 double blocks; SD 3.5 Large has 38 joint blocks 2432 wide."""
+    lite = {
+        k: v
+        for k, v in _stripped(flux_bfl(guidance=True)).items()
+        if not re.match(r"double_blocks\.(8|9|1\d)\.", k)
+    }
+    fitted = fit_config("flux/original", lite, load_known_config("flux_dev", "transformer"))
+    assert fitted.changed == ("num_layers",) and fitted.config["num_layers"] == 8
+    large = fit_config(
+        "sd3/original", _stripped(sd3_mmdit(depth=38, prefix="")), load_known_config("sd3", "transformer")
+    )
+    assert {k: large.config[k] for k in large.changed} == {
+        "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+    }  # fmt: skip

@@ -104,15 +104,24 @@ def test_single_file_without_config_loads_with_the_config_its_shapes_imply(
     assert_same_weights(inproc.module("bare"), ref)
 
 
-def test_single_file_whose_shapes_give_no_config(inproc: InProcessWorker, tmp_path: Path) -> None:
-    from modelkeeper.testing import make_transformer, state_dict_for_save
+def test_single_files_without_config_beyond_unets(inproc: InProcessWorker, tmp_path: Path) -> None:
+    """A Flux transformer's config comes from its shapes too; a ControlNet's does not (no reader):
+    without one, the error names the field and the file."""
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    from modelkeeper.testing import make_transformer, make_unet, state_dict_for_save
     from modelkeeper.testing.files import write_safetensors
 
-    path = write_safetensors(
+    flux = write_safetensors(
         state_dict_for_save(make_transformer("flux")), tmp_path / "bare-flux.safetensors"
     )
+    result = inproc.call(CommandType.LOAD_MODEL, {"name": "flux", "path": str(flux), "type": "transformer"})
+    assert result["class_name"] == "FluxTransformer2DModel"
+    assert result["source"]["config_origin"] == "the file's shapes"
+    controlnet = ControlNetModel.from_unet(make_unet("sd1"), conditioning_channels=3)
+    path = write_safetensors(controlnet.state_dict(), tmp_path / "bare-controlnet.safetensors")
     with pytest.raises(ProtocolError) as info:
-        inproc.call(CommandType.LOAD_MODEL, {"name": "bare", "path": str(path), "type": "transformer"})
+        inproc.call(CommandType.LOAD_MODEL, {"name": "cn", "path": str(path), "type": "controlnet"})
     assert info.value.code is ErrorCode.INVALID_REQUEST
     assert "data.config" in info.value.message and str(path) in info.value.message
 
