@@ -417,8 +417,8 @@ class Loads:
 def naming_the_users_file(exc: ProtocolError, routed: ComponentLoad, planned: ComponentLoad) -> ProtocolError:
     """A worker's error about a component it loaded from a RAM-cache segment, naming the user's file
     (``planned``'s path: the registered file or folder) where the worker named the segment
-    (``/dev/shm/modelkeeper-*``, an internal name that means nothing to the user). The segment
-    stays in the details, as ``segment``. Other errors are returned as they are."""
+    (``/dev/shm/modelkeeper-*``, an internal name that means nothing to the user), in the message
+    and the details. Other errors are returned as they are."""
     if routed.segment is None:
         return exc
     segment = routed.request.path
@@ -428,5 +428,5 @@ def naming_the_users_file(exc: ProtocolError, routed: ComponentLoad, planned: Co
     shown = f"{user} ({planned.component})" if planned.component else user
     exc.message = exc.message.replace(segment, shown)
     exc.args = (exc.message, *exc.args[1:])
-    exc.details = {k: user if v == segment else v for k, v in exc.details.items()} | {"segment": segment}
+    exc.details = {k: user if v == segment else v for k, v in exc.details.items()}
     return exc
