@@ -37,6 +37,8 @@ PROTOCOL_CODE_OF = {
     "NOT_FOUND": ErrorCode.INVALID_REQUEST,  # no device, job or lease of that id; no such route
     "FORBIDDEN": ErrorCode.INVALID_REQUEST,  # a path outside the model roots
     "NOT_READY": ErrorCode.BUSY,  # the service is starting or stopping
+    "MISSING_PART": ErrorCode.INVALID_REQUEST,  # no text encoder or VAE fits a transformer-only model
+    "INCOMPATIBLE_PART": ErrorCode.INVALID_REQUEST,  # a part pinned for it does not fit
 }
 
 

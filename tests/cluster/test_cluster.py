@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -33,7 +34,8 @@ CKPT = "checkpoints/tiny-sd15.safetensors"  # node-a only, 8.7 MB
 SD15 = "diffusers/tiny-sd15"  # node-b only, 8.7 MB
 CLIP_L = "clip/tiny-clip-l.safetensors"  # node-a and node-b, 6 MB
 UNET = "unet/tiny-sd15-unet.safetensors"  # node-a only: sent to node-b by a test
-LAYOUT = {"node-a": [CKPT, CLIP_L, UNET], "node-b": [SD15, CLIP_L], "node-c": [CLIP_L]}
+LORA = "loras/tiny-sd15-kohya.safetensors"  # node-a only: sent to node-b to patch SD15 there
+LAYOUT = {"node-a": [CKPT, CLIP_L, UNET, LORA], "node-b": [SD15, CLIP_L], "node-c": [CLIP_L]}
 T = TypeVar("T")
 
 
@@ -174,10 +176,29 @@ def test_loads_of_one_model_coalesce_cluster_wide(fleet: Fleet, client: Client) 
     assert sum(1 for j in done if j["result"].get("coalesced")) == 3
 
 
+def test_a_cancelled_cluster_load_is_cancelled_on_its_node(fleet: Fleet, client: Client) -> None:
+    import ray
+
+    actor = fleet.actor("node-b")
+    ray.get(actor.gate.remote("cpu"))
+    try:
+        job = client.load(SD15, wait=False)["job"]
+        until(lambda: ray.get(actor.queued.remote("cpu")) >= 1, what="the load queued on node-b")
+        client.cancel_job(job["id"])
+        # the node's own job is cancelled too, while the gate still holds its device
+        states = lambda: ray.get(actor.job_states.remote("load"))  # noqa: E731
+        until(lambda: states()[0] == "cancelled", 10, "the node's load cancelled")
+    finally:
+        ray.get(actor.let_go.remote("cpu"))
+    assert client.wait_job(job["id"], timeout=30)["state"] == "cancelled"
+    assert not client.route(SD15)["loaded"]
+
+
 def test_a_file_is_sent_to_the_node_that_lacks_it(fleet: Fleet, client: Client) -> None:
     key = client.model(UNET)["id"]
     assert list(client.model(UNET)["nodes"]) == ["node-a"]
-    result = client.load(UNET, "node-b/cpu")["result"]
+    answer = client.load(UNET, "node-b/cpu")
+    result = answer["result"]
     assert result["device"] == "node-b/cpu" and result["model_id"] == key
     sent = [e for e in fleet.events("model.transferred") if e["model_id"] == key]
     assert len(sent) == 1 and sent[0]["source"] == "node-a" and sent[0]["target"] == "node-b"
@@ -186,6 +207,92 @@ def test_a_file_is_sent_to_the_node_that_lacks_it(fleet: Fleet, client: Client) 
     assert set(nodes) == {"node-a", "node-b"}
     assert filecmp.cmp(nodes["node-a"]["path"], nodes["node-b"]["path"], shallow=False)
     assert sent[0]["bytes"] == Path(nodes["node-a"]["path"]).stat().st_size
+    # the bytes landed in node-b's RAM cache too: the load that followed came from RAM
+    assert sent[0]["to_disk"] and sent[0]["segments"] == 1
+    assert set(result["sources"].values()) == {"ram"}
+    # the driver's job showed the node's progress (bytes) before it ended
+    job = answer["job"]["id"]
+    mine = [e for e in list(fleet.orch.bus.recent) if e.get("job") == job]
+    progress = [e["progress"] for e in mine if e["type"] == "job.progress"]
+    assert [e["type"] for e in mine][-1] == "job.succeeded"
+    assert any(p.get("unit") == "bytes" and p.get("done") == sent[0]["bytes"] for p in progress)
+
+
+def test_a_file_received_into_ram_only(fleet: Fleet, client: Client) -> None:
+    key = client.model(SD15)["id"]
+    url = f"{fleet.svc.url}/api/model/cache"
+    httpx.delete(url, params={"node": "node-a"}).raise_for_status()  # nothing of it cached there yet
+    fleet.orch.cluster.receive_to_disk = False
+    try:
+        fleet.run(lambda: fleet.orch.loads.transfer(SD15, "node-a"))
+    finally:
+        fleet.orch.cluster.receive_to_disk = True
+    where = client.model(key)["nodes"]["node-a"]["path"]
+    assert where.startswith("/dev/shm/") and not (fleet.roots["node-a"] / "received").exists()
+    cache = client.cache()["nodes"]["node-a"]
+    mine = [s for s in cache["segments"] if key in s["models"]]
+    assert len(mine) == 3 and all(s["component_id"].startswith("node-a/") for s in mine)
+    # its segments are the received pages (hard links), and loading it there is a RAM hit
+    assert all(Path(s["path"]).stat().st_nlink >= 2 for s in mine)
+    loaded = client.load(SD15, "node-a/cpu")["result"]
+    assert set(loaded["sources"].values()) == {"ram"}
+    client.unload(SD15, device="node-a/cpu")
+    # evicted from RAM, the RAM-only copy is gone from the node
+    cleared = httpx.delete(url, params={"node": "node-a"}).json()
+    assert cleared["dropped"] >= 3
+    until(lambda: set(client.model(key)["nodes"]) == {"node-b"}, 10, "the RAM-only copy forgotten")
+    assert not Path(where).exists()
+
+
+def test_cache_per_node_through_rest(fleet: Fleet, client: Client) -> None:
+    url = f"{fleet.svc.url}/api/model/cache"
+    key = client.model(CLIP_L)["id"]
+    filled = httpx.post(url, json={"model_id": CLIP_L, "node": "node-b"}, timeout=60).json()
+    [seg] = filled["result"]["segments"]
+    assert seg["node"] == "node-b" and seg["component_id"].startswith("node-b/") and key in seg["models"]
+    view = client.cache()
+    assert set(view["nodes"]) == {"node-a", "node-b"}
+    assert seg["component_id"] in {s["component_id"] for s in view["nodes"]["node-b"]["segments"]}
+    assert {n["name"]: n for n in client.status()["nodes"]}["node-b"]["cache"]["segments"] >= 1
+    assert client.cache_segment(seg["component_id"])["bytes"] == seg["bytes"]
+    assert client.cache_drop(seg["component_id"])["freed_bytes"] == seg["bytes"]
+    with pytest.raises(ApiError) as gone:
+        client.cache_segment(seg["component_id"])
+    assert gone.value.status_code == 404
+    with pytest.raises(ApiError) as unnamed:
+        client.cache_drop("abc")
+    assert unnamed.value.status_code == 422 and "node/component" in unnamed.value.message
+    # a refresh rescans every node's roots: one job, the nodes' results summed
+    rescanned = client.refresh(wait=True, hash=False)["result"]
+    assert rescanned["summary"]["total"] >= 6 and rescanned["summary"]["added"] == 0
+
+
+def test_operations_and_loras_on_the_node_holding_the_model(fleet: Fleet, client: Client) -> None:
+    key, lora = client.model(SD15)["id"], client.model(LORA)["id"]
+    with pytest.raises(ApiError) as cold:
+        client.validate(SD15)
+    assert cold.value.error_code == "NOT_LOADED"
+    assert client.load(SD15)["result"]["device"] == "node-b/cpu"
+    [v] = client.validate(SD15, level="weights")["result"]
+    assert v["model_id"] == key and v["device"] == "node-b/cpu"
+    assert set(v["components"]) == {"unet", "vae", "text_encoder"}
+    assert all(c["passed"] for c in v["components"].values())
+    [b] = client.benchmark(component="vae", steps=1, warmup=0)["result"]
+    assert b["device"] == "node-b/cpu" and b["components"]["vae"]["figures"]
+    [o] = client.optimize(SD15, component="unet", options={"channels_last": True}, measure=False)["result"]
+    assert o["components"]["unet"]["applied"][0]["option"] == "channels_last"
+    # the LoRA's file is on node-a only: sent to node-b, then applied there
+    applied = client.apply_lora(SD15, LORA, strength=0.8)
+    assert applied["lora_id"] == lora and applied["applied"][0]["device"] == "node-b/cpu"
+    assert applied["applied"][0]["matched_keys"] > 0
+    assert client.status("node-b/cpu")["models"][0]["loras"][lora]["strength"] == 0.8
+    assert client.lora_strength(SD15, LORA, 0.3)["devices"][0]["device"] == "node-b/cpu"
+    assert client.status("node-b/cpu")["models"][0]["loras"][lora]["strength"] == 0.3
+    client.remove_lora(SD15, lora)
+    assert client.status("node-b/cpu")["models"][0]["loras"] == {}
+    with pytest.raises(ApiError) as not_lora:
+        client.apply_lora(SD15, CLIP_L)
+    assert not_lora.value.status_code == 422 and "not a LoRA" in not_lora.value.message
 
 
 def test_rest_and_cli_against_the_cluster(fleet: Fleet, client: Client) -> None:

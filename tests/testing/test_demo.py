@@ -135,7 +135,7 @@ def test_packed_forms(tmp_path: Path) -> None:
     from modelkeeper.discovery.tables import read_gguf_table, read_safetensors_table, storage_form
 
     manifest = write_demo_models(tmp_path, only=PACKED_ENTRY_NAMES)
-    assert len(manifest) == len(PACKED_ENTRY_NAMES) == 1 + 3 * 3 + 2 + 2 * 7
+    assert len(manifest) == len(PACKED_ENTRY_NAMES) == 2 + 3 * 3 + 2 + 2 * 7
     for entry in manifest:
         path = manifest.root / entry.path
         gguf = entry.format == "gguf"

@@ -339,7 +339,7 @@ def test_failure_midway_rolls_back(demo: DemoManifest, monkeypatch: pytest.Monke
     manager.load("first", demo.path("sd15-lora-peft"), targets, strength=0.5)
     patched = snapshot(targets)
     calls = {"n": 0}
-    original = LoraManager._rederive
+    original = lora_manager._Patched.rederive
 
     def flaky(state: Any) -> None:
         calls["n"] += 1
@@ -347,7 +347,7 @@ def test_failure_midway_rolls_back(demo: DemoManifest, monkeypatch: pytest.Monke
             raise RuntimeError("device lost")
         original(state)
 
-    monkeypatch.setattr(LoraManager, "_rederive", staticmethod(flaky))
+    monkeypatch.setattr(lora_manager._Patched, "rederive", flaky)
     with pytest.raises(RuntimeError, match="device lost"):
         manager.load("second", demo.path("sd15-lora-kohya"), targets)
     monkeypatch.undo()

@@ -209,23 +209,6 @@ def test_text_encoders_in_fp8(worker: InProcessWorker, tmp_path: Path, kind: str
     assert output_cosine(worker.module("m"), ref) >= 0.995
 
 
-def test_a_lora_on_a_packed_model_is_refused_not_applied(
-    worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path
-) -> None:
-    """Until the LoRA manager knows packed weights, a LoRA would patch fp8 bytes in place: refused."""
-    from modelkeeper.testing import save_kohya_lora
-
-    ref = refs["sdxl"]
-    path = write(tmp_path / "sdxl-fp8.safetensors", ref, fp8_state(ref.state_dict(), torch.float8_e4m3fn))
-    load(worker, path, "unet")
-    lora = save_kohya_lora(tmp_path / "lora.safetensors", "sdxl")
-    before = worker.module("m").down_blocks[1].attentions[0].proj_in.weight.clone()
-    with pytest.raises(ProtocolError, match="packed") as err:
-        worker.call("model.load_lora", {"name": "l", "path": str(lora), "targets": {"unet": "m"}})
-    assert err.value.code is ErrorCode.UNSUPPORTED_FORMAT
-    assert torch.equal(worker.module("m").down_blocks[1].attentions[0].proj_in.weight, before)
-
-
 def test_scales_follow_the_pieces_of_an_original_flux_file() -> None:
     """ComfyUI's scaled Flux files use Black Forest Labs' keys: after diffusers' converter splits
     ``img_attn.qkv`` into q, k, v (and swaps the halves of ``final_layer.adaLN_modulation``), each

@@ -14,8 +14,10 @@ from starlette.exceptions import HTTPException
 
 from modelkeeper.orchestrator.errors import (
     DeviceNotFound,
+    IncompatiblePart,
     JobNotFound,
     LeaseNotFound,
+    MissingPart,
     PathOutsideRoots,
     ServiceNotReady,
 )
@@ -40,8 +42,9 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
 }
 
 #: Codes of the HTTP layer, beside the protocol's: the framework's own answers (unknown route,
-#: wrong method, token, body size), and the API's name for an error class whose protocol code
-#: would otherwise answer with two statuses (a job id that is unknown is no malformed request).
+#: wrong method, token, body size), the API's name for an error class whose protocol code
+#: would otherwise answer with two statuses (a job id that is unknown is no malformed request),
+#: and names that tell a client which part of a transformer-only model is missing or refused.
 HTTP_CODES: dict[str, int] = {
     "NOT_FOUND": 404,
     "METHOD_NOT_ALLOWED": 405,
@@ -49,6 +52,8 @@ HTTP_CODES: dict[str, int] = {
     "FORBIDDEN": 403,
     "BODY_TOO_LARGE": 413,
     "NOT_READY": 503,
+    "MISSING_PART": 422,
+    "INCOMPATIBLE_PART": 422,
 }
 
 #: Error classes answered with an HTTP-layer code (and so its status) instead of their protocol
@@ -59,12 +64,15 @@ CODE_BY_CLASS: tuple[tuple[type[ProtocolError], str], ...] = (
     (LeaseNotFound, "NOT_FOUND"),
     (PathOutsideRoots, "FORBIDDEN"),
     (ServiceNotReady, "NOT_READY"),
+    (MissingPart, "MISSING_PART"),
+    (IncompatiblePart, "INCOMPATIBLE_PART"),
 )
 
+#: HTTP-layer codes of error classes only (the framework never answers with them).
+CLASS_ONLY_CODES = frozenset({"FORBIDDEN", "NOT_READY", "MISSING_PART", "INCOMPATIBLE_PART"})
+
 #: HTTP statuses raised by the framework itself and their codes (the inverse of HTTP_CODES).
-CODE_BY_STATUS = {
-    status: code for code, status in HTTP_CODES.items() if code not in ("FORBIDDEN", "NOT_READY")
-}
+CODE_BY_STATUS = {status: code for code, status in HTTP_CODES.items() if code not in CLASS_ONLY_CODES}
 
 
 def status_of(code: str) -> int:

@@ -46,7 +46,8 @@ class ErrorBody(_Fixed):
     error: str = Field(description="What went wrong, naming the file, field or device.")
     error_code: str = Field(
         description="The protocol's error code (MODEL_NOT_FOUND, INSUFFICIENT_MEMORY...), or "
-        "NOT_FOUND, FORBIDDEN, NOT_READY, METHOD_NOT_ALLOWED, UNAUTHORIZED, BODY_TOO_LARGE from "
+        "NOT_FOUND, FORBIDDEN, NOT_READY, MISSING_PART, INCOMPATIBLE_PART, METHOD_NOT_ALLOWED, UNAUTHORIZED, "
+        "BODY_TOO_LARGE from "
         "the HTTP layer. Each code has one HTTP status."
     )
     details: Open = Field(description="Context: the field, path, device, leases... (may be empty).")
@@ -126,6 +127,9 @@ class PlacementInfo(_Fixed):
     timings: dict[str, dict[str, float]] = Field(description="Component -> seconds per step.")
     loras: dict[str, AppliedLora] = Field(description="LoRA model id -> how it is applied.")
     leases: int = Field(description="Leases holding the model on this device.")
+    parts: dict[str, str] | MISSING = Field(
+        MISSING, description="A transformer-only model: role -> the model id of the part loaded for it."
+    )
     node: str | MISSING = Field(MISSING, description="Cluster mode: the node of the device.")
     local_id: str | MISSING = Field(MISSING, description="Cluster mode: the model's id on that node.")
     loading: bool | MISSING = Field(MISSING, description="Cluster mode: a load is in flight there.")
@@ -211,6 +215,9 @@ class SegmentInfo(_Fixed):
     hits: int
     models: list[str]
     pinned: bool = Field(description="A worker is loading from it now.")
+    node: str | MISSING = Field(
+        MISSING, description="The node whose RAM cache holds it (cluster mode; ids are node/component)."
+    )
 
 
 class _ComponentLabel(_Fixed):
@@ -221,9 +228,17 @@ class CachedSegment(SegmentInfo, _ComponentLabel):  # the label comes first, as 
     pass
 
 
+class NodeCache(_Fixed):
+    """One node's RAM cache (cluster mode)."""
+
+    stats: CacheStats
+    segments: list[SegmentInfo]
+
+
 class CacheView(_Fixed):
     stats: CacheStats
     segments: list[SegmentInfo]
+    nodes: dict[str, NodeCache] | MISSING = Field(MISSING, description="Each node's cache (cluster mode).")
 
 
 class CacheFilled(_Fixed):
@@ -409,11 +424,33 @@ class Performance(_Fixed):
     last_optimize: Open | None
 
 
+class PartInfo(_Fixed):
+    """One part a transformer-only Flux or SD3 model is loaded with (``orchestrator/completion.py``)."""
+
+    role: str = Field(
+        description="Its slot in the pipeline: text_encoder, text_encoder_2, text_encoder_3, vae."
+    )
+    wants: str = Field(
+        description="What fits the role, e.g. 'T5-XXL, 4096 wide' or 'VAE, 16 latent channels'."
+    )
+    status: Literal["auto", "pinned", "missing", "refused"] = Field(
+        description="auto: chosen by base and shapes; pinned: the one in default_settings.parts; missing: "
+        "none fits (a load answers 422 MISSING_PART); refused: the pinned one does not fit (422 INCOMPATIBLE_PART)."
+    )
+    model_id: str | None = Field(description="The part's model (None when missing or refused).")
+    handle: str | None
+    why: str = Field(description="Why this part, or why none.")
+
+
 class ModelDetail(ModelRecord):
     identification: IdentificationSummary  # type: ignore[assignment]  # a summary in place of the full record
     state: Tiers
     performance: Performance
     history: list[HistoryEntry]
+    parts: list[PartInfo] = Field(
+        description="The text encoders and VAE a transformer-only Flux or SD3 file is loaded with, and "
+        "what is missing (empty for other models)."
+    )
 
 
 class ClusterTiers(_Fixed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -53,16 +54,35 @@ async def cache_list(service: Service) -> dict[str, Any]:
 async def cache_add(service: Service, body: CacheBody) -> Any:
     """Cache every component of ``model_id``, or the one component ``component_id``."""
     if body.model_id:
-        return _accepted(await service.feed.cache_model(body.model_id, wait=body.wait_for_completion))
+        on = _on_node(service, body.node)  # cluster mode: one node's cache
+        return _accepted(await service.feed.cache_model(body.model_id, wait=body.wait_for_completion, **on))
     if body.component_id:
         return _accepted(await service.feed.cache_component(body.component_id, wait=body.wait_for_completion))
     raise ProtocolError("model_id or component_id: one is required", ErrorCode.INVALID_REQUEST)
 
 
 @cache.delete("", response_model=CacheCleared)
-async def cache_clear(service: Service, force: bool = False) -> dict[str, Any]:
-    """Drop every segment (ones a worker is loading from stay unless ``force``)."""
-    return service.feed.clear(force=force)
+async def cache_clear(
+    service: Service, force: bool = False, node: str | None = Query(None, max_length=200)
+) -> dict[str, Any]:
+    """Drop every segment (ones a worker is loading from stay unless ``force``); in cluster mode
+    of every node, or of ``node``."""
+    cleared: dict[str, Any] = await _done(service.feed.clear(force=force, **_on_node(service, node)))
+    return cleared
+
+
+def _on_node(service: Service, node: str | None) -> dict[str, str]:
+    """The ``node`` argument of a cluster's cache, when given (refused on one host)."""
+    if node is None:
+        return {}
+    if not hasattr(service, "members"):
+        raise ProtocolError("node: only in cluster mode", ErrorCode.INVALID_REQUEST, field="node")
+    return {"node": node}
+
+
+async def _done(result: Any) -> Any:
+    """A cluster cache answers from its nodes (awaitable); one host's at once."""
+    return await result if inspect.isawaitable(result) else result
 
 
 @cache.post("/refresh", response_model=ScanDone, responses=ACCEPTED)
@@ -71,14 +91,16 @@ async def cache_refresh(service: Service, wait_for_completion: bool = False, has
     return _accepted(await service.catalog.scan(wait=wait_for_completion, hash=hash))
 
 
-@cache.get("/{component_id}", response_model=SegmentInfo)
+@cache.get("/{component_id:path}", response_model=SegmentInfo)
 async def cache_get(service: Service, component_id: str) -> dict[str, Any]:
+    """One segment (``node/component`` in cluster mode)."""
     return service.feed.get(component_id)
 
 
-@cache.delete("/{component_id}", response_model=SegmentDropped)
+@cache.delete("/{component_id:path}", response_model=SegmentDropped)
 async def cache_drop(service: Service, component_id: str, force: bool = False) -> dict[str, Any]:
-    return service.feed.drop(component_id, force=force)
+    dropped: dict[str, Any] = await _done(service.feed.drop(component_id, force=force))
+    return dropped
 
 
 # ---------------------------------------------------------------------- jobs and events

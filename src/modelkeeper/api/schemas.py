@@ -126,6 +126,12 @@ class SearchBody(_Body):
 class CacheBody(_Body):
     model_id: str | None = Field(None, min_length=1, max_length=4096, description="Cache every component.")
     component_id: str | None = Field(None, min_length=1, max_length=200, description="Cache one component.")
+    node: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Cluster mode: the node whose RAM cache (default: every node with the file).",
+    )
     wait_for_completion: bool = True
 
 

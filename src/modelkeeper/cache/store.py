@@ -247,6 +247,36 @@ class RamCache:
                 raise
         return seg
 
+    def adopt(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        source: str | os.PathLike[str],
+        component_id: str | None = None,
+        model: str | None = None,
+    ) -> Segment:
+        """Take a complete safetensors file already in shared memory (``path``, on the cache's
+        filesystem: bytes received from another node) as the segment of the whole file ``source``,
+        without copying it: the segment is a hard link to it. A cached component is a hit."""
+        src = Path(source)
+        cid = component_id or file_component_id(src)
+        with self._lock:
+            seg = self._hit(cid, model)
+            if seg is not None:
+                return seg
+        started = time.perf_counter()
+        size = Path(path).stat().st_size
+        self._make_room(size, cid)
+        dest = self.segment_path(cid)
+        dest.unlink(missing_ok=True)
+        os.link(path, dest)
+        seg = Segment(cid, dest, size, str(src), None, time.perf_counter() - started)
+        if model:
+            seg.models.add(model)
+        with self._lock:
+            self._segments[cid] = seg
+        return seg
+
     def _make_room(self, incoming: int, keep: str) -> None:
         with self._lock:
             need = self.used_bytes + incoming - self.budget_bytes

@@ -45,6 +45,14 @@ def worker_cmd(
 
 def demo_models_cmd(
     root: Annotated[Path, typer.Argument(help="Folder to write the demo models into.")],
+    extras: Annotated[
+        bool,
+        typer.Option(
+            "--extras",
+            help="Also write the optional entries: fp8, scaled-fp8 and GGUF files, a transformer-only "
+            "Flux, SD2 v-prediction and SD1 inpainting models.",
+        ),
+    ] = False,
 ) -> None:
     """Write tiny but real demo models (UNets, VAEs, text encoders, LoRAs, ...) to ROOT. No downloads."""
     from rich.console import Console
@@ -53,5 +61,7 @@ def demo_models_cmd(
 
     console = Console(stderr=True)
     with console.status("writing demo models") as status:
-        manifest = write_demo_models(root, progress=lambda what: status.update(f"writing {what}"))
+        manifest = write_demo_models(
+            root, progress=lambda what: status.update(f"writing {what}"), extras=extras
+        )
     console.print(f"wrote {len(manifest.entries)} demo models to {root} (see {root / 'manifest.json'})")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -17,6 +17,9 @@ from rich.table import Table
 
 from modelkeeper.cli.common import DbOption, JsonOption, fail, human_size, open_registry
 from modelkeeper.protocol.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from modelkeeper.orchestrator.completion import PartsPlan
 
 
 def _size(n: int | None) -> str:
@@ -109,17 +112,22 @@ def show(
     as_json: JsonOption = False,
     db: DbOption = None,
 ) -> None:
-    """Show one model: identification, file, hashes, components, metadata, worker spec."""
+    """Show one model: identification, file, hashes, components, metadata, worker spec, and the
+    parts a transformer-only Flux or SD3 file is loaded with."""
+    from modelkeeper.orchestrator.completion import plan_parts  # the orchestrator: only for show
+
     try:
         with open_registry(db) as registry:
             record = registry.resolve(ref)
             spec = registry.worker_spec(record.id)
             history = registry.history(record.id, limit=20)
+            plan = plan_parts(registry, record)
     except ProtocolError as exc:
         raise fail(exc) from exc
     data: dict[str, Any] = record.model_dump(mode="json")
     data["worker_spec"] = spec
     data["history"] = [h.model_dump(mode="json") for h in history]
+    data["parts"] = plan.info() if plan is not None else []
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -159,6 +167,8 @@ def show(
                 (c.content_id or "")[:16],
             )
         console.print(table)
+    if plan is not None:
+        _print_parts(console, plan)
     meta = record.meta
     for key in ("description", "source_url", "license"):
         value = getattr(meta, key)
@@ -170,6 +180,20 @@ def show(
         console.print(f"  trigger words: {', '.join(meta.trigger_words)}")
     for conflict in record.identification.hint_conflicts:
         console.print(f"  [yellow]hint[/yellow] {conflict}")
+
+
+def _print_parts(console: Console, plan: PartsPlan) -> None:
+    """The parts a transformer-only model is loaded with, and what is missing."""
+    table = Table(title="parts (a load places them beside the transformer)")
+    for col in ("role", "wants", "model", "why"):
+        table.add_column(col)
+    colours = {"auto": "green", "pinned": "cyan", "missing": "red", "refused": "red"}
+    for part in plan.info():
+        model = part["handle"] or f"[{colours[part['status']]}]{part['status']}[/]"
+        if part["status"] == "pinned":
+            model += " [cyan](pinned)[/]"
+        table.add_row(part["role"], part["wants"], model, part["why"])
+    console.print(table)
 
 
 def meta(

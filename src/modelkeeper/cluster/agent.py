@@ -6,12 +6,18 @@ file, RAM cache: the same parts as one host, no fork of them) and answers the dr
 
 - ``start`` / ``stop``; ``state()``: devices with budget, used bytes and placements, the models on
   disk with their cluster keys, sizes and the bytes of them in the RAM cache;
-- ``load`` / ``unload`` on a local device (leases held cluster-wide are passed in ``held`` and
-  hold here for the time of the call, so the local eviction honours them);
-- files: ``files`` and ``read`` serve a model's bytes in chunks; ``fetch`` pulls a model from
-  another node's agent into this node's ``receive_dir``, registers it and checks its hash.
+- ``call`` / ``stream``: a method of the node orchestrator's parts (``PARTS``: loads, the RAM
+  cache, validate / benchmark / optimize, LoRAs), the same code as on one host, with the node's
+  own model ids and device names. ``stream`` runs a method that makes a job and is a Ray
+  streaming generator: the job's progress as it changes, then its result, so the driver's job
+  shows the stage and bytes of the work on the node (leases held cluster-wide are passed in
+  ``held`` and hold here until the job ends, so the local eviction honours them);
+- ``unload`` on a local device;
+- files: ``files`` and ``read`` serve a model's bytes in chunks; ``fetch`` (streamed, bytes as
+  they arrive) pulls a model from another node's agent into this node's RAM cache and, by
+  default, its disk, registers it and checks its hash (:mod:`.receive`).
 
-Every method answers ``{"ok": value}`` or ``{"error": {...}}`` (a ``ProtocolError`` as data): the
+Every answer is ``{"ok": value}`` or ``{"error": {...}}`` (a ``ProtocolError`` as data): the
 driver raises the same error again, code and details intact, without Ray's exception wrapping.
 """
 
@@ -19,32 +25,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
-import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from modelkeeper.cluster.errors import TransferFailed
-from modelkeeper.orchestrator import LoadOptions, Orchestrator, Settings
+from modelkeeper.cluster.keys import cluster_key
+from modelkeeper.cluster.receive import Receiver, ram_root, read_chunk
+from modelkeeper.orchestrator import Orchestrator, Settings
 from modelkeeper.orchestrator.errors import LeaseNotFound
+from modelkeeper.orchestrator.jobs import Job
+from modelkeeper.orchestrator.leases import Lease
 from modelkeeper.orchestrator.state import PlacementState
 from modelkeeper.protocol.client import WorkerFactory, WorkerProcess
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
-from modelkeeper.registry import ModelRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Answer = dict[str, Any]
-
-
-def cluster_key(record: ModelRecord) -> str:
-    """A model's identity across nodes: its content hash (BLAKE3), or ``name:<name>`` until hashed."""
-    hashes = record.file.hashes if record.file is not None else None
-    if hashes is not None and hashes.blake3:
-        return hashes.blake3
-    return f"name:{record.name}"
+PROGRESS_S = 0.1  # how often a streamed job's progress is looked at
+#: The methods of the node's orchestrator parts the driver runs through ``call`` and ``stream``:
+#: the same code as on one host.
+PARTS: dict[str, frozenset[str]] = {
+    "loads": frozenset({"load"}),
+    "feed": frozenset({"view", "get", "cache_model", "cache_component", "drop", "clear"}),
+    "operations": frozenset({"run"}),
+    "loras": frozenset({"apply", "strength", "remove"}),
+}
 
 
 def error_answer(exc: ProtocolError) -> Answer:
@@ -89,6 +98,7 @@ class NodeAgent:
         self.workers = workers
         self.receive_dir = receive_dir
         self.orch: Orchestrator | None = None
+        self.receiver: Receiver | None = None
         self._lock = asyncio.Lock()
         self._models: list[dict[str, Any]] | None = None  # the disk listing, rebuilt after a scan
 
@@ -106,7 +116,12 @@ class NodeAgent:
         wait for its first scan and hashing; answers ``state()``."""
         async with self._lock:
             if self.orch is None:
-                orch = Orchestrator(Settings(**self.overrides), worker_factory=self.factory())
+                base = Settings(**self.overrides)
+                ram = ram_root(self.node)  # models received into RAM only: a root of their own
+                settings = base.model_copy(update={"model_roots": [*base.model_roots, ram]})
+                orch = Orchestrator(settings, worker_factory=self.factory())
+                self.receiver = Receiver(orch, self.node, self.receive_dir)
+                await asyncio.to_thread(self.receiver.clear)
                 await orch.start()
                 self.orch = orch
                 await self._scans()
@@ -142,10 +157,14 @@ class NodeAgent:
 
     async def _state(self) -> dict[str, Any]:
         orch = self.service
+        if self.receiver is not None and self.receiver.prune():  # RAM-only models evicted
+            await orch.catalog.scan(wait=True, hash=False)
+            self._models = None
         if self._models is None:
             self._models = await asyncio.to_thread(self._list_models)
         ram: dict[str, int] = {}
-        for seg in orch.feed.segments():
+        segments = orch.feed.segments()
+        for seg in segments:
             for mid in seg["models"]:
                 ram[mid] = ram.get(mid, 0) + int(seg["bytes"])
         devices = []
@@ -171,6 +190,7 @@ class NodeAgent:
             "devices": devices,
             "models": [{**m, "ram_bytes": ram.get(m["model_id"], 0)} for m in self._models],
             "cache": orch.feed.cache.stats() if orch.feed.is_open else None,
+            "segments": segments,
             "roots": [str(r) for r in orch.catalog.roots],
         }
 
@@ -198,35 +218,77 @@ class NodeAgent:
             )
         return out
 
-    # ------------------------------------------------------------------ loads
+    # ------------------------------------------------------------------ the parts of one host
 
-    async def load(self, model_id: str, device: str, options: dict[str, Any], held: list[str]) -> Answer:
-        """Load ``model_id`` on the local ``device``; ``held``: model ids leased cluster-wide there."""
-        return await answer(self._with_leases(device, held, lambda: self._load(model_id, device, options)))
+    def _method(self, part: str, method: str) -> Callable[..., Any]:
+        if method not in PARTS.get(part, ()):
+            raise ProtocolError(f"{part}.{method} is not offered by a node agent", ErrorCode.INVALID_REQUEST)
+        fn: Callable[..., Any] = getattr(getattr(self.service, part), method)
+        return fn
 
-    async def _load(self, model_id: str, device: str, options: dict[str, Any]) -> dict[str, Any]:
-        result = await self.service.loads.load(model_id, device, options=LoadOptions(**options), wait=True)
-        out: dict[str, Any] = result["result"]
-        return out
+    async def call(self, part: str, method: str, args: list[Any], kwargs: dict[str, Any]) -> Answer:
+        """``part.method(*args, **kwargs)`` of the node's orchestrator (see ``PARTS``), awaited."""
 
-    async def _with_leases(self, device: str, held: list[str], work: Callable[[], Awaitable[T]]) -> T:
-        leases = self.service.leases
-        granted = [
-            leases.grant(mid, device, "cluster", self.service.settings.request_timeout) for mid in held
-        ]
+        async def run() -> Any:
+            out = self._method(part, method)(*args, **kwargs)
+            if inspect.isawaitable(out):
+                out = await out
+            return out
+
+        return await answer(run())
+
+    async def stream(
+        self,
+        part: str,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        held: tuple[str, list[str]] | None = None,
+    ) -> AsyncIterator[Answer]:
+        """A method of the node's orchestrator that runs a job (``wait=False``), streamed: yields
+        ``{"progress": ...}`` as its job reports progress, then ``{"ok": result}`` or ``{"error"}``.
+        ``held``: (device, model ids) leased cluster-wide, held here until the job ends. A driver
+        that stops reading (its job cancelled) cancels the job here."""
+        granted: list[Lease] = []
+        job: Job | None = None
         try:
-            return await work()
+            try:
+                granted = self._grant(*held) if held else []
+                started = await self._method(part, method)(*args, **{**kwargs, "wait": False})
+            except ProtocolError as exc:
+                yield error_answer(exc)
+                return
+            if "result" in started:  # answered at once (a component already cached)
+                yield {"ok": started["result"]}
+                return
+            job = self.service.jobs.get(started["job"]["id"])
+            assert job.task is not None
+            async for progress in follow(job.task, lambda: job.progress_data if job else {}):
+                yield {"progress": progress}
+            try:
+                yield {"ok": await self.service.jobs.wait(job)}
+            except ProtocolError as exc:
+                yield error_answer(exc)
         finally:
-            for lease in granted:
-                with contextlib.suppress(LeaseNotFound):
-                    leases.release(lease.id)
+            if job is not None and not job.state.finished:
+                self.service.jobs.cancel(job.id)
+            self._release(granted)
+
+    def _grant(self, device: str, held: list[str]) -> list[Lease]:
+        leases = self.service.leases
+        return [leases.grant(mid, device, "cluster", self.service.settings.request_timeout) for mid in held]
+
+    def _release(self, granted: list[Lease]) -> None:
+        for lease in granted:
+            with contextlib.suppress(LeaseNotFound):
+                self.service.leases.release(lease.id)
 
     async def unload(self, model_id: str, device: str | None, force: bool, timeout: float | None) -> Answer:
         return await answer(self.service.loads.unload(model_id, device, force=force, timeout=timeout))
 
-    async def scan(self) -> Answer:
+    async def scan(self, hash: bool = True) -> Answer:
         async def run() -> dict[str, Any]:
-            result = await self.service.catalog.scan(wait=True, hash=True)
+            result = await self.service.catalog.scan(wait=True, hash=hash)
             self._models = None
             out: dict[str, Any] = result["result"]
             return out
@@ -244,75 +306,64 @@ class NodeAgent:
 
         return await answer(run())
 
-    async def read(self, model_id: str, rel: str, offset: int, size: int) -> bytes:
-        """``size`` bytes at ``offset`` of the model's file ``rel`` (as ``files`` names it)."""
+    async def read(self, model_id: str, rel: str, offset: int, size: int) -> Any:
+        """``size`` bytes at ``offset`` of the model's file ``rel`` (as ``files`` names it), as a
+        NumPy array (the receiver reads it from its object store without a copy)."""
         record = await self.service.catalog.get(model_id)
         model = Path(record.path or "").resolve()
         path = (model.parent / rel).resolve()
         if record.path is None or not (path == model or path.is_relative_to(model)):
             raise ProtocolError(f"{rel!r} is not a file of model {model_id}", ErrorCode.INVALID_REQUEST)
-
-        def chunk() -> bytes:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-
-        return await asyncio.to_thread(chunk)
+        return await asyncio.to_thread(read_chunk, path, offset, size)
 
     async def fetch(
-        self, key: str, source: Any, source_model_id: str, files: list[dict[str, Any]], chunk: int, ahead: int
-    ) -> Answer:
-        """Pull a model from ``source`` (another node's agent) into this node's ``receive_dir``,
-        register it, and check that its hash is ``key``; answers the local model id and timings."""
-        return await answer(self._fetch(key, source, source_model_id, files, chunk, ahead))
+        self,
+        key: str,
+        source: Any,
+        source_model_id: str,
+        files: list[dict[str, Any]],
+        chunk: int,
+        ahead: int,
+        to_disk: bool = True,
+    ) -> AsyncIterator[Answer]:
+        """Pull a model from ``source`` (another node's agent) into this node's RAM cache (and its
+        disk, ``to_disk``), register it and check that its hash is ``key`` (:mod:`.receive`):
+        streamed, ``{"progress": {"step": "transfer", "done", "total", "unit": "bytes"}}`` as
+        chunks arrive, then the local model id and timings."""
+        state: dict[str, Any] = {"step": "transfer", "target": self.node, "unit": "bytes"}
 
-    async def _fetch(
-        self, key: str, source: Any, source_model_id: str, files: list[dict[str, Any]], chunk: int, ahead: int
-    ) -> dict[str, Any]:
-        import time
+        def progress(done: int, total: int) -> None:
+            state.update(done=done, total=total)
 
-        started = time.perf_counter()
-        root = self.service.catalog.roots[0] / self.receive_dir / key[:16]
-        partial = root.with_name(root.name + ".partial")
-        await asyncio.to_thread(shutil.rmtree, partial, True)
-        total = 0
-        for f in files:
-            target = partial / f["rel"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            offsets = list(range(0, int(f["size"]), chunk)) or [0]
-            with open(target, "wb") as out:
-                # ``ahead`` chunks requested at once: the next arrives while this one is written
-                pending = [source.read.remote(source_model_id, f["rel"], o, chunk) for o in offsets[:ahead]]
-                nxt = ahead
-                while pending:
-                    try:
-                        data: bytes = await pending.pop(0)
-                    except Exception as exc:
-                        raise TransferFailed(
-                            f"model {key}: reading {f['rel']} from its node failed: {exc}", key=key
-                        ) from None
-                    await asyncio.to_thread(out.write, data)
-                    total += len(data)
-                    if nxt < len(offsets):
-                        pending.append(source.read.remote(source_model_id, f["rel"], offsets[nxt], chunk))
-                        nxt += 1
-        moved = time.perf_counter() - started
-        await asyncio.to_thread(shutil.rmtree, root, True)
-        os.replace(partial, root)
-        top = root / files[0]["rel"].split("/")[0]
-        await self.service.catalog.scan(wait=True, hash=True)
-        self._models = None
+        async def run() -> dict[str, Any]:
+            assert self.receiver is not None  # set with the orchestrator
+            out = await self.receiver.receive(
+                key, source, source_model_id, files, chunk=chunk, ahead=ahead, to_disk=to_disk,
+                progress=progress,
+            )  # fmt: skip
+            self._models = None
+            return out
+
+        task = asyncio.ensure_future(answer(run()))
         try:
-            record = await self.service.catalog.resolve(str(top))
-        except ProtocolError as exc:
-            raise TransferFailed(
-                f"model {key} received on {self.node} at {top} but not registered: {exc.message}"
-            ) from None
-        got = cluster_key(record)
-        if got != key:
-            await asyncio.to_thread(shutil.rmtree, root, True)
-            await self.service.catalog.scan(wait=True, hash=False)
-            raise TransferFailed(
-                f"model {key} received on {self.node} hashes to {got}: deleted", expected=key, got=got
-            )
-        return {"model_id": record.id, "path": str(top), "bytes": total, "seconds": round(moved, 6)}
+            async for snapshot in follow(task, lambda: state):
+                yield {"progress": snapshot}
+            yield task.result()
+        finally:
+            task.cancel()
+
+
+async def follow(
+    task: asyncio.Future[Any], read: Callable[[], dict[str, Any]]
+) -> AsyncIterator[dict[str, Any]]:
+    """Snapshots of ``read()`` while ``task`` runs, each time it changed (at most every
+    ``PROGRESS_S``), and the last one when it ends."""
+    last: dict[str, Any] | None = None
+    while True:
+        await asyncio.wait({task}, timeout=PROGRESS_S)
+        now = dict(read())
+        if now and now != last:
+            last = now
+            yield now
+        if task.done():
+            return

@@ -10,7 +10,7 @@ model root (``checkpoints/x.safetensors``) on any node.
 from __future__ import annotations
 
 import string
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,14 @@ class ClusterModel:
 class ClusterCatalog:
     def __init__(self, view: ClusterState) -> None:
         self.view = view
+        #: A rescan of every node (set by the service: ``remote.scan_nodes``).
+        self.scanner: Callable[..., Awaitable[dict[str, Any]]] | None = None
+
+    async def scan(self, *, wait: bool = True, hash: bool = True) -> dict[str, Any]:
+        """Rescan every node's model roots (``POST /api/model/cache/refresh``): a job."""
+        if self.scanner is None:
+            raise ProtocolError("no node to scan", ErrorCode.INVALID_REQUEST)
+        return await self.scanner(wait=wait, hash=hash)
 
     async def metadata(self, ref: str) -> dict[str, Any]:
         model = self.find(ref)

@@ -4,8 +4,9 @@
 (:mod:`.placing`, the orchestrator's ``choose_placement`` fed the cluster state) for a
 ``node/device`` unless one is named, brings the model's file to that node
 when it lacks it (:meth:`ClusterLoads.bring`: sent by a node that has it, chunked, checked by
-hash), and forwards the load to that node's agent, which runs the single-host load there
-(queue, priority, deadline, eviction, cache). Concurrent loads of one model coalesce cluster-wide:
+hash, into its RAM cache), and forwards the load to that node's agent, which runs the
+single-host load there (queue, priority, deadline, eviction, cache); the node's job progress and
+the transfer's bytes stream into the driver's job as they happen. Concurrent loads of one model coalesce cluster-wide:
 placement answers the device already loading it, and the second load joins the first. Leases are
 the driver's, by cluster key; the ones on a device are passed to its agent with each load, so its
 eviction honours them. Models loaded with ``keep_loaded`` are loaded again elsewhere when their
@@ -15,7 +16,6 @@ node is lost. ``route`` tells which node and device serve a model, loading it if
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from typing import Any
 
@@ -32,6 +32,13 @@ from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.settings import Settings
+
+
+def progress(job: Job | None, values: dict[str, Any]) -> None:
+    """A node's progress into the driver's job (when there is one), published every time: the
+    node sends it at most every ``agent.PROGRESS_S``, and its last snapshot must not be dropped."""
+    if job is not None:
+        job.progress(**values, force=True)
 
 
 class ClusterLoads:
@@ -119,15 +126,12 @@ class ClusterLoads:
             try:
                 local_id = await self.bring(model, node, job)
                 job.progress(step="load", node=node, device=device, force=True)
-                held = self.held_on(node, device)
-                result = await self.members.link(node).call(
-                    "load",
-                    local_id,
-                    local,
-                    dataclasses.asdict(opts),
-                    held,
+                result = await self.members.link(node).stream(
+                    "stream", "loads", "load", [local_id, local], {"options": opts},
+                    (local, self.held_on(node, device)),
                     what=f"the load of {model.name} on {device}",
-                )
+                    on_progress=lambda p: progress(job, {**p, "node": node, "device": device}),
+                )  # fmt: skip
             finally:
                 await self.members.refresh(node)
             out = self.in_cluster_terms(node, result)
@@ -160,7 +164,7 @@ class ClusterLoads:
 
     # ------------------------------------------------------------------ files between nodes
 
-    async def bring(self, model: ClusterModel, node: str, job: Job) -> str:
+    async def bring(self, model: ClusterModel, node: str, job: Job | None) -> str:
         """The local id of ``model`` on ``node``, its file sent there first when the node lacks it."""
         if node in model.locations:
             return model.local_id(node)
@@ -171,7 +175,7 @@ class ClusterLoads:
             running.add_done_callback(lambda f: self._fetches.pop(key, None))
         return await asyncio.shield(running)
 
-    async def _send(self, model: ClusterModel, node: str, job: Job) -> str:
+    async def _send(self, model: ClusterModel, node: str, job: Job | None) -> str:
         if model.key.startswith("name:"):
             raise TransferFailed(
                 f"model {model.name} is not hashed on any node yet: it cannot be sent to {node} and checked",
@@ -183,18 +187,21 @@ class ClusterLoads:
         source = sources[0]
         link = self.members.link(source)
         what = f"sending {model.name} from {source} to {node}"
-        job.progress(step="transfer", source=source, target=node, force=True)
+        if job is not None:
+            job.progress(step="transfer", source=source, target=node, force=True)
         files = await link.call("files", model.local_id(source), what=what)
         started = time.perf_counter()
-        got = await self.members.link(node).call(
+        got = await self.members.link(node).stream(
             "fetch", model.key, link.actor, model.local_id(source), files,
-            self.cluster.chunk_bytes, self.cluster.chunks_in_flight, what=what,
+            self.cluster.chunk_bytes, self.cluster.chunks_in_flight, self.cluster.receive_to_disk,
+            what=what, on_progress=lambda p: progress(job, {**p, "source": source}),
         )  # fmt: skip
         seconds = time.perf_counter() - started
         await self.members.refresh(node)
         self.bus.publish(
             "model.transferred", model_id=model.key, source=source, target=node, bytes=got["bytes"],
-            seconds=got["seconds"], total_seconds=round(seconds, 6),
+            seconds=got["seconds"], total_seconds=round(seconds, 6), to_disk=got["to_disk"],
+            segments=len(got["segments"]),
         )  # fmt: skip
         return str(got["model_id"])
 

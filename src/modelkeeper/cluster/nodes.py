@@ -10,8 +10,10 @@ or the driver marking it lost) into :class:`NodeLost` at once, for every call in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -32,6 +34,7 @@ KNOWN_ERRORS: dict[str, type[ProtocolError]] = {
     for name in getattr(module, "__all__", ())
     if isinstance(cls := getattr(module, name), type) and issubclass(cls, ProtocolError)
 }
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,17 +90,51 @@ class NodeLink:
 
     async def raw(self, method: str, *args: Any, what: str) -> Any:
         """``method(*args)`` on the agent, as Ray returns it; NodeLost when the node goes."""
+        self._check(what)
+        ref = getattr(self.actor, method).remote(*args)
+        return await self._guard(_await(ref), what)
+
+    async def stream(
+        self, method: str, *args: Any, what: str, on_progress: Callable[[dict[str, Any]], None]
+    ) -> Any:
+        """A streaming method of the agent (``stream``, ``fetch``): every ``{"progress"}`` it yields
+        goes to ``on_progress``, the last answer is returned as ``call`` returns it. Cancelled
+        here (the driver's job cancelled), the generator is cancelled on the node too."""
+        self._check(what)
+        gen = getattr(self.actor, method).remote(*args)
+
+        async def consume() -> dict[str, Any]:
+            async for ref in gen:
+                item: dict[str, Any] = await ref
+                if "progress" in item:
+                    on_progress(item["progress"])
+                else:
+                    return item
+            raise NodeLost(f"node {self.name} ended {what} without an answer", node=self.name)
+
+        try:
+            answer = await self._guard(consume(), what)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                ray.cancel(gen)
+            raise
+        return _unwrap(answer)
+
+    def _check(self, what: str) -> None:
         if self.lost.is_set():
             raise NodeLost(f"node {self.name} is lost: {what} not sent", node=self.name)
-        ref = getattr(self.actor, method).remote(*args)
-        call = asyncio.ensure_future(_await(ref))
+
+    async def _guard(self, work: Awaitable[T], what: str) -> T:
+        """``work``, failing with NodeLost at once when the node is lost meanwhile."""
+        call = asyncio.ensure_future(work)
         lost = asyncio.ensure_future(self.lost.wait())
         try:
             await asyncio.wait({call, lost}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             lost.cancel()
-        if not call.done():
-            call.cancel()
+            if not call.done():
+                call.cancel()
+        if not call.done() or call.cancelled():
             raise NodeLost(f"node {self.name} was lost during {what}", node=self.name)
         try:
             return call.result()
@@ -109,10 +146,13 @@ class NodeLink:
 
     async def call(self, method: str, *args: Any, what: str) -> Any:
         """Like ``raw`` for a method that answers ``{"ok"}`` or ``{"error"}`` (see agent.py)."""
-        answer: dict[str, Any] = await self.raw(method, *args, what=what)
-        if "error" in answer:
-            raise_error(answer["error"])
-        return answer["ok"]
+        return _unwrap(await self.raw(method, *args, what=what))
+
+
+def _unwrap(answer: dict[str, Any]) -> Any:
+    if "error" in answer:
+        raise_error(answer["error"])
+    return answer["ok"]
 
 
 async def _await(ref: Any) -> Any:

@@ -3,7 +3,8 @@
 It joins the Ray cluster, keeps one agent per alive node (:mod:`.membership`), the cluster view and
 catalog built from their states, and offers the parts the API routes call, with cluster
 implementations: ``loads`` (placement by bytes across nodes, loads forwarded to the chosen node,
-leases, routing), ``views``, ``catalog``; and the shared ones of one host: ``jobs``, ``leases``,
+leases, routing), ``feed``, ``operations`` and ``loras`` (run on the nodes holding the model,
+:mod:`.remote`), ``views``, ``catalog``; and the shared ones of one host: ``jobs``, ``leases``,
 ``bus``. Nodes lost are noticed by polling Ray's node table and by failed calls; kept-loaded models
 are loaded again elsewhere. ``await start()``, use it, ``await stop()`` (the agents keep running:
 a restarted driver attaches to them by name; ``stop(agents=True)`` stops them too).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from typing import Any
 
@@ -20,6 +22,7 @@ from modelkeeper.cluster.agent import NodeAgent
 from modelkeeper.cluster.catalog import ClusterCatalog
 from modelkeeper.cluster.loads import ClusterLoads
 from modelkeeper.cluster.membership import Membership
+from modelkeeper.cluster.remote import ClusterFeed, ClusterLoras, ClusterOperations, Remote, scan_nodes
 from modelkeeper.cluster.settings import ClusterSettings
 from modelkeeper.cluster.view import ClusterState
 from modelkeeper.cluster.views import ClusterMetrics, ClusterPool, ClusterViews, Unavailable
@@ -78,9 +81,11 @@ class ClusterOrchestrator:
         )  # fmt: skip
         self.pool = ClusterPool(self.view)
         self.metrics = ClusterMetrics(self.view, self.members)
-        self.feed = Unavailable("cache")
-        self.operations = Unavailable("operations")
-        self.loras = Unavailable("loras")
+        remote = Remote(self.catalog, self.view, self.members, self.loads, self.jobs)
+        self.feed = ClusterFeed(remote)
+        self.operations = ClusterOperations(remote)
+        self.loras = ClusterLoras(remote)
+        self.catalog.scanner = functools.partial(scan_nodes, remote)
         self.recovery = Unavailable("recovery")
         self._joined = False
 

@@ -41,9 +41,14 @@ class ClusterSettings(BaseSettings):
         "process", description="Worker kind on the nodes: subprocesses, or in the agent's process (tests)."
     )
     chunk_bytes: int = Field(
-        8 << 20, ge=1 << 16, description="Size of one chunk of a file sent between nodes."
+        64 << 20, ge=1 << 16, description="Size of one chunk of a file sent between nodes."
     )
     chunks_in_flight: int = Field(4, ge=1, le=64, description="Chunks requested ahead during a transfer.")
+    receive_to_disk: bool = Field(
+        True,
+        description="A file sent to a node lands in its RAM cache and also on its disk (receive_dir); "
+        "false: in RAM only (gone from that node once its RAM cache evicts it).",
+    )
     receive_dir: str = Field(
         "received",
         description="Folder inside a node's first model root where files sent from other nodes land.",

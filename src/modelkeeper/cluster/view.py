@@ -48,6 +48,18 @@ class NodeState:
     def model(self, key: str) -> dict[str, Any] | None:
         return next((m for m in self.state["models"] if m["key"] == key), None)
 
+    def loras(self, placement: dict[str, Any]) -> dict[str, Any]:
+        """A placement's applied LoRAs, by their cluster keys."""
+        return {self.key_of(k): v for k, v in placement.get("loras", {}).items()}
+
+    def segments(self) -> list[dict[str, Any]]:
+        """The node's RAM-cache segments in cluster terms: ``node/component`` ids, models by key."""
+        return [
+            {**seg, "component_id": f"{self.name}{SEP}{seg['component_id']}", "node": self.name,
+             "models": sorted(self.key_of(m) for m in seg["models"])}
+            for seg in self.state.get("segments", [])
+        ]  # fmt: skip
+
     def disk_keys(self) -> frozenset[str]:
         """The cluster keys of the models whose files are on this node's disk."""
         return frozenset(str(m["key"]) for m in self.state["models"])
@@ -83,7 +95,7 @@ class ClusterState:
                 if key is None or k == key:
                     out.append(
                         {**p, "model_id": k, "local_id": p["model_id"], "node": node.name,
-                         "device": device_id(node.name, d["id"])}
+                         "device": device_id(node.name, d["id"]), "loras": node.loras(p)}
                     )  # fmt: skip
         return out
 
@@ -131,7 +143,7 @@ class ClusterState:
     def device_status(self, node: NodeState, d: dict[str, Any]) -> dict[str, Any]:
         models = [
             {**p, "model_id": node.key_of(p["model_id"]), "local_id": p["model_id"],
-             "device": device_id(node.name, d["id"])}
+             "device": device_id(node.name, d["id"]), "loras": node.loras(p)}
             for p in d["placements"]
         ]  # fmt: skip
         info = {k: v for k, v in d.items() if k not in ("placements", "budget", "used")}

@@ -2,8 +2,8 @@
 
 The shapes follow the single-host views (``orchestrator/views.py``) so that the same routes, client
 and CLI work: devices are ``node/device``, a model's ``id`` is its cluster key, and status adds
-``nodes``. The parts a cluster does not offer yet (the cache routes, validate, benchmark,
-optimize, LoRAs, reconcile) answer with a clear error instead (:class:`Unavailable`).
+``nodes``. The parts a cluster does not offer yet (reconcile, the memory route) answer with a
+clear error instead (:class:`Unavailable`).
 """
 
 from __future__ import annotations

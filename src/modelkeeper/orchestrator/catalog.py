@@ -10,7 +10,8 @@ folders that no longer exist are marked missing at each scan.
 
 It opens the registry, resolves references (id, handle, name, path inside a model root, hash prefix),
 checks that a registered file is still what was registered, turns a model into the worker
-requests of its components, keeps user metadata and the history of operations, and runs the
+requests of its components (a transformer-only Flux or SD3 file: and of the text encoders and VAE
+that complete it, ``completion.py``), keeps user metadata and the history of operations, and runs the
 scan (and hashing) of the roots as a job. Registry calls run off the event loop: a scan writing in
 a thread never stalls the API. It knows nothing of devices or the cache.
 """
@@ -18,6 +19,7 @@ a thread never stalls the API. It knows nothing of devices or the cache.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -26,10 +28,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from modelkeeper.discovery import Hasher, HashProgress, Scanner, ScanProgress
+from modelkeeper.orchestrator.completion import PIN_KEY, PartsPlan, needs_parts, plan_parts
 from modelkeeper.orchestrator.errors import InvalidReference, PathOutsideRoots, ServiceNotReady
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
-from modelkeeper.orchestrator.loading import ComponentLoad, component_requests
+from modelkeeper.orchestrator.loading import ComponentLoad, as_part, component_requests
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.registry import ModelNotFound, ModelRecord, Registry, SearchPage, worker_spec
@@ -148,10 +151,28 @@ class Catalog:
                 path=f.path,
             )
 
+    async def parts(self, record: ModelRecord) -> PartsPlan | None:
+        """The parts a transformer-only Flux or SD3 model is completed with (None for another
+        model), chosen among the models served (see ``completion.py``)."""
+        if not needs_parts(record):
+            return None  # most models: no registry reads, no thread
+        return await self.db(plan_parts, self.registry, record, self.served_roots)
+
     async def component_loads(self, record: ModelRecord) -> list[ComponentLoad]:
-        """The worker requests of the model's loadable components (reads headers: off the loop)."""
+        """The worker requests of the model's loadable components, then those of its parts (a
+        transformer-only model): MissingPart or IncompatiblePart when one cannot be had. Reads
+        headers: off the loop."""
         spec = worker_spec(record)  # of this record: its file is the location under the roots
-        return await asyncio.to_thread(component_requests, record, spec)
+        loads = await asyncio.to_thread(component_requests, record, spec)
+        plan = await self.parts(record)
+        if plan is None:
+            return loads
+        plan.check()
+        for role, part in plan.records.items():
+            self.check_file(part)
+            for load in await asyncio.to_thread(component_requests, part, worker_spec(part)):
+                loads.append(as_part(record, role, load))
+        return loads
 
     # ------------------------------------------------------------------ metadata and history
 
@@ -160,10 +181,27 @@ class Catalog:
         return {"model_id": record.id, "name": record.name, **record.meta.model_dump(mode="json")}
 
     async def set_metadata(self, ref: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Set user metadata; parts pinned in ``default_settings.parts`` that do not fit the model
+        are refused (IncompatiblePart) before anything is written."""
         record = await self.resolve(ref)
+        if "default_settings" in values:
+            await self._check_pins(record, values["default_settings"])
         await self.db(self.registry.set_meta, record.id, values)
         self.bus.publish("model.metadata", model_id=record.id, keys=sorted(values))
         return await self.metadata(record.id)
+
+    async def _check_pins(self, record: ModelRecord, settings: Any) -> None:
+        if isinstance(settings, str):
+            try:
+                settings = json.loads(settings)
+            except json.JSONDecodeError:
+                return  # the registry refuses it, naming the key
+        if not isinstance(settings, dict) or PIN_KEY not in settings:
+            return
+        meta = record.meta.model_copy(update={"default_settings": settings})
+        plan = await self.parts(record.model_copy(update={"meta": meta}))
+        if plan is not None:
+            plan.check_pins()
 
     async def record(self, model_id: str, op: str, data: dict[str, Any]) -> None:
         """Add an operation to the model's history (a model deleted meanwhile: the operation stands)."""

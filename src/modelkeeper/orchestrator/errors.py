@@ -7,7 +7,9 @@ Hierarchy::
         ├── DeviceNotFound           INVALID_REQUEST: no worker runs on that device
         ├── InvalidReference         INVALID_REQUEST: a model reference no path can hold (a NUL byte)
         ├── JobNotFound              INVALID_REQUEST: no job of that id
+        ├── IncompatiblePart         INVALID_REQUEST: a part pinned for a transformer does not fit it
         ├── LeaseNotFound            INVALID_REQUEST: no lease of that id (or it expired)
+        ├── MissingPart              INVALID_REQUEST: no model in the registry fits a part a transformer needs
         ├── ModelInUse               BUSY: a lease or a running operation holds the model; retry or use force
         ├── NotLoaded                NOT_LOADED: the operation needs the model loaded on a device
         ├── NotPlaceable             INSUFFICIENT_MEMORY: no device has room, even after allowed evictions
@@ -24,9 +26,11 @@ from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 __all__ = [
     "DeviceNotFound",
+    "IncompatiblePart",
     "InvalidReference",
     "JobNotFound",
     "LeaseNotFound",
+    "MissingPart",
     "ModelInUse",
     "NotLoaded",
     "NotPlaceable",
@@ -53,6 +57,14 @@ class JobNotFound(OrchestratorError):
 
 
 class LeaseNotFound(OrchestratorError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class IncompatiblePart(OrchestratorError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class MissingPart(OrchestratorError):
     code = ErrorCode.INVALID_REQUEST
 
 

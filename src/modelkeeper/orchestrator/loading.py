@@ -1,7 +1,8 @@
 """From a registry model to worker load requests, through the RAM cache where it can.
 
 ``component_requests`` turns the registry's worker spec into one load request per loadable
-component. ``through_cache`` fills (or hits) the RAM-cache segment of a component and rewrites its
+component; ``as_part`` makes a text encoder's or VAE's request one more component of a
+transformer-only model that it completes. ``through_cache`` fills (or hits) the RAM-cache segment of a component and rewrites its
 request to load from the segment: a safetensors single file (a checkpoint's component is repacked
 under its own header), a diffusers component folder with one weight file, or a pickle file
 (converted once in the sandbox). Sharded folders and tokenizers load from disk as they are.
@@ -23,6 +24,7 @@ from modelkeeper.cache.segment import Progress
 from modelkeeper.formats.conventions import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES
 from modelkeeper.formats.errors import FormatError
 from modelkeeper.formats.folders import find_weight_files
+from modelkeeper.formats.gguf_header import read_gguf_header
 from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES
 from modelkeeper.formats.safetensors_header import read_header
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -81,15 +83,25 @@ def component_requests(record: ModelRecord, spec: dict[str, Any]) -> list[Compon
     return loads
 
 
+def as_part(record: ModelRecord, role: str, load: ComponentLoad) -> ComponentLoad:
+    """``load`` (a standalone text encoder or VAE) as the ``role`` part of ``record``: one more
+    component of its placement, named after the role. Its spec, content id and config stay the
+    part's own, so the RAM cache serves one segment to every model that uses the part."""
+    request = load.request.model_copy(update={"name": f"{record.id}/{role}"})
+    return ComponentLoad(role, load.spec, request, load.bytes, load.segment)
+
+
 def _apply_embedded_config(load: ComponentLoad) -> None:
-    """A single file that carries its own config (``modelkeeper.config`` metadata, a pipeline
-    config for a checkpoint) is loaded with it rather than with the known config of its base."""
+    """A single file (safetensors or GGUF) that carries its own config (``modelkeeper.config``
+    metadata, a pipeline config for a checkpoint) is loaded with it rather than with the known config of its base."""
     path = Path(load.request.path)
-    if path.suffix.lower() not in SAFETENSORS_SUFFIXES or not path.is_file():
+    gguf = path.suffix.lower() == ".gguf"
+    if not (gguf or path.suffix.lower() in SAFETENSORS_SUFFIXES) or not path.is_file():
         return
     try:
-        raw = read_header(path).metadata.get(CONFIG_METADATA_KEY)
-        config = json.loads(raw) if raw else None
+        metadata = read_gguf_header(path).metadata if gguf else read_header(path).metadata
+        raw = metadata.get(CONFIG_METADATA_KEY)
+        config = json.loads(raw) if isinstance(raw, str) and raw else None
     except (ProtocolError, OSError, ValueError):
         return  # the worker reports a broken file with its own error
     if not isinstance(config, dict):
@@ -140,7 +152,9 @@ def cache_plan(load: ComponentLoad) -> CachePlan | None:
         prefix = load.spec.get("key_prefix") or ""
         names = [n for n in read_header(path).tensors if n.startswith(prefix)] if prefix else None
         return CachePlan(path, cid, names, req.config)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES or path.suffix.lower() == ".gguf":
+        # a pickle is converted on fill; a GGUF file is repacked (its blocks as uint8 tensors, their
+        # quant types and the file's string metadata, its config included, in the segment's header)
         return CachePlan(path, cid, None, req.config)
     return None
 

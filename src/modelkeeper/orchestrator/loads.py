@@ -89,9 +89,15 @@ class Loads:
             raise ProtocolError("no worker is running", ErrorCode.WORKER_DIED)
         if not any(self.device_view(s).holds(record.id) for s in ready):
             await asyncio.gather(*(s.status() for s in ready), return_exceptions=True)
-        need = opts.resident_need(opts.stored_bytes(record), max(s.budget_bytes for s in ready))
+        need = opts.resident_need(await self.stored_bytes(record, opts), max(s.budget_bytes for s in ready))
         device = choose_device([self.device_view(s) for s in ready], record.id, need, force=opts.force)
         return self.pool.slot(device)
+
+    async def stored_bytes(self, record: ModelRecord, opts: LoadOptions) -> int:
+        """What the model will hold on a device: its components and its parts' (``completion.py``)."""
+        plan = await self.catalog.parts(record)
+        parts = list(plan.records.values()) if plan is not None else []
+        return sum(opts.stored_bytes(r) for r in (record, *parts))
 
     # ------------------------------------------------------------------ loading
 
@@ -109,6 +115,9 @@ class Loads:
         record = await self.catalog.resolve(ref)
         if device is not None:
             self.pool.slot(device)
+        plan = await self.catalog.parts(record)
+        if plan is not None:
+            plan.check()  # a missing or refused part is the caller's to fix: refused before any job
         params = {"model_id": record.id, "name": record.name, "device": device, "all_devices": all_devices}
 
         async def body(job: Job) -> Any:
@@ -156,7 +165,7 @@ class Loads:
         self.catalog.check_file(record)
         loads = await self.catalog.component_loads(record)
         await slot.status()
-        need = opts.resident_need(opts.stored_bytes(record), slot.budget_bytes)
+        need = opts.resident_need(await self.stored_bytes(record, opts), slot.budget_bytes)
         evicted = await self.make_room(slot, record.id, need, opts.force)
         keep_alive = self.settings.keep_alive if opts.keep_alive is None else opts.keep_alive
         p = Placement(
@@ -197,6 +206,8 @@ class Loads:
                         raise naming_the_users_file(exc, load, planned) from None
                 done.append(load.request.name)
                 p.components[label] = load.request.name
+                if load.spec.get("model_id") not in (None, record.id):  # a part that completes it
+                    p.parts[label] = load.spec["model_id"]
                 p.sources[label] = load.source
                 if load.segment is not None:
                     p.segments[label] = load.segment.component_id

@@ -33,6 +33,7 @@ class Placement:
     segments: dict[str, str] = field(default_factory=dict)  # component -> cache component id
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # component -> seconds by step
     loras: dict[str, dict[str, Any]] = field(default_factory=dict)  # LoRA model id -> name, strength, keys
+    parts: dict[str, str] = field(default_factory=dict)  # role -> part's model id (docs/PARTS.md)
     bytes: int = 0  # on the device (the stored form; the resident part when offloaded)
     streamed_bytes: int = 0  # weights kept in RAM and streamed in as the model runs (offload)
     keep_loaded: bool = False
@@ -81,6 +82,7 @@ class Placement:
             "timings": dict(self.timings),
             "loras": {k: dict(v) for k, v in self.loras.items()},
             "leases": leases,
+            **({"parts": dict(self.parts)} if self.parts else {}),
         }
 
 

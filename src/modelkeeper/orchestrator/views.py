@@ -140,7 +140,8 @@ class Views:
         return comps
 
     async def model_detail(self, ref: str, *, history: int = 20) -> dict[str, Any]:
-        """Everything known of a model: identification, components, metadata, where it is, performance."""
+        """Everything known of a model: identification, components, metadata, where it is, performance,
+        and the parts that complete a transformer-only model."""
         record = await self.catalog.resolve(ref)
         hist = [
             h.model_dump(mode="json")
@@ -152,6 +153,8 @@ class Views:
         out["state"] = self.tiers(record)
         out["performance"] = performance(hist)
         out["history"] = hist
+        plan = await self.catalog.parts(record)
+        out["parts"] = plan.info() if plan is not None else []
         return out
 
 

@@ -59,6 +59,10 @@ class GatedAgent(NodeAgent):
     async def queued(self, device: str) -> int:
         return self.service.pool.slot(device).queue_depth
 
+    async def job_states(self, kind: str) -> list[str]:
+        """The states of the node's own jobs of ``kind``, newest first."""
+        return [j.state.value for j in self.service.jobs.list(kind=kind)]
+
     async def let_go(self, device: str) -> bool:
         self._gates.pop(device).set()
         await self._held.pop(device)
@@ -70,6 +74,7 @@ class LocalCluster:
     cluster: Any
     nodes: dict[str, Any] = field(default_factory=dict)
     tmpdir: str = ""
+    object_store_bytes: int = 100 << 20
 
     @property
     def address(self) -> str:
@@ -77,7 +82,7 @@ class LocalCluster:
 
     def add(self, name: str) -> Any:
         node = self.cluster.add_node(
-            num_cpus=1, resources={NODE_RESOURCE + name: 1}, object_store_memory=100 << 20
+            num_cpus=1, resources={NODE_RESOURCE + name: 1}, object_store_memory=self.object_store_bytes
         )
         self.nodes[name] = node
         self.cluster.wait_for_nodes()
@@ -95,8 +100,11 @@ class LocalCluster:
 
 
 @contextmanager
-def local_ray_cluster(names: list[str], *, namespace: str = "modelkeeper") -> Iterator[LocalCluster]:
-    """See the module docstring. Sets the Ray environment variables for this process while it runs."""
+def local_ray_cluster(
+    names: list[str], *, namespace: str = "modelkeeper", object_store_bytes: int = 100 << 20
+) -> Iterator[LocalCluster]:
+    """See the module docstring. Sets the Ray environment variables for this process while it runs;
+    ``object_store_bytes``: each node's object store (a benchmark moving large chunks wants more)."""
     tmp = tempfile.mkdtemp(prefix="mkray", dir="/tmp")  # short: Unix socket paths stay under 107 chars
     os.makedirs(os.path.join(tmp, "ray"))
     saved = {k: os.environ.get(k) for k in (*RAY_ENV, "RAY_TMPDIR")}
@@ -113,7 +121,7 @@ def local_ray_cluster(names: list[str], *, namespace: str = "modelkeeper") -> It
             "_system_config": HEALTH_CHECKS,
         },
     )
-    lc = LocalCluster(cluster, tmpdir=tmp)
+    lc = LocalCluster(cluster, tmpdir=tmp, object_store_bytes=object_store_bytes)
     try:
         for name in names:
             lc.add(name)

@@ -380,11 +380,12 @@ def _embedding(ctx: _Context, spec: _Spec) -> DemoEntry:
 
 
 def _packed_specs() -> tuple[_Spec, ...]:
-    """The forms users download (extras): a transformer-only Flux beside the set's own T5, CLIP-L and
-    Flux VAE files; fp8, e5m2 and scaled fp8 Flux, SD3 and SDXL; fp8 and scaled fp8 T5; GGUF Flux and
-    SD3 in every type."""
-    specs = [_Spec("flux-transformer", "transformer/tiny-flux.safetensors", _packed, "flux",
-                   family="transformer", layout="diffusers", extra=True, form="bfloat16")]  # fmt: skip
+    """The forms users download (extras): a transformer-only Flux and SD3 beside the set's own T5,
+    CLIP-L, CLIP-G and 16-channel VAE files (the parts that complete them); fp8, e5m2 and scaled fp8
+    Flux, SD3 and SDXL; fp8 and scaled fp8 T5; GGUF Flux and SD3 in every type."""
+    specs = [_Spec(f"{base}-transformer", f"transformer/tiny-{base}.safetensors", _packed, base,
+                   family="transformer", layout="diffusers", extra=True, form="bfloat16")
+             for base in ("flux", "sd3")]  # fmt: skip
     for base, family, layout in (("flux", "transformer", "diffusers"), ("sd3", "transformer", "diffusers"),
                                  ("sdxl", "unet", "original")):  # fmt: skip
         folder = "unet" if family == "unet" else "transformer"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsupportedFormat
+from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.messages import (
     PROTOCOL_VERSION,
@@ -630,13 +630,6 @@ class ModelService:
         targets = {
             role.value: self.module(model, f"data.targets.{role}") for role, model in req.targets.items()
         }
-        for role, model in req.targets.items():
-            packed = storage.plan_of(targets[role.value])
-            if packed is not None:  # the LoRA manager patches weights in place: not packed ones yet
-                raise UnsupportedFormat(
-                    f"data.targets.{role}: {model!r} keeps its weights packed ({packed.form}); "
-                    "LoRAs apply to models loaded with plain weights only for now"
-                )
         role_strength = {role.value: value for role, value in (req.role_strength or {}).items()}
         report = self.loras.load(
             req.name, req.path, targets, strength=req.strength, role_strength=role_strength,

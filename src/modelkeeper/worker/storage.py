@@ -19,6 +19,11 @@ before and after each forward, which gives every parameter new storage. The work
 views of one allocation per file; after the first step the casts would hold new fp8 copies while
 the skipped layers kept the whole file buffer alive (twice the bytes), and each step would pay a
 cast back down. Swapping the tensor keeps the stored view untouched and costs one upcast per layer.
+
+A packed weight can carry an *adjustment* (:func:`set_adjust`): a function the pre-hook applies to
+the freshly decoded tensor, in the compute dtype, before the layer runs. LoRAs use it
+(:mod:`modelkeeper.worker.lora`): the stored bytes are never written, so taking a LoRA off is exact
+by construction and a strength change is a scalar read at the next forward.
 """
 
 from __future__ import annotations
@@ -428,13 +433,51 @@ def attach(module: torch.nn.Module, plan: StoragePlan) -> None:
 def _decoder(attrs: dict[str, Packed], dtype: torch.dtype) -> Callable[..., None]:
     def pre(layer: torch.nn.Module, _args: Any) -> None:
         stored = layer.__dict__.setdefault("_modelkeeper_stored", {})
+        adjusts: dict[str, Adjust] = layer.__dict__.get(_ADJUST, {})
         for attr, packed in attrs.items():
             tensor = layer._parameters[attr]
             assert tensor is not None
             stored[attr] = tensor
-            layer._parameters[attr] = packed.decode(tensor, dtype)  # type: ignore[assignment]
+            decoded = packed.decode(tensor, dtype)
+            adjust = adjusts.get(attr)
+            if adjust is not None:
+                if (
+                    decoded.data_ptr() == tensor.data_ptr()
+                ):  # a decode that changed nothing: never the stored bytes
+                    decoded = decoded.clone()
+                with torch.no_grad():
+                    decoded = adjust(decoded)
+            layer._parameters[attr] = decoded  # type: ignore[assignment]
 
     return pre
+
+
+#: A change to a decoded weight (in the compute dtype, a fresh tensor it may change in place).
+Adjust = Callable[[torch.Tensor], torch.Tensor]
+_ADJUST = "_modelkeeper_adjust"
+
+
+def is_packed(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``name`` (a state-dict key of ``module``, ``layer.weight``) is stored packed."""
+    plan = plan_of(module)
+    owner, _, attr = name.rpartition(".")
+    return plan is not None and attr in plan.packed.get(owner, {})
+
+
+def set_adjust(module: torch.nn.Module, name: str, adjust: Adjust | None) -> None:
+    """Give the packed weight ``name`` of ``module`` an adjustment applied after each decode (see the
+    module docstring), or take it off (None). The stored tensor is never touched."""
+    if not is_packed(module, name):
+        raise ValueError(f"{name}: not a packed weight of this module")
+    owner, _, attr = name.rpartition(".")
+    layer = module.get_submodule(owner)
+    adjusts: dict[str, Adjust] = layer.__dict__.setdefault(_ADJUST, {})
+    if adjust is None:
+        adjusts.pop(attr, None)
+        if not adjusts:
+            del layer.__dict__[_ADJUST]
+    else:
+        adjusts[attr] = adjust
 
 
 def _restorer(attrs: dict[str, Packed]) -> Callable[..., None]:
@@ -459,6 +502,8 @@ def detach(module: torch.nn.Module) -> None:
     if isinstance(attached, _Attached):
         for handle in attached.handles:
             handle.remove()
+        for owner in attached.plan.packed:  # adjustments belong to the weights going away
+            module.get_submodule(owner).__dict__.pop(_ADJUST, None)
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype | None:
@@ -496,6 +541,7 @@ def parameter_count(module: torch.nn.Module) -> int:
 __all__ = [
     "FLOAT8",
     "SKIP_PATTERNS",
+    "Adjust",
     "Packed",
     "ScaledFloat8",
     "StoragePlan",
@@ -505,12 +551,14 @@ __all__ = [
     "compute_dtype",
     "detach",
     "estimate_bytes",
+    "is_packed",
     "is_scale_key",
     "logical_shapes",
     "needs_plan",
     "parameter_count",
     "plan_of",
     "plan_storage",
+    "set_adjust",
     "split_scales",
     "stored_forms",
 ]

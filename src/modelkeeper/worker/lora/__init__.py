@@ -8,6 +8,8 @@ always re-derived from it::
 
 so changing a strength rewrites only the touched weights from ``W0`` (no file read, no reload of
 the base model), and removing the last LoRA of a weight copies ``W0`` back: bitwise the original.
+A weight kept packed (fp8, scaled fp8, GGUF: :mod:`modelkeeper.worker.storage`) is never written:
+its delta is added to the decoded weight each time its layer runs, so removal is exact by construction.
 Each LoRA's factors are prepared once, on the device and in the weight's dtype, when it is loaded:
 ``up @ down`` for LoRA / LoCon (and LoHa, whose Hadamard product is rewritten as one low-rank
 product of rank r1*r2 when that is smaller than the weight), the two Kronecker factors for LoKr.

@@ -1,6 +1,12 @@
 """The LoRAs patched into one device's modules: applied, re-strengthened and removed exactly, each
 weight re-derived from its original (kept in a backup on the device or in pinned host memory).
 
+A weight kept packed (fp8, scaled fp8, GGUF blocks: :mod:`modelkeeper.worker.storage`) is never
+written: its layer decodes it as it runs, and the LoRA terms are added to the decoded weight there,
+in the compute dtype (:func:`~modelkeeper.worker.storage.set_adjust`). Removal is exact by
+construction (the packed bytes never change), a strength change is read at the next forward, and no
+full-precision copy is held; the cost is one delta product per patched layer and forward.
+
 A weight that lives in host memory on a CUDA worker (a streamed block of a partially resident
 model, :mod:`modelkeeper.worker.streaming`) is derived on the device like any other, bit for bit,
 and the result stored in a private pinned copy that the parameter then holds; its original (often a
@@ -17,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from modelkeeper.worker import storage
 from modelkeeper.worker.errors import AlreadyLoaded, InvalidRequest, WorkerNotLoaded
 from modelkeeper.worker.lora.delta import Delta
 from modelkeeper.worker.lora.matching import Match, refuse_unfit, resolve
@@ -33,6 +40,19 @@ class _Term:
     delta: Delta
     src: slice | None
     dst: slice | None
+
+    def alpha(self) -> float:
+        return self.lora.alpha(self)
+
+
+def _add_terms(out: torch.Tensor, live: list[tuple[_Term, float]]) -> None:
+    """``out += sum(alpha * delta)``, ``out`` the weight as a [rows, cols] matrix."""
+    for term, alpha in live:
+        term.delta.add_to(out if term.dst is None else out[term.dst], alpha, term.src)
+
+
+def _live(terms: list[_Term]) -> list[tuple[_Term, float]]:
+    return [(t, a) for t in terms if (a := t.alpha()) != 0.0]
 
 
 @dataclass(eq=False)
@@ -64,6 +84,73 @@ class _Patched:
             base = self.backup.to(device=work_device, dtype=param.dtype, non_blocking=True).view(out.shape)
             self._views = (param.data_ptr() if work is param else -1, out, base)
         return self._views[1], self._views[2]
+
+    @property
+    def backup_bytes(self) -> int:
+        return self.backup.numel() * self.backup.element_size()
+
+    @property
+    def backup_on_device(self) -> bool:
+        return self.backup.device == self.param.device
+
+    def rederive(self) -> None:
+        """``W = W0 + sum(strength * scale * delta)`` for one weight, from its original."""
+        live = _live(self.terms)
+        with torch.no_grad():
+            out, base = self.views()
+            only = live[0][0].delta if len(live) == 1 and live[0][0].src is live[0][0].dst is None else None
+            if only and only.up is not None and only.down is not None and only.up.dtype == out.dtype:
+                torch.addmm(base, only.up, only.down, alpha=live[0][1], out=out)  # one kernel, one rounding
+            else:
+                out.copy_(base)
+                _add_terms(out, live)
+            if out.data_ptr() != self.param.data_ptr():
+                if self.work not in (None, self.param.device) and not self.private:
+                    # a host weight: never written in place (it may be a read-only segment view)
+                    self.param.data = torch.empty(self.param.shape, dtype=out.dtype, pin_memory=True)
+                    self.private = True
+                self.param.copy_(out.view(self.param.shape))
+
+    def restore(self) -> int:
+        """The original back, bitwise (the terms are gone); returns the backup's bytes, now free."""
+        if self.private:
+            self.param.data = self.backup  # the original host copy, as it was
+            self.private = False
+        else:
+            with torch.no_grad():
+                self.param.copy_(self.backup)
+        return self.backup_bytes
+
+
+@dataclass(eq=False)
+class _Decoded:
+    """A packed weight (fp8, GGUF): never written. Its LoRA terms are added to the weight each time
+    its layer decodes it, with the strengths of that moment; with no term left the hook goes."""
+
+    target: torch.nn.Module
+    name: str  # the weight's state-dict key in ``target``
+    owner: int
+    terms: list[_Term] = field(default_factory=list)
+    hooked: bool = False
+    backup_bytes = 0
+    backup_on_device = True
+
+    def rederive(self) -> None:
+        if self.terms and not self.hooked:
+            storage.set_adjust(self.target, self.name, self._adjust)
+            self.hooked = True
+        elif not self.terms:
+            self.restore()
+
+    def restore(self) -> int:
+        if self.hooked:
+            storage.set_adjust(self.target, self.name, None)
+            self.hooked = False
+        return 0
+
+    def _adjust(self, weight: torch.Tensor) -> torch.Tensor:
+        _add_terms(weight.view(weight.shape[0], -1), _live(self.terms))
+        return weight
 
 
 @dataclass
@@ -106,6 +193,9 @@ class _Lora:
         return self.role_strength.get(term.role, self.strength) * term.delta.scale
 
 
+_Weight = _Patched | _Decoded
+
+
 class LoraManager:
     """The LoRAs applied to one device's modules, several at once, on shared or separate modules.
 
@@ -122,7 +212,7 @@ class LoraManager:
         self.backup = backup
         self.reserve_bytes = reserve_bytes
         self._loras: dict[str, _Lora] = {}
-        self._patched: dict[int, _Patched] = {}
+        self._patched: dict[int, _Weight] = {}
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -144,8 +234,7 @@ class LoraManager:
         """Bytes held for LoRAs: their factors, and the originals on the device and on the host."""
         with self._lock:
             factors = sum(lo.factor_bytes for lo in self._loras.values())
-            backups = [(s.backup.numel() * s.backup.element_size(), s.backup.device == s.param.device)
-                       for s in self._patched.values()]  # fmt: skip
+            backups = [(s.backup_bytes, s.backup_on_device) for s in self._patched.values()]
         device = sum(size for size, here in backups if here)
         return {"factor_bytes": factors, "backup_device_bytes": device,
                 "backup_host_bytes": sum(size for size, _ in backups) - device}  # fmt: skip
@@ -191,8 +280,9 @@ class LoraManager:
         deltas: dict[int, Delta] = {}
         for match in matches:
             if id(match.layer) not in deltas:
+                dtype = storage.compute_dtype(targets[match.role]) if match.packed else None
                 deltas[id(match.layer)] = Delta(
-                    match.layer.factors, self._work_device(match.param), match.param.dtype
+                    match.layer.factors, self._work_device(match.param), dtype or match.param.dtype
                 )
         lora = _Lora(name, float(strength), dict(role_strength or {}))
         lora.factor_bytes = sum(d.nbytes for d in deltas.values())
@@ -230,7 +320,7 @@ class LoraManager:
         if role_strength is not None:
             lora.role_strength = dict(role_strength)
         for key in lora.params:
-            self._rederive(self._patched[key])
+            self._patched[key].rederive()
         self._sync()
         return {"name": name, "strength": lora.strength, "previous": previous,
                 "role_strength": dict(lora.role_strength), "params_patched": len(lora.params),
@@ -247,17 +337,10 @@ class LoraManager:
             state = self._patched[key]
             state.terms = [t for t in state.terms if t.lora is not lora]
             if state.terms:
-                self._rederive(state)
+                state.rederive()
                 rederived += 1
-            elif state.private:
-                state.param.data = state.backup  # the original host copy, as it was
-                state.private = False
-                freed += state.backup.numel() * state.backup.element_size()
-                restored += 1
             else:
-                with torch.no_grad():
-                    state.param.copy_(state.backup)
-                freed += state.backup.numel() * state.backup.element_size()
+                freed += state.restore()
                 restored += 1
         self._sync()
         with self._lock:
@@ -282,6 +365,8 @@ class LoraManager:
             keys = [k for k, s in self._patched.items() if s.owner == id(module)]
             touched = {t.lora.name for k in keys for t in self._patched[k].terms}
             for key in keys:
+                if isinstance(self._patched[key], _Decoded):
+                    self._patched[key].restore()  # the hook holds only LoRA factors: let them go
                 del self._patched[key]
             for lora_name in touched:
                 lora = self._loras[lora_name]
@@ -319,17 +404,26 @@ class LoraManager:
         targets: Mapping[str, torch.nn.Module],
     ) -> tuple[int, str]:
         """Add ``lora``'s terms and re-derive the weights; on any failure undo all of it."""
-        fresh = list({id(m.param): m.param for m in matches if id(m.param) not in self._patched}.values())
+        fresh = list(
+            {
+                id(m.param): m.param for m in matches if id(m.param) not in self._patched and not m.packed
+            }.values()
+        )
         on_device = self._on_device(fresh)
         created: list[int] = []
         try:
             for match in matches:
-                key = id(match.param)
+                key = _key(match, targets)
                 if key not in self._patched:
-                    work = self._work_device(match.param)
-                    host = work != match.param.device
-                    backup = match.param.detach() if host else _backup(match.param, on_device)
-                    state = _Patched(match.param, id(targets[match.role]), backup, work=work)
+                    target = targets[match.role]
+                    state: _Weight
+                    if match.packed:
+                        state = _Decoded(target, f"{match.module}.weight", id(target))
+                    else:
+                        work = self._work_device(match.param)
+                        host = work != match.param.device
+                        backup = match.param.detach() if host else _backup(match.param, on_device)
+                        state = _Patched(match.param, id(target), backup, work=work)
                     with self._lock:
                         self._patched[key] = state
                     created.append(key)
@@ -338,42 +432,28 @@ class LoraManager:
                 if key not in lora.params:
                     lora.params.append(key)
             for key in lora.params:
-                self._rederive(self._patched[key])
+                self._patched[key].rederive()
         except BaseException:
             for key in lora.params:
-                state = self._patched[key]
-                state.terms = [t for t in state.terms if t.lora is not lora]
-                self._rederive(state)
+                undo = self._patched[key]
+                undo.terms = [t for t in undo.terms if t.lora is not lora]
+                undo.rederive()
             with self._lock:
                 for key in created:
-                    del self._patched[key]
+                    self._patched.pop(key).restore()
             raise
         need = sum(p.numel() * p.element_size() for p in fresh)
         return need, ("none" if not fresh else "device" if on_device else "cpu")
 
-    @staticmethod
-    def _rederive(state: _Patched) -> None:
-        """``W = W0 + sum(strength * scale * delta)`` for one weight, from its original."""
-        live = [(t, a) for t in state.terms if (a := t.lora.alpha(t)) != 0.0]
-        with torch.no_grad():
-            out, base = state.views()
-            only = live[0][0].delta if len(live) == 1 and live[0][0].src is live[0][0].dst is None else None
-            if only and only.up is not None and only.down is not None and only.up.dtype == out.dtype:
-                torch.addmm(base, only.up, only.down, alpha=live[0][1], out=out)  # one kernel, one rounding
-            else:
-                out.copy_(base)
-                for term, alpha in live:
-                    term.delta.add_to(out if term.dst is None else out[term.dst], alpha, term.src)
-            if out.data_ptr() != state.param.data_ptr():
-                if state.work not in (None, state.param.device) and not state.private:
-                    # a host weight: never written in place (it may be a read-only segment view)
-                    state.param.data = torch.empty(state.param.shape, dtype=out.dtype, pin_memory=True)
-                    state.private = True
-                state.param.copy_(out.view(state.param.shape))
-
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _key(match: Match, targets: Mapping[str, torch.nn.Module]) -> int:
+    """A patched weight's key: the parameter, or for a packed weight its layer (the hook's owner,
+    which stays while a streamed weight's stored tensor may change between uses)."""
+    return id(targets[match.role].get_submodule(match.module)) if match.packed else id(match.param)
 
 
 def _call(check: Callable[[], None] | None) -> None:

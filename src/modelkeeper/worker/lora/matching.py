@@ -1,6 +1,7 @@
 """Parsed LoRA layers resolved to the weights of the target modules: by dotted or flattened (kohya)
 name, sd-scripts' SGM names mapped to diffusers' UNet, sd-scripts / BFL Flux names to diffusers'
-transformer (fused layers split by rows); layers whose shapes do not fit are refused."""
+transformer (fused layers split by rows); layers whose shapes do not fit are refused. A weight kept
+packed (fp8, GGUF: :mod:`modelkeeper.worker.storage`) is matched by its logical shape."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from modelkeeper.protocol.errors import ErrorCode
+from modelkeeper.worker import storage
 from modelkeeper.worker.errors import WorkerError
 from modelkeeper.worker.lora.parse import DENOISER, Layer
 
@@ -29,7 +31,8 @@ class LoraIncompatible(WorkerError):
 
 @dataclass(frozen=True, eq=False)
 class Match:
-    """``layer`` (rows ``src`` of its delta) patches rows ``dst`` of ``param`` of target ``role``."""
+    """``layer`` (rows ``src`` of its delta) patches rows ``dst`` of ``param`` of target ``role``;
+    ``packed``: the weight is stored packed (its delta is added as the layer runs)."""
 
     layer: Layer
     role: str
@@ -37,6 +40,7 @@ class Match:
     param: torch.Tensor
     src: slice | None = None
     dst: slice | None = None
+    packed: bool = False
 
 
 _SGM_RENAMES = (
@@ -100,11 +104,19 @@ class _Index:
         config = getattr(module, "config", None)
         self.unet_config = config if hasattr(config, "layers_per_block") else None
         self.flux = hasattr(module, "single_transformer_blocks")
+        self.logical = storage.logical_shapes(module)  # packed weights: the shapes they stand for
 
     def weight(self, name: str) -> torch.Tensor:
         weight = self.module.get_submodule(name).weight
         assert isinstance(weight, torch.Tensor)
         return weight
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The logical shape of layer ``name``'s weight (a GGUF weight is stored as bytes)."""
+        return self.logical.get(f"{name}.weight") or tuple(self.weight(name).shape)
+
+    def packed(self, name: str) -> bool:
+        return f"{name}.weight" in self.logical
 
     def find(self, name: str) -> str | None:
         return self.dotted.get(name) or self.flat.get(name.replace(".", "_"))
@@ -129,7 +141,7 @@ class _Index:
         names = [self.find(m) for m in modules if m != "swap"]
         if any(n is None for n in names):
             return []
-        rows = [self.weight(str(n)).shape[0] for n in names]
+        rows = [self.shape(str(n))[0] for n in names]
         if modules[-1] == "swap":
             half = rows[0] // 2
             return [
@@ -189,24 +201,34 @@ def resolve(
         if not located:
             unmatched.extend(layer.keys)
         for module, src, dst in located:
-            param = index.weight(module)
-            problem = _misfit(layer.factors.shape, param, src, dst)
+            param, packed = index.weight(module), index.packed(module)
+            problem = _misfit(
+                layer.factors.shape, index.shape(module), None if packed else param.dtype, src, dst
+            )
             if problem:
                 mismatched.append(f"{layer.keys[0]} -> {role}.{module}: {problem}")
             else:
-                matches.append(Match(layer, role, module, param, src, dst))
+                matches.append(Match(layer, role, module, param, src, dst, packed))
     return matches, unmatched, skipped, mismatched
 
 
-def _misfit(shape: tuple[int, ...], param: torch.Tensor, src: slice | None, dst: slice | None) -> str | None:
-    if param.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"weights of dtype {param.dtype} cannot be patched"
+def _misfit(
+    shape: tuple[int, ...],
+    target: tuple[int, ...],
+    dtype: torch.dtype | None,
+    src: slice | None,
+    dst: slice | None,
+) -> str | None:
+    """Why a delta of ``shape`` cannot patch a weight of ``target`` shape and ``dtype`` (None: a
+    packed weight, decoded to its compute dtype as it runs), or None when it can."""
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"weights of dtype {dtype} cannot be patched"
     rows = (src.stop - src.start) if src else shape[0]
-    target_rows = (dst.stop - dst.start) if dst else param.shape[0]
-    cols, target_cols = math.prod(shape[1:]), math.prod(param.shape[1:])
-    kernel_differs = len(shape) > 2 and param.dim() > 2 and shape[2:] != tuple(param.shape[2:])
+    target_rows = (dst.stop - dst.start) if dst else target[0]
+    cols, target_cols = math.prod(shape[1:]), math.prod(target[1:])
+    kernel_differs = len(shape) > 2 and len(target) > 2 and shape[2:] != target[2:]
     if rows != target_rows or cols != target_cols or kernel_differs or (src and src.stop > shape[0]):
-        return f"delta {shape} vs weight {tuple(param.shape)}"
+        return f"delta {shape} vs weight {target}"
     return None
 
 
