@@ -548,6 +548,9 @@ class ModelService:
             raise WorkerNotLoaded(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
         self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloading"})
         freed = self._drop(name)
+        # Hand the freed blocks back to the device: kept in the allocator's cache they stay used for
+        # every other process on the GPU (an eviction inside a load keeps them: that load reuses them).
+        self.memory.release_caches()
         self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloaded"})
         return UnloadResult(
             name=name, freed_bytes=freed, memory_before=before, memory_after=self.memory_info()
@@ -597,7 +600,7 @@ class ModelService:
                 EventType.STATE, op.request_id, {"name": name, "state": "unloaded", "reason": "cleanup"}
             )
         gc.collect()
-        self.memory.release_caches()  # unload keeps freed blocks for the next load; cleanup returns them
+        self.memory.release_caches()  # the freed blocks back to the device, as an unload does
         return CleanupResult(unloaded=names, freed_bytes=freed, memory_after=self.memory_info())
 
     def has_idle_work(self) -> bool:
