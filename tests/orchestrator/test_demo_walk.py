@@ -8,8 +8,9 @@ names the user's file, not the segment."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,13 @@ from modelkeeper.testing import DemoManifest, write_demo_models
 from modelkeeper.testing.files import write_safetensors
 from modelkeeper.worker import InProcessWorker
 
-from .test_orchestrator import MiB, run
+from .test_orchestrator import MiB
 
-pytestmark = [pytest.mark.xdist_group("orchestrator-inprocess"), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [
+    pytest.mark.xdist_group("demo-walk"),
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 CKPT = "checkpoints/tiny-sd15.ckpt"
 #: What a worker cannot load alone: LoRAs and embeddings are applied to a loaded model.
@@ -75,6 +80,12 @@ async def serving(root: Path, tmp: Path, **overrides: Any) -> AsyncIterator[Orch
         yield orch
     finally:
         await orch.stop()
+
+
+def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """``body`` on an event loop of its own, bounded by pytest's own timeout only: the walk does ~50
+    loads, and a busy shared machine stretches its 20 s of CPU (a tighter bound raced the load)."""
+    asyncio.run(body())
 
 
 async def _served(orch: Orchestrator) -> list[ModelRecord]:
