@@ -1,7 +1,10 @@
 """Install benchmark: a large file from the local fake Hub, against ``curl`` of the same URL.
 
 A safetensors file of ``--size-mb`` (default 2048: one tensor of random bytes) is published on
-:class:`modelkeeper.testing.hubserver.FakeHub` (127.0.0.1, ``sendfile``). Each run, in turn:
+:class:`modelkeeper.testing.hubserver.FakeHub` (127.0.0.1, ``sendfile``), run in a process of its
+own (:class:`~modelkeeper.testing.hubserver.HubProcess`) for both clients: a server on a thread of
+the benchmark's process would share its GIL with the install measured, not with curl. Each run, in
+turn:
 
 - ``curl -o`` of the file's CDN URL into the same folder (the anchor: a plain transfer to disk);
 - ``Installer.install`` of the repo: metadata through huggingface_hub, the transfer with the
@@ -26,7 +29,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ from pathlib import Path
 from modelkeeper.discovery.scanner import Scanner
 from modelkeeper.install import Installer, InstallProgress
 from modelkeeper.registry.store import Registry
-from modelkeeper.testing.hubserver import FakeHub
+from modelkeeper.testing.hubserver import HubProcess
 
 MB = 1000 * 1000
 _BLOCK = 16 * 1024 * 1024
@@ -75,7 +77,7 @@ def run_curl(url: str, out: Path) -> float:
     return elapsed
 
 
-def run_install(hub: FakeHub, repo: str, work: Path) -> tuple[float, float, float]:
+def run_install(hub: HubProcess, repo: str, work: Path) -> tuple[float, float, float]:
     """(transfer phase, install, registration) seconds."""
     root = work / "models"
     shutil.rmtree(root, ignore_errors=True)
@@ -96,7 +98,7 @@ def run_install(hub: FakeHub, repo: str, work: Path) -> tuple[float, float, floa
     started = time.perf_counter()
     registry = Registry.open(work / "registry.sqlite3")
     try:
-        Scanner(registry, [root]).scan()
+        Scanner(registry, [str(root)]).scan()
     finally:
         registry.close()
         (work / "registry.sqlite3").unlink()
@@ -127,9 +129,8 @@ def main() -> None:
         emit(
             f"# python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}, file {size / MB:,.0f} MB"
         )
-        with FakeHub() as hub:
-            repo = hub.add_repo("bench/big", {"big.safetensors": source})
-            url = f"{hub.cdn_url}/cdn/{repo.files['big.safetensors'].sha256}"
+        with HubProcess({"bench/big": {"big.safetensors": source}}) as hub:
+            url = f"{hub.cdn_url}/cdn/{hub.sha256['big.safetensors']}"
             emit(
                 "run  curl MB/s  install MB/s  ratio  install+reg s  transfer s  curl s  (install+reg)/curl  /transfer"
             )
@@ -166,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
