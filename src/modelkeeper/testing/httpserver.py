@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["Faults", "Request", "TestServer"]
@@ -119,7 +119,7 @@ class TestServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def start(self) -> TestServer:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -130,7 +130,7 @@ class TestServer:
         self._httpd.server_close()
         self._thread.join()
 
-    def __enter__(self) -> TestServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -314,8 +314,9 @@ class HubProcess:
         return self._process.pid
 
     def stop(self) -> None:
-        if self._process.stdin is not None and not self._process.stdin.closed:
-            self._process.stdin.close()
+        for pipe in (self._process.stdin, self._process.stdout):
+            if pipe is not None:
+                pipe.close()
         self._process.wait()
 
     def __enter__(self) -> HubProcess:
