@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import ssl
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -107,8 +108,8 @@ class FakeHub(TestServer):
 
     token = "hf_fake_token_never_shown"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(tls=tls)
         self.repos: dict[str, HubRepo] = {}
         self._blobs: dict[str, HubFile] = {}
 
