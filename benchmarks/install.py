@@ -14,8 +14,10 @@ turn:
 
 Reported per run and as medians: curl's and the install's throughput and their ratio (target
 >= 0.90), and install + registration over the transfer time (target <= 1.10; against curl's time
-and against the install's own transfer phase). Source file, curl output and installs share one
-file system; the source is in the page cache for both.
+and against the install's own transfer phase), with the CPU seconds each client used (curl's
+process; the install's whole process, all threads) and the load average after each run: on a
+shared machine the CPU time says more than the wall time. Source file, curl output and installs
+share one file system; the source is in the page cache for both.
 
     python benchmarks/install.py [--size-mb 2048] [--runs 3] [--work /tmp] [--out benchmarks/results/...txt]
 """
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,16 +72,25 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run_curl(url: str, out: Path) -> float:
+def cpu_seconds(who: int) -> float:
+    """User + system CPU seconds of this process (``resource.RUSAGE_SELF``, all its threads) or of
+    its waited-for children (``resource.RUSAGE_CHILDREN``)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_curl(url: str, out: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of curl."""
+    cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(["curl", "-s", "-f", "-o", str(out), url], check=True)
     elapsed = time.perf_counter() - started
     out.unlink()
-    return elapsed
+    return elapsed, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
 
 
-def run_install(hub: HubProcess, repo: str, work: Path) -> tuple[float, float, float]:
-    """(transfer phase, install, registration) seconds."""
+def run_install(hub: HubProcess, repo: str, work: Path) -> tuple[float, float, float, float]:
+    """(transfer phase, install, registration, install CPU) seconds."""
     root = work / "models"
     shutil.rmtree(root, ignore_errors=True)
     marks: dict[str, float] = {}
@@ -91,9 +103,11 @@ def run_install(hub: HubProcess, repo: str, work: Path) -> tuple[float, float, f
                 marks["end"] = now
 
     with Installer(hub_endpoint=hub.url, hub_token=False, hub_cache_dir=work / "no-hf-cache") as installer:
+        cpu = cpu_seconds(resource.RUSAGE_SELF)
         started = time.perf_counter()
         result = installer.install(repo, root, progress=progress)
         installed = time.perf_counter() - started
+        cpu = cpu_seconds(resource.RUSAGE_SELF) - cpu
     assert result.files[0].transferred_bytes == result.size
     started = time.perf_counter()
     registry = Registry.open(work / "registry.sqlite3")
@@ -104,7 +118,7 @@ def run_install(hub: HubProcess, repo: str, work: Path) -> tuple[float, float, f
         (work / "registry.sqlite3").unlink()
     registered = time.perf_counter() - started
     shutil.rmtree(root)
-    return marks["end"] - marks["start"], installed, registered
+    return marks["end"] - marks["start"], installed, registered, cpu
 
 
 def main() -> None:
@@ -132,12 +146,13 @@ def main() -> None:
         with HubProcess({"bench/big": {"big.safetensors": source}}) as hub:
             url = f"{hub.cdn_url}/cdn/{hub.sha256['big.safetensors']}"
             emit(
-                "run  curl MB/s  install MB/s  ratio  install+reg s  transfer s  curl s  (install+reg)/curl  /transfer"
+                "run  curl MB/s  install MB/s  ratio  install+reg s  transfer s  curl s  (install+reg)/curl"
+                "  /transfer  curl CPU s  install CPU s  load"
             )
             rows = []
             for run in range(1, args.runs + 1):
-                curl_s = run_curl(url, work / "curl.out")
-                transfer_s, install_s, register_s = run_install(hub, "bench/big", work)
+                curl_s, curl_cpu = run_curl(url, work / "curl.out")
+                transfer_s, install_s, register_s, install_cpu = run_install(hub, "bench/big", work)
                 total = install_s + register_s
                 row = (
                     size / MB / curl_s,
@@ -146,17 +161,21 @@ def main() -> None:
                     total,
                     transfer_s,
                     curl_s,
+                    curl_cpu,
+                    install_cpu,
                 )
                 rows.append(row)
                 emit(
                     f"{run:>3}  {row[0]:>9,.0f}  {row[1]:>12,.0f}  {row[2]:>5.2f}  {total:>12.2f}  {transfer_s:>10.2f}"
                     f"  {curl_s:>6.2f}  {total / curl_s:>18.2f}  {total / transfer_s:>9.2f}"
+                    f"  {curl_cpu:>10.2f}  {install_cpu:>13.2f}  {os.getloadavg()[0]:>4.1f}"
                 )
-            med = [statistics.median(r[i] for r in rows) for i in range(6)]
+            med = [statistics.median(r[i] for r in rows) for i in range(8)]
             emit(
                 f"median curl {med[0]:,.0f} MB/s, install {med[1]:,.0f} MB/s: throughput ratio {med[2]:.2f} (target >= 0.90); "
                 f"install+registration {med[3]:.2f} s = {med[3] / med[5]:.2f}x curl's transfer, "
-                f"{med[3] / med[4]:.2f}x its own transfer phase (target <= 1.10)"
+                f"{med[3] / med[4]:.2f}x its own transfer phase (target <= 1.10); "
+                f"CPU per GB: curl {med[6] / size * 1e9:.2f} s, install {med[7] / size * 1e9:.2f} s (hash included)"
             )
             emit(f"# load average after: {os.getloadavg()[0]:.2f}")
     finally:
