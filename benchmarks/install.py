@@ -6,7 +6,8 @@ own (:class:`~modelkeeper.testing.hubserver.HubProcess`) for both clients: a ser
 the benchmark's process would share its GIL with the install measured, not with curl. Each run, in
 turn:
 
-- ``curl -o`` of the file's CDN URL into the same folder (the anchor: a plain transfer to disk);
+- ``curl -o`` of the file's CDN URL into the same folder (the anchor: a plain transfer to disk;
+  first in odd runs, after the install in even ones);
 - ``Installer.install`` of the repo: metadata through huggingface_hub, the transfer with the
   SHA-256 computed alongside, verification, the rename into place; its transfer phase (first to
   last byte, from its progress events) is timed apart from the whole;
@@ -17,7 +18,8 @@ Reported per run and as medians: curl's and the install's throughput and their r
 and against the install's own transfer phase), with the CPU seconds each client used (curl's
 process; the install's whole process, all threads) and the load average after each run: on a
 shared machine the CPU time says more than the wall time. Source file, curl output and installs
-share one file system; the source is in the page cache for both.
+share one file system; the source is in the page cache for both, and dirty pages are written
+back (``sync``) before each transfer.
 
     python benchmarks/install.py [--size-mb 2048] [--runs 3] [--work /tmp] [--out benchmarks/results/...txt]
 """
@@ -151,8 +153,16 @@ def main() -> None:
             )
             rows = []
             for run in range(1, args.runs + 1):
-                curl_s, curl_cpu = run_curl(url, work / "curl.out")
+                # Alternate who goes first, and start each from written-back page cache (the source's
+                # write-back, or the other's, would otherwise run during the next transfer).
+                if run % 2:
+                    os.sync()
+                    curl_s, curl_cpu = run_curl(url, work / "curl.out")
+                os.sync()
                 transfer_s, install_s, register_s, install_cpu = run_install(hub, "bench/big", work)
+                if not run % 2:
+                    os.sync()
+                    curl_s, curl_cpu = run_curl(url, work / "curl.out")
                 total = install_s + register_s
                 row = (
                     size / MB / curl_s,
