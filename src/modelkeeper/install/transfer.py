@@ -70,7 +70,8 @@ _CANCEL_POLL_S = 0.05  # how often a transfer looks at its cancel events while i
 
 # httpcore reads a response 64 KiB per socket read; model files are gigabytes, and at that size the
 # per-read Python work costs as much as the hashing (0.84 CPU-s per GB here, 0.45 with 1 MiB reads).
-# The class attribute is httpcore's own knob; only larger reads follow, for every httpx user.
+# The class attribute is httpcore's own knob; only larger reads follow, for every httpx user. It
+# matters for the bodies read through httpx (see _Body), and for the first chunk of the others.
 _READ_SIZE_NETWORK = 1024 * 1024
 if getattr(httpcore.HTTP11Connection, "READ_NUM_BYTES", _READ_SIZE_NETWORK) < _READ_SIZE_NETWORK:
     httpcore.HTTP11Connection.READ_NUM_BYTES = _READ_SIZE_NETWORK
@@ -216,8 +217,7 @@ class _Writer:
         data = self._view[:length]
         self._buffer, self._view, self._filled = None, memoryview(b""), 0
         try:
-            while data:  # in pieces of _WRITE_SIZE; os.write may also write less than asked
-                data = data[os.write(self._fd, data[:_WRITE_SIZE]) :]
+            _write_all(self._fd, data)
         except BaseException:
             self._hasher.give(buffer, 0)  # the transfer fails: the buffer only goes back
             raise
@@ -225,6 +225,13 @@ class _Writer:
         self.written += length
         if length:
             self._on_bytes(length)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write ``data`` at ``fd``'s position, in pieces of at most :data:`_WRITE_SIZE` (``os.write``
+    may also write less than asked)."""
+    while data:
+        data = data[os.write(fd, data[:_WRITE_SIZE]) :]
 
 
 def open_stream(
@@ -624,11 +631,11 @@ def adopt_local(source: Path, part: Path, *, expected_sha256: str, on_bytes: OnB
     digest = hashlib.sha256()
     try:
         with open(part if linked else source, "rb") as src, contextlib.ExitStack() as stack:
-            out = None if linked else stack.enter_context(open(part, "wb"))
+            out = None if linked else stack.enter_context(open(part, "wb", buffering=0))
             while block := src.read(_READ_SIZE):
                 digest.update(block)
                 if out is not None:
-                    out.write(block)
+                    _write_all(out.fileno(), memoryview(block))
                 on_bytes(len(block))
     except OSError:
         remove_partial(part)
