@@ -72,7 +72,9 @@ def main() -> None:
                 await orch.start()
                 try:
                     where = "RAM only" if args.ram_only else "RAM + disk"
-                    print(f"{args.mb} MiB files, chunks of {args.chunk_mb} MiB, {args.ahead} ahead, into {where}")
+                    print(
+                        f"{args.mb} MiB files, chunks of {args.chunk_mb} MiB, {args.ahead} ahead, into {where}"
+                    )
                     for i in range(args.repeat):
                         await one(orch, i)
                 finally:
@@ -84,7 +86,9 @@ def main() -> None:
                 await orch.loads.transfer(model.key, "node-b")
                 total = time.perf_counter() - t0
                 sent = next(
-                    e for e in orch.bus.recent if e["type"] == "model.transferred" and e["model_id"] == model.key
+                    e
+                    for e in orch.bus.recent
+                    if e["type"] == "model.transferred" and e["model_id"] == model.key
                 )
                 src = roots["node-a"] / f"blob{i}.safetensors"
                 t1 = time.perf_counter()

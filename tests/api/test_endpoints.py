@@ -311,16 +311,19 @@ def test_metrics(client: Client) -> None:
 def test_event_stream_sees_a_load(client: Client, svc: RunningService) -> None:
     async def run() -> list[dict[str, object]]:
         seen: list[dict[str, object]] = []
+        subscribed = asyncio.Event()
         async with AsyncClient(svc.url) as ac:
 
             async def listen() -> None:
                 async for event in ac.events(type="model."):
+                    if event.get("subscribed"):  # the stream's hello: every later event follows
+                        subscribed.set()
                     if event.get("type") == "model.loaded":
                         seen.append(event)
                         return
 
             listener = asyncio.create_task(listen())
-            await asyncio.sleep(0.3)
+            await asyncio.wait_for(subscribed.wait(), 30)
             result = await ac.load(CLIP_L)
             assert result["result"]["state"] == "loaded"
             await asyncio.wait_for(listener, 30)

@@ -24,7 +24,7 @@ from stripped import (
 
 from modelkeeper.discovery.folders import identify_component_folder
 from modelkeeper.discovery.identify import identify_table
-from modelkeeper.discovery.records import Identification, ModelFormat
+from modelkeeper.discovery.records import EncoderKind, Identification, ModelFormat
 from modelkeeper.discovery.rules.components import (
     BASE_RULES,
     COMPONENT_RULES,
@@ -349,7 +349,8 @@ def test_alternatives_get_one_literal_each() -> None:
     assert keys(r".+|x").literals == ()
 
 
-def test_llama_cpp_t5_names_are_identified_but_not_loadable() -> None:
-    """city96's T5 GGUFs keep llama.cpp's names (``enc.blk.0.attn_q``): no worker conversion reads them."""
+def test_llama_cpp_t5_names_are_identified_as_a_loadable_t5_xxl() -> None:
+    """city96's T5 GGUFs keep llama.cpp's names (``enc.blk.0.attn_q``); the worker converts them
+    (``formats.llama_t5``)."""
     found = ident(_t5_gguf())
-    assert (found.type.value, found.loadable) == ("text_encoder", False)
+    assert (found.type.value, found.encoder, found.loadable) == ("text_encoder", EncoderKind.T5_XXL, True)

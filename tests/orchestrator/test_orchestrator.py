@@ -285,6 +285,26 @@ def test_offload_auto_places_a_model_larger_than_the_budget(demo: DemoManifest, 
     run(body)
 
 
+def test_offload_of_a_packed_model_places_and_counts_packed_bytes(demo: DemoManifest, tmp_path: Path) -> None:
+    """fp8 storage and offload together: placement needs the packed bytes' resident part, and the
+    placement's streamed bytes are packed bytes (what crosses the link), as the worker reports them."""
+    from modelkeeper.protocol.messages import DType
+
+    async def body() -> None:
+        async with serving(demo, tmp_path, worker_budget_mb=0.8, cache_loads=False) as orch:
+            record = await orch.catalog.resolve(UNET)
+            fp8 = LoadOptions(storage_dtype=DType.FLOAT8_E4M3FN, offload="auto")
+            assert fp8.stored_bytes(record) > 0.8 * MiB  # too big for the device even packed
+            placed = (await orch.loads.load(UNET, options=fp8))["result"]
+            assert placed["streamed_bytes"] > 0 and placed["bytes"] <= 0.8 * MiB
+            whole = placed["bytes"] + placed["streamed_bytes"]
+            assert whole <= 0.6 * LoadOptions().stored_bytes(record)  # fp8 bytes, not fp16
+            p = orch.view.get(placed["model_id"], placed["device"])
+            assert p is not None and p.streamed_bytes == placed["streamed_bytes"]
+
+    run(body)
+
+
 def test_bytes_follow_a_dtype_change(demo: DemoManifest, tmp_path: Path) -> None:
     async def body() -> None:
         async with serving(demo, tmp_path) as orch:
@@ -316,14 +336,12 @@ def test_a_pickle_checkpoint_loads_on_first_use(
     async def body() -> None:
         async with serving(demo, tmp_path, model_roots=[root], cache_loads=cache_loads) as orch:
             record = await orch.catalog.resolve("checkpoints/tiny-sd15.ckpt")
-            # The tiny file has no config of its own (a safetensors demo file carries one in its
-            # metadata) and the known SD1 config is full size: the worker refuses its shapes. What
-            # this test holds: the pickle was converted in the sandbox into segments and reached the
-            # worker from them (it was refused as UNSUPPORTED_FORMAT before, and never loaded with
-            # the cache off).
-            with pytest.raises(ProtocolError) as err:
-                await orch.loads.load(record.id)
-            assert err.value.code is ErrorCode.INVALID_MODEL_FILE  # not UNSUPPORTED_FORMAT
+            # converted in the sandbox into segments, which the worker loads (it was refused as
+            # UNSUPPORTED_FORMAT before, and never loaded with the cache off); the tiny file has no
+            # config of its own, so each component's known SD1 config is fitted to its shapes
+            result = (await orch.loads.load(record.id))["result"]
+            assert set(result["components"]) == {"unet", "vae", "text_encoder"}
+            assert set(result["sources"].values()) == {"ram"}
             assert any(record.id in s["models"] for s in orch.feed.segments())
 
     run(body)

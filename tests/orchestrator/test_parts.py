@@ -130,12 +130,13 @@ def test_finished_jobs_are_trimmed() -> None:
 
 def test_leases_expire_renew_release() -> None:
     table = LeaseTable()
-    a = table.grant("m-1", None, "pipeline", ttl=0.2)
+    # a long first term: however slow this machine, nothing expires before the renewal shortens it
+    a = table.grant("m-1", None, "pipeline", ttl=60)
     b = table.grant("m-1", "cuda:1", "other", ttl=60)
     assert {x.id for x in table.holding("m-1", "cuda:0")} == {a.id}
     assert {x.id for x in table.holding("m-1", "cuda:1")} == {a.id, b.id}
-    table.renew(a.id, ttl=0.1)
-    time.sleep(0.15)
+    table.renew(a.id, ttl=0.01)
+    time.sleep(0.05)  # past a's new term, whatever else happens meanwhile
     assert [x.id for x in table.list()] == [b.id]
     with pytest.raises(LeaseNotFound):
         table.renew(a.id)

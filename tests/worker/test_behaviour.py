@@ -69,10 +69,10 @@ def test_queries_are_answered_while_a_load_runs_and_cancel_stops_it(
             status = w.call(CommandType.GET_STATUS)
         assert status["running"]["request_id"] == "slow"
         assert status["running"]["progress"]["total"] > 0
-        t = time.perf_counter()
         info = w.call(CommandType.GET_MODEL_INFO)
-        assert time.perf_counter() - t < 1.0
         assert info["model_count"] == 0
+        # answered while the load still ran (a state, not a stopwatch: a busy machine is slow)
+        assert w.call(CommandType.GET_STATUS)["running"]["request_id"] == "slow"
         queued = w.submit(CommandType.LOAD_VAE, {"name": "v", **src(demo, "sd15-vae")}, request_id="queued")
         assert w.call(CommandType.GET_STATUS)["queued"] == 1
         assert w.call(CommandType.CONTROL_CANCEL, {"target_request_id": "queued"})["state"] == "queued"

@@ -5,8 +5,10 @@ only resident weights and the ring; LoRAs patch streamed blocks exactly; unloadi
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -93,6 +95,29 @@ def test_streamed_unet_is_bit_identical_at_every_budget(
         assert worker_device == "cpu" or host  # at rest streamed weights live on the host
     for name in ("ref", "s"):
         worker.call(CommandType.UNLOAD_MODEL, {"name": name})
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.0])
+def test_passes_repeat_their_placements_with_no_host_work_after_the_first(
+    worker: InProcessWorker, demo: DemoManifest, worker_device: str, fraction: float
+) -> None:
+    """Once the ring's places repeat (a pass or a cycle of two; the first pass records the order),
+    every unit arrives ahead of its use (no miss) at a place of the ring it held before (no new
+    parameter views): the hooks allocate nothing per step."""
+    entry = demo["sdxl-unet"]
+    cap = int(fraction * 2 * entry.size_bytes)  # the file is fp16, the load float32
+    worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=cap))
+    module = worker.module("s")
+    for _ in range(5):
+        run_unet(module, worker_device)
+    before = info(worker, "s")["streaming"]
+    for _ in range(3):
+        run_unet(module, worker_device)
+    after = info(worker, "s")["streaming"]
+    assert after["passes"] == before["passes"] + 3
+    assert (after["misses"], after["views"]) == (before["misses"], before["views"])
+    assert after["copied_bytes"] - before["copied_bytes"] <= 3 * 1.01 * info(worker, "s")["streamed_bytes"]
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
 
 
 def test_budget_counts_resident_weights_and_ring(worker: InProcessWorker, demo: DemoManifest) -> None:
@@ -221,17 +246,62 @@ def streamed(module: torch.nn.Module, class_name: str, fraction: float, device: 
     return Streamer(module, torch.device(device), class_name, int(fraction * total))
 
 
+def deeper_text_encoder(kind: str, layers: int) -> torch.nn.Module:
+    """The demo's text encoder (one layer) with ``layers`` layers, seeded."""
+    config = make_text_encoder(kind).config  # type: ignore[arg-type]
+    if kind == "t5":
+        config.num_layers = layers
+    else:
+        config.num_hidden_layers = layers
+    torch.manual_seed(7)
+    return type(make_text_encoder(kind))(config).eval()  # type: ignore[arg-type]
+
+
+def total_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
 @pytest.mark.parametrize("kind", ["clip_l", "t5"])
 def test_text_encoders_stream_by_layer(kind: str) -> None:
     ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = make_text_encoder(kind)(ids).last_hidden_state  # type: ignore[arg-type]
-        module = make_text_encoder(kind)  # type: ignore[arg-type]
+        want = deeper_text_encoder(kind, 6)(ids).last_hidden_state
+        module = deeper_text_encoder(kind, 6)
         stream = streamed(module, type(module).__name__, 0.0, "cpu")
         assert all("layers." in u.name or "block." in u.name for u in stream.units)
+        assert stream.streamed_bytes > 0
+        assert stream.device_bytes < total_bytes(module)  # embeddings resident, layers through the ring
         for _ in range(2):
             assert torch.equal(module(ids).last_hidden_state, want)
     stream.close()
+
+
+@pytest.mark.parametrize("kind", ["clip_l", "clip_g", "t5"])
+@pytest.mark.parametrize("layers", [1, 2, 3, 4])
+def test_a_streamed_text_encoder_never_needs_more_than_resident(kind: str, layers: int) -> None:
+    """Few layers beside large embeddings: a ring of three of the largest would outgrow the layers it
+    streams; the layers stay resident instead, as many as that takes."""
+    module = deeper_text_encoder(kind, layers)
+    total = total_bytes(module)
+    for fraction in (0.0, 0.5):
+        stream = streamed(module, type(module).__name__, fraction, "cpu")
+        assert stream.device_bytes <= total
+        assert stream.resident_bytes + stream.streamed_bytes == total
+        assert stream.streamed_bytes == 0 or stream.pool_bytes < stream.streamed_bytes
+        stream.close()
+
+
+def test_a_one_layer_text_encoder_loads_streamed_within_its_resident_bytes(
+    worker: InProcessWorker, demo: DemoManifest
+) -> None:
+    entry = demo["clip-l"]
+    ref = worker.call(CommandType.LOAD_MODEL, load_data(entry, demo.root, name="ref", type="text_encoder"))
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "ref"})
+    got = worker.call(
+        CommandType.LOAD_MODEL, load_data(entry, demo.root, name="s", type="text_encoder", offload=0)
+    )
+    assert got["memory"]["models_bytes"] <= ref["memory"]["models_bytes"]
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
 
 
 def test_vae_streams_through_encode_and_decode() -> None:
@@ -282,13 +352,13 @@ def test_unknown_architectures_stream_groups_of_leaf_modules(monkeypatch: pytest
 
     monkeypatch.setattr(streaming, "GROUP_BYTES", 40_000)
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(64, 64) for _ in range(8)]
+    layers = [torch.nn.Linear(64, 64) for _ in range(16)]
     module = torch.nn.Sequential(*layers)
     x = torch.randn(3, 64)
     with torch.no_grad():
         want = module(x)
         stream = streamed(module, "Sequential", 0.0, "cpu")
-        assert [len(u.modules) for u in stream.units] == [2, 2, 2, 2]  # 16.6 kB a layer
+        assert [len(u.modules) for u in stream.units] == [2] * 8  # 16.6 kB a layer
         for _ in range(2):
             assert torch.equal(module(x), want)
         assert stream.stats.fetches >= len(stream.units) - 1  # the first group stays resident
@@ -320,3 +390,194 @@ def test_tied_weights_stay_resident(monkeypatch: pytest.MonkeyPatch) -> None:
     units = find_units(module, "Sequential")
     assert len(units) == 1  # the Linear's bias alone
     assert all(w.host is not module[0].weight for u in units for w in u.weights)
+
+
+# ----------------------------------------------------------------------------- packed weights streamed
+
+
+def packed_file(form: str, tmp_path: Path) -> tuple[Path, str, dict[str, Any]]:
+    """A tiny file that loads packed: (path, type, extra load fields)."""
+    from safetensors.torch import save_file
+
+    from modelkeeper.testing import component_config, make_transformer, make_unet
+    from modelkeeper.testing.fp8_files import fp8_state, scaled_fp8_state
+    from modelkeeper.testing.gguf_files import write_gguf
+
+    if form in ("cast", "scaled"):
+        ref = make_unet("sdxl")
+    else:  # more blocks than the demo's two: a ring of three of them would stream nothing
+        from diffusers import FluxTransformer2DModel
+
+        torch.manual_seed(0)
+        config = {**component_config(make_transformer("flux")), "num_layers": 4, "num_single_layers": 8}
+        ref = FluxTransformer2DModel.from_config(config)
+    config = component_config(ref)
+    path = tmp_path / f"{form}.safetensors"
+    if form.startswith("gguf:"):
+        path = path.with_suffix(".gguf")
+        write_gguf(path, ref.state_dict(), form.removeprefix("gguf:"), arch="flux", config=config)
+        return path, "transformer", {"dtype": "float32"}
+    state = {
+        "cast": dict(ref.state_dict()),
+        "fp8": fp8_state(ref.state_dict(), torch.float8_e4m3fn),
+        "scaled": scaled_fp8_state(ref.state_dict()),
+    }[form]
+    save_file(state, str(path), metadata={"modelkeeper.config": json.dumps(config)})
+    extra: dict[str, Any] = {"dtype": "float32"}
+    if form == "cast":
+        extra["storage_dtype"] = "float8_e4m3fn"
+    return path, "unet" if form in ("cast", "scaled") else "transformer", extra
+
+
+def probe_output(module: torch.nn.Module) -> torch.Tensor:
+    from modelkeeper.worker.validate import probes
+
+    with torch.no_grad():
+        return probes(module, seed=5)[0].run()
+
+
+@pytest.mark.parametrize("form", ["cast", "fp8", "scaled", "gguf:Q4_K"])
+def test_packed_weights_stream_packed_and_bit_identical(
+    worker: InProcessWorker, tmp_path: Path, form: str
+) -> None:
+    path, kind, extra = packed_file(form, tmp_path)
+    load = {"path": str(path), "type": kind, **extra}
+    ref = worker.call(CommandType.LOAD_MODEL, {"name": "ref", **load})
+    assert ref["storage"] is not None
+    want = probe_output(worker.module("ref"))
+    for fraction in (0.5, 0.0):
+        got = worker.call(
+            CommandType.LOAD_MODEL, {"name": "s", "offload": int(fraction * ref["bytes"]), **load}
+        )
+        assert got["storage"] == ref["storage"] and got["bytes"] == ref["bytes"]  # packed bytes, not decoded
+        assert got["streamed_bytes"] > 0
+        assert got["resident_bytes"] + got["streamed_bytes"] == ref["bytes"]
+        stream = worker.service.get("s").streamer
+        assert stream is not None
+        packed = {p.dtype for u in stream.units if not u.resident for w in u.weights for p in [w.host]}
+        assert packed & {torch.float8_e4m3fn, torch.uint8}  # the packed form is what travels
+        for _ in range(2):
+            assert torch.equal(probe_output(worker.module("s")), want)
+        stats = info(worker, "s")
+        stored = sum(
+            w.host.numel() * w.host.element_size() for u in stream.units if not u.resident for w in u.weights
+        )
+        assert stats["streamed_bytes"] == stored  # the packed bytes: what crosses the link
+        assert stats["streaming"]["copied_bytes"] >= stored
+        worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
+    worker.call(CommandType.UNLOAD_MODEL, {"name": "ref"})
+
+
+def packed_sequential() -> torch.nn.Module:
+    """Eight Linear layers whose weights are stored in fp8 (half of them scaled) and decoded by hooks."""
+    from modelkeeper.worker.storage import Packed, StoragePlan, attach
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
+    plan = StoragePlan(torch.float32)
+    for i, layer in enumerate(module):
+        assert isinstance(layer, torch.nn.Linear)
+        scale = torch.tensor(0.5) if i % 2 else None
+        layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+        plan.packed[str(i)] = {"weight": Packed("scaled_float8_e4m3fn" if scale is not None else "float8_e4m3fn",
+                                                (64, 64), scale=scale)}  # fmt: skip
+    attach(module, plan)
+    return module.eval()
+
+
+def test_a_packed_layer_that_is_a_unit_decodes_from_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkeeper.worker import streaming
+
+    monkeypatch.setattr(
+        streaming, "GROUP_BYTES", 1
+    )  # one unit per layer: the streamer's hook and the decode hook on one module
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = packed_sequential()(x)
+        module = packed_sequential()
+        stream = streamed(module, "Sequential", 0.0, "cpu")
+        assert len(stream.units) == 8 and sum(not u.resident for u in stream.units) == 7
+        assert stream.streamed_bytes == 7 * (64 * 64 + 64 * 4)  # fp8 weights and float32 biases
+        for _ in range(2):
+            assert torch.equal(module(x), want)
+        assert stream.stats.misses == 7  # the first pass only
+        assert all(
+            p.dtype == torch.float8_e4m3fn for layer in module for p in [layer.weight]
+        )  # at rest: packed
+    stream.close()
+
+
+def test_streamed_weights_keep_their_resident_alignment(
+    worker: InProcessWorker, demo: DemoManifest, worker_device: str
+) -> None:
+    """cuDNN and cuBLAS choose kernels by the alignment of the weights' addresses: every streamed weight
+    must sit in the ring at the offset modulo ALIGN that it has in the resident model's buffer."""
+    from modelkeeper.worker.streaming import ALIGN
+
+    entry = demo["sdxl-unet"]
+    worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="ref"))
+    worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=0))
+    ref = dict(worker.module("ref").named_parameters())
+    module = worker.module("s")
+    names = {id(m): n for n, m in module.named_modules()}
+    stream = worker.service.get("s").streamer
+    assert stream is not None
+    seen: dict[str, tuple[int, int]] = {}
+
+    def check(unit: Any) -> Any:
+        def hook(_m: torch.nn.Module, _args: Any) -> None:
+            base = stream._ring.data_ptr()
+            for w in unit.weights:
+                owner, attr = w.places[0]
+                name = f"{names[id(owner)]}.{attr}".lstrip(".")
+                want = ref[name]
+                got = owner._parameters[attr]
+                assert got is not None and got.device.type == want.device.type
+                seen[name] = (
+                    (got.data_ptr() - base) % ALIGN,
+                    (want.data_ptr() - want.untyped_storage().data_ptr()) % ALIGN,
+                )
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(check(u)) for u in stream.units if not u.resident for m in u.modules
+    ]
+    for _ in range(3):
+        run_unet(module, worker_device)
+    for h in handles:
+        h.remove()
+    assert len(seen) == sum(len(u.weights) for u in stream.units if not u.resident)
+    wrong = {n: v for n, v in seen.items() if v[0] != v[1]}
+    assert not wrong, wrong
+    for name in ("ref", "s"):
+        worker.call(CommandType.UNLOAD_MODEL, {"name": name})
+
+
+def test_lora_on_a_streamed_packed_model_is_exact(
+    worker: InProcessWorker, demo: DemoManifest, worker_device: str
+) -> None:
+    """A LoRA on packed weights adjusts each decoded weight (storage.set_adjust): the streamed bytes
+    stay the packed ones, and the outputs equal the same LoRA on the resident packed model."""
+    entry = demo["sdxl-unet"]
+    packed = {"storage_dtype": "float8_e4m3fn"}
+    ref = worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="ref", **packed))
+    worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=0, **packed))
+    assert info(worker, "s")["streamed_bytes"] > 0 and ref["storage"] == "float8_e4m3fn"
+    lora = str(demo.path("sdxl-lora-kohya"))
+    before = run_unet(worker.module("s"), worker_device)
+    for name, model in (("a", "ref"), ("b", "s")):
+        worker.call(CommandType.LOAD_LORA, {"name": name, "path": lora, "targets": {"unet": model}})
+    got = run_unet(worker.module("s"), worker_device)
+    assert torch.equal(got, run_unet(worker.module("ref"), worker_device))
+    assert not torch.equal(got, before)
+    for name in ("a", "b"):
+        worker.call(CommandType.SET_LORA_STRENGTH, {"name": name, "strength": 0.5})
+    assert torch.equal(
+        run_unet(worker.module("s"), worker_device), run_unet(worker.module("ref"), worker_device)
+    )
+    for name in ("a", "b"):
+        worker.call(CommandType.UNLOAD_LORA, {"name": name})
+    assert torch.equal(run_unet(worker.module("s"), worker_device), before)
+    for name in ("ref", "s"):
+        worker.call(CommandType.UNLOAD_MODEL, {"name": name})

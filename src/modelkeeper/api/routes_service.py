@@ -139,16 +139,16 @@ async def _job(service: Service, job_id: str) -> Job:
 async def job_events(service: Service, job: Annotated[Job, Depends(_job)]) -> AsyncIterator[ServerSentEvent]:
     """The job's state now, then every change, until it finishes (Server-Sent Events)."""
     job_id = job.id
-    stream = service.bus.subscribe()
-    yield ServerSentEvent(data=job.info(), event="job.state", id="0")
-    if job.state.finished:
-        return
-    async for event in stream:
-        if event.get("job") != job_id:
-            continue
-        yield ServerSentEvent(data=event, event=event["type"], id=str(event["id"]))
-        if event["type"] in ("job.succeeded", "job.failed", "job.cancelled"):
+    with service.bus.subscribe() as stream:  # before the snapshot: no change falls between the two
+        yield ServerSentEvent(data=job.info(), event="job.state", id="0")
+        if job.state.finished:
             return
+        async for event in stream:
+            if event.get("job") != job_id:
+                continue
+            yield ServerSentEvent(data=event, event=event["type"], id=str(event["id"]))
+            if event["type"] in ("job.succeeded", "job.failed", "job.cancelled"):
+                return
 
 
 @jobs.get("/events", response_class=EventSourceResponse, responses=JSON_ERRORS)
@@ -156,10 +156,11 @@ async def events(
     service: Service, type: str | None = Query(None, max_length=64)
 ) -> AsyncIterator[ServerSentEvent]:
     """Every event of the service (Server-Sent Events); ``type`` filters by prefix (``model.``, ``job.``)."""
-    yield ServerSentEvent(data={"subscribed": True}, event="hello", id="0")
-    async for event in service.bus.subscribe():
-        if type is None or event["type"].startswith(type):
-            yield ServerSentEvent(data=event, event=event["type"], id=str(event["id"]))
+    with service.bus.subscribe() as stream:  # "hello" means subscribed: every later event follows
+        yield ServerSentEvent(data={"subscribed": True}, event="hello", id="0")
+        async for event in stream:
+            if type is None or event["type"].startswith(type):
+                yield ServerSentEvent(data=event, event=event["type"], id=str(event["id"]))
 
 
 # ---------------------------------------------------------------------- leases

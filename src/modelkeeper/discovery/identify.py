@@ -51,7 +51,7 @@ from modelkeeper.discovery.rules.lora import LORA_BASE_RULES, LORA_FORMAT_RULES,
 from modelkeeper.discovery.tables import TensorLike, TensorTable, gguf_loadable, storage_form
 
 #: Bumped whenever a rule table changes, so that a rescan identifies unchanged files again.
-RULES_VERSION = 2  # 2: GGUF loadable, Identification.quant
+RULES_VERSION = 3  # 2: GGUF loadable, Identification.quant; 3: llama.cpp's T5 names loadable
 
 DENOISERS = frozenset({ModelType.UNET, ModelType.TRANSFORMER})
 
@@ -471,8 +471,9 @@ def _identify_table(
     return finish(ident, hints)
 
 
-#: Component rules whose key names no worker conversion handles: llama.cpp's T5 names in GGUF files.
-UNCONVERTIBLE_RULES = frozenset({"text_encoder.t5.gguf"})
+#: Component rules whose key names no worker conversion handles (none today: llama.cpp's T5 names in
+#: GGUF files are converted by ``formats.llama_t5``).
+UNCONVERTIBLE_RULES: frozenset[str] = frozenset()
 
 
 def finish(ident: Identification, hints: PathHints | None) -> Identification:

@@ -440,14 +440,26 @@ class Scanner:
         debounce_ms: int = 1600,
         progress: ProgressCallback | None = None,
     ) -> Iterator[ScanReport]:
-        """Scan now, then again after every batch of changes under the roots, until ``stop_event``."""
+        """Scan now, then again after every batch of changes under the roots, until ``stop_event``.
+
+        The roots are watched before the first scan: a change made while it runs, or just after it
+        is reported, gives one more scan (watching only after it, such a change was missed)."""
         from watchfiles import watch as watch_changes
 
+        changes = watch_changes(
+            *self.roots,
+            stop_event=stop_event,
+            debounce=debounce_ms,
+            recursive=True,
+            rust_timeout=100,
+            yield_on_timeout=True,  # an empty batch every 100 ms: the first one says it is watching
+        )
+        if next(changes, None) is None:  # stopped already
+            return
         yield self.scan(progress)
-        for _changes in watch_changes(
-            *self.roots, stop_event=stop_event, debounce=debounce_ms, recursive=True, rust_timeout=500
-        ):
-            yield self.scan(progress)
+        for batch in changes:
+            if batch:
+                yield self.scan(progress)
 
 
 def _fill_from_store(entry: ScanEntry, row: dict[str, Any]) -> None:

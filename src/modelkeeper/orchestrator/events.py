@@ -11,10 +11,41 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 Event = dict[str, Any]
+
+
+class Subscription:
+    """One subscriber's events, in order: ``with bus.subscribe() as events: async for ev in events``.
+    It ends when closed (the ``with`` block ends, or the iterating task is cancelled)."""
+
+    def __init__(self, subscribers: set[asyncio.Queue[Event]], size: int) -> None:
+        self._subscribers = subscribers
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(size)
+        subscribers.add(self._queue)
+
+    def close(self) -> None:
+        self._subscribers.discard(self._queue)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._queue not in self._subscribers:
+            raise StopAsyncIteration
+        try:
+            return await self._queue.get()
+        except BaseException:  # cancelled: the consumer is gone
+            self.close()
+            raise
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class EventBus:
@@ -60,15 +91,10 @@ class EventBus:
                 q.get_nowait()  # drop the oldest: a slow reader never blocks the service
             q.put_nowait(event)
 
-    async def subscribe(self) -> AsyncIterator[Event]:
-        """Events from now on, until the consumer stops iterating."""
-        q: asyncio.Queue[Event] = asyncio.Queue(self._queue_size)
-        self._subscribers.add(q)
-        try:
-            while True:
-                yield await q.get()
-        finally:
-            self._subscribers.discard(q)
+    def subscribe(self) -> Subscription:
+        """The events published from now on: the subscription is made here, not at the first
+        step of an iteration (an event published in between, a job's end, was lost)."""
+        return Subscription(self._subscribers, self._queue_size)
 
     @property
     def subscriber_count(self) -> int:

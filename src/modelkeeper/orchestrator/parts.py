@@ -10,8 +10,9 @@ and refused with the reason when it does not fit (a CLIP-G given as T5, a 4-chan
 ``completion.py`` feeds it from the registry and the file headers.
 
 Among several parts that fit, the choice is stable: one made for the transformer's own base
-first, then full precision before fp8 or GGUF forms, then by handle. Every transformer of a base
-so gets the same T5, and the RAM cache (keyed by content) holds it once for all of them.
+first, then full precision, then fp8 (scaled or not), then GGUF forms, then by handle. Every
+transformer of a base so gets the same T5, and the RAM cache (keyed by content) holds it once for
+all of them.
 """
 
 from __future__ import annotations
@@ -156,8 +157,15 @@ def misfit(role: Role, needs: Needs, cand: Candidate) -> str | None:
     return None
 
 
-def _rank(needs: Needs, cand: Candidate) -> tuple[bool, bool, str]:
-    return cand.base != needs.base, cand.quant is not None, cand.handle
+def _form_rank(quant: str | None) -> int:
+    """0 full precision, 1 fp8 (``float8_*``, ``scaled_float8_*``), 2 a GGUF type (``Q8_0``, ``F16``...)."""
+    if quant is None:
+        return 0
+    return 1 if "float8" in quant else 2
+
+
+def _rank(needs: Needs, cand: Candidate) -> tuple[bool, int, str]:
+    return cand.base != needs.base, _form_rank(cand.quant), cand.handle
 
 
 def choose(role: Role, needs: Needs, candidates: Sequence[Candidate]) -> Choice:
@@ -165,7 +173,11 @@ def choose(role: Role, needs: Needs, candidates: Sequence[Candidate]) -> Choice:
     choice naming the near misses (candidates of the right kind that do not fit, and why)."""
     fits = sorted((c for c in candidates if misfit(role, needs, c) is None), key=lambda c: _rank(needs, c))
     if fits:
-        order = f" (first of {len(fits)} that fit: own base, full precision, handle)" if len(fits) > 1 else ""
+        order = (
+            f" (first of {len(fits)} that fit: own base, full precision, fp8, GGUF, handle)"
+            if len(fits) > 1
+            else ""
+        )
         return Choice(role, "auto", fits[0], f"fits {role.wants}{order}")
     near = [reason for c in candidates if c.kind == role.kind and (reason := misfit(role, needs, c))]
     why = "none in the registry" if not near else "none fits (" + "; ".join(near[:3]) + ")"

@@ -59,7 +59,7 @@ from modelkeeper.testing.files import (
     write_safetensors,
 )
 from modelkeeper.testing.fp8_files import packed_state
-from modelkeeper.testing.gguf_files import GGUF_TYPES, write_gguf
+from modelkeeper.testing.gguf_files import GGUF_TYPES, write_gguf, write_llama_t5_gguf
 from modelkeeper.testing.loras import (
     DEFAULT_RANK,
     TRIGGER_WORD,
@@ -283,6 +283,8 @@ def _packed(ctx: _Context, spec: _Spec) -> DemoEntry:
     """A transformer or UNet file in a packed form: fp8, scaled fp8 (safetensors) or a GGUF type."""
     module = ctx.component(spec.family, spec.kind)
     config = component_config(module)
+    if spec.kind == "t5" and spec.path.endswith(".gguf"):
+        return _llama_t5_gguf(ctx, spec, module, config)
     state = state_dict_for_save(module)
     prefix = spec.prefix or ""
     if spec.layout == "original":
@@ -306,6 +308,17 @@ def _packed(ctx: _Context, spec: _Spec) -> DemoEntry:
     write_safetensors(packed, path, metadata={CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True)})
     quant = None if spec.form == "bfloat16" else spec.form
     return ctx.file_entry(path, dtype=spec.form.removeprefix("scaled_"), quant=quant, **fields)
+
+
+def _llama_t5_gguf(ctx: _Context, spec: _Spec, module: torch.nn.Module, config: dict[str, Any]) -> DemoEntry:
+    """The T5 as a city96 T5 GGUF: llama.cpp's names, its numbers in ``t5encoder.*``, no config."""
+    path = ctx.root / spec.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_llama_t5_gguf(path, module, spec.form)
+    return ctx.gguf_entry(
+        path, name=spec.name, layout=spec.layout, class_name=type(module).__name__, prefix="", config=config,
+        quant=spec.form, dims=_dims(module), **_describe(module, spec.kind),
+    )  # fmt: skip
 
 
 def _folder(ctx: _Context, spec: _Spec) -> DemoEntry:
@@ -382,7 +395,8 @@ def _embedding(ctx: _Context, spec: _Spec) -> DemoEntry:
 def _packed_specs() -> tuple[_Spec, ...]:
     """The forms users download (extras): a transformer-only Flux and SD3 beside the set's own T5,
     CLIP-L, CLIP-G and 16-channel VAE files (the parts that complete them); fp8, e5m2 and scaled fp8
-    Flux, SD3 and SDXL; fp8 and scaled fp8 T5; GGUF Flux and SD3 in every type."""
+    Flux, SD3 and SDXL; fp8 and scaled fp8 T5; a Q8_0 GGUF T5 in llama.cpp's names; GGUF Flux and SD3
+    in every type."""
     specs = [_Spec(f"{base}-transformer", f"transformer/tiny-{base}.safetensors", _packed, base,
                    family="transformer", layout="diffusers", extra=True, form="bfloat16")
              for base in ("flux", "sd3")]  # fmt: skip
@@ -396,6 +410,9 @@ def _packed_specs() -> tuple[_Spec, ...]:
     for form, tag in (("float8_e4m3fn", "fp8-e4m3fn"), ("scaled_float8_e4m3fn", "fp8-scaled")):
         specs.append(_Spec(f"t5-{tag}", f"clip/tiny-t5-{tag}.safetensors", _packed, "t5", family="encoder",
                            layout="diffusers", prefix="", extra=True, form=form))  # fmt: skip
+    # city96's T5 GGUFs: llama.cpp's names (``enc.blk.0.attn_q``), no modelkeeper.config
+    specs.append(_Spec("t5-q8_0", "clip/tiny-t5-Q8_0.gguf", _packed, "t5", family="encoder", prefix="",
+                       extra=True, form="Q8_0"))  # fmt: skip
     for base in ("flux", "sd3"):
         for qtype in GGUF_TYPES:
             specs.append(_Spec(f"{base}-transformer-{qtype.lower()}", f"transformer/tiny-{base}-{qtype}.gguf",

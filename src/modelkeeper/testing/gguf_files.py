@@ -125,15 +125,22 @@ def write_gguf(
     *,
     arch: str,
     config: dict[str, Any] | None = None,
+    metadata: dict[str, int | float] | None = None,
 ) -> dict[str, str]:
     """Write ``state`` as a GGUF file of ``qtype``; returns the type each tensor was stored in.
-    ``config`` goes into the ``modelkeeper.config`` string, as in the demo safetensors files."""
+    ``config`` goes into the ``modelkeeper.config`` string, as in the demo safetensors files;
+    ``metadata`` are numbers (ints as uint32, floats as float32), as llama.cpp's converter writes them."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_string("general.quantization_type", qtype)
     if config is not None:
         writer.add_string(CONFIG_METADATA_KEY, json.dumps(config))
+    for key, value in (metadata or {}).items():
+        if isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
     types: dict[str, str] = {}
     for name, tensor in state.items():
         values = tensor.detach().float().numpy()
@@ -152,4 +159,35 @@ def write_gguf(
     return types
 
 
-__all__ = ["GGUF_TYPES", "quantize", "stored_type", "write_gguf"]
+def write_llama_t5_gguf(path: Path, module: torch.nn.Module, qtype: str) -> dict[str, str]:
+    """A ``T5EncoderModel`` as city96's T5 GGUFs hold one: llama.cpp's tensor names (``token_embd``,
+    ``enc.blk.N.attn_q``...), architecture ``t5encoder`` with its ``t5encoder.*`` numbers, and no
+    ``modelkeeper.config``. Returns the type each tensor (by its llama.cpp name) was stored in."""
+    from transformers import T5Config
+
+    from modelkeeper.formats.llama_t5 import ARCH, llama_names
+
+    config = module.config
+    if not isinstance(config, T5Config):
+        raise TypeError(f"{path}: {type(module).__name__} is no T5 encoder")
+    state = {k: v for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    names = llama_names(state)
+    unknown = sorted(set(state) - set(names))
+    if unknown:
+        raise ValueError(f"{path}: no llama.cpp name for {', '.join(unknown[:5])}")
+    numbers: dict[str, int | float] = {
+        f"{ARCH}.context_length": 512,
+        f"{ARCH}.embedding_length": config.d_model,
+        f"{ARCH}.feed_forward_length": config.d_ff,
+        f"{ARCH}.block_count": config.num_layers,
+        f"{ARCH}.attention.head_count": config.num_heads,
+        f"{ARCH}.attention.key_length": config.d_kv,
+        f"{ARCH}.attention.value_length": config.d_kv,
+        f"{ARCH}.attention.relative_buckets_count": config.relative_attention_num_buckets,
+        f"{ARCH}.attention.layer_norm_epsilon": float(config.layer_norm_epsilon),
+    }
+    renamed = {names[k]: v for k, v in state.items()}
+    return write_gguf(path, renamed, qtype, arch=ARCH, metadata=numbers)
+
+
+__all__ = ["GGUF_TYPES", "quantize", "stored_type", "write_gguf", "write_llama_t5_gguf"]

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from modelkeeper.formats import llama_t5
 from modelkeeper.formats.conventions import LDM_DENOISER_PREFIX
 from modelkeeper.formats.errors import InvalidModelFile
+from modelkeeper.formats.gguf_header import BLOCK_SIZES, read_gguf_header
 from modelkeeper.protocol.messages import KeyLayout, ModelKind
 from modelkeeper.worker.weights import TensorEntry
 
@@ -61,6 +64,8 @@ LAYOUT_RULES: tuple[LayoutRule, ...] = (
                "transformer.resblocks.0.attn.in_proj_weight", ("token_embedding.weight",), "token_embedding.weight"),
     LayoutRule("t5/transformers", ModelKind.TEXT_ENCODER, KeyLayout.DIFFUSERS, "plain",
                "encoder.block.0.layer.0.SelfAttention.q.weight", (), "encoder.block.0.layer.0.SelfAttention.q.weight"),
+    LayoutRule("t5/gguf", ModelKind.TEXT_ENCODER, KeyLayout.ORIGINAL, "llama_t5", llama_t5.ANCHOR,
+               ("token_embd.weight",), llama_t5.WIDTH_KEY),
     LayoutRule("flux/original", ModelKind.TRANSFORMER, KeyLayout.ORIGINAL, "flux", "double_blocks.0.img_attn.qkv.weight"),
     LayoutRule("sd3/original", ModelKind.TRANSFORMER, KeyLayout.ORIGINAL, "sd3",
                "joint_blocks.0.x_block.attn.qkv.weight"),
@@ -78,6 +83,10 @@ class ComponentPlan:
     @property
     def layout(self) -> KeyLayout:
         return _layout_of(self.rule, self.prefix)
+
+    def shapes(self, tensors: dict[str, TensorEntry]) -> dict[str, tuple[int, ...]]:
+        """The shapes of the component's tensors, keyed without the prefix."""
+        return {k[len(self.prefix) :]: tensors[k].shape for k in self.keys}
 
 
 def _layout_of(rule: LayoutRule, prefix: str) -> KeyLayout:
@@ -130,15 +139,44 @@ def plan_component(
     return ComponentPlan(rule, prefix, keys)
 
 
+def gguf_t5_config(
+    kind: ModelKind, tensors: dict[str, TensorEntry], path: Path, config: dict[str, Any]
+) -> dict[str, Any]:
+    """``config`` fitted to a T5 encoder in llama.cpp's names (city96's T5 GGUFs, read from the file
+    or from its RAM-cache segment): the tensors' logical shapes and, from the GGUF file itself, its
+    ``t5encoder.*`` metadata decide the architecture (``formats.llama_t5.t5_config``), so a known
+    T5-XXL config, or any T5 config given, builds the model the file holds. Any other component's
+    config is returned as it is."""
+    if kind is not ModelKind.TEXT_ENCODER or not llama_t5.is_llama_t5(tensors):
+        return config
+    shapes = {key: _logical_shape(e) for key, e in tensors.items()}
+    metadata = read_gguf_header(path).metadata if path.suffix.lower() == ".gguf" else {}
+    return llama_t5.t5_config(shapes, metadata, config)
+
+
+def _logical_shape(entry: TensorEntry) -> tuple[int, ...]:
+    """The shape a tensor stands for: a quantized GGUF tensor is stored as rows of blocks (bytes)."""
+    if entry.quant is None or entry.quant not in BLOCK_SIZES or not entry.shape:
+        return entry.shape
+    block, size = BLOCK_SIZES[entry.quant]
+    return (*entry.shape[:-1], entry.shape[-1] // size * block)
+
+
 def _pick_text_encoder(
     candidates: list[tuple[LayoutRule, str]], tensors: dict[str, TensorEntry], config: dict[str, Any]
 ) -> list[tuple[LayoutRule, str]]:
-    is_t5 = config.get("model_type") == "t5"
-    wanted = [(r, p) for r, p in candidates if r.name.startswith("t5") == is_t5]
+    """The candidates of the config's encoder family and width; when none has the width and one is of
+    the family, that one (a shrunk encoder: its config is fitted to its shapes afterwards)."""
+    if "model_type" in config:
+        is_t5 = config.get("model_type") == "t5"
+        wanted = [(r, p) for r, p in candidates if r.name.startswith("t5") == is_t5]
+    else:
+        wanted = candidates
     width = _width(config)
     if width is None:
         return wanted
-    return [(r, p) for r, p in wanted if r.width_key and tensors[p + r.width_key].shape[-1] == width]
+    fitting = [(r, p) for r, p in wanted if r.width_key and tensors[p + r.width_key].shape[-1] == width]
+    return fitting or (wanted if len(wanted) == 1 else [])
 
 
 def has_text_projection(plan: ComponentPlan) -> bool:
@@ -212,6 +250,13 @@ def _sd3(state: StateDict, prefix: str, config: dict[str, Any]) -> StateDict:
     return dict(convert_sd3_transformer_checkpoint_to_diffusers(_strip(state, prefix)))
 
 
+def _llama_t5(state: StateDict, prefix: str, config: dict[str, Any]) -> StateDict:
+    """llama.cpp's T5 encoder names to transformers' (the tensors, GGUF blocks included, unchanged)."""
+    state = _strip(state, prefix)
+    names = llama_t5.transformers_names(state)
+    return {names[k]: v for k, v in state.items() if k in names}
+
+
 CONVERTERS: dict[str, Converter] = {
     "plain": lambda state, prefix, config: _strip(state, prefix),
     "ldm_unet": _ldm_unet,
@@ -220,4 +265,5 @@ CONVERTERS: dict[str, Converter] = {
     "openclip": _openclip,
     "flux": _flux,
     "sd3": _sd3,
+    "llama_t5": _llama_t5,
 }

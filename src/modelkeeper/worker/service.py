@@ -240,9 +240,11 @@ class ModelService:
         assert source.config is not None
         tensors = weights.list_tensors(source.files)
         if source.format == "single_file":
+            source.config = convert.gguf_t5_config(kind, tensors, source.path, source.config)
             plan = convert.plan_component(
                 kind, tensors, source.config, declared=source.layout, path=str(source.path)
             )
+            sources.fit_to_shapes(source, plan.rule.name, plan.shapes(tensors))
             entries = [tensors[k] for k in plan.keys]
             class_name = assemble.class_name_for(
                 kind, source.config, has_projection=convert.has_text_projection(plan)
@@ -269,11 +271,6 @@ class ModelService:
             del old  # the old model stays loaded until the new one is built (an atomic replace)
         # offload: None loads the whole model here; a number streams what does not fit it (host first)
         offload = streaming.resident_limit(request.offload, required, self._free_budget(replaced_bytes))
-        if offload is not None and packing:
-            raise InvalidRequest(
-                f"data.offload: {request.name!r} keeps packed weights (fp8 or GGUF); streaming them is not "
-                "supported yet: load it fully resident (offload: none) or from a full-precision file"
-            )
         evicted = (
             []
             if offload is not None
@@ -547,6 +544,9 @@ class ModelService:
             raise WorkerNotLoaded(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
         self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloading"})
         freed = self._drop(name)
+        # Hand the freed blocks back to the device: kept in the allocator's cache they stay used for
+        # every other process on the GPU (an eviction inside a load keeps them: that load reuses them).
+        self.memory.release_caches()
         self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloaded"})
         return UnloadResult(
             name=name, freed_bytes=freed, memory_before=before, memory_after=self.memory_info()
@@ -596,7 +596,7 @@ class ModelService:
                 EventType.STATE, op.request_id, {"name": name, "state": "unloaded", "reason": "cleanup"}
             )
         gc.collect()
-        self.memory.release_caches()  # unload keeps freed blocks for the next load; cleanup returns them
+        self.memory.release_caches()  # the freed blocks back to the device, as an unload does
         return CleanupResult(unloaded=names, freed_bytes=freed, memory_after=self.memory_info())
 
     def has_idle_work(self) -> bool:

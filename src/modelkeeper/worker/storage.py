@@ -28,6 +28,7 @@ by construction and a strength change is a scalar read at the next forward.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -527,6 +528,17 @@ def stored_forms(module: torch.nn.Module) -> dict[str, str]:
         for owner, attrs in plan.packed.items()
         for attr, p in attrs.items()
     }
+
+
+def move_scales(module: torch.nn.Module, device: torch.device) -> None:
+    """Put what the decode hooks read beside the stored tensors (the scales of scaled fp8 weights) on
+    ``device``: a module built on the host and placed on the device afterwards (partial residency,
+    :mod:`modelkeeper.worker.streaming`) then decodes exactly as one loaded there."""
+    plan = plan_of(module)
+    for attrs in plan.packed.values() if plan is not None else ():
+        for attr, packed in attrs.items():
+            if packed.scale is not None and packed.scale.device != device:
+                attrs[attr] = dataclasses.replace(packed, scale=packed.scale.to(device))
 
 
 def parameter_count(module: torch.nn.Module) -> int:

@@ -9,17 +9,24 @@ came from disk) and are copied into a device *ring* just ahead of their use:
 - a forward pre-hook on the unit makes sure it is in the ring (a copy on a side stream, issued
   earlier by a prefetch when the order of calls is known), makes the compute stream wait for that
   copy, points the unit's parameters at their ring views, and prefetches the next streamed units
-  into the free part of the ring;
+  into the free part of the ring, past the end of the order into the next pass's first units (the
+  copy engine keeps working while a pass's tail computes);
 - a forward post-hook records when the compute that reads the unit has been issued, so a later copy
   into the same bytes waits for it on the GPU (no host synchronisation anywhere);
 - the module's forward (a *pass*) records the order of unit calls, which the next pass prefetches
-  by; its end points every parameter back at its host copy (the state at rest, which LoRAs patch)
-  and starts the copies of the next pass's first units while this pass's tail computes (what the
-  ring holds stays valid while its host copies are unchanged: same address, same version counter).
+  by; its end points every parameter back at its host copy (the state at rest, which LoRAs patch);
+  what the ring holds stays valid while its host copies are unchanged (same address, same version
+  counter). A pass's first unit goes to the ring's start, so every pass places its units where the
+  last one did and finds their parameter views made (no host allocation per step once it settles);
+  every place is ALIGN-aligned, so each weight keeps the address alignment of the resident load.
 
 Each unit is copied as a few contiguous runs of host memory (tensors of one block sit together in a
 safetensors file), so a copy is one or two large DMA transfers, not one per tensor. Outputs are
 bit-identical to the resident module: the same kernels read the same bytes, only from elsewhere.
+Packed weights (fp8, scaled fp8, GGUF blocks: :mod:`modelkeeper.worker.storage`) stream packed:
+the ring receives the stored bytes (half or a quarter of the decoded ones over the link), and the
+layer's decode hook, which runs after the unit's pre-hook, decodes them on the device as it does
+for a resident packed layer.
 On a CPU worker the "device" is the CPU: streamed weights live in their own host buffers and are
 copied into the ring before use (synchronously), which exercises the same mechanics.
 """
@@ -36,6 +43,7 @@ from typing import Any
 
 import torch
 
+from modelkeeper.worker import storage
 from modelkeeper.worker.mapping import MappingTable, is_segment
 
 #: Module-name patterns of the units of each architecture (the outermost match is the unit).
@@ -65,6 +73,9 @@ GROUP_BYTES = 64 * 1024 * 1024
 #: Runs of host memory closer than this are copied as one (the gap is alignment padding).
 MERGE_GAP = 4096
 ALIGN = 256
+#: Ring positions whose parameter views a unit keeps (placements repeat from pass to pass; a view
+#: costs a few microseconds of host time per weight, a thousand and more weights a pass).
+VIEW_CACHE = 4
 #: The ring holds at least three of the largest units (one in use, the next arriving, the wrap);
 #: beyond that it prefetches up to this many bytes ahead (``MODELKEEPER_STREAM_POOL_MB``), capped at the streamed total.
 POOL_TARGET = int(float(os.environ.get("MODELKEEPER_STREAM_POOL_MB", "0")) * 1024 * 1024)
@@ -219,6 +230,21 @@ def _pool(streamed: Sequence[Unit], target: int) -> int:
     return max(3 * max(u.bound for u in streamed), min(target, sum(u.bound for u in streamed)))
 
 
+def ring_pays(units: Sequence[Unit], resident: Iterable[int], target: int) -> set[int]:
+    """``resident`` (indices into ``units``) grown until the ring takes fewer bytes than the units it
+    streams: while it would take as many (a model of few blocks: the ring holds three of the largest),
+    the largest streamed unit stays resident instead. So a streamed module never needs more device
+    bytes than the same module resident (at worst it is resident whole, with no ring)."""
+    chosen = set(resident)
+    while True:
+        streamed = [i for i in range(len(units)) if i not in chosen]
+        if not streamed or _pool([units[i] for i in streamed], target) < sum(
+            units[i].nbytes for i in streamed
+        ):
+            return chosen
+        chosen.add(max(streamed, key=lambda i: units[i].nbytes))
+
+
 def resident_limit(offload: str | int, required: int, free: int) -> int | None:
     """The resident bytes a load with ``offload`` may keep, or None to load the whole model as
     always (``none``; ``auto`` when it fits ``free``; a cap at least ``required``)."""
@@ -339,6 +365,11 @@ def plan_copy(
     return runs, where, size
 
 
+def _up(n: int) -> int:
+    """``n`` rounded up to a multiple of ALIGN."""
+    return n + (-n % ALIGN)
+
+
 def _view(storage: torch.UntypedStorage, offset: int, like: torch.Tensor) -> torch.nn.Parameter:
     t = torch.empty(0, dtype=like.dtype, device=storage.device)
     t.set_(storage, offset // like.element_size(), like.shape, like.stride())
@@ -367,6 +398,7 @@ class StreamStats:
     fetches: int = 0
     misses: int = 0  # fetched on demand, not ahead
     bytes: int = 0  # copied into the ring
+    views: int = 0  # parameter views made over the ring (host work; none once placements repeat)
 
 
 class Streamer:
@@ -421,7 +453,7 @@ class Streamer:
         budget = resident_cap - self.rest_bytes
         if device_budget is not None:  # the ring as if every unit streamed: an upper bound
             budget = min(budget, device_budget - self.rest_bytes - _pool(self.units, target))
-        resident = choose_resident(sizes, budget, keep=keep)
+        resident = ring_pays(self.units, choose_resident(sizes, budget, keep=keep), target)
         for i, unit in enumerate(self.units):
             unit.resident = i in resident
         streamed = [u for u in self.units if not u.resident]
@@ -429,6 +461,7 @@ class Streamer:
         self.resident_unit_bytes = sum(u.nbytes for u in self.units if u.resident)
         self.streamed_bytes = sum(u.nbytes for u in streamed)
         self._place_resident(rest, [u for u in self.units if u.resident])
+        storage.move_scales(module, device)
         if device.type == "cuda":
             for unit in streamed:
                 self._pin(unit, pinned)
@@ -442,9 +475,13 @@ class Streamer:
         self._root: int | None = None
         self._pos = 0
         self._streamed = streamed
+        # a module of one pass (a UNet, a transformer: called step after step) prefetches past the
+        # pass's end into the next; a VAE's encoder is not followed by another encode
+        self._wraps = len(PASS_ROOTS.get(class_name, ("",))) == 1
         for unit in streamed:
             for m in unit.modules:
-                self._hooks.append(m.register_forward_pre_hook(self._pre_hook(unit)))
+                # first of the unit's pre-hooks: a packed layer's decode hook reads the ring's bytes
+                self._hooks.append(m.register_forward_pre_hook(self._pre_hook(unit), prepend=True))
                 self._hooks.append(m.register_forward_hook(self._post_hook(unit), always_call=True))
         if streamed:
             for name in PASS_ROOTS.get(class_name, ("",)):
@@ -470,6 +507,7 @@ class Streamer:
             "pool_bytes": self.pool_bytes, "units": len(self.units),
             "streamed_units": len(self._streamed), "passes": self.stats.passes,
             "fetches": self.stats.fetches, "misses": self.stats.misses, "copied_bytes": self.stats.bytes,
+            "views": self.stats.views,
         }  # fmt: skip
 
     # ------------------------------------------------------------------ placement
@@ -560,7 +598,7 @@ class Streamer:
                 held = unit.valid and unit.offset is not None
                 if not (held if self._trace is not None else self._held_ok(unit)):
                     self.stats.misses += 1
-                    self._fetch(unit, demand=True)
+                    self._fetch(unit, demand=True, first=bool(order) and order[0] is unit)
                 unit.pending = False
                 self._link.wait(unit.ready)
                 assert unit.offset is not None
@@ -570,7 +608,10 @@ class Streamer:
                         _view(self._ring_storage, unit.offset + at, w.host)
                         for w, at in zip(unit.weights, unit.where, strict=True)
                     ]
-                    unit.views = {unit.offset: params}
+                    self.stats.views += len(params)
+                    if len(unit.views) >= VIEW_CACHE:
+                        del unit.views[next(iter(unit.views))]
+                    unit.views[unit.offset] = params
                 for w, p in zip(unit.weights, params, strict=True):
                     for owner, attr in w.places:
                         owner._parameters[attr] = p
@@ -601,16 +642,20 @@ class Streamer:
                 return
 
     def _prefetch(self, order: list[Unit], start: int) -> None:
-        """Fetch the next units of ``order`` from ``start`` that the ring can take (a look no
-        further ahead than the ring is long: each hook runs this, its cost is the pass's)."""
+        """Fetch the next units of ``order`` from ``start`` that the ring can take, and past the
+        order's end the next pass's first ones: the copy engine keeps working through this pass's
+        tail (a look no further ahead than the ring is long: each hook runs this)."""
         reach = self.pool_bytes
-        for unit in order[start:]:
-            reach -= unit.size + ALIGN
+        n = len(order)
+        for k in range(start, start + n if self._wraps else n):
+            unit = order[k % n]
+            reach -= _up(unit.size)
             if reach < 0:
                 return
             if unit.valid and unit.offset is not None:
+                unit.pending = unit is not self._current  # held from before: kept until it is used
                 continue
-            if not self._fetch(unit, demand=False):
+            if not self._fetch(unit, demand=False, first=k % n == 0):
                 return
             unit.pending = True
 
@@ -627,14 +672,16 @@ class Streamer:
             and all(w.host._version == v for w, v in zip(unit.weights, unit.versions, strict=True))
         )
 
-    def _fetch(self, unit: Unit, *, demand: bool) -> bool:
-        """Copy ``unit`` into the ring; False (nothing done) when a prefetch finds no free room."""
+    def _fetch(self, unit: Unit, *, demand: bool, first: bool = False) -> bool:
+        """Copy ``unit`` into the ring; False (nothing done) when a prefetch finds no free room.
+        ``first``: the first unit of a pass, placed at the ring's start when that is free, so each
+        pass places its units as the last one did (and finds their views made)."""
         if not unit.runs or self._moved(unit):
             unit.runs, unit.where, unit.size = plan_copy(unit.weights, self._anchors)
             unit.ptrs = [w.host.data_ptr() for w in unit.weights]
             unit.views = {}
-        size = unit.size + ALIGN
-        start = self._room(size, demand)
+        size = _up(unit.size)  # every place in the ring ALIGN-aligned: plan_copy's offsets hold there
+        start = self._room(size, demand, 0 if first else self._head)
         if start is None:
             return False
         hit = [r for r in self._regions if r.start < start + size and start < r.end]
@@ -654,14 +701,16 @@ class Streamer:
         self.stats.bytes += unit.size
         return True
 
-    def _room(self, size: int, demand: bool) -> int | None:
-        """Where ``size`` bytes go: the first place from the head on, in ring order, that holds no
+    def _room(self, size: int, demand: bool, head: int) -> int | None:
+        """Where ``size`` bytes go: the first place from ``head`` on, in ring order, that holds no
         unit in use or prefetched (a demand fetch takes the head, or the start, whatever is there)."""
         busy = [
             r for r in self._regions if r.unit is not None and (r.unit.pending or r.unit is self._current)
         ]
+        if head + size <= self.pool_bytes and not any(r.start < head + size and head < r.end for r in busy):
+            return head  # the usual case: the ring is filled in order
         candidates = sorted(
-            {self._head, 0, *(r.end for r in busy)}, key=lambda c: (c - self._head) % (self.pool_bytes or 1)
+            {head, 0, *(r.end for r in busy)}, key=lambda c: (c - head) % (self.pool_bytes or 1)
         )
         for start in candidates:
             if start + size <= self.pool_bytes and not any(
@@ -669,7 +718,7 @@ class Streamer:
             ):
                 return start
         if demand:
-            return self._head if self._head + size <= self.pool_bytes else 0
+            return head if head + size <= self.pool_bytes else 0
         return None
 
     def _drop(self, unit: Unit) -> None:
