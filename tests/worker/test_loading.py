@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -82,20 +84,46 @@ def test_loaded_weights_are_bitwise_the_models(
     assert_same_weights(module, reference(entry, kind))
 
 
-def test_single_file_without_config_metadata_takes_the_config_from_the_request(
-    inproc: InProcessWorker, demo: DemoManifest, tmp_path: object
+def test_single_file_without_config_loads_with_the_config_its_shapes_imply(
+    inproc: InProcessWorker, demo: DemoManifest, tmp_path: Path
 ) -> None:
     from modelkeeper.testing import save_single_file
 
     entry = demo["sdxl-unet"]
     ref = reference(entry, "unet")
-    path = save_single_file(ref, tmp_path / "bare.safetensors", layout="original", with_config_metadata=False)  # type: ignore[operator]
-    with pytest.raises(ProtocolError) as info:
-        inproc.call(CommandType.LOAD_UNET, {"name": "bare", "path": str(path)})
-    assert info.value.code is ErrorCode.INVALID_REQUEST
-    assert "data.config" in info.value.message
-    inproc.call(CommandType.LOAD_UNET, {"name": "bare", "path": str(path), "config": entry.config})
+    path = save_single_file(ref, tmp_path / "bare.safetensors", layout="original", with_config_metadata=False)
+    for config in (None, "sdxl/unet"):  # none at all; the full-size known config of its base
+        data = {"name": "bare", "path": str(path)} | ({"config": config} if config else {})
+        result = inproc.call(CommandType.LOAD_UNET, data)
+        assert "the file's shapes" in result["source"]["config_origin"]
+        assert_same_weights(inproc.module("bare"), ref)
+        inproc.call(CommandType.UNLOAD_MODEL, {"name": "bare"})
+    # a config the caller gives is used as it is
+    result = inproc.call(CommandType.LOAD_UNET, {"name": "bare", "path": str(path), "config": entry.config})
+    assert result["source"]["config_origin"] == "request"
     assert_same_weights(inproc.module("bare"), ref)
+
+
+def test_single_files_without_config_beyond_unets(inproc: InProcessWorker, tmp_path: Path) -> None:
+    """A Flux transformer's config comes from its shapes too; a ControlNet's does not (no reader):
+    without one, the error names the field and the file."""
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    from modelkeeper.testing import make_transformer, make_unet, state_dict_for_save
+    from modelkeeper.testing.files import write_safetensors
+
+    flux = write_safetensors(
+        state_dict_for_save(make_transformer("flux")), tmp_path / "bare-flux.safetensors"
+    )
+    result = inproc.call(CommandType.LOAD_MODEL, {"name": "flux", "path": str(flux), "type": "transformer"})
+    assert result["class_name"] == "FluxTransformer2DModel"
+    assert result["source"]["config_origin"] == "the file's shapes"
+    controlnet = ControlNetModel.from_unet(make_unet("sd1"), conditioning_channels=3)
+    path = write_safetensors(controlnet.state_dict(), tmp_path / "bare-controlnet.safetensors")
+    with pytest.raises(ProtocolError) as info:
+        inproc.call(CommandType.LOAD_MODEL, {"name": "cn", "path": str(path), "type": "controlnet"})
+    assert info.value.code is ErrorCode.INVALID_REQUEST
+    assert "data.config" in info.value.message and str(path) in info.value.message
 
 
 @pytest.mark.parametrize("component", ["unet", "vae", "clip_l", "clip_g"])

@@ -37,35 +37,23 @@ def worker() -> Iterator[InProcessWorker]:
 
 
 def _loadable(manifest: DemoManifest, tmp_path: Path) -> list[tuple[str, list[dict[str, Any]]]]:
-    root = manifest.root
-    configs = {e.path: e.config for e in manifest if e.config is not None and not e.config_metadata}
+    """Each loadable file's load requests as the orchestrator builds them: files without a config
+    of their own get their base's known config, which the worker fits to their (tiny) shapes."""
     registry = Registry.open(tmp_path / "registry.sqlite3")
     try:
-        report = Scanner(registry, [root]).scan()
+        report = Scanner(registry, [manifest.root]).scan()
         out = []
         for entry in report.entries:
             record = registry.get(entry.model_id or "")
             if not record.identification.loadable or record.type in ("lora", "textual_inversion"):
                 continue
             loads = component_requests(record, registry.worker_spec(record.id))
-            requests = [
-                _with_own_config(load.request.model_dump(mode="json", exclude_none=True)) for load in loads
-            ]
-            if entry.path in configs and len(requests) == 1:
-                # a file without config metadata, like a published one: tiny, so not the known config
-                requests[0]["config"] = configs[entry.path]
-            out.append((entry.path, requests))
+            out.append(
+                (entry.path, [load.request.model_dump(mode="json", exclude_none=True) for load in loads])
+            )
         return out
     finally:
         registry.close()
-
-
-def _with_own_config(request: dict[str, Any]) -> dict[str, Any]:
-    """A GGUF file's own ``modelkeeper.config`` (the orchestrator applies it for safetensors files
-    only, ``loading._apply_embedded_config``; the tiny files do not fit the known full-size config)."""
-    if request["path"].endswith(".gguf"):
-        request = {k: v for k, v in request.items() if k != "config"}
-    return request
 
 
 @pytest.mark.parametrize("which", ["packed", "demo"])

@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperOption
 
 import modelkeeper
-from modelkeeper.cli import discovery, local, registry, service
+from modelkeeper.cli import convert, discovery, local, registry, service
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -47,6 +47,7 @@ def _root(
 app.command("protocol-schema")(local.protocol_schema_cmd)
 app.command("worker")(local.worker_cmd)
 app.command("demo-models")(local.demo_models_cmd)
+app.command("convert")(convert.convert_cmd)
 
 app.command("scan")(discovery.scan)
 app.command("ls")(registry.ls)

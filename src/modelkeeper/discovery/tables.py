@@ -180,13 +180,20 @@ def read_pickle_table(
     }
     if not tensors:
         raise InvalidModelFile(f"{path}: the pickle holds no tensors", path=os.fspath(path))
-    # A1111 / Lightning checkpoints keep the weights under "state_dict" (next to "global_step"...).
-    for wrapper in PICKLE_WRAPPERS:
-        inner = {n[len(wrapper) :]: m for n, m in tensors.items() if n.startswith(wrapper)}
-        if len(inner) * 2 > len(tensors):
-            tensors = inner
-            break
+    wrapper = pickle_wrapper(tensors)
+    if wrapper:
+        tensors = {n[len(wrapper) :]: m for n, m in tensors.items() if n.startswith(wrapper)}
     return TensorTable(tensors, {"pickle.format": str(inspection.format)})
+
+
+def pickle_wrapper(names: Collection[str]) -> str:
+    """The key under which a pickled checkpoint nests its state dict (``state_dict.``: A1111 and
+    Lightning checkpoints keep the weights there, next to ``global_step``...), as a name prefix
+    that most tensor names start with; "" when none."""
+    for wrapper in PICKLE_WRAPPERS:
+        if sum(1 for n in names if n.startswith(wrapper)) * 2 > len(names):
+            return wrapper
+    return ""
 
 
 #: safetensors dtypes of fp8 weights, by the torch name the worker reports.

@@ -54,3 +54,21 @@ COMFY_T5XXL_PREFIX = "text_encoders.t5xxl."
 #: Folder under a model root where an install stages its downloads (partial and not yet verified
 #: files): the installer writes there, discovery never enters it.
 INSTALL_STAGING_DIR = ".modelkeeper-partial"
+
+# safetensors ``__metadata__`` entries of a file that ``modelkeeper convert`` wrote from a pickle
+# checkpoint: where it came from and what the scan knew of it.
+
+CONVERTED_FROM_KEY = "modelkeeper.converted_from"
+"""The name of the pickle checkpoint the file was converted from (``model.ckpt``)."""
+
+CONVERTED_SHA256_KEY = "modelkeeper.converted_from_sha256"
+"""The sha256 of that pickle checkpoint, as hex: the file a hash lookup knows."""
+
+MODEL_TYPE_KEY = "modelkeeper.type"
+"""The model's type as identification names it (``main``, ``unet``, ``vae``, ``lora``...)."""
+
+MODEL_BASE_KEY = "modelkeeper.base"
+"""The model's base as identification names it (``sd1``, ``sdxl``, ``flux``...)."""
+
+MODEL_VARIANT_KEY = "modelkeeper.variant"
+"""The model's variant as identification names it (``normal``, ``inpaint``, ``v_prediction``...)."""

@@ -23,6 +23,7 @@ from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
+from modelkeeper.orchestrator.loading import ComponentLoad
 from modelkeeper.orchestrator.metrics import Metrics
 from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.placement import DeviceView, Resident, choose_device, plan_eviction
@@ -193,13 +194,16 @@ class Loads:
                     else contextlib.nullcontext()
                 )
                 with pin:
-                    result = await slot.call(
-                        CommandType.LOAD_MODEL,
-                        load.request,
-                        LoadResult,
-                        timeout=max(0.1, deadline - time.monotonic()),
-                        on_progress=lambda data: job.progress(**data),
-                    )
+                    try:
+                        result = await slot.call(
+                            CommandType.LOAD_MODEL,
+                            load.request,
+                            LoadResult,
+                            timeout=max(0.1, deadline - time.monotonic()),
+                            on_progress=lambda data: job.progress(**data),
+                        )
+                    except ProtocolError as exc:
+                        raise naming_the_users_file(exc, load, planned) from None
                 done.append(load.request.name)
                 p.components[label] = load.request.name
                 if load.spec.get("model_id") not in (None, record.id):  # a part that completes it
@@ -419,3 +423,21 @@ class Loads:
         lease = self.leases.release(lease_id)
         self.bus.publish("lease.released", lease=lease.info())
         return lease.info()
+
+
+def naming_the_users_file(exc: ProtocolError, routed: ComponentLoad, planned: ComponentLoad) -> ProtocolError:
+    """A worker's error about a component it loaded from a RAM-cache segment, naming the user's file
+    (``planned``'s path: the registered file or folder) where the worker named the segment
+    (``/dev/shm/modelkeeper-*``, an internal name that means nothing to the user), in the message
+    and the details. Other errors are returned as they are."""
+    if routed.segment is None:
+        return exc
+    segment = routed.request.path
+    user = planned.request.path
+    if planned.request.subfolder:
+        user = f"{user.rstrip('/')}/{planned.request.subfolder}"
+    shown = f"{user} ({planned.component})" if planned.component else user
+    exc.message = exc.message.replace(segment, shown)
+    exc.args = (exc.message, *exc.args[1:])
+    exc.details = {k: user if v == segment else v for k, v in exc.details.items()}
+    return exc

@@ -84,6 +84,10 @@ class ComponentPlan:
     def layout(self) -> KeyLayout:
         return _layout_of(self.rule, self.prefix)
 
+    def shapes(self, tensors: dict[str, TensorEntry]) -> dict[str, tuple[int, ...]]:
+        """The shapes of the component's tensors, keyed without the prefix."""
+        return {k[len(self.prefix) :]: tensors[k].shape for k in self.keys}
+
 
 def _layout_of(rule: LayoutRule, prefix: str) -> KeyLayout:
     """Text encoders keep transformers' key names inside original checkpoints, under a prefix
@@ -161,12 +165,18 @@ def _logical_shape(entry: TensorEntry) -> tuple[int, ...]:
 def _pick_text_encoder(
     candidates: list[tuple[LayoutRule, str]], tensors: dict[str, TensorEntry], config: dict[str, Any]
 ) -> list[tuple[LayoutRule, str]]:
-    is_t5 = config.get("model_type") == "t5"
-    wanted = [(r, p) for r, p in candidates if r.name.startswith("t5") == is_t5]
+    """The candidates of the config's encoder family and width; when none has the width and one is of
+    the family, that one (a shrunk encoder: its config is fitted to its shapes afterwards)."""
+    if "model_type" in config:
+        is_t5 = config.get("model_type") == "t5"
+        wanted = [(r, p) for r, p in candidates if r.name.startswith("t5") == is_t5]
+    else:
+        wanted = candidates
     width = _width(config)
     if width is None:
         return wanted
-    return [(r, p) for r, p in wanted if r.width_key and tensors[p + r.width_key].shape[-1] == width]
+    fitting = [(r, p) for r, p in wanted if r.width_key and tensors[p + r.width_key].shape[-1] == width]
+    return fitting or (wanted if len(wanted) == 1 else [])
 
 
 def has_text_projection(plan: ComponentPlan) -> bool:

@@ -244,6 +244,7 @@ class ModelService:
             plan = convert.plan_component(
                 kind, tensors, source.config, declared=source.layout, path=str(source.path)
             )
+            sources.fit_to_shapes(source, plan.rule.name, plan.shapes(tensors))
             entries = [tensors[k] for k in plan.keys]
             class_name = assemble.class_name_for(
                 kind, source.config, has_projection=convert.has_text_projection(plan)

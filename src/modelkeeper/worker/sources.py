@@ -3,11 +3,19 @@
 A request names a path; this module turns it into a :class:`ComponentSource` (weight files,
 config and where the config came from) or raises an error that names the path and the problem.
 Only headers and small JSON files are read here.
+
+A single file's config, in order: a config dict in the request (the file's own, as the
+orchestrator reads it from the metadata, or the caller's), a path to a ``config.json``, the file's
+``modelkeeper.config`` metadata, a known base component named in the request (``sdxl/unet``). The
+last is a guess from the base alone, as is having no config at all: such a config is fitted to the
+file's tensor shapes (``fit_to_shapes``, once the worker knows the layout) so that pruned or shrunk
+variants of a base load with the architecture their shapes imply.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +24,7 @@ from modelkeeper.formats.conventions import CONFIG_METADATA_KEY, SAFETENSORS_SUF
 from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsupportedFormat
 from modelkeeper.formats.folders import find_weight_files, read_json
 from modelkeeper.formats.pickle_sandbox import PICKLE_SUFFIXES
+from modelkeeper.formats.shape_configs import fit_config
 from modelkeeper.protocol.messages import KeyLayout, LoadRequest, ModelKind
 from modelkeeper.worker.errors import InvalidRequest
 
@@ -41,6 +50,8 @@ class ComponentSource:
     config: dict[str, Any] | None = None
     config_origin: str = ""
     layout: KeyLayout = KeyLayout.AUTO
+    #: The config is a guess (its base's known config, or none): the file's shapes decide its architecture.
+    config_guessed: bool = False
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -92,8 +103,32 @@ def resolve(request: LoadRequest, kind: ModelKind) -> ComponentSource:
         raise UnsupportedFormat(
             f"{path}: unknown file type {suffix!r}; expected .safetensors or .gguf", path=str(path)
         )
-    config, origin = _single_file_config(path, request)
-    return ComponentSource(kind, path, "single_file", [path], config, origin, request.layout)
+    config, origin, guessed = _single_file_config(path, request)
+    return ComponentSource(kind, path, "single_file", [path], config, origin, request.layout, guessed)
+
+
+def fit_to_shapes(source: ComponentSource, layout_rule: str, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Fit a guessed config (``config_guessed``) to the shapes of the file's component tensors
+    (keys relative to its prefix, in the layout of the worker's rule ``layout_rule``); a config
+    the file or the caller gave is left as it is. Raises INVALID_REQUEST when there is no config
+    and the shapes do not give one."""
+    if not source.config_guessed:
+        return
+    fitted = fit_config(layout_rule, shapes, source.config)
+    if fitted.changed:
+        source.config = fitted.config
+        source.config_origin = (
+            f"{source.config_origin} fitted to the file's shapes"
+            if source.config_origin
+            else "the file's shapes"
+        )
+    if not source.config:
+        raise InvalidRequest(
+            f"data.config: single file {source.path} carries no config and its shapes do not give one "
+            f"({layout_rule}); pass a config dict, a path to a config.json or a folder, or a known base "
+            "component such as 'sdxl/unet'",
+            path=str(source.path),
+        )
 
 
 def _component_folder(path: Path, kind: ModelKind, request: LoadRequest) -> Path:
@@ -134,36 +169,50 @@ def encoder_matches(config: dict[str, Any], hint: str) -> bool:
     return hint not in widths or hidden == widths[hint] or (hint == "clip_l" and hidden not in (1024, 1280))
 
 
-def _single_file_config(path: Path, request: LoadRequest) -> tuple[dict[str, Any], str]:
+def _single_file_config(path: Path, request: LoadRequest) -> tuple[dict[str, Any], str, bool]:
+    """(config, where it came from, whether it is a guess to fit to the shapes): see the module docstring."""
     if isinstance(request.config, dict):
-        return request.config, "request"
+        return request.config, "request", False
+    known: dict[str, Any] | None = None
     if isinstance(request.config, str):
-        return _config_from_reference(request.config), f"request:{request.config}"
+        config, is_file = _config_from_reference(request.config)
+        if is_file:
+            return config, f"request:{request.config}", False
+        known = config
+    own = _metadata_config(path)
+    if own is not None:
+        return own, "file metadata", False
+    if known is not None:
+        return known, f"request:{request.config}", True
+    return {}, "", True
+
+
+def _metadata_config(path: Path) -> dict[str, Any] | None:
+    """The component config in the file's ``modelkeeper.config`` metadata (a full checkpoint's
+    pipeline config is split per component by the orchestrator, not here)."""
     from modelkeeper.worker.weights import file_metadata
 
     meta = file_metadata(path)
-    if CONFIG_METADATA_KEY in meta:
-        try:
-            cfg = json.loads(meta[CONFIG_METADATA_KEY])
-        except json.JSONDecodeError as exc:
-            raise InvalidModelFile(
-                f"{path}: metadata {CONFIG_METADATA_KEY} is not JSON: {exc}", path=str(path)
-            ) from None
-        if isinstance(cfg, dict):
-            return cfg, "file metadata"
-    raise InvalidRequest(
-        f"data.config: single file {path} carries no config; pass a config dict, a path to a config.json "
-        "or a folder, or a known base component such as 'sdxl/unet'",
-        path=str(path),
-    )
+    if CONFIG_METADATA_KEY not in meta:
+        return None
+    try:
+        cfg = json.loads(meta[CONFIG_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise InvalidModelFile(
+            f"{path}: metadata {CONFIG_METADATA_KEY} is not JSON: {exc}", path=str(path)
+        ) from None
+    if not isinstance(cfg, dict) or str(cfg.get("_class_name", "")).endswith("Pipeline"):
+        return None
+    return cfg
 
 
-def _config_from_reference(ref: str) -> dict[str, Any]:
+def _config_from_reference(ref: str) -> tuple[dict[str, Any], bool]:
+    """The config ``ref`` names, and whether it is a file (else a known base component)."""
     candidate = Path(ref).expanduser()
     if candidate.is_dir():
-        return read_json(candidate / "config.json", "config")
+        return read_json(candidate / "config.json", "config"), True
     if candidate.suffix == ".json" or candidate.exists():
-        return read_json(candidate, "config")
+        return read_json(candidate, "config"), True
     base, sep, component = ref.partition("/")
     if not sep:
         raise InvalidRequest(
@@ -172,6 +221,6 @@ def _config_from_reference(ref: str) -> dict[str, Any]:
     from modelkeeper.formats.known_configs import load_known_config
 
     try:
-        return dict(load_known_config(base, component))
+        return dict(load_known_config(base, component)), False
     except KeyError as exc:
         raise InvalidRequest(f"data.config: {exc.args[0] if exc.args else ref}") from None
