@@ -25,6 +25,7 @@ from modelkeeper.cluster.settings import AGENT_PREFIX
 from modelkeeper.orchestrator import Settings
 from modelkeeper.testing import DemoManifest
 from modelkeeper.testing.cluster import GatedAgent, LocalCluster, local_ray_cluster
+from modelkeeper.testing.hubserver import FakeHub
 from modelkeeper.testing.service import RunningService, running_service
 
 pytestmark = [pytest.mark.xdist_group("ray-cluster"), pytest.mark.slow]
@@ -35,6 +36,8 @@ SD15 = "diffusers/tiny-sd15"  # node-b only, 8.7 MB
 CLIP_L = "clip/tiny-clip-l.safetensors"  # node-a and node-b, 6 MB
 UNET = "unet/tiny-sd15-unet.safetensors"  # node-a only: sent to node-b by a test
 LORA = "loras/tiny-sd15-kohya.safetensors"  # node-a only: sent to node-b to patch SD15 there
+FLUX = "transformer/tiny-flux.safetensors"  # written on node-a and node-b by a test
+PEFT = "tiny-sd15-peft.safetensors"  # on the fake Hub only: installed onto a node by a test
 LAYOUT = {"node-a": [CKPT, CLIP_L, UNET, LORA], "node-b": [SD15, CLIP_L], "node-c": [CLIP_L]}
 T = TypeVar("T")
 
@@ -73,9 +76,10 @@ def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "cond
         time.sleep(0.02)
 
 
-def node_settings(root: Path, folder: Path) -> dict[str, Any]:
+def node_settings(root: Path, folder: Path, hub: str) -> dict[str, Any]:
     return {
         "model_roots": [str(root)],
+        "hub_endpoint": hub,
         "db": str(folder / "registry.sqlite3"),
         "devices": ["cpu"],
         "ram_cache_bytes": 64 * MiB,
@@ -85,8 +89,25 @@ def node_settings(root: Path, folder: Path) -> dict[str, Any]:
     }
 
 
+def node_metadata(fleet: Fleet, node: str, model: dict[str, Any]) -> dict[str, Any]:
+    """The user metadata in ``node``'s own registry, read from its agent."""
+    import ray
+
+    local = model["nodes"][node]["model_id"]
+    answer: dict[str, Any] = ray.get(fleet.actor(node).call.remote("catalog", "metadata", [local], {}))
+    return dict(answer["ok"])
+
+
 @pytest.fixture(scope="module")
-def fleet(demo: DemoManifest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def hub(demo: DemoManifest) -> Iterator[FakeHub]:
+    """The fake Hub the nodes install from: one LoRA no node has."""
+    with FakeHub() as server:
+        server.add_repo("tiny/lora", {PEFT: demo.root / "loras" / PEFT})
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fleet(demo: DemoManifest, hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     import ray
 
     roots, overrides = {}, {}
@@ -97,7 +118,7 @@ def fleet(demo: DemoManifest, tmp_path_factory: pytest.TempPathFactory) -> Itera
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             src = demo.root / rel
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / rel)
-        overrides[node] = node_settings(root, folder)
+        overrides[node] = node_settings(root, folder, hub.url)
     with local_ray_cluster(["node-a", "node-b"]) as lc:
         cluster = ClusterSettings(
             address=lc.address, workers="inprocess", named_nodes_only=True, node_poll_s=0.1,
@@ -197,6 +218,7 @@ def test_a_cancelled_cluster_load_is_cancelled_on_its_node(fleet: Fleet, client:
 def test_a_file_is_sent_to_the_node_that_lacks_it(fleet: Fleet, client: Client) -> None:
     key = client.model(UNET)["id"]
     assert list(client.model(UNET)["nodes"]) == ["node-a"]
+    client.set_metadata(UNET, tags=["sent"], description="goes along")
     answer = client.load(UNET, "node-b/cpu")
     result = answer["result"]
     assert result["device"] == "node-b/cpu" and result["model_id"] == key
@@ -206,6 +228,7 @@ def test_a_file_is_sent_to_the_node_that_lacks_it(fleet: Fleet, client: Client) 
     nodes = client.model(key)["nodes"]
     assert set(nodes) == {"node-a", "node-b"}
     assert filecmp.cmp(nodes["node-a"]["path"], nodes["node-b"]["path"], shallow=False)
+    assert node_metadata(fleet, "node-b", client.model(key))["tags"] == ["sent"]  # its metadata along
     assert sent[0]["bytes"] == Path(nodes["node-a"]["path"]).stat().st_size
     # the bytes landed in node-b's RAM cache too: the load that followed came from RAM
     assert sent[0]["to_disk"] and sent[0]["segments"] == 1
@@ -293,6 +316,76 @@ def test_operations_and_loras_on_the_node_holding_the_model(fleet: Fleet, client
     with pytest.raises(ApiError) as not_lora:
         client.apply_lora(SD15, CLIP_L)
     assert not_lora.value.status_code == 422 and "not a LoRA" in not_lora.value.message
+
+
+def test_reconcile_and_memory_on_the_nodes(fleet: Fleet, client: Client) -> None:
+    key = client.model(SD15)["id"]
+    assert client.load(SD15)["result"]["device"] == "node-b/cpu"
+    # every device of the cluster (*), of one node, one device: in step with the workers
+    every = client.reconcile("*")
+    assert set(every["devices"]) == {"node-a/cpu", "node-b/cpu"}
+    assert every["lost"] == every["adopted"] == every["unmanaged"] == []
+    assert set(client.reconcile("node-b")["devices"]) == {"node-b/cpu"}
+    assert client.reconcile("node-b/cpu")["devices"]["node-b/cpu"]["lost"] == []
+    with pytest.raises(ApiError) as nowhere:
+        client.reconcile("node-z")
+    assert nowhere.value.status_code == 404
+    # the memory route on the node: a model leased on the driver is kept, then freed once released
+    lease = client.lease(SD15, device="node-b/cpu")
+    kept = client.optimize_memory("node-b/cpu", target_free_mb=1000)
+    assert kept["device"] == "node-b/cpu" and kept["lost"] == [] and kept["unloaded"] == []
+    assert kept["kept"] and all(name.startswith(key + "/") for name in kept["kept"])
+    client.release_lease(lease["id"])
+    freed = client.optimize_memory("node-b/cpu", target_free_mb=1000)
+    assert freed["kept"] == [] and set(freed["lost"]) <= {key}  # lost: unless its worker said so first
+    assert sorted(freed["unloaded"]) == [f"{key}/{c}" for c in ("text_encoder", "unet", "vae")]
+    assert client.status("node-b/cpu")["models"] == []  # the driver's view followed the node's
+    with pytest.raises(ApiError) as bare:
+        client.optimize_memory("cpu")
+    assert bare.value.status_code == 404 and "node/device" in bare.value.message
+
+
+def test_metadata_and_components_on_the_node_registries(fleet: Fleet, client: Client) -> None:
+    from modelkeeper.testing.demo import write_demo_models
+
+    # a transformer-only Flux on both nodes, its VAE on node-a only
+    write_demo_models(fleet.roots["node-a"], only=["flux-transformer", "flux-vae"])
+    write_demo_models(fleet.roots["node-b"], only=["flux-transformer"])
+    client.refresh(wait=True)
+    flux = client.model(FLUX)
+    key = flux["id"]
+    assert set(flux["nodes"]) == {"node-a", "node-b"}
+    written = client.set_metadata(FLUX, description="tiny", tags=["cluster"])
+    assert written["model_id"] == key and written["tags"] == ["cluster"]
+    assert [node_metadata(fleet, n, flux)["description"] for n in ("node-a", "node-b")] == ["tiny"] * 2
+    assert client.metadata(key)["description"] == "tiny" and client.model(key)["tags"] == ["cluster"]
+    # pins are checked on each node as on one host: a part that does not fit is refused ...
+    with pytest.raises(ApiError) as unfit:
+        client.set_metadata(key, default_settings={"parts": {"vae": "tiny-clip-l"}})
+    assert unfit.value.error_code == "INCOMPATIBLE_PART" and "on node-a" in unfit.value.message
+    # ... and one that fits on node-a but is nowhere on node-b too, undone on node-a
+    with pytest.raises(ApiError) as elsewhere:
+        client.set_metadata(key, default_settings={"parts": {"vae": "tiny-flux-vae"}})
+    assert elsewhere.value.error_code == "INCOMPATIBLE_PART" and "on node-b" in elsewhere.value.message
+    assert node_metadata(fleet, "node-a", flux)["default_settings"] == {}
+    # the components of every node's registry, one entry per component, models by cluster key
+    clip = client.model(CLIP_L)["id"]
+    entries = [c for c in client.components() if any(u["model_id"] == clip for u in c["models"])]
+    assert len(entries) == 1 and set(entries[0]["nodes"]) == {"node-a", "node-b"}
+    assert [u["model_id"] for u in entries[0]["models"]].count(clip) == 1
+    vaes = client.components("vae")
+    assert vaes and {c["kind"] for c in vaes} == {"vae"}
+    assert any(u["model_id"] == client.model("tiny-flux-vae")["id"] for c in vaes for u in c["models"])
+
+
+def test_an_install_goes_onto_one_node(fleet: Fleet, client: Client) -> None:
+    done = client.install(f"tiny/lora:{PEFT}")
+    result, node = done["result"], done["result"]["node"]
+    assert done["job"]["kind"] == "install" and done["job"]["state"] == "succeeded"
+    assert node in ("node-a", "node-b") and Path(result["path"]).is_relative_to(fleet.roots[node])
+    model = client.model(result["model_id"])  # the cluster key: its hash
+    assert model["id"] == result["model_id"] and set(model["nodes"]) == {node}
+    assert model["type"] == "lora"
 
 
 def test_rest_and_cli_against_the_cluster(fleet: Fleet, client: Client) -> None:

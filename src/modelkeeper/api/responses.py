@@ -180,10 +180,16 @@ class MemoryOptimized(_Fixed):
     kept: list[str] = Field(description="Worker names never unloaded: leased, kept, busy or loading.")
 
 
-class Reconciled(_Fixed):
+class DeviceReconciled(_Fixed):
     lost: list[str] = Field(description="Models the worker no longer held: dropped from the view.")
     adopted: list[str] = Field(description="Worker models of registered models: added to the view.")
     unmanaged: list[str] = Field(description="Worker models the registry does not know.")
+
+
+class Reconciled(DeviceReconciled):
+    devices: dict[str, DeviceReconciled] | MISSING = Field(
+        MISSING, description="Each device's own (cluster mode: a node, or * for every node, may be named)."
+    )
 
 
 # ---------------------------------------------------------------------- the RAM cache
@@ -367,6 +373,9 @@ class ComponentEntry(_Fixed):
     dtypes: dict[str, int]
     models: list[ComponentUse]
     cached: bool
+    nodes: list[str] | MISSING = Field(
+        MISSING, description="The nodes whose registries hold it (cluster mode)."
+    )
 
 
 class _ModelName(_Fixed):
@@ -628,6 +637,7 @@ class InstallResultInfo(_Fixed):
     transferred_bytes: int = Field(description="Bytes fetched by this install (less when resumed or reused).")
     seconds: float
     files: list[InstalledFileInfo]
+    node: str | MISSING = Field(MISSING, description="The node it was installed onto (cluster mode).")
 
 
 class InstallDone(JobDone[InstallResultInfo]):

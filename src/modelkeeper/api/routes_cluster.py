@@ -1,5 +1,6 @@
 """Routing: which node and device serve a model now (``GET /api/model/{id}/route``), and the status
-of one device named ``node/device``. Both work on one host too (the node is then ``null``).
+and reconcile of one device named ``node/device``. They work on one host too (the node is then
+``null``).
 
 Included before the models router: ``/{model_id:path}`` would otherwise take ``x/route`` for a model id.
 """
@@ -11,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from modelkeeper.api.deps import Service
-from modelkeeper.api.responses import ERRORS, RouteInfo
+from modelkeeper.api.responses import ERRORS, Reconciled, RouteInfo
 
 router = APIRouter(prefix="/api/model", tags=["routing"], responses=ERRORS)
 
@@ -22,6 +23,13 @@ router = APIRouter(prefix="/api/model", tags=["routing"], responses=ERRORS)
 async def device_status_any(service: Service, device: str) -> dict[str, Any]:
     """One device (``cuda:0``, or ``node-a/cuda:0`` in cluster mode)."""
     return service.views.device(device)
+
+
+# The same for reconcile: ``node-a/cuda:0``, a node (``node-a``: each of its devices) or ``*``.
+@router.post("/status/{device:path}/reconcile", response_model=Reconciled, include_in_schema=False)
+async def reconcile_any(service: Service, device: str) -> dict[str, Any]:
+    """Compare the view of ``device`` with its worker's full state and correct it."""
+    return await service.recovery.reconcile(device)
 
 
 @router.get("/{model_id:path}/route", response_model=RouteInfo)

@@ -28,6 +28,7 @@ import contextlib
 import inspect
 import logging
 import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,7 +54,13 @@ PARTS: dict[str, frozenset[str]] = {
     "feed": frozenset({"view", "get", "cache_model", "cache_component", "drop", "clear"}),
     "operations": frozenset({"run"}),
     "loras": frozenset({"apply", "strength", "remove"}),
+    "recovery": frozenset({"reconcile", "optimize_memory"}),
+    "catalog": frozenset({"metadata", "set_metadata"}),
+    "views": frozenset({"components"}),
+    "installs": frozenset({"install"}),
 }
+#: The methods that write the node's registry: its model listing is read again after them.
+WRITES = frozenset({("catalog", "set_metadata"), ("installs", "install")})
 
 
 def error_answer(exc: ProtocolError) -> Answer:
@@ -73,6 +80,14 @@ async def answer(work: Awaitable[T]) -> Answer:
         return {"ok": await work}
     except ProtocolError as exc:
         return error_answer(exc)
+
+
+def disk_free(root: Path) -> int:
+    """Free bytes on the file system of ``root`` (0 when it cannot be read): where installs go."""
+    try:
+        return shutil.disk_usage(root).free
+    except OSError:
+        return 0
 
 
 def model_files(path: Path) -> list[dict[str, Any]]:
@@ -101,6 +116,7 @@ class NodeAgent:
         self.receiver: Receiver | None = None
         self._lock = asyncio.Lock()
         self._models: list[dict[str, Any]] | None = None  # the disk listing, rebuilt after a scan
+        self._forgotten = 0  # how many times the listing was dropped (a listing older is not kept)
 
     # ------------------------------------------------------------------ life
 
@@ -131,7 +147,7 @@ class NodeAgent:
         for job in self.service.jobs.list(kind="scan"):
             with contextlib.suppress(ProtocolError):
                 await self.service.jobs.wait(job)
-        self._models = None
+        self._forget()
 
     async def stop(self) -> Answer:
         async with self._lock:
@@ -159,9 +175,13 @@ class NodeAgent:
         orch = self.service
         if self.receiver is not None and self.receiver.prune():  # RAM-only models evicted
             await orch.catalog.scan(wait=True, hash=False)
-            self._models = None
-        if self._models is None:
-            self._models = await asyncio.to_thread(self._list_models)
+            self._forget()
+        models = self._models
+        if models is None:
+            forgotten = self._forgotten
+            models = await asyncio.to_thread(self._list_models)
+            if forgotten == self._forgotten:  # not dropped again while it was read
+                self._models = models
         ram: dict[str, int] = {}
         segments = orch.feed.segments()
         for seg in segments:
@@ -188,10 +208,11 @@ class NodeAgent:
             "node": self.node,
             "pid": os.getpid(),
             "devices": devices,
-            "models": [{**m, "ram_bytes": ram.get(m["model_id"], 0)} for m in self._models],
+            "models": [{**m, "ram_bytes": ram.get(m["model_id"], 0)} for m in models],
             "cache": orch.feed.cache.stats() if orch.feed.is_open else None,
             "segments": segments,
             "roots": [str(r) for r in orch.catalog.roots],
+            "disk_free": await asyncio.to_thread(disk_free, orch.catalog.roots[0]),
         }
 
     def _list_models(self) -> list[dict[str, Any]]:
@@ -226,13 +247,26 @@ class NodeAgent:
         fn: Callable[..., Any] = getattr(getattr(self.service, part), method)
         return fn
 
-    async def call(self, part: str, method: str, args: list[Any], kwargs: dict[str, Any]) -> Answer:
-        """``part.method(*args, **kwargs)`` of the node's orchestrator (see ``PARTS``), awaited."""
+    async def call(
+        self,
+        part: str,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        held: tuple[str, list[str]] | None = None,
+    ) -> Answer:
+        """``part.method(*args, **kwargs)`` of the node's orchestrator (see ``PARTS``), awaited.
+        ``held``: (device, model ids) leased cluster-wide, held here for the call (as ``stream``)."""
 
         async def run() -> Any:
-            out = self._method(part, method)(*args, **kwargs)
-            if inspect.isawaitable(out):
-                out = await out
+            granted = self._grant(*held) if held else []
+            try:
+                out = self._method(part, method)(*args, **kwargs)
+                if inspect.isawaitable(out):
+                    out = await out
+            finally:
+                self._release(granted)
+                self._wrote(part, method)
             return out
 
         return await answer(run())
@@ -259,6 +293,7 @@ class NodeAgent:
                 yield error_answer(exc)
                 return
             if "result" in started:  # answered at once (a component already cached)
+                self._wrote(part, method)
                 yield {"ok": started["result"]}
                 return
             job = self.service.jobs.get(started["job"]["id"])
@@ -266,13 +301,26 @@ class NodeAgent:
             async for progress in follow(job.task, lambda: job.progress_data if job else {}):
                 yield {"progress": progress}
             try:
-                yield {"ok": await self.service.jobs.wait(job)}
+                last = {"ok": await self.service.jobs.wait(job)}
             except ProtocolError as exc:
-                yield error_answer(exc)
+                last = error_answer(exc)
+            self._wrote(part, method)  # before the answer: the driver reads the state once it has it
+            yield last
         finally:
             if job is not None and not job.state.finished:
                 self.service.jobs.cancel(job.id)
             self._release(granted)
+            self._wrote(part, method)
+
+    def _wrote(self, part: str, method: str) -> None:
+        """After a method that writes the node's registry (``WRITES``): its listing is read again."""
+        if (part, method) in WRITES:
+            self._forget()
+
+    def _forget(self) -> None:
+        """Drop the disk listing: the next ``state()`` reads the registry again."""
+        self._models = None
+        self._forgotten += 1
 
     def _grant(self, device: str, held: list[str]) -> list[Lease]:
         leases = self.service.leases
@@ -289,7 +337,7 @@ class NodeAgent:
     async def scan(self, hash: bool = True) -> Answer:
         async def run() -> dict[str, Any]:
             result = await self.service.catalog.scan(wait=True, hash=hash)
-            self._models = None
+            self._forget()
             out: dict[str, Any] = result["result"]
             return out
 
@@ -341,7 +389,7 @@ class NodeAgent:
                 key, source, source_model_id, files, chunk=chunk, ahead=ahead, to_disk=to_disk,
                 progress=progress,
             )  # fmt: skip
-            self._models = None
+            self._forget()
             return out
 
         task = asyncio.ensure_future(answer(run()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import string
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from modelkeeper.cluster.view import ClusterState
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -50,11 +50,21 @@ class ClusterModel:
         }
 
 
+class Records(Protocol):
+    """User metadata kept in the nodes' registries (``records.ClusterRecords``)."""
+
+    async def metadata(self, model: ClusterModel) -> dict[str, Any]: ...
+
+    async def set_metadata(self, model: ClusterModel, values: dict[str, Any]) -> dict[str, Any]: ...
+
+
 class ClusterCatalog:
     def __init__(self, view: ClusterState) -> None:
         self.view = view
         #: A rescan of every node (set by the service: ``remote.scan_nodes``).
         self.scanner: Callable[..., Awaitable[dict[str, Any]]] | None = None
+        #: User metadata on the nodes' registries (set by the service: ``records.ClusterRecords``).
+        self.records: Records | None = None
 
     async def scan(self, *, wait: bool = True, hash: bool = True) -> dict[str, Any]:
         """Rescan every node's model roots (``POST /api/model/cache/refresh``): a job."""
@@ -63,14 +73,17 @@ class ClusterCatalog:
         return await self.scanner(wait=wait, hash=hash)
 
     async def metadata(self, ref: str) -> dict[str, Any]:
-        model = self.find(ref)
-        return {"model_id": model.key, "name": model.name, "tags": model.info.get("tags", [])}
+        """A model's user metadata, as its nodes' registries keep it (``records.py``)."""
+        return await self._records().metadata(self.find(ref))
 
     async def set_metadata(self, ref: str, values: dict[str, Any]) -> dict[str, Any]:
-        raise ProtocolError(
-            "user metadata lives in each node's registry: set it on the nodes (not in cluster mode yet)",
-            ErrorCode.INVALID_REQUEST,
-        )
+        """Set user metadata on every node with the model, or on none (``records.py``)."""
+        return await self._records().set_metadata(self.find(ref), values)
+
+    def _records(self) -> Records:
+        if self.records is None:
+            raise ProtocolError("no node registry to read", ErrorCode.INVALID_REQUEST)
+        return self.records
 
     async def resolve(self, ref: str) -> ClusterModel:
         """``find``, awaitable as the single-host catalog's ``resolve`` is."""

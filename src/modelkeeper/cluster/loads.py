@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from modelkeeper.cluster.catalog import ClusterCatalog, ClusterModel
@@ -89,6 +90,9 @@ class ClusterLoads:
         self.inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
         self.kept: dict[str, LoadOptions] = {}  # cluster key -> the options of its keep-loaded load
         self._fetches: dict[tuple[str, str], asyncio.Future[str]] = {}
+        #: Called with (model, source node, target node, its id there) once a file is received
+        #: (set by the service: ``records.ClusterRecords.copy``, the user metadata goes along).
+        self.on_received: Callable[[ClusterModel, str, str, str], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------ placement
 
@@ -224,6 +228,8 @@ class ClusterLoads:
             what=what, on_progress=lambda p: progress(job, {**p, "source": source}),
         )  # fmt: skip
         seconds = time.perf_counter() - started
+        if self.on_received is not None:
+            await self.on_received(model, source, node, str(got["model_id"]))
         await self.members.refresh(node)
         self.bus.publish(
             "model.transferred", model_id=model.key, source=source, target=node, bytes=got["bytes"],

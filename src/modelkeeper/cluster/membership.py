@@ -10,6 +10,7 @@ refreshes every node's state every ``refresh_s``; operations refresh the nodes t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,8 @@ class Membership:
         self.lost: dict[str, float] = {}  # node name -> when it was lost
         self.on_lost: LostHandler | None = None
         self._attaching: dict[str, asyncio.Task[None]] = {}
+        self._asked = itertools.count()  # the order state reads are sent in
+        self._applied: dict[str, int] = {}  # node name -> the last state read applied
 
     def link(self, node: str) -> NodeLink:
         link = self.links.get(node)
@@ -120,6 +123,7 @@ class Membership:
         link = self.links.get(name)
         if link is None:
             return
+        asked = next(self._asked)
         try:
             state = await link.call("state", what=f"the state of {name}")
         except NodeLost as exc:
@@ -128,7 +132,8 @@ class Membership:
         except ProtocolError as exc:
             log.warning("state of %s not refreshed: %s", name, exc.message)
             return
-        if name in self.links:
+        if name in self.links and asked > self._applied.get(name, -1):  # never an older read over a newer
+            self._applied[name] = asked
             self.view.update(name, link.node.id, state)
 
     async def monitor(self) -> None:

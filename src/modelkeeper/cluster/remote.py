@@ -49,12 +49,26 @@ class Remote:
         self.loads = loads
         self.jobs = jobs
 
-    async def call(self, node: str, part: str, method: str, *args: Any, what: str, **kwargs: Any) -> Any:
-        """``part.method`` on ``node``'s orchestrator, the node's state refreshed after it."""
+    async def call(
+        self,
+        node: str,
+        part: str,
+        method: str,
+        *args: Any,
+        what: str,
+        held: tuple[str, list[str]] | None = None,
+        refresh: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """``part.method`` on ``node``'s orchestrator, the node's state refreshed after it (unless
+        ``refresh`` is false: a read). ``held``: (local device, local ids) of driver leases, held
+        on the node for the call."""
         try:
-            return await self.members.link(node).call("call", part, method, list(args), kwargs, what=what)
+            link = self.members.link(node)
+            return await link.call("call", part, method, list(args), kwargs, held, what=what)
         finally:
-            await self.members.refresh(node)
+            if refresh:
+                await self.members.refresh(node)
 
     async def stream(
         self, node: str, job: Job, part: str, method: str, *args: Any, what: str, **kwargs: Any
@@ -90,6 +104,12 @@ class Remote:
             where = f"on {device}" if device else "on any device"
             raise NotLoaded(f"model {model.key} ({model.name}) is not loaded {where}", model_id=model.key)
         return found
+
+    def worker_name(self, node: str, name: str) -> str:
+        """A worker's name for a loaded component (``<local id>/<component>``) with the model's
+        cluster key instead of the node's id."""
+        model_id, sep, component = name.partition("/")
+        return self.key_of(node)(model_id) + sep + component
 
     def named(self, node: str, entry: dict[str, Any]) -> dict[str, Any]:
         """A node's per-device answer with cluster names (``model_id`` key, ``node/device``)."""

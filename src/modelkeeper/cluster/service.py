@@ -4,7 +4,9 @@ It joins the Ray cluster, keeps one agent per alive node (:mod:`.membership`), t
 catalog built from their states, and offers the parts the API routes call, with cluster
 implementations: ``loads`` (placement by bytes across nodes, loads forwarded to the chosen node,
 leases, routing), ``feed``, ``operations`` and ``loras`` (run on the nodes holding the model,
-:mod:`.remote`), ``views``, ``catalog``; and the shared ones of one host: ``jobs``, ``leases``,
+:mod:`.remote`), ``recovery`` (reconcile and the memory route on the nodes, :mod:`.upkeep`),
+``views``, ``catalog`` (user metadata and components on the nodes' registries, :mod:`.records`),
+``installs`` (onto the node with the most free disk, :mod:`.installs`); and the shared ones of one host: ``jobs``, ``leases``,
 ``bus``. Nodes lost are noticed by polling Ray's node table and by failed calls; kept-loaded models
 are loaded again elsewhere. ``await start()``, use it, ``await stop()`` (the agents keep running:
 a restarted driver attaches to them by name; ``stop(agents=True)`` stops them too).
@@ -20,12 +22,15 @@ from typing import Any
 
 from modelkeeper.cluster.agent import NodeAgent
 from modelkeeper.cluster.catalog import ClusterCatalog
+from modelkeeper.cluster.installs import ClusterInstalls
 from modelkeeper.cluster.loads import ClusterLoads
 from modelkeeper.cluster.membership import Membership
+from modelkeeper.cluster.records import ClusterRecords
 from modelkeeper.cluster.remote import ClusterFeed, ClusterLoras, ClusterOperations, Remote, scan_nodes
 from modelkeeper.cluster.settings import ClusterSettings
+from modelkeeper.cluster.upkeep import ClusterRecovery
 from modelkeeper.cluster.view import ClusterState
-from modelkeeper.cluster.views import ClusterMetrics, ClusterPool, ClusterViews, Unavailable
+from modelkeeper.cluster.views import ClusterMetrics, ClusterPool, ClusterViews
 from modelkeeper.orchestrator.background import Background
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import JobManager
@@ -75,18 +80,22 @@ class ClusterOrchestrator:
             s, c, self.catalog, self.members, self.view, self.leases, self.jobs, self.bus
         )
         self.members.on_lost = self.loads.replace_kept
+        remote = Remote(self.catalog, self.view, self.members, self.loads, self.jobs)
+        records = ClusterRecords(remote)
         self.views = ClusterViews(
             self.catalog, self.view, self.members, self.leases, self.jobs,
-            ready=lambda: self.ready, address=lambda: c.address,
+            records=records, ready=lambda: self.ready, address=lambda: c.address,
         )  # fmt: skip
         self.pool = ClusterPool(self.view)
         self.metrics = ClusterMetrics(self.view, self.members)
-        remote = Remote(self.catalog, self.view, self.members, self.loads, self.jobs)
         self.feed = ClusterFeed(remote)
         self.operations = ClusterOperations(remote)
         self.loras = ClusterLoras(remote)
+        self.recovery = ClusterRecovery(remote)
+        self.installs = ClusterInstalls(remote)
         self.catalog.scanner = functools.partial(scan_nodes, remote)
-        self.recovery = Unavailable("recovery")
+        self.catalog.records = records
+        self.loads.on_received = records.copy
         self._joined = False
 
     async def route(self, ref: str, *, load: bool = False) -> dict[str, Any]:

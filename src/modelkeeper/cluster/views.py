@@ -2,8 +2,7 @@
 
 The shapes follow the single-host views (``orchestrator/views.py``) so that the same routes, client
 and CLI work: devices are ``node/device``, a model's ``id`` is its cluster key, and status adds
-``nodes``. The parts a cluster does not offer yet (reconcile, the memory route) answer with a
-clear error instead (:class:`Unavailable`).
+``nodes``. The components listing is every node's, merged (``records.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +19,12 @@ from prometheus_client.registry import Collector
 
 from modelkeeper.cluster.catalog import ClusterCatalog
 from modelkeeper.cluster.membership import Membership
+from modelkeeper.cluster.records import ClusterRecords
 from modelkeeper.cluster.view import ClusterState
 from modelkeeper.orchestrator.errors import DeviceNotFound
 from modelkeeper.orchestrator.jobs import JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.workers import SlotState
-from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 
 class ClusterViews:
@@ -37,9 +36,11 @@ class ClusterViews:
         leases: LeaseTable,
         jobs: JobManager,
         *,
+        records: ClusterRecords,
         ready: Callable[[], bool],
         address: Callable[[], str],
     ) -> None:
+        self.records = records
         self.catalog = catalog
         self.view = view
         self.members = members
@@ -102,6 +103,10 @@ class ClusterViews:
     async def available(self, type: str | None = None) -> list[dict[str, Any]]:
         page = await self.list_models(type=type, limit=1_000_000)
         return [m for m in page["items"] if m["type"] != "unknown"]
+
+    async def components(self, type: str | None = None) -> list[dict[str, Any]]:
+        """Components across every model of every node (see ``records.py``)."""
+        return await self.records.components(type)
 
     async def model_detail(self, ref: str, *, history: int = 20) -> dict[str, Any]:
         """A model across the cluster: where it lies on disk, in RAM caches and in VRAM."""
@@ -171,20 +176,3 @@ class ClusterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class Unavailable:
-    """A part of the single-host service that cluster mode does not offer yet: every call raises."""
-
-    def __init__(self, part: str) -> None:
-        self.part = part
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise ProtocolError(
-                f"{self.part}.{name} is not available in cluster mode yet",
-                ErrorCode.INVALID_REQUEST,
-                part=self.part,
-            )
-
-        return refuse

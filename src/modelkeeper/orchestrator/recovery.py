@@ -3,7 +3,8 @@
 A worker that reports a model unloaded by itself (out of memory, say) loses that placement. A
 worker that exits is restarted (up to ``worker_max_restarts`` in ``restart_window_s``), its view
 reconciled with its full state, and the models kept loaded there are loaded again. ``reconcile``
-may also be asked for at any time.
+may also be asked for at any time, and ``optimize_memory`` (the memory route) frees a device's
+memory, then reconciles it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from modelkeeper.protocol.messages import (
     MemoryInfo,
     ModelInfoRequest,
     ModelInfoResult,
+    OptimizeMemoryRequest,
+    OptimizeMemoryResult,
     StateData,
 )
 
@@ -139,3 +142,25 @@ class Recovery:
             self.view.put(p)
             adopted.append(name)
         return {"lost": lost, "adopted": adopted, "unmanaged": unmanaged}
+
+    async def optimize_memory(
+        self, device: str, target_free_mb: float | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Hand ``device``'s cached memory back and, with a target, unload its least-recently-used
+        idle models until that much of its budget is free (the worker's ``model.optimize_memory``).
+        Models leased, kept loaded, busy or still loading are kept; the view then follows the
+        worker (``reconcile``)."""
+        slot = self.pool.slot(device)
+        keep = [
+            name
+            for p in self.view.on_device(device)
+            if p.keep_loaded or p.busy or p.state is not PlacementState.LOADED
+            or self.loads.leases.holding(p.model_id, device)
+            for name in p.components.values()
+        ]  # fmt: skip
+        request = OptimizeMemoryRequest(target_free_mb=target_free_mb, keep=keep)
+        result = await slot.call(
+            CommandType.OPTIMIZE_MEMORY, request, OptimizeMemoryResult, timeout=timeout or 120
+        )
+        reconciled = await self.reconcile(device)
+        return {"device": device, **result.model_dump(), "lost": reconciled["lost"], "kept": keep}

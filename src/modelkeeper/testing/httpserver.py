@@ -23,12 +23,13 @@ import contextlib
 import json
 import re
 import socket
+import ssl
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["Faults", "Request", "TestServer"]
@@ -102,11 +103,16 @@ class _Server(ThreadingHTTPServer):
 
 
 class TestServer:
-    """A test HTTP server on 127.0.0.1 (a free port) run by a thread; use as a context manager."""
+    """A test HTTP server on 127.0.0.1 (a free port) run by a thread; use as a context manager.
+    With ``tls`` (a server-side context), it speaks HTTPS."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
+        self._scheme = "http"
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
+            self._scheme = "https"
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name=type(self).__name__, daemon=True
         )
@@ -117,9 +123,9 @@ class TestServer:
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self._scheme}://{host!s}:{port}"
 
-    def start(self) -> TestServer:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -130,7 +136,7 @@ class TestServer:
         self._httpd.server_close()
         self._thread.join()
 
-    def __enter__(self) -> TestServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

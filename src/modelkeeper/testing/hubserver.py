@@ -17,11 +17,20 @@ Errors carry ``X-Error-Code`` as the Hub's do (``RepoNotFound``, ``RevisionNotFo
 ``EntryNotFound``, ``GatedRepo``), so huggingface_hub raises its own error classes. A gated or
 private repo needs ``Authorization: Bearer <token>`` with :attr:`FakeHub.token`. Faults
 (:class:`~modelkeeper.testing.httpserver.Faults`) are set per file path in the repo.
+
+``python -m modelkeeper.testing.hubserver REPO=FILE ...`` serves files from a process of its own
+(:class:`HubProcess` starts one): a benchmark then measures a client that shares no interpreter
+(and no GIL) with the server, as ``curl`` does.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
+import ssl
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -30,7 +39,7 @@ from urllib.parse import quote, unquote
 
 from modelkeeper.testing.httpserver import Faults, Request, TestServer
 
-__all__ = ["FakeHub", "HubFile", "HubRepo"]
+__all__ = ["FakeHub", "HubFile", "HubProcess", "HubRepo"]
 
 _LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5")
 _LFS_MIN_SIZE = 10 * 1024 * 1024
@@ -99,8 +108,8 @@ class FakeHub(TestServer):
 
     token = "hf_fake_token_never_shown"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(tls=tls)
         self.repos: dict[str, HubRepo] = {}
         self._blobs: dict[str, HubFile] = {}
 
@@ -264,3 +273,81 @@ class FakeHub(TestServer):
     ) -> None:
         headers = {"X-Error-Code": code, "X-Error-Message": message, **(extra or {})}
         self.send_json(handler, {"error": message}, status=status, headers=headers)
+
+
+# Runs :func:`main` without the package ``modelkeeper.testing``'s ``__init__``, which imports torch,
+# diffusers and transformers (seconds, tens of them on a loaded machine); the server needs none.
+_BOOTSTRAP = """
+import sys, types
+package = types.ModuleType("modelkeeper.testing")
+package.__path__ = [sys.argv.pop(1)]
+sys.modules["modelkeeper.testing"] = package
+from modelkeeper.testing.hubserver import main
+main()
+"""
+
+
+class HubProcess:
+    """A :class:`FakeHub` in a subprocess, publishing ``repos`` (repo id -> repo path -> local file);
+    use as a context manager. :attr:`url`, :attr:`cdn_url` and :attr:`sha256` (repo path -> the
+    LFS SHA-256 of each file) are known once it started; it stops when this closes its stdin."""
+
+    def __init__(self, repos: Mapping[str, Mapping[str, Path]]) -> None:
+        args = [f"{repo}:{name}={local}" for repo, files in repos.items() for name, local in files.items()]
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _BOOTSTRAP, str(Path(__file__).parent), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line:
+            self.stop()
+            raise RuntimeError(f"fake Hub process exited with {self._process.returncode} before serving")
+        ready = json.loads(line)
+        self.url: str = ready["url"]
+        self.cdn_url: str = ready["cdn_url"]
+        self.sha256: dict[str, str | None] = ready["sha256"]
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def stop(self) -> None:
+        for pipe in (self._process.stdin, self._process.stdout):
+            if pipe is not None:
+                pipe.close()
+        self._process.wait()
+
+    def __enter__(self) -> HubProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve ``REPO:PATH=FILE`` arguments until stdin closes; print the URLs as one JSON line first."""
+    parser = argparse.ArgumentParser(description="A fake Hugging Face Hub serving local files.")
+    parser.add_argument("files", nargs="+", metavar="REPO:PATH=FILE")
+    args = parser.parse_args(argv)
+    repos: dict[str, dict[str, Path]] = {}
+    for spec in args.files:
+        where, _, local = spec.partition("=")
+        repo, _, name = where.partition(":")
+        if not (repo and name and local):
+            parser.error(f"{spec!r}: expected REPO:PATH=FILE")
+        repos.setdefault(repo, {})[name] = Path(local)
+    hub = FakeHub()
+    with hub:
+        sha256: dict[str, str | None] = {}
+        for repo, files in repos.items():
+            published = hub.add_repo(repo, files)
+            sha256 |= {name: entry.sha256 for name, entry in published.files.items()}
+        print(json.dumps({"url": hub.url, "cdn_url": hub.cdn_url, "sha256": sha256}), flush=True)
+        sys.stdin.read()  # until the parent closes it (or exits)
+
+
+if __name__ == "__main__":
+    main()
