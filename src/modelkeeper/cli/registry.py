@@ -11,11 +11,11 @@ import os
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from modelkeeper.cli.common import DbOption, JsonOption, fail, human_size, open_registry
+from modelkeeper.cli.listing import ls_lines
 from modelkeeper.protocol.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -85,21 +85,16 @@ def ls(
         return
     paths = [m.path for m in page.items if m.path]
     common = os.path.commonpath(paths) if len(paths) > 1 else ""
-    shown = f" (showing {offset + 1}-{offset + len(page.items)})" if page.total > len(page.items) else ""
-    table = Table(
-        title=f"{page.total} models{shown}" + (f", paths under {common}" if common else ""),
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    table.add_column("handle", no_wrap=True)  # what to type is never split
-    for col in ("type", "base", "size"):
-        table.add_column(col, overflow="fold")
-    table.add_column("path", overflow="fold", ratio=1)
+    rows = []
     for m in page.items:
         path = os.path.relpath(m.path, common) if m.path and common else (m.path or "-")
         path += f" (+{m.locations - 1})" if m.locations > 1 else ""
-        table.add_row(m.handle, m.type, m.base, _size(m.size), path)
-    Console().print(table)
+        rows.append((m.handle, m.type, m.base, _size(m.size), path))
+    title = f"{page.total} models"
+    if page.total > len(page.items):
+        title += f" (showing {offset + 1}-{offset + len(page.items)})"
+    for line in ls_lines(title, common, rows, Console().width):
+        typer.echo(line)
 
 
 def show(

@@ -24,6 +24,7 @@ from modelkeeper.cluster.catalog import ClusterCatalog, ClusterModel
 from modelkeeper.cluster.errors import TransferFailed
 from modelkeeper.cluster.membership import Membership
 from modelkeeper.cluster.placing import choose_cluster_placement, tiered_view
+from modelkeeper.cluster.receive import ram_root
 from modelkeeper.cluster.settings import ClusterSettings
 from modelkeeper.cluster.view import ClusterState, device_id, split_device
 from modelkeeper.orchestrator.coalesce import coalesced
@@ -31,8 +32,32 @@ from modelkeeper.orchestrator.errors import DeviceNotFound, ModelInUse, NotLoade
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
+from modelkeeper.orchestrator.loads import renaming
 from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.settings import Settings
+from modelkeeper.protocol.errors import ProtocolError
+
+#: Where nodes keep the models they received into RAM only (``receive.ram_root``): no user's path.
+RECEIVED = str(ram_root(""))
+
+
+def naming_the_users_file(
+    exc: ProtocolError, catalog: ClusterCatalog, node: str, *models: ClusterModel
+) -> ProtocolError:
+    """A node's error about a model it received into RAM only (its path on ``node`` lies under
+    ``/dev/shm/modelkeeper-received-*``), naming the user's file instead, as ``node:path`` of a
+    location the model was not received into; other errors are returned as they are. (The node
+    itself names its path where its worker named a RAM-cache segment: ``loads.naming_the_users_file``.)"""
+    known = catalog.models()
+    for model in models:
+        paths = {
+            n: str(loc["path"]) for n, loc in known.get(model.key, model).locations.items() if loc["path"]
+        }
+        here = paths.get(node)
+        origin = next(((n, p) for n, p in paths.items() if not p.startswith(RECEIVED)), None)
+        if here is not None and here.startswith(RECEIVED) and origin is not None:
+            exc = renaming(exc, here, origin[1], f"{origin[0]}:{origin[1]}")
+    return exc
 
 
 def progress(job: Job | None, values: dict[str, Any]) -> None:
@@ -136,6 +161,8 @@ class ClusterLoads:
                     what=f"the load of {model.name} on {device}",
                     on_progress=lambda p: progress(job, {**p, "node": node, "device": device}),
                 )  # fmt: skip
+            except ProtocolError as exc:
+                raise naming_the_users_file(exc, self.catalog, node, model) from None
             finally:
                 await self.members.refresh(node)
             out = self.in_cluster_terms(node, result)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from modelkeeper.cluster.catalog import ClusterCatalog, ClusterModel
-from modelkeeper.cluster.loads import ClusterLoads, progress
+from modelkeeper.cluster.loads import ClusterLoads, naming_the_users_file, progress
 from modelkeeper.cluster.membership import Membership
 from modelkeeper.cluster.view import ClusterState, device_id, split_device, total_cache
 from modelkeeper.orchestrator.errors import NotLoaded
@@ -231,10 +231,13 @@ class ClusterLoras:
         applied: list[dict[str, Any]] = []
         for node, placements in by_node(self.remote.loaded(model, device)).items():
             local_lora = await self.remote.loads.bring(lora, node, None)
-            result = await self.remote.call(
-                node, "loras", "apply", placements[0]["local_id"], local_lora, device=local_device(device),
-                strength=strength, timeout=timeout, priority=priority, what=f"a LoRA applied on {node}",
-            )  # fmt: skip
+            try:
+                result = await self.remote.call(
+                    node, "loras", "apply", placements[0]["local_id"], local_lora, device=local_device(device),
+                    strength=strength, timeout=timeout, priority=priority, what=f"a LoRA applied on {node}",
+                )  # fmt: skip
+            except ProtocolError as exc:
+                raise naming_the_users_file(exc, self.remote.catalog, node, lora, model) from None
             applied.extend(self.remote.named(node, r) for r in result["applied"])
         return {"model_id": model.key, "lora_id": lora.key, "applied": applied}
 

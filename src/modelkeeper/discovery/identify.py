@@ -51,7 +51,9 @@ from modelkeeper.discovery.rules.lora import LORA_BASE_RULES, LORA_FORMAT_RULES,
 from modelkeeper.discovery.tables import TensorLike, TensorTable, gguf_loadable, storage_form
 
 #: Bumped whenever a rule table changes, so that a rescan identifies unchanged files again.
-RULES_VERSION = 3  # 2: GGUF loadable, Identification.quant; 3: llama.cpp's T5 names loadable
+#: 2: GGUF loadable, Identification.quant; 3: llama.cpp's T5 names loadable; 4: embeddings and files
+#: of no known part not loadable.
+RULES_VERSION = 4
 
 DENOISERS = frozenset({ModelType.UNET, ModelType.TRANSFORMER})
 
@@ -477,9 +479,12 @@ UNCONVERTIBLE_RULES: frozenset[str] = frozenset()
 
 
 def finish(ident: Identification, hints: PathHints | None) -> Identification:
-    """Record the folder hints and whether the headers agree with them; a file whose keys no worker
-    conversion handles is not loadable."""
+    """Record the folder hints and whether the headers agree with them. Loadable means a worker reads
+    it: a file whose keys no worker conversion handles is not, nor one with no component a worker
+    loads (an embedding, a file of no known part); a LoRA is (applied to a loaded model)."""
     if ident.rule in UNCONVERTIBLE_RULES or any(c.rule in UNCONVERTIBLE_RULES for c in ident.components):
+        ident.loadable = False
+    if not ident.components and ident.type is not ModelType.LORA:
         ident.loadable = False
     if hints is None:
         return ident

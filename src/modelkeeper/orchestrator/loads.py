@@ -432,12 +432,25 @@ def naming_the_users_file(exc: ProtocolError, routed: ComponentLoad, planned: Co
     and the details. Other errors are returned as they are."""
     if routed.segment is None:
         return exc
-    segment = routed.request.path
     user = planned.request.path
     if planned.request.subfolder:
         user = f"{user.rstrip('/')}/{planned.request.subfolder}"
-    shown = f"{user} ({planned.component})" if planned.component else user
-    exc.message = exc.message.replace(segment, shown)
+    return renaming(
+        exc, routed.request.path, user, f"{user} ({planned.component})" if planned.component else user
+    )
+
+
+def renaming(exc: ProtocolError, internal: str, user: str, shown: str) -> ProtocolError:
+    """``exc`` with the ``internal`` path replaced: by ``shown`` in its message, by ``user`` in its
+    details (a detail path under ``internal`` becomes the same path under ``user``)."""
+    exc.message = exc.message.replace(internal, shown)
     exc.args = (exc.message, *exc.args[1:])
-    exc.details = {k: user if v == segment else v for k, v in exc.details.items()}
+    under = internal.rstrip("/") + "/"
+
+    def renamed(v: Any) -> Any:
+        if v == internal or (isinstance(v, str) and v.startswith(under)):
+            return user + v[len(internal) :]
+        return v
+
+    exc.details = {k: renamed(v) for k, v in exc.details.items()}
     return exc
