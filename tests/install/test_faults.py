@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,18 @@ def test_interrupted_install_resumes_transferring_only_the_rest(
     assert files_under(root, partials=True) == [f"checkpoints/{CHECKPOINT}"]
 
 
+def _wait_for_partial_bytes(root: Path, timeout_s: float = 30.0) -> None:
+    """Until a partial file under ``root`` holds bytes (a condition, not a pause)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(
+            (root / p).stat().st_size > 0 for p in files_under(root, partials=True) if p.endswith(".part")
+        ):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no partial file with bytes under {root} after {timeout_s} s")
+
+
 def test_cancel_during_a_slow_transfer_then_resume(hub: FakeHub, installer: Installer, root: Path) -> None:
     size = checkpoint_size(hub)
     fault = hub.fault(CHECKPOINT)
@@ -95,9 +108,11 @@ def test_cancel_during_a_slow_transfer_then_resume(hub: FakeHub, installer: Inst
     thread = threading.Thread(target=run)
     thread.start()
     assert fault.paused.wait(30)
+    _wait_for_partial_bytes(root)  # the client has written some of the first half
     cancel.set()
+    thread.join(30)  # the cancel ends the transfer while the server still holds the second half
     fault.resume.set()
-    thread.join(30)
+    assert not thread.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], InstallCancelled)
     assert outcome[0].code == "CANCELLED" and outcome[0].recoverable
     assert files_under(root) == []
