@@ -71,11 +71,11 @@ def test_loads_packed_and_matches_the_full_precision_t5(worker: InProcessWorker,
     )
     packed = {n for n, p in module.named_parameters() if p.dtype == torch.uint8}
     assert "shared.weight" in packed and "encoder.block.0.layer.0.SelfAttention.q.weight" in packed
-    assert "encoder.block.0.layer.1.DenseReluDense.wo.weight" not in packed  # T5 keeps wo unpacked
+    assert "encoder.block.0.layer.1.DenseReluDense.wo.weight" in packed  # decoded by its parent's hook
     # the packed layers hold the file's blocks, byte for byte; the whole model about 0.6 of fp16
     params = dict(module.named_parameters())
     blocks = [packed_shape(n, t.dtype, t.shape) for n, t in read_gguf_header(path).tensors.items()
-              if t.dtype == "Q8_0" and "ffn_down" not in n]  # fmt: skip
+              if t.dtype == "Q8_0"]  # fmt: skip
     assert sum(params[n].nbytes for n in packed) == sum(math.prod(shape) for shape in blocks)
     assert result["bytes"] <= 0.65 * 2 * result["parameters"]
     report = worker.call("model.validate_model", {"name": "gguf", "level": "functional"})

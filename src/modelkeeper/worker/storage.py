@@ -12,7 +12,8 @@ Three packed forms, one mechanism:
 Only the layers diffusers' layerwise casting would hook (Linear, Conv, Embedding:
 ``_GO_LC_SUPPORTED_PYTORCH_LAYERS``) keep a packed form; every other tensor (norm weights, embeddings
 kept as parameters, buffers) is decoded once at load. A packed layer gets a forward pre-hook that puts
-the decoded tensor in place of the stored one and a forward hook that puts the stored one back.
+the decoded tensor in place of the stored one and a forward hook that puts the stored one back; for a
+layer whose parent reads its weight's dtype (T5's ``wo``) the hooks sit on the parent (:func:`hook_site`).
 
 Why not diffusers' ``LayerwiseCastingHook`` itself: it casts the module with ``module.to(dtype)``
 before and after each forward, which gives every parameter new storage. The worker's tensors are
@@ -303,16 +304,33 @@ def compute_dtype_for(state: Mapping[str, torch.Tensor], requested: torch.dtype 
 
 
 def _packable_owners(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The layers that can keep a packed form, by name. A class's modules kept in full precision
-    compare their weight's dtype outside their forward (T5's ``wo``: the hidden states are cast to
-    it): those are decoded at load, never packed."""
+    """The layers that can keep a packed form, by name. Inside a module the class keeps in full
+    precision (``_keep_in_fp32_modules``) that has children of its own, the layers are decoded at
+    load, never packed: code above them may read their weights' dtype (diffusers' time embedders);
+    a kept module that is itself a layer (T5's ``wo``) packs, decoded by hooks on its parent
+    (:func:`hook_site`)."""
     hookable = hookable_classes()
     keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
     return {
         name: m
         for name, m in module.named_modules()
-        if isinstance(m, hookable) and not keep.intersection(name.split("."))
+        if isinstance(m, hookable) and not keep.intersection(name.split(".")[:-1])
     }
+
+
+def hook_site(module: torch.nn.Module, name: str) -> str:
+    """Where the decode hooks of the packed layer ``name`` go: the layer itself, or its parent for a
+    layer the class keeps in full precision (``_keep_in_fp32_modules``), whose dtype the parent's
+    forward reads before calling it. T5's feed-forward casts its hidden states to ``wo.weight.dtype``:
+    decoded from the parent's pre-hook, that is the compute dtype, not fp8 or GGUF bytes. A parent
+    without a forward of its own (a ModuleList) leaves the hooks on the layer."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    parent, _, leaf = name.rpartition(".")
+    if leaf not in keep:
+        return name
+    if isinstance(module.get_submodule(parent), torch.nn.ModuleList | torch.nn.ModuleDict):
+        return name
+    return parent
 
 
 def _skipped(name: str, patterns: Iterable[str]) -> bool:
@@ -330,7 +348,8 @@ def plan_storage(
     """Decide the stored form of every tensor of ``state`` (keys of ``module``'s state dict).
 
     Packed tensors of the file (fp8, scaled fp8, GGUF) stay packed where their layer can decode them
-    as it runs (not in the class's ``_keep_in_fp32_modules``), else they are decoded now. With ``storage`` (an fp8 dtype) the plain weights of the
+    as it runs (see :func:`_packable_owners`), else they are decoded now. With ``storage`` (an fp8
+    dtype) the plain weights of the
     layers a storage cast does not skip are cast down. Every other floating tensor is put in the
     compute dtype. Tensors kept as they are stay views of the file's buffer unless most of that
     buffer was replaced anyway (then they are copied, so the buffer is freed).
@@ -425,14 +444,17 @@ def attach(module: torch.nn.Module, plan: StoragePlan) -> None:
                 plan.packed.setdefault(name, {})[attr] = by_tensor[id(param)]
     handles: list[Any] = []
     for owner, attrs in plan.packed.items():
-        layer = modules[owner]
-        handles.append(layer.register_forward_pre_hook(_decoder(attrs, plan.compute)))
-        handles.append(layer.register_forward_hook(_restorer(attrs), always_call=True))
+        layer, site = modules[owner], modules[hook_site(module, owner)]
+        handles.append(site.register_forward_pre_hook(_decoder(layer, attrs, plan.compute)))
+        handles.append(site.register_forward_hook(_restorer(layer, attrs), always_call=True))
     module._modelkeeper_storage = _Attached(plan, handles)  # type: ignore[assignment]
 
 
-def _decoder(attrs: dict[str, Packed], dtype: torch.dtype) -> Callable[..., None]:
-    def pre(layer: torch.nn.Module, _args: Any) -> None:
+def _decoder(layer: torch.nn.Module, attrs: dict[str, Packed], dtype: torch.dtype) -> Callable[..., None]:
+    """The pre-hook that decodes ``layer``'s packed ``attrs``; registered on ``layer`` or on its
+    parent (:func:`hook_site`), so it reads the layer it was made for, not the module it runs on."""
+
+    def pre(_site: torch.nn.Module, _args: Any) -> None:
         stored = layer.__dict__.setdefault("_modelkeeper_stored", {})
         adjusts: dict[str, Adjust] = layer.__dict__.get(_ADJUST, {})
         for attr, packed in attrs.items():
@@ -481,8 +503,8 @@ def set_adjust(module: torch.nn.Module, name: str, adjust: Adjust | None) -> Non
         adjusts[attr] = adjust
 
 
-def _restorer(attrs: dict[str, Packed]) -> Callable[..., None]:
-    def post(layer: torch.nn.Module, _args: Any, _output: Any) -> None:
+def _restorer(layer: torch.nn.Module, attrs: dict[str, Packed]) -> Callable[..., None]:
+    def post(_site: torch.nn.Module, _args: Any, _output: Any) -> None:
         stored = layer.__dict__.get("_modelkeeper_stored", {})
         for attr in attrs:
             if attr in stored:
