@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from modelkeeper.orchestrator.background import Background
@@ -34,6 +36,7 @@ from modelkeeper.protocol.messages import (
     OptimizeMemoryResult,
     StateData,
 )
+from modelkeeper.registry import ModelRecord
 
 
 class Recovery:
@@ -110,12 +113,14 @@ class Recovery:
     async def reconcile(self, device: str) -> dict[str, Any]:
         """Make the view of ``device`` match the worker's full state: placements whose components
         the worker no longer holds are dropped; models the worker holds that the view lacks are
-        adopted (when the registry knows them) or reported as unmanaged."""
+        adopted (when the registry knows them) or reported as unmanaged. An adopted transformer-only
+        model gets back the ``parts`` its load recorded (:meth:`restore_parts`)."""
         slot = self.pool.slot(device)
         info = await slot.call(CommandType.GET_MODEL_INFO, ModelInfoRequest(), ModelInfoResult, timeout=30)
         held = {m.name: m for m in info.models}
         slot.memory = info.memory
         lost, adopted, unmanaged = [], [], []
+        records: dict[str, ModelRecord] = {}
         for p in self.view.on_device(device):
             if p.state is PlacementState.LOADED and any(n not in held for n in p.components.values()):
                 self.view.remove(p.model_id, device)
@@ -141,7 +146,27 @@ class Recovery:
             p.loaded_at = p.loaded_at or m.loaded_at
             self.view.put(p)
             adopted.append(name)
+            records[record.id] = record
+        for model_id, record in records.items():
+            placed = self.view.get(model_id, device)
+            if placed is not None:
+                await self.restore_parts(placed, record, {n: m.source for n, m in held.items()})
         return {"lost": lost, "adopted": adopted, "unmanaged": unmanaged}
+
+    async def restore_parts(
+        self, p: Placement, record: ModelRecord, sources: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        """Give an adopted placement of a transformer-only model its ``parts`` (role -> part's model
+        id, as its load recorded them): each component named after a role of the registry's
+        completion (``completion.py``) is that role's part, unless the file the worker says it read
+        is not one of that part's (the choice changed since the load: the role is left out)."""
+        plan = await self.catalog.parts(record)
+        if plan is None:
+            return
+        for role, part in plan.records.items():
+            name = p.components.get(role)
+            if name is not None and role not in p.parts and read_from(part, sources.get(name, {})):
+                p.parts[role] = part.id
 
     async def optimize_memory(
         self, device: str, target_free_mb: float | None = None, *, timeout: float | None = None
@@ -164,3 +189,19 @@ class Recovery:
         )
         reconciled = await self.reconcile(device)
         return {"device": device, **result.model_dump(), "lost": reconciled["lost"], "kept": keep}
+
+
+def read_from(part: ModelRecord, source: Mapping[str, Any]) -> bool:
+    """Whether a worker's ``source`` report may be of ``part``: a path that is one of its locations,
+    or a RAM-cache segment (``modelkeeper-...``, named by component id) of one of its content ids
+    (any segment while the part is not hashed yet: nothing to tell them apart by). No path: no
+    evidence against it."""
+    path = source.get("path")
+    if not isinstance(path, str) or not path:
+        return True
+    if path in {f.path for f in part.locations} or path == part.path:
+        return True
+    if not Path(path).name.startswith("modelkeeper-"):
+        return False
+    ids = [c.content_id for c in part.components if c.content_id]
+    return not ids or any(Path(path).stem.endswith(cid) for cid in ids)
