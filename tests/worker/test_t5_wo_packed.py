@@ -34,8 +34,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoManifest:
 
 
 @pytest.fixture(scope="module")
-def worker(demo: DemoManifest) -> Iterator[InProcessWorker]:
-    with InProcessWorker("cpu") as w:
+def worker(demo: DemoManifest, worker_device: str) -> Iterator[InProcessWorker]:
+    with InProcessWorker(worker_device) as w:
         w.call("model.load_model", {"name": "bf16", "path": str(demo.root / demo["t5"].path),
                                     "type": "text_encoder", "dtype": "bfloat16"})  # fmt: skip
         yield w
@@ -61,8 +61,8 @@ def decode_wo_at_load(module: torch.nn.Module) -> None:
 
 def outputs(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        out: torch.Tensor = module(input_ids=ids).last_hidden_state.float().flatten()
-    return out
+        out: torch.Tensor = module(input_ids=ids.to(module.device)).last_hidden_state.float().flatten()
+    return out.cpu()
 
 
 def unique_bytes(module: torch.nn.Module) -> int:
@@ -145,3 +145,23 @@ def test_a_streamed_packed_t5_decodes_wo_from_the_ring(worker: InProcessWorker, 
         assert torch.equal(outputs(worker.module("s"), ids), want)
     for name in ("s", "r"):
         worker.call("model.unload_model", {"name": name})
+
+
+def test_an_adjustment_on_wo_applies_and_comes_off_exactly(
+    worker: InProcessWorker, demo: DemoManifest
+) -> None:
+    """A LoRA's seam (:func:`set_adjust`) on ``wo``: read from the layer by the hook on its parent."""
+    from modelkeeper.worker.storage import set_adjust
+
+    load(worker, demo, "t5-q8_0")
+    module = worker.module("t5-q8_0")
+    ids = torch.arange(16).reshape(1, 16)
+    before = outputs(module, ids)
+    stored = module.get_submodule(WO).weight.clone()
+    set_adjust(module, f"{WO}.weight", lambda w: w.mul_(0.0))
+    changed = outputs(module, ids)
+    assert not torch.equal(changed, before)
+    set_adjust(module, f"{WO}.weight", None)
+    assert torch.equal(outputs(module, ids), before)
+    assert torch.equal(module.get_submodule(WO).weight, stored)  # the stored bytes never written
+    worker.call("model.unload_model", {"name": "t5-q8_0"})
