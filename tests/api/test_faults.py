@@ -72,7 +72,9 @@ def test_worker_killed_mid_load_is_restarted_and_reconciled(slow: RunningService
             return st if ok and [m["model_id"] for m in st["models"]] == [keep] else None
 
         after = wait_for(restarted, 120, "the worker to restart and reload the kept model")
-        assert after["restarts"] == 1
+        assert (
+            after["restarts"] == before["restarts"] + 1
+        )  # the module's service: other tests may have restarted it
         assert model_id(c, SDXL) not in [m["model_id"] for m in after["models"]]
         assert c.reconcile("cpu") == {"lost": [], "adopted": [], "unmanaged": []}
         assert shm_files(slow) == {s["path"] for s in c.cache()["segments"]}  # nothing leaked
