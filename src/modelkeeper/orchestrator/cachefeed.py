@@ -163,7 +163,7 @@ class CacheFeed:
         record = await self.catalog.resolve(ref)
 
         async def body(job: Job) -> Any:
-            self.catalog.check_file(record)
+            await self.catalog.verify_file(record)
             loads = await self.catalog.component_loads(record)
             out = []
             for i, planned in enumerate(loads):
@@ -196,14 +196,20 @@ class CacheFeed:
 
         return await self.jobs.run("cache", {"component_id": component_id}, body, wait=wait)
 
-    def drop(self, component_id: str, *, force: bool = False) -> dict[str, Any]:
-        freed = self.cache.drop(component_id, force=force)
+    async def drop(self, component_id: str, *, force: bool = False) -> dict[str, Any]:
+        """Drop a segment, off the loop: unlinking it frees its pages (~0.2 s a GB of tmpfs)."""
+        freed = await asyncio.to_thread(self.cache.drop, component_id, force=force)
         return {"component_id": component_id, "freed_bytes": freed}
 
-    def clear(self, *, force: bool = False) -> dict[str, Any]:
-        before = self.cache.stats()["segments"]
-        freed = self.cache.drop_all(force=force)
-        return {"dropped": before - self.cache.stats()["segments"], "freed_bytes": freed}
+    async def clear(self, *, force: bool = False) -> dict[str, Any]:
+        """Drop every segment (pinned ones only with ``force``), off the loop as ``drop``."""
+
+        def clear() -> dict[str, Any]:
+            before = self.cache.stats()["segments"]
+            freed = self.cache.drop_all(force=force)
+            return {"dropped": before - self.cache.stats()["segments"], "freed_bytes": freed}
+
+        return await asyncio.to_thread(clear)
 
     def _removed(self, seg: Segment) -> None:
         """Called by the cache (any thread) for every dropped or evicted segment: workers unmap it."""

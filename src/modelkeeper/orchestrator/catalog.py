@@ -65,9 +65,11 @@ class Catalog:
             root.mkdir(parents=True, exist_ok=True)
         self._registry = await asyncio.to_thread(Registry.open, self.settings.db)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Close the registry, off the loop: it waits for a registry call running in a thread (a
+        scan's or a hash's write) to finish."""
         if self._registry is not None:
-            self._registry.close()
+            await asyncio.to_thread(self._registry.close)
 
     @property
     def registry(self) -> Registry:
@@ -103,16 +105,20 @@ class Catalog:
 
     async def resolve(self, ref: str) -> ModelRecord:
         """A model by id, handle, name, path (inside a model root) or hash prefix, with a location
-        under a model root (its ``file``: one there). PathOutsideRoots for a model that has none."""
+        under a model root (its ``file``: one there). PathOutsideRoots for a model that has none.
+        Off the loop in one hop: a path is resolved on the file system, then looked up."""
+        return await self.db(self._resolve, ref)
+
+    def _resolve(self, ref: str) -> ModelRecord:
         if "/" in ref or ref.startswith("."):
             ref = str(self.check_path(ref))
         roots = self.served_roots
         try:
-            return await self.db(self.registry.resolve, ref, roots)
+            return self.registry.resolve(ref, roots)
         except ModelNotFound:
             if not roots:
                 raise
-            outside = await self.db(self.registry.resolve, ref)  # raises if it is nowhere
+            outside = self.registry.resolve(ref)  # raises if it is nowhere
             raise PathOutsideRoots(
                 f"model {outside.handle!r} ({outside.id}) lies outside every model root ({outside.path}); "
                 f"{OUTSIDE_HINT}",
@@ -151,6 +157,10 @@ class Catalog:
                 path=f.path,
             )
 
+    async def verify_file(self, record: ModelRecord) -> None:
+        """``check_file`` off the loop (a ``stat`` can wait on a slow or network disk)."""
+        await asyncio.to_thread(self.check_file, record)
+
     async def parts(self, record: ModelRecord) -> PartsPlan | None:
         """The parts a transformer-only Flux or SD3 model is completed with (None for another
         model), chosen among the models served (see ``completion.py``)."""
@@ -169,7 +179,7 @@ class Catalog:
             return loads
         plan.check()
         for role, part in plan.records.items():
-            self.check_file(part)
+            await self.verify_file(part)
             for load in await asyncio.to_thread(component_requests, part, worker_spec(part)):
                 loads.append(as_part(record, role, load))
         return loads

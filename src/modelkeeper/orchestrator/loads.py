@@ -162,7 +162,7 @@ class Loads:
         self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job, deadline: float
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        self.catalog.check_file(record)
+        await self.catalog.verify_file(record)
         loads = await self.catalog.component_loads(record)
         await slot.status()
         need = opts.resident_need(await self.stored_bytes(record, opts), slot.budget_bytes)

@@ -64,7 +64,7 @@ class Loras:
             raise ProtocolError(
                 f"{lora_ref!r} is a {lora.type}, not a LoRA", ErrorCode.INVALID_REQUEST, field="lora_id"
             )
-        self.catalog.check_file(lora)
+        await self.catalog.verify_file(lora)
         out = []
         for p in self.loads.loaded(record, device):
             slot = self.pool.slot(p.device)

@@ -139,4 +139,4 @@ class Orchestrator:
         await self.pool.stop()
         await self.feed.close()
         self.installs.close()
-        self.catalog.close()
+        await self.catalog.close()
