@@ -12,7 +12,7 @@ SERVE_ARGS = --models $(MODELS) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port
 CHROMIUM := /usr/lib/chromium/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test check lint types fmt demo clean
+.PHONY: install run test test-random check lint types fmt demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# The suite in a shuffled order (pytest-randomly; its seed printed: SEED=N replays one order).
+test-random: $(STAMP) $(CHROMIUM)
+	$(PY) -m pytest -n 2 --dist loadgroup -p randomly $(if $(SEED),--randomly-seed=$(SEED)) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
