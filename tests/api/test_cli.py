@@ -70,6 +70,8 @@ def cli(url: str, *args: str) -> str:
 
 
 def test_session_from_load_to_unload(served: str) -> None:
+    with Client(served) as c:
+        c.cache_clear(force=True)  # the module's service: an earlier test may have cached other models
     assert "ready" in cli(served, "status")
     out = cli(served, "load", "diffusers/tiny-sd15")
     assert "loaded tiny-sd15" in out and "on cpu" in out
