@@ -34,8 +34,15 @@ def refs() -> dict[str, torch.nn.Module]:
 
 @pytest.fixture
 def worker(worker_device: str) -> Iterator[InProcessWorker]:
-    with InProcessWorker(worker_device) as w:
-        yield w
+    """An in-process worker; on CUDA with TF32 off for the test, since the float32 twin these
+    tests compare with runs on the CPU and TF32's rounding (about 1e-3) would hide the LoRA's."""
+    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with InProcessWorker(worker_device) as w:
+            yield w
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
 
 
 def write_packed(path: Path, ref: torch.nn.Module, form: str) -> Path:
