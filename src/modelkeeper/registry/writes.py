@@ -56,7 +56,7 @@ class ScanWrites(Store, CatalogWriter):
         and ``content_key``) becomes another location of its model. A location whose content
         changed leaves its model for a new one."""
         now = time.time() if now is None else now
-        size, mtime_ns, inode, device = fingerprint
+        size, mtime_ns, inode, _device = fingerprint
         ident = identification
         model_id = existing.model_id if existing is not None else None
         left: str | None = None  # the model a changed copy leaves
@@ -114,18 +114,7 @@ class ScanWrites(Store, CatalogWriter):
                     model_id, path, "scan.updated", {"type": ident.type.value, "base": ident.base.value}, now
                 )
             self._insert_components(model_id, ident.components)
-            values = (
-                "ok",
-                None,
-                None,
-                size,
-                mtime_ns,
-                inode,
-                device,
-                rules_version,
-                model_id,
-                ident.format.value,
-            )
+            values = _ok_file_values(fingerprint, rules_version, model_id, ident)
             if existing is None:
                 self._insert_file(path, root, rel, kind, values, content_key, now)
             else:
@@ -178,19 +167,7 @@ class ScanWrites(Store, CatalogWriter):
         content_key: str | None,
         now: float,
     ) -> None:
-        size, mtime_ns, inode, device = fingerprint
-        values = (
-            "ok",
-            None,
-            None,
-            size,
-            mtime_ns,
-            inode,
-            device,
-            rules_version,
-            model_id,
-            ident.format.value,
-        )
+        values = _ok_file_values(fingerprint, rules_version, model_id, ident)
         self._insert_file(path, root, rel, kind, values, content_key, now)
         locations.refresh_status(self._conn, model_id, now)
         self._log(model_id, path, "scan.location", {}, now)
@@ -574,6 +551,14 @@ class ScanWrites(Store, CatalogWriter):
             model_id = new_model_id()
             if c.execute("SELECT 1 FROM models WHERE id=?", (model_id,)).fetchone() is None:
                 return model_id
+
+
+def _ok_file_values(
+    fingerprint: tuple[int, int, int, int], rules_version: int, model_id: str, ident: Identification
+) -> tuple[Any, ...]:
+    """The columns of a file row that identified fine (status .. format, in ``_insert_file``'s order)."""
+    size, mtime_ns, inode, device = fingerprint
+    return ("ok", None, None, size, mtime_ns, inode, device, rules_version, model_id, ident.format.value)
 
 
 def under(roots: Sequence[str], column: str = "path") -> tuple[str, list[str]]:
