@@ -80,6 +80,23 @@ def test_interrupted_install_resumes_transferring_only_the_rest(
     assert files_under(root, partials=True) == [f"checkpoints/{CHECKPOINT}"]
 
 
+def _install_in_background(
+    installer: Installer, root: Path, cancel: threading.Event
+) -> tuple[threading.Thread, list[BaseException]]:
+    """The checkpoint's install started on a thread; what it raises lands in the returned list."""
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            installer.install("tiny/checkpoint", root, cancel=cancel)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 def _wait_for_partial_bytes(root: Path, timeout_s: float = 30.0) -> None:
     """Until a partial file under ``root`` holds bytes (a condition, not a pause)."""
     deadline = time.monotonic() + timeout_s
@@ -97,16 +114,7 @@ def test_cancel_during_a_slow_transfer_then_resume(hub: FakeHub, installer: Inst
     fault = hub.fault(CHECKPOINT)
     fault.pause_at = size // 2
     cancel = threading.Event()
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            installer.install("tiny/checkpoint", root, cancel=cancel)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = _install_in_background(installer, root, cancel)
     assert fault.paused.wait(30)
     _wait_for_partial_bytes(root)  # the client has written some of the first half
     cancel.set()
@@ -218,16 +226,7 @@ def test_cancel_while_the_server_sends_nothing(hub: FakeHub, installer: Installe
     fault = hub.fault(CHECKPOINT)
     fault.pause_at = checkpoint_size(hub) // 4  # and never resumed during the test
     cancel = threading.Event()
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            installer.install("tiny/checkpoint", root, cancel=cancel)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = _install_in_background(installer, root, cancel)
     assert fault.paused.wait(30)
     cancel.set()
     thread.join(30)
