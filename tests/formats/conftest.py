@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modelkeeper.formats import pickle_sandbox
+from modelkeeper.formats import pickle_runner
 
 
 @pytest.fixture
@@ -26,4 +26,4 @@ def no_child(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a sandbox child was started for a file the static scan should refuse")
 
-    monkeypatch.setattr(pickle_sandbox, "_spawn_child", refuse)
+    monkeypatch.setattr(pickle_runner, "_spawn_child", refuse)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from modelkeeper.formats import _pickle_child as child
 from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsafePickle, UnsupportedFormat
+from modelkeeper.formats.pickle_runner import _parse_result, to_inspection, verify_converted
 from modelkeeper.formats.pickle_sandbox import (
     ALLOWED_GLOBALS,
     ALLOWED_OPCODES,
@@ -28,9 +29,6 @@ from modelkeeper.formats.pickle_sandbox import (
     TORCH_TO_SAFETENSORS_DTYPE,
     PickleInspection,
     PickleScan,
-    _inspection,
-    _parse_result,
-    _verify_converted,
     convert_pickle_to_safetensors,
     inspect_pickle,
     scan_pickle,
@@ -121,6 +119,15 @@ def test_real_checkpoints_pass_the_scan(tmp_path: Path, zipped: bool, no_child: 
     if zipped:
         assert "data.pkl" in scan.records
         assert {"byteorder", "version", ".format_version"} <= set(scan.records)
+
+
+def test_no_child_guard_stops_the_spawn_the_sandbox_uses(tmp_path: Path, no_child: None) -> None:
+    """The ``no_child`` fixture patches the very function that starts the child: a file that passes
+    the scan reaches it, so a refusal under ``no_child`` proves the static gates refused."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(AssertionError, match="sandbox child was started"):
+        inspect_pickle(path)
 
 
 def test_every_dtype_passes_the_scan(tmp_path: Path, no_child: None) -> None:
@@ -425,20 +432,22 @@ def test_child_result_parsing(stdout: bytes, returncode: int, error: type[Except
 )
 def test_child_inspection_validated(tensors: Any, error: type[Exception], expected: str) -> None:
     with pytest.raises(error, match=expected):
-        _inspection(_scan(), {"ok": True, "tensors": tensors, "non_tensor_keys": []})
+        to_inspection(_scan(), {"ok": True, "tensors": tensors, "non_tensor_keys": []})
 
 
 def test_converted_file_must_match_inspection(tmp_path: Path) -> None:
     written = hostile.write_safetensors_raw(
         tmp_path / "x.safetensors", {"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}}, 4
     )
-    good = _inspection(_scan(), {"ok": True, "tensors": [["a", "torch.float16", [2]]], "non_tensor_keys": []})
-    _verify_converted(Path("/m.ckpt"), written, good)
-    lying = _inspection(
+    good = to_inspection(
+        _scan(), {"ok": True, "tensors": [["a", "torch.float16", [2]]], "non_tensor_keys": []}
+    )
+    verify_converted(Path("/m.ckpt"), written, good)
+    lying = to_inspection(
         _scan(), {"ok": True, "tensors": [["a", "torch.float32", [2]]], "non_tensor_keys": []}
     )
     with pytest.raises(InvalidModelFile, match="does not match"):
-        _verify_converted(Path("/m.ckpt"), written, lying)
+        verify_converted(Path("/m.ckpt"), written, lying)
 
 
 # --- child helpers, exercised in process on real objects (nothing is unpickled) ------------------

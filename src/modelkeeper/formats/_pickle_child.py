@@ -1,8 +1,8 @@
 """Sandbox child of ``modelkeeper.formats.pickle_sandbox``: load one checkpoint under limits.
 
-Started only by ``pickle_sandbox`` as ``python -I <this file>`` (isolated: no environment
-variables, no user site, no script folder on ``sys.path``) with ``cwd=/`` and a minimal
-environment. It imports only the standard library and torch, never modelkeeper, so it behaves
+Started only by ``pickle_runner`` (gate 3 of ``pickle_sandbox``) as ``python -I <this file>``
+(isolated: no environment variables, no user site, no script folder on ``sys.path``) with
+``cwd=/`` and a minimal environment. It imports only the standard library and torch, never modelkeeper, so it behaves
 the same however the package is installed.
 
 Protocol: one JSON request on stdin (``op`` "inspect" or "convert", ``path``, ``dest``,
