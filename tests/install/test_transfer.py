@@ -13,8 +13,10 @@ import pytest
 import trustme
 
 from modelkeeper.install import Installer
+from modelkeeper.install.body import _plain_socket
 from modelkeeper.install.plan import RemoteFile
-from modelkeeper.install.transfer import Fetched, _plain_socket, fetch, open_stream
+from modelkeeper.install.streams import open_stream
+from modelkeeper.install.transfer import Fetched, fetch
 from modelkeeper.testing.hubserver import FakeHub, HubProcess, sha256_of
 from tests.install.conftest import CHECKPOINT
 

@@ -19,7 +19,7 @@ import httpx
 from modelkeeper.install.errors import DownloadFailed, InstallError, RemoteNotFound
 from modelkeeper.install.plan import InstallPlan, RemoteFile, SecretHeaders
 from modelkeeper.install.sources import CivitaiSource, check_scheme, safe_relative
-from modelkeeper.install.transfer import open_stream, raise_for_status
+from modelkeeper.install.streams import open_stream, raise_for_status
 
 __all__ = ["CIVITAI_ENDPOINT", "CIVITAI_TYPES", "CivitaiResolver"]
 

@@ -47,6 +47,7 @@ from modelkeeper.install.errors import (
     InsufficientDisk,
 )
 from modelkeeper.install.hub import HubResolver
+from modelkeeper.install.partials import adopt_local
 from modelkeeper.install.plan import (
     InstalledFile,
     InstallPlan,
@@ -55,7 +56,7 @@ from modelkeeper.install.plan import (
     RemoteFile,
 )
 from modelkeeper.install.sources import CivitaiSource, HubSource, Source, parse_source
-from modelkeeper.install.transfer import adopt_local, fetch
+from modelkeeper.install.transfer import fetch
 from modelkeeper.install.urls import UrlResolver
 from modelkeeper.protocol.errors import ErrorCode
 

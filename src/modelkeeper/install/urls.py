@@ -19,7 +19,7 @@ import httpx
 from modelkeeper.install.errors import DownloadFailed, InstallError, redact_url
 from modelkeeper.install.plan import InstallPlan, RemoteFile, guess_type
 from modelkeeper.install.sources import UrlSource, safe_relative
-from modelkeeper.install.transfer import open_stream, raise_for_status
+from modelkeeper.install.streams import open_stream, raise_for_status
 
 __all__ = ["UrlResolver"]
 
