@@ -55,6 +55,8 @@ from modelkeeper.formats.known_configs import load_known_config
 from modelkeeper.protocol import CommandType
 from modelkeeper.worker import InProcessWorker, streaming
 from modelkeeper.worker.streaming import ALIGN, Streamer
+from modelkeeper.worker.streaming import streamer as streamer_module
+from modelkeeper.worker.streaming.units import align_up
 
 GB = 1e9
 NOTES: list[str] = []  # lines for the report beside the table
@@ -183,7 +185,7 @@ def misaligned(stream: Streamer, resident: torch.nn.Module) -> int | None:
     want = {id(p): p for p in resident.parameters()}
     names = {id(p): n for n, p in stream.module.named_parameters()}
     ref = dict(resident.named_parameters())
-    base = stream._ring.data_ptr()
+    base = stream.ring.buffer.data_ptr()
     wrong = 0
     for unit in stream._streamed:
         if not unit.where or not unit.views:
@@ -307,7 +309,7 @@ def copy_only(stream: Streamer, device: torch.device) -> float:
     if device.type != "cuda" or not units:
         return 0.0
     plans = [plan_copy(u.weights) for u in units]
-    ring = stream._ring
+    ring = stream.ring.buffer
     link = stream._link
     total = 0
     sync(device)
@@ -365,7 +367,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                 del resident
             timeline = None
             for fraction, pool_mb in [(f, p) for p in args.pools for f in args.budgets]:
-                streaming.POOL_TARGET = int(pool_mb * 1024 * 1024)
+                streamer_module.POOL_TARGET = int(pool_mb * 1024 * 1024)
                 data = {"name": "s", "type": kind, "offload": int(fraction * nbytes), **load}
                 worker.call(CommandType.LOAD_MODEL, data)
                 model = worker.module("s")
@@ -388,7 +390,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                     timeline = unit_timeline(resident, all_units, lambda: out(resident), device)
                 ideal = None
                 if timeline is not None and order:
-                    sizes = {u.name: streaming._up(u.size) for u in order}
+                    sizes = {u.name: align_up(u.size) for u in order}
                     ideal = ideal_step(timeline, sizes, stream.pool_bytes, bw) / 1e3
                     if fraction == 0 and pool_mb == args.pools[0]:
                         rings = [stream.pool_bytes, *(int(g * GB) for g in (0.5, 1, 2, 4))]

@@ -348,9 +348,7 @@ def test_flux_streams_by_transformer_block() -> None:
 
 
 def test_unknown_architectures_stream_groups_of_leaf_modules(monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelkeeper.worker import streaming
-
-    monkeypatch.setattr(streaming, "GROUP_BYTES", 40_000)
+    monkeypatch.setattr("modelkeeper.worker.streaming.units.GROUP_BYTES", 40_000)
     torch.manual_seed(0)
     layers = [torch.nn.Linear(64, 64) for _ in range(16)]
     module = torch.nn.Sequential(*layers)
@@ -382,9 +380,7 @@ def test_resident_limit() -> None:
 
 
 def test_tied_weights_stay_resident(monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelkeeper.worker import streaming
-
-    monkeypatch.setattr(streaming, "GROUP_BYTES", 1)  # one unit per leaf
+    monkeypatch.setattr("modelkeeper.worker.streaming.units.GROUP_BYTES", 1)  # one unit per leaf
     module = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
     module[1].weight = module[0].weight
     units = find_units(module, "Sequential")
@@ -486,10 +482,8 @@ def packed_sequential() -> torch.nn.Module:
 
 
 def test_a_packed_layer_that_is_a_unit_decodes_from_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelkeeper.worker import streaming
-
     monkeypatch.setattr(
-        streaming, "GROUP_BYTES", 1
+        "modelkeeper.worker.streaming.units.GROUP_BYTES", 1
     )  # one unit per layer: the streamer's hook and the decode hook on one module
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -526,7 +520,7 @@ def test_streamed_weights_keep_their_resident_alignment(
 
     def check(unit: Any) -> Any:
         def hook(_m: torch.nn.Module, _args: Any) -> None:
-            base = stream._ring.data_ptr()
+            base = stream.ring.buffer.data_ptr()
             for w in unit.weights:
                 owner, attr = w.places[0]
                 name = f"{names[id(owner)]}.{attr}".lstrip(".")

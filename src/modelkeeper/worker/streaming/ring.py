@@ -1,0 +1,246 @@
+"""The ring: one device buffer that streamed units are copied into just ahead of their use.
+
+Units are placed at the head, first fit in ring order around what is in use or prefetched; a pass's
+first unit goes to the ring's start, so every pass places its units where the last one did and
+finds their parameter views made. Every place is ALIGN-aligned (each weight keeps the address
+alignment of the resident load). Copies run on a side stream (:class:`Link`); each place is fenced
+by the compute that last read it, so a later copy into the same bytes waits for it on the GPU (no
+host synchronisation). What the ring holds stays valid while its host copies are unchanged (same
+address, same version counter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modelkeeper.worker.streaming.units import Unit, align_up, param_view, plan_copy
+
+#: Ring positions whose parameter views a unit keeps (placements repeat from pass to pass; a view
+#: costs a few microseconds of host time per weight, a thousand and more weights a pass).
+VIEW_CACHE = 4
+
+
+class Link:
+    """Copies from host memory into device memory, and the events that order them against compute.
+    On the CPU every copy is synchronous and events are None."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def copy(
+        self, runs: list[tuple[torch.Tensor, int]], ring: torch.Tensor, base: int, waits: list[Any]
+    ) -> Any:
+        if self.stream is None:
+            for src, dst in runs:
+                ring[base + dst : base + dst + src.numel()].copy_(src)
+            return None
+        with torch.cuda.stream(self.stream):
+            for event in waits:
+                self.stream.wait_event(event)
+            for src, dst in runs:
+                ring[base + dst : base + dst + src.numel()].copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return event
+
+    def mark(self) -> Any:
+        """An event after the compute issued so far."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def wait(self, event: Any) -> None:
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+
+
+@dataclass(eq=False)
+class _Region:
+    """Bytes of the ring: a unit's, or (``unit`` None) bytes last read by compute up to ``fence``."""
+
+    start: int
+    end: int
+    unit: Unit | None
+    fence: Any = None
+
+    def done(self) -> Any:
+        return self.unit.done if self.unit is not None else self.fence
+
+
+@dataclass
+class StreamStats:
+    """What a streamer has done since its load (a model's info shows it as ``streaming``)."""
+
+    passes: int = 0
+    fetches: int = 0
+    misses: int = 0  # fetched on demand, not ahead
+    bytes: int = 0  # copied into the ring
+    views: int = 0  # parameter views made over the ring (host work; none once placements repeat)
+
+
+def release(unit: Unit) -> None:
+    """Point ``unit``'s parameters back at their host copies (the state at rest)."""
+    for w in unit.weights:
+        for owner, attr in w.places:
+            owner._parameters[attr] = w.host
+    unit.active = False
+
+
+class Ring:
+    """The device buffer of a streamer's streamed units and what each of its places holds.
+
+    ``pool_bytes``: its size; ``anchors``: the host storages' first tensors (see :func:`plan_copy`);
+    ``wraps``: whether a prefetch runs past the end of a pass into the next one (a module of one
+    pass: a UNet or a transformer, called step after step). The caller holds the streamer's lock.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        pool_bytes: int,
+        link: Link,
+        anchors: dict[int, int],
+        stats: StreamStats,
+        *,
+        wraps: bool,
+    ) -> None:
+        self.device = device
+        self.pool_bytes = pool_bytes
+        self.link = link
+        self.anchors = anchors
+        self.stats = stats
+        self.wraps = wraps
+        self.buffer = torch.empty(pool_bytes, dtype=torch.uint8, device=device)
+        self._storage = self.buffer.untyped_storage()
+        self._regions: list[_Region] = []
+        self.current: Unit | None = None  # the unit whose compute is being issued
+        self._head = 0
+
+    def prefetch(self, order: list[Unit], start: int) -> None:
+        """Fetch the next units of ``order`` from ``start`` that the ring can take, and past the
+        order's end the next pass's first ones: the copy engine keeps working through this pass's
+        tail (a look no further ahead than the ring is long: each hook runs this)."""
+        reach = self.pool_bytes
+        n = len(order)
+        for k in range(start, start + n if self.wraps else n):
+            unit = order[k % n]
+            reach -= align_up(unit.size)
+            if reach < 0:
+                return
+            if unit.valid and unit.offset is not None:
+                unit.pending = unit is not self.current  # held from before: kept until it is used
+                continue
+            if not self.fetch(unit, demand=False, first=k % n == 0):
+                return
+            unit.pending = True
+
+    def use(self, unit: Unit) -> None:
+        """Make the compute stream wait for ``unit``'s copy and point its parameters at their ring
+        views (made once per ring position, :data:`VIEW_CACHE`)."""
+        unit.pending = False
+        self.link.wait(unit.ready)
+        assert unit.offset is not None
+        params = unit.views.get(unit.offset)
+        if params is None:
+            params = [
+                param_view(self._storage, unit.offset + at, w.host)
+                for w, at in zip(unit.weights, unit.where, strict=True)
+            ]
+            self.stats.views += len(params)
+            if len(unit.views) >= VIEW_CACHE:
+                del unit.views[next(iter(unit.views))]
+            unit.views[unit.offset] = params
+        for w, p in zip(unit.weights, params, strict=True):
+            for owner, attr in w.places:
+                owner._parameters[attr] = p
+        unit.active = True
+        self.current = unit
+
+    @staticmethod
+    def _moved(unit: Unit) -> bool:
+        return any(w.host.data_ptr() != p for w, p in zip(unit.weights, unit.ptrs, strict=True))
+
+    def held_ok(self, unit: Unit) -> bool:
+        """Whether the ring holds ``unit`` as its host copies are now: none moved (a LoRA gave it a
+        private copy) and none was written since (a LoRA's strength changed in place)."""
+        return (
+            unit.valid
+            and unit.offset is not None
+            and not self._moved(unit)
+            and all(w.host._version == v for w, v in zip(unit.weights, unit.versions, strict=True))
+        )
+
+    def fetch(self, unit: Unit, *, demand: bool, first: bool = False) -> bool:
+        """Copy ``unit`` into the ring; False (nothing done) when a prefetch finds no free room.
+        ``first``: the first unit of a pass, placed at the ring's start when that is free, so each
+        pass places its units as the last one did (and finds their views made)."""
+        if not unit.runs or self._moved(unit):
+            unit.runs, unit.where, unit.size = plan_copy(unit.weights, self.anchors)
+            unit.ptrs = [w.host.data_ptr() for w in unit.weights]
+            unit.views = {}
+        size = align_up(unit.size)  # every place in the ring ALIGN-aligned: plan_copy's offsets hold there
+        start = self._room(size, demand, 0 if first else self._head)
+        if start is None:
+            return False
+        hit = [r for r in self._regions if r.start < start + size and start < r.end]
+        self._drop(unit)
+        waits = [r.done() for r in hit if r.done() is not None]
+        for region in hit:
+            if region.unit is not None:
+                self._drop(region.unit)
+            if region in self._regions:
+                self._regions.remove(region)
+        unit.versions = [w.host._version for w in unit.weights]
+        unit.ready = self.link.copy(unit.runs, self.buffer, start, waits)
+        unit.offset, unit.valid, unit.done = start, True, None
+        self._regions.append(_Region(start, start + size, unit))
+        self._head = start + size
+        self.stats.fetches += 1
+        self.stats.bytes += unit.size
+        return True
+
+    def _room(self, size: int, demand: bool, head: int) -> int | None:
+        """Where ``size`` bytes go: the first place from ``head`` on, in ring order, that holds no
+        unit in use or prefetched (a demand fetch takes the head, or the start, whatever is there)."""
+        busy = [r for r in self._regions if r.unit is not None and (r.unit.pending or r.unit is self.current)]
+        if head + size <= self.pool_bytes and not any(r.start < head + size and head < r.end for r in busy):
+            return head  # the usual case: the ring is filled in order
+        candidates = sorted(
+            {head, 0, *(r.end for r in busy)}, key=lambda c: (c - head) % (self.pool_bytes or 1)
+        )
+        for start in candidates:
+            if start + size <= self.pool_bytes and not any(
+                r.start < start + size and start < r.end for r in busy
+            ):
+                return start
+        if demand:
+            return head if head + size <= self.pool_bytes else 0
+        return None
+
+    def _drop(self, unit: Unit) -> None:
+        """Forget ``unit``'s place in the ring (its parameters go back to the host copies); the
+        bytes it occupied stay fenced by its last compute until something overwrites them."""
+        if unit.active:
+            release(unit)
+        for region in self._regions:
+            if region.unit is unit:
+                region.fence, region.unit = unit.done, None
+        unit.offset, unit.valid, unit.pending = None, False, False
+
+    def close(self) -> None:
+        """Forget every place and give back the device buffer (the caller waited for pending copies)."""
+        self._regions.clear()
+        self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self._storage = self.buffer.untyped_storage()
