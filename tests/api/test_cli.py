@@ -212,15 +212,15 @@ def test_a_terminal_sees_a_moving_bar_for_one_placement(served: str, monkeypatch
 
     from rich.console import Console
 
-    from modelkeeper.cli import service
+    from modelkeeper.cli import remote
 
     cli(served, "load", "diffusers/tiny-sd15")  # before the screen: a load's bar may show 0% at its start
     screen = io.StringIO()
-    monkeypatch.setattr(service, "err", Console(file=screen, force_terminal=True, width=80))
+    monkeypatch.setattr(remote, "err", Console(file=screen, force_terminal=True, width=80))
     try:
         with Client(served) as c:
             answer = c.benchmark("diffusers/tiny-sd15", wait=False, steps=2, warmup=0)
-            assert service.follow_job(c, answer["job"])["state"] == "succeeded"
+            assert remote.follow_job(c, answer["job"])["state"] == "succeeded"
     finally:
         cli(served, "unload", "diffusers/tiny-sd15")
     shown = screen.getvalue()

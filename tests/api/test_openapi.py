@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from modelkeeper.api.app import create_app
-from modelkeeper.api.responses import DeviceStatus, ErrorBody, JobAccepted, LoadedPlacement, NoMemory
+from modelkeeper.api.responses import ErrorBody, JobAccepted
+from modelkeeper.api.responses_placements import DeviceStatus, LoadedPlacement, NoMemory
 from modelkeeper.orchestrator import Settings
 from modelkeeper.orchestrator.workers import WorkerSlot
 

@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from modelkeeper.api.deps import Service
-from modelkeeper.api.responses import ERRORS, Reconciled, RouteInfo
+from modelkeeper.api.responses import ERRORS
+from modelkeeper.api.responses_placements import Reconciled, RouteInfo
 
 router = APIRouter(prefix="/api/model", tags=["routing"], responses=ERRORS)
 

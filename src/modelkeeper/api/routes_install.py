@@ -10,7 +10,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from modelkeeper.api.deps import Service
-from modelkeeper.api.responses import ACCEPTED, ERRORS, InstallDone
+from modelkeeper.api.responses import ACCEPTED, ERRORS
+from modelkeeper.api.responses_catalog import InstallDone
 from modelkeeper.api.schemas import InstallBody
 
 router = APIRouter(prefix="/api/model", tags=["install"], responses=ERRORS)

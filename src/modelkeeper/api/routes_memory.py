@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from modelkeeper.api.deps import Service
-from modelkeeper.api.responses import ERRORS, MemoryOptimized
+from modelkeeper.api.responses import ERRORS
+from modelkeeper.api.responses_placements import MemoryOptimized
 from modelkeeper.api.schemas import MemoryOptimizeBody
 
 router = APIRouter(prefix="/api/model", tags=["models"], responses=ERRORS)

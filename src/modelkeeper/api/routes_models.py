@@ -2,7 +2,8 @@
 
 Static paths come before ``/{model_id}`` so that ``status``, ``available``, ``cache``... are
 never taken for model ids. A model id may also be a name or a hash prefix. Every route declares
-its answer (:mod:`modelkeeper.api.responses`); a job route also its 202.
+its answer (:mod:`modelkeeper.api.responses` and its ``responses_*`` siblings); a job route also
+its 202.
 """
 
 from __future__ import annotations
@@ -13,26 +14,27 @@ from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse, Response
 
 from modelkeeper.api.deps import Service
-from modelkeeper.api.responses import (
-    ACCEPTED,
-    ERRORS,
+from modelkeeper.api.responses import ACCEPTED, ERRORS
+from modelkeeper.api.responses_catalog import (
     ClusterModelDetail,
     ComponentEntry,
-    DeviceStatus,
     ListedModel,
+    ModelDetail,
+    ModelMetadata,
+    ModelPage,
+)
+from modelkeeper.api.responses_placements import (
+    DeviceStatus,
     LoadAnyDone,
     LoadDone,
     LoraApplied,
     LoraChanged,
-    ModelDetail,
-    ModelMetadata,
-    ModelPage,
     OperationDone,
     Reconciled,
-    ServiceStatus,
     UnloadAllAnswer,
     UnloadAnswer,
 )
+from modelkeeper.api.responses_service import ServiceStatus
 from modelkeeper.api.schemas import (
     BenchmarkBody,
     LoadBody,

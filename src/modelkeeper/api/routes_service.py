@@ -12,21 +12,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import StringConstraints
 
 from modelkeeper.api.deps import Service
-from modelkeeper.api.responses import (
-    ACCEPTED,
-    ERRORS,
-    JSON_ERRORS,
-    CacheAnswer,
-    CacheCleared,
-    CacheView,
-    JobInfo,
-    LeaseInfo,
-    Liveness,
-    Readiness,
-    ScanDone,
-    SegmentDropped,
-    SegmentInfo,
-)
+from modelkeeper.api.responses import ACCEPTED, ERRORS, JSON_ERRORS, JobInfo
+from modelkeeper.api.responses_cache import CacheAnswer, CacheCleared, CacheView, SegmentDropped, SegmentInfo
+from modelkeeper.api.responses_catalog import ScanDone
+from modelkeeper.api.responses_service import LeaseInfo, Liveness, Readiness
 from modelkeeper.api.schemas import CacheBody, LeaseBody, RenewBody
 from modelkeeper.orchestrator.events import FINISHED, FrameSubscription, encode_frame
 from modelkeeper.orchestrator.jobs import Job

@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperOption
 
 import modelkeeper
-from modelkeeper.cli import convert, discovery, local, registry, service
+from modelkeeper.cli import cache, convert, discovery, jobs, local, lora, operations, registry, serve, service
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -54,19 +54,19 @@ app.command("ls")(registry.ls)
 app.command("show")(registry.show)
 app.command("meta")(registry.meta)
 
-app.command("serve")(service.serve)
+app.command("serve")(serve.serve)
 app.command("status")(service.status)
 app.command("route")(service.route)
 app.command("pull")(service.pull)
 app.command("load")(service.load)
 app.command("unload")(service.unload)
-app.command("validate")(service.validate)
-app.command("benchmark")(service.benchmark)
-app.command("optimize")(service.optimize)
+app.command("validate")(operations.validate)
+app.command("benchmark")(operations.benchmark)
+app.command("optimize")(operations.optimize)
 app.command("optimize-memory")(service.optimize_memory)
-app.add_typer(service.lora_app, name="lora")
-app.add_typer(service.cache_app, name="cache")
-app.add_typer(service.jobs_app, name="jobs")
+app.add_typer(lora.lora_app, name="lora")
+app.add_typer(cache.cache_app, name="cache")
+app.add_typer(jobs.jobs_app, name="jobs")
 
 
 def main() -> None:

@@ -1,0 +1,68 @@
+"""Response bodies about the service as a whole: its status (devices, RAM cache, jobs), leases,
+liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from modelkeeper.api.responses import FixedShape
+from modelkeeper.api.responses_cache import CacheStats
+from modelkeeper.api.responses_placements import DeviceStatus
+from modelkeeper.orchestrator.workers import SlotState
+
+# ---------------------------------------------------------------------- status
+
+
+class JobCounts(FixedShape):
+    """Jobs kept, by state."""
+
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+
+
+class ServiceStatus(FixedShape):
+    ready: bool
+    uptime_seconds: float
+    devices: list[DeviceStatus]
+    cache: CacheStats | None
+    jobs: JobCounts
+    leases: int = Field(description="Active leases.")
+
+
+# ---------------------------------------------------------------------- leases and health
+
+
+class LeaseInfo(FixedShape):
+    id: str
+    model_id: str
+    device: str | None = Field(description="null: every device.")
+    holder: str
+    ttl_seconds: float
+    created_at: float
+    expires_at: float
+    expires_in: float
+
+
+class Liveness(FixedShape):
+    live: bool
+
+
+class PreloadState(FixedShape):
+    """The models of ``settings.preload``: how many are still to load, which loaded, which failed."""
+
+    pending: int
+    loaded: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+
+
+class Readiness(FixedShape):
+    """200 when ready, 503 (same body) when not."""
+
+    ready: bool
+    workers: dict[str, SlotState]
+    preload: PreloadState

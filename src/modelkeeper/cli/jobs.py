@@ -1,0 +1,59 @@
+"""``modelkeeper jobs``: the jobs of a running service (list, watch one to its end, cancel, show)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelkeeper.cli.remote import ApiJsonOption, TokenOption, UrlOption, call, follow_job, print_json
+
+jobs_app = typer.Typer(help="Jobs of a running service.", invoke_without_command=True)
+
+
+@jobs_app.callback()
+def jobs_list(
+    ctx: typer.Context,
+    state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, cancelled")] = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """List jobs, newest first (the default)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    data = call(url, token, lambda c: c.jobs(state=state))
+    if as_json:
+        print_json(data)
+        return
+    table = Table(title="jobs")
+    for col in ("id", "kind", "state", "params", "seconds", "error"):
+        table.add_column(col)
+    for j in data:
+        secs = (j["finished_at"] or 0) - (j["started_at"] or 0) if j["finished_at"] else None
+        params = ", ".join(f"{k}={v}" for k, v in j["params"].items() if v not in (None, False))
+        error = (j.get("error") or {}).get("error_code", "")
+        table.add_row(j["id"], j["kind"], j["state"], params, f"{secs:.2f}" if secs else "-", error)
+    Console().print(table)
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+    """Follow a job's progress until it ends."""
+    job = call(url, token, lambda c: follow_job(c, c.job(job_id)))
+    Console().print(f"{job['id']} {job['kind']}: {job['state']}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+    """Cancel a job."""
+    job = call(url, token, lambda c: c.cancel_job(job_id))
+    Console().print(f"{job['id']} {job['kind']}: {job['state']}")
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+    """Print one job as JSON."""
+    print_json(call(url, token, lambda c: c.job(job_id)))

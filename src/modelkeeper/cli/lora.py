@@ -1,0 +1,78 @@
+"""``modelkeeper lora``: apply a LoRA to the loaded models of a running service, change its
+strength, take it off."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from modelkeeper.cli.remote import ApiJsonOption, DeviceOption, TokenOption, UrlOption, call, err, print_json
+
+lora_app = typer.Typer(help="LoRAs on the loaded models of a running service.", no_args_is_help=True)
+LoraArgument = Annotated[str, typer.Argument(help="The LoRA: model id, name, path or hash prefix.")]
+LoadedArgument = Annotated[str, typer.Argument(help="A loaded model: id, name, path or hash prefix.")]
+
+
+def _lora_devices(data: dict[str, Any], key: str) -> str:
+    return ", ".join(str(d["device"]) for d in data.get(key, [])) or "no device"
+
+
+@lora_app.command("apply")
+def lora_apply(
+    model: LoadedArgument,
+    lora: LoraArgument,
+    strength: Annotated[float, typer.Option(help="Scale of the LoRA's change.")] = 1.0,
+    device: DeviceOption = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Apply a LoRA to a loaded model (on every device holding it, or on --device)."""
+    with err.status(f"applying {lora} to {model}"):
+        data = call(url, token, lambda c: c.apply_lora(model, lora, strength=strength, device=device))
+    if as_json:
+        print_json(data)
+        return
+    for d in data["applied"]:
+        keys = f"{d['matched_keys']} keys" if "matched_keys" in d else ""
+        Console().print(
+            f"[green]applied[/green] {lora} x{strength:g} to {model} on {d['device']}"
+            + (f": {keys}" if keys else "")
+        )
+
+
+@lora_app.command("strength")
+def lora_strength(
+    model: LoadedArgument,
+    lora: LoraArgument,
+    strength: Annotated[float, typer.Argument(help="The new strength (0 turns it off).")],
+    device: DeviceOption = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Change the strength of a LoRA applied to a loaded model."""
+    data = call(url, token, lambda c: c.lora_strength(model, lora, strength, device=device))
+    if as_json:
+        print_json(data)
+        return
+    Console().print(f"{lora} on {model}: strength {strength:g} on {_lora_devices(data, 'devices')}")
+
+
+@lora_app.command("remove")
+def lora_remove(
+    model: LoadedArgument,
+    lora: LoraArgument,
+    device: DeviceOption = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Remove a LoRA from a loaded model: its original weights come back."""
+    data = call(url, token, lambda c: c.remove_lora(model, lora, device=device))
+    if as_json:
+        print_json(data)
+        return
+    Console().print(f"[green]removed[/green] {lora} from {model} on {_lora_devices(data, 'devices')}")

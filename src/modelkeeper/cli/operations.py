@@ -1,0 +1,116 @@
+"""``validate``, ``benchmark`` and ``optimize``: operations on every loaded component of a model
+on a running service, each a job followed to its end, its result printed per placement and
+component."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from modelkeeper.cli.remote import (
+    ApiJsonOption,
+    DeviceOption,
+    TokenOption,
+    UrlOption,
+    call,
+    err,
+    finish,
+    print_json,
+)
+
+
+def _operation(
+    kind: str, model: str, options: dict[str, Any], as_json: bool, url: str | None, token: str | None
+) -> None:
+    given = {k: v for k, v in options.items() if v is not None}
+    job = call(url, token, lambda c: finish(c, getattr(c, kind)(model, wait=False, **given), as_json))
+    result = job["result"]
+    if as_json:
+        print_json(result)
+        return
+    console = Console()
+    for r in result:  # one entry per placement
+        for name, comp in r["components"].items():
+            if kind == "validate":
+                mark = "[green]passed[/green]" if comp.get("passed") else "[red]FAILED[/red]"
+                console.print(f"{r['model_id']} {name} on {r['device']}: {mark} ({comp.get('level')})")
+                for check in comp.get("checks", []):
+                    if not check.get("passed"):
+                        console.print(f"   [red]✗[/red] {check.get('name')}: {check.get('detail')}")
+            elif kind == "benchmark":
+                for f in comp.get("figures", []):
+                    console.print(f"{r['model_id']} {name} {f.get('part', '')}: median {f['median_s'] * 1000:.2f} ms, "
+                                  f"p90 {f['p90_s'] * 1000:.2f} ms, {f['iterations_per_second']:.1f} it/s")  # fmt: skip
+            elif "reverted" in comp:
+                reverted = ", ".join(map(str, comp["reverted"])) or "nothing"
+                console.print(f"{r['model_id']} {name}: reverted {reverted}")
+            else:
+                applied = (
+                    ", ".join(f"{a['option']}={a['after']}" for a in comp.get("applied", [])) or "nothing"
+                )
+                speed = comp.get("speedup")
+                console.print(
+                    f"{r['model_id']} {name}: applied {applied}" + (f"; {speed:.2f}x" if speed else "")
+                )
+
+
+def validate(
+    model: Annotated[str, typer.Argument(help="A loaded model.")],
+    level: Annotated[str, typer.Option(help="header, weights or functional")] = "weights",
+    device: DeviceOption = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Validate a loaded model: header, weights (NaN, Inf, shapes), or a functional forward pass."""
+    _operation("validate", model, {"level": level, "device_id": device}, as_json, url, token)
+
+
+def benchmark(
+    model: Annotated[str, typer.Argument(help="A loaded model.")],
+    steps: Annotated[int, typer.Option(min=1)] = 10,
+    warmup: Annotated[int, typer.Option(min=0)] = 2,
+    batch: Annotated[int, typer.Option(min=1)] = 1,
+    resolution: Annotated[int | None, typer.Option(min=8)] = None,
+    device: DeviceOption = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Time forward passes of a loaded model: median, p90, it/s, peak memory."""
+    options = {
+        "steps": steps,
+        "warmup": warmup,
+        "batch": batch,
+        "resolution": resolution,
+        "device_id": device,
+    }
+    _operation("benchmark", model, options, as_json, url, token)
+
+
+def optimize(
+    model: Annotated[str, typer.Argument(help="A loaded model.")],
+    opt: Annotated[
+        list[str] | None,
+        typer.Option("--opt", "-o", help="key=value: dtype=float16, channels_last=true, ..."),
+    ] = None,
+    revert: Annotated[bool, typer.Option(help="Undo earlier optimisations.")] = False,
+    device: DeviceOption = None,
+    as_json: ApiJsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Apply optimisations to a loaded model (dtype, channels_last, attention, VAE slicing/tiling, compile)."""
+    options: dict[str, Any] = {}
+    for item in opt or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            err.print(f"[red]error[/red] --opt {item!r}: expected key=value")
+            raise typer.Exit(2)
+        options[key] = json.loads(value) if value in ("true", "false") or value.isdigit() else value
+    _operation(
+        "optimize", model, {"options": options, "revert": revert, "device_id": device}, as_json, url, token
+    )

@@ -1,0 +1,161 @@
+"""What the commands against a running service share: the ``--url``, ``--token``, ``--json`` and
+``--device`` options, calling the service through :mod:`modelkeeper.client` (an error answer or an
+unreachable service ends the command with a message), and following a job to its end with a live
+progress bar fed by the job's event stream.
+
+The client commands take ``--url`` (default ``$MODELKEEPER_URL`` or http://127.0.0.1:8765) and
+``--token`` (default ``$MODELKEEPER_TOKEN``); ``--json`` prints what the API answered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from modelkeeper.cli.common import human_size
+from modelkeeper.client import DEFAULT_URL, ApiError, Client
+from modelkeeper.protocol.errors import ProtocolError
+
+UrlOption = Annotated[
+    str | None, typer.Option("--url", help=f"Service URL (default: $MODELKEEPER_URL or {DEFAULT_URL}).")
+]
+TokenOption = Annotated[
+    str | None, typer.Option("--token", help="Bearer token (default: $MODELKEEPER_TOKEN).")
+]
+ApiJsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer.")]
+DeviceOption = Annotated[str | None, typer.Option("--device", "-d", help="Device id (cuda:0, cpu...).")]
+
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _client(url: str | None, token: str | None) -> Client:
+    return Client(url, token=token)
+
+
+def call(url: str | None, token: str | None, fn: Callable[[Client], T]) -> T:
+    """``fn(client)``; an error answer or an unreachable service ends the command with a message."""
+    try:
+        with _client(url, token) as c:
+            return fn(c)
+    except Exception as exc:
+        raise _fail(exc) from None
+
+
+class JobFailed(ProtocolError):
+    """A job that ended without success: its error code and message, no HTTP status (the job's
+    own request was answered 202; a made-up 409 once stood beside any code, e.g. INVALID_REQUEST)."""
+
+    def __init__(self, message: str, error_code: str = "FAILED", job_id: str = "") -> None:
+        super().__init__(message, job=job_id)
+        self.error_code = error_code
+        self.job_id = job_id
+
+    @classmethod
+    def of(cls, job: dict[str, Any]) -> JobFailed:
+        error = job.get("error") or {}
+        return cls(
+            str(error.get("error", job["state"])), str(error.get("error_code", job["state"])), str(job["id"])
+        )
+
+
+def _fail(exc: ApiError | OSError | Exception) -> typer.Exit:
+    if isinstance(exc, JobFailed):
+        err.print(f"[red]error[/red] {exc.error_code} (job {exc.job_id}): {exc.message}", highlight=False)
+    elif isinstance(exc, ApiError):
+        err.print(f"[red]error[/red] {exc.error_code} (HTTP {exc.status_code}): {exc.message}")
+        if exc.details.get("matches"):
+            err.print("  matches: " + ", ".join(map(str, exc.details["matches"])))
+    else:
+        err.print(f"[red]error[/red] cannot reach the service: {exc}")
+    return typer.Exit(code=1)
+
+
+def size(n: float | None) -> str:
+    return human_size(n or 0)
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def follow_job(client: Client, job: dict[str, Any], *, quiet: bool = False) -> dict[str, Any]:
+    """Show a job's progress live (from its event stream) and return it finished."""
+    if quiet:
+        waited: dict[str, Any] = client.wait_job(job["id"])
+        return waited
+    if not err.is_terminal:  # a log or a pipe: one line per step instead of a live bar
+        return _follow_plain(client, job)
+    columns = (
+        SpinnerColumn(),  # moves even while the job reports no step (one placement: 0 of 1)
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"{job['kind']} {job['id']}", total=None)
+        for event in client.job_events(job["id"]):
+            info = event.get("info") or {}
+            progress = event.get("progress") or info.get("progress") or {}
+            done, total = progress.get("done"), progress.get("total")
+            if done is None and "component" in progress:
+                done, total = progress.get("component", 0) - 1, progress.get("components")
+            if done is None and "done_bytes" in progress:
+                done, total = progress["done_bytes"], progress.get("total_bytes")
+            if total is not None and total <= 1 and not done:
+                total = None  # a single unit not yet done: a pulsing bar, not a frozen 0%
+            where = f"on {progress['device']}" if progress.get("device") else ""
+            step = progress.get("step") or progress.get("phase") or where
+            bar.update(task, completed=done or 0, total=total or None,
+                       description=f"{job['kind']} {step}".strip())  # fmt: skip
+            if _ended(event):
+                break
+    final: dict[str, Any] = client.job(job["id"])
+    return final
+
+
+def _ended(event: dict[str, Any]) -> bool:
+    info = event.get("info") or {}
+    return event.get("type") in ("job.succeeded", "job.failed", "job.cancelled") or (
+        event.get("type") == "job.state" and info.get("state") in ("succeeded", "failed", "cancelled")
+    )
+
+
+def _follow_plain(client: Client, job: dict[str, Any]) -> dict[str, Any]:
+    """``follow_job`` where stderr is no terminal: a line when the job starts, at each new step
+    and at its end, so that a long operation is never silent."""
+    err.print(f"{job['kind']} {job['id']}: started", highlight=False)
+    last = ""
+    for event in client.job_events(job["id"]):
+        info = event.get("info") or {}
+        progress = event.get("progress") or info.get("progress") or {}
+        step = str(progress.get("step") or progress.get("phase") or "")
+        if step and step != last:
+            err.print(f"{job['kind']} {job['id']}: {step}", highlight=False)
+            last = step
+        if _ended(event):
+            break
+    final: dict[str, Any] = client.job(job["id"])
+    err.print(f"{job['kind']} {job['id']}: {final['state']}", highlight=False)
+    return final
+
+
+def finish(client: Client, answer: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """A started job followed to its end; its error becomes the command's failure."""
+    job = follow_job(client, answer["job"], quiet=as_json)
+    if job["state"] != "succeeded":
+        raise JobFailed.of(job)
+    return job

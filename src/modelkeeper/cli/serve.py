@@ -1,0 +1,80 @@
+"""``modelkeeper serve``: run the service (registry, first scan, RAM cache, one worker per
+device, REST API), on one host or as the driver of a Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from modelkeeper.cli.remote import err
+
+
+def serve(
+    models: Annotated[
+        list[Path] | None, typer.Option("--models", "-m", help="Model root (repeat for several).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8765).")] = None,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", "-d", help="Worker device: auto, cpu, cuda:N (repeat).")
+    ] = None,
+    db: Annotated[Path | None, typer.Option("--db", help="Registry file.")] = None,
+    token: Annotated[str | None, typer.Option("--token", help="Require this bearer token.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML settings file (also $MODELKEEPER_CONFIG).")
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Write the demo models into an empty model root.")
+    ] = False,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            help="Cluster mode: join the Ray cluster at ADDRESS (host:port, or 'auto'); one agent per node "
+            "owns that node's models, workers and cache (docs/CLUSTER.md).",
+        ),
+    ] = None,
+) -> None:
+    """Run the service: registry, first scan, RAM cache, one worker per device, REST API."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from modelkeeper.api.app import create_app
+    from modelkeeper.orchestrator import Settings
+
+    if config is not None:
+        if not config.is_file():
+            err.print(f"[red]error[/red] --config: {config} is not a file")
+            raise typer.Exit(2)
+        os.environ["MODELKEEPER_CONFIG"] = str(config)
+    given: dict[str, Any] = {"model_roots": models, "host": host, "port": port, "devices": device, "db": db,
+                             "token": token}  # fmt: skip
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+        settings.check_exposure()
+    except (ValidationError, ValueError) as exc:
+        err.print(f"[red]error[/red] settings: {exc}")
+        raise typer.Exit(2) from None
+    if demo:
+        root = settings.model_roots[0]
+        if not root.exists() or not any(root.iterdir()):
+            from modelkeeper.testing import write_demo_models
+
+            with err.status(f"writing demo models into {root}"):
+                write_demo_models(root)
+    err.print(
+        f"modelkeeper serving on http://{settings.host}:{settings.port}  "
+        f"(models: {', '.join(str(r) for r in settings.model_roots)}; devices: {', '.join(settings.devices)}; "
+        f"docs: /docs)"
+    )
+    if cluster is not None:
+        from modelkeeper.cluster import ClusterOrchestrator, ClusterSettings
+
+        err.print(f"cluster mode: Ray at {cluster}; each node's agent reads that node's settings")
+        app = create_app(service=ClusterOrchestrator(settings, ClusterSettings(address=cluster)))
+    else:
+        app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
