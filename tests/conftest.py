@@ -1,10 +1,11 @@
-"""Shared fixtures: the tiny demo model set and the device worker tests run on.
+"""Shared fixtures: the tiny demo model set, the device worker tests run on, one torch thread.
 
 ``pytest --worker-device cuda:0`` runs the worker tests on a GPU (the default is the CPU).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,3 +45,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoManifest:
 
     root: Path = tmp_path_factory.mktemp("demo-models")
     return write_demo_models(root)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors on a shared 2-core machine: parallel kernels cost more than they save."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
