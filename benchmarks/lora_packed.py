@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from _timing import median_seconds, medians, switch_rounds
+from _weights import random_weights
 from modelkeeper.formats.known_configs import load_known_config
 from modelkeeper.worker import storage
 from modelkeeper.worker.fingerprint import fingerprint
@@ -67,14 +68,7 @@ def build(tiny: bool, blocks: tuple[int, int], dev: torch.device) -> torch.nn.Mo
     """The bf16 transformer with random weights drawn on the device (the same for every call)."""
     module = skeleton(tiny, blocks)
     if not tiny:
-        module = torch.nn.Module.to(module, dtype=torch.bfloat16).to_empty(device=dev)
-        generator = torch.Generator(device=dev).manual_seed(0)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if p.dim() >= 2:
-                    p.normal_(0, p[0].numel() ** -0.5, generator=generator)
-                else:
-                    p.fill_(1.0 if name.endswith("weight") and "norm" in name else 0.0)
+        module = random_weights(module, dev, torch.bfloat16)
     return module.eval().requires_grad_(False)
 
 

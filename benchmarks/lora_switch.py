@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from _timing import median_seconds, medians, switch_rounds
+from _weights import random_weights
 from modelkeeper.worker.fingerprint import fingerprint
 from modelkeeper.worker.lora import LoraManager
 
@@ -56,15 +57,7 @@ def build_unet(small: bool, device: torch.device, dtype: torch.dtype) -> Any:
     config = {k: v for k, v in load_known_config("sdxl", "unet").items() if not k.startswith("_")}
     with init_empty_weights():
         unet: Any = UNet2DConditionModel(**config)
-    unet = torch.nn.Module.to(unet, dtype=dtype).to_empty(device=device)  # meta: no memory yet
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, p[0].numel() ** -0.5, generator=generator)
-            else:
-                p.fill_(1.0 if name.endswith("weight") and "norm" in name else 0.0)
-    return unet.eval().requires_grad_(False)
+    return random_weights(unet, device, dtype).eval().requires_grad_(False)
 
 
 def make_lora(unet: torch.nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor]:
