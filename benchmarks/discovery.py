@@ -36,7 +36,7 @@ from typing import Any
 
 from blake3 import blake3
 
-from _machine import cpu_name
+from _report import cpu_name
 from modelkeeper.discovery.hashing import TensorSpan, hash_file
 from modelkeeper.discovery.scanner import Scanner
 from modelkeeper.registry.store import Registry

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import cpu_name
+from _report import cpu_name
 from modelkeeper.discovery.scanner import Scanner
 from modelkeeper.install import Installer, InstallProgress
 from modelkeeper.registry.store import Registry

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from _report import print_report
 from _timing import median_seconds, medians, switch_rounds
 from _weights import random_weights
 from modelkeeper.formats.known_configs import load_known_config
@@ -169,10 +170,7 @@ def main() -> None:
                      f"{r['bare_s'] * 1e3:>9.1f}{r['lora_s'] * 1e3:>10.1f}{r['lora_s'] / r['bare_s'] - 1:>10.1%}"
                      f"{r['bytes'] / GB:>11.2f}  {'yes' if r['exact'] else 'NO'}")  # fmt: skip
     lines.append(f"cosine of the outputs with the LoRA, fp8 against bf16: {cos:.5f}")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from _report import print_report
 from _timing import median_seconds, medians, switch_rounds
 from _weights import random_weights
 from modelkeeper.worker.fingerprint import fingerprint
@@ -200,10 +201,7 @@ def main() -> None:
                  f"{med['ours']['prepare'] * 1e3:.1f} ms + back up and patch {med['ours']['patch'] * 1e3:.1f} ms")  # fmt: skip
     lines.append(f"# removal restores the weights bitwise: modelkeeper {'yes' if exact else 'NO'}, "
                  f"diffusers fused {'yes' if fused_exact else 'no'} (unfused PEFT layers never touch them)")  # fmt: skip
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print_report(lines, args.out)
 
 
 if __name__ == "__main__":
