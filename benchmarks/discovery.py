@@ -36,6 +36,7 @@ from typing import Any
 
 from blake3 import blake3
 
+from _report import cpu_name
 from modelkeeper.discovery.hashing import TensorSpan, hash_file
 from modelkeeper.discovery.scanner import Scanner
 from modelkeeper.registry.store import Registry
@@ -324,16 +325,6 @@ def bench_hash(gb: float, work: Path, log: Callable[[str], None]) -> dict[str, f
     return out
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -351,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"# modelkeeper discovery benchmark, {time.strftime('%Y-%m-%d %H:%M')}")
     log(
-        f"# CPU: {_cpu()}, {os.cpu_count()} cores; Python {platform.python_version()}; {platform.system()} {platform.release()}"
+        f"# CPU: {cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}; {platform.system()} {platform.release()}"
     )
     log("# targets: first scan >= 1000 files/s, unchanged rescan of 10,000 <= 1 s, BLAKE3 >= 3x SHA-256")
     log(

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from _report import print_report
 from modelkeeper.cache import CacheFull, RamCache
 from modelkeeper.formats.known_configs import load_known_config
 from modelkeeper.worker import InProcessWorker
@@ -388,10 +389,7 @@ def main() -> None:
     if not args.tiny:
         lines.append(f"anchors (H200, diffusers 0.42.1): raw pinned {ANCHORS['raw_pinned_gbs']:.0f} GB/s, bf16 step {ANCHORS['bf16_step_ms']:.0f} ms, fp8 layerwise "
                      f"{ANCHORS['fp8_layerwise_step_ms']:.0f} ms at {ANCHORS['fp8_layerwise_gb']} GB")  # fmt: skip
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print_report(lines, args.out)
     shutil.rmtree(folder, ignore_errors=True)
 
 

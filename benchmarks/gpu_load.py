@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from _report import print_report
 from modelkeeper.cache import RamCache
 from modelkeeper.formats.known_configs import load_known_config
 from modelkeeper.protocol import CommandType
@@ -200,17 +201,15 @@ def main() -> None:
             True,
         )
         ratio = only["seq"] / only["mk"]
-        text = "\n".join(
+        print_report(
             [
                 f"# gpu_load --only-cold — {date.today().isoformat()} — {torch.cuda.get_device_name(DEV)}, "
                 f"SDXL UNet {n_tensors} tensors, {size / GB:.2f} GB fp16, median of {args.repeats}"
             ]
             + [f"{name:<50}{sec:>8.3f} s {size / sec / GB:>7.1f} GB/s  {note}" for name, sec, note in rows]
-            + [f"  cold >= 95% of sequential read: {ratio:.1%} {'MET' if ratio >= 0.95 else 'MISSED'}"]
+            + [f"  cold >= 95% of sequential read: {ratio:.1%} {'MET' if ratio >= 0.95 else 'MISSED'}"],
+            args.out,
         )
-        print(text)
-        if args.out:
-            Path(args.out).write_text(text + "\n", encoding="utf-8")
         return
 
     # raw bandwidth anchors
@@ -434,10 +433,7 @@ def main() -> None:
         ratio = cold["seq"] / cold["mk"]
         lines.append(f"  cold >= 95% of sequential read: {ratio:.1%} {'MET' if ratio >= 0.95 else 'MISSED'}")
     lines.append(f"  switch <= 0.25 s: {sw:.3f} s {'MET' if sw <= 0.25 else 'MISSED'}")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import cpu_name
 from modelkeeper.discovery.scanner import Scanner
 from modelkeeper.install import Installer, InstallProgress
 from modelkeeper.registry.store import Registry
@@ -62,16 +63,6 @@ def write_safetensors(path: Path, size: int) -> None:
             n = min(_BLOCK, left)
             f.write(os.urandom(n))
             left -= n
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_seconds(who: int) -> float:

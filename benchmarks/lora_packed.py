@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -35,18 +32,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from _report import print_report
+from _timing import median_seconds, medians, switch_rounds
+from _weights import random_weights
 from modelkeeper.formats.known_configs import load_known_config
 from modelkeeper.worker import storage
 from modelkeeper.worker.fingerprint import fingerprint
-from modelkeeper.worker.lora import LoraManager
+from modelkeeper.worker.lora import LoraManager, LoraReport
 from modelkeeper.worker.validate import probes
 
 GB = 1e9
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def allocated(dev: torch.device) -> int:
@@ -74,14 +69,7 @@ def build(tiny: bool, blocks: tuple[int, int], dev: torch.device) -> torch.nn.Mo
     """The bf16 transformer with random weights drawn on the device (the same for every call)."""
     module = skeleton(tiny, blocks)
     if not tiny:
-        module = torch.nn.Module.to(module, dtype=torch.bfloat16).to_empty(device=dev)
-        generator = torch.Generator(device=dev).manual_seed(0)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if p.dim() >= 2:
-                    p.normal_(0, p[0].numel() ** -0.5, generator=generator)
-                else:
-                    p.fill_(1.0 if name.endswith("weight") and "norm" in name else 0.0)
+        module = random_weights(module, dev, torch.bfloat16)
     return module.eval().requires_grad_(False)
 
 
@@ -110,26 +98,14 @@ def make_lora(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def timed(fn: Callable[[], Any], dev: torch.device) -> float:
-    sync(dev)
-    started = time.perf_counter()
-    fn()
-    sync(dev)
-    return time.perf_counter() - started
-
-
 def time_step(
     module: torch.nn.Module, dev: torch.device, tiny: bool, steps: int
 ) -> tuple[float, torch.Tensor]:
     (probe,) = probes(module, resolution=256 if tiny else 1024, tokens=8 if tiny else 512, seed=0)
     with torch.inference_mode():
-        for _ in range(2):
-            probe.run()
-        times = []
-        for _ in range(steps):
-            times.append(timed(probe.run, dev))
+        seconds = median_seconds(probe.run, dev, steps, warmups=2)
         out = probe.run()
-    return statistics.median(times), out.float().flatten().cpu()
+    return seconds, out.float().flatten().cpu()
 
 
 def measure(form: str, lora: Path, args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
@@ -139,22 +115,24 @@ def measure(form: str, lora: Path, args: argparse.Namespace, dev: torch.device) 
     before = fingerprint(module)
     bare_s, _ = time_step(module, dev, args.tiny, args.steps)
     manager = LoraManager(dev)
-    apply, strength, remove = [], [], []
-    report = None
-    for _ in range(args.repeats):
-        apply.append(timed(lambda: manager.load("l", lora, {"transformer": module}), dev))
-        strength.append(timed(lambda: manager.set_strength("l", 0.5), dev))
-        manager.set_strength("l", 1.0)
-        report = manager.loaded()[0]
-        remove.append(timed(lambda: manager.remove("l"), dev))
+    reports: list[LoraReport] = []
+    rounds = medians(
+        switch_rounds(
+            dev,
+            args.repeats,
+            apply=lambda i: reports.append(manager.load("l", lora, {"transformer": module})),
+            strength=lambda i: manager.set_strength("l", 0.5),
+            remove=lambda i: manager.remove("l"),
+        )
+    )
     manager.load("l", lora, {"transformer": module})
     lora_s, out = time_step(module, dev, args.tiny, args.steps)
     held = allocated(dev)
     manager.remove("l")
     exact = fingerprint(module) == before
-    return {"bare_s": bare_s, "lora_s": lora_s, "apply_s": statistics.median(apply),
-            "strength_s": statistics.median(strength), "remove_s": statistics.median(remove), "bytes": held,
-            "exact": exact, "out": out, "params": report["params_patched"] if report else 0}  # fmt: skip
+    return {"bare_s": bare_s, "lora_s": lora_s, "apply_s": rounds["apply"], "strength_s": rounds["strength"],
+            "remove_s": rounds["remove"], "bytes": held, "exact": exact, "out": out,
+            "params": reports[-1].params_patched}  # fmt: skip
 
 
 def main() -> None:
@@ -192,10 +170,7 @@ def main() -> None:
                      f"{r['bare_s'] * 1e3:>9.1f}{r['lora_s'] * 1e3:>10.1f}{r['lora_s'] / r['bare_s'] - 1:>10.1%}"
                      f"{r['bytes'] / GB:>11.2f}  {'yes' if r['exact'] else 'NO'}")  # fmt: skip
     lines.append(f"cosine of the outputs with the LoRA, fp8 against bf16: {cos:.5f}")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from _report import print_report
+from _timing import median_seconds, medians, switch_rounds
+from _weights import random_weights
 from modelkeeper.worker.fingerprint import fingerprint
 from modelkeeper.worker.lora import LoraManager
 
@@ -58,15 +58,7 @@ def build_unet(small: bool, device: torch.device, dtype: torch.dtype) -> Any:
     config = {k: v for k, v in load_known_config("sdxl", "unet").items() if not k.startswith("_")}
     with init_empty_weights():
         unet: Any = UNet2DConditionModel(**config)
-    unet = torch.nn.Module.to(unet, dtype=dtype).to_empty(device=device)  # meta: no memory yet
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, p[0].numel() ** -0.5, generator=generator)
-            else:
-                p.fill_(1.0 if name.endswith("weight") and "norm" in name else 0.0)
-    return unet.eval().requires_grad_(False)
+    return random_weights(unet, device, dtype).eval().requires_grad_(False)
 
 
 def make_lora(unet: torch.nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -82,16 +74,6 @@ def make_lora(unet: torch.nn.Module, rank: int, seed: int) -> dict[str, torch.Te
     return state
 
 
-def timed(device: torch.device, fn: Callable[[], Any]) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def forward(unet: Any, device: torch.device, dtype: torch.dtype, small: bool, repeats: int) -> float:
     side = 8 if small else 128
     sample = torch.randn(1, 4, side, side, device=device, dtype=dtype)
@@ -100,72 +82,54 @@ def forward(unet: Any, device: torch.device, dtype: torch.dtype, small: bool, re
              "time_ids": torch.randn(1, 6, device=device, dtype=dtype)}  # fmt: skip
     t = torch.tensor([500.0], device=device)
     with torch.inference_mode():
-        unet(sample, t, context, added_cond_kwargs=added)  # warm-up
-        times = [
-            timed(device, lambda: unet(sample, t, context, added_cond_kwargs=added)) for _ in range(repeats)
-        ]
-    return statistics.median(times)
+        return median_seconds(
+            lambda: unet(sample, t, context, added_cond_kwargs=added), device, repeats, warmups=1
+        )
 
 
 def run_ours(unet: Any, path: Path, device: torch.device, repeats: int) -> dict[str, list[float]]:
     manager = LoraManager(device)
-    out: dict[str, list[float]] = {
-        "apply": [],
-        "strength": [],
-        "remove": [],
-        "read": [],
-        "prepare": [],
-        "patch": [],
-    }
-    for i in range(repeats + 1):  # round 0 warms up (imports, allocator, kernels)
-        scale = 0.5 if i % 2 else 0.8
-        reports: list[Any] = []
-        apply = timed(
-            device,
-            lambda: reports.append(manager.load("style", path, {"unet": unet}, strength=1.0)),  # noqa: B023
-        )
-        strength = timed(device, lambda: manager.set_strength("style", scale))  # noqa: B023 (called at once)
-        remove = timed(device, lambda: manager.remove("style"))
-        if i:
-            out["read"].append(reports[0].read_seconds)
-            out["prepare"].append(reports[0].prepare_seconds)
-            out["patch"].append(reports[0].apply_seconds)
-            out["apply"].append(apply)
-            out["strength"].append(strength)
-            out["remove"].append(remove)
+    reports: list[Any] = []
+    warmups = 1  # round 0 warms up (imports, allocator, kernels)
+    out = switch_rounds(
+        device,
+        repeats,
+        apply=lambda i: reports.append(manager.load("style", path, {"unet": unet}, strength=1.0)),
+        strength=lambda i: manager.set_strength("style", 0.5 if i % 2 else 0.8),
+        remove=lambda i: manager.remove("style"),
+        warmups=warmups,
+    )
+    counted = reports[warmups:]
+    out["read"] = [r.read_seconds for r in counted]
+    out["prepare"] = [r.prepare_seconds for r in counted]
+    out["patch"] = [r.apply_seconds for r in counted]
     return out
 
 
 def run_diffusers(
     unet: Any, path: Path, device: torch.device, repeats: int, fused: bool
 ) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"apply": [], "strength": [], "remove": []}
     kwargs = {"prefix": "unet", "weight_name": path.name, "low_cpu_mem_usage": True}
-    for i in range(repeats + 1):
-        name = f"style{i}"
 
-        def apply(name: str = name) -> None:
-            unet.load_lora_adapter(str(path.parent), adapter_name=name, **kwargs)
-            if fused:
-                unet.fuse_lora(lora_scale=1.0, adapter_names=[name])
+    def apply(i: int) -> None:
+        unet.load_lora_adapter(str(path.parent), adapter_name=f"style{i}", **kwargs)
+        if fused:
+            unet.fuse_lora(lora_scale=1.0, adapter_names=[f"style{i}"])
 
-        def strength(name: str = name, scale: float = 0.5 if i % 2 else 0.8) -> None:
-            if fused:
-                unet.unfuse_lora()
-                unet.fuse_lora(lora_scale=scale, adapter_names=[name])
-            else:
-                unet.set_adapters([name], weights=[scale])
+    def strength(i: int) -> None:
+        scale = 0.5 if i % 2 else 0.8
+        if fused:
+            unet.unfuse_lora()
+            unet.fuse_lora(lora_scale=scale, adapter_names=[f"style{i}"])
+        else:
+            unet.set_adapters([f"style{i}"], weights=[scale])
 
-        def remove() -> None:
-            if fused:
-                unet.unfuse_lora()
-            unet.unload_lora()
+    def remove(i: int) -> None:
+        if fused:
+            unet.unfuse_lora()
+        unet.unload_lora()
 
-        times = (timed(device, apply), timed(device, strength), timed(device, remove))
-        if i:
-            for key, value in zip(out, times, strict=True):
-                out[key].append(value)
-    return out
+    return switch_rounds(device, repeats, apply, strength, remove, warmups=1)
 
 
 def main() -> None:
@@ -214,8 +178,7 @@ def main() -> None:
         fused = run_diffusers(unet, path, device, args.repeats, fused=True)
         fused_exact = fingerprint(unet) == original
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    med = {side: {k: statistics.median(v) for k, v in d.items()} for side, d in
-           (("ours", ours), ("peft", unfused), ("fused", fused))}  # fmt: skip
+    med = {"ours": medians(ours), "peft": medians(unfused), "fused": medians(fused)}
     lines = [
         f"# lora_switch — {date.today().isoformat()} — {name} ({os.cpu_count()} cores), Python "
         f"{platform.python_version()}, torch {torch.__version__}, device {device}, {dtype}",
@@ -238,10 +201,7 @@ def main() -> None:
                  f"{med['ours']['prepare'] * 1e3:.1f} ms + back up and patch {med['ours']['patch'] * 1e3:.1f} ms")  # fmt: skip
     lines.append(f"# removal restores the weights bitwise: modelkeeper {'yes' if exact else 'NO'}, "
                  f"diffusers fused {'yes' if fused_exact else 'no'} (unfused PEFT layers never touch them)")  # fmt: skip
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from concurrent.futures import Future
 from datetime import date
 
+from _report import print_report
 from modelkeeper.protocol import CommandType, WorkerConnection, WorkerProcess
 from modelkeeper.worker import InProcessWorker
 
@@ -114,11 +115,7 @@ def main() -> None:
         lines.append(
             f"{name:<22}{p50 * 1e6:>10.0f}{p99 * 1e6:>10.0f}{seq:>12.0f}{tput:>17.0f}{p50 / e50:>12.2f}{p99 / e99:>12.2f}"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+    print_report(lines, args.out)
 
 
 if __name__ == "__main__":

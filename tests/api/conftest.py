@@ -4,8 +4,8 @@ SQLite registry, the demo models as the model root."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,10 @@ import schemathesis
 from fastapi import FastAPI
 
 from modelkeeper.client import Client
-from modelkeeper.orchestrator import Settings
 from modelkeeper.testing import DemoManifest
-from modelkeeper.testing.service import RunningService, running_service
+from modelkeeper.testing.service import RunningService
+from tests.conftest import scanned_service
 
-MiB = 1 << 20
 SD15 = "diffusers/tiny-sd15"  # main, 3 components, ~8.7 MB
 SD15_CKPT = "checkpoints/tiny-sd15.safetensors"
 SDXL = "diffusers/tiny-sdxl"  # main, 4 components, ~29 MB
@@ -34,24 +33,9 @@ def make_service(tmp_path_factory: pytest.TempPathFactory, demo: DemoManifest) -
     """``with make_service(devices=[...], ...) as svc``: a service over the demo models whose first
     scan (and hashing) has finished."""
 
-    @contextmanager
-    def make(root: Path | None = None, **overrides: Any) -> Iterator[RunningService]:
-        folder = tmp_path_factory.mktemp("service")
-        values: dict[str, Any] = {
-            "devices": ["cpu"],
-            "model_roots": [root or demo.root],
-            "db": folder / "registry.sqlite3",
-            "port": 0,
-            "ram_cache_bytes": 256 * MiB,
-            "status_poll_s": 0.5,
-            "worker_start_timeout": 120,
-            **overrides,
-        }
-        with running_service(Settings(**values)) as svc:
-            with Client(svc.url, token=overrides.get("token")) as c:
-                for job in c.jobs(kind="scan"):
-                    assert c.wait_job(job["id"], timeout=120)["state"] == "succeeded"
-            yield svc
+    def make(root: Path | None = None, **overrides: Any) -> AbstractContextManager[RunningService]:
+        settings = {"model_roots": [root or demo.root], **overrides}
+        return scanned_service(tmp_path_factory.mktemp("service"), **settings)
 
     return make
 

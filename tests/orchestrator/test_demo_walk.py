@@ -11,28 +11,23 @@ from a RAM-cache segment names the user's file, not the segment."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from modelkeeper.formats.conventions import CONFIG_METADATA_KEY
-from modelkeeper.orchestrator import Orchestrator, Settings
+from modelkeeper.orchestrator import Orchestrator
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.protocol.messages import ModelInfoRequest, ModelInfoResult
 from modelkeeper.registry import ModelRecord
 from modelkeeper.testing import DemoManifest, write_demo_models
 from modelkeeper.testing.files import write_safetensors
-from modelkeeper.worker import InProcessWorker
 
-from .test_orchestrator import MiB
+from .conftest import MiB, run, serving
 
 pytestmark = [
     pytest.mark.xdist_group("demo-walk"),
@@ -45,14 +40,11 @@ CKPT = "checkpoints/tiny-sd15.ckpt"
 APPLIED = ("lora", "textual_inversion")
 #: What a LoRA is applied to, in order of preference: a whole pipeline of its base, then a lone denoiser.
 LORA_TARGETS = ("main", "unet", "transformer")
-
-
-@pytest.fixture
-def one_torch_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: The cache of the walk's service: the whole set with its packed forms.
+RAM_CACHE = {"ram_cache_bytes": 512 * MiB}
+#: A test's bound: pytest's own timeout only. The walk does ~50 loads, and a busy shared machine
+#: stretches its 20 s of CPU (a tighter bound raced the load).
+WALK_TIMEOUT = None
 
 
 @pytest.fixture(scope="module")
@@ -65,36 +57,6 @@ def everything(tmp_path_factory: pytest.TempPathFactory) -> DemoManifest:
     return manifest
 
 
-@asynccontextmanager
-async def serving(root: Path, tmp: Path, **overrides: Any) -> AsyncIterator[Orchestrator]:
-    settings = Settings(
-        **{
-            "devices": ["cpu"],
-            "model_roots": [root],
-            "db": tmp / "registry.sqlite3",
-            "ram_cache_bytes": 512 * MiB,
-            "hash_on_start": False,
-            "worker_warm": False,
-            "status_poll_s": 60,
-            **overrides,
-        }
-    )
-    orch = Orchestrator(settings, worker_factory=InProcessWorker.start)
-    await orch.start()
-    try:
-        for job in orch.jobs.list(kind="scan"):
-            await orch.jobs.wait(job)
-        yield orch
-    finally:
-        await orch.stop()
-
-
-def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """``body`` on an event loop of its own, bounded by pytest's own timeout only: the walk does ~50
-    loads, and a busy shared machine stretches its 20 s of CPU (a tighter bound raced the load)."""
-    asyncio.run(body())
-
-
 async def _served(orch: Orchestrator) -> list[ModelRecord]:
     page = await orch.catalog.search(limit=1000)
     assert page.total == len(page.items)
@@ -103,7 +65,7 @@ async def _served(orch: Orchestrator) -> list[ModelRecord]:
 
 def test_every_loadable_model_loads_through_the_service(everything: DemoManifest, tmp_path: Path) -> None:
     async def body() -> None:
-        async with serving(everything.root, tmp_path) as orch:
+        async with serving(everything, tmp_path, **RAM_CACHE) as orch:
             records = await _served(orch)
             loadable = [r for r in records if r.identification.loadable and r.type != "lora"]
             loras = [r for r in records if r.type == "lora"]
@@ -131,7 +93,7 @@ def test_every_loadable_model_loads_through_the_service(everything: DemoManifest
             assert not failures, "\n".join(failures)
             assert not orch.view.placements
 
-    run(body)
+    run(body, timeout=WALK_TIMEOUT)
 
 
 async def _loadable_is_what_the_worker_spec_says(
@@ -199,7 +161,8 @@ async def _fingerprints(orch: Orchestrator) -> dict[str, str]:
 def test_an_error_names_the_users_file_not_the_cache_segment(tmp_path: Path) -> None:
     """A UNet whose own config disagrees with its tensors, read from its segment (``cache_fill =
     "before"``): the worker refuses it, and the message names the registered file."""
-    source = write_demo_models(tmp_path / "demo", only=["sd15-unet"]).path("sd15-unet")
+    demo = write_demo_models(tmp_path / "demo", only=["sd15-unet"])
+    source = demo.path("sd15-unet")
     config = json.loads(_metadata(source)[CONFIG_METADATA_KEY]) | {"cross_attention_dim": 1024}
     root = tmp_path / "models"
     bad = write_safetensors(
@@ -209,7 +172,7 @@ def test_an_error_names_the_users_file_not_the_cache_segment(tmp_path: Path) -> 
     )
 
     async def body() -> None:
-        async with serving(root, tmp_path, cache_fill="before") as orch:
+        async with serving(demo, tmp_path, model_roots=[root], cache_fill="before", **RAM_CACHE) as orch:
             record = await orch.catalog.resolve("unet/odd-unet.safetensors")
             with pytest.raises(ProtocolError) as err:
                 await orch.loads.load(record.id, "cpu")
@@ -222,7 +185,7 @@ def test_an_error_names_the_users_file_not_the_cache_segment(tmp_path: Path) -> 
             failed = [e for e in orch.bus.recent if e["type"] == "model.failed"]
             assert failed and str(bad) in failed[-1]["error"] and "modelkeeper-" not in failed[-1]["error"]
 
-    run(body)
+    run(body, timeout=WALK_TIMEOUT)
 
 
 def _metadata(path: Path) -> dict[str, str]:

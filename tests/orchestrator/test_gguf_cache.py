@@ -14,8 +14,8 @@ from modelkeeper.protocol.messages import LoadRequest
 from modelkeeper.testing import DemoManifest, component_config, make_unet
 from modelkeeper.testing.gguf_files import write_gguf
 
+from .conftest import run, serving
 from .test_lora_packed import fingerprints
-from .test_orchestrator import run, serving
 
 pytestmark = pytest.mark.xdist_group("orchestrator-inprocess")
 

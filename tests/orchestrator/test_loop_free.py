@@ -25,7 +25,8 @@ from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.registry import Registry
 from modelkeeper.testing import DemoManifest
 
-from .test_orchestrator import SD15, UNET, MiB, run, serving
+from .conftest import MiB, run, serving
+from .test_orchestrator import SD15, UNET
 
 pytestmark = pytest.mark.xdist_group("orchestrator-inprocess")
 

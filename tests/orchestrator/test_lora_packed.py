@@ -12,7 +12,8 @@ from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.messages import DType, ModelInfoRequest, ModelInfoResult
 from modelkeeper.testing import DemoManifest
 
-from .test_orchestrator import SD15, run, serving
+from .conftest import run, serving
+from .test_orchestrator import SD15
 
 LORA = "loras/tiny-sd15-kohya.safetensors"
 

@@ -5,14 +5,13 @@ are made by the test, not by timing: a gate holds a device's queue until the tes
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from modelkeeper.orchestrator import LoadOptions, Orchestrator, Priority, Settings
+from modelkeeper.orchestrator import LoadOptions, Orchestrator, Priority
 from modelkeeper.orchestrator.errors import NotPlaceable
 from modelkeeper.orchestrator.state import PlacementState
 from modelkeeper.orchestrator.workers import WorkerSlot
@@ -20,43 +19,15 @@ from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.protocol.messages import UnloadRequest, UnloadResult
 from modelkeeper.testing import DemoManifest
-from modelkeeper.worker import InProcessWorker
 
-MiB = 1 << 20
+from .conftest import MiB, run, serving
+
 SD15 = "diffusers/tiny-sd15"
 CKPT = "checkpoints/tiny-sd15.safetensors"
 CLIP_L = "clip/tiny-clip-l.safetensors"
 UNET = "diffusers/tiny-sd15-unet"  # a UNet alone, ~6 MB
 
 pytestmark = pytest.mark.xdist_group("orchestrator-inprocess")
-
-
-@asynccontextmanager
-async def serving(demo: DemoManifest, tmp: Path, **overrides: Any) -> AsyncIterator[Orchestrator]:
-    settings = Settings(
-        **{
-            "devices": ["cpu"],
-            "model_roots": [demo.root],
-            "db": tmp / "registry.sqlite3",
-            "ram_cache_bytes": 256 * MiB,
-            "hash_on_start": False,
-            "worker_warm": False,
-            "status_poll_s": 60,
-            **overrides,
-        }
-    )
-    orch = Orchestrator(settings, worker_factory=InProcessWorker.start)
-    await orch.start()
-    try:
-        for job in orch.jobs.list(kind="scan"):
-            await orch.jobs.wait(job)
-        yield orch
-    finally:
-        await orch.stop()
-
-
-def run(coro: Callable[[], Any]) -> None:
-    asyncio.run(asyncio.wait_for(coro(), 120))
 
 
 class Gate:

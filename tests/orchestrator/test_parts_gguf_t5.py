@@ -15,7 +15,7 @@ from modelkeeper.orchestrator.parts import Candidate, resolve
 from modelkeeper.protocol.messages import CommandType, ModelInfoRequest, ModelInfoResult
 from modelkeeper.testing import DemoManifest
 from modelkeeper.testing.demo import write_demo_models
-from tests.orchestrator.test_orchestrator import run, serving
+from tests.orchestrator.conftest import run, serving
 from tests.orchestrator.test_pipeline_parts import CLIP_L, FLUX, T5, T5_FP8, VAE16
 
 T5_GGUF = Candidate("m-t5g", "t5-v1_1-xxl-encoder-Q8_0", "t5_xxl", 4096, bases=("sd3",), quant="Q8_0")

@@ -16,7 +16,7 @@ from modelkeeper.orchestrator.errors import IncompatiblePart, MissingPart
 from modelkeeper.orchestrator.parts import Candidate, Needs, needs_from_shapes, resolve, roles
 from modelkeeper.testing import DemoManifest
 from modelkeeper.testing.demo import write_demo_models
-from tests.orchestrator.test_orchestrator import run, serving
+from tests.orchestrator.conftest import run, serving
 
 FLUX = Needs("flux", text_width=4096, pooled_width=768)
 SD3 = Needs("sd3", text_width=4096, pooled_width=2048)

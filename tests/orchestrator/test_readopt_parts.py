@@ -11,7 +11,7 @@ import pytest
 
 from modelkeeper.testing import DemoManifest
 from modelkeeper.testing.demo import write_demo_models
-from tests.orchestrator.test_orchestrator import run, serving
+from tests.orchestrator.conftest import run, serving
 
 PARTS = ["flux-transformer", "t5", "t5-fp8-e4m3fn", "clip-l", "flux-vae"]
 FLUX = "transformer/tiny-flux.safetensors"

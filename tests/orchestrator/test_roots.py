@@ -18,7 +18,7 @@ from modelkeeper.orchestrator import Orchestrator
 from modelkeeper.orchestrator.errors import PathOutsideRoots
 from modelkeeper.registry.store import Registry
 from modelkeeper.testing import DemoManifest
-from tests.orchestrator.test_orchestrator import run, serving
+from tests.orchestrator.conftest import run, serving
 
 pytestmark = pytest.mark.xdist_group("orchestrator-inprocess")
 

@@ -11,7 +11,7 @@ import pytest
 from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.testing import DemoManifest
 from modelkeeper.testing.demo import write_demo_models
-from tests.orchestrator.test_orchestrator import run, serving
+from tests.orchestrator.conftest import run, serving
 
 FORMS = ["t5-fp8-e4m3fn", "t5-fp8-scaled", "t5-q8_0"]
 

@@ -84,6 +84,7 @@ def test_ambiguous_name_lists_each_candidate(registry: Registry) -> None:
     registry.set_meta(b.id, {"name": "Style"})
     with pytest.raises(AmbiguousReference) as info:
         registry.resolve("style")
+    assert sorted(info.value.details["matches"]) == sorted([a.id, b.id])
     candidates = info.value.details["candidates"]
     assert sorted(c["id"] for c in candidates) == sorted([a.id, b.id])
     by_id = {c["id"]: c for c in candidates}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from modelkeeper.discovery.hasher import Hasher
-from modelkeeper.registry.errors import AmbiguousReference, InvalidMetadata, ModelNotFound
+from modelkeeper.registry.errors import InvalidMetadata, ModelNotFound
 from modelkeeper.registry.store import Registry
 
 
@@ -28,15 +28,6 @@ def test_resolve_by_id_path_name_and_hash(registry: Registry, models_root: Path)
         registry.resolve("no-such-model")
     with pytest.raises(ModelNotFound):
         registry.resolve("abc")  # too short to be a hash prefix
-
-
-def test_ambiguous_name(registry: Registry) -> None:
-    a = registry.resolve("style")
-    b = registry.resolve("easynegative")
-    registry.set_meta(b.id, {"name": "Style"})
-    with pytest.raises(AmbiguousReference) as info:
-        registry.resolve("style")
-    assert sorted(info.value.details["matches"]) == sorted([a.id, b.id])
 
 
 def test_set_meta_and_history(registry: Registry) -> None:

@@ -7,7 +7,6 @@ process); everything here is small helpers around it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,9 @@ GROUP = pytest.mark.xdist_group("modelkeeper-testing")
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
+def _one_torch_thread(one_torch_thread: None) -> None:
     """Tiny models: thousands of small tensor operations, fastest on one thread (and the suite runs one
-    process per core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    process per core); ``one_torch_thread`` of ``tests/conftest.py`` for every test here."""
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -6,23 +6,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from modelkeeper.client import Client
-from modelkeeper.orchestrator import Settings
 from modelkeeper.testing import DemoManifest
-from modelkeeper.testing.service import RunningService, running_service
+from modelkeeper.testing.service import RunningService
 
 pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, Page
 
 from modelkeeper.testing.browser import chromium
+from tests.conftest import scanned_service
 
-MiB = 1 << 20
 LORA = "loras/tiny-sd15-kohya.safetensors"
 #: What a hostile .civitai.info says: each field lands in a different place of the pages.
 PAYLOADS = {
@@ -60,24 +58,10 @@ def hostile_root(folder: Path, demo: DemoManifest) -> Path:
 def make_service(tmp_path_factory: pytest.TempPathFactory, demo: DemoManifest) -> ServiceFactory:
     """``with make_service(**settings) as svc``: a service whose first scan has finished."""
 
-    @contextmanager
-    def make(**overrides: Any) -> Iterator[RunningService]:
+    def make(**overrides: Any) -> AbstractContextManager[RunningService]:
         folder = tmp_path_factory.mktemp("web-service")
-        values: dict[str, Any] = {
-            "devices": ["cpu"],
-            "model_roots": [demo.root, hostile_root(folder / "extra", demo)],
-            "db": folder / "registry.sqlite3",
-            "port": 0,
-            "ram_cache_bytes": 256 * MiB,
-            "status_poll_s": 0.5,
-            "worker_start_timeout": 120,
-            **overrides,
-        }
-        with running_service(Settings(**values)) as svc:
-            with Client(svc.url, token=overrides.get("token")) as c:
-                for job in c.jobs(kind="scan"):
-                    assert c.wait_job(job["id"], timeout=120)["state"] == "succeeded"
-            yield svc
+        settings = {"model_roots": [demo.root, hostile_root(folder / "extra", demo)], **overrides}
+        return scanned_service(folder, **settings)
 
     return make
 

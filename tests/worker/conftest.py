@@ -40,15 +40,6 @@ def unique_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     return sum(seen.values())
 
 
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors on a shared 2-core machine: parallel kernels cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def worker(worker_device: str) -> Iterator[WorkerProcess]:
     """A real worker subprocess shared by a test module; tests clean up what they load."""

@@ -45,12 +45,12 @@ def worker(worker_device: str) -> Iterator[InProcessWorker]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
 
 
-def write_packed(path: Path, ref: torch.nn.Module, form: str) -> Path:
-    """``ref`` as a file of ``form``: an fp8 form (safetensors) or ``gguf:<type>``."""
+def write_packed(path: Path, ref: torch.nn.Module, form: str, arch: str = "sdxl") -> Path:
+    """``ref`` as a file of ``form``: an fp8 form (safetensors) or ``gguf:<type>`` (of ``arch``)."""
     config = component_config(ref)
     if form.startswith("gguf:"):
         path = path.with_suffix(".gguf")
-        write_gguf(path, ref.state_dict(), form.removeprefix("gguf:"), arch="sdxl", config=config)
+        write_gguf(path, ref.state_dict(), form.removeprefix("gguf:"), arch=arch, config=config)
         return path
     save_file(
         packed_state(ref.state_dict(), form), str(path), metadata={"modelkeeper.config": json.dumps(config)}
@@ -191,13 +191,7 @@ def test_lora_on_packed_matches_the_lora_on_full_precision(
     worker: InProcessWorker, refs: dict[str, torch.nn.Module], tmp_path: Path, form: str
 ) -> None:
     ref = refs["flux"]
-    path = tmp_path / "flux.safetensors"
-    if form.startswith("gguf:"):
-        path = path.with_suffix(".gguf")
-        write_gguf(path, ref.state_dict(), "Q8_0", arch="flux", config=component_config(ref))
-    else:
-        save_file(packed_state(ref.state_dict(), form), str(path),
-                  metadata={"modelkeeper.config": json.dumps(component_config(ref))})  # fmt: skip
+    path = write_packed(tmp_path / "flux.safetensors", ref, form, arch="flux")
     data = {"name": "flux", "path": str(path), "type": "transformer", "dtype": "float32"}
     assert worker.call("model.load_model", data)["storage"] == form
     lora = tmp_path / "flux-lora.safetensors"
@@ -271,13 +265,7 @@ def test_fused_flux_layers_split_over_packed_weights(
     """Row slices of one fused delta land on the packed weights by their logical shapes (a GGUF
     weight's stored shape is its bytes)."""
     ref = refs["flux"]
-    path = tmp_path / "flux.safetensors"
-    if form.startswith("gguf:"):
-        path = path.with_suffix(".gguf")
-        write_gguf(path, ref.state_dict(), "Q8_0", arch="flux", config=component_config(ref))
-    else:
-        save_file(packed_state(ref.state_dict(), form), str(path),
-                  metadata={"modelkeeper.config": json.dumps(component_config(ref))})  # fmt: skip
+    path = write_packed(tmp_path / "flux.safetensors", ref, form, arch="flux")
     data = {"name": "flux", "path": str(path), "type": "transformer", "dtype": "float32"}
     assert worker.call("model.load_model", data)["storage"] == form
     module = worker.module("flux")
