@@ -248,3 +248,56 @@ def test_plan_eviction_by_value() -> None:
     device = dev("a", 100, r("x", 40, 1.0), r("y", 40, 2.0))
     assert plan_eviction(device, "m", 50) == ["x"]
     assert plan_eviction(device, "m", 50, value=lambda res: -res.last_used) == ["y"]
+
+
+# --- Parts shared by several placements on one device (docs/PARTS.md) ------------------------------
+
+
+def shared(model: str, own: int, used: float, *parts: tuple[str, int]) -> Resident:
+    """A model of ``own`` bytes plus its shared ``parts`` (share key, bytes)."""
+    return Resident(model, own + sum(size for _, size in parts), used, shares=parts)
+
+
+T5 = ("t5", 40)
+VAE = ("vae", 10)
+# x and y share the T5 and the VAE: the device holds 20 + 20 + 50, not 140
+SHARING = (shared("x", 20, 1.0, T5, VAE), shared("y", 20, 2.0, T5, VAE))
+
+SHARED_EVICT = [
+    # (case, residents, budget, need, wants, expected)
+    ("a shared part goes with its last holder only", SHARING, 100, 30, {}, ["x"]),
+    ("a part freed once both go", SHARING, 100, 70, {}, ["x", "y"]),
+    ("a part held already takes no room", SHARING, 100, 20 + 50, {"t5": 40, "vae": 10}, ["x"]),
+    ("no eviction when the parts are there", SHARING, 100, 10 + 50, {"t5": 40, "vae": 10}, []),
+    ("its holder evicted, the part needs its room again", (shared("x", 20, 1.0, T5),), 70, 20 + 40, {"t5": 40}, ["x"]),
+    ("a part shared with the model counts once while its holder stays", (shared("x", 20, 1.0, T5),), 80, 20 + 40, {"t5": 40}, []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "residents", "budget", "need", "wants", "expected"),
+    SHARED_EVICT,
+    ids=[c[0] for c in SHARED_EVICT],
+)
+def test_plan_eviction_counts_shared_parts_once(
+    case: str,
+    residents: tuple[Resident, ...],
+    budget: int,
+    need: int,
+    wants: dict[str, int],
+    expected: list[str],
+) -> None:
+    used = sum(r.bytes - sum(s for _, s in r.shares) for r in residents)
+    used += sum({k: s for r in residents for k, s in r.shares}.values())
+    device = DeviceView("a", budget, used, residents)
+    assert plan_eviction(device, "m", need, wants=wants) == expected
+
+
+def test_choose_device_prefers_room_counting_the_parts_held() -> None:
+    """Device b holds the T5 the model wants: 30 bytes of its 70 are there already."""
+    a = DeviceView("a", 100, 50, (r("z", 50),))
+    b = DeviceView("b", 100, 60, (shared("x", 20, 1.0, T5),))
+    assert choose_device([a, b], "m", 70, wants={"t5": 40}) == "b"
+    assert choose_device([a, b], "m", 70) == "a"  # no share: neither fits, a frees more
+    c = DeviceView("c", 100, 90, (shared("x", 50, 1.0, T5, VAE),))
+    assert choose_device([c], "m", 60, wants={"t5": 40}) == "c"  # x evicted frees 100; the T5 counts again

@@ -50,6 +50,15 @@ class PlacementInfo(FixedShape):
     parts: dict[str, str] | MISSING = Field(
         MISSING, description="A transformer-only model: role -> the model id of the part loaded for it."
     )
+    shared: dict[str, list[str]] | MISSING = Field(
+        MISSING,
+        description="Parts this placement shares with others on the device (one module there): component "
+        "-> the other models holding it.",
+    )
+    shared_bytes: int | MISSING = Field(
+        MISSING,
+        description="Of `bytes`, those of shared parts: the device holds them once for all their models.",
+    )
     node: str | MISSING = Field(MISSING, description="Cluster mode: the node of the device.")
     local_id: str | MISSING = Field(MISSING, description="Cluster mode: the model's id on that node.")
     loading: bool | MISSING = Field(MISSING, description="Cluster mode: a load is in flight there.")

@@ -86,8 +86,12 @@ def component_requests(record: ModelRecord, spec: dict[str, Any]) -> list[Compon
 def as_part(record: ModelRecord, role: str, load: ComponentLoad) -> ComponentLoad:
     """``load`` (a standalone text encoder or VAE) as the ``role`` part of ``record``: one more
     component of its placement, named after the role. Its spec, content id and config stay the
-    part's own, so the RAM cache serves one segment to every model that uses the part."""
-    request = load.request.model_copy(update={"name": f"{record.id}/{role}"})
+    part's own, so the RAM cache serves one segment to every model that uses the part; its share
+    token (the part's model and content id) lets a worker hold one module for every placement
+    that loads the part in the same form (``worker/sharing.py``)."""
+    content = load.spec.get("content_id") or f"file:{load.request.path}"
+    token = f"{load.spec.get('model_id') or load.request.path}:{content}"
+    request = load.request.model_copy(update={"name": f"{record.id}/{role}", "share": token})
     return ComponentLoad(role, load.spec, request, load.bytes, load.segment)
 
 

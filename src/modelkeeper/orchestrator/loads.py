@@ -76,6 +76,7 @@ class Loads:
                 loaded=p.state is PlacementState.LOADED,
                 leased=bool(self.leases.holding(p.model_id, slot.id)),
                 keep_loaded=p.keep_loaded,
+                shares=tuple((key, p.component_bytes.get(label, 0)) for label, key in p.shares.items()),
             )
             for p in self.view.on_device(slot.id)
         )
@@ -90,7 +91,9 @@ class Loads:
         if not any(self.device_view(s).holds(record.id) for s in ready):
             await asyncio.gather(*(s.status() for s in ready), return_exceptions=True)
         need = opts.resident_need(await self.stored_bytes(record, opts), max(s.budget_bytes for s in ready))
-        device = choose_device([self.device_view(s) for s in ready], record.id, need, force=opts.force)
+        wants = await self.shared_parts(record, opts)
+        views = [self.device_view(s) for s in ready]
+        device = choose_device(views, record.id, need, force=opts.force, wants=wants)
         return self.pool.slot(device)
 
     async def stored_bytes(self, record: ModelRecord, opts: LoadOptions) -> int:
@@ -98,6 +101,23 @@ class Loads:
         plan = await self.catalog.parts(record)
         parts = list(plan.records.values()) if plan is not None else []
         return sum(opts.stored_bytes(r) for r in (record, *parts))
+
+    async def shared_parts(
+        self, record: ModelRecord, opts: LoadOptions, loads: list[ComponentLoad] | None = None
+    ) -> dict[str, int]:
+        """Share key -> stored bytes of the model's parts (among ``loads``, its component loads when
+        given) that a worker holds once for every placement on its device that loads them in the
+        same form (docs/PARTS.md): placement counts them once."""
+        plan = await self.catalog.parts(record)
+        if plan is None:
+            return {}
+        out: dict[str, int] = {}
+        for load in loads if loads is not None else await self.catalog.component_loads(record):
+            key = opts.request(load.request).share_key()
+            part = plan.records.get(load.component)
+            if key is not None and part is not None:
+                out[key] = opts.stored_bytes(part)
+        return out
 
     # ------------------------------------------------------------------ loading
 
@@ -143,7 +163,7 @@ class Loads:
                 p.keep_loaded = True
             if opts.keep_alive is not None:
                 p.keep_alive = opts.keep_alive
-            return {**p.info(), "already_loaded": True}
+            return {**self.view.info(p), "already_loaded": True}
         deadline = self.deadline(opts.timeout)
         return await coalesced(
             self.inflight,
@@ -166,7 +186,8 @@ class Loads:
         loads = await self.catalog.component_loads(record)
         await slot.status()
         need = opts.resident_need(await self.stored_bytes(record, opts), slot.budget_bytes)
-        evicted = await self.make_room(slot, record.id, need, opts.force)
+        wants = await self.shared_parts(record, opts, loads)
+        evicted = await self.make_room(slot, record.id, need, opts.force, wants)
         keep_alive = self.settings.keep_alive if opts.keep_alive is None else opts.keep_alive
         p = Placement(
             record.id,
@@ -211,7 +232,11 @@ class Loads:
                 p.sources[label] = load.source
                 if load.segment is not None:
                     p.segments[label] = load.segment.component_id
-                p.bytes += result.resident_bytes if result.resident_bytes is not None else result.bytes
+                held = result.resident_bytes if result.resident_bytes is not None else result.bytes
+                p.bytes += held
+                p.component_bytes[label] = held
+                if result.share is not None:
+                    p.shares[label] = result.share
                 p.streamed_bytes += result.streamed_bytes or 0
                 p.timings[label] = {
                     "cache": round(cache_seconds, 6),
@@ -240,7 +265,7 @@ class Loads:
         p.state = PlacementState.LOADED
         p.loaded_at = p.last_used = time.time()
         p.load_seconds = round(time.perf_counter() - started, 6)
-        info = {**p.info(), "evicted": evicted}
+        info = {**self.view.info(p), "evicted": evicted}
         self.bus.publish("model.loaded", model_id=record.id, device=slot.id, placement=p.info())
         await self.catalog.record(
             record.id,
@@ -249,10 +274,13 @@ class Loads:
         )
         return info
 
-    async def make_room(self, slot: WorkerSlot, model_id: str, need: int, force: bool) -> list[str]:
-        """Unload what the policy picks so that ``need`` bytes fit on ``slot``; the ids unloaded."""
+    async def make_room(
+        self, slot: WorkerSlot, model_id: str, need: int, force: bool, wants: dict[str, int] | None = None
+    ) -> list[str]:
+        """Unload what the policy picks so that ``need`` bytes (of which ``wants``: shareable parts by
+        share key) fit on ``slot``; the ids unloaded."""
         await slot.status()
-        chosen = plan_eviction(self.device_view(slot), model_id, need, force=force)
+        chosen = plan_eviction(self.device_view(slot), model_id, need, force=force, wants=wants)
         for mid in chosen:
             p = self.view.get(mid, slot.id)
             if p is not None:

@@ -99,6 +99,11 @@ class Loras:
                     run, priority=priority, deadline=self.loads.deadline(timeout), label=f"lora {lora.id}"
                 )
             p.loras[lora.id] = {"name": name, "lora": lora.name, "strength": strength}
+            unshared = result.get("unshared") or []
+            for label in [label for label, n in p.components.items() if n in unshared]:
+                p.shares.pop(label, None)  # its own copy now (or its module shared no more)
+            if unshared:
+                await slot.status()  # a copy holds more of the device
             out.append({"device": p.device, **result})
             self.bus.publish(
                 "model.lora", model_id=p.model_id, device=p.device, lora_id=lora.id, strength=strength

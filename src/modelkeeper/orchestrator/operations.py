@@ -151,5 +151,11 @@ async def _refresh_bytes(slot: WorkerSlot, p: Placement) -> None:
     held = {m.name: m for m in info.models}
     mine = [held[n] for n in p.components.values() if n in held]
     p.bytes = sum(m.resident_bytes if m.resident_bytes is not None else m.bytes for m in mine)
+    for label, name in p.components.items():
+        m = held.get(name)
+        if m is not None:  # an optimisation takes a shared part out of sharing (its own copy)
+            p.component_bytes[label] = m.resident_bytes if m.resident_bytes is not None else m.bytes
+            if m.share is None:
+                p.shares.pop(label, None)
     p.streamed_bytes = sum(m.streamed_bytes or 0 for m in mine)
     slot.memory = info.memory

@@ -10,6 +10,11 @@ models (loaded, not leased, not kept loaded, unless ``force``) are gone. :func:`
 picks, on one device, the least recently used evictable models until the model fits (or, given
 ``value``, the least valuable ones).
 
+Parts shared by several placements on a device (docs/PARTS.md) are counted once: a resident's
+``shares`` name them with their bytes; unloading a resident frees a shared part only with the last
+of its holders, and a model to place that ``wants`` a part a staying resident holds needs no room
+for it.
+
 A cluster adds tiers (a node's RAM cache, its disk, a peer): :mod:`.tiers` holds the cluster as
 that policy sees it, :mod:`.placement_tiers` the policy, built on these views and
 :func:`plan_eviction`.
@@ -17,7 +22,7 @@ that policy sees it, :mod:`.placement_tiers` the policy, built on these views an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from modelkeeper.orchestrator.errors import NotPlaceable
@@ -33,6 +38,8 @@ class Resident:
     loaded: bool = True  # False while loading or unloading: never evicted
     leased: bool = False
     keep_loaded: bool = False
+    #: (share key, bytes) of its parts that other placements may hold too; part of ``bytes``
+    shares: tuple[tuple[str, int], ...] = ()
 
     def evictable(self, force: bool) -> bool:
         return self.loaded and (force or not (self.leased or self.keep_loaded))
@@ -63,8 +70,35 @@ class DeviceView:
         return sorted(out, key=lambda r: r.last_used)
 
 
-def choose_device(devices: Sequence[DeviceView], model_id: str, need: int, *, force: bool = False) -> str:
-    """The id of the device that should load ``model_id`` (``need`` bytes); see the module docstring."""
+def freed_by(residents: Sequence[Resident], chosen: Collection[Resident]) -> int:
+    """Bytes that unloading ``chosen`` frees: their own, and each shared part none of ``residents``
+    that stays holds."""
+    staying = _held(r for r in residents if r not in chosen)
+    parts = {key: size for r in chosen for key, size in r.shares if key not in staying}
+    return sum(r.bytes - sum(size for _, size in r.shares) for r in chosen) + sum(parts.values())
+
+
+def held_already(residents: Sequence[Resident], gone: Collection[Resident], wants: Mapping[str, int]) -> int:
+    """Bytes of ``wants`` (share key -> bytes: the parts of the model to place) that a resident
+    not in ``gone`` holds: the model shares them, they take no more room."""
+    staying = _held(r for r in residents if r not in gone)
+    return sum(size for key, size in wants.items() if key in staying)
+
+
+def _held(residents: Iterable[Resident]) -> set[str]:
+    return {key for r in residents for key, _ in r.shares}
+
+
+def choose_device(
+    devices: Sequence[DeviceView],
+    model_id: str,
+    need: int,
+    *,
+    force: bool = False,
+    wants: Mapping[str, int] | None = None,
+) -> str:
+    """The id of the device that should load ``model_id`` (``need`` bytes, of which ``wants``: its
+    shareable parts by share key); see the module docstring."""
     if not devices:
         raise NotPlaceable("no worker is running", required_bytes=need)
     for d in devices:
@@ -79,10 +113,14 @@ def choose_device(devices: Sequence[DeviceView], model_id: str, need: int, *, fo
             required_bytes=need,
             budgets=budgets,
         )
-    fits = [d for d in devices if d.free >= need]
+    wants = wants or {}
+    fits = [d for d in devices if d.free + held_already(d.residents, (), wants) >= need]
     if fits:
         return max(fits, key=lambda d: d.free).id
-    after = {d.id: d.free + sum(r.bytes for r in d.evictable(force, model_id)) for d in devices}
+    after = {}
+    for d in devices:
+        gone = d.evictable(force, model_id)
+        after[d.id] = d.free + freed_by(d.residents, gone) + held_already(d.residents, gone, wants)
     room = [d for d in devices if after[d.id] >= need]
     if room:
         return max(room, key=lambda d: after[d.id]).id
@@ -110,10 +148,11 @@ def plan_eviction(
     *,
     force: bool = False,
     value: Callable[[Resident], float] | None = None,
+    wants: Mapping[str, int] | None = None,
 ) -> list[str]:
-    """The models to unload from ``device`` so that ``model_id`` (``need`` bytes) fits; empty when
-    it fits already. Least recently used first, or, given ``value``, least valuable first (ties by
-    recency)."""
+    """The models to unload from ``device`` so that ``model_id`` (``need`` bytes, of which
+    ``wants``: its shareable parts by share key) fits; empty when it fits already. Least recently
+    used first, or, given ``value``, least valuable first (ties by recency)."""
     if need > device.budget:
         raise NotPlaceable(
             f"model {model_id} needs {need} bytes; the budget of {device.id} is {device.budget} bytes",
@@ -121,19 +160,23 @@ def plan_eviction(
             budget_bytes=device.budget,
             device=device.id,
         )
-    if device.used + need <= device.budget:
+    wanted = wants or {}
+
+    def over(chosen: list[Resident]) -> int:
+        kept = held_already(device.residents, chosen, wanted)
+        return device.used + need - kept - freed_by(device.residents, chosen) - device.budget
+
+    if over([]) <= 0:
         return []
     chosen: list[Resident] = []
-    freed = 0
     candidates = device.evictable(force, model_id)
     if value is not None:
         candidates.sort(key=value)
     for r in candidates:
-        if device.used + need - freed <= device.budget:
+        if over(chosen) <= 0:
             break
         chosen.append(r)
-        freed += r.bytes
-    if device.used + need - freed > device.budget:
+    if over(chosen) > 0:
         held = [r.model_id for r in device.residents if r not in chosen and r.model_id != model_id]
         raise NotPlaceable(
             f"model {model_id} needs {need} bytes on {device.id}: {device.free} free of {device.budget}, "

@@ -143,6 +143,9 @@ class Recovery:
             p.components[label] = name
             p.sources.setdefault(label, "unknown")
             p.bytes += m.bytes
+            p.component_bytes[label] = m.bytes
+            if m.share is not None:
+                p.shares[label] = m.share
             p.loaded_at = p.loaded_at or m.loaded_at
             self.view.put(p)
             adopted.append(name)

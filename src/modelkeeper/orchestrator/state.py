@@ -34,6 +34,9 @@ class Placement:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # component -> seconds by step
     loras: dict[str, dict[str, Any]] = field(default_factory=dict)  # LoRA model id -> name, strength, keys
     parts: dict[str, str] = field(default_factory=dict)  # role -> part's model id (docs/PARTS.md)
+    #: component -> the worker's share key: placements on one device with one key hold one module
+    shares: dict[str, str] = field(default_factory=dict)
+    component_bytes: dict[str, int] = field(default_factory=dict)  # component -> its bytes on the device
     bytes: int = 0  # on the device (the stored form; the resident part when offloaded)
     streamed_bytes: int = 0  # weights kept in RAM and streamed in as the model runs (offload)
     keep_loaded: bool = False
@@ -115,6 +118,28 @@ class StateView:
 
     def on_device(self, device: str) -> list[Placement]:
         return [p for p in self.placements.values() if p.device == device]
+
+    def shared_with(self, p: Placement) -> dict[str, list[str]]:
+        """Component -> the other models on ``p``'s device that hold its module too (a shared part:
+        one module in the worker, its bytes counted once on the device)."""
+        out: dict[str, list[str]] = {}
+        for label, key in p.shares.items():
+            others = sorted(
+                q.model_id for q in self.on_device(p.device) if q is not p and key in q.shares.values()
+            )
+            if others:
+                out[label] = others
+        return out
+
+    def info(self, p: Placement, leases: int = 0) -> dict[str, Any]:
+        """``p.info`` with, for a placement that shares parts, ``shared`` (component -> the other
+        models holding it) and ``shared_bytes`` (of its ``bytes``, those the device holds once for
+        them all)."""
+        shared = self.shared_with(p)
+        if not shared:
+            return p.info(leases)
+        held = sum(p.component_bytes.get(label, 0) for label in shared)
+        return {**p.info(leases), "shared": shared, "shared_bytes": held}
 
     def of_model(self, model_id: str) -> list[Placement]:
         return [p for p in self.placements.values() if p.model_id == model_id]

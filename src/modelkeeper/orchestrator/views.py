@@ -47,7 +47,7 @@ class Views:
         self._snapshot: tuple[int, float, bytes] | None = None
 
     def placement(self, p: Placement) -> dict[str, Any]:
-        return p.info(len(self.leases.holding(p.model_id, p.device)))
+        return self.view.info(p, len(self.leases.holding(p.model_id, p.device)))
 
     def tiers(self, record: ModelRecord) -> dict[str, Any]:
         """Where the model is: disk (its file), ram (cached components), vram (per device), failures."""

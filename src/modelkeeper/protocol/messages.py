@@ -172,6 +172,20 @@ class LoadRequest(_Strict):
         "memory as the forward pass reaches them; a byte count keeps at most that many bytes of weights "
         "resident (the parts outside the blocks always are).",
     )
+    share: str | None = Field(
+        None,
+        description="A token naming the weights and config (the orchestrator gives a part's model and "
+        "content id). A load with one, `offload: none`, shares the module this worker holds under the same "
+        "token, type, dtype and storage_dtype: one module, several names, freed with its last name.",
+    )
+
+    def share_key(self) -> str | None:
+        """What a module loaded by this request is shared by (None: never shared): the token and the
+        form it is loaded in. Two requests with one key load one module."""
+        if self.share is None or self.offload != "none":
+            return None
+        form = [self.type or "", self.dtype or "file", self.storage_dtype or "file"]
+        return "|".join([self.share, *(str(getattr(f, "value", f)) for f in form)])
 
 
 class LoadResult(_Open):
@@ -198,6 +212,11 @@ class LoadResult(_Open):
     )
     resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
     streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
+    share: str | None = Field(None, description="The key loads share this module by (LoadRequest.share_key).")
+    shared_with: list[str] = Field(
+        default_factory=list,
+        description="Other names of the same module (a shared part): its bytes count once.",
+    )
 
 
 class UnloadRequest(_Strict):
@@ -236,6 +255,11 @@ class LoadedModelInfo(_Open):
     source: dict[str, Any]
     resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
     streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
+    share: str | None = Field(None, description="The key loads share this module by (LoadRequest.share_key).")
+    shared_with: list[str] = Field(
+        default_factory=list,
+        description="Other names of the same module (a shared part): its bytes count once.",
+    )
     streaming: dict[str, Any] | None = Field(
         None, description="Offloaded models: ring bytes, units, passes, fetches, misses, copied bytes."
     )
@@ -363,6 +387,11 @@ class LoadLoraResult(_Open):
     )
     backup_place: Literal["device", "cpu", "none"] = Field(
         description="Where those originals are kept: the device, pinned host memory, or none were needed."
+    )
+    unshared: list[str] = Field(
+        default_factory=list,
+        description="Targets whose module was shared (a part of several models) and left sharing to be "
+        "patched: given their own copy when another name still held it.",
     )
     read_seconds: float
     prepare_seconds: float
@@ -526,6 +555,11 @@ class OptimizeModelResult(_Open):
         None, description="latency_before_s / latency_after_s; null without measure."
     )
     seconds: float | None = Field(None, description="Absent with revert.")
+    unshared: list[str] | None = Field(
+        None,
+        description="The model's name when its module was shared (a part of several models) and left "
+        "sharing to be changed (its own copy when another name held it); absent with revert.",
+    )
 
 
 class CancelRequest(_Strict):

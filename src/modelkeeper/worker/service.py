@@ -8,6 +8,7 @@ come from another thread at any moment and only take the short state lock.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import threading
@@ -22,6 +23,7 @@ import torch
 
 from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound
 from modelkeeper.protocol.commands import CommandType
+from modelkeeper.protocol.errors import ProtocolError
 from modelkeeper.protocol.messages import (
     PROTOCOL_VERSION,
     BenchmarkModelRequest,
@@ -43,7 +45,7 @@ from modelkeeper.protocol.messages import (
     UnloadResult,
     ValidateModelRequest,
 )
-from modelkeeper.worker import assemble, convert, sources, storage, streaming, weights
+from modelkeeper.worker import assemble, convert, sharing, sources, storage, streaming, weights
 from modelkeeper.worker.device import DeviceMemory, MiB
 from modelkeeper.worker.errors import (
     AlreadyLoaded,
@@ -127,6 +129,11 @@ class LoadedModel:
     config: dict[str, Any] | None = None
     #: Partial residency (``offload``): the streamer that keeps part of the weights on the host.
     streamer: streaming.Streamer | None = None
+    #: The key other loads share this module by (:mod:`.sharing`); None once a LoRA or an
+    #: optimisation changed it, and for a module never shared.
+    share: str | None = None
+    #: The request it was loaded by: what a copy of a shared module is loaded again from.
+    request: LoadRequest | None = None
 
     @property
     def device_bytes(self) -> int:
@@ -142,7 +149,7 @@ class LoadedModel:
             load_seconds=round(self.load_seconds, 6), loaded_at=self.loaded_at, last_used=self.last_used,
             source=self.source, resident_bytes=self.nbytes if stream is None else stream.resident_bytes,
             streamed_bytes=0 if stream is None else stream.streamed_bytes,
-            streaming=None if stream is None else stream.describe(),
+            streaming=None if stream is None else stream.describe(), share=self.share,
         )  # fmt: skip
 
 
@@ -174,8 +181,9 @@ class ModelService:
     # ------------------------------------------------------------------ queries (any thread)
 
     def models_bytes(self) -> int:
+        """Bytes the loaded models hold on the device, a module shared by several names once."""
         with self._lock:
-            return sum(m.device_bytes for m in self._models.values())
+            return sharing.unique_bytes(self._models.values())
 
     def memory_info(self) -> MemoryInfo:
         return self.memory.snapshot(self.models_bytes())
@@ -207,6 +215,8 @@ class ModelService:
                     f"data.name: no model named {name!r} is loaded (loaded: {self._names()})"
                 )
             models = [m.info() for m in self._models.values() if name is None or m.name == name]
+            for info in models:
+                info.shared_with = sharing.others(self._models, info.name)
         return ModelInfoResult(models=models, model_count=len(models), memory=self.memory_info())
 
     def get(self, name: str) -> LoadedModel:
@@ -232,6 +242,9 @@ class ModelService:
             raise AlreadyLoaded(
                 f"data.name: a model named {request.name!r} is already loaded (pass replace: true)"
             )
+        joined = self._join(request, kind, op, started)
+        if joined is not None:
+            return joined
         source = sources.resolve(request, kind)
         if kind is ModelKind.TOKENIZER:
             return self._load_tokenizer(request, source, op, started)
@@ -267,7 +280,8 @@ class ModelService:
             required = sum(e.nbytes_as(dtype) for e in entries)
         with self._lock:
             old = self._models.get(request.name) if exists else None
-            replaced_bytes = old.nbytes if old is not None else 0
+            shared = old is not None and bool(sharing.others(self._models, request.name))
+            replaced_bytes = old.nbytes if old is not None and not shared else 0
             del old  # the old model stays loaded until the new one is built (an atomic replace)
         # offload: None loads the whole model here; a number streams what does not fit it (host first)
         offload = streaming.resident_limit(request.offload, required, self._free_budget(replaced_bytes))
@@ -353,7 +367,7 @@ class ModelService:
         loaded = LoadedModel(
             request.name, kind, class_name, module, str(self.device), dtype_name, nbytes, params, count,
             time.perf_counter() - started, source_info, skeleton=skel, config=source.config,
-            streamer=stream,
+            streamer=stream, share=request.share_key() if stream is None else None, request=request,
         )  # fmt: skip
         with self._lock:
             self._models[request.name] = loaded
@@ -365,7 +379,69 @@ class ModelService:
             source=source_info, evicted=evicted, memory=self.memory_info(),
             timings={k: round(v, 6) for k, v in timings.items()}, storage=form,
             resident_bytes=loaded.info().resident_bytes, streamed_bytes=loaded.info().streamed_bytes,
+            share=loaded.share,
         )  # fmt: skip
+
+    def _join(
+        self, request: LoadRequest, kind: ModelKind, op: Operation, started: float
+    ) -> LoadResult | None:
+        """``request`` loaded as one more name of the module held under its share key, if one is
+        (:mod:`.sharing`): nothing is read or allocated. None when it must be loaded."""
+        key = request.share_key()
+        if key is None:
+            return None
+        with self._lock:
+            base = sharing.holder(self._models, key, besides=request.name)
+        if base is None:
+            return None
+        self._drop(request.name)  # a replaced model goes first (AlreadyLoaded was checked)
+        now = time.time()
+        joined = dataclasses.replace(
+            base, name=request.name, kind=kind, load_seconds=time.perf_counter() - started, loaded_at=now,
+            last_used=now, request=request,
+        )  # fmt: skip
+        with self._lock:
+            self._models[request.name] = joined
+            shared_with = sharing.others(self._models, request.name)
+        self._emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loaded"})
+        info = joined.info()
+        return LoadResult(
+            name=request.name, type=kind.value, class_name=joined.class_name, device=joined.device,
+            dtype=joined.dtype, bytes=joined.nbytes, parameters=joined.parameters, tensors=joined.tensors,
+            load_seconds=round(joined.load_seconds, 6), source=joined.source, memory=self.memory_info(),
+            timings={"total": round(joined.load_seconds, 6)}, storage=joined.source.get("storage"),
+            resident_bytes=info.resident_bytes, streamed_bytes=info.streamed_bytes, share=key,
+            shared_with=shared_with,
+        )  # fmt: skip
+
+    def own_copy(self, name: str, op: Operation, why: str) -> bool:
+        """Take ``name`` out of sharing before ``why`` changes its module: a module other names
+        still hold is loaded again for ``name`` alone (from the request it was loaded by), so the
+        change reaches no other name; a module no other name holds just stops being shared. True
+        when ``name`` was shared (its module may be a new one now: fetch it again)."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None or model.share is None:
+                return False
+            others = sharing.others(self._models, name)
+            if not others:
+                model.share = None
+                return True
+        assert model.request is not None
+        request = model.request.model_copy(update={"share": None, "replace": True})
+        try:
+            self.load(request, model.kind, op)
+        except ProtocolError as exc:
+            exc.message = (
+                f"{name!r} shares its module with {', '.join(others)}: giving it its own copy before {why} "
+                f"failed: {exc.message}"
+            )
+            exc.args = (exc.message, *exc.args[1:])
+            raise
+        copy, shared = self.get(name).module, self.get(others[0]).module
+        if isinstance(copy, torch.nn.Module) and isinstance(shared, torch.nn.Module):
+            sharing.own_storage(copy, shared)  # on the CPU both may be views of one mapped segment
+        return True
 
     @staticmethod
     def _cast_sources(
@@ -468,10 +544,11 @@ class ModelService:
         if required <= free_budget:
             return []
         with self._lock:
-            lru = sorted(
-                (m for m in self._models.values() if m.name != exclude and m.device_bytes > 0),
-                key=lambda m: m.last_used,
-            )
+            models = dict(self._models)
+        lru = sorted(
+            (m for m in models.values() if m.name != exclude and m.device_bytes > 0),
+            key=lambda m: m.last_used,
+        )
         plan: list[str] = []
         reclaim = 0
         if request.allow_evict:
@@ -479,7 +556,7 @@ class ModelService:
                 if required <= free_budget + reclaim:
                     break
                 plan.append(model.name)
-                reclaim += model.device_bytes
+                reclaim = sharing.freed_by(models, plan)  # a shared module: once its last name goes
         if required > free_budget + reclaim:
             hint = (
                 ""
@@ -499,9 +576,13 @@ class ModelService:
         return plan
 
     def _drop(self, name: str) -> int:
+        """Unload ``name``; the bytes freed (none while another name shares its module)."""
         with self._lock:
             model = self._models.pop(name, None)
+            kept = model is not None and any(m.module is model.module for m in self._models.values())
         if model is None:
+            return 0
+        if kept:  # a shared part: the module stays for its other names
             return 0
         freed = model.device_bytes
         before = self.memory.allocated()
@@ -626,15 +707,30 @@ class ModelService:
         return model.module
 
     def load_lora(self, req: LoadLoraRequest, op: Operation) -> dict[str, Any]:
-        targets = {
-            role.value: self.module(model, f"data.targets.{role}") for role, model in req.targets.items()
-        }
+        """Patch the targets with a LoRA. A target whose module is shared with other names (a part
+        of several placements) gets its own copy first, and only when the LoRA patches it (copy on
+        write, :meth:`own_copy`): the other names keep the weights they loaded."""
+        names = {role.value: model for role, model in req.targets.items()}
+        targets = {role: self.module(name, f"data.targets.{role}") for role, name in names.items()}
         role_strength = {role.value: value for role, value in (req.role_strength or {}).items()}
+        unshared: list[str] = []
+
+        def own(roles: set[str]) -> dict[str, torch.nn.Module]:
+            swapped: dict[str, torch.nn.Module] = {}
+            for role in sorted(roles):
+                name = names[role]
+                if name not in unshared and self.own_copy(name, op, f"LoRA {req.name!r} patches it"):
+                    unshared.append(name)
+                module = self.module(name)
+                if module is not targets[role]:
+                    swapped[role] = module
+            return swapped
+
         report = self.loras.load(
             req.name, req.path, targets, strength=req.strength, role_strength=role_strength,
-            strict=req.strict, min_match=req.min_match, check=op.check,
+            strict=req.strict, min_match=req.min_match, check=op.check, own=own,
         )  # fmt: skip
-        return report.as_dict() | {"targets": dict(req.targets)}
+        return report.as_dict() | {"targets": dict(req.targets), "unshared": unshared}
 
     def validate_model(self, req: ValidateModelRequest, op: Operation) -> dict[str, Any]:
         from modelkeeper.worker.validate import validate
@@ -653,6 +749,7 @@ class ModelService:
     def optimize_model(self, req: OptimizeModelRequest, op: Operation) -> dict[str, Any]:
         from modelkeeper.worker.optimize import optimize, revert
 
+        left = not req.revert and self.own_copy(req.name, op, "an optimisation changes it")
         module = self.module(req.name)
         if self.get(req.name).streamer is not None:
             raise InvalidRequest(
@@ -666,7 +763,7 @@ class ModelService:
         else:
             report = optimize(module, req.options, measure=req.measure)
             self._undo.setdefault(req.name, []).append(report.undo)
-            result = report.as_dict()
+            result = report.as_dict() | {"unshared": [req.name] if left else []}
         with self._lock:
             model = self._models[req.name]
             model.nbytes, model.parameters, model.tensors, model.dtype = assemble.module_stats(module)

@@ -251,6 +251,7 @@ class LoraManager:
         strict: bool = False,
         min_match: float = 0.5,
         check: Callable[[], None] | None = None,
+        own: Callable[[set[str]], Mapping[str, torch.nn.Module]] | None = None,
     ) -> LoraReport:
         """Read ``source`` (a file, or a state dict with ``metadata``), match its layers to the
         ``targets`` (role -> module, roles of :data:`~modelkeeper.worker.lora.ROLES`: ``unet`` or
@@ -259,7 +260,9 @@ class LoraManager:
         Everything is checked before any weight changes: an unreadable or unsupported file, layers
         whose shapes do not fit (another base), or fewer than ``min_match`` of the keys for the roles
         given matching a layer, leave every module as it was; with ``strict``, so does any unmatched
-        key. ``check`` is called between stages (cancellation)."""
+        key. ``check`` is called between stages (cancellation). ``own``, given the roles the file
+        patches once it is checked, returns the modules to patch instead for some of them (a module
+        shared by several names gets its own copy first: :meth:`ModelService.load_lora`)."""
         started = time.perf_counter()
         if name in self._loras:
             raise AlreadyLoaded(f"data.name: a LoRA named {name!r} is already applied")
@@ -277,6 +280,11 @@ class LoraManager:
         unmatched += ignored
         refuse_unfit(label, layers, matches, unmatched, mismatched, targets, 1.0 if strict else min_match)
         _call(check)
+        swapped = own({m.role for m in matches}) if own is not None else {}
+        if swapped:  # copies of the same weights: the same matches, on the new modules
+            targets = {**targets, **swapped}
+            matches, unmatched, skipped, mismatched = resolve(layers, targets)
+            unmatched += ignored
         deltas: dict[int, Delta] = {}
         for match in matches:
             if id(match.layer) not in deltas:
@@ -374,6 +382,11 @@ class LoraManager:
                 if not lora.params:
                     del self._loras[lora_name]
         return sorted(touched)
+
+    def patches(self, module: torch.nn.Module) -> bool:
+        """Whether a LoRA patches ``module`` now."""
+        with self._lock:
+            return any(s.owner == id(module) for s in self._patched.values())
 
     def _get(self, name: str) -> _Lora:
         with self._lock:
