@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from safetensors.torch import save_file
 
-from modelkeeper.protocol import CommandType, WorkerProcess
+from modelkeeper.protocol import CommandType, ErrorCode, ProtocolError, WorkerProcess
 from modelkeeper.testing import DemoManifest
 from modelkeeper.testing.demo import write_demo_models
 from modelkeeper.testing.loras import kohya_lora_state_dict
@@ -178,3 +178,42 @@ def test_a_worker_process_shares_a_part(flux_demo: DemoManifest) -> None:
         assert models_bytes(proc) == 0
     finally:
         assert proc.stop() == 0
+
+
+def test_a_copy_that_does_not_fit_is_refused_naming_both_names(
+    flux_demo: DemoManifest, clip_lora: Path
+) -> None:
+    """The budget holds one CLIP-L: the copy a LoRA needs cannot be loaded, and nothing changes."""
+    with InProcessWorker("cpu") as probe:
+        size = load_part(probe, flux_demo, "a", "text_encoder")["bytes"]
+    with InProcessWorker("cpu", budget_mb=size * 1.5 / 2**20) as w:
+        load_part(w, flux_demo, "a", "text_encoder")
+        load_part(w, flux_demo, "b", "text_encoder")
+        clip = w.module("a/text_encoder")
+        before = fingerprint(clip)
+        with pytest.raises(ProtocolError) as err:
+            w.call(CommandType.LOAD_LORA, {"name": "l", "path": str(clip_lora), "targets": {"text_encoder": "a/text_encoder"}})  # fmt: skip
+        assert err.value.code is ErrorCode.INSUFFICIENT_MEMORY
+        assert "'a/text_encoder' shares its module with b/text_encoder" in err.value.message
+        assert "before LoRA 'l' patches it" in err.value.message
+        assert (
+            w.module("a/text_encoder") is clip is w.module("b/text_encoder") and fingerprint(clip) == before
+        )
+        assert models_bytes(w) == size and w.service.loras.names() == []
+
+
+def test_an_optimisation_of_a_shared_part_changes_its_own_copy(
+    inproc: InProcessWorker, flux_demo: DemoManifest
+) -> None:
+    w = inproc
+    load_part(w, flux_demo, "a", "vae")
+    load_part(w, flux_demo, "b", "vae")
+    vae = w.module("b/vae")
+    before = fingerprint(vae)
+    answer = w.call(
+        CommandType.OPTIMIZE_MODEL, {"name": "a/vae", "options": {"dtype": "float32"}, "measure": False}
+    )
+    assert answer["unshared"] == ["a/vae"]
+    assert w.module("a/vae") is not vae and fingerprint(vae) == before
+    assert next(p for p in vae.parameters()).dtype != next(p for p in w.module("a/vae").parameters()).dtype
+    w.call(CommandType.CLEANUP)

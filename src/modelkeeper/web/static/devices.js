@@ -61,6 +61,17 @@ function keepCell(placement) {
   return parts.length ? parts.join(", ") : "–";
 }
 
+// A placement sharing parts with others on the device: its bytes count them, the device once.
+function sharedNote(placement) {
+  if (!placement.shared_bytes) return null;
+  const who = Object.entries(placement.shared || {}).map(([c, ids]) => `${c} with ${ids.join(", ")}`);
+  return h(
+    "div",
+    { class: "shared", title: `one module on the device: ${who.join("; ")}` },
+    `${bytes(placement.shared_bytes)} shared`,
+  );
+}
+
 function modelRows(device, leases, ctx, kick) {
   return device.models.map((p) =>
     h(
@@ -69,7 +80,7 @@ function modelRows(device, leases, ctx, kick) {
       h("td", null, modelLink(p.model_id, p.name)),
       h("td", null, p.type || "–"),
       h("td", null, badge(p.state, p.state)),
-      h("td", { class: "num" }, bytes(p.bytes)),
+      h("td", { class: "num" }, bytes(p.bytes), sharedNote(p)),
       h("td", null, sources(p)),
       h("td", null, leaseCell(p, leases)),
       h("td", { class: "keep" }, keepCell(p)),
