@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from modelkeeper.protocol import CommandType, ErrorCode, ProtocolError, WorkerProcess
@@ -21,6 +22,7 @@ from modelkeeper.worker import InProcessWorker
 from modelkeeper.worker.fingerprint import fingerprint
 
 from .conftest import src
+from .test_vram_release import TOLERANCE, big_unet, free_bytes
 
 PARTS = {"text_encoder": "clip-l", "text_encoder_2": "t5", "vae": "flux-vae"}
 TRANSFORMERS = {"a": "flux-transformer-q8_0", "b": "flux-transformer-fp8-e4m3fn"}
@@ -217,3 +219,30 @@ def test_an_optimisation_of_a_shared_part_changes_its_own_copy(
     assert w.module("a/vae") is not vae and fingerprint(vae) == before
     assert next(p for p in vae.parameters()).dtype != next(p for p in w.module("a/vae").parameters()).dtype
     w.call(CommandType.CLEANUP)
+
+
+def test_a_shared_module_takes_vram_once_and_the_last_unload_hands_it_back(
+    worker_device: str, flux_demo: DemoManifest, tmp_path: Path
+) -> None:
+    """``pytest tests/worker/test_sharing.py --worker-device cuda:0``: a 320 MB UNet loaded under
+    two names with one share token takes the GPU's memory once; the first unload frees nothing,
+    the last gives it all back to the device (as another process sees it)."""
+    if not worker_device.startswith("cuda"):
+        pytest.skip("needs a GPU: --worker-device cuda:0")
+    device = torch.device(worker_device)
+    path = str(big_unet(tmp_path / "unet.safetensors"))
+    with WorkerProcess(worker_device) as worker:
+        warm = {"name": "warm", "type": "text_encoder", **src(flux_demo, "clip-l")}
+        worker.call(CommandType.LOAD_MODEL, warm)  # the context and one-time allocations first
+        worker.call(CommandType.UNLOAD_MODEL, {"name": "warm"})
+        before = free_bytes(device)
+        first = worker.call(CommandType.LOAD_UNET, {"name": "a/unet", "path": path, "share": "big"})
+        once = free_bytes(device)
+        assert before - once >= first["bytes"] - TOLERANCE
+        second = worker.call(CommandType.LOAD_UNET, {"name": "b/unet", "path": path, "share": "big"})
+        assert second["shared_with"] == ["a/unet"] and abs(free_bytes(device) - once) < TOLERANCE
+        assert second["memory"]["models_bytes"] == first["bytes"]
+        assert worker.call(CommandType.UNLOAD_MODEL, {"name": "a/unet"})["freed_bytes"] == 0
+        assert abs(free_bytes(device) - once) < TOLERANCE
+        assert worker.call(CommandType.UNLOAD_MODEL, {"name": "b/unet"})["freed_bytes"] == first["bytes"]
+        assert before - free_bytes(device) < TOLERANCE
