@@ -3,7 +3,9 @@
 This is the seed's ModelInterface. It owns the loaded modules of one device; the protocol
 server (:mod:`modelkeeper.worker.server`) routes requests to it. Device work (loads, unloads,
 memory optimisation) is called from one thread at a time; read-only queries (info, status) may
-come from another thread at any moment and only take the short state lock.
+come from another thread at any moment and only take the short state lock. A part that several
+placements load in one form is one module under several names, counted and freed once
+(:mod:`.sharing`).
 """
 
 from __future__ import annotations
