@@ -2,11 +2,11 @@
 parts of two tiny Flux transformers (Q8_0 and fp8) share their CLIP-L, T5 and VAE, their bytes
 count once, the module stays while one name holds it and goes with the last; a different form is
 loaded apart; a LoRA that patches a shared part gives that name its own copy first (copy on write)
-and leaves the other name's weights as they were. In-process, and once through a worker subprocess."""
+and leaves the other name's weights as they were. In-process, and once through a worker subprocess;
+on the device of ``--worker-device`` (the CPU by default; ``cuda:0`` adds the test of the VRAM)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +66,6 @@ def load_placement(w: Any, demo: DemoManifest, model: str) -> dict[str, dict[str
 def models_bytes(w: Any) -> int:
     info = w.call(CommandType.GET_MODEL_INFO, {})
     return int(info["memory"]["models_bytes"])
-
-
-@pytest.fixture
-def inproc() -> Iterator[InProcessWorker]:
-    with InProcessWorker("cpu") as w:
-        yield w
 
 
 def test_two_placements_share_their_parts_and_count_them_once(
@@ -164,8 +158,8 @@ def test_a_lora_on_a_shared_part_gives_that_placement_its_own_copy(
     w.call(CommandType.CLEANUP)
 
 
-def test_a_worker_process_shares_a_part(flux_demo: DemoManifest) -> None:
-    proc = WorkerProcess("cpu")
+def test_a_worker_process_shares_a_part(worker_device: str, flux_demo: DemoManifest) -> None:
+    proc = WorkerProcess(worker_device)
     try:
         first = load_part(proc, flux_demo, "a", "text_encoder_2")
         second = load_part(proc, flux_demo, "b", "text_encoder_2")
@@ -183,12 +177,12 @@ def test_a_worker_process_shares_a_part(flux_demo: DemoManifest) -> None:
 
 
 def test_a_copy_that_does_not_fit_is_refused_naming_both_names(
-    flux_demo: DemoManifest, clip_lora: Path
+    worker_device: str, flux_demo: DemoManifest, clip_lora: Path
 ) -> None:
     """The budget holds one CLIP-L: the copy a LoRA needs cannot be loaded, and nothing changes."""
-    with InProcessWorker("cpu") as probe:
+    with InProcessWorker(worker_device) as probe:
         size = load_part(probe, flux_demo, "a", "text_encoder")["bytes"]
-    with InProcessWorker("cpu", budget_mb=size * 1.5 / 2**20) as w:
+    with InProcessWorker(worker_device, budget_mb=size * 1.5 / 2**20) as w:
         load_part(w, flux_demo, "a", "text_encoder")
         load_part(w, flux_demo, "b", "text_encoder")
         clip = w.module("a/text_encoder")
