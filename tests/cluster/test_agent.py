@@ -96,6 +96,16 @@ def test_state_files_and_read(demo: DemoManifest, tmp_path: Path) -> None:
     asyncio.run(asyncio.wait_for(body(), 120))
 
 
+async def received_into_ram(source: NodeAgent, target: NodeAgent) -> dict[str, Any]:
+    """The first model of ``source`` sent to ``target``, into its RAM only: the receiver's answer."""
+    model = (await source.state())["ok"]["models"][0]
+    files = (await source.files(model["model_id"]))["ok"]
+    got = await last(
+        target.fetch(model["key"], Peer(source), model["model_id"], files, 1 << 20, 2, to_disk=False)
+    )
+    return {**got["ok"], "key": model["key"]}
+
+
 def test_agents_of_one_node_name_keep_their_models_received_into_ram_apart(
     demo: DemoManifest, tmp_path: Path
 ) -> None:
@@ -112,20 +122,17 @@ def test_agents_of_one_node_name_keep_their_models_received_into_ram_apart(
     second = NodeAgent("node-x", node_settings(demo, tmp_path / "x2", ()), workers="inprocess")
 
     async def body() -> None:
-        clip = (await source.start())["ok"]["models"][0]
+        await source.start()
         await first.start()
         assert not leftover.exists()  # swept: its owner is gone
         try:
-            files = (await source.files(clip["model_id"]))["ok"]
-            got = await last(
-                first.fetch(clip["key"], Peer(source), clip["model_id"], files, 1 << 20, 2, to_disk=False)
-            )
-            received = Path(got["ok"]["path"])
+            got = await received_into_ram(source, first)
+            received = Path(got["path"])
             assert received.is_relative_to(SHM_DIR) and received.exists()
             await second.start()  # the other cluster's node-x: nothing of the first's is touched
             assert received.exists()
             assert [m["key"] for m in (await second.state())["ok"]["models"]] == []
-            loaded = await last(first.stream("loads", "load", [got["ok"]["model_id"], "cpu"], {}))
+            loaded = await last(first.stream("loads", "load", [got["model_id"], "cpu"], {}))
             assert set(loaded["ok"]["sources"].values()) == {"ram"}
             await second.stop()
             assert received.exists()
@@ -134,5 +141,35 @@ def test_agents_of_one_node_name_keep_their_models_received_into_ram_apart(
             await first.stop()
             await source.stop()
         assert not received.parents[1].exists()  # its RAM root goes with the agent
+
+    asyncio.run(asyncio.wait_for(body(), 120))
+
+
+def test_a_model_received_into_ram_whose_files_were_deleted_is_forgotten(
+    demo: DemoManifest, tmp_path: Path
+) -> None:
+    """Files of a model received into RAM only, deleted from outside the agent while its segments
+    are still cached: at its next state the node no longer lists the model, so the driver does
+    not place loads there (its RAM tier) that would fail on the missing file."""
+    source = NodeAgent("node-src", node_settings(demo, tmp_path / "src", (CLIP_L,)), workers="inprocess")
+    node = NodeAgent("node-y", node_settings(demo, tmp_path / "y", ()), workers="inprocess")
+
+    async def listed() -> dict[str, int]:
+        return {m["key"]: m["ram_bytes"] for m in (await node.state())["ok"]["models"]}
+
+    async def body() -> None:
+        await source.start()
+        await node.start()
+        try:
+            got = await received_into_ram(source, node)
+            assert (await listed())[got["key"]] > 0  # in its RAM cache: the tier placement prefers
+            shutil.rmtree(Path(got["path"]).parent)
+            assert got["key"] not in await listed()
+            # its segments stay (hard links: their pages are whole) until the cache evicts them
+            segments = (await node.state())["ok"]["segments"]
+            assert got["segments"] and {s["component_id"] for s in segments} == set(got["segments"])
+        finally:
+            await node.stop()
+            await source.stop()
 
     asyncio.run(asyncio.wait_for(body(), 120))

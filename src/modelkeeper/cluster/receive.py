@@ -15,7 +15,7 @@ files go where the setting says:
 - RAM only: moved into the agent's RAM root (:class:`RamFolders`), a model root of the agent's
   orchestrator, registered from there; its segments are hard links to the same pages (no second
   copy). When the RAM cache evicts them, the model's files are deleted (:meth:`Receiver.prune`)
-  and the node no longer has it.
+  and the node no longer has it; nor has it once they are deleted from outside.
 
 The RAM root and the staging folder belong to one agent, not to a node name: two clusters on one
 machine (two services, a benchmark beside a service, test runs side by side) may each have a
@@ -348,11 +348,15 @@ class Receiver:
         return out
 
     def prune(self) -> bool:
-        """Delete the RAM-only models none of whose segments is cached any more; True when one was."""
-        feed = self.orch.feed
-        gone = [top for top, cids in self.in_ram.items() if cids and not any(c in feed.cache for c in cids)]
-        for top in gone:
-            del self.in_ram[top]
+        """Delete the RAM-only models none of whose segments is cached any more, and forget those
+        whose files were deleted from outside (the node must not offer a model it cannot load);
+        True when one was (the caller rescans the roots)."""
+        cache = self.orch.feed.cache
+        evicted = [top for top, cids in self.in_ram.items() if cids and not any(c in cache for c in cids)]
+        vanished = [top for top in self.in_ram if top not in evicted and not top.exists()]
+        for top in evicted:
             with contextlib.suppress(OSError):
                 shutil.rmtree(top.parent)
-        return bool(gone)
+        for top in evicted + vanished:
+            del self.in_ram[top]
+        return bool(evicted or vanished)
