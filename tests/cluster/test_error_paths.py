@@ -13,7 +13,7 @@ from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 KEY = "b3" * 32
 USERS = "/models/checkpoints/tiny-sd15.safetensors"
-RECEIVED = str(ram_root("b") / KEY[:16] / "tiny-sd15.safetensors")
+RECEIVED = str(ram_root("b", "1234-0") / KEY[:16] / "tiny-sd15.safetensors")
 
 
 def catalog() -> ClusterCatalog:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from modelkeeper.cluster.keys import cluster_key
-from modelkeeper.cluster.receive import Receiver, ram_root, read_chunk
+from modelkeeper.cluster.receive import RamFolders, Receiver, read_chunk
 from modelkeeper.orchestrator import Orchestrator, Settings
 from modelkeeper.orchestrator.errors import LeaseNotFound
 from modelkeeper.orchestrator.jobs import Job
@@ -133,11 +133,11 @@ class NodeAgent:
         async with self._lock:
             if self.orch is None:
                 base = Settings(**self.overrides)
-                ram = ram_root(self.node)  # models received into RAM only: a root of their own
-                settings = base.model_copy(update={"model_roots": [*base.model_roots, ram]})
+                ram = RamFolders.of(self.node)  # models received into RAM only: a root of their own
+                settings = base.model_copy(update={"model_roots": [*base.model_roots, ram.root]})
                 orch = Orchestrator(settings, worker_factory=self.factory())
-                self.receiver = Receiver(orch, self.node, self.receive_dir)
-                await asyncio.to_thread(self.receiver.clear)
+                self.receiver = Receiver(orch, self.node, self.receive_dir, ram)
+                await asyncio.to_thread(ram.open)
                 await orch.start()
                 self.orch = orch
                 await self._scans()
@@ -154,6 +154,9 @@ class NodeAgent:
             if self.orch is not None:
                 await self.orch.stop()
                 self.orch = None
+            if self.receiver is not None:  # its RAM root and staging files, gone with its RAM cache
+                await asyncio.to_thread(self.receiver.folders.close)
+                self.receiver = None
         return {"ok": True}
 
     @property

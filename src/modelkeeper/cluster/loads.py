@@ -24,7 +24,7 @@ from modelkeeper.cluster.catalog import ClusterCatalog, ClusterModel
 from modelkeeper.cluster.errors import TransferFailed
 from modelkeeper.cluster.membership import Membership
 from modelkeeper.cluster.placing import choose_cluster_placement, tiered_view
-from modelkeeper.cluster.receive import ram_root
+from modelkeeper.cluster.receive import RECEIVED
 from modelkeeper.cluster.settings import ClusterSettings
 from modelkeeper.cluster.view import ClusterState, device_id, split_device
 from modelkeeper.orchestrator.coalesce import coalesced
@@ -36,9 +36,6 @@ from modelkeeper.orchestrator.loads import renaming
 from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.protocol.errors import ProtocolError
-
-#: Where nodes keep the models they received into RAM only (``receive.ram_root``): no user's path.
-RECEIVED = str(ram_root(""))
 
 
 def naming_the_users_file(

@@ -12,10 +12,17 @@ files go where the setting says:
 
 - ``to_disk``: copied to ``<first model root>/<receive_dir>/<key[:16]>/`` (via a ``.partial``
   folder), registered from there, and the staged bytes become the model's RAM-cache segments;
-- RAM only: moved into the node's RAM root (``/dev/shm/modelkeeper-received-<node>``, a model
-  root of the agent's orchestrator, emptied when the agent starts), registered from there; its
-  segments are hard links to the same pages (no second copy). When the RAM cache evicts them, the
-  model's files are deleted (:meth:`Receiver.prune`) and the node no longer has it.
+- RAM only: moved into the agent's RAM root (:class:`RamFolders`), a model root of the agent's
+  orchestrator, registered from there; its segments are hard links to the same pages (no second
+  copy). When the RAM cache evicts them, the model's files are deleted (:meth:`Receiver.prune`)
+  and the node no longer has it; nor has it once they are deleted from outside.
+
+The RAM root and the staging folder belong to one agent, not to a node name: two clusters on one
+machine (two services, a benchmark beside a service, test runs side by side) may each have a
+``node-a``, and an agent that emptied a folder named by the node alone deleted what the other's
+``node-a`` had just received. Each agent's folders carry its pid and a per-process count
+(``/dev/shm/modelkeeper-received-<node>-<pid>-<n>``); an agent removes its own when it stops, and
+one that starts removes those whose process is gone (an agent killed before it could stop).
 
 Either way the node's registry scans and hashes the model, its BLAKE3 must equal the cluster key,
 and the next load of it on this node is a RAM-cache hit. A component whose segment cannot be the
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -38,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from blake3 import blake3
 
 from modelkeeper.cache import CacheFull
@@ -54,13 +63,59 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
-def ram_root(node: str) -> Path:
-    """The model root in shared memory where a node keeps models received into RAM only."""
-    return SHM_DIR / f"modelkeeper-received-{_safe(node)}"
+#: The start of every agent's RAM root (``ram_root``): a path under it is no user's file.
+RECEIVED = str(SHM_DIR / "modelkeeper-received-")
+STAGING = str(SHM_DIR / "modelkeeper-staging-")
+#: An agent's folder: ``modelkeeper-{received,staging}-<node>-<pid>-<n>``.
+_OWNED = re.compile(r"^modelkeeper-(?:received|staging)-.+-(\d+)-\d+$")
+_AGENTS = itertools.count()  # agents of this process: two of one node name stay apart
+
+
+def ram_root(node: str, owner: str) -> Path:
+    """The model root in shared memory where the agent ``owner`` (``<pid>-<n>``) of ``node`` keeps
+    the models it received into RAM only."""
+    return Path(f"{RECEIVED}{_safe(node)}-{owner}")
 
 
 def _safe(node: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", node)
+
+
+@dataclass(frozen=True)
+class RamFolders:
+    """One agent's folders in shared memory (see the module docstring): ``root``, the model root
+    of what it received into RAM only; ``staging``, the files of transfers under way."""
+
+    root: Path
+    staging: Path
+
+    @classmethod
+    def of(cls, node: str) -> RamFolders:
+        """New folders for an agent of ``node`` in this process (made by ``open``)."""
+        owner = f"{os.getpid()}-{next(_AGENTS)}"
+        return cls(ram_root(node, owner), Path(f"{STAGING}{_safe(node)}-{owner}"))
+
+    def open(self) -> None:
+        """Make the (empty) RAM root, once the folders of agents whose process is gone are removed."""
+        remove_orphans()
+        for folder in (self.root, self.staging):
+            shutil.rmtree(folder, ignore_errors=True)
+        self.root.mkdir(parents=True)
+
+    def close(self) -> None:
+        """Remove both folders and what they hold (the agent stops: its RAM cache is gone too)."""
+        for folder in (self.root, self.staging):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_orphans(shm_dir: Path = SHM_DIR) -> None:
+    """Remove the agents' folders whose process is gone (killed before it could stop); a folder of
+    a live process (another cluster's agent on this machine) is left alone."""
+    for entry in shm_dir.iterdir():
+        match = _OWNED.match(entry.name)
+        if match and entry.is_dir() and not psutil.pid_exists(int(match.group(1))):
+            log.info("removing %s: the agent that owned it is gone", entry)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def read_chunk(path: Path, offset: int, size: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
@@ -136,12 +191,11 @@ def chunks_of(files: list[dict[str, Any]], chunk: int) -> list[Chunk]:
 class Receiver:
     """Receives models for one node's orchestrator (see the module docstring)."""
 
-    def __init__(self, orch: Orchestrator, node: str, receive_dir: str) -> None:
+    def __init__(self, orch: Orchestrator, node: str, receive_dir: str, folders: RamFolders) -> None:
         self.orch = orch
         self.node = node
         self.receive_dir = receive_dir
-        self.ram_root = ram_root(node)
-        self.staging_root = SHM_DIR / f"modelkeeper-staging-{_safe(node)}"
+        self.folders = folders  # its RAM root is a model root of ``orch``
         self.in_ram: dict[Path, set[str]] = {}  # a RAM-only model's folder -> its segments
 
     async def receive(
@@ -159,7 +213,7 @@ class Receiver:
         """Pull ``files`` of ``source_model_id`` from ``source`` (another node's agent), register
         the model here and check its hash; answers the local model id, bytes and timings."""
         started = time.perf_counter()
-        staged = Staged(self.staging_root / key[:16], files)
+        staged = Staged(self.folders.staging / key[:16], files)
         try:
             await asyncio.to_thread(staged.open)
             total = await self._pull(key, source, source_model_id, staged, chunk, ahead, progress)
@@ -231,7 +285,7 @@ class Receiver:
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(staged.folder, partial)
         else:
-            root = self.ram_root / key[:16]
+            root = self.folders.root / key[:16]
             partial = root.with_name(root.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -293,19 +347,16 @@ class Receiver:
             out.append(seg.component_id)
         return out
 
-    def clear(self) -> None:
-        """Empty the RAM root and the staging folder (the agent starts: nothing there is cached)."""
-        for folder in (self.ram_root, self.staging_root):
-            shutil.rmtree(folder, ignore_errors=True)
-        self.ram_root.mkdir(parents=True, exist_ok=True)
-        self.in_ram.clear()
-
     def prune(self) -> bool:
-        """Delete the RAM-only models none of whose segments is cached any more; True when one was."""
-        feed = self.orch.feed
-        gone = [top for top, cids in self.in_ram.items() if cids and not any(c in feed.cache for c in cids)]
-        for top in gone:
-            del self.in_ram[top]
+        """Delete the RAM-only models none of whose segments is cached any more, and forget those
+        whose files were deleted from outside (the node must not offer a model it cannot load);
+        True when one was (the caller rescans the roots)."""
+        cache = self.orch.feed.cache
+        evicted = [top for top, cids in self.in_ram.items() if cids and not any(c in cache for c in cids)]
+        vanished = [top for top in self.in_ram if top not in evicted and not top.exists()]
+        for top in evicted:
             with contextlib.suppress(OSError):
                 shutil.rmtree(top.parent)
-        return bool(gone)
+        for top in evicted + vanished:
+            del self.in_ram[top]
+        return bool(evicted or vanished)
