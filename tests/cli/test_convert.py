@@ -94,3 +94,14 @@ def test_errors_name_the_file(tmp_path: Path, ckpt: Path) -> None:
     code, output = _convert(str(hostile))
     assert code == 1 and "UNSAFE_PICKLE" in output and "hostile.pt" in output
     assert not list(tmp_path.glob("hostile*.safetensors")) and not list(tmp_path.glob(".*"))
+
+
+def test_a_folder_not_there_yet_is_made_and_a_bare_name_refused(ckpt: Path, tmp_path: Path) -> None:
+    """``-o out/`` (no such folder) wrote an extension-less file named ``out``."""
+    folder = tmp_path / "new" / "out"
+    code, output = _convert(str(ckpt), "-o", f"{folder}/")
+    assert code == 0, output
+    assert (folder / "tiny-sd15.safetensors").is_file() and "wrote " + str(folder) in output
+    bare = tmp_path / "bare"
+    code, output = _convert(str(ckpt), "-o", str(bare))
+    assert code == 1 and "end it with /" in output and not bare.exists(), output

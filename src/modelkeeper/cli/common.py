@@ -11,6 +11,7 @@ from rich.console import Console
 
 from modelkeeper.protocol.errors import ProtocolError
 from modelkeeper.registry.store import Registry
+from modelkeeper.sizes import format_size
 
 DbOption = Annotated[
     Path | None,
@@ -33,10 +34,6 @@ def fail(exc: ProtocolError) -> typer.Exit:
 
 
 def human_size(n: float) -> str:
-    """``n`` bytes in B, KB, MB, GB or TB (powers of 1024), for tables."""
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"
+    """``n`` bytes in decimal units (``8.7 MB``), as the dashboard and the docs write them: the one
+    formatter of every size the command line prints (:func:`modelkeeper.sizes.format_size`)."""
+    return format_size(n)

@@ -56,9 +56,10 @@ class Converted:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def convert_checkpoint(source: Path, out: Path | None = None) -> Converted:
-    """Write ``source`` (a pickle checkpoint) as safetensors at ``out`` (a file or a folder; default:
-    beside ``source``, its suffix ``.safetensors``). Raises a ``ProtocolError`` naming the file:
+def convert_checkpoint(source: Path, out: Path | str | None = None) -> Converted:
+    """Write ``source`` (a pickle checkpoint) as safetensors at ``out`` (a safetensors file, or a
+    folder: one that exists or a name ending with ``/``, made if need be; default: beside
+    ``source``, its suffix ``.safetensors``). Raises a ``ProtocolError`` naming the file:
     FILE_NOT_FOUND, UNSUPPORTED_FORMAT (not a pickle), INVALID_REQUEST (the target exists),
     UNSAFE_PICKLE or INVALID_MODEL_FILE (from the sandbox)."""
     source = source.expanduser()
@@ -90,11 +91,26 @@ def convert_checkpoint(source: Path, out: Path | None = None) -> Converted:
     return Converted(str(source), str(target), len(kept), len(header.tensors) - len(kept), size, metadata)
 
 
-def _target(source: Path, out: Path | None) -> Path:
+def _target(source: Path, out: Path | str | None) -> Path:
+    """The file to write: ``out`` itself when it names a safetensors file; inside ``out`` when it
+    is a folder or ends with ``/`` (a folder not there yet is made). Anything else is refused: a
+    name without the suffix wrote an extension-less file where a folder was meant."""
     if out is None:
         return source.with_suffix(".safetensors")
-    out = out.expanduser()
-    return out / source.with_suffix(".safetensors").name if out.is_dir() else out
+    folder = isinstance(out, str) and out.endswith(("/", os.sep))
+    out = Path(out).expanduser()
+    if folder or out.is_dir():
+        if out.exists() and not out.is_dir():
+            raise ProtocolError(f"{out} is a file, not a folder", ErrorCode.INVALID_REQUEST, path=str(out))
+        out.mkdir(parents=True, exist_ok=True)
+        return out / source.with_suffix(".safetensors").name
+    if out.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        raise ProtocolError(
+            f"--out {out}: name a {' or '.join(SAFETENSORS_SUFFIXES)} file, or a folder (end it with /)",
+            ErrorCode.INVALID_REQUEST,
+            path=str(out),
+        )
+    return out
 
 
 def _refuse_existing(target: Path) -> None:
@@ -171,9 +187,12 @@ def _write(
 def convert_cmd(
     file: Annotated[Path, typer.Argument(help="A pickle checkpoint: .ckpt, .pt, .pth or .bin.")],
     out: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            "--out", "-o", help="The file to write, or a folder (default: beside FILE, .safetensors)."
+            "--out",
+            "-o",
+            help="The .safetensors file to write, or a folder (one that exists, or a name ending with /, "
+            "made if need be). Default: beside FILE.",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
