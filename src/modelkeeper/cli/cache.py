@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from modelkeeper.cli.common import count
+from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import ApiJsonOption, TokenOption, UrlOption, call, finish, print_json, size
+from modelkeeper.client import Client
 
 cache_app = typer.Typer(
     help="The RAM cache of a running service.", no_args_is_help=False, invoke_without_command=True
@@ -34,7 +37,11 @@ def cache_list(
         table.add_column(col)
     for s in data["segments"]:
         table.add_row(
-            s["component_id"], size(s["bytes"]), str(s["hits"]), ", ".join(s["models"]), str(s["pinned"])
+            short_id(s["component_id"]),
+            size(s["bytes"]),
+            str(s["hits"]),
+            ", ".join(s["models"]),
+            str(s["pinned"]),
         )
     Console().print(table)
 
@@ -47,7 +54,7 @@ def cache_add(
     token: TokenOption = None,
 ) -> None:
     """Cache every component of a model in RAM."""
-    job = call(url, token, lambda c: finish(c, c.cache_model(model, wait=False), as_json))
+    job = call(url, token, lambda c: finish(c, c.cache_model(local_path(model), wait=False), as_json))
     if as_json:
         print_json(job["result"])
         return
@@ -55,20 +62,74 @@ def cache_add(
         Console().print(f"[green]cached[/green] {s['component']} as {s['component_id']} ({size(s['bytes'])})")
 
 
+#: How many characters of a component id the table shows, and the shortest prefix ``drop`` takes.
+SHORT_ID = 12
+MIN_PREFIX = 8
+
+
+def short_id(component_id: str) -> str:
+    """A component id as the table shows it: its first ``SHORT_ID`` hex digits (a ``b3:``-like
+    scheme kept), enough to tell segments apart and what ``cache drop`` takes."""
+    scheme, sep, digest = component_id.rpartition(":")
+    return f"{scheme}{sep}{digest[:SHORT_ID]}"
+
+
+def resolve_segment(prefix: str, segments: list[dict[str, Any]]) -> str:
+    """The one cached segment whose id starts with ``prefix`` (at least ``MIN_PREFIX`` digits,
+    with or without its ``b3:``-like scheme), or a ``ValueError`` saying why none is."""
+    ids = [str(s["component_id"]) for s in segments]
+    if prefix in ids:
+        return prefix
+    wanted = prefix.rpartition(":")[2].lower()
+    if len(wanted) < MIN_PREFIX:
+        raise ValueError(
+            f"{prefix!r}: give at least {MIN_PREFIX} digits of the component id (see modelkeeper cache)"
+        )
+    found = [
+        i
+        for i in ids
+        if i.lower().startswith(prefix.lower()) or i.rpartition(":")[2].lower().startswith(wanted)
+    ]
+    if not found:
+        raise ValueError(f"no cached segment matches {prefix!r} (see modelkeeper cache)")
+    if len(found) > 1:
+        raise ValueError(
+            f"{prefix!r} matches {len(found)} cached segments: {', '.join(found)}; give more digits"
+        )
+    return found[0]
+
+
 @cache_app.command("drop")
 def cache_drop(
-    component_id: Annotated[str, typer.Argument()],
-    force: bool = False,
+    component_id: Annotated[
+        str,
+        typer.Argument(
+            help=f"The segment: its component id as the cache table shows it, or any prefix of at "
+            f"least {MIN_PREFIX} digits."
+        ),
+    ],
+    force: Annotated[bool, typer.Option(help="Drop it even while a worker is loading from it.")] = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Drop one segment."""
-    data = call(url, token, lambda c: c.cache_drop(component_id, force=force))
-    Console().print(f"dropped {component_id}: {size(data['freed_bytes'])} freed")
+    """Drop one segment from the RAM cache (loaded models keep their weights)."""
+
+    def run(c: Client) -> tuple[str, dict[str, Any]]:
+        full = resolve_segment(component_id, c.cache()["segments"])
+        return full, c.cache_drop(full, force=force)
+
+    full, data = call(url, token, run)
+    Console().print(f"dropped {short_id(full)}: {size(data['freed_bytes'])} freed")
 
 
 @cache_app.command("clear")
-def cache_clear(force: bool = False, url: UrlOption = None, token: TokenOption = None) -> None:
+def cache_clear(
+    force: Annotated[
+        bool, typer.Option(help="Drop segments even while a worker is loading from them.")
+    ] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
     """Drop every segment."""
     data = call(url, token, lambda c: c.cache_clear(force=force))
-    Console().print(f"dropped {data['dropped']} segments: {size(data['freed_bytes'])} freed")
+    Console().print(f"dropped {count(data['dropped'], 'segment')}: {size(data['freed_bytes'])} freed")

@@ -37,3 +37,8 @@ def human_size(n: float) -> str:
     """``n`` bytes in decimal units (``8.7 MB``), as the dashboard and the docs write them: the one
     formatter of every size the command line prints (:func:`modelkeeper.sizes.format_size`)."""
     return format_size(n)
+
+
+def count(n: int, word: str, plural: str | None = None) -> str:
+    """``1 segment``, ``2 segments``: a number and its noun, agreed."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"

@@ -3,16 +3,25 @@ strength, take it off."""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import ApiJsonOption, DeviceOption, TokenOption, UrlOption, call, err, print_json
 
 lora_app = typer.Typer(help="LoRAs on the loaded models of a running service.", no_args_is_help=True)
 LoraArgument = Annotated[str, typer.Argument(help="The LoRA: model id, name, path or hash prefix.")]
 LoadedArgument = Annotated[str, typer.Argument(help="A loaded model: id, name, path or hash prefix.")]
+
+
+def finite(value: float) -> float:
+    """A strength: nan and inf would reach the service as JSON no parser takes."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"strength must be a finite number, not {value}")
+    return value
 
 
 def _lora_devices(data: dict[str, Any], key: str) -> str:
@@ -23,7 +32,7 @@ def _lora_devices(data: dict[str, Any], key: str) -> str:
 def lora_apply(
     model: LoadedArgument,
     lora: LoraArgument,
-    strength: Annotated[float, typer.Option(help="Scale of the LoRA's change.")] = 1.0,
+    strength: Annotated[float, typer.Option(help="Scale of the LoRA's change.", callback=finite)] = 1.0,
     device: DeviceOption = None,
     as_json: ApiJsonOption = False,
     url: UrlOption = None,
@@ -31,7 +40,11 @@ def lora_apply(
 ) -> None:
     """Apply a LoRA to a loaded model (on every device holding it, or on --device)."""
     with err.status(f"applying {lora} to {model}"):
-        data = call(url, token, lambda c: c.apply_lora(model, lora, strength=strength, device=device))
+        data = call(
+            url,
+            token,
+            lambda c: c.apply_lora(local_path(model), local_path(lora), strength=strength, device=device),
+        )
     if as_json:
         print_json(data)
         return
@@ -47,14 +60,16 @@ def lora_apply(
 def lora_strength(
     model: LoadedArgument,
     lora: LoraArgument,
-    strength: Annotated[float, typer.Argument(help="The new strength (0 turns it off).")],
+    strength: Annotated[float, typer.Argument(help="The new strength (0 turns it off).", callback=finite)],
     device: DeviceOption = None,
     as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
     """Change the strength of a LoRA applied to a loaded model."""
-    data = call(url, token, lambda c: c.lora_strength(model, lora, strength, device=device))
+    data = call(
+        url, token, lambda c: c.lora_strength(local_path(model), local_path(lora), strength, device=device)
+    )
     if as_json:
         print_json(data)
         return
@@ -71,7 +86,7 @@ def lora_remove(
     token: TokenOption = None,
 ) -> None:
     """Remove a LoRA from a loaded model: its original weights come back."""
-    data = call(url, token, lambda c: c.remove_lora(model, lora, device=device))
+    data = call(url, token, lambda c: c.remove_lora(local_path(model), local_path(lora), device=device))
     if as_json:
         print_json(data)
         return

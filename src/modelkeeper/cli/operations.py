@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
     ApiJsonOption,
     DeviceOption,
@@ -26,7 +27,9 @@ def _operation(
     kind: str, model: str, options: dict[str, Any], as_json: bool, url: str | None, token: str | None
 ) -> None:
     given = {k: v for k, v in options.items() if v is not None}
-    job = call(url, token, lambda c: finish(c, getattr(c, kind)(model, wait=False, **given), as_json))
+    job = call(
+        url, token, lambda c: finish(c, getattr(c, kind)(local_path(model), wait=False, **given), as_json)
+    )
     result = job["result"]
     if as_json:
         print_json(result)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from modelkeeper.cli.common import DbOption, JsonOption, fail, human_size, open_registry
+from modelkeeper.cli.common import DbOption, JsonOption, count, fail, human_size, open_registry
 from modelkeeper.cli.listing import ls_lines
 from modelkeeper.protocol.errors import ProtocolError
 
@@ -90,7 +90,10 @@ def ls(
         path = os.path.relpath(m.path, common) if m.path and common else (m.path or "-")
         path += f" (+{m.locations - 1})" if m.locations > 1 else ""
         rows.append((m.handle, m.type, m.base, _size(m.size), path))
-    title = f"{page.total} models"
+    if not page.items and offset and page.total:
+        typer.echo(f"no models at offset {offset} ({page.total} in all)")
+        return
+    title = count(page.total, "model")
     if page.total > len(page.items):
         title += f" (showing {offset + 1}-{offset + len(page.items)})"
     for line in ls_lines(title, common, rows, Console().width):

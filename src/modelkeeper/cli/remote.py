@@ -10,11 +10,14 @@ The client commands take ``--url`` (default ``$MODELKEEPER_URL`` or http://127.0
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
+import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -25,6 +28,7 @@ from rich.progress import (
 )
 
 from modelkeeper.cli.common import human_size
+from modelkeeper.cli.explain import close_models, invalid_fields, looks_like_path
 from modelkeeper.client import DEFAULT_URL, ApiError, Client
 from modelkeeper.protocol.errors import ProtocolError
 
@@ -45,13 +49,34 @@ def _client(url: str | None, token: str | None) -> Client:
     return Client(url, token=token)
 
 
+def service_url(url: str | None) -> str:
+    """The URL a command talks to: ``--url``, else ``$MODELKEEPER_URL``, else the default."""
+    return url or os.environ.get("MODELKEEPER_URL") or DEFAULT_URL
+
+
 def call(url: str | None, token: str | None, fn: Callable[[Client], T]) -> T:
-    """``fn(client)``; an error answer or an unreachable service ends the command with a message."""
+    """``fn(client)``; an error answer, an unreachable service or a local error ends the command
+    with a message that says which (a model the service does not know: with close names)."""
     try:
         with _client(url, token) as c:
-            return fn(c)
+            try:
+                return fn(c)
+            except ApiError as exc:
+                if exc.error_code == "MODEL_NOT_FOUND" and isinstance(exc.details.get("ref"), str):
+                    exc.details["suggestions"] = _suggestions(c, exc.details["ref"])
+                raise
+    except typer.Exit:
+        raise
     except Exception as exc:
-        raise _fail(exc) from None
+        raise _fail(exc, service_url(url)) from None
+
+
+def _suggestions(client: Client, ref: str) -> list[str]:
+    try:
+        listing = client.list_models(status="all", limit=1000)["items"]
+    except (ApiError, httpx.HTTPError, KeyError, TypeError):
+        return []
+    return close_models(ref, listing)
 
 
 class JobFailed(ProtocolError):
@@ -71,16 +96,44 @@ class JobFailed(ProtocolError):
         )
 
 
-def _fail(exc: ApiError | OSError | Exception) -> typer.Exit:
+def _fail(exc: Exception, url: str) -> typer.Exit:
     if isinstance(exc, JobFailed):
-        err.print(f"[red]error[/red] {exc.error_code} (job {exc.job_id}): {exc.message}", highlight=False)
+        _say(f"{exc.error_code} (job {exc.job_id}): {exc.message}")
     elif isinstance(exc, ApiError):
-        err.print(f"[red]error[/red] {exc.error_code} (HTTP {exc.status_code}): {exc.message}")
-        if exc.details.get("matches"):
-            err.print("  matches: " + ", ".join(map(str, exc.details["matches"])))
-    else:
-        err.print(f"[red]error[/red] cannot reach the service: {exc}")
+        _say(*_api_error(exc))
+    elif isinstance(exc, httpx.TimeoutException):
+        _say(f"the service at {url} did not answer in time ({type(exc).__name__}) {exc}".strip())
+    elif isinstance(exc, httpx.TransportError):
+        _say(f"cannot reach the service at {url}: {exc}",
+             "start it (modelkeeper serve), or point at another with --url or MODELKEEPER_URL")  # fmt: skip
+    else:  # on this side: an option the request cannot carry, a file that cannot be read...
+        _say(str(exc) or type(exc).__name__)
     return typer.Exit(code=1)
+
+
+def _say(first: str, *more: str) -> None:
+    """An error line on stderr, then its explanations indented (text only: no rich markup)."""
+    err.print(f"[red]error[/red] {escape(first)}", highlight=False)
+    for line in more:
+        err.print(f"  {escape(line)}", highlight=False)
+
+
+def _api_error(exc: ApiError) -> list[str]:
+    errors = exc.details.get("errors")
+    if exc.status_code == 422 and isinstance(errors, list) and errors:
+        first, *rest = invalid_fields(e for e in errors if isinstance(e, dict))
+        return [f"{exc.error_code}: {first}", *rest]
+    lines = [f"{exc.error_code} (HTTP {exc.status_code}): {exc.message}"]
+    if exc.status_code == 401:
+        lines.append("pass the service's token with --token, or set MODELKEEPER_TOKEN")
+    if exc.details.get("matches"):
+        lines.append("matches: " + ", ".join(map(str, exc.details["matches"])))
+    if exc.details.get("suggestions"):
+        lines.append("did you mean " + " or ".join(exc.details["suggestions"]) + "?")
+    ref = exc.details.get("ref")
+    if exc.error_code == "MODEL_NOT_FOUND" and isinstance(ref, str) and looks_like_path(ref):
+        lines.append("paths are relative to the service's model roots (or absolute, inside one)")
+    return lines
 
 
 def size(n: float | None) -> str:

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
     ApiJsonOption,
     DeviceOption,
@@ -23,6 +24,7 @@ from modelkeeper.cli.remote import (
     size,
 )
 from modelkeeper.client import Client
+from modelkeeper.sizes import parse_size
 
 # ---------------------------------------------------------------------- status
 
@@ -76,7 +78,7 @@ def route(
     token: TokenOption = None,
 ) -> None:
     """Which node and device serve a model now (cluster mode: node/device)."""
-    data = call(url, token, lambda c: c.route(model, load=load))
+    data = call(url, token, lambda c: c.route(local_path(model), load=load))
     if as_json:
         print_json(data)
         return
@@ -122,6 +124,20 @@ def pull(
 # ---------------------------------------------------------------------- load and unload
 
 
+def offload_option(value: str | None) -> str | None:
+    """``--offload``: none, auto or a size (checked here, so that a typo never reaches the service)."""
+    if value is not None and value not in ("none", "auto"):
+        try:
+            parse_size(value)
+        except ValueError as exc:
+            raise typer.BadParameter(f"expected none, auto or a size like 4GB ({exc})") from None
+    return value
+
+
+def offload_value(value: str | None) -> str | int | None:
+    return value if value in (None, "none", "auto") else parse_size(value)
+
+
 def load(
     model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
     device: DeviceOption = None,
@@ -139,7 +155,11 @@ def load(
     ] = None,
     offload: Annotated[
         str | None,
-        typer.Option(help="none, auto (what fits stays, the rest streams from RAM) or bytes kept resident."),
+        typer.Option(
+            help="none, auto (what fits stays, the rest streams from RAM), or what stays resident: "
+            "bytes or a size like 4GB, 512MiB.",
+            callback=offload_option,
+        ),
     ] = None,
     detach: Annotated[bool, typer.Option(help="Print the job and return at once.")] = False,
     as_json: ApiJsonOption = False,
@@ -149,10 +169,10 @@ def load(
     """Load a model on a device (placement chooses when --device is not given), with a progress bar."""
 
     def run(c: Client) -> dict[str, Any]:
-        answer = c.load(model, device, wait=False, priority=priority, timeout=timeout, force=force,
+        answer = c.load(local_path(model), device, wait=False, priority=priority, timeout=timeout, force=force,
                         keep_loaded=keep_loaded, keep_alive=keep_alive, dtype=dtype,
                         storage_dtype=storage_dtype,
-                        offload=int(offload) if offload and offload.isdigit() else offload)  # fmt: skip
+                        offload=offload_value(offload))  # fmt: skip
         return answer["job"] if detach else finish(c, answer, as_json)
 
     job = call(url, token, run)
@@ -180,7 +200,7 @@ def unload(
     token: TokenOption = None,
 ) -> None:
     """Unload a model from one device or from every device holding it."""
-    data = call(url, token, lambda c: c.unload(model, device, force=force or None))
+    data = call(url, token, lambda c: c.unload(local_path(model), device, force=force or None))
     if as_json:
         print_json(data)
         return

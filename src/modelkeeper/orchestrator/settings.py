@@ -1,24 +1,34 @@
 """Every knob of the service in one typed object.
 
 Values come from, in order of precedence: arguments, environment variables with the prefix
-``MODELKEEPER_`` (``MODELKEEPER_PORT=9000``, ``MODELKEEPER_MODEL_ROOTS='["/models"]'``), a TOML
-file named by ``MODELKEEPER_CONFIG`` (or ``--config``), then the defaults below.
+``MODELKEEPER_`` (``MODELKEEPER_PORT=9000``; a list as JSON or comma-separated:
+``MODELKEEPER_MODEL_ROOTS='["/models"]'`` or ``MODELKEEPER_DEVICES=cuda:0,cuda:1``; a size in bytes
+or with a unit: ``MODELKEEPER_RAM_CACHE_BYTES=8GB``), a TOML file named by ``MODELKEEPER_CONFIG``
+(or ``--config``), then the defaults below. :func:`settings_problem` says what is wrong with a
+value in words that name the variable or the file it came from.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
+
+from modelkeeper.sizes import parse_size
 
 CONFIG_ENV = "MODELKEEPER_CONFIG"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -41,18 +51,18 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the API binds; anything but loopback needs a token.")
     port: int = Field(8765, ge=0, le=65535)
     token: SecretStr | None = Field(None, description="Bearer token every API request must carry.")
-    allowed_hosts: list[str] = Field(
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Host header values accepted (DNS-rebinding guard); loopback names and the bind host "
         "are always accepted; '*' accepts any.",
     )
-    cors_origins: list[str] = Field(
+    cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (none by default)."
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
 
     # ---------------------------------------------------------------- models and registry
-    model_roots: list[Path] = Field(default_factory=lambda: [Path("models")])
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("models")])
     db: Path | None = Field(
         None, description="Registry file (default: $MODELKEEPER_DB or ~/.local/share/...)."
     )
@@ -91,14 +101,16 @@ class Settings(BaseSettings):
     )
 
     # ---------------------------------------------------------------- workers
-    devices: list[str] = Field(
+    devices: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["auto"],
         description="Devices to run a worker on: 'auto' (every CUDA device, else the CPU), 'cpu', 'cuda:N'. "
         "A device named twice gets two workers (cpu:0, cpu:1).",
     )
     worker_budget_mb: float | None = Field(None, ge=0, description="Cap on what models may use per worker.")
     worker_reserve_mb: float | None = Field(None, ge=0, description="Memory each worker keeps free for work.")
-    worker_args: list[str] = Field(default_factory=list, description="Extra worker arguments.")
+    worker_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra worker arguments."
+    )
     worker_warm: bool = Field(
         True, description="Workers import their libraries at start, not at the first load."
     )
@@ -128,11 +140,31 @@ class Settings(BaseSettings):
         description="Seconds a loaded model stays after its last use (as Ollama's keep_alive): 0 unloads it "
         "as soon as no operation or lease holds it, -1 never. A load may ask for its own.",
     )
-    preload: list[Preload | str] = Field(
+    preload: Annotated[list[Preload | str], NoDecode] = Field(
         default_factory=list,
         description="Models to load at start (and keep loaded): a reference (id, name, path, hash prefix) "
         "or {model, device}. /health/ready answers ready once every one is loaded.",
     )
+
+    @field_validator("allowed_hosts", "cors_origins", "model_roots", "devices", "worker_args", "preload",
+                     mode="before")  # fmt: skip
+    @classmethod
+    def _list(cls, v: Any) -> Any:
+        """A list from the environment: JSON (``["a", "b"]``) or comma-separated (``a,b``)."""
+        if not isinstance(v, str):
+            return v
+        if v.lstrip().startswith("["):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f'not a JSON list ({exc.msg}); write ["a", "b"] or a,b') from None
+        return [part.strip() for part in v.split(",") if part.strip()]
+
+    @field_validator("ram_cache_bytes", "max_body_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        """Bytes, or a size with its unit: ``8GB``, ``512MiB``."""
+        return parse_size(v) if isinstance(v, str) and v.strip() else v
 
     @field_validator("devices")
     @classmethod
@@ -185,3 +217,47 @@ class Settings(BaseSettings):
         out = self.model_dump(mode="json")
         out["token"] = "***" if self.token is not None else None
         return out
+
+
+_SETTINGS_ERROR_FIELD = re.compile(r'field "(\w+)"')
+
+
+def settings_problem(exc: ValidationError | SettingsError) -> str:
+    """What is wrong with the settings, one line per value, each naming where the value came from
+    (``config.toml: unknown setting 'model_root' (did you mean 'model_roots'?)``,
+    ``MODELKEEPER_RAM_CACHE_BYTES: ...``), with no pydantic internals."""
+    if isinstance(exc, SettingsError):
+        match = _SETTINGS_ERROR_FIELD.search(str(exc))
+        field = match.group(1) if match else ""
+        return f"{_origin(field)}: {exc.__cause__ or exc}" if field else str(exc)
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(field, list(Settings.model_fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"{_config_name()}: unknown setting {field!r}{hint}")
+            continue
+        msg = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{_origin(field)}: {msg}" + (f" (got {error['input']!r})" if _shown(error) else ""))
+    return "\n".join(lines)
+
+
+def _shown(error: Any) -> bool:
+    value = error.get("input")
+    return isinstance(value, (str, int, float)) and str(value) not in str(error["msg"])
+
+
+def _config_name() -> str:
+    return os.environ.get(CONFIG_ENV) or "the settings file"
+
+
+def _origin(field: str) -> str:
+    """Where ``field``'s value came from: its environment variable, else the TOML file, else the
+    command line's option."""
+    env = f"MODELKEEPER_{field.upper()}"
+    if env in os.environ:
+        return env
+    if os.environ.get(CONFIG_ENV):
+        return f"{_config_name()}: {field}"
+    return f"--{field.replace('_', '-')}" if field else "settings"

@@ -1,0 +1,106 @@
+"""What the command line says about sizes, settings and API errors: units, names, suggestions,
+never pydantic's locations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+from typer.testing import CliRunner
+
+from modelkeeper.cli.app import app
+from modelkeeper.cli.cache import resolve_segment, short_id
+from modelkeeper.cli.explain import close_models, invalid_fields, local_path
+from modelkeeper.orchestrator import Settings
+from modelkeeper.orchestrator.settings import settings_problem
+from modelkeeper.sizes import format_size, parse_size
+
+runner = CliRunner()
+
+
+def test_sizes_are_decimal_as_the_dashboard_prints_them() -> None:
+    assert format_size(8_663_070) == "8.7 MB" and format_size(0) == "0 B" and format_size(999) == "999 B"
+    assert format_size(123_456_789) == "123 MB" and format_size(23_800_000_000) == "23.8 GB"
+    assert parse_size("4GB") == 4 * 10**9 and parse_size("512MiB") == 512 << 20
+    assert parse_size("1.5 gb") == 1_500_000_000 and parse_size("1000000") == 10**6
+    with pytest.raises(ValueError, match="negative"):
+        parse_size("-5")
+    with pytest.raises(ValueError, match="like 4GB"):
+        parse_size("lots")
+
+
+def test_settings_take_plain_lists_and_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELKEEPER_DEVICES", "cuda:0, cpu")
+    monkeypatch.setenv("MODELKEEPER_MODEL_ROOTS", "models")
+    monkeypatch.setenv("MODELKEEPER_RAM_CACHE_BYTES", "8GB")
+    s = Settings()
+    assert s.devices == ["cuda:0", "cpu"] and s.model_roots == [Path("models")]
+    assert s.ram_cache_bytes == 8 * 10**9
+    monkeypatch.setenv("MODELKEEPER_MODEL_ROOTS", '["a", "b"]')
+    assert Settings().model_roots == [Path("a"), Path("b")]
+
+
+def _problem(**values: object) -> str:
+    try:
+        Settings(**values)  # type: ignore[arg-type]
+    except (ValidationError, SettingsError) as exc:
+        return settings_problem(exc)
+    raise AssertionError("accepted")
+
+
+def test_settings_errors_name_the_file_or_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('model_root = ["x"]\n')
+    monkeypatch.setenv("MODELKEEPER_CONFIG", str(config))
+    assert _problem() == f"{config}: unknown setting 'model_root' (did you mean 'model_roots'?)"
+    monkeypatch.delenv("MODELKEEPER_CONFIG")
+    monkeypatch.setenv("MODELKEEPER_RAM_CACHE_BYTES", "8XB")
+    problem = _problem()
+    assert problem.startswith("MODELKEEPER_RAM_CACHE_BYTES: '8XB'") and "like 4GB" in problem, problem
+    result = runner.invoke(app, ["serve", "--port", "0"])
+    assert result.exit_code == 2 and "MODELKEEPER_RAM_CACHE_BYTES" in result.output
+    assert "pydantic" not in result.output and "Value error" not in result.output, result.output
+
+
+def test_validation_errors_in_option_words() -> None:
+    errors = [
+        {"loc": ["body", "offload", "literal['none','auto']"], "msg": "Input should be 'none' or 'auto'"},
+        {"loc": ["body", "offload", "constrained-int"], "msg": "Input should be greater than or equal to 0"},
+        {"loc": ["query", "state"], "msg": "String should match pattern '^(queued|running)$'"},
+        {"loc": ["body", "colour"], "msg": "String should match pattern '^x$'"},
+    ]
+    assert invalid_fields(errors) == [
+        "--offload: expected none, auto or a size like 4GB",
+        "--state: expected queued, running, succeeded, failed or cancelled",
+        "colour: not of the expected form",
+    ]
+
+
+def test_close_models_and_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    listing = [
+        {"handle": "tiny-sdxl@diffusers", "name": "tiny-sdxl"},
+        {"handle": "tiny-sd15", "name": "tiny-sd15"},
+    ]
+    assert close_models("tiny-sdx", listing)[0] == "tiny-sdxl@diffusers"
+    assert close_models("zzz", listing) == []
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "a.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert local_path("models/a.safetensors") == str(tmp_path / "models" / "a.safetensors")
+    assert local_path("checkpoints/b.safetensors") == "checkpoints/b.safetensors"  # relative to a root
+    assert local_path("tiny-sd15") == "tiny-sd15"
+
+
+def test_cache_segments_by_prefix() -> None:
+    a, b = "4f85905d6afc576f" + "0" * 48, "4f85905d7" + "1" * 55
+    segments = [{"component_id": a}, {"component_id": b}]
+    assert short_id(a) == "4f85905d6afc" and short_id("b3:" + a) == "b3:4f85905d6afc"
+    assert resolve_segment("4f85905d6", segments) == a and resolve_segment(a, segments) == a
+    with pytest.raises(ValueError, match="no cached segment matches"):
+        resolve_segment("deadbeef", segments)
+    with pytest.raises(ValueError, match="matches 2 cached segments"):
+        resolve_segment("4f85905d", segments)
+    with pytest.raises(ValueError, match="at least 8"):
+        resolve_segment("4f85", segments)
