@@ -23,7 +23,7 @@ import modelkeeper
 from modelkeeper.cli import app
 from modelkeeper.client import Client
 from modelkeeper.testing import DemoManifest
-from tests.api.conftest import LORA
+from tests.api.conftest import CLIP_L, LORA
 
 runner = CliRunner()
 
@@ -107,7 +107,36 @@ def test_cli_errors_are_readable(served: str) -> None:
     finally:
         cli(served, "unload", "clip/tiny-clip-l.safetensors")
     down = runner.invoke(app, ["status"], env={"MODELKEEPER_URL": "http://127.0.0.1:9"})
-    assert down.exit_code == 1 and "cannot reach the service" in down.output
+    assert down.exit_code == 1 and "cannot reach the service at http://127.0.0.1:9" in down.output
+    assert "MODELKEEPER_URL" in down.output
+
+
+def test_cli_errors_speak_the_cli_s_words(served: str) -> None:
+    """The new user's trial: no pydantic locations, no "cannot reach" for a local error, close
+    names for a typo, sizes for --offload, segments by id prefix."""
+    env = {"MODELKEEPER_URL": served, "COLUMNS": "200"}
+
+    def fails(*args: str) -> str:
+        result = runner.invoke(app, list(args), env=env)
+        assert result.exit_code != 0, result.output
+        assert "body." not in result.output and "query." not in result.output, result.output
+        return result.output
+
+    out = fails("lora", "strength", "diffusers/tiny-sd15", LORA, "nan")
+    assert "strength must be a finite number" in out and "reach" not in out, out
+    assert "did you mean tiny-sdxl" in fails("load", "tiny-sdx")
+    assert "--state: expected queued, running" in fails("jobs", "--state", "bogus")
+    assert "a size cannot be negative" in fails("load", CLIP_L, "--offload", "-5")
+    assert "--dtype: expected float32" in fails("load", CLIP_L, "--dtype", "float64")
+    assert "relative to the service's model roots" in fails("load", "models/nowhere/x.safetensors")
+    cli(served, "cache", "add", CLIP_L)
+    with Client(served) as c:
+        (segment,) = [s for s in c.cache()["segments"] if c.model(CLIP_L)["id"] in s["models"]]
+    assert segment["component_id"][:12] in cli(served, "cache")
+    assert "no cached segment matches 'deadbeef'" in fails("cache", "drop", "deadbeef")
+    assert f"dropped {segment['component_id'][:12]}" in cli(
+        served, "cache", "drop", segment["component_id"][:8]
+    )
 
 
 def test_serve_refuses_the_network_without_a_token(tmp_path: Path) -> None:

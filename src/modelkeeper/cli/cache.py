@@ -10,7 +10,17 @@ from rich.table import Table
 
 from modelkeeper.cli.common import count
 from modelkeeper.cli.explain import local_path
-from modelkeeper.cli.remote import ApiJsonOption, TokenOption, UrlOption, call, finish, print_json, size
+from modelkeeper.cli.remote import (
+    MODEL_HELP,
+    ApiJsonOption,
+    JobJsonOption,
+    TokenOption,
+    UrlOption,
+    call,
+    finish,
+    print_json,
+    size,
+)
 from modelkeeper.client import Client
 
 cache_app = typer.Typer(
@@ -48,8 +58,8 @@ def cache_list(
 
 @cache_app.command("add")
 def cache_add(
-    model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
-    as_json: ApiJsonOption = False,
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    as_json: JobJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:

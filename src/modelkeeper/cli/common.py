@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from modelkeeper.protocol.errors import ProtocolError
 from modelkeeper.registry.store import Registry
@@ -29,7 +30,7 @@ def open_registry(db: Path | None) -> Registry:
 
 def fail(exc: ProtocolError) -> typer.Exit:
     code = getattr(exc, "error_code", exc.code.value)  # an ApiError names the code it was sent
-    Console(stderr=True).print(f"[red]error[/red] {code}: {exc.message}", markup=True, highlight=False)
+    Console(stderr=True).print(f"[red]error[/red] {code}: {escape(exc.message)}", highlight=False)
     return typer.Exit(code=1)
 
 

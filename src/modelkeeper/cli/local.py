@@ -28,18 +28,31 @@ def protocol_schema_cmd(
 
 
 def worker_cmd(
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
-    reserve_mb: Annotated[float | None, typer.Option(help="Memory kept free for work.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    reserve_mb: Annotated[
+        float | None, typer.Option(help="Memory kept free for work (default: 1024 on CUDA, 2048 on CPU).")
+    ] = None,
     budget_mb: Annotated[float | None, typer.Option(help="Cap on what models may use.")] = None,
+    throttle_mb_s: Annotated[
+        float | None, typer.Option("--throttle-mb-s", help="Cap the read rate (simulates a slow disk).")
+    ] = None,
+    warm: Annotated[
+        bool, typer.Option("--warm", help="Import the model libraries and open the device in the background.")
+    ] = False,
+    log_level: Annotated[
+        str | None, typer.Option(help="Log level on stderr (default: $MODELKEEPER_LOG_LEVEL or WARNING).")
+    ] = None,
 ) -> None:
-    """Run a worker on stdin/stdout (JSON lines), as 'python -m modelkeeper.worker' does."""
+    """Run a worker on stdin/stdout (JSON lines), as 'python -m modelkeeper.worker' does, with its options."""
     from modelkeeper.worker.__main__ import main as worker_main
 
     args = ["--device", device]
-    if reserve_mb is not None:
-        args += ["--reserve-mb", str(reserve_mb)]
-    if budget_mb is not None:
-        args += ["--budget-mb", str(budget_mb)]
+    for flag, value in (("--reserve-mb", reserve_mb), ("--budget-mb", budget_mb),
+                        ("--throttle-mb-s", throttle_mb_s), ("--log-level", log_level)):  # fmt: skip
+        if value is not None:
+            args += [flag, str(value)]
+    if warm:
+        args.append("--warm")
     raise typer.Exit(worker_main(args))
 
 

@@ -13,8 +13,8 @@ from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import ApiJsonOption, DeviceOption, TokenOption, UrlOption, call, err, print_json
 
 lora_app = typer.Typer(help="LoRAs on the loaded models of a running service.", no_args_is_help=True)
-LoraArgument = Annotated[str, typer.Argument(help="The LoRA: model id, name, path or hash prefix.")]
-LoadedArgument = Annotated[str, typer.Argument(help="A loaded model: id, name, path or hash prefix.")]
+LoraArgument = Annotated[str, typer.Argument(help="The LoRA: handle, id, name, path or hash prefix.")]
+LoadedArgument = Annotated[str, typer.Argument(help="A loaded model: handle, id, name, path or hash prefix.")]
 
 
 def finite(value: float) -> float:

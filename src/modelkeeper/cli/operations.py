@@ -12,8 +12,8 @@ from rich.console import Console
 
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
-    ApiJsonOption,
     DeviceOption,
+    JobJsonOption,
     TokenOption,
     UrlOption,
     call,
@@ -61,10 +61,10 @@ def _operation(
 
 
 def validate(
-    model: Annotated[str, typer.Argument(help="A loaded model.")],
+    model: Annotated[str, typer.Argument(help="A loaded model: handle, id, name, path or hash prefix.")],
     level: Annotated[str, typer.Option(help="header, weights or functional")] = "weights",
     device: DeviceOption = None,
-    as_json: ApiJsonOption = False,
+    as_json: JobJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -73,13 +73,16 @@ def validate(
 
 
 def benchmark(
-    model: Annotated[str, typer.Argument(help="A loaded model.")],
-    steps: Annotated[int, typer.Option(min=1)] = 10,
-    warmup: Annotated[int, typer.Option(min=0)] = 2,
-    batch: Annotated[int, typer.Option(min=1)] = 1,
-    resolution: Annotated[int | None, typer.Option(min=8)] = None,
+    model: Annotated[str, typer.Argument(help="A loaded model: handle, id, name, path or hash prefix.")],
+    steps: Annotated[int, typer.Option(min=1, help="Timed passes.")] = 10,
+    warmup: Annotated[int, typer.Option(min=0, help="Passes before timing (not counted).")] = 2,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size of each pass.")] = 1,
+    resolution: Annotated[
+        int | None,
+        typer.Option(min=8, help="Image side in pixels, a multiple of 8 (default: the model's native size)."),
+    ] = None,
     device: DeviceOption = None,
-    as_json: ApiJsonOption = False,
+    as_json: JobJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -95,14 +98,19 @@ def benchmark(
 
 
 def optimize(
-    model: Annotated[str, typer.Argument(help="A loaded model.")],
+    model: Annotated[str, typer.Argument(help="A loaded model: handle, id, name, path or hash prefix.")],
     opt: Annotated[
         list[str] | None,
-        typer.Option("--opt", "-o", help="key=value: dtype=float16, channels_last=true, ..."),
+        typer.Option(
+            "--opt",
+            "-o",
+            help="key=value (repeat): dtype=float32|float16|bfloat16, channels_last=true, attention=sdpa|default, "
+            "vae_slicing=true, vae_tiling=true, compile=true.",
+        ),
     ] = None,
     revert: Annotated[bool, typer.Option(help="Undo earlier optimisations.")] = False,
     device: DeviceOption = None,
-    as_json: ApiJsonOption = False,
+    as_json: JobJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from modelkeeper.cli.common import DbOption, JsonOption, count, fail, human_size, open_registry
 from modelkeeper.cli.listing import ls_lines
-from modelkeeper.protocol.errors import ProtocolError
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from modelkeeper.orchestrator.completion import PartsPlan
@@ -55,7 +55,7 @@ def ls(
             help="Words to find in names, file paths, descriptions, tags (any case, parts of words).",
         ),
     ] = None,
-    status: Annotated[str, typer.Option("--status", help="ok, missing, or all.")] = "ok",
+    status: Annotated[str, typer.Option("--status", help="ok, missing or all.")] = "ok",
     sort: Annotated[str, typer.Option("--sort", help="name, type, base, size, created, updated")] = "name",
     desc: Annotated[bool, typer.Option("--desc", help="Sort descending.")] = False,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
@@ -64,6 +64,10 @@ def ls(
     db: DbOption = None,
 ) -> None:
     """List the models of the registry: the handle to type for each, and where it lies."""
+    if status not in ("ok", "missing", "all"):
+        raise fail(
+            ProtocolError(f"--status: expected ok, missing or all, got {status!r}", ErrorCode.INVALID_REQUEST)
+        )
     try:
         with open_registry(db) as registry:
             page = registry.search(
@@ -144,9 +148,8 @@ def show(
         console.print(f"  path {f.path}  ({_size(f.size)})")
         for other in record.locations[1:]:
             console.print(f"  also {other.path}  ({other.status.value})")
-        console.print(
-            f"  blake3 {f.hashes.blake3 or '-'}  sha256 {f.hashes.sha256 or '-'}  autov2 {f.hashes.autov2 or '-'}"
-        )
+        for algo in ("blake3", "sha256", "autov2"):  # one a line: a terminal never cuts one mid-label
+            console.print(f"  {algo} {getattr(f.hashes, algo) or '-'}", highlight=False, soft_wrap=True)
     if record.lora_format:
         console.print(f"  LoRA {record.lora_format}, rank {record.lora_rank}")
     if record.components:
@@ -213,10 +216,7 @@ def meta(
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            Console(stderr=True).print(
-                f"[red]error[/red] INVALID_REQUEST: --set wants key=value, got {item!r}"
-            )
-            raise typer.Exit(code=2)
+            raise fail(ProtocolError(f"--set wants key=value, got {item!r}", ErrorCode.INVALID_REQUEST))
         values[key.strip()] = value
     try:
         with open_registry(db) as registry:
@@ -229,6 +229,16 @@ def meta(
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    console = Console()
     for key, value in data.items():
-        console.print(f"{key}: {value}")
+        typer.echo(f"{key}: {_meta_value(value)}")
+
+
+def _meta_value(value: Any) -> str:
+    """A metadata value as a person reads it: ``—`` for none, lists comma-separated, objects as JSON."""
+    if value is None or value in ([], {}, ""):
+        return "—"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)

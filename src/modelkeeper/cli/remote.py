@@ -39,6 +39,8 @@ TokenOption = Annotated[
     str | None, typer.Option("--token", help="Bearer token (default: $MODELKEEPER_TOKEN).")
 ]
 ApiJsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer.")]
+JobJsonOption = Annotated[bool, typer.Option("--json", help="Print the job's result as JSON.")]
+MODEL_HELP = "Model handle (as ls shows it), id, name, path or hash prefix."
 DeviceOption = Annotated[str | None, typer.Option("--device", "-d", help="Device id (cuda:0, cpu...).")]
 
 err = Console(stderr=True)

@@ -13,8 +13,10 @@ from rich.table import Table
 
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
+    MODEL_HELP,
     ApiJsonOption,
     DeviceOption,
+    JobJsonOption,
     TokenOption,
     UrlOption,
     call,
@@ -71,7 +73,7 @@ def status(
 
 
 def route(
-    model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     load: Annotated[bool, typer.Option("--load", help="Load it first when it is loaded nowhere.")] = False,
     as_json: ApiJsonOption = False,
     url: UrlOption = None,
@@ -91,14 +93,14 @@ def route(
 def pull(
     source: Annotated[
         str,
-        typer.Argument(help="A Hub repo (org/name[@rev][:file]), an https URL, or civitai:VERSION_ID."),
+        typer.Argument(help="A Hub repo (org/name\\[@rev]\\[:file]), an https URL, or civitai:VERSION_ID."),
     ],
     model_type: Annotated[
         str | None, typer.Option("--type", help="Folder by type (checkpoint, lora, vae...).")
     ] = None,
     name: Annotated[str | None, typer.Option(help="File or folder name in the model root.")] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 (URLs declare none).")] = None,
-    as_json: ApiJsonOption = False,
+    as_json: JobJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -139,9 +141,9 @@ def offload_value(value: str | None) -> str | int | None:
 
 
 def load(
-    model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     device: DeviceOption = None,
-    priority: Annotated[str, typer.Option(help="low, normal, high, critical")] = "normal",
+    priority: Annotated[str, typer.Option(help="low, normal, high or critical.")] = "normal",
     timeout: Annotated[float | None, typer.Option(help="Time limit in seconds, queue included.")] = None,
     force: Annotated[bool, typer.Option(help="Evict leased or kept models to make room.")] = False,
     keep_loaded: Annotated[bool, typer.Option(help="Reload after a worker restart.")] = False,
@@ -162,7 +164,9 @@ def load(
         ),
     ] = None,
     detach: Annotated[bool, typer.Option(help="Print the job and return at once.")] = False,
-    as_json: ApiJsonOption = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the load's result as JSON (with --detach: the job).")
+    ] = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -192,7 +196,7 @@ def load(
 
 
 def unload(
-    model: Annotated[str, typer.Argument(help="Model id, name, path or hash prefix.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     device: DeviceOption = None,
     force: Annotated[bool, typer.Option(help="Unload even when leased.")] = False,
     as_json: ApiJsonOption = False,
