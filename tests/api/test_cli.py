@@ -77,7 +77,9 @@ def test_session_from_load_to_unload(served: str) -> None:
     assert "loaded tiny-sd15" in out and "on cpu" in out
     status = json.loads(cli(served, "status", "--json"))
     assert [m["name"] for m in status["devices"][0]["models"]] == ["tiny-sd15"]
-    assert "tiny-sd15 (loaded)" in cli(served, "status")
+    handle = status["devices"][0]["models"][0]["handle"]  # tells it from checkpoints/tiny-sd15
+    wide = runner.invoke(app, ["status"], env={"MODELKEEPER_URL": served, "COLUMNS": "200"})
+    assert f"{handle} (loaded)" in wide.output, wide.output
     assert "passed" in cli(served, "validate", "diffusers/tiny-sd15", "--level", "weights")
     assert "median" in cli(served, "benchmark", "diffusers/tiny-sd15", "--steps", "1", "--warmup", "0")
     assert "channels_last" in cli(served, "optimize", "diffusers/tiny-sd15", "-o", "channels_last=true")
@@ -137,6 +139,8 @@ def test_cli_errors_speak_the_cli_s_words(served: str) -> None:
     assert f"dropped {segment['component_id'][:12]}" in cli(
         served, "cache", "drop", segment["component_id"][:8]
     )
+    done = json.loads(cli(served, "jobs", "--json", "--state", "succeeded"))[0]
+    assert "already succeeded; nothing to cancel" in fails("jobs", "cancel", done["id"])
 
 
 def test_serve_refuses_the_network_without_a_token(tmp_path: Path) -> None:

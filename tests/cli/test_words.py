@@ -104,3 +104,23 @@ def test_cache_segments_by_prefix() -> None:
         resolve_segment("4f85905d", segments)
     with pytest.raises(ValueError, match="at least 8"):
         resolve_segment("4f85", segments)
+
+
+def test_ls_past_the_end_and_meta_read_as_words(tmp_path: Path) -> None:
+    from modelkeeper.testing import write_demo_models
+
+    demo = write_demo_models(tmp_path / "models", only=["sd15-checkpoint"])
+    db = str(tmp_path / "registry.sqlite3")
+    assert runner.invoke(app, ["scan", str(demo.root), "--db", db]).exit_code == 0
+    result = runner.invoke(app, ["ls", "--offset", "100", "--db", db])
+    assert result.exit_code == 0 and result.output.strip() == "no models at offset 100 (1 in all)", (
+        result.output
+    )
+    assert runner.invoke(app, ["ls", "--db", db]).output.startswith("1 model")
+    bad = runner.invoke(app, ["ls", "--status", "gone", "--db", db])
+    assert bad.exit_code == 1 and "expected ok, missing or all" in bad.output
+    shown = runner.invoke(app, ["meta", "tiny-sd15", "--set", "tags=anime,style", "--db", db])
+    assert shown.exit_code == 0 and "tags: anime, style" in shown.output, shown.output
+    assert "description: —" in shown.output and "None" not in shown.output and "[" not in shown.output
+    unset = runner.invoke(app, ["meta", "tiny-sd15", "--set", "tags", "--db", db])
+    assert unset.exit_code == 1 and "--set wants key=value" in unset.output

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from modelkeeper.cli.remote import ApiJsonOption, TokenOption, UrlOption, call, follow_job, print_json
+from modelkeeper.client import FINISHED, Client
 
 jobs_app = typer.Typer(help="Jobs of a running service.", invoke_without_command=True)
 
@@ -48,8 +49,16 @@ def jobs_watch(job_id: str, url: UrlOption = None, token: TokenOption = None) ->
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
-    """Cancel a job."""
-    job = call(url, token, lambda c: c.cancel_job(job_id))
+    """Cancel a job (queued or running); one already finished is left as it is (exit 1)."""
+
+    def run(c: Client) -> tuple[str, dict[str, Any]]:
+        before: str = c.job(job_id)["state"]
+        return before, c.cancel_job(job_id) if before not in FINISHED else c.job(job_id)
+
+    before, job = call(url, token, run)
+    if before in FINISHED:
+        Console(stderr=True).print(f"job {job['id']} ({job['kind']}) already {before}; nothing to cancel")
+        raise typer.Exit(1)
     Console().print(f"{job['id']} {job['kind']}: {job['state']}")
 
 

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modelkeeper.cli.common import count
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
     MODEL_HELP,
@@ -32,10 +33,11 @@ from modelkeeper.sizes import parse_size
 
 
 def _placement_line(m: dict[str, Any]) -> str:
-    """``name (state)``, with the LoRAs applied to it and their strengths."""
+    """``handle (state)`` (the handle tells apart two models of one name), with the LoRAs applied
+    to it and their strengths."""
     loras = (m.get("loras") or {}).values()
     applied = "".join(f" + {lora['lora']} x{lora['strength']:g}" for lora in loras)
-    return f"{m['name']} ({m['state']}){applied}"
+    return f"{m.get('handle') or m['name']} ({m['state']}){applied}"
 
 
 def status(
@@ -60,13 +62,36 @@ def status(
                       size(mem.get("budget_bytes")), names, str(d.get("queued", 0)))  # fmt: skip
     console = Console()
     console.print(table)
+    for d in devices:
+        if d.get("last_error"):
+            console.print(f"{d['id']}: last error: {d['last_error']}", highlight=False, markup=False)
+    if not device and not data.get("ready", True):
+        _not_ready(console, c_url=url, token=token)
     if not device and data.get("cache"):
         cs = data["cache"]
         console.print(
-            f"RAM cache: {cs['segments']} segments, {size(cs['bytes_used'])} of {size(cs['budget_bytes'])}, "
+            f"RAM cache: {count(cs['segments'], 'segment')}, {size(cs['bytes_used'])} of {size(cs['budget_bytes'])}, "
             f"hit rate {cs['hit_rate']:.0%}, {cs['evictions']} evictions · jobs: "
-            + ", ".join(f"{k} {v}" for k, v in data["jobs"].items() if v)
+            + ", ".join(f"{k} {v}" for k, v in data["jobs"].items() if v),
+            soft_wrap=True,
         )
+
+
+def _not_ready(console: Console, c_url: str | None, token: str | None) -> None:
+    """Why the service is not ready: the preload still pending or failed (``/health/ready``
+    answers 503 with the same body as 200, not an error body)."""
+
+    def readiness(c: Client) -> dict[str, Any]:
+        body: dict[str, Any] = c.http.get("/health/ready").json()
+        return body
+
+    preload = call(c_url, token, readiness).get("preload") or {}
+    console.print("[yellow]not ready[/yellow]" + (f": {preload['pending']} preload models still loading"
+                                                  if preload.get("pending") else ""))  # fmt: skip
+    for failed in preload.get("failed") or []:
+        what = failed.get("model") or failed.get("ref") or failed
+        why = failed.get("error") or failed.get("error_code") or ""
+        console.print(f"  preload {what} failed: {why}", highlight=False, markup=False)
 
 
 # ---------------------------------------------------------------------- routing
@@ -188,9 +213,10 @@ def load(
         print_json(result)
         return
     note = " (already loaded)" if result.get("already_loaded") else ""
+    streamed = f" resident, {size(result['streamed_bytes'])} streamed" if result.get("streamed_bytes") else ""
     Console().print(
         f"[green]loaded[/green] {result['name']} [dim]{result['model_id']}[/dim] on {result['device']}{note}: "
-        f"{size(result['bytes'])} in {result.get('load_seconds') or 0:.2f} s "
+        f"{size(result['bytes'])}{streamed} in {result.get('load_seconds') or 0:.2f} s "
         f"({', '.join(f'{k} from {v}' for k, v in result['sources'].items())})"
     )
 
