@@ -124,3 +124,43 @@ def test_ls_past_the_end_and_meta_read_as_words(tmp_path: Path) -> None:
     assert "description: —" in shown.output and "None" not in shown.output and "[" not in shown.output
     unset = runner.invoke(app, ["meta", "tiny-sd15", "--set", "tags", "--db", db])
     assert unset.exit_code == 1 and "--set wants key=value" in unset.output
+
+
+def test_serve_fails_at_once_on_a_port_in_use(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = runner.invoke(
+            app, ["serve", "--port", str(port), "--models", str(tmp_path), "--device", "cpu"]
+        )
+    assert result.exit_code == 1 and f"port {port} is in use" in result.output and "--port" in result.output
+    assert "serving on" not in result.output, result.output
+
+
+def test_error_lines_say_where_the_fault_lies(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from modelkeeper.cli import remote
+    from modelkeeper.client import ApiError, Client
+
+    def raises(exc: Exception) -> object:
+        def fn(client: Client) -> object:
+            raise exc
+
+        return fn
+
+    cases = [
+        (
+            ApiError(401, "UNAUTHORIZED", "a bearer token is required", {}),
+            "--token, or set MODELKEEPER_TOKEN",
+        ),
+        (ValueError("Out of range float values are not JSON compliant"), "error Out of range float"),
+    ]
+    for exc, said in cases:
+        with pytest.raises(typer.Exit):
+            remote.call("http://127.0.0.1:9", None, raises(exc))  # type: ignore[arg-type]
+        text = capsys.readouterr().err.replace("\n", " ")
+        assert said in text and "reach" not in text, text
