@@ -35,7 +35,14 @@ def cache_list(
     """List segments and stats (the default)."""
     if ctx.invoked_subcommand is not None:
         return
-    data = call(url, token, lambda c: c.cache())
+
+    def run(c: Client) -> tuple[dict[str, Any], dict[str, str]]:
+        data: dict[str, Any] = c.cache()
+        if as_json or not data["segments"]:
+            return data, {}
+        return data, {m["id"]: m["handle"] for m in c.list_models(status="all", limit=1000)["items"]}
+
+    data, handles = call(url, token, run)
     if as_json:
         print_json(data)
         return
@@ -50,7 +57,7 @@ def cache_list(
             short_id(s["component_id"]),
             size(s["bytes"]),
             str(s["hits"]),
-            ", ".join(s["models"]),
+            ", ".join(handles.get(m, m) for m in s["models"]),  # what to type, not the id
             str(s["pinned"]),
         )
     Console().print(table)
