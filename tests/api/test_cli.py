@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -167,6 +169,11 @@ def test_version_and_help_read_well_at_80_columns() -> None:
         text = result.output
         assert "<bool>" not in text and "`" not in text, (path, text)
         assert max(len(line) for line in text.splitlines()) <= 80, (path, text)
+        if "─ Commands ─" in text:  # a command's description wraps full there, never ragged
+            listing = text[text.index("─ Commands ─") :].splitlines()[1:]
+            for line, after in itertools.pairwise(listing):
+                if re.match(r"│ {10,}\w", after):
+                    assert len(line.rstrip(" │")) >= 55, (path, line)
 
 
 def test_lora_commands_status_progress_and_revert(served: str) -> None:

@@ -3,6 +3,8 @@ this one mounts them, in the order ``--help`` lists them."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -44,26 +46,35 @@ def _root(
     """modelkeeper: find, know, keep and place diffusion models."""
 
 
-app.command("protocol-schema")(local.protocol_schema_cmd)
-app.command("worker")(local.worker_cmd)
-app.command("demo-models")(local.demo_models_cmd)
-app.command("convert")(convert.convert_cmd)
+def _help(fn: Callable[..., Any]) -> str:
+    """``fn``'s docstring with its paragraphs on one line each: in the command list, typer's rich
+    mode keeps a docstring's line breaks, and a paragraph broken at 100 columns came out ragged at 80."""
+    doc = inspect.cleandoc(fn.__doc__ or "")
+    return "\n\n".join(" ".join(p.split("\n")) for p in doc.split("\n\n"))
 
-app.command("scan")(discovery.scan)
-app.command("ls")(registry.ls)
-app.command("show")(registry.show)
-app.command("meta")(registry.meta)
 
-app.command("serve")(serve.serve)
-app.command("status")(service.status)
-app.command("route")(service.route)
-app.command("pull")(service.pull)
-app.command("load")(service.load)
-app.command("unload")(service.unload)
-app.command("validate")(operations.validate)
-app.command("benchmark")(operations.benchmark)
-app.command("optimize")(operations.optimize)
-app.command("optimize-memory")(service.optimize_memory)
+def _mount(name: str, fn: Callable[..., Any]) -> None:
+    app.command(name, help=_help(fn))(fn)
+
+
+_mount("protocol-schema", local.protocol_schema_cmd)
+_mount("worker", local.worker_cmd)
+_mount("demo-models", local.demo_models_cmd)
+_mount("convert", convert.convert_cmd)
+_mount("scan", discovery.scan)
+_mount("ls", registry.ls)
+_mount("show", registry.show)
+_mount("meta", registry.meta)
+_mount("serve", serve.serve)
+_mount("status", service.status)
+_mount("route", service.route)
+_mount("pull", service.pull)
+_mount("load", service.load)
+_mount("unload", service.unload)
+_mount("validate", operations.validate)
+_mount("benchmark", operations.benchmark)
+_mount("optimize", operations.optimize)
+_mount("optimize-memory", service.optimize_memory)
 app.add_typer(lora.lora_app, name="lora")
 app.add_typer(cache.cache_app, name="cache")
 app.add_typer(jobs.jobs_app, name="jobs")
