@@ -25,7 +25,7 @@ import modelkeeper
 from modelkeeper.cli import app
 from modelkeeper.client import Client
 from modelkeeper.testing import DemoManifest
-from tests.api.conftest import CLIP_L, LORA
+from tests.api.conftest import CLIP_L, LORA, ServiceFactory
 
 runner = CliRunner()
 
@@ -145,6 +145,32 @@ def test_cli_errors_speak_the_cli_s_words(served: str) -> None:
     )
     done = json.loads(cli(served, "jobs", "--json", "--state", "succeeded"))[0]
     assert "already succeeded; nothing to cancel" in fails("jobs", "cancel", done["id"])
+
+
+def test_a_path_from_the_current_folder_is_found(
+    served: str, demo: DemoManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``load models/clip/x.safetensors`` typed beside the model root: sent as an absolute path."""
+    monkeypatch.chdir(demo.root.parent)
+    out = cli(served, "load", f"{demo.root.name}/{CLIP_L}")
+    assert "loaded tiny-clip-l" in out, out
+    assert "unloaded" in cli(served, "unload", f"./{demo.root.name}/{CLIP_L}")
+
+
+def test_status_says_why_not_ready_and_a_401_names_the_token(make_service: ServiceFactory) -> None:
+    with make_service(preload=["no-such-model"], token="s3cret", hash_on_start=False) as svc:
+        with Client(svc.url, token="s3cret") as c:
+            end = time.monotonic() + 60
+            while c.http.get("/health/ready").json()["preload"]["pending"] and time.monotonic() < end:
+                time.sleep(0.1)
+        env = {"MODELKEEPER_URL": svc.url, "COLUMNS": "200"}
+        refused = runner.invoke(app, ["status"], env=env)
+        assert refused.exit_code == 1 and "--token, or set MODELKEEPER_TOKEN" in refused.output, (
+            refused.output
+        )
+        shown = runner.invoke(app, ["status"], env={**env, "MODELKEEPER_TOKEN": "s3cret"})
+        assert shown.exit_code == 0, shown.output
+        assert "not ready" in shown.output and "preload no-such-model failed" in shown.output, shown.output
 
 
 def test_serve_refuses_the_network_without_a_token(tmp_path: Path) -> None:

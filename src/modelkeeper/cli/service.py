@@ -51,6 +51,7 @@ def status(
     if as_json:
         print_json(data)
         return
+    readiness = {} if device else call(url, token, _readiness)
     devices = [data] if device else data["devices"]
     table = Table(title="devices")
     for col in ("device", "state", "pid", "used", "budget", "models", "queued"):
@@ -65,8 +66,8 @@ def status(
     for d in devices:
         if d.get("last_error"):
             console.print(f"{d['id']}: last error: {d['last_error']}", highlight=False, markup=False)
-    if not device and not data.get("ready", True):
-        _not_ready(console, c_url=url, token=token)
+    if readiness and not (readiness.get("ready", True) and data.get("ready", True)):
+        _not_ready(console, readiness)
     if not device and data.get("cache"):
         cs = data["cache"]
         console.print(
@@ -77,21 +78,25 @@ def status(
         )
 
 
-def _not_ready(console: Console, c_url: str | None, token: str | None) -> None:
-    """Why the service is not ready: the preload still pending or failed (``/health/ready``
-    answers 503 with the same body as 200, not an error body)."""
+def _readiness(c: Client) -> dict[str, Any]:
+    """``/health/ready``'s body: it answers 503 with the same body as 200, not an error body."""
+    try:
+        body = c.http.get("/health/ready").json()
+    except ValueError:  # not JSON: a proxy's page; the table says what it can without it
+        return {}
+    return body if isinstance(body, dict) else {}
 
-    def readiness(c: Client) -> dict[str, Any]:
-        body: dict[str, Any] = c.http.get("/health/ready").json()
-        return body
 
-    preload = call(c_url, token, readiness).get("preload") or {}
-    console.print("[yellow]not ready[/yellow]" + (f": {preload['pending']} preload models still loading"
-                                                  if preload.get("pending") else ""))  # fmt: skip
+def _not_ready(console: Console, readiness: dict[str, Any]) -> None:
+    """Why the service is not ready: workers not ready, preload models pending or failed."""
+    preload = readiness.get("preload") or {}
+    waiting = [f"{d} {state}" for d, state in (readiness.get("workers") or {}).items() if state != "ready"]
+    if preload.get("pending"):
+        waiting.append(f"{count(preload['pending'], 'preload model')} still loading")
+    console.print("[yellow]not ready[/yellow]" + (f": {', '.join(waiting)}" if waiting else ""))
     for failed in preload.get("failed") or []:
-        what = failed.get("model") or failed.get("ref") or failed
         why = failed.get("error") or failed.get("error_code") or ""
-        console.print(f"  preload {what} failed: {why}", highlight=False, markup=False)
+        console.print(f"  preload {failed.get('model')} failed: {why}", highlight=False, markup=False)
 
 
 # ---------------------------------------------------------------------- routing
