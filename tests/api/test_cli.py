@@ -143,6 +143,11 @@ def test_cli_errors_speak_the_cli_s_words(served: str) -> None:
     assert f"dropped {segment['component_id'][:12]}" in cli(
         served, "cache", "drop", segment["component_id"][:8]
     )
+    offloaded = cli(served, "load", "tiny-sdxl-unet", "--offload", "1MB").replace("\n", " ")  # 10^6 resident
+    try:
+        assert " resident, " in offloaded and " streamed in " in offloaded, offloaded
+    finally:
+        cli(served, "unload", "tiny-sdxl-unet")
     done = json.loads(cli(served, "jobs", "--json", "--state", "succeeded"))[0]
     assert "already succeeded; nothing to cancel" in fails("jobs", "cancel", done["id"])
 
