@@ -164,3 +164,13 @@ def test_error_lines_say_where_the_fault_lies(capsys: pytest.CaptureFixture[str]
             remote.call("http://127.0.0.1:9", None, raises(exc))  # type: ignore[arg-type]
         text = capsys.readouterr().err.replace("\n", " ")
         assert said in text and "reach" not in text, text
+
+
+def test_serve_names_a_settings_file_that_is_not_toml(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("model_roots = [\n")
+    # serve --config sets MODELKEEPER_CONFIG: named in env, the runner puts it back afterwards
+    result = runner.invoke(
+        app, ["serve", "--config", str(config), "--port", "0"], env={"MODELKEEPER_CONFIG": None}
+    )
+    assert result.exit_code == 2 and "not valid TOML" in result.output and "config.toml" in result.output

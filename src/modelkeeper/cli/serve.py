@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -63,6 +64,12 @@ def serve(
     except (ValidationError, SettingsError) as exc:
         for line in settings_problem(exc).splitlines():
             err.print(f"[red]error[/red] {escape(line)}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+    except tomllib.TOMLDecodeError as exc:
+        where = os.environ.get("MODELKEEPER_CONFIG")
+        err.print(
+            f"[red]error[/red] {escape(f'{where}: not valid TOML ({exc})')}", soft_wrap=True, highlight=False
+        )
         raise typer.Exit(2) from None
     except ValueError as exc:  # check_exposure
         err.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
