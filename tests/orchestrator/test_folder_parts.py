@@ -67,11 +67,15 @@ def write_flux_folder(folder: Path, seed: int) -> Path:
     return folder
 
 
-def write_flux_checkpoint(path: Path, seed: int) -> Path:
-    """A ComfyUI all-in-one Flux file: the transformer under ``model.diffusion_model.``, the VAE
-    under ``first_stage_model.``, CLIP-L and T5 under ``text_encoders.clip_l.`` / ``.t5xxl.``."""
+def write_flux_checkpoint(path: Path, seed: int, transformer_dtype: torch.dtype = torch.float16) -> Path:
+    """A ComfyUI all-in-one Flux file: the transformer under ``model.diffusion_model.`` (in
+    ``transformer_dtype``: fp8 as ComfyUI's ``flux1-dev-fp8``), the VAE under
+    ``first_stage_model.``, CLIP-L and T5 under ``text_encoders.clip_l.`` / ``.t5xxl.``."""
     m = flux_modules(seed)
-    state = {LDM_DENOISER_PREFIX + k: v for k, v in state_dict_for_save(m["transformer"]).items()}
+    state = {
+        LDM_DENOISER_PREFIX + k: v.to(transformer_dtype) if v.dim() > 1 else v
+        for k, v in state_dict_for_save(m["transformer"]).items()
+    }
     state |= to_original_layout("vae", state_dict_for_save(m["vae"]), component_config(m["vae"]))
     state |= to_original_layout(
         "clip_l", state_dict_for_save(m["text_encoder"]), {}, prefix=COMFY_CLIP_L_PREFIX + "transformer."
@@ -305,3 +309,20 @@ def test_two_parts_of_one_folder_not_hashed_yet_are_not_shared_as_one(
             assert all(r["passed"] for r in checked["result"][0]["components"].values())
 
     run(body)
+
+
+def test_a_component_s_form_is_its_own(tmp_path: Path) -> None:
+    """An fp8 all-in-one file (the transformer fp8, its VAE and encoders fp16): the file's form is
+    fp8, its VAE and encoders rank as full precision."""
+    from modelkeeper.discovery.scanner import Scanner
+    from modelkeeper.orchestrator.completion import component_candidates
+    from modelkeeper.registry.store import Registry
+
+    write_flux_checkpoint(tmp_path / "models" / CHECKPOINT, DEFAULT_SEED + 9, torch.float8_e4m3fn)
+    with Registry.open(str(tmp_path / "registry.sqlite3")) as registry:
+        Scanner(registry, [str(tmp_path / "models")]).scan()
+        record = registry.resolve("tiny-flux-aio")
+        assert record.identification.quant == "float8_e4m3fn"
+        got = {c.component: (c.kind, c.width, c.quant) for c, _ in component_candidates(record)}
+    assert got == {"text_encoder": ("clip_l", 768, None), "text_encoder_3": ("t5_xxl", 32, None),
+                   "vae": ("vae", 16, None)}  # fmt: skip

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkeeper.discovery.records import ComponentInfo
+from modelkeeper.discovery.tables import FLOAT8_NAMES
 from modelkeeper.formats.conventions import SAFETENSORS_SUFFIXES
 from modelkeeper.formats.gguf_header import read_gguf_header
 from modelkeeper.formats.safetensors_header import read_header
@@ -200,6 +201,19 @@ def _component_width(comp: ComponentInfo, shapes: Mapping[str, Sequence[int]]) -
     return None
 
 
+def _component_quant(record: ModelRecord, comp: ComponentInfo) -> str | None:
+    """The stored form of one component: a checkpoint's fp8 transformer beside a bf16 VAE leaves
+    the VAE full precision. fp8 by its tensors' dtypes (``scaled_`` as the file is); a GGUF file's
+    type for its components."""
+    quant = record.identification.quant
+    if record.format == "gguf":
+        return quant
+    fp8 = [FLOAT8_NAMES[d] for d, _ in sorted(comp.dtypes.items(), key=lambda i: -i[1]) if d in FLOAT8_NAMES]
+    if not fp8:
+        return None
+    return f"scaled_{fp8[0]}" if quant and quant.startswith("scaled_") else fp8[0]
+
+
 def component_candidates(record: ModelRecord) -> list[tuple[Candidate, ModelRecord]]:
     """The components of a pipeline folder or full checkpoint that may be parts, each with the
     record narrowed to it. A text encoder keeps its own base (``any`` for the CLIP and T5 encoders
@@ -218,7 +232,7 @@ def component_candidates(record: ModelRecord) -> list[tuple[Candidate, ModelReco
             kind=kind,
             width=_component_width(comp, shapes),
             base=record.base if kind == "vae" else comp.base.value,
-            quant=record.identification.quant,
+            quant=_component_quant(record, comp),
             unusable=_unusable(record),
             component=comp.name,
         )
