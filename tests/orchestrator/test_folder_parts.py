@@ -326,3 +326,21 @@ def test_a_component_s_form_is_its_own(tmp_path: Path) -> None:
         got = {c.component: (c.kind, c.width, c.quant) for c, _ in component_candidates(record)}
     assert got == {"text_encoder": ("clip_l", 768, None), "text_encoder_3": ("t5_xxl", 32, None),
                    "vae": ("vae", 16, None)}  # fmt: skip
+
+
+def test_a_re_adopted_placement_read_from_disk_keeps_its_folder_parts(
+    folder_demo: DemoManifest, tmp_path: Path
+) -> None:
+    """Read from disk, a folder's component reports its own folder (``.../text_encoder_2``) as the
+    file read: ``reconcile`` knows it for the folder's part."""
+
+    async def body() -> None:
+        async with serving(folder_demo, tmp_path, cache_fill="alongside") as orch:
+            done = (await orch.loads.load(GGUF))["result"]
+            assert done["sources"]["text_encoder_2"] == "disk"
+            orch.view.remove(done["model_id"], "cpu")
+            await orch.recovery.reconcile("cpu")
+            again = orch.view.get(done["model_id"], "cpu")
+            assert again is not None and again.parts == done["parts"]
+
+    run(body)
