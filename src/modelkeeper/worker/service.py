@@ -619,6 +619,20 @@ class ModelService:
         storage.detach(module)  # a packed module's decode hooks go with its tensors
         self.skeletons.give_back(class_name, config, skel)
 
+    def close(self) -> None:
+        """At the worker's end: drop every model, then unregister and unmap its segments. A
+        page-locked range left registered when its memory goes (the mapping collected with the
+        worker) stays registered in the process: a later mapping at those addresses fails
+        ``cudaHostRegister`` and copies from it fail ("already mapped"), which an in-process worker
+        followed by another, or by diffusers, in one process meets."""
+        with self._lock:
+            names = list(self._models)
+        for name in names:
+            self._drop(name)
+        gc.collect()
+        self.mappings.release()
+        self.memory.release_caches()
+
     def unload(self, name: str, op: Operation) -> UnloadResult:
         before = self.memory_info()
         with self._lock:
