@@ -137,7 +137,7 @@ def test_m0004_model_bases_indexes_the_bases_a_model_fits(conn: sqlite3.Connecti
         ('{"compatible_bases": ["sd1", "sd2", "sdxl", "sdxl_refiner"]}',),
     )
     conn.execute("UPDATE models SET identification='not json' WHERE id='m-broken'")
-    assert migrate(conn) == [4]
+    assert migrate(conn, target=4) == [4]
 
     def fits(model_id: str) -> list[str]:
         rows = conn.execute("SELECT base FROM model_bases WHERE model_id=? ORDER BY base", (model_id,))
@@ -160,6 +160,47 @@ def test_m0004_model_bases_indexes_the_bases_a_model_fits(conn: sqlite3.Connecti
         for r in conn.execute("EXPLAIN QUERY PLAN SELECT model_id FROM model_bases WHERE base='sdxl'")
     )
     assert "SCAN" not in plan  # found through the index
+
+
+def test_m0005_gives_ids_back_to_live_files(conn: sqlite3.Connection) -> None:
+    """The state an earlier scanner left (the new-user trial): the old id missing on a deleted
+    copy, the live file under a later, empty model. The later model merges into the older one."""
+    migrate(conn, target=4)
+    for model_id, created in (
+        ("m-old", 0.0),
+        ("m-new", 5.0),
+        ("m-gone", 1.0),
+        ("m-lone", 6.0),
+        ("m-live", 2.0),
+    ):
+        _model(conn, model_id, created)
+    conn.execute("UPDATE models SET status='missing' WHERE id IN ('m-old', 'm-gone', 'm-lone')")
+    _file(conn, "/r/b.safetensors", "m-old", status="missing")  # the deleted copy holds the old id
+    _file(conn, "/r/a.safetensors", "m-new")  # the live file got a fresh one
+    _file(conn, "/r/gone.safetensors", "m-gone", status="missing")  # deleted, nothing alike: stays
+    _file(conn, "/r/lone.safetensors", "m-lone", status="missing")  # newer than the live one: stays
+    _file(conn, "/r/live.safetensors", "m-live")
+    keys = {"b": "k1", "a": "k1", "gone": "k2", "lone": "k3", "live": "k3"}
+    for name, key in keys.items():
+        conn.execute("UPDATE files SET content_key=? WHERE path=?", (key, f"/r/{name}.safetensors"))
+    conn.execute("INSERT INTO model_tags VALUES ('m-old', 'keep'), ('m-new', 'later')")
+    conn.execute(
+        "INSERT INTO history (model_id, at, op) VALUES ('m-old', 0, 'meta.set'), ('m-new', 5, 'load')"
+    )
+    assert migrate(conn) == [5]
+    owners = dict(conn.execute("SELECT path, model_id FROM files").fetchall())
+    assert owners == {
+        "/r/a.safetensors": "m-old",  # the live file has its id back; the dead path is dropped
+        "/r/gone.safetensors": "m-gone",
+        "/r/lone.safetensors": "m-lone",
+        "/r/live.safetensors": "m-live",
+    }
+    status = dict(conn.execute("SELECT id, status FROM models").fetchall())
+    assert status == {"m-old": "ok", "m-gone": "missing", "m-lone": "missing", "m-live": "ok"}
+    tags = conn.execute("SELECT tag FROM model_tags WHERE model_id='m-old' ORDER BY tag").fetchall()
+    assert [t[0] for t in tags] == ["keep", "later"]
+    ops = [r[0] for r in conn.execute("SELECT op FROM history WHERE model_id='m-old' ORDER BY at, id")]
+    assert ops == ["meta.set", "load", "registry.id_restored"]
 
 
 def test_migrate_is_idempotent_and_refuses_newer(conn: sqlite3.Connection) -> None:

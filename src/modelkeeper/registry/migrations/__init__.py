@@ -18,6 +18,7 @@ from modelkeeper.registry.migrations import (
     m0002_user_metadata,
     m0003_locations,
     m0004_model_bases,
+    m0005_live_ids,
 )
 
 
@@ -33,7 +34,14 @@ def _migration(module: ModuleType) -> Migration:
 
 
 MIGRATIONS: tuple[Migration, ...] = tuple(
-    _migration(m) for m in (m0001_initial, m0002_user_metadata, m0003_locations, m0004_model_bases)
+    _migration(m)
+    for m in (
+        m0001_initial,
+        m0002_user_metadata,
+        m0003_locations,
+        m0004_model_bases,
+        m0005_live_ids,
+    )
 )
 LATEST = MIGRATIONS[-1].version
 
