@@ -24,10 +24,46 @@ from modelkeeper.protocol.messages import (
     SetLoraStrengthRequest,
     UnloadLoraRequest,
 )
+from modelkeeper.registry import ModelRecord
 
 
 def _answer(command: CommandType) -> type[BaseModel]:
     return COMMAND_MODELS[command][1]
+
+
+#: How bases are named in messages.
+BASE_NAMES = {
+    "sd1": "SD1",
+    "sd2": "SD2",
+    "sdxl": "SDXL",
+    "sdxl_refiner": "SDXL refiner",
+    "sd3": "SD3",
+    "flux": "Flux",
+}
+
+
+def _a(name: str) -> str:
+    """``an SDXL``, ``a Flux``: the article as the name is spoken (S as "es", Flux as a word)."""
+    return f"{'an' if name.startswith('S') else 'a'} {name}"
+
+
+def check_base(model: ModelRecord, lora: ModelRecord) -> None:
+    """Refuse, before any worker call, a LoRA whose base the registry knows to differ from the
+    model's: the worker would only find it out key by key. A LoRA or a model of unknown base (or one
+    fitting several bases) goes to the worker, whose error then names the keys that do not fit."""
+    known = BASE_NAMES.keys()
+    fits = {lora.base, *(b.value for b in lora.identification.compatible_bases)}
+    if lora.base in known and model.base in known and model.base not in fits:
+        raise ProtocolError(
+            f"{lora.handle} is {_a(BASE_NAMES[lora.base])} LoRA; {model.handle} is {BASE_NAMES[model.base]}: "
+            f"apply it to {_a(BASE_NAMES[lora.base])} model",
+            ErrorCode.INVALID_REQUEST,
+            field="lora_id",
+            lora_id=lora.id,
+            lora_base=lora.base,
+            model_id=model.id,
+            model_base=model.base,
+        )
 
 
 class Loras:
@@ -62,11 +98,16 @@ class Loras:
         lora = await self.catalog.resolve(lora_ref)
         if lora.type != "lora" or lora.path is None:
             raise ProtocolError(
-                f"{lora_ref!r} is a {lora.type}, not a LoRA", ErrorCode.INVALID_REQUEST, field="lora_id"
+                f"{lora.handle} ({lora.id}) is a {lora.type}, not a LoRA",
+                ErrorCode.INVALID_REQUEST,
+                field="lora_id",
+                lora_id=lora.id,
             )
+        check_base(record, lora)
         await self.catalog.verify_file(lora)
         out = []
         for p in self.loads.loaded(record, device):
+            before = p.loras.get(lora.id)
             slot = self.pool.slot(p.device)
             name = f"{lora.id}@{p.model_id}"
             request = LoadLoraRequest(
@@ -99,6 +140,12 @@ class Loras:
                     run, priority=priority, deadline=self.loads.deadline(timeout), label=f"lora {lora.id}"
                 )
             p.loras[lora.id] = {"name": name, "lora": lora.name, "strength": strength}
+            if before is not None:  # applied again: the same LoRA, its strength set anew
+                result["already_applied"] = True
+                result["message"] = (
+                    f"{lora.handle} was already applied to {p.handle or p.name} on {p.device}; "
+                    f"strength set to {strength:g} (was {before['strength']:g})"
+                )
             unshared = result.get("unshared") or []
             for label in [label for label, n in p.components.items() if n in unshared]:
                 p.shares.pop(label, None)  # its own copy now (or its module shared no more)
@@ -128,7 +175,11 @@ class Loras:
         held = [p for p in self.loads.loaded(record, device) if lora.id in p.loras]
         if not held:
             raise NotLoaded(
-                f"LoRA {lora.id} ({lora.name}) is not applied to model {record.id}", lora_id=lora.id
+                f"LoRA {lora.handle} ({lora.id}) is not applied to {record.handle} ({record.id})"
+                + (f" on {device}" if device else ""),
+                lora_id=lora.id,
+                model_id=record.id,
+                handle=record.handle,
             )
         out = []
         for p in held:
