@@ -129,7 +129,10 @@ class Operations:
             await _refresh_bytes(slot, p)
         if component is not None and not results:
             raise NotLoaded(
-                f"model {p.model_id} has no loaded component {component!r} ({', '.join(p.components)})"
+                f"{p.handle or p.name} ({p.model_id}) has no loaded component {component!r} "
+                f"({', '.join(p.components)})",
+                model_id=p.model_id,
+                handle=p.handle or p.name,
             )
         summary = {
             name: {k: v for k, v in r.items() if k in SUMMARY_FIELDS[op]} for name, r in results.items()

@@ -9,6 +9,7 @@ many bytes the model will hold on a device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from modelkeeper.orchestrator.forms import LoadForm
 from modelkeeper.orchestrator.workers import Priority
@@ -30,6 +31,16 @@ class LoadOptions:
     storage_dtype: DType | None = None  # kept in this dtype on the device (fp8), upcast per layer
     offload: str | int | None = None  # "none", "auto" or bytes kept resident; the rest streams from RAM
     reload: bool = False  # loaded already in another form: unload it and load it in this one
+
+    @classmethod
+    def like(cls, form: LoadForm, **others: Any) -> LoadOptions:
+        """The options that load a model again in ``form`` (a kept model after its worker restarted)."""
+        return cls(
+            dtype=None if form.dtype is None else DType(form.dtype),
+            storage_dtype=None if form.storage_dtype is None else DType(form.storage_dtype),
+            offload=None if form.offload == "none" else form.offload,
+            **others,
+        )
 
     def form(self) -> LoadForm:
         """The form this load asks for (before the worker says what the file's dtypes are)."""
