@@ -16,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from modelkeeper.orchestrator.errors import LoadedDifferently
+from modelkeeper.registry import ModelRecord
+
 Offload = str | int
 
 
@@ -107,4 +110,26 @@ def asked_text(differences: dict[str, dict[str, Any]]) -> str:
     return ", ".join(f"{k} {v['asked']}" for k, v in differences.items())
 
 
-__all__ = ["LoadForm", "Offload", "asked_text"]
+def loaded_differently(
+    record: ModelRecord,
+    device: str,
+    form: LoadForm,
+    differences: dict[str, dict[str, Any]],
+    *,
+    loading: bool = False,
+) -> LoadedDifferently:
+    """The 409 of a load that asks for another form than ``record`` has on ``device``."""
+    state = "being loaded" if loading else "loaded"
+    then = "wait for that load, then unload it" if loading else "unload it first"
+    return LoadedDifferently(
+        f"{record.handle} is {state} on {device} as {form.describe()}; this load asks for "
+        f"{asked_text(differences)}: {then}, or pass reload to unload it and load it again with these options",
+        model_id=record.id,
+        handle=record.handle,
+        device=device,
+        loaded=form.info(),
+        differences=differences,
+    )
+
+
+__all__ = ["LoadForm", "Offload", "asked_text", "loaded_differently"]

@@ -5,8 +5,9 @@ queues the load on that device, and coalesces concurrent loads of one model on o
 one. A load makes room first (evicting what the policy picks), then loads each component through
 the cache feed; any failure rolls back the components already loaded, so no half-loaded model is
 left behind. ``unload`` honours leases and ``force``. Leases are granted here too, since they hold
-placements. (About 420 lines: load, unload, eviction and idle expiry share one flow of checks on the
-same placements and queues; split apart, each would reach back into the others.)
+placements. A load of a model loaded in another form is refused or reloaded (``forms.py``). (About
+560 lines: load, unload, eviction and idle expiry share one flow of checks on the same placements
+and queues; split apart, each would reach back into the others.)
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any
 from modelkeeper.orchestrator.cachefeed import CacheFeed
 from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.coalesce import coalesced
-from modelkeeper.orchestrator.errors import LoadedDifferently, ModelInUse, NotLoaded
+from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded
 from modelkeeper.orchestrator.events import EventBus
-from modelkeeper.orchestrator.forms import LoadForm, asked_text
+from modelkeeper.orchestrator.forms import LoadForm, loaded_differently
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.loading import ComponentLoad
@@ -140,7 +141,8 @@ class Loads:
         # what the caller must change is refused before any job: no model to load, a file gone,
         # loaded in another form (forms.py)
         self.catalog.check_loadable(record)
-        await self.catalog.verify_file(record)
+        if not self.view.of_model(record.id):  # loaded already: answered from its placement
+            await self.catalog.verify_file(record)
         if not opts.reload:
             self.check_form(record, None if all_devices else device, opts)
         plan = await self.catalog.parts(record)
@@ -528,28 +530,6 @@ class Loads:
         lease = self.leases.release(lease_id)
         self.bus.publish("lease.released", lease=lease.info())
         return lease.info()
-
-
-def loaded_differently(
-    record: ModelRecord,
-    device: str,
-    form: LoadForm,
-    differences: dict[str, dict[str, Any]],
-    *,
-    loading: bool = False,
-) -> LoadedDifferently:
-    """The 409 of a load that asks for another form than ``record`` has on ``device``."""
-    state = "being loaded" if loading else "loaded"
-    then = "wait for that load, then unload it" if loading else "unload it first"
-    return LoadedDifferently(
-        f"{record.handle} is {state} on {device} as {form.describe()}; this load asks for "
-        f"{asked_text(differences)}: {then}, or pass reload to unload it and load it again with these options",
-        model_id=record.id,
-        handle=record.handle,
-        device=device,
-        loaded=form.info(),
-        differences=differences,
-    )
 
 
 def naming_the_users_file(exc: ProtocolError, routed: ComponentLoad, planned: ComponentLoad) -> ProtocolError:
