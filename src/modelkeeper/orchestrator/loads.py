@@ -184,7 +184,7 @@ class Loads:
                 message=f"unloading {p.handle or record.handle}: loaded as {p.form.describe()}", force=True
             )
             await self._unload_checked(p, force=opts.force, timeout=opts.timeout)
-        elif key in self.inflight:
+        if key in self.inflight:  # (a load may have started while a reload unloaded)
             pending = self.pending.get(key, LoadForm())
             differences = opts.differences(pending)
             if differences:  # joined, it would get the other form
