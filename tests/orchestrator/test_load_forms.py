@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from modelkeeper.orchestrator import LoadedDifferently, LoadOptions, NotLoadable, NotLoaded, Orchestrator
+from modelkeeper.orchestrator.loras import naming
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.protocol.messages import DType
 from modelkeeper.testing import DemoManifest
@@ -31,6 +32,7 @@ UNET = "diffusers/tiny-sd15-unet"
 LORA_SD15 = "loras/tiny-sd15-kohya.safetensors"
 LORA_SDXL = "loras/tiny-sdxl-kohya.safetensors"
 EMBEDDING = "embeddings/tiny-sd15-a1111.safetensors"
+VAE = "vae/tiny-sd15-vae.safetensors"
 FP8 = LoadOptions(storage_dtype=DType.FLOAT8_E4M3FN)
 
 pytestmark = pytest.mark.xdist_group("orchestrator-inprocess")
@@ -203,5 +205,16 @@ def test_lora_of_another_base_and_applied_again(demo: DemoManifest, tmp_path: Pa
             assert "already_applied" not in first
             again = (await orch.loras.apply(CKPT, LORA_SD15, strength=0.5))["applied"][0]
             assert again["already_applied"] and "strength set to 0.5 (was 1)" in again["message"]
+            # a model with nothing a LoRA patches is told so, not sent to the worker
+            await orch.loads.load(VAE)
+            with pytest.raises(ProtocolError, match=r"tiny-sd15-vae has no component a LoRA patches \(vae; "):
+                await orch.loras.apply(VAE, LORA_SD15)
 
     run(body, timeout=180)
+
+
+def test_a_workers_lora_error_names_the_lora_and_model_by_handle() -> None:
+    exc = naming(ProtocolError("m-1@m-2: key up_blocks.0 does not fit"), "m-1@m-2", "kohya on tiny-sd15")
+    assert exc.message == "kohya on tiny-sd15: key up_blocks.0 does not fit" and str(exc).endswith(
+        exc.message
+    )

@@ -47,6 +47,14 @@ def _a(name: str) -> str:
     return f"{'an' if name.startswith('S') else 'a'} {name}"
 
 
+def naming(exc: ProtocolError, key: str, shown: str) -> ProtocolError:
+    """``exc`` with the worker's key of an applied LoRA (``<lora id>@<model id>``) in its message
+    replaced by what the user knows it by (``tiny-sd15-kohya on tiny-sd15@checkpoints``)."""
+    exc.message = exc.message.replace(key, shown)
+    exc.args = (exc.message, *exc.args[1:])
+    return exc
+
+
 def check_base(model: ModelRecord, lora: ModelRecord) -> None:
     """Refuse, before any worker call, a LoRA whose base the registry knows to differ from the
     model's: the worker would only find it out key by key. A LoRA or a model of unknown base (or one
@@ -110,12 +118,17 @@ class Loras:
             before = p.loras.get(lora.id)
             slot = self.pool.slot(p.device)
             name = f"{lora.id}@{p.model_id}"
-            request = LoadLoraRequest(
-                name=name,
-                path=lora.path,
-                targets={role: n for role, n in p.components.items() if role in LORA_ROLES},
-                strength=strength,
-            )
+            targets = {role: n for role, n in p.components.items() if role in LORA_ROLES}
+            if not targets:
+                raise ProtocolError(
+                    f"{p.handle or p.name} has no component a LoRA patches ({', '.join(p.components)}; a LoRA "
+                    f"patches {', '.join(LORA_ROLES)})",
+                    ErrorCode.INVALID_REQUEST,
+                    field="model_id",
+                    model_id=p.model_id,
+                    lora_id=lora.id,
+                )
+            request = LoadLoraRequest(name=name, path=lora.path, targets=targets, strength=strength)
 
             async def run(slot: WorkerSlot = slot, request: LoadLoraRequest = request) -> dict[str, Any]:
                 if any(
@@ -135,10 +148,13 @@ class Loras:
                 )
                 return answer.model_dump(mode="json", exclude_unset=True)
 
-            with p.in_use():
-                result = await slot.run(
-                    run, priority=priority, deadline=self.loads.deadline(timeout), label=f"lora {lora.id}"
-                )
+            try:
+                with p.in_use():
+                    result = await slot.run(
+                        run, priority=priority, deadline=self.loads.deadline(timeout), label=f"lora {lora.id}"
+                    )
+            except ProtocolError as exc:  # the worker names the LoRA by its key: say whose it is
+                raise naming(exc, name, f"{lora.handle} on {p.handle or p.name}") from None
             p.loras[lora.id] = {"name": name, "lora": lora.name, "strength": strength}
             if before is not None:  # applied again: the same LoRA, its strength set anew
                 result["already_applied"] = True
