@@ -56,12 +56,15 @@ def naming(exc: ProtocolError, key: str, shown: str) -> ProtocolError:
 
 
 def check_base(model: ModelRecord, lora: ModelRecord) -> None:
-    """Refuse, before any worker call, a LoRA whose base the registry knows to differ from the
-    model's: the worker would only find it out key by key. A LoRA or a model of unknown base (or one
-    fitting several bases) goes to the worker, whose error then names the keys that do not fit."""
+    """Refuse, before any worker call, a LoRA of the denoiser (UNet, transformer) whose base the
+    registry knows to differ from the model's: the worker would only find it out key by key. A LoRA
+    of text encoders only (a CLIP-L LoRA fits every model with a CLIP-L), or a LoRA or model of
+    unknown base (or one fitting several), goes to the worker, whose error names what does not fit."""
     known = BASE_NAMES.keys()
     fits = {lora.base, *(b.value for b in lora.identification.compatible_bases)}
-    if lora.base in known and model.base in known and model.base not in fits:
+    info = lora.identification.lora
+    denoiser = info is not None and bool({"unet", "transformer"} & set(info.targets))
+    if denoiser and lora.base in known and model.base in known and model.base not in fits:
         raise ProtocolError(
             f"{lora.handle} is {_a(BASE_NAMES[lora.base])} LoRA; {model.handle} is {BASE_NAMES[model.base]}: "
             f"apply it to {_a(BASE_NAMES[lora.base])} model",
