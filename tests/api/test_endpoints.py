@@ -266,7 +266,7 @@ def test_errors_are_json_with_codes(client: Client, svc: RunningService) -> None
     cases = [
         (lambda: client.model("no-such-model"), 404, "MODEL_NOT_FOUND"),
         (lambda: client.load(SD15, "cuda:7"), 404, "NOT_FOUND"),
-        (lambda: client.load(LORA), 422, "UNSUPPORTED_FORMAT"),
+        (lambda: client.load(LORA), 422, "INVALID_REQUEST"),  # a LoRA is applied, not loaded
         (lambda: client.job("j-nope"), 404, "NOT_FOUND"),
         (lambda: client.load_on("cpu:0", "/etc/passwd"), 403, "FORBIDDEN"),
         (lambda: client.load("tiny-sdxl"), 422, "INVALID_REQUEST"),  # ambiguous: three models

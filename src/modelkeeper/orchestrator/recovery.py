@@ -109,7 +109,10 @@ class Recovery:
         )
         for p in keep:
             with contextlib.suppress(ProtocolError):
-                await self.loads.load(p.model_id, slot.id, options=LoadOptions(keep_loaded=True), wait=False)
+                again = LoadOptions.like(
+                    p.form, keep_loaded=True, keep_alive=p.keep_alive
+                )  # in the form it had
+                await self.loads.load(p.model_id, slot.id, options=again, wait=False)
 
     async def reconcile(self, device: str) -> dict[str, Any]:
         """Make the view of ``device`` match the worker's full state: placements whose components
