@@ -65,6 +65,8 @@ def api_rows(url: str, total: int, say: object) -> None:
         "last page": {"limit": 50, "offset": total - 50},
         "search 'sdxl'": {"limit": 50, "query": "sdxl"},
         "type=lora, by size desc": {"limit": 50, "type": "lora", "sort": "size", "descending": "true"},
+        "base=sdxl (fits included)": {"limit": 50, "base": "sdxl"},
+        "type=vae, base=sdxl": {"limit": 50, "type": "vae", "base": "sdxl"},
     }
     with httpx.Client(base_url=url, timeout=60) as c:
         for name, params in cases.items():

@@ -367,7 +367,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                 del resident
             timeline = None
             for fraction, pool_mb in [(f, p) for p in args.pools for f in args.budgets]:
-                streamer_module.POOL_TARGET = None if pool_mb is None else int(pool_mb * 1024 * 1024)
+                streamer_module.POOL_TARGET = int(pool_mb * 1024 * 1024)
                 data = {"name": "s", "type": kind, "offload": int(fraction * nbytes), **load}
                 worker.call(CommandType.LOAD_MODEL, data)
                 model = worker.module("s")
@@ -398,7 +398,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                             f"{r / GB:.2g} GB {ideal_step(timeline, sizes, r, bw):.0f} ms" for r in rings
                         )
                         NOTES.append(f"  {name} 0% resident, ideal back-to-back step by ring size: {sims}")
-                ring = "" if pool_mb is None else f", ring {pool_mb:g} MB"
+                ring = f", ring {pool_mb:g} MB" if pool_mb else ""
                 rows.append({"model": name, "mode": f"modelkeeper {int(fraction * 100)}% resident{ring}",
                              "resident_gb": stream.resident_bytes / GB, "streamed_gb": stream.streamed_bytes / GB,
                              "pool_gb": stream.pool_bytes / GB, "ms": t * 1e3, "ratio": t / base, "gb_s": gbs,
@@ -555,12 +555,10 @@ def main() -> None:
         "--storage-dtype", default=None, help="load the modelkeeper modes packed (float8_e4m3fn)"
     )
     parser.add_argument(
-        "--pools",
-        default="auto",
-        help="ring sizes to try, MB (auto: the default rule; 0: three of the largest streamed blocks)",
+        "--pools", default="0", help="ring sizes to try, MB (0: three of the largest streamed blocks)"
     )
     args = parser.parse_args()
-    args.pools = [None if p == "auto" else float(p) for p in args.pools.split(",")]
+    args.pools = [float(p) for p in args.pools.split(",")]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     if args.deterministic:
         deterministic()

@@ -182,14 +182,17 @@ class _Endpoints(Generic[R]):
         dtype: str | None = None,
         storage_dtype: str | None = None,
         offload: str | int | None = None,
+        reload: bool | None = None,
     ) -> R:
         """Load where placement puts it, or on ``device``; ``keep_alive``: seconds it stays after its
         last use (0 as soon as nothing holds it, -1 never; default: the service's setting); ``dtype``:
         the compute dtype; ``storage_dtype``: kept on the device in fp8 (float8_e4m3fn, float8_e5m2);
-        ``offload``: "auto" or a byte count kept resident, the rest streamed from RAM as it runs."""
+        ``offload``: "auto" or a byte count kept resident, the rest streamed from RAM as it runs.
+        Loaded already in another dtype, storage dtype or offload: ApiError 409 ALREADY_LOADED, or
+        with ``reload`` it is unloaded and loaded again as asked."""
         body = _body(device_id=device, wait_for_completion=wait, priority=priority, timeout_seconds=timeout,
                      force=force, keep_loaded=keep_loaded, keep_alive=keep_alive, dtype=dtype,
-                     storage_dtype=storage_dtype, offload=offload)  # fmt: skip
+                     storage_dtype=storage_dtype, offload=offload, reload=reload)  # fmt: skip
         return self._send("POST", f"/api/model/{_ref(model_id)}/load", json=body)
 
     def load_everywhere(self, model_id: str, *, wait: bool = True, timeout: float | None = None) -> R:

@@ -104,10 +104,15 @@ def test_cli_errors_are_readable(served: str) -> None:
     # a failed job names its code and job, never an HTTP status it did not have (was "HTTP 409")
     cli(served, "load", "clip/tiny-clip-l.safetensors")
     try:
-        result = runner.invoke(app, ["optimize", "clip/tiny-clip-l.safetensors", "-o", "colour=blue"],
+        result = runner.invoke(app, ["benchmark", "clip/tiny-clip-l.safetensors", "--resolution", "12"],
                                env={"MODELKEEPER_URL": served})  # fmt: skip
         assert result.exit_code == 1 and "INVALID_REQUEST (job j-" in result.output, result.output
-        assert "HTTP" not in result.output and "colour" in result.output, result.output
+        assert "HTTP" not in result.output and "resolution" in result.output, result.output
+        # an unknown optimisation is refused before any job, naming it
+        result = runner.invoke(app, ["optimize", "clip/tiny-clip-l.safetensors", "-o", "colour=blue"],
+                               env={"MODELKEEPER_URL": served})  # fmt: skip
+        assert result.exit_code == 1 and "INVALID_REQUEST" in result.output, result.output
+        assert "job j-" not in result.output and "colour" in result.output, result.output
     finally:
         cli(served, "unload", "clip/tiny-clip-l.safetensors")
     down = runner.invoke(app, ["status"], env={"MODELKEEPER_URL": "http://127.0.0.1:9"})

@@ -82,6 +82,9 @@ def test_listing_search_available_components(client: Client) -> None:
     assert {m["id"] for m in second["items"]}.isdisjoint({m["id"] for m in page["items"]})
     found = client.search(type="lora", base="sdxl")
     assert found["total"] == 2 and all(m["type"] == "lora" for m in found["items"])
+    # a base filter lists what fits that base: the SD-family VAEs (one set of shapes) fit SDXL
+    fits_sdxl = {m["name"] for m in client.list_models(type="vae", base="sdxl", limit=100)["items"]}
+    assert {"tiny-sdxl-vae", "tiny-sd15-vae"} <= fits_sdxl and "tiny-flux-vae" not in fits_sdxl
     assert {m["type"] for m in client.available("vae")} == {"vae"}
     assert len(client.available()) >= 28
     vaes = client.components("vae")
@@ -263,7 +266,7 @@ def test_errors_are_json_with_codes(client: Client, svc: RunningService) -> None
     cases = [
         (lambda: client.model("no-such-model"), 404, "MODEL_NOT_FOUND"),
         (lambda: client.load(SD15, "cuda:7"), 404, "NOT_FOUND"),
-        (lambda: client.load(LORA), 422, "UNSUPPORTED_FORMAT"),
+        (lambda: client.load(LORA), 422, "INVALID_REQUEST"),  # a LoRA is applied, not loaded
         (lambda: client.job("j-nope"), 404, "NOT_FOUND"),
         (lambda: client.load_on("cpu:0", "/etc/passwd"), 403, "FORBIDDEN"),
         (lambda: client.load("tiny-sdxl"), 422, "INVALID_REQUEST"),  # ambiguous: three models

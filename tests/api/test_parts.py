@@ -31,7 +31,7 @@ def test_missing_and_refused_parts_over_rest(make_service: ServiceFactory, no_t5
         assert parts["text_encoder"]["handle"] == "tiny-clip-l" and parts["vae"]["handle"] == "tiny-flux-vae"
         assert parts["text_encoder_2"] == {
             "role": "text_encoder_2", "wants": "T5-XXL, 32 wide", "status": "missing", "model_id": None,
-            "handle": None, "why": "none in the registry"}  # fmt: skip
+            "handle": None, "component": None, "why": "none in the registry"}  # fmt: skip
         with pytest.raises(ApiError) as err:
             client.load(FLUX)
         assert err.value.status_code == 422 and err.value.error_code == "MISSING_PART"

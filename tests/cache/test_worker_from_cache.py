@@ -74,6 +74,22 @@ def test_cpu_tensors_are_views_of_the_mapping(cache: RamCache, demo: DemoManifes
             assert lo <= p.data_ptr() < hi
 
 
+def test_a_stopped_worker_drops_its_models_and_releases_its_segments(
+    cache: RamCache, demo: DemoManifest
+) -> None:
+    """A CUDA worker page-locks each segment it maps; one that ended with its mappings still held would
+    leave those ranges registered when they are collected, poisoning the addresses for the next
+    mapping in the process. Stopping closes the service: models dropped, every segment released."""
+    seg = cache.cache_file(demo.path("sdxl-vae"))
+    w = InProcessWorker("cpu")
+    w.call(CommandType.LOAD_VAE, {"name": "v", "path": str(seg.path)})
+    mapping = w.service.mappings.mappings[seg.path]
+    w.stop()
+    assert w.service.mappings.mappings == {}
+    assert mapping.closed
+    assert w.service.model_count() == 0
+
+
 @pytest.fixture(scope="module")
 def big_unet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ~150 MB UNet (real key names and shapes, constant weights): big enough that a copy would

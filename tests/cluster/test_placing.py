@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from modelkeeper.cluster.keys import cluster_share
 from modelkeeper.cluster.placing import SENT_FILES, choose_cluster_placement, tiered_view
 from modelkeeper.cluster.view import ClusterState
 from modelkeeper.orchestrator.errors import NotPlaceable
@@ -16,15 +17,23 @@ MB = 1_000_000
 
 
 def device(
-    local: str, budget: int, *residents: tuple[str, int, float], kept: str = "", ready: bool = True
+    local: str,
+    budget: int,
+    *residents: tuple[str, int, float],
+    kept: str = "",
+    ready: bool = True,
+    shares: dict[str, list[tuple[str, int]]] | None = None,
 ) -> dict[str, Any]:
-    """One device of an agent's ``state()``: residents are (model, MB, last used)."""
+    """One device of an agent's ``state()``: residents are (model, MB, last used); ``shares``:
+    model -> (share key, MB) of the parts it holds once with the others holding them (of its MB)."""
+    held = shares or {}
     placements = [
         {"model_id": m, "bytes": b * MB, "last_used": used, "state": "loaded", "keep_loaded": m in kept.split(),
-         "leases": 0}
+         "leases": 0, "shares": [(k, size * MB) for k, size in held.get(m, [])]}
         for m, b, used in residents
     ]  # fmt: skip
-    used = sum(p["bytes"] for p in placements)
+    once = {k: size for p in placements for k, size in p["shares"]}
+    used = sum(p["bytes"] - sum(size for _, size in p["shares"]) for p in placements) + sum(once.values())
     return {"id": local, "state": "ready" if ready else "starting", "budget": budget * MB, "used": used,
             "placements": placements}  # fmt: skip
 
@@ -126,3 +135,35 @@ def test_no_ready_device() -> None:
     cluster = state({"a": [device("cpu", 100, ready=False)]}, "a:m")
     with pytest.raises(NotPlaceable, match="no node of the cluster has a ready device"):
         choose_cluster_placement(tiered_view(cluster, never_leased), "m", 10 * MB)
+
+
+def test_a_part_held_on_a_device_takes_no_room_there() -> None:
+    """Node a's device holds x (20 MB of its own and a 40 MB T5, kept loaded); m (30 MB and the same
+    T5) needs room there for its 30 MB only. Counted in full it fits nowhere."""
+    t5 = {"x": [("t5", 40)]}
+    a = device("cpu", 100, ("x", 60, 0), kept="x", shares=t5)
+    cluster = state({"a": [a], "b": [device("cpu", 100, ("y", 50, 0), kept="y")]}, "a:m b:m")
+    view = tiered_view(cluster, never_leased)
+    got = choose_cluster_placement(view, "m", 70 * MB, wants={"t5": 40 * MB})
+    assert (got.device, got.tier, got.evict) == ("a/cpu", Tier.DISK, ())
+    with pytest.raises(NotPlaceable):
+        choose_cluster_placement(view, "m", 70 * MB)
+
+
+def test_a_shared_part_is_freed_with_its_last_holder_only() -> None:
+    """x and z share a 40 MB T5 (the device holds 20 + 10 + 40 MB): evicting x frees its own 20 MB,
+    not 60; to free 60 both go."""
+    both = {"x": [("t5", 40)], "z": [("t5", 40)]}
+    cluster = state({"a": [device("cpu", 100, ("x", 60, 1.0), ("z", 50, 2.0), shares=both)]}, "a:m a:x a:z")
+    view = tiered_view(cluster, never_leased)
+    assert view.device("a/cpu").used == 70 * MB
+    assert choose_cluster_placement(view, "m", 50 * MB).evict == ("x",)
+    assert choose_cluster_placement(view, "m", 60 * MB).evict == ("x", "z")
+
+
+def test_share_keys_in_cluster_terms() -> None:
+    """A node's share key names its part by the node's id; the driver's, by the part's cluster key,
+    so that a load's parts computed on one node match those held on another's devices."""
+    form = "abc|text_encoder|file|file"
+    assert cluster_share(f"m-1:{form}", {"m-1": "K"}, "a") == f"K:{form}"
+    assert cluster_share(f"m-2:{form}", {"m-1": "K"}, "a") == f"a/m-2:{form}"  # unknown here: its own

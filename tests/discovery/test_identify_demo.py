@@ -120,3 +120,21 @@ def test_pipeline_prediction_type_decides_v_prediction(
         if entry.prediction_type == "epsilon":
             assert ident.variant == "normal"
             assert ident.rules["variant"] in ("meta.prediction_epsilon", "default.normal")
+
+
+def test_a_vae_file_that_carries_its_config_is_filed_by_its_scaling_factor(
+    identified: dict[str, Identification],
+) -> None:
+    """The SD-family VAEs share their shapes; the demo SDXL VAE's ``modelkeeper.config`` states
+    SDXL's scaling factor, which files it sdxl (the bases its shapes fit stay listed). The demo
+    SD1.5 VAE carries no config: it is filed sd1, the first base its shapes fit."""
+    family = ["sd1", "sd2", "sdxl", "sdxl_refiner"]
+    sdxl = identified["vae/tiny-sdxl-vae.safetensors"]
+    assert sdxl.base.value == "sdxl" and sdxl.rules["base"] == "vae.latent_4+config.scaling_factor"
+    assert [b.value for b in sdxl.compatible_bases] == family and sdxl.confidence == 0.9
+    assert sdxl.evidence["scaling_factor"] == 0.13025
+    sd15 = identified["vae/tiny-sd15-vae.safetensors"]
+    assert sd15.base.value == "sd1" and sd15.confidence == 0.5 and "scaling_factor" not in sd15.evidence
+    assert [b.value for b in sd15.compatible_bases] == family
+    flux = identified["vae/tiny-flux-vae.safetensors"]  # 0.3611: Flux's; SD3's VAE has its shapes
+    assert flux.base.value == "flux" and [b.value for b in flux.compatible_bases] == ["flux", "sd3"]

@@ -98,3 +98,17 @@ def test_a1111_yaml_makes_an_sd2_checkpoint_epsilon_or_v(tmp_path: Path, registr
     (tmp_path / "sd2-base.yaml").write_text("model:\n  params:\n    parameterization: eps\n")
     (entry,) = scan(registry, tmp_path).entries
     assert (entry.base, entry.variant) == ("sd2", "normal")
+
+
+def test_a_vae_config_in_the_metadata_is_evidence_only_when_it_states_the_scaling_factor() -> None:
+    def config(**fields: object) -> dict[str, str]:
+        return {
+            "modelkeeper.config": json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4, **fields})
+        }
+
+    assert metadata_evidence(config(scaling_factor=0.13025))["scaling_factor"] == 0.13025
+    assert "scaling_factor" not in metadata_evidence(config())  # left out: no default assumed
+    assert "scaling_factor" not in metadata_evidence({"modelkeeper.config": "{not json scaling_factor"})
+    unet = {"modelkeeper.config": json.dumps({"_class_name": "UNet2DConditionModel", "scaling_factor": 1.0})}
+    assert "scaling_factor" not in metadata_evidence(unet)
+    assert "latent_channels" not in metadata_evidence(config(scaling_factor=0.13025))  # the shapes say it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from modelkeeper.install import (
     Installer,
     InsufficientDisk,
     RemoteNotFound,
+    SourceUnreachable,
     UnsafeSource,
 )
+from modelkeeper.protocol.errors import ErrorCode
 from modelkeeper.testing.civitaiserver import FakeCivitai
 from modelkeeper.testing.hubserver import FakeHub, sha256_of
 from tests.install.conftest import CHECKPOINT, MiB, files_under, make_installer
@@ -131,3 +134,19 @@ def test_url_without_a_size_is_bounded_by_the_free_disk(hub: FakeHub, tmp_path: 
             installer.install(url, root).path.stat().st_size
             == hub.repos["tiny/checkpoint"].files[CHECKPOINT].size
         )
+
+
+def test_a_source_no_connection_reaches_is_unreachable(tmp_path: Path, root: Path) -> None:
+    """No network, no such host, a refused connection: UNREACHABLE (a 502), not the TIMEOUT of a
+    transfer that broke off, for the Hub, CivitAI and a plain URL alike."""
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    settings = {"hub_endpoint": closed, "hub_token": False, "hub_cache_dir": tmp_path / "hf",
+                "civitai_endpoint": closed, "civitai_token": False, "retry_delay_s": 0.0}  # fmt: skip
+    with Installer(**settings) as installer:  # type: ignore[arg-type]
+        for source, where in (("tiny/checkpoint", f"the Hub at {closed}"), ("civitai:34", f"CivitAI at {closed}"),
+                              (f"{closed.replace('127.0.0.1', 'localhost')}/{CHECKPOINT}", "cannot connect")):  # fmt: skip
+            with pytest.raises(SourceUnreachable, match=where) as refused:
+                installer.install(source, root)
+            assert refused.value.code is ErrorCode.UNREACHABLE and refused.value.recoverable

@@ -76,7 +76,10 @@ def test_every_loadable_model_loads_through_the_service(everything: DemoManifest
             for record in loras + embeddings:  # applied to a loaded model: alone, refused as such
                 with pytest.raises(ProtocolError) as refused:
                     await orch.loads.load(record.id, "cpu")
-                assert refused.value.code is ErrorCode.UNSUPPORTED_FORMAT, record.path
+                assert refused.value.code is ErrorCode.INVALID_REQUEST, record.path  # before any job
+                assert (
+                    "is a LoRA: apply it" if record.type == "lora" else "embedding"
+                ) in refused.value.message
             applied_to, failures = _lora_targets(loadable, loras)
             for record in loadable:
                 try:

@@ -17,7 +17,7 @@ from modelkeeper.orchestrator.state import PlacementState
 from modelkeeper.orchestrator.workers import WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
-from modelkeeper.protocol.messages import UnloadRequest, UnloadResult
+from modelkeeper.protocol.messages import DType, UnloadRequest, UnloadResult
 from modelkeeper.testing import DemoManifest
 
 from .conftest import MiB, run, serving
@@ -145,7 +145,8 @@ def test_worker_killed_restarted_reconciled_kept_model_reloaded(demo: DemoManife
     async def body() -> None:
         async with serving(demo, tmp_path) as orch:
             slot = orch.pool.slot("cpu")
-            kept = (await orch.loads.load(SD15, options=LoadOptions(keep_loaded=True)))["result"]
+            fp8 = LoadOptions(keep_loaded=True, storage_dtype=DType.FLOAT8_E4M3FN)
+            kept = (await orch.loads.load(SD15, options=fp8))["result"]
             await orch.loads.load(CLIP_L)
             first = slot.proc
             assert first is not None
@@ -158,6 +159,8 @@ def test_worker_killed_restarted_reconciled_kept_model_reloaded(demo: DemoManife
                 lambda: (p := orch.view.get(kept["model_id"], "cpu")) is not None and p.state == "loaded"
             )
             assert [p.model_id for p in orch.view.on_device("cpu")] == [kept["model_id"]]  # only the kept one
+            again = orch.view.get(kept["model_id"], "cpu")
+            assert again is not None and again.form.storage_dtype == "float8_e4m3fn"  # in the form it had
 
     run(body)
 
@@ -227,8 +230,6 @@ def test_preload_at_start(demo: DemoManifest, tmp_path: Path) -> None:
 def test_storage_dtype_keeps_fewer_bytes_and_placement_counts_them(
     demo: DemoManifest, tmp_path: Path
 ) -> None:
-    from modelkeeper.protocol.messages import DType
-
     async def body() -> None:
         async with serving(demo, tmp_path, cache_loads=False) as orch:
             record = await orch.catalog.resolve(SD15)
@@ -259,7 +260,6 @@ def test_offload_auto_places_a_model_larger_than_the_budget(demo: DemoManifest, 
 def test_offload_of_a_packed_model_places_and_counts_packed_bytes(demo: DemoManifest, tmp_path: Path) -> None:
     """fp8 storage and offload together: placement needs the packed bytes' resident part, and the
     placement's streamed bytes are packed bytes (what crosses the link), as the worker reports them."""
-    from modelkeeper.protocol.messages import DType
 
     async def body() -> None:
         async with serving(demo, tmp_path, worker_budget_mb=0.8, cache_loads=False) as orch:

@@ -39,6 +39,10 @@ def test_ls_show_meta(registry: Registry) -> None:
         runner.invoke(_app(), ["ls", "--type", "loras", "-q", "sty", "--json", "--db", db]).stdout
     )
     assert [m["handle"] for m in by_words["items"]] == ["style"]
+    fits_sdxl = json.loads(
+        runner.invoke(_app(), ["ls", "--type", "vae", "--base", "sdxl", "--json", "--db", db]).stdout
+    )
+    assert [m["handle"] for m in fits_sdxl["items"]] == ["vae-ft-mse"]  # stored sd1, fits SDXL too
     unknown = runner.invoke(_app(), ["ls", "--base", "sd9", "--db", db])
     assert unknown.exit_code == 1 and "base: unknown value 'sd9'; one of sd1, sd2, sdxl" in unknown.output
     set_meta = runner.invoke(

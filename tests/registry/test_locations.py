@@ -1,5 +1,5 @@
 """One model, several locations: copies, links and several roots hold one model; hashing confirms
-or undoes what the content key suggested; a location that changes or goes leaves the model."""
+or undoes what the content key suggested; a location that goes leaves the model."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_a_copy_that_hashing_shows_different_gets_its_own_model(tmp_path: Path) 
         assert (first.handle, other.handle) == ("emb@a", "emb@b")
 
 
-def test_a_location_that_changes_or_goes_leaves_the_model(tmp_path: Path) -> None:
+def test_a_location_that_goes_leaves_the_model_and_the_last_one_keeps_it(tmp_path: Path) -> None:
     root = tmp_path / "models"
     write_stripped(root / "a" / "emb.safetensors", BIG_EMBEDDING)
     (root / "b").mkdir()
@@ -90,10 +90,14 @@ def test_a_location_that_changes_or_goes_leaves_the_model(tmp_path: Path) -> Non
         model = registry.resolve("emb")
         os.unlink(root / "a" / "emb.safetensors")
         _scan(registry, root)
-        assert registry.get(model.id).status == "ok"  # one location is left
+        left = registry.get(model.id)
+        assert left.status == "ok"  # one location is left; the gone one is dropped
+        assert [f.path for f in left.locations] == [str(root / "b" / "emb.safetensors")]
+        assert "scan.location_removed" in [h.op for h in registry.history(model.id)]
+        # The last location changes: it is still the model (the id never goes to a dead path).
         _flip(root / "b" / "emb.safetensors", os.path.getsize(root / "b" / "emb.safetensors") - 8)
         os.utime(root / "b" / "emb.safetensors", ns=(1, 1))
         _scan(registry, root)
         changed = registry.resolve(str(root / "b" / "emb.safetensors"))
-        assert changed.id != model.id
-        assert registry.get(model.id).status == "missing"  # no location left
+        assert changed.id == model.id and changed.status == "ok"
+        assert registry.search(status=None).total == 1

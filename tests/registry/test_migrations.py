@@ -112,7 +112,7 @@ def test_m0003_locations_merges_models_of_one_content(conn: sqlite3.Connection) 
     _file(conn, "/gone/z.safetensors", "m-gone", inode=1, status="missing")  # an inode reused: not merged
     conn.execute("INSERT INTO model_tags VALUES ('m-copy', 'kept')")
     conn.execute("INSERT INTO history (model_id, at, op) VALUES ('m-link', 0, 'load')")
-    assert migrate(conn) == [3]
+    assert migrate(conn, target=3) == [3]
     assert "content_key" in _columns(conn, "files")
     owners = dict(conn.execute("SELECT path, model_id FROM files").fetchall())
     assert owners == {
@@ -126,6 +126,81 @@ def test_m0003_locations_merges_models_of_one_content(conn: sqlite3.Connection) 
     assert models == {"m-old", "m-other", "m-gone"}
     assert conn.execute("SELECT model_id, tag FROM model_tags").fetchall() == [("m-old", "kept")]
     assert conn.execute("SELECT model_id FROM history").fetchall() == [("m-old",)]
+
+
+def test_m0004_model_bases_indexes_the_bases_a_model_fits(conn: sqlite3.Connection) -> None:
+    migrate(conn, target=3)
+    _model(conn, "m-vae", 0.0)
+    _model(conn, "m-broken", 1.0)  # its identification is not JSON: no bases, no failure
+    conn.execute(
+        "UPDATE models SET identification=? WHERE id='m-vae'",
+        ('{"compatible_bases": ["sd1", "sd2", "sdxl", "sdxl_refiner"]}',),
+    )
+    conn.execute("UPDATE models SET identification='not json' WHERE id='m-broken'")
+    assert migrate(conn, target=4) == [4]
+
+    def fits(model_id: str) -> list[str]:
+        rows = conn.execute("SELECT base FROM model_bases WHERE model_id=? ORDER BY base", (model_id,))
+        return [r[0] for r in rows]
+
+    assert fits("m-vae") == ["sd1", "sd2", "sdxl", "sdxl_refiner"] and fits("m-broken") == []
+    # Every later write keeps the table in step: an update, an insert, a delete.
+    conn.execute("UPDATE models SET identification='{\"compatible_bases\": [\"sdxl\"]}' WHERE id='m-vae'")
+    assert fits("m-vae") == ["sdxl"]
+    conn.execute(
+        "INSERT INTO models (id, name, type, base, variant, format, layout, rule, confidence, identification,"
+        " created_at, updated_at) VALUES ('m-clip', 'c', 'text_encoder', 'any', 'normal', 'safetensors',"
+        " 'original', 'r', 1, '{\"compatible_bases\": [\"sd1\", \"flux\"]}', 2, 2)"
+    )
+    assert fits("m-clip") == ["flux", "sd1"]
+    conn.execute("DELETE FROM models WHERE id='m-clip'")
+    assert conn.execute("SELECT COUNT(*) FROM model_bases WHERE model_id='m-clip'").fetchone()[0] == 0
+    plan = " ".join(
+        str(r[3])
+        for r in conn.execute("EXPLAIN QUERY PLAN SELECT model_id FROM model_bases WHERE base='sdxl'")
+    )
+    assert "SCAN" not in plan  # found through the index
+
+
+def test_m0005_gives_ids_back_to_live_files(conn: sqlite3.Connection) -> None:
+    """The state an earlier scanner left (the new-user trial): the old id missing on a deleted
+    copy, the live file under a later, empty model. The later model merges into the older one."""
+    migrate(conn, target=4)
+    for model_id, created in (
+        ("m-old", 0.0),
+        ("m-new", 5.0),
+        ("m-gone", 1.0),
+        ("m-lone", 6.0),
+        ("m-live", 2.0),
+    ):
+        _model(conn, model_id, created)
+    conn.execute("UPDATE models SET status='missing' WHERE id IN ('m-old', 'm-gone', 'm-lone')")
+    _file(conn, "/r/b.safetensors", "m-old", status="missing")  # the deleted copy holds the old id
+    _file(conn, "/r/a.safetensors", "m-new")  # the live file got a fresh one
+    _file(conn, "/r/gone.safetensors", "m-gone", status="missing")  # deleted, nothing alike: stays
+    _file(conn, "/r/lone.safetensors", "m-lone", status="missing")  # newer than the live one: stays
+    _file(conn, "/r/live.safetensors", "m-live")
+    keys = {"b": "k1", "a": "k1", "gone": "k2", "lone": "k3", "live": "k3"}
+    for name, key in keys.items():
+        conn.execute("UPDATE files SET content_key=? WHERE path=?", (key, f"/r/{name}.safetensors"))
+    conn.execute("INSERT INTO model_tags VALUES ('m-old', 'keep'), ('m-new', 'later')")
+    conn.execute(
+        "INSERT INTO history (model_id, at, op) VALUES ('m-old', 0, 'meta.set'), ('m-new', 5, 'load')"
+    )
+    assert migrate(conn) == [5]
+    owners = dict(conn.execute("SELECT path, model_id FROM files").fetchall())
+    assert owners == {
+        "/r/a.safetensors": "m-old",  # the live file has its id back; the dead path is dropped
+        "/r/gone.safetensors": "m-gone",
+        "/r/lone.safetensors": "m-lone",
+        "/r/live.safetensors": "m-live",
+    }
+    status = dict(conn.execute("SELECT id, status FROM models").fetchall())
+    assert status == {"m-old": "ok", "m-gone": "missing", "m-lone": "missing", "m-live": "ok"}
+    tags = conn.execute("SELECT tag FROM model_tags WHERE model_id='m-old' ORDER BY tag").fetchall()
+    assert [t[0] for t in tags] == ["keep", "later"]
+    ops = [r[0] for r in conn.execute("SELECT op FROM history WHERE model_id='m-old' ORDER BY at, id")]
+    assert ops == ["meta.set", "load", "registry.id_restored"]
 
 
 def test_migrate_is_idempotent_and_refuses_newer(conn: sqlite3.Connection) -> None:

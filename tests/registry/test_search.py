@@ -83,3 +83,18 @@ def test_unknown_filter_values_are_refused_with_the_valid_ones(
     assert info.value.details["field"] == field
     assert info.value.details["valid"] == list(VALUES[field])
     assert field in str(info.value) and VALUES[field][0] in str(info.value)
+
+
+def test_a_base_filter_lists_the_models_that_fit_that_base(registry: Registry) -> None:
+    """``--base sdxl`` means usable with SDXL: stored under it, or fitting it. The single-file VAE
+    (shapes shared by the SD family, stored sd1) and CLIP-L (base "any") fit SDXL too."""
+    vae = registry.resolve("vae-ft-mse")
+    assert vae.base == "sd1" and "sdxl" in vae.identification.compatible_bases
+    assert _names(registry, type="vae", base="sdxl") == {"vae-ft-mse"}
+    assert _names(registry, base="SDXL") == {"vae-ft-mse", "clip_l"}
+    assert {"vae-ft-mse", "clip_l", "style", "easynegative"} <= _names(registry, base="sd1.5")
+    assert "flux1-dev" not in _names(registry, base="sd1")
+    assert _names(registry, base="flux") == {"flux1-dev", "clip_l"}
+    assert _names(registry, base="any") == {"clip_l"}  # the stored base still matches
+    page = registry.search(base="sdxl", limit=1)
+    assert page.total == 2 and len(page.items) == 1  # counted as listed

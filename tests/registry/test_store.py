@@ -84,7 +84,10 @@ def test_search_filters_sort_and_pages(registry: Registry) -> None:
     assert everything.total == 7
     assert {m.type for m in registry.search(type="main").items} == {"main"}
     assert registry.search(type="main").total == 2
-    assert registry.search(base="flux").items[0].variant == "dev"
+    assert {m.name: m.variant for m in registry.search(base="flux").items} == {
+        "flux1-dev": "dev",
+        "clip_l": "normal",
+    }
     assert registry.search(format="diffusers").total == 1
     lora = registry.resolve("style")
     registry.set_meta(lora.id, {"tags": "anime, Style", "description": "an illustration look"})

@@ -156,6 +156,14 @@ def test_search_filters_and_pages(svc: RunningService, client: Client, watched: 
     assert sorted(r[0] for r in rows(page)) == sorted(m["name"] for m in expected["items"])
     assert {r[1] for r in rows(page)} == {"lora"}
 
+    page.select_option("select[name=type]", "vae")
+    page.select_option("select[name=base]", "sdxl")  # what fits SDXL, the SD-family VAEs included
+    expected = client.list_models(type="vae", base="sdxl", limit=200)
+    expect(count).to_have_text(re.compile(f" of {expected['total']}$"))
+    assert sorted(r[0] for r in rows(page)) == sorted(m["name"] for m in expected["items"])
+    assert "tiny-sdxl-vae" in {r[0] for r in rows(page)}
+    page.select_option("select[name=base]", "")
+
     page.select_option("select[name=type]", "")
     page.select_option("select[name=limit]", "10")
     expect(count).to_have_text(f"1{DASH}10 of {total}")

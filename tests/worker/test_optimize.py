@@ -91,3 +91,14 @@ def test_inapplicable_options_are_skipped_and_compile_is_undone() -> None:
     assert encoder._compiled_call_impl is not None  # compiled lazily, on the first call
     assert revert(encoder, report.undo) == ["compile"]
     assert encoder._compiled_call_impl is None
+
+
+def test_nothing_applied_reports_no_speedup() -> None:
+    """Options that all are skipped change nothing: the latency before is measured (warm, as an
+    after would be), but there is no after and no speedup figure for doing nothing."""
+    encoder = make_text_encoder("clip_l")
+    report = optimize(encoder, {"dtype": "float32", "vae_tiling": True})
+    assert report.applied == [] and {s["option"] for s in report.skipped} == {"dtype", "vae_tiling"}
+    assert report.latency_before_s is not None
+    assert report.latency_after_s is None and report.speedup is None
+    assert optimize(encoder, {}).latency_before_s is None  # no option: nothing measured at all

@@ -19,16 +19,7 @@ from modelkeeper.protocol.messages import LoadRequest
 from modelkeeper.testing import DemoManifest, make_text_encoder, make_vae
 from modelkeeper.worker import InProcessWorker
 from modelkeeper.worker.device import MiB
-from modelkeeper.worker.streaming import (
-    Streamer,
-    Unit,
-    Weight,
-    choose_resident,
-    find_units,
-    pool_size,
-    resident_limit,
-)
-from modelkeeper.worker.streaming.plan import RING_MAX
+from modelkeeper.worker.streaming import Streamer, choose_resident, find_units, resident_limit
 
 from .conftest import load_data as demo_load
 
@@ -378,38 +369,6 @@ def test_resident_units_are_spread_through_the_order() -> None:
     assert choose_resident([10] * 4, 100) == {0, 1, 2, 3}
     assert choose_resident([10, 30, 10], 15, keep=[0]) == {0}
     assert choose_resident([5, 30, 5], 12) == {0, 2}
-
-
-def units_of(*sizes: int) -> list[Unit]:
-    """Units of one parameter of ``sizes`` bytes each (on the meta device: no memory), for the pure
-    ring rules."""
-    return [
-        Unit(
-            f"u{i}",
-            [],
-            [
-                Weight(
-                    torch.nn.Parameter(torch.empty(n, dtype=torch.uint8, device="meta"), requires_grad=False),
-                    [],
-                )
-            ],
-        )
-        for i, n in enumerate(sizes)
-    ]
-
-
-def test_the_default_ring_prefetches_a_quarter_of_the_streamed_bytes_up_to_its_cap() -> None:
-    mib = 1 << 20
-    many = units_of(*[100 * mib] * 50)  # 5 GB streamed in blocks of 100 MB: a quarter is past the cap
-    bound = many[0].bound
-    assert pool_size(many, None) == RING_MAX
-    fewer = units_of(*[100 * mib] * 20)  # 2 GB: a quarter, 0.5 GB, beats three of the largest
-    assert pool_size(fewer, None) == 20 * bound // 4
-    few = units_of(*[100 * mib] * 8)  # a quarter is less than three of the largest: those
-    assert pool_size(few, None) == 3 * bound
-    assert pool_size(many, 0) == 3 * bound  # a size set (MODELKEEPER_STREAM_POOL_MB) is taken as it is
-    assert pool_size(many, 2 * RING_MAX) == 2 * RING_MAX
-    assert pool_size([], None) == 0
 
 
 def test_resident_limit() -> None:

@@ -38,6 +38,7 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.TIMEOUT: 504,
     ErrorCode.CANCELLED: 409,
     ErrorCode.WORKER_DIED: 503,
+    ErrorCode.UNREACHABLE: 502,
     ErrorCode.INTERNAL: 500,
 }
 

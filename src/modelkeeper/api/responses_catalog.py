@@ -205,8 +205,15 @@ class PartInfo(FixedShape):
         description="auto: chosen by base and shapes; pinned: the one in default_settings.parts; missing: "
         "none fits (a load answers 422 MISSING_PART); refused: the pinned one does not fit (422 INCOMPATIBLE_PART)."
     )
-    model_id: str | None = Field(description="The part's model (None when missing or refused).")
+    model_id: str | None = Field(
+        description="The part's model (None when missing or refused): a standalone text encoder or VAE, or "
+        "the pipeline folder or full checkpoint whose `component` it is."
+    )
     handle: str | None
+    component: str | None = Field(
+        description="The component of that folder or checkpoint (text_encoder_2...); None for a standalone "
+        "model. `handle:component` pins it in default_settings.parts."
+    )
     why: str = Field(description="Why this part, or why none.")
 
 

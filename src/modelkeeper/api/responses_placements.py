@@ -32,9 +32,23 @@ class PlacementInfo(FixedShape):
     state: Literal["loading", "loaded", "unloading"]
     components: dict[str, str] = Field(description="Component -> name in the worker.")
     sources: dict[str, str] = Field(description="Component -> where it was read from: ram, disk.")
-    bytes: int = Field(description="Bytes on the device: the stored form, the resident part when offloaded.")
+    bytes: int = Field(
+        description="Bytes it holds against the device budget: the stored form; offloaded, the resident "
+        "weights and the ring (what unloading frees)."
+    )
     streamed_bytes: int | MISSING = Field(
-        MISSING, description="Weights streamed from RAM as it runs (offload)."
+        MISSING, description="Weights kept in RAM and streamed in as it runs (offload); not in `bytes`."
+    )
+    dtype: str | MISSING | None = Field(
+        MISSING, description="Compute dtype: asked, else its components' (null when they differ)."
+    )
+    storage_dtype: str | MISSING | None = Field(
+        MISSING,
+        description="The dtype its weights are kept in when not the compute dtype (fp8, a GGUF quant); null: "
+        "the compute dtype.",
+    )
+    offload: str | int | MISSING = Field(
+        MISSING, description="The offload it was loaded with: none, auto, bytes."
     )
     keep_loaded: bool
     loaded_at: float | None
@@ -70,6 +84,9 @@ class LoadedPlacement(PlacementInfo):
     evicted: list[str] | MISSING = Field(MISSING, description="Models unloaded to make room.")
     already_loaded: bool | MISSING = Field(MISSING, description="True: it was loaded before the call.")
     coalesced: bool | MISSING = Field(MISSING, description="True: joined a load already in flight.")
+    reloaded: dict[str, str | int | None] | MISSING = Field(
+        MISSING, description="With reload: the form (dtype, storage_dtype, offload) it was loaded in before."
+    )
 
 
 class LoadEverywhere(FixedShape):

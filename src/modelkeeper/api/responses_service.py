@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import MISSING, Field
 
 from modelkeeper.api.responses import FixedShape
 from modelkeeper.api.responses_cache import CacheStats
@@ -46,6 +46,12 @@ class LeaseInfo(FixedShape):
     created_at: float
     expires_at: float
     expires_in: float
+    loaded: bool | MISSING = Field(
+        MISSING, description="A new lease: whether the model is loaded (or loading) where it holds it now."
+    )
+    note: str | MISSING = Field(
+        MISSING, description="A new lease of a model not loaded: it holds the model from its next load."
+    )
 
 
 class Liveness(FixedShape):

@@ -76,6 +76,7 @@ def _options(body: LoadBody, require_cache: bool = False) -> LoadOptions:
         dtype=DType(body.dtype) if body.dtype else None,
         storage_dtype=DType(body.storage_dtype) if body.storage_dtype else None,
         offload=body.offload,
+        reload=body.reload,
     )
 
 
@@ -179,7 +180,8 @@ async def search(service: Service, body: SearchBody) -> dict[str, Any]:
 
 @router.post("/load", response_model=LoadAnyDone, responses=ACCEPTED)
 async def load_all_devices(service: Service, body: LoadBody) -> Any:
-    """Load ``model_id`` on every device (``device_id`` given: that one only)."""
+    """Load ``model_id`` on every device (``device_id`` given: that one only); placement chooses
+    no device here: ``POST /api/model/{model_id}/load`` is the call that lets it."""
     return await _load(service, _need_model(body), body.device_id, body, everywhere=body.device_id is None)
 
 
@@ -297,6 +299,9 @@ async def model_detail(service: Service, model_id: str) -> dict[str, Any]:
 
 @router.post("/{model_id:path}/load", response_model=LoadDone, responses=ACCEPTED)
 async def load_model(service: Service, model_id: str, body: LoadBody = Body(default_factory=LoadBody)) -> Any:
+    """Load a model on ``device_id``, or where placement puts it. Loaded there already: its placement
+    (``already_loaded``; ``keep_alive`` and ``keep_loaded`` updated), unless the body asks for another
+    ``dtype``, ``storage_dtype`` or ``offload``: 409 ALREADY_LOADED, or with ``reload`` a fresh load."""
     return await _load(service, model_id, body.device_id, body)
 
 

@@ -32,8 +32,20 @@ class LoadBody(_Operation):
     model_id: str | None = Field(
         None, min_length=1, max_length=4096, description="Id, name, path or hash prefix."
     )
-    device_id: str | None = Field(None, max_length=64, description="Device; placement chooses when omitted.")
-    force: bool = Field(False, description="Evict leased or kept models to make room.")
+    device_id: str | None = Field(
+        None,
+        max_length=64,
+        description="Device. Omitted: placement chooses one (POST /api/model/{model_id}/load, /vram/load), "
+        "except POST /api/model/load, which then loads on every device.",
+    )
+    force: bool = Field(False, description="Evict leased or kept models to make room (and with reload, "
+                        "unload a leased model).")  # fmt: skip
+    reload: bool = Field(
+        False,
+        description="Loaded already in another dtype, storage_dtype or offload: unload it (its LoRAs with it) "
+        "and load it again as asked. Without it such a load is refused with 409 ALREADY_LOADED; options "
+        "left out ask for nothing, so a plain load returns the model as it is loaded.",
+    )
     keep_loaded: bool = Field(
         False, description="Reload after a worker restart; never evicted without force."
     )

@@ -191,6 +191,8 @@ def _print_parts(console: Console, plan: PartsPlan) -> None:
     colours = {"auto": "green", "pinned": "cyan", "missing": "red", "refused": "red"}
     for part in plan.info():
         model = part["handle"] or f"[{colours[part['status']]}]{part['status']}[/]"
+        if part["component"]:
+            model += f":{part['component']}"
         if part["status"] == "pinned":
             model += " [cyan](pinned)[/]"
         table.add_row(part["role"], part["wants"], model, part["why"])

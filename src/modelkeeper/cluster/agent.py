@@ -4,8 +4,11 @@
 node. It builds the orchestrator from that node's ``Settings`` (its model roots, devices, registry
 file, RAM cache: the same parts as one host, no fork of them) and answers the driver:
 
-- ``start`` / ``stop``; ``state()``: devices with budget, used bytes and placements, the models on
-  disk with their cluster keys, sizes and the bytes of them in the RAM cache;
+- ``start`` / ``stop``; ``state()``: devices with budget, used bytes and placements (with the parts
+  each shares on its device: ``shares``, share keys in cluster terms and their bytes), the models
+  on disk with their cluster keys, sizes and the bytes of them in the RAM cache;
+- ``demand``: what a load of a model takes on a device, as this node's own placement counts it
+  (its bytes with its parts', and the parts a device holds once), for the driver's placement;
 - ``call`` / ``stream``: a method of the node orchestrator's parts (``PARTS``: loads, the RAM
   cache, validate / benchmark / optimize, LoRAs), the same code as on one host, with the node's
   own model ids and device names. ``stream`` runs a method that makes a job and is a Ray
@@ -33,13 +36,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from modelkeeper.cluster.keys import cluster_key
+from modelkeeper.cluster.keys import cluster_key, cluster_share
 from modelkeeper.cluster.receive import RamFolders, Receiver, read_chunk
-from modelkeeper.orchestrator import Orchestrator, Settings
+from modelkeeper.orchestrator import LoadOptions, Orchestrator, Settings
+from modelkeeper.orchestrator.completion import needs_parts
 from modelkeeper.orchestrator.errors import LeaseNotFound
 from modelkeeper.orchestrator.jobs import Job
 from modelkeeper.orchestrator.leases import Lease
-from modelkeeper.orchestrator.state import PlacementState
+from modelkeeper.orchestrator.state import Placement, PlacementState
 from modelkeeper.protocol.client import WorkerFactory, WorkerProcess
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
@@ -179,12 +183,8 @@ class NodeAgent:
         if self.receiver is not None and self.receiver.prune():  # RAM-only models evicted
             await orch.catalog.scan(wait=True, hash=False)
             self._forget()
-        models = self._models
-        if models is None:
-            forgotten = self._forgotten
-            models = await asyncio.to_thread(self._list_models)
-            if forgotten == self._forgotten:  # not dropped again while it was read
-                self._models = models
+        models = await self._listing()
+        keys = {str(m["model_id"]): str(m["key"]) for m in models}
         ram: dict[str, int] = {}
         segments = orch.feed.segments()
         for seg in segments:
@@ -194,8 +194,9 @@ class NodeAgent:
         for slot in orch.pool.slots.values():
             placements = [
                 {
-                    **p.info(len(orch.leases.holding(p.model_id, slot.id))),
+                    **orch.view.info(p, len(orch.leases.holding(p.model_id, slot.id))),
                     "loading": p.state is PlacementState.LOADING,
+                    "shares": self._shares(p, keys),
                 }
                 for p in orch.view.on_device(slot.id)
             ]
@@ -218,6 +219,45 @@ class NodeAgent:
             "disk_free": await asyncio.to_thread(disk_free, orch.catalog.roots[0]),
         }
 
+    async def _listing(self) -> list[dict[str, Any]]:
+        """The models on this node's disk (the listing kept until a scan or a write drops it)."""
+        models = self._models
+        if models is None:
+            forgotten = self._forgotten
+            models = await asyncio.to_thread(self._list_models)
+            if forgotten == self._forgotten:  # not dropped again while it was read
+                self._models = models
+        return models
+
+    def _shares(self, p: Placement, keys: dict[str, str]) -> list[tuple[str, int]]:
+        """(share key in cluster terms, bytes) of the components of ``p`` that its device may hold
+        once for several placements: what the driver's placement counts once, as this node's does."""
+        return [
+            (cluster_share(key, keys, self.node), p.component_bytes.get(label, 0))
+            for label, key in sorted(p.shares.items())
+        ]
+
+    async def demand(self, model_id: str, options: LoadOptions | None = None) -> Answer:
+        """What a load of ``model_id`` (with ``options``) takes on a device, as this node's own
+        placement counts it: ``need``, its bytes with its parts' (``Loads.stored_bytes``), and
+        ``shares``, of those the parts a device holds once for every placement loading them in the
+        same form (``Loads.shared_parts``; share keys in cluster terms -> bytes). The driver places
+        a model with parts by these, so that a part already on a device takes no room there.
+        MissingPart or IncompatiblePart when the model cannot be completed here."""
+
+        async def run() -> dict[str, Any]:
+            orch, opts = self.service, options or LoadOptions()
+            record = await orch.catalog.get(model_id)
+            need = await orch.loads.stored_bytes(record, opts)
+            shares = await orch.loads.shared_parts(record, opts)
+            keys = {str(m["model_id"]): str(m["key"]) for m in await self._listing()}
+            return {
+                "need": need,
+                "shares": {cluster_share(key, keys, self.node): size for key, size in shares.items()},
+            }
+
+        return await answer(run())
+
     def _list_models(self) -> list[dict[str, Any]]:
         registry = self.service.catalog.registry
         out = []
@@ -235,7 +275,8 @@ class NodeAgent:
                     "format": record.format,
                     "path": record.path,
                     "size": record.size,
-                    "need": sum(c.bytes for c in record.components),
+                    "need": sum(c.bytes for c in record.components),  # its own: parts not counted
+                    "with_parts": needs_parts(record),  # completed from parts: the driver asks ``demand``
                     "sha256": hashes.sha256 if hashes else None,
                     "tags": list(record.meta.tags),
                 }

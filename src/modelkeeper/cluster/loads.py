@@ -26,7 +26,7 @@ from modelkeeper.cluster.membership import Membership
 from modelkeeper.cluster.placing import choose_cluster_placement, tiered_view
 from modelkeeper.cluster.receive import RECEIVED
 from modelkeeper.cluster.settings import ClusterSettings
-from modelkeeper.cluster.view import ClusterState, device_id, split_device
+from modelkeeper.cluster.view import ClusterState, NodeState, device_id, split_device
 from modelkeeper.orchestrator.coalesce import coalesced
 from modelkeeper.orchestrator.errors import DeviceNotFound, ModelInUse, NotLoaded, NotPlaceable
 from modelkeeper.orchestrator.events import EventBus
@@ -107,10 +107,27 @@ class ClusterLoads:
         return bool(self.leases.holding(key, device))
 
     async def place(self, model: ClusterModel, opts: LoadOptions) -> str:
-        """The ``node/device`` the tiered placement picks for ``model`` (the state refreshed first)."""
+        """The ``node/device`` the tiered placement picks for ``model`` (the state refreshed first),
+        counting its bytes as one host does (:meth:`demand`; with ``offload``, what stays resident)."""
         await self.members.refresh()
+        need, wants = await self.demand(model, opts)
         view = tiered_view(self.view, self.leased, self.inflight)
-        return choose_cluster_placement(view, model.key, model.need, force=opts.force).device
+        need = opts.resident_need(need, view.max_budget())
+        return choose_cluster_placement(view, model.key, need, force=opts.force, wants=wants).device
+
+    async def demand(self, model: ClusterModel, opts: LoadOptions) -> tuple[int, dict[str, int]]:
+        """The bytes a load of ``model`` takes on a device, and of those its parts that a device
+        holding them already takes no room for (share key -> bytes, docs/PARTS.md). A model
+        completed from parts (a transformer-only Flux or SD3) is asked of the first node with its
+        file (``NodeAgent.demand``: that node's own count, its parts included); any other model
+        takes the bytes of its components, as its nodes list them."""
+        node = next((n for n in sorted(model.locations) if n in self.members.links), None)
+        if node is None or not model.info.get("with_parts"):
+            return model.need, {}
+        got = await self.members.link(node).call(
+            "demand", model.local_id(node), opts, what=f"the bytes of {model.name} on {node}"
+        )
+        return int(got["need"]), {str(k): int(v) for k, v in got["shares"].items()}
 
     # ------------------------------------------------------------------ loading
 
@@ -169,16 +186,13 @@ class ClusterLoads:
         return await coalesced(self.inflight, key, job, f"the load of {model.key} on {device}", send)
 
     def in_cluster_terms(self, node: str, result: dict[str, Any]) -> dict[str, Any]:
-        """A node's load result with the cluster's names: key for model id, ``node/device``."""
-        view = self.view.nodes.get(node)
-        key_of = view.key_of if view is not None else (lambda m: m)
+        """A node's load result with the cluster's names (``NodeState.placement``): keys for model
+        ids, ``node/device``."""
+        view = self.view.nodes.get(node) or NodeState(node, "", {"models": []})
         return {
-            **result,
-            "model_id": key_of(result["model_id"]),
-            "local_id": result["model_id"],
+            **view.placement(result, result["device"]),
             "node": node,
-            "device": device_id(node, result["device"]),
-            "evicted": [key_of(m) for m in result.get("evicted", [])],
+            "evicted": [view.key_of(m) for m in result.get("evicted", [])],
         }
 
     def held_on(self, node: str, device: str) -> list[str]:

@@ -15,6 +15,12 @@ tier the most free budget where it fits, else the cheapest eviction (leased and 
 stay unless ``force``). The driver's agents report no queued work, so every device counts as idle
 (``busy_until`` 0) and the answer is the fastest tier with room.
 
+Parts shared on a device (docs/PARTS.md) count once, as on one host: each resident carries the
+parts it shares (its node's share keys, in cluster terms: ``keys.cluster_share``), and a load
+passes the parts it would share (``wants``, from ``ClusterLoads.demand``), so a device whose
+residents hold them needs room only for the rest, and evicting a resident frees a shared part
+only with its last holder.
+
 Specific to the cluster here: :data:`SENT_FILES`, the bandwidths of what the driver can do, and
 naming every device and what holds it when nothing fits. The policy's ``evict`` plan is not
 forwarded: the chosen node's own ``plan_eviction`` picks what to evict there.
@@ -22,7 +28,7 @@ forwarded: the chosen node's own ``plan_eviction`` picks what to evict there.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from modelkeeper.cluster.view import ClusterState
 from modelkeeper.orchestrator.errors import NotPlaceable
@@ -49,13 +55,16 @@ def tiered_view(
     return ClusterView.of(devices, nodes, bandwidths=SENT_FILES)
 
 
-def choose_cluster_placement(view: ClusterView, key: str, need: int, *, force: bool = False) -> Placement:
-    """Where ``key`` (``need`` bytes) goes: the policy's answer, its device named ``node/device``.
-    When nothing fits, the error names every device, its free bytes and what holds it."""
+def choose_cluster_placement(
+    view: ClusterView, key: str, need: int, *, force: bool = False, wants: Mapping[str, int] | None = None
+) -> Placement:
+    """Where ``key`` (``need`` bytes, of which ``wants``: its shareable parts by share key) goes:
+    the policy's answer, its device named ``node/device``. When nothing fits, the error names every
+    device, its free bytes and what holds it."""
     if not len(view):
         raise NotPlaceable("no node of the cluster has a ready device", required_bytes=need)
     try:
-        return choose_placement(view, key, need, force=force)
+        return choose_placement(view, key, need, force=force, wants=wants)
     except NotPlaceable as exc:
         devices = view.devices()
         raise NotPlaceable(

@@ -1,13 +1,13 @@
 """The cluster state: per node and device what the agents last reported, and what placement sees.
 
-Each node's entry is its agent's ``state()`` (devices with budget, used bytes and placements; the
-models on its disk with their cluster keys and the bytes of them in its RAM cache), replaced on
-every refresh. Devices are named ``node/device`` (``node-a/cuda:0``). ``device_views`` gives the
-placement policy one :class:`DeviceView` per ready device (its node set), models named by their
-cluster keys, leases and loads in flight taken from the driver; :meth:`NodeState.ram_keys` and
-:meth:`NodeState.disk_keys` give the node's tiers. (Named ``*State`` so as not to be taken for the
-tiered policy's own index, :class:`modelkeeper.orchestrator.tiers.ClusterView`, which
-``placing.py`` builds from this.)
+Each node's entry is its agent's ``state()`` (devices with budget, used bytes and placements, each
+with the parts it shares on its device; the models on its disk with their cluster keys and the
+bytes of them in its RAM cache), replaced on every refresh. Devices are named ``node/device``
+(``node-a/cuda:0``). ``device_views`` gives the placement policy one :class:`DeviceView` per ready
+device (its node set), models named by their cluster keys, leases and loads in flight taken from
+the driver; :meth:`NodeState.ram_keys` and :meth:`NodeState.disk_keys` give the node's tiers.
+(Named ``*State`` so as not to be taken for the tiered policy's own index,
+:class:`modelkeeper.orchestrator.tiers.ClusterView`, which ``placing.py`` builds from this.)
 """
 
 from __future__ import annotations
@@ -52,6 +52,21 @@ class NodeState:
         """A placement's applied LoRAs, by their cluster keys."""
         return {self.key_of(k): v for k, v in placement.get("loras", {}).items()}
 
+    def placement(self, p: dict[str, Any], device: str) -> dict[str, Any]:
+        """A placement of this node in cluster terms: its model by cluster key (``local_id`` its
+        id here), its device ``node/device``, its LoRAs, its parts and the models it shares them
+        with by key; without ``shares``, which only placement reads (:meth:`ClusterState.device_views`)."""
+        out = {k: v for k, v in p.items() if k != "shares"}
+        out.update(
+            model_id=self.key_of(p["model_id"]), local_id=p["model_id"], device=device_id(self.name, device),
+            loras=self.loras(p),
+        )  # fmt: skip
+        if "parts" in p:
+            out["parts"] = {role: self.key_of(m) for role, m in p["parts"].items()}
+        if "shared" in p:
+            out["shared"] = {c: sorted(self.key_of(m) for m in ms) for c, ms in p["shared"].items()}
+        return out
+
     def segments(self) -> list[dict[str, Any]]:
         """The node's RAM-cache segments in cluster terms: ``node/component`` ids, models by key."""
         return [
@@ -91,12 +106,8 @@ class ClusterState:
         out = []
         for node, d in self.devices():
             for p in d["placements"]:
-                k = node.key_of(p["model_id"])
-                if key is None or k == key:
-                    out.append(
-                        {**p, "model_id": k, "local_id": p["model_id"], "node": node.name,
-                         "device": device_id(node.name, d["id"]), "loras": node.loras(p)}
-                    )  # fmt: skip
+                if key is None or node.key_of(p["model_id"]) == key:
+                    out.append({**node.placement(p, d["id"]), "node": node.name})
         return out
 
     def device_views(
@@ -107,7 +118,9 @@ class ClusterState:
     ) -> list[DeviceView]:
         """What placement sees: ready devices (of ``nodes``, when given), models by cluster key;
         ``leased(key, device)`` says whether a driver lease holds a model there; ``loading``:
-        (key, device) of the loads in flight from the driver."""
+        (key, device) of the loads in flight from the driver. A resident's ``shares`` are its
+        parts that the device holds once for every placement loading them (the agent's share keys
+        in cluster terms, with their bytes): ``used`` counts them once, and so does placement."""
         chosen = None if nodes is None else set(nodes)
         inflight = list(loading)
         out = []
@@ -123,6 +136,7 @@ class ClusterState:
                     loaded=p["state"] == "loaded",
                     leased=bool(p.get("leases")) or leased(node.key_of(p["model_id"]), dev),
                     keep_loaded=bool(p["keep_loaded"]),
+                    shares=tuple((str(k), int(b)) for k, b in p.get("shares", ())),
                 )
                 for p in d["placements"]
             )
@@ -141,11 +155,7 @@ class ClusterState:
     # ------------------------------------------------------------------ status
 
     def device_status(self, node: NodeState, d: dict[str, Any]) -> dict[str, Any]:
-        models = [
-            {**p, "model_id": node.key_of(p["model_id"]), "local_id": p["model_id"],
-             "device": device_id(node.name, d["id"]), "loras": node.loras(p)}
-            for p in d["placements"]
-        ]  # fmt: skip
+        models = [node.placement(p, d["id"]) for p in d["placements"]]
         info = {k: v for k, v in d.items() if k not in ("placements", "budget", "used")}
         return {
             **info,

@@ -36,6 +36,7 @@ from modelkeeper.discovery.rules.components import (
     PROBES,
     VARIANT_RULES,
 )
+from modelkeeper.discovery.rules.configs import CONFIG_BASE_RULES
 from modelkeeper.discovery.rules.embeddings import EMBEDDING_RULES, EMBEDDING_WIDTHS
 from modelkeeper.discovery.rules.engine import (
     BaseRule,
@@ -52,8 +53,9 @@ from modelkeeper.discovery.tables import TensorLike, TensorTable, gguf_loadable,
 
 #: Bumped whenever a rule table changes, so that a rescan identifies unchanged files again.
 #: 2: GGUF loadable, Identification.quant; 3: llama.cpp's T5 names loadable; 4: embeddings and files
-#: of no known part not loadable.
-RULES_VERSION = 4
+#: of no known part not loadable; 5: the scaling factor of the config a single-file VAE carries
+#: (``modelkeeper.config``) breaks the tie among the bases its shapes fit.
+RULES_VERSION = 5
 
 DENOISERS = frozenset({ModelType.UNET, ModelType.TRANSFORMER})
 
@@ -164,10 +166,33 @@ def decide_variant(kind: ModelType, base: Base, evidence: Mapping[str, Any]) -> 
     return Decision("default.normal", Variant.NORMAL.value, 1.0)
 
 
+_CONFIG_RULES = frozenset(r.name for r in CONFIG_BASE_RULES)
+
+
+def _config_base(evidence: Mapping[str, Any]) -> Base | None:
+    """The base a VAE's stated config names by its scaling factor (``CONFIG_BASE_RULES``), if any."""
+    if "scaling_factor" not in evidence:
+        return None
+    for rule in CONFIG_BASE_RULES:
+        try:
+            rule.match(ModelType.VAE, evidence)
+        except NotAMatch:
+            continue
+        return rule.base
+    return None
+
+
 def break_tie(decision: Decision, evidence: Mapping[str, Any], hints: PathHints | None) -> Decision:
-    """Where the header allows several bases, stated metadata or an InvokeAI base folder chooses."""
+    """Where the header allows several bases, the file's own config (a VAE's scaling factor, as
+    ``CONFIG_BASE_RULES`` read it in a diffusers folder), stated metadata or an InvokeAI base folder
+    chooses. The bases the shapes fit stay listed: the choice is the base to file it under."""
     if len(decision.compatible) < 2:
         return decision
+    stated = _config_base(evidence) if decision.rule not in _CONFIG_RULES else None
+    if stated in decision.compatible:
+        return Decision(
+            f"{decision.rule}+config.scaling_factor", stated, min(decision.confidence + 0.4, 0.9), decision.compatible
+        )  # fmt: skip
     meta_base = evidence.get("meta_base")
     if meta_base in decision.compatible:
         return Decision(

@@ -11,8 +11,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from modelkeeper.discovery.records import Base
+from modelkeeper.discovery.records import Base, ModelType
 from modelkeeper.discovery.rules.components import METADATA_BASES
+from modelkeeper.discovery.rules.configs import CONFIG_EVIDENCE
+from modelkeeper.formats.conventions import CONFIG_METADATA_KEY
 
 _MAX_VALUE = 2000
 _TOP_TAGS = 20
@@ -101,4 +103,27 @@ def metadata_evidence(
         evidence["meta_prediction"] = "v"
     if tensor_names is not None:
         evidence["v_pred_marker"] = "v_pred" in tensor_names
+    evidence.update(embedded_vae_evidence(meta))
+    return evidence
+
+
+def embedded_vae_evidence(meta: Mapping[str, str]) -> dict[str, Any]:
+    """What a VAE's own config says where its shapes cannot (``CONFIG_EVIDENCE`` of a VAE: the
+    ``scaling_factor`` that tells an SD1 from an SDXL VAE), when the file carries that config in
+    its ``modelkeeper.config`` metadata (modelkeeper's demo models and converted files). No field
+    is defaulted: a config that leaves it out says nothing."""
+    raw = meta.get(CONFIG_METADATA_KEY)
+    if not raw or "scaling_factor" not in raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
+        return {}
+    evidence: dict[str, Any] = {}
+    for name, fields in CONFIG_EVIDENCE[ModelType.VAE].items():
+        value = next((config[f] for f in fields if isinstance(config.get(f), int | float)), None)
+        if value is not None and name != "latent_channels":  # the shapes measure that one
+            evidence[name] = value
     return evidence

@@ -9,8 +9,9 @@ Interface::
 
 Incremental: a file whose size, mtime and inode are unchanged (and that the current rules
 already identified) is not reopened. A known file found under a new path with the same device
-and inode is a move (it keeps its model id and metadata); one that disappeared is marked missing;
-after hashing, a new file with the BLAKE3 of a missing one takes over its id (``Hasher``).
+and inode is a move (it keeps its model id and metadata); one that disappeared leaves its model
+(marked missing when it was the model's last location); a new file with the content key of a
+missing one, or after hashing its BLAKE3 (``Hasher``), takes over its id.
 Bad input (unreadable, broken, empty, deleted meanwhile, symlink loops) becomes rejected entries;
 the scan always completes. Raises RootNotFound before starting when a root is not a folder.
 """
@@ -269,9 +270,11 @@ class Scanner:
             _fill_from_store(entry, stored.get(row.id, {}))
             entries[c.path] = entry
 
-        self._identify(todo, entries, now, progress)
+        # What went is written before what changed is identified: a changed file then sees which
+        # other locations of its model are still there (a copy deleted in the same scan is not).
         if gone:
             self.catalog.mark_missing(list(gone.values()), now)
+        self._identify(todo, entries, now, progress)
         report.missing = sorted(gone)
         report.entries = [entries[c.path] for c in candidates if c.path in entries]
         report.seconds = time.perf_counter() - t0

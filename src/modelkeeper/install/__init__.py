@@ -20,6 +20,7 @@ from modelkeeper.install.errors import (
     InvalidSource,
     RemoteNotFound,
     SizeMismatch,
+    SourceUnreachable,
     UnsafeSource,
     redact_url,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "SecretHeaders",
     "SizeMismatch",
     "Source",
+    "SourceUnreachable",
     "UnsafeSource",
     "UrlResolver",
     "UrlSource",

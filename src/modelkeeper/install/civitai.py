@@ -16,7 +16,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from modelkeeper.install.errors import DownloadFailed, InstallError, RemoteNotFound
+from modelkeeper.install.errors import (
+    DownloadFailed,
+    InstallError,
+    RemoteNotFound,
+    SourceUnreachable,
+    unreachable,
+)
 from modelkeeper.install.plan import InstallPlan, RemoteFile, SecretHeaders
 from modelkeeper.install.sources import CivitaiSource, check_scheme, safe_relative
 from modelkeeper.install.streams import open_stream, raise_for_status
@@ -115,7 +121,7 @@ class CivitaiResolver:
                 raise_for_status(response, what=what)
                 response.read()
         except httpx.TransportError as exc:
-            raise DownloadFailed(
+            raise (SourceUnreachable if unreachable(exc) else DownloadFailed)(
                 f"{what}: cannot reach CivitAI at {self.endpoint}: {type(exc).__name__}"
             ) from None
         try:

@@ -15,7 +15,9 @@ Hierarchy::
         │   ├── ChecksumMismatch        the hash differs (names the file and both hashes)
         │   └── SizeMismatch            more (or fewer) bytes than declared
         ├── DownloadFailed              TIMEOUT: the connection failed and retries ran out (recoverable:
-        │                               the partial download is kept, a new install resumes it)
+        │   │                           the partial download is kept, a new install resumes it)
+        │   └── SourceUnreachable       UNREACHABLE: no connection could be made at all (no network,
+        │                               no such host, refused): nothing was transferred
         └── InstallCancelled            CANCELLED: the caller cancelled (recoverable, resumes likewise)
 
 Each message names the repo, file or URL and the problem. Tokens never appear in them: URLs are
@@ -41,8 +43,10 @@ __all__ = [
     "InvalidSource",
     "RemoteNotFound",
     "SizeMismatch",
+    "SourceUnreachable",
     "UnsafeSource",
     "redact_url",
+    "unreachable",
 ]
 
 #: Query parameters that carry credentials (CivitAI accepts ``?token=``; signed CDN URLs carry
@@ -117,6 +121,16 @@ class SizeMismatch(IntegrityError):
 
 class DownloadFailed(InstallError):
     code = ErrorCode.TIMEOUT
+
+
+class SourceUnreachable(DownloadFailed):
+    code = ErrorCode.UNREACHABLE
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a transport error means no connection was made (no network, DNS, refused): the
+    host is unreachable, as opposed to a transfer that broke off or timed out midway."""
+    return type(exc).__name__ in ("ConnectError", "ConnectTimeout") or isinstance(exc, OSError)
 
 
 class InstallCancelled(InstallError):

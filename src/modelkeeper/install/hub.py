@@ -35,7 +35,14 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import ModelInfo, RepoSibling
 from huggingface_hub.utils._headers import build_hf_headers
 
-from modelkeeper.install.errors import AccessDenied, DownloadFailed, InstallError, RemoteNotFound
+from modelkeeper.install.errors import (
+    AccessDenied,
+    DownloadFailed,
+    InstallError,
+    RemoteNotFound,
+    SourceUnreachable,
+    unreachable,
+)
 from modelkeeper.install.plan import InstallPlan, RemoteFile, SecretHeaders, guess_type
 from modelkeeper.install.sources import HubSource, safe_relative
 
@@ -256,10 +263,13 @@ class HubResolver:
                 ) from None
             raise DownloadFailed(f"{what}: the Hub answered {status}", repo=source.repo_id) from None
         except OSError as exc:
-            raise DownloadFailed(f"{what}: cannot reach the Hub: {exc.__class__.__name__}") from None
+            raise SourceUnreachable(
+                f"{what}: cannot reach the Hub at {self.endpoint}: {exc.__class__.__name__}",
+                repo=source.repo_id,
+            ) from None
         except Exception as exc:  # httpx2 transport errors: huggingface_hub's HTTP stack
             if type(exc).__module__.split(".")[0] in ("httpx2", "httpx", "httpcore"):
-                raise DownloadFailed(
+                raise (SourceUnreachable if unreachable(exc) else DownloadFailed)(
                     f"{what}: cannot reach the Hub at {self.endpoint}: {exc.__class__.__name__}",
                     repo=source.repo_id,
                 ) from None

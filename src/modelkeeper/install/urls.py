@@ -16,7 +16,13 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from modelkeeper.install.errors import DownloadFailed, InstallError, redact_url
+from modelkeeper.install.errors import (
+    DownloadFailed,
+    InstallError,
+    SourceUnreachable,
+    redact_url,
+    unreachable,
+)
 from modelkeeper.install.plan import InstallPlan, RemoteFile, guess_type
 from modelkeeper.install.sources import UrlSource, safe_relative
 from modelkeeper.install.streams import open_stream, raise_for_status
@@ -57,7 +63,9 @@ class UrlResolver:
                     if match := _FILENAME_RE.search(response.headers.get("Content-Disposition", "")):
                         server_name = posixpath.basename(unquote(match.group(1)).replace("\\", "/"))
         except httpx.TransportError as exc:
-            raise DownloadFailed(f"{what}: cannot connect: {type(exc).__name__}", url=what) from None
+            raise (SourceUnreachable if unreachable(exc) else DownloadFailed)(
+                f"{what}: cannot connect: {type(exc).__name__}", url=what
+            ) from None
         file_name = server_name or posixpath.basename(unquote(urlsplit(source.url).path))
         if not file_name:
             raise InstallError(f"{what}: the URL names no file; pass a name", url=what)

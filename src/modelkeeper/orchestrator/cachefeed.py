@@ -161,6 +161,8 @@ class CacheFeed:
     async def cache_model(self, ref: str, *, wait: bool = True) -> dict[str, Any]:
         """Every component of a model into the cache: a job."""
         record = await self.catalog.resolve(ref)
+        self.catalog.check_loadable(record)  # a LoRA, an embedding: refused before any job
+        await self.catalog.verify_file(record)
 
         async def body(job: Job) -> Any:
             await self.catalog.verify_file(record)
@@ -188,6 +190,7 @@ class CacheFeed:
             )
         model_id, name = owners[0]
         record = await self.catalog.get(model_id)
+        self.catalog.check_loadable(record)
 
         async def body(job: Job) -> Any:
             load = next(c for c in await self.catalog.component_loads(record) if c.component == name)

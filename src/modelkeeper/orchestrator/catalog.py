@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from modelkeeper.discovery import Hasher, HashProgress, Scanner, ScanProgress
 from modelkeeper.orchestrator.completion import PIN_KEY, PartsPlan, needs_parts, plan_parts
-from modelkeeper.orchestrator.errors import InvalidReference, PathOutsideRoots, ServiceNotReady
+from modelkeeper.orchestrator.errors import InvalidReference, NotLoadable, PathOutsideRoots, ServiceNotReady
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.loading import ComponentLoad, as_part, component_requests
@@ -41,6 +41,12 @@ OUTSIDE_HINT = (
     "add its folder to model_roots, or set allow_outside_roots (MODELKEEPER_ALLOW_OUTSIDE_ROOTS=1) "
     "to serve models outside the roots"
 )
+
+#: Types a worker loads no model of, with what to do with one instead (``check_loadable``).
+NOT_LOADED_ALONE = {
+    "lora": "a LoRA: apply it to a loaded model with `lora apply` (POST /api/model/{model}/lora)",
+    "textual_inversion": "a textual-inversion embedding: it is no model to load or cache on its own",
+}
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,6 +141,19 @@ class Catalog:
         return await self.db(self.registry.search, **filters, roots=self.served_roots)
 
     @staticmethod
+    def check_loadable(record: ModelRecord) -> None:
+        """NotLoadable for a model that is no model to load or cache (a LoRA, an embedding), naming
+        what to do with it instead: refused before any job."""
+        use = NOT_LOADED_ALONE.get(record.type)
+        if use is not None:
+            raise NotLoadable(
+                f"{record.handle} ({record.id}) is {use}",
+                model_id=record.id,
+                handle=record.handle,
+                type=record.type,
+            )
+
+    @staticmethod
     def check_file(record: ModelRecord) -> None:
         """Refuse a model whose file was deleted or changed since it was registered: what the
         registry says of it (type, layout, components) may no longer hold."""
@@ -144,9 +163,16 @@ class Catalog:
         try:
             st = os.stat(f.path)
         except OSError as exc:
+            seen = (
+                "the last scan found it missing; put it back, or rescan once it is back"
+                if record.status == "missing"
+                else "rescan the roots"
+            )
             raise ProtocolError(
-                f"model {record.id}: {f.path} is gone since it was registered ({exc.strerror}); rescan the roots",
+                f"{record.handle} ({record.id}): its file {f.path} is missing ({exc.strerror}); {seen}",
                 ErrorCode.FILE_NOT_FOUND,
+                model_id=record.id,
+                handle=record.handle,
                 path=f.path,
             ) from None
         if f.kind == "file" and (st.st_size != f.size or st.st_mtime_ns != f.mtime_ns):

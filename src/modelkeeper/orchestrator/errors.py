@@ -9,6 +9,9 @@ Hierarchy::
         ├── JobNotFound              INVALID_REQUEST: no job of that id
         ├── IncompatiblePart         INVALID_REQUEST: a part pinned for a transformer does not fit it
         ├── LeaseNotFound            INVALID_REQUEST: no lease of that id (or it expired)
+        ├── LoadedDifferently        ALREADY_LOADED: loaded (or loading) in another dtype, storage or
+        │                            offload than a load asks for; unload it first or pass reload
+        ├── NotLoadable              INVALID_REQUEST: a LoRA, an embedding...: the model is no model to load
         ├── MissingPart              INVALID_REQUEST: no model in the registry fits a part a transformer needs
         ├── ModelInUse               BUSY: a lease or a running operation holds the model; retry or use force
         ├── NotLoaded                NOT_LOADED: the operation needs the model loaded on a device
@@ -30,8 +33,10 @@ __all__ = [
     "InvalidReference",
     "JobNotFound",
     "LeaseNotFound",
+    "LoadedDifferently",
     "MissingPart",
     "ModelInUse",
+    "NotLoadable",
     "NotLoaded",
     "NotPlaceable",
     "OrchestratorError",
@@ -65,6 +70,14 @@ class IncompatiblePart(OrchestratorError):
 
 
 class MissingPart(OrchestratorError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class LoadedDifferently(OrchestratorError):
+    code = ErrorCode.ALREADY_LOADED
+
+
+class NotLoadable(OrchestratorError):
     code = ErrorCode.INVALID_REQUEST
 
 

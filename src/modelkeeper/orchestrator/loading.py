@@ -88,8 +88,11 @@ def as_part(record: ModelRecord, role: str, load: ComponentLoad) -> ComponentLoa
     component of its placement, named after the role. Its spec, content id and config stay the
     part's own, so the RAM cache serves one segment to every model that uses the part; its share
     token (the part's model and content id) lets a worker hold one module for every placement
-    that loads the part in the same form (``worker/sharing.py``)."""
+    that loads the part in the same form (``worker/sharing.py``). A part that is a component of a
+    folder or checkpoint not hashed yet is told apart from the file's other components by name."""
     content = load.spec.get("content_id") or f"file:{load.request.path}"
+    if not load.spec.get("content_id") and (load.spec.get("subfolder") or load.spec.get("key_prefix")):
+        content += f"#{load.spec.get('component')}"
     token = f"{load.spec.get('model_id') or load.request.path}:{content}"
     request = load.request.model_copy(update={"name": f"{record.id}/{role}", "share": token})
     return ComponentLoad(role, load.spec, request, load.bytes, load.segment)

@@ -5,8 +5,9 @@ queues the load on that device, and coalesces concurrent loads of one model on o
 one. A load makes room first (evicting what the policy picks), then loads each component through
 the cache feed; any failure rolls back the components already loaded, so no half-loaded model is
 left behind. ``unload`` honours leases and ``force``. Leases are granted here too, since they hold
-placements. (About 420 lines: load, unload, eviction and idle expiry share one flow of checks on the
-same placements and queues; split apart, each would reach back into the others.)
+placements. A load of a model loaded in another form is refused or reloaded (``forms.py``). (About
+560 lines: load, unload, eviction and idle expiry share one flow of checks on the same placements
+and queues; split apart, each would reach back into the others.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.coalesce import coalesced
 from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded
 from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.orchestrator.forms import LoadForm, loaded_differently
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.loading import ComponentLoad
@@ -29,7 +31,7 @@ from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.placement import DeviceView, Resident, choose_device, plan_eviction
 from modelkeeper.orchestrator.pool import WorkerPool
 from modelkeeper.orchestrator.settings import Settings
-from modelkeeper.orchestrator.state import Placement, PlacementState, StateView
+from modelkeeper.orchestrator.state import Placement, PlacementState, StateView, held_bytes
 from modelkeeper.orchestrator.workers import Priority, WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -60,6 +62,7 @@ class Loads:
         self.bus = bus
         self.metrics = metrics
         self.inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        self.pending: dict[tuple[str, str], LoadForm] = {}  # the form each load in flight asks for
 
     def deadline(self, timeout: float | None) -> float:
         return time.monotonic() + (timeout or self.settings.request_timeout)
@@ -135,6 +138,13 @@ class Loads:
         record = await self.catalog.resolve(ref)
         if device is not None:
             self.pool.slot(device)
+        # what the caller must change is refused before any job: no model to load, a file gone,
+        # loaded in another form (forms.py)
+        self.catalog.check_loadable(record)
+        if not self.view.of_model(record.id):  # loaded already: answered from its placement
+            await self.catalog.verify_file(record)
+        if not opts.reload:
+            self.check_form(record, None if all_devices else device, opts)
         plan = await self.catalog.parts(record)
         if plan is not None:
             plan.check()  # a missing or refused part is the caller's to fix: refused before any job
@@ -157,26 +167,64 @@ class Loads:
         """``record`` on ``slot``: at once when loaded there, joined when a load is in flight, else queued."""
         key = (record.id, slot.id)
         p = self.view.get(*key)
+        reloaded: dict[str, Any] | None = None
         if p is not None and p.state is PlacementState.LOADED:
-            p.last_used = time.time()
-            if opts.keep_loaded:
-                p.keep_loaded = True
-            if opts.keep_alive is not None:
-                p.keep_alive = opts.keep_alive
-            return {**self.view.info(p), "already_loaded": True}
+            differences = opts.differences(p.form)
+            if not differences:
+                p.last_used = time.time()
+                if opts.keep_loaded:
+                    p.keep_loaded = True
+                if opts.keep_alive is not None:
+                    p.keep_alive = opts.keep_alive
+                return {**self.view.info(p), "already_loaded": True}
+            if not opts.reload:
+                raise loaded_differently(record, slot.id, p.form, differences)
+            reloaded = p.form.info()
+            job.progress(
+                message=f"unloading {p.handle or record.handle}: loaded as {p.form.describe()}", force=True
+            )
+            await self._unload_checked(p, force=opts.force, timeout=opts.timeout)
+        if key in self.inflight:  # (a load may have started while a reload unloaded)
+            pending = self.pending.get(key, LoadForm())
+            differences = opts.differences(pending)
+            if differences:  # joined, it would get the other form
+                raise loaded_differently(record, slot.id, pending, differences, loading=True)
         deadline = self.deadline(opts.timeout)
-        return await coalesced(
-            self.inflight,
-            key,
-            job,
-            f"the load of {record.id} on {slot.id}",
-            lambda: slot.run(
-                lambda: self._load(record, slot, opts, job, deadline),
-                priority=opts.priority,
-                deadline=deadline,
-                label=f"load {record.id}",
-            ),
-        )
+        starts = key not in self.inflight
+        if starts:
+            self.pending[key] = opts.form()
+        try:
+            result = await coalesced(
+                self.inflight,
+                key,
+                job,
+                f"the load of {record.id} on {slot.id}",
+                lambda: slot.run(
+                    lambda: self._load(record, slot, opts, job, deadline),
+                    priority=opts.priority,
+                    deadline=deadline,
+                    label=f"load {record.id}",
+                ),
+            )
+        finally:
+            if starts:
+                self.pending.pop(key, None)
+        return result if reloaded is None else {**result, "reloaded": reloaded}
+
+    def check_form(self, record: ModelRecord, device: str | None, opts: LoadOptions) -> None:
+        """LoadedDifferently when ``record`` is loaded, or being loaded, on ``device`` (any device
+        when None) in another form than ``opts`` asks for (forms.py)."""
+        forms = {d: f for (m, d), f in self.pending.items() if m == record.id}
+        loading = set(forms)
+        for p in self.view.of_model(record.id):
+            if p.state is not PlacementState.UNLOADING:
+                forms[p.device] = p.form
+                if p.state is PlacementState.LOADED:
+                    loading.discard(p.device)
+        for where, form in sorted(forms.items()):
+            differences = opts.differences(form)
+            if differences and device in (None, where):
+                raise loaded_differently(record, where, form, differences, loading=where in loading)
 
     async def _load(
         self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job, deadline: float
@@ -197,10 +245,13 @@ class Loads:
             keep_loaded=opts.keep_loaded,
             keep_alive=keep_alive,
             handle=record.handle,
+            form=opts.form(),
         )
         self.view.put(p)
         self.bus.publish("model.loading", model_id=record.id, device=slot.id)
         done: list[str] = []
+        dtypes: list[str | None] = []
+        storages: list[str | None] = []
         try:
             for i, planned in enumerate(loads):
                 label = planned.component or record.type
@@ -226,13 +277,15 @@ class Loads:
                     except ProtocolError as exc:
                         raise naming_the_users_file(exc, load, planned) from None
                 done.append(load.request.name)
+                dtypes.append(result.dtype)
+                storages.append(result.storage)
                 p.components[label] = load.request.name
                 if load.spec.get("model_id") not in (None, record.id):  # a part that completes it
                     p.parts[label] = load.spec["model_id"]
                 p.sources[label] = load.source
                 if load.segment is not None:
                     p.segments[label] = load.segment.component_id
-                held = result.resident_bytes if result.resident_bytes is not None else result.bytes
+                held = held_bytes(result)
                 p.bytes += held
                 p.component_bytes[label] = held
                 if result.share is not None:
@@ -262,6 +315,7 @@ class Loads:
                 record.id, "load.failed", {"device": slot.id, "error_code": code, "error": reason}
             )
             raise
+        p.form = p.form.loaded(dtypes, storages, streams=p.streamed_bytes > 0)
         p.state = PlacementState.LOADED
         p.loaded_at = p.last_used = time.time()
         p.load_seconds = round(time.perf_counter() - started, 6)
@@ -299,10 +353,11 @@ class Loads:
         ]
         if not ps:
             raise NotLoaded(
-                f"model {record.id} ({record.name}) is not loaded"
+                f"{record.handle} ({record.id}) is not loaded"
                 + (f" on {device}" if device else "")
                 + "; load it first",
                 model_id=record.id,
+                handle=record.handle,
             )
         return ps
 
@@ -315,7 +370,11 @@ class Loads:
             self.pool.slot(device)
         if not placements:
             where = f"on {device}" if device else "on any device"
-            raise NotLoaded(f"model {record.id} ({record.name}) is not loaded {where}", model_id=record.id)
+            raise NotLoaded(
+                f"{record.handle} ({record.id}) is not loaded {where}",
+                model_id=record.id,
+                handle=record.handle,
+            )
         results = [await self._unload_checked(p, force=force, timeout=timeout) for p in placements]
         return {"model_id": record.id, "unloaded": results}
 
@@ -336,15 +395,22 @@ class Loads:
         leases = self.leases.holding(p.model_id, p.device)
         if leases and not force:
             raise ModelInUse(
-                f"model {p.model_id} on {p.device} is held by {len(leases)} lease(s); release them or pass force",
+                f"{p.handle or p.name} ({p.model_id}) on {p.device} is held by {len(leases)} lease(s) "
+                f"({', '.join(lease.id for lease in leases)}); release them or pass force",
                 leases=[lease.id for lease in leases],
                 model_id=p.model_id,
+                handle=p.handle or p.name,
                 device=p.device,
             )
         key = (p.model_id, p.device)
         if p.state is not PlacementState.LOADED:
             if not force:
-                raise ModelInUse(f"model {p.model_id} on {p.device} is {p.state.value}; retry or pass force")
+                raise ModelInUse(
+                    f"{p.handle or p.name} ({p.model_id}) on {p.device} is {p.state.value}; retry or pass force",
+                    model_id=p.model_id,
+                    handle=p.handle or p.name,
+                    device=p.device,
+                )
             fut = self.inflight.get(key)
             if fut is not None:
                 with contextlib.suppress(Exception):
@@ -439,13 +505,26 @@ class Loads:
     async def grant_lease(
         self, ref: str, device: str | None, holder: str, ttl: float | None
     ) -> dict[str, Any]:
-        """Hold a model (on ``device`` or anywhere): neither evicted nor unloaded without force."""
+        """Hold a model (on ``device`` or anywhere): neither evicted nor unloaded without force. A
+        model not loaded there may be leased ahead of its load (``keep_alive`` 0 would unload it before
+        a lease taken after the load); the answer's ``loaded`` and ``note`` say so."""
         record = await self.catalog.resolve(ref)
         if device is not None:
             self.pool.slot(device)
+        held = [p.device for p in self.view.of_model(record.id) if p.state is not PlacementState.UNLOADING]
+        held += [d for m, d in self.inflight if m == record.id]
+        loaded = any(device in (None, where) for where in held)
         lease = self.leases.grant(record.id, device, holder, ttl or self.settings.lease_ttl)
         self.bus.publish("lease.granted", lease=lease.info())
-        return lease.info()
+        if loaded:
+            return {**lease.info(), "loaded": True}
+        where = f" on {device}" if device else ""
+        return {
+            **lease.info(),
+            "loaded": False,
+            "note": f"{record.handle} ({record.id}) is not loaded{where} now: the lease holds it from its next "
+            "load (a model loaded with keep_alive 0 is leased ahead so)",
+        }
 
     def release_lease(self, lease_id: str) -> dict[str, Any]:
         lease = self.leases.release(lease_id)

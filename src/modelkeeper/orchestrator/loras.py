@@ -24,10 +24,57 @@ from modelkeeper.protocol.messages import (
     SetLoraStrengthRequest,
     UnloadLoraRequest,
 )
+from modelkeeper.registry import ModelRecord
 
 
 def _answer(command: CommandType) -> type[BaseModel]:
     return COMMAND_MODELS[command][1]
+
+
+#: How bases are named in messages.
+BASE_NAMES = {
+    "sd1": "SD1",
+    "sd2": "SD2",
+    "sdxl": "SDXL",
+    "sdxl_refiner": "SDXL refiner",
+    "sd3": "SD3",
+    "flux": "Flux",
+}
+
+
+def _a(name: str) -> str:
+    """``an SDXL``, ``a Flux``: the article as the name is spoken (S as "es", Flux as a word)."""
+    return f"{'an' if name.startswith('S') else 'a'} {name}"
+
+
+def naming(exc: ProtocolError, key: str, shown: str) -> ProtocolError:
+    """``exc`` with the worker's key of an applied LoRA (``<lora id>@<model id>``) in its message
+    replaced by what the user knows it by (``tiny-sd15-kohya on tiny-sd15@checkpoints``)."""
+    exc.message = exc.message.replace(key, shown)
+    exc.args = (exc.message, *exc.args[1:])
+    return exc
+
+
+def check_base(model: ModelRecord, lora: ModelRecord) -> None:
+    """Refuse, before any worker call, a LoRA of the denoiser (UNet, transformer) whose base the
+    registry knows to differ from the model's: the worker would only find it out key by key. A LoRA
+    of text encoders only (a CLIP-L LoRA fits every model with a CLIP-L), or a LoRA or model of
+    unknown base (or one fitting several), goes to the worker, whose error names what does not fit."""
+    known = BASE_NAMES.keys()
+    fits = {lora.base, *(b.value for b in lora.identification.compatible_bases)}
+    info = lora.identification.lora
+    denoiser = info is not None and bool({"unet", "transformer"} & set(info.targets))
+    if denoiser and lora.base in known and model.base in known and model.base not in fits:
+        raise ProtocolError(
+            f"{lora.handle} is {_a(BASE_NAMES[lora.base])} LoRA; {model.handle} is {BASE_NAMES[model.base]}: "
+            f"apply it to {_a(BASE_NAMES[lora.base])} model",
+            ErrorCode.INVALID_REQUEST,
+            field="lora_id",
+            lora_id=lora.id,
+            lora_base=lora.base,
+            model_id=model.id,
+            model_base=model.base,
+        )
 
 
 class Loras:
@@ -62,19 +109,29 @@ class Loras:
         lora = await self.catalog.resolve(lora_ref)
         if lora.type != "lora" or lora.path is None:
             raise ProtocolError(
-                f"{lora_ref!r} is a {lora.type}, not a LoRA", ErrorCode.INVALID_REQUEST, field="lora_id"
+                f"{lora.handle} ({lora.id}) is a {lora.type}, not a LoRA",
+                ErrorCode.INVALID_REQUEST,
+                field="lora_id",
+                lora_id=lora.id,
             )
+        check_base(record, lora)
         await self.catalog.verify_file(lora)
         out = []
         for p in self.loads.loaded(record, device):
+            before = p.loras.get(lora.id)
             slot = self.pool.slot(p.device)
             name = f"{lora.id}@{p.model_id}"
-            request = LoadLoraRequest(
-                name=name,
-                path=lora.path,
-                targets={role: n for role, n in p.components.items() if role in LORA_ROLES},
-                strength=strength,
-            )
+            targets = {role: n for role, n in p.components.items() if role in LORA_ROLES}
+            if not targets:
+                raise ProtocolError(
+                    f"{p.handle or p.name} has no component a LoRA patches ({', '.join(p.components)}; a LoRA "
+                    f"patches {', '.join(LORA_ROLES)})",
+                    ErrorCode.INVALID_REQUEST,
+                    field="model_id",
+                    model_id=p.model_id,
+                    lora_id=lora.id,
+                )
+            request = LoadLoraRequest(name=name, path=lora.path, targets=targets, strength=strength)
 
             async def run(slot: WorkerSlot = slot, request: LoadLoraRequest = request) -> dict[str, Any]:
                 if any(
@@ -94,11 +151,20 @@ class Loras:
                 )
                 return answer.model_dump(mode="json", exclude_unset=True)
 
-            with p.in_use():
-                result = await slot.run(
-                    run, priority=priority, deadline=self.loads.deadline(timeout), label=f"lora {lora.id}"
-                )
+            try:
+                with p.in_use():
+                    result = await slot.run(
+                        run, priority=priority, deadline=self.loads.deadline(timeout), label=f"lora {lora.id}"
+                    )
+            except ProtocolError as exc:  # the worker names the LoRA by its key: say whose it is
+                raise naming(exc, name, f"{lora.handle} on {p.handle or p.name}") from None
             p.loras[lora.id] = {"name": name, "lora": lora.name, "strength": strength}
+            if before is not None:  # applied again: the same LoRA, its strength set anew
+                result["already_applied"] = True
+                result["message"] = (
+                    f"{lora.handle} was already applied to {p.handle or p.name} on {p.device}; "
+                    f"strength set to {strength:g} (was {before['strength']:g})"
+                )
             unshared = result.get("unshared") or []
             for label in [label for label, n in p.components.items() if n in unshared]:
                 p.shares.pop(label, None)  # its own copy now (or its module shared no more)
@@ -128,7 +194,11 @@ class Loras:
         held = [p for p in self.loads.loaded(record, device) if lora.id in p.loras]
         if not held:
             raise NotLoaded(
-                f"LoRA {lora.id} ({lora.name}) is not applied to model {record.id}", lora_id=lora.id
+                f"LoRA {lora.handle} ({lora.id}) is not applied to {record.handle} ({record.id})"
+                + (f" on {device}" if device else ""),
+                lora_id=lora.id,
+                model_id=record.id,
+                handle=record.handle,
             )
         out = []
         for p in held:

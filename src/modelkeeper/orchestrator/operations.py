@@ -14,12 +14,13 @@ from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.loads import Loads
 from modelkeeper.orchestrator.pool import WorkerPool
 from modelkeeper.orchestrator.settings import Settings
-from modelkeeper.orchestrator.state import Placement, PlacementState, StateView
+from modelkeeper.orchestrator.state import Placement, PlacementState, StateView, held_bytes
 from modelkeeper.orchestrator.workers import Priority, WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.protocol.messages import (
     COMMAND_MODELS,
+    OPTIMIZE_OPTIONS,
     BenchmarkModelRequest,
     ModelInfoRequest,
     ModelInfoResult,
@@ -72,6 +73,7 @@ class Operations:
         """``op`` on every loaded component of a model (``ref``) or of every loaded model (``ref``
         None): a job whose result is a list, one entry (``model_id``, ``device``, ``components``)
         per placement, whether one model on one device or many."""
+        check_request(op, data)  # a bad option is the caller's to fix: refused before any job
         if ref is not None:
             record = await self.catalog.resolve(ref)
             placements = self.loads.loaded(record, device)
@@ -127,7 +129,10 @@ class Operations:
             await _refresh_bytes(slot, p)
         if component is not None and not results:
             raise NotLoaded(
-                f"model {p.model_id} has no loaded component {component!r} ({', '.join(p.components)})"
+                f"{p.handle or p.name} ({p.model_id}) has no loaded component {component!r} "
+                f"({', '.join(p.components)})",
+                model_id=p.model_id,
+                handle=p.handle or p.name,
             )
         summary = {
             name: {k: v for k, v in r.items() if k in SUMMARY_FIELDS[op]} for name, r in results.items()
@@ -136,13 +141,28 @@ class Operations:
         return {"model_id": p.model_id, "device": p.device, "components": results}
 
 
+def check_request(op: str, data: dict[str, Any]) -> None:
+    """INVALID_REQUEST for what no worker would take: an unknown option or a bad value (the
+    worker's own request model says), or an optimize with nothing to apply (no option, no revert),
+    whose "speedup" would measure nothing."""
+    _request(COMMANDS[op][1], {**data, "name": "-"})
+    if op == "optimize" and not data.get("options") and not data.get("revert"):
+        raise ProtocolError(
+            f"options: nothing to apply; give at least one of {', '.join(OPTIMIZE_OPTIONS)} "
+            "(or revert to undo earlier ones)",
+            ErrorCode.INVALID_REQUEST,
+            field="options",
+        )
+
+
 def _request(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(x) for x in first["loc"])
-        raise ProtocolError(f"{field}: {first['msg']}", ErrorCode.INVALID_REQUEST, field=field) from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ProtocolError(f"{field}: {message}", ErrorCode.INVALID_REQUEST, field=field) from None
 
 
 async def _refresh_bytes(slot: WorkerSlot, p: Placement) -> None:
@@ -150,11 +170,11 @@ async def _refresh_bytes(slot: WorkerSlot, p: Placement) -> None:
     info = await slot.call(CommandType.GET_MODEL_INFO, ModelInfoRequest(), ModelInfoResult, timeout=30)
     held = {m.name: m for m in info.models}
     mine = [held[n] for n in p.components.values() if n in held]
-    p.bytes = sum(m.resident_bytes if m.resident_bytes is not None else m.bytes for m in mine)
+    p.bytes = sum(held_bytes(m) for m in mine)
     for label, name in p.components.items():
         m = held.get(name)
         if m is not None:  # an optimisation takes a shared part out of sharing (its own copy)
-            p.component_bytes[label] = m.resident_bytes if m.resident_bytes is not None else m.bytes
+            p.component_bytes[label] = held_bytes(m)
             if m.share is None:
                 p.shares.pop(label, None)
     p.streamed_bytes = sum(m.streamed_bytes or 0 for m in mine)

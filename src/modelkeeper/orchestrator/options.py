@@ -1,14 +1,17 @@
 """What a caller may ask of a load beyond the model and the device, and what that means in bytes.
 
-:class:`LoadOptions` carries priority, time limit, force, keep_loaded, keep_alive, and the worker-side
-options (compute ``dtype``, fp8 ``storage_dtype``, ``offload``) that it applies to each component's
-request; placement asks it how many bytes the model will hold on a device.
+:class:`LoadOptions` carries priority, time limit, force, keep_loaded, keep_alive, reload, and the
+worker-side options (compute ``dtype``, fp8 ``storage_dtype``, ``offload``) that it applies to each
+component's request and that make the form a model is loaded in (``forms.py``); placement asks it how
+many bytes the model will hold on a device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from modelkeeper.orchestrator.forms import LoadForm
 from modelkeeper.orchestrator.workers import Priority
 from modelkeeper.protocol.messages import DType, LoadRequest
 from modelkeeper.registry import ModelRecord
@@ -27,6 +30,35 @@ class LoadOptions:
     dtype: DType | None = None  # compute dtype (a cast on load); None: the file's
     storage_dtype: DType | None = None  # kept in this dtype on the device (fp8), upcast per layer
     offload: str | int | None = None  # "none", "auto" or bytes kept resident; the rest streams from RAM
+    reload: bool = False  # loaded already in another form: unload it and load it in this one
+
+    @classmethod
+    def like(cls, form: LoadForm, **others: Any) -> LoadOptions:
+        """The options that load a model again in ``form`` (a kept model after its worker restarted)."""
+        return cls(
+            dtype=None if form.dtype is None else DType(form.dtype),
+            storage_dtype=None if form.storage_dtype is None else DType(form.storage_dtype),
+            offload=None if form.offload == "none" else form.offload,
+            **others,
+        )
+
+    def form(self) -> LoadForm:
+        """The form this load asks for (before the worker says what the file's dtypes are)."""
+        return LoadForm(
+            dtype=None if self.dtype is None else self.dtype.value,
+            storage_dtype=None if self.storage_dtype is None else self.storage_dtype.value,
+            offload="none" if self.offload is None else self.offload,
+        )
+
+    def differences(self, form: LoadForm) -> dict[str, dict[str, object]]:
+        """What this load asks for that a placement loaded as ``form`` does not have (forms.py); with
+        ``reload``, an option left out asks for its default."""
+        return form.differences(
+            None if self.dtype is None else self.dtype.value,
+            None if self.storage_dtype is None else self.storage_dtype.value,
+            self.offload,
+            whole=self.reload,
+        )
 
     def request(self, request: LoadRequest) -> LoadRequest:
         """A component's worker request with the load's dtype and residency options."""

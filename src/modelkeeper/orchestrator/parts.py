@@ -3,16 +3,18 @@
 Users keep a Flux or SD3.5 transformer (bf16, fp8, GGUF...) beside separate T5, CLIP and VAE
 files. This module is the policy that pairs them, pure and tested on tables: from what the
 transformer needs (:class:`Needs`: its base and the widths its weights expect, read from its
-tensor shapes by :func:`needs_from_shapes`) and the registry's standalone text encoders and VAEs
-(:class:`Candidate`), :func:`resolve` chooses one model per role (:class:`Role`, the diffusers
+tensor shapes by :func:`needs_from_shapes`) and the registry's text encoders and VAEs
+(:class:`Candidate`: standalone models, and the components of Flux and SD3 pipeline folders and
+full checkpoints), :func:`resolve` chooses one model per role (:class:`Role`, the diffusers
 pipeline slot) or says why a role stays missing. A part the user pinned is checked the same way
 and refused with the reason when it does not fit (a CLIP-G given as T5, a 4-channel VAE for Flux).
 ``completion.py`` feeds it from the registry and the file headers.
 
 Among several parts that fit, the choice is stable: one made for the transformer's own base
-first, then full precision, then fp8 (scaled or not), then GGUF forms, then by handle. Every
-transformer of a base so gets the same T5, and the RAM cache (keyed by content) holds it once for
-all of them.
+first, then full precision, then fp8 (scaled or not), then GGUF forms, then a standalone model
+before a component of a folder or checkpoint (a file the user keeps as a part, often the only copy
+of those weights outside a pipeline they may delete or move), then by handle. Every transformer of a
+base so gets the same T5, and the RAM cache (keyed by content) holds it once for all of them.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ class Role:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A registry model that may fill a role: a standalone text encoder or VAE."""
+    """A registry model that may fill a role: a standalone text encoder or VAE, or (``component``
+    set) one component of a pipeline folder or full checkpoint (``id`` and ``handle`` then the
+    folder's or checkpoint's)."""
 
     id: str
     handle: str
@@ -84,15 +88,27 @@ class Candidate:
     bases: tuple[str, ...] = ()  # the bases it fits besides its own
     quant: str | None = None  # fp8 or GGUF form; None: full precision
     unusable: str | None = None  # why a worker cannot load it (file missing, not loadable)
+    component: str | None = None  # its name in the folder or checkpoint; None: a standalone model
+
+    @property
+    def ref(self) -> str:
+        """What names it (and pins it in ``default_settings.parts``): the handle, and for a
+        component ``handle:component`` (``tiny-flux-folder:text_encoder_2``)."""
+        return self.handle if self.component is None else f"{self.handle}:{self.component}"
+
+    @property
+    def key(self) -> str:
+        """Unique among candidates: the model id, and for a component ``id:component``."""
+        return self.id if self.component is None else f"{self.id}:{self.component}"
 
     @property
     def describe(self) -> str:
-        """``tiny-clip-g (CLIP-G, 1280 wide)``."""
+        """``tiny-clip-g (CLIP-G, 1280 wide)``, ``tiny-flux-folder:vae (VAE, 16 latent channels)``."""
         kind = KIND_NAMES.get(self.kind or "", self.kind or "neither a text encoder nor a VAE")
         if self.width is None or self.kind is None:
-            return f"{self.handle} ({kind})"
+            return f"{self.ref} ({kind})"
         unit = "latent channels" if self.kind == "vae" else "wide"
-        return f"{self.handle} ({kind}, {self.width} {unit})"
+        return f"{self.ref} ({kind}, {self.width} {unit})"
 
 
 @dataclass(frozen=True)
@@ -164,8 +180,8 @@ def _form_rank(quant: str | None) -> int:
     return 1 if "float8" in quant else 2
 
 
-def _rank(needs: Needs, cand: Candidate) -> tuple[bool, int, str]:
-    return cand.base != needs.base, _form_rank(cand.quant), cand.handle
+def _rank(needs: Needs, cand: Candidate) -> tuple[bool, int, bool, str, str]:
+    return cand.base != needs.base, _form_rank(cand.quant), cand.component is not None, cand.handle, cand.key
 
 
 def choose(role: Role, needs: Needs, candidates: Sequence[Candidate]) -> Choice:
@@ -174,7 +190,7 @@ def choose(role: Role, needs: Needs, candidates: Sequence[Candidate]) -> Choice:
     fits = sorted((c for c in candidates if misfit(role, needs, c) is None), key=lambda c: _rank(needs, c))
     if fits:
         order = (
-            f" (first of {len(fits)} that fit: own base, full precision, fp8, GGUF, handle)"
+            f" (first of {len(fits)} that fit: own base, full precision, fp8, GGUF, standalone, handle)"
             if len(fits) > 1
             else ""
         )

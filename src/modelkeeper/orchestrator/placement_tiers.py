@@ -9,7 +9,7 @@ evicts through the single-host :func:`~modelkeeper.orchestrator.placement.plan_e
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from modelkeeper.orchestrator.errors import NotPlaceable
@@ -30,10 +30,16 @@ class Placement:
 
 
 def choose_placement(
-    cluster: ClusterView, model_id: str, need: int, *, now: float = 0.0, force: bool = False
+    cluster: ClusterView,
+    model_id: str,
+    need: int,
+    *,
+    now: float = 0.0,
+    force: bool = False,
+    wants: Mapping[str, int] | None = None,
 ) -> Placement:
-    """Where ``model_id`` (``need`` bytes) should be served from now: the candidate with the least
-    estimated time to ready.
+    """Where ``model_id`` (``need`` bytes, of which ``wants``: its shareable parts by share key)
+    should be served from now: the candidate with the least estimated time to ready.
 
     Candidates, in the order of the tiers: the devices already holding it (ready when their queued
     work ends); an idle device of a node caching it in RAM; one of a node with its file; then an
@@ -42,6 +48,9 @@ def choose_placement(
     is loaded beside a busy holder only when that is faster than waiting for it, and a peer's RAM
     cache over the network (12.5 GB/s) beats a local disk (2 GB/s). Among a tier's idle devices:
     the most free budget where the model fits as is; else the device with the cheapest eviction.
+
+    Room is counted as on one host (:mod:`.placement`): a part of ``wants`` that a resident of a
+    device holds takes no room there, and a shared part is freed only with its last holder.
 
     Least valuable, for eviction, means the smallest ``last_used + reload_weight x seconds to bring
     it back`` (from the node's RAM cache if it is there, else its disk, else a peer): a model that
@@ -77,7 +86,7 @@ def choose_placement(
     for tier, among in tiers if ram or disk else []:
         if (among is not None and not among) or (best is not None and best.ready_s <= bw.seconds(tier, need)):
             continue
-        found = cluster.best_device(among, model_id, need, force)
+        found = cluster.best_device(among, model_id, need, force, wants)
         if found is None:
             continue
         d, victims = found
@@ -87,7 +96,7 @@ def choose_placement(
             best = Placement(d.id, d.node, actual, _source(d.node, actual, ram, disk), ready, victims)
     if best is not None:
         return best
-    return _soonest_device(cluster, model_id, need, now, force)
+    return _soonest_device(cluster, model_id, need, now, force, wants)
 
 
 def _source(node: str, tier: Tier, ram: Collection[str], disk: Collection[str]) -> str:
@@ -96,11 +105,13 @@ def _source(node: str, tier: Tier, ram: Collection[str], disk: Collection[str]) 
     return next(iter(ram if tier is Tier.PEER_RAM else disk))
 
 
-def _soonest_device(cluster: ClusterView, model_id: str, need: int, now: float, force: bool) -> Placement:
+def _soonest_device(
+    cluster: ClusterView, model_id: str, need: int, now: float, force: bool, wants: Mapping[str, int] | None
+) -> Placement:
     """No idle device takes the model: the busy one where it is ready first, among the
     ``8 x scan_nodes`` whose work ends first; only if none of those has room, every device."""
     for devices in (cluster.soonest_busy(8 * cluster.scan_nodes), cluster.devices()):
-        best = _readiest(cluster, devices, model_id, need, now, force)
+        best = _readiest(cluster, devices, model_id, need, now, force, wants)
         if best is not None:
             return best
     raise NotPlaceable(
@@ -111,7 +122,13 @@ def _soonest_device(cluster: ClusterView, model_id: str, need: int, now: float, 
 
 
 def _readiest(
-    cluster: ClusterView, devices: Iterable[DeviceView], model_id: str, need: int, now: float, force: bool
+    cluster: ClusterView,
+    devices: Iterable[DeviceView],
+    model_id: str,
+    need: int,
+    now: float,
+    force: bool,
+    wants: Mapping[str, int] | None,
 ) -> Placement | None:
     ram, disk = cluster.ram_nodes(model_id), cluster.disk_nodes(model_id)
     best: Placement | None = None
@@ -123,7 +140,9 @@ def _readiest(
         if best is not None and (ready, d.id) >= (best.ready_s, best.device):
             continue
         try:
-            victims = plan_eviction(d, model_id, need, force=force, value=cluster.eviction_value(d.node))
+            victims = plan_eviction(
+                d, model_id, need, force=force, value=cluster.eviction_value(d.node), wants=wants
+            )
         except NotPlaceable:
             continue
         best = Placement(d.id, d.node, tier, _source(d.node, tier, ram, disk), ready, tuple(victims))

@@ -10,6 +10,7 @@ memory, then reconciles it.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,7 +109,10 @@ class Recovery:
         )
         for p in keep:
             with contextlib.suppress(ProtocolError):
-                await self.loads.load(p.model_id, slot.id, options=LoadOptions(keep_loaded=True), wait=False)
+                again = LoadOptions.like(
+                    p.form, keep_loaded=True, keep_alive=p.keep_alive
+                )  # in the form it had
+                await self.loads.load(p.model_id, slot.id, options=again, wait=False)
 
     async def reconcile(self, device: str) -> dict[str, Any]:
         """Make the view of ``device`` match the worker's full state: placements whose components
@@ -195,14 +199,16 @@ class Recovery:
 
 
 def read_from(part: ModelRecord, source: Mapping[str, Any]) -> bool:
-    """Whether a worker's ``source`` report may be of ``part``: a path that is one of its locations,
-    or a RAM-cache segment (``modelkeeper-...``, named by component id) of one of its content ids
+    """Whether a worker's ``source`` report may be of ``part``: a path that is one of its locations
+    (or, for a component of a pipeline folder, its folder inside one), or a RAM-cache segment (``modelkeeper-...``, named by component id) of one of its content ids
     (any segment while the part is not hashed yet: nothing to tell them apart by). No path: no
     evidence against it."""
     path = source.get("path")
     if not isinstance(path, str) or not path:
         return True
-    if path in {f.path for f in part.locations} or path == part.path:
+    places = {f.path for f in part.locations} | {part.path or ""}
+    subs = [c.subfolder for c in part.components if c.subfolder]
+    if path in places | {os.path.join(p, sub) for p in places if p for sub in subs}:
         return True
     if not Path(path).name.startswith("modelkeeper-"):
         return False

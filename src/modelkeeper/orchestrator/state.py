@@ -14,6 +14,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from modelkeeper.orchestrator.forms import LoadForm
+from modelkeeper.protocol.messages import LoadedModelInfo, LoadResult
+
+
+def held_bytes(info: LoadResult | LoadedModelInfo) -> int:
+    """What a loaded component holds against its device's budget, as its worker reports it: all its
+    bytes, or (offloaded) its resident weights and its ring (docs/OFFLOAD.md); the bytes it streams
+    from RAM are the placement's ``streamed_bytes``, apart."""
+    if info.device_bytes is not None:
+        return info.device_bytes
+    return info.resident_bytes if info.resident_bytes is not None else info.bytes
+
 
 class PlacementState(StrEnum):
     LOADING = "loading"
@@ -37,7 +49,7 @@ class Placement:
     #: component -> the worker's share key: placements on one device with one key hold one module
     shares: dict[str, str] = field(default_factory=dict)
     component_bytes: dict[str, int] = field(default_factory=dict)  # component -> its bytes on the device
-    bytes: int = 0  # on the device (the stored form; the resident part when offloaded)
+    bytes: int = 0  # against the device's budget (the stored form; offloaded: the resident part and ring)
     streamed_bytes: int = 0  # weights kept in RAM and streamed in as the model runs (offload)
     keep_loaded: bool = False
     loaded_at: float | None = None
@@ -46,6 +58,7 @@ class Placement:
     handle: str = ""  # the model's handle when it was placed (registry/handles.py)
     keep_alive: float = -1.0  # seconds after the last use before it is unloaded; -1 never
     busy: int = 0  # operations running on it: never unloaded for idleness meanwhile
+    form: LoadForm = field(default_factory=LoadForm)  # dtype, storage dtype, offload (forms.py)
 
     @property
     def expires_at(self) -> float | None:
@@ -76,6 +89,7 @@ class Placement:
             "sources": dict(self.sources),
             "bytes": self.bytes,
             "streamed_bytes": self.streamed_bytes,
+            **self.form.info(),
             "keep_loaded": self.keep_loaded,
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,

@@ -10,14 +10,14 @@ come from and :class:`Bandwidths` prices each tier. Pure: no I/O, no clock.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
 from typing import Any
 
 from modelkeeper.orchestrator.errors import NotPlaceable
-from modelkeeper.orchestrator.placement import DeviceView, Resident, plan_eviction
+from modelkeeper.orchestrator.placement import DeviceView, Resident, held_already, plan_eviction
 
 
 class Tier(StrEnum):
@@ -299,12 +299,19 @@ class ClusterView:
         return value
 
     def best_device(
-        self, among: Collection[str] | None, model_id: str, need: int, force: bool
+        self,
+        among: Collection[str] | None,
+        model_id: str,
+        need: int,
+        force: bool,
+        wants: Mapping[str, int] | None = None,
     ) -> tuple[DeviceView, tuple[str, ...]] | None:
         """The idle device of the nodes ``among`` (all nodes: None) that takes ``model_id`` at the
         least cost: the most free budget where it fits as is; else the device whose most valuable
         victim is least valuable. Looks at ``scan_nodes`` nodes at most, those with the most idle
-        devices first."""
+        devices first. ``wants``: the model's shareable parts (share key -> bytes, of ``need``),
+        which take no room on a device whose residents hold them already (as on one host)."""
+        wanted = wants or {}
         best: tuple[tuple[int, float], DeviceView, tuple[str, ...]] | None = None
         for scanned, node in enumerate(self.idle_nodes(among)):
             if scanned >= self.scan_nodes:
@@ -314,12 +321,14 @@ class ClusterView:
                 d = self._devices[device_id]
                 if d.budget < need:
                     continue
-                if d.free >= need:
+                if d.free + held_already(d.residents, (), wanted) >= need:
                     key: tuple[int, float] = (0, -d.free)
                     victims: tuple[str, ...] = ()
                 else:
                     try:
-                        victims = tuple(plan_eviction(d, model_id, need, force=force, value=value))
+                        victims = tuple(
+                            plan_eviction(d, model_id, need, force=force, value=value, wants=wanted)
+                        )
                     except NotPlaceable:
                         continue
                     by_id = {r.model_id: r for r in d.residents}

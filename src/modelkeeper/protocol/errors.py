@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     TIMEOUT = "TIMEOUT"
     CANCELLED = "CANCELLED"
     WORKER_DIED = "WORKER_DIED"
+    UNREACHABLE = "UNREACHABLE"
     INTERNAL = "INTERNAL"
 
 
@@ -51,6 +52,8 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.TIMEOUT: "The operation ran past its time limit.",
     ErrorCode.CANCELLED: "The operation was cancelled by control.cancel.",
     ErrorCode.WORKER_DIED: "The worker process exited while the request was in flight.",
+    ErrorCode.UNREACHABLE: "A remote source (the Hub, CivitAI, a URL's host) cannot be reached: no network, "
+    "no such host, connection refused. Never sent by a worker.",
     ErrorCode.INTERNAL: "An unexpected failure inside the worker; the message carries the exception.",
 }
 
@@ -61,6 +64,7 @@ RECOVERABLE: frozenset[ErrorCode] = frozenset(
         ErrorCode.TIMEOUT,
         ErrorCode.CANCELLED,
         ErrorCode.WORKER_DIED,
+        ErrorCode.UNREACHABLE,
     }
 )
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode
@@ -212,6 +212,11 @@ class LoadResult(_Open):
     )
     resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
     streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
+    device_bytes: int | None = Field(
+        None,
+        description="What it holds against the device budget: `bytes`, or (offloaded) its resident weights "
+        "and its ring.",
+    )
     share: str | None = Field(None, description="The key loads share this module by (LoadRequest.share_key).")
     shared_with: list[str] = Field(
         default_factory=list,
@@ -255,6 +260,11 @@ class LoadedModelInfo(_Open):
     source: dict[str, Any]
     resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
     streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
+    device_bytes: int | None = Field(
+        None,
+        description="What it holds against the device budget: `bytes`, or (offloaded) its resident weights "
+        "and its ring.",
+    )
     share: str | None = Field(None, description="The key loads share this module by (LoadRequest.share_key).")
     shared_with: list[str] = Field(
         default_factory=list,
@@ -506,6 +516,33 @@ class BenchmarkModelResult(_Open):
     seconds: float
 
 
+#: The options of ``model.optimize_model`` and the values each takes.
+OPTIMIZE_OPTIONS: dict[str, str] = {
+    "dtype": "float32, float16 or bfloat16",
+    "channels_last": "true or false",
+    "attention": "sdpa or default",
+    "vae_slicing": "true or false",
+    "vae_tiling": "true or false",
+    "compile": "true, false or a dict of torch.compile options",
+}
+
+
+def optimize_option_problem(options: dict[str, Any]) -> tuple[str, str] | None:
+    """The first of ``options`` that is unknown or has a bad value, with why; None when all are
+    good. Checked where a request is taken: the service before any job, the worker before any change."""
+    for key, value in options.items():
+        if key not in OPTIMIZE_OPTIONS:
+            return key, f"unknown optimisation {key!r} (known: {', '.join(OPTIMIZE_OPTIONS)})"
+        good = {
+            "dtype": value in ("float32", "float16", "bfloat16"),
+            "attention": value in ("sdpa", "default"),
+            "compile": isinstance(value, bool | dict),
+        }.get(key, isinstance(value, bool))
+        if not good:
+            return key, f"{value!r} is not {OPTIMIZE_OPTIONS[key]}"
+    return None
+
+
 class OptimizeModelRequest(_Strict):
     name: str = Field(min_length=1)
     options: dict[str, Any] = Field(
@@ -513,6 +550,15 @@ class OptimizeModelRequest(_Strict):
         description="dtype (float32|float16|bfloat16), channels_last, attention (sdpa|default), "
         "vae_slicing, vae_tiling, compile",
     )
+
+    @field_validator("options")
+    @classmethod
+    def _known(cls, options: dict[str, Any]) -> dict[str, Any]:
+        problem = optimize_option_problem(options)
+        if problem is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
+        return options
+
     measure: bool = Field(True, description="Time a forward pass before and after.")
     revert: bool = Field(False, description="Undo what earlier optimize_model calls applied.")
 

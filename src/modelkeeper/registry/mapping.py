@@ -68,7 +68,11 @@ def _config_for(record: ModelRecord, comp: ComponentInfo) -> str | None:
         return None  # the folder's own config.json
     if comp.kind is ModelType.TEXT_ENCODER:
         if record.type == ModelType.MAIN:
-            return known_config_ref(record.base, record.variant, comp.name)
+            known = known_config_ref(record.base, record.variant, comp.name)
+            if known is not None or comp.encoder is None:
+                return known
+            # ComfyUI's all-in-one Flux files keep T5 at ``text_encoders.t5xxl`` (``text_encoder_3``,
+            # as in SD3): the encoder's own config then, fitted to the file's shapes by the worker
         if comp.encoder is not None:
             name, part = ENCODER_CONFIGS[comp.encoder]
             return f"{name}/{part}"

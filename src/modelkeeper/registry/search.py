@@ -107,12 +107,18 @@ def search(
         raise InvalidMetadata("limit must be >= 1 and offset >= 0")
     where: list[str] = []
     params: list[Any] = []
-    filters = (("type", type), ("base", base), ("format", format), ("status", status))
+    filters = (("type", type), ("format", format), ("status", status))
     for field, value in filters:
         stored = normalize(field, value)
         if stored is not None:
             where.append(f"m.{field} = ?")
             params.append(stored)
+    wanted_base = normalize("base", base)
+    if wanted_base is not None:
+        # A model usable with that base: stored under it, or fitting it (an SD-family VAE whose
+        # shapes fit SD1 and SDXL alike, a CLIP-L of base "any"): migration m0004's index.
+        where.append("(m.base = ? OR m.id IN (SELECT model_id FROM model_bases WHERE base = ?))")
+        params += [wanted_base, wanted_base]
     if tag:
         where.append("m.id IN (SELECT model_id FROM model_tags WHERE tag = ?)")
         params.append(tag)

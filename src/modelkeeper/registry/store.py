@@ -178,7 +178,7 @@ class Registry(ScanWrites):
         roots: Sequence[str] = (),
     ) -> SearchPage:
         """Filter (type, base, format, tag, status; the words users type are accepted, see
-        ``vocabulary.py``), text query over names, file paths, descriptions and tags, sort, paginate.
+        ``vocabulary.py``; a base matches the models stored under it and those that fit it), text query over names, file paths, descriptions and tags, sort, paginate.
         With ``roots``, only models with a location under them. Raises InvalidFilter, InvalidMetadata."""
         handles_now = self.handles()
         with self._lock:

@@ -52,9 +52,11 @@ class ScanWrites(Store, CatalogWriter):
     ) -> tuple[str, bool]:
         """Insert or update the file at ``path`` and its model; returns (model id, created).
 
-        A new file with the content of a known present one (same device and inode, or same size
-        and ``content_key``) becomes another location of its model. A location whose content
-        changed leaves its model for a new one."""
+        A new file with the content of a known one (same device and inode, or same size and
+        ``content_key``; a present file first, else a missing one) becomes a location of its model.
+        A known file that changed keeps its model, unless its content changed while another
+        location of the model is present: then it leaves for a new model (the id stays with the
+        content). The id never goes to a missing location while a live file had it."""
         now = time.time() if now is None else now
         size, mtime_ns, inode, _device = fingerprint
         ident = identification
@@ -71,7 +73,8 @@ class ScanWrites(Store, CatalogWriter):
             elif (
                 model_id is not None
                 and (existing.size, existing.mtime_ns, existing.inode) != (size, mtime_ns, inode)
-                and self._shared(model_id, existing.id)
+                and not self._same_content(existing.id, size, content_key)
+                and locations.present_elsewhere(c, model_id, existing.id)
             ):
                 left, model_id = model_id, None  # this copy changed: it is another model now
             created = model_id is None
@@ -126,6 +129,7 @@ class ScanWrites(Store, CatalogWriter):
                 )
             if left is not None:
                 locations.refresh_status(c, left, now)
+            self._drop_missing(model_id, now)
             if existing is not None:
                 self._apply_known(existing.id, now)  # still hashed: the table still applies
         return model_id, created
@@ -147,12 +151,16 @@ class ScanWrites(Store, CatalogWriter):
             (path, root, rel, kind, *values, content_key, now, now),
         )
 
-    def _shared(self, model_id: str, file_id: int) -> bool:
-        """Whether another file is a location of ``model_id``."""
-        row = self._conn.execute(
-            "SELECT 1 FROM files WHERE model_id=? AND id!=? LIMIT 1", (model_id, file_id)
-        ).fetchone()
-        return row is not None
+    def _same_content(self, file_id: int, size: int, content_key: str | None) -> bool:
+        """Whether the file ``file_id`` still holds what it held (same size and content key): a file
+        rewritten with the same bytes, touched, or copied back over itself."""
+        row = self._conn.execute("SELECT size, content_key FROM files WHERE id=?", (file_id,)).fetchone()
+        return content_key is not None and row is not None and tuple(row) == (size, content_key)
+
+    def _drop_missing(self, model_id: str, now: float) -> None:
+        """Forget the missing locations of a model that has a present one (``locations.drop_missing``)."""
+        for gone in locations.drop_missing(self._conn, model_id):
+            self._log(model_id, gone, "scan.location_removed", {}, now)
 
     def _add_location(
         self,
@@ -171,6 +179,7 @@ class ScanWrites(Store, CatalogWriter):
         self._insert_file(path, root, rel, kind, values, content_key, now)
         locations.refresh_status(self._conn, model_id, now)
         self._log(model_id, path, "scan.location", {}, now)
+        self._drop_missing(model_id, now)
 
     def _insert_model(self, name: str, source: str, now: float, columns: Mapping[str, Any]) -> str:
         sql = (
@@ -305,12 +314,17 @@ class ScanWrites(Store, CatalogWriter):
                 self._log(row.model_id, path, "scan.moved", {"from": row.path}, now)
 
     def mark_missing(self, rows: Sequence[FileRow], now: float | None = None) -> None:
+        """Files gone from the disk. A model with a location still present keeps its id and simply
+        loses the gone paths; a model none of whose locations is left is ``missing`` (its paths kept,
+        for a move or a restored file to find it again)."""
         now = time.time() if now is None else now
         with self.transaction() as c:
             c.executemany("UPDATE files SET status='missing' WHERE id=?", [(r.id,) for r in rows])
+            for model_id in sorted({r.model_id for r in rows if r.model_id}):
+                locations.refresh_status(c, model_id, now)
+                self._drop_missing(model_id, now)
             for r in rows:
-                if r.model_id:
-                    locations.refresh_status(c, r.model_id, now)
+                if r.model_id and c.execute("SELECT 1 FROM files WHERE id=?", (r.id,)).fetchone():
                     self._log(r.model_id, r.path, "scan.missing", {}, now)
 
     def scan_summaries(self, file_ids: Sequence[int]) -> dict[int, dict[str, Any]]:

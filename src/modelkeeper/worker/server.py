@@ -268,8 +268,12 @@ class WorkerServer:
             )
 
     def stop(self, timeout: float | None = None) -> None:
+        """Cancel what is queued or running and, once the device thread has ended, close the service
+        (its models dropped, its segments unregistered and unmapped)."""
         self.begin_shutdown()
         self._device_thread.join(timeout)
+        if not self._device_thread.is_alive():
+            self.service.close()
 
     # ------------------------------------------------------------------ device thread
 

@@ -150,7 +150,7 @@ class LoadedModel:
             dtype=self.dtype, bytes=self.nbytes, parameters=self.parameters, tensors=self.tensors,
             load_seconds=round(self.load_seconds, 6), loaded_at=self.loaded_at, last_used=self.last_used,
             source=self.source, resident_bytes=self.nbytes if stream is None else stream.resident_bytes,
-            streamed_bytes=0 if stream is None else stream.streamed_bytes,
+            streamed_bytes=0 if stream is None else stream.streamed_bytes, device_bytes=self.device_bytes,
             streaming=None if stream is None else stream.describe(), share=self.share,
         )  # fmt: skip
 
@@ -381,7 +381,7 @@ class ModelService:
             source=source_info, evicted=evicted, memory=self.memory_info(),
             timings={k: round(v, 6) for k, v in timings.items()}, storage=form,
             resident_bytes=loaded.info().resident_bytes, streamed_bytes=loaded.info().streamed_bytes,
-            share=loaded.share,
+            device_bytes=loaded.device_bytes, share=loaded.share,
         )  # fmt: skip
 
     def _join(
@@ -412,7 +412,8 @@ class ModelService:
             dtype=joined.dtype, bytes=joined.nbytes, parameters=joined.parameters, tensors=joined.tensors,
             load_seconds=round(joined.load_seconds, 6), source=joined.source, memory=self.memory_info(),
             timings={"total": round(joined.load_seconds, 6)}, storage=joined.source.get("storage"),
-            resident_bytes=info.resident_bytes, streamed_bytes=info.streamed_bytes, share=key,
+            resident_bytes=info.resident_bytes, streamed_bytes=info.streamed_bytes, device_bytes=info.device_bytes,
+            share=key,
             shared_with=shared_with,
         )  # fmt: skip
 
@@ -618,6 +619,20 @@ class ModelService:
             return
         storage.detach(module)  # a packed module's decode hooks go with its tensors
         self.skeletons.give_back(class_name, config, skel)
+
+    def close(self) -> None:
+        """At the worker's end: drop every model, then unregister and unmap its segments. A
+        page-locked range left registered when its memory goes (the mapping collected with the
+        worker) stays registered in the process: a later mapping at those addresses fails
+        ``cudaHostRegister`` and copies from it fail ("already mapped"), which an in-process worker
+        followed by another, or by diffusers, in one process meets."""
+        with self._lock:
+            names = list(self._models)
+        for name in names:
+            self._drop(name)
+        gc.collect()
+        self.mappings.release()
+        self.memory.release_caches()
 
     def unload(self, name: str, op: Operation) -> UnloadResult:
         before = self.memory_info()

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from modelkeeper.registry.errors import MigrationError
-from modelkeeper.registry.migrations import m0001_initial, m0002_user_metadata, m0003_locations
+from modelkeeper.registry.migrations import (
+    m0001_initial,
+    m0002_user_metadata,
+    m0003_locations,
+    m0004_model_bases,
+    m0005_live_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,14 @@ def _migration(module: ModuleType) -> Migration:
 
 
 MIGRATIONS: tuple[Migration, ...] = tuple(
-    _migration(m) for m in (m0001_initial, m0002_user_metadata, m0003_locations)
+    _migration(m)
+    for m in (
+        m0001_initial,
+        m0002_user_metadata,
+        m0003_locations,
+        m0004_model_bases,
+        m0005_live_ids,
+    )
 )
 LATEST = MIGRATIONS[-1].version
 

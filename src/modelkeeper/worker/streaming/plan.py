@@ -10,12 +10,6 @@ from collections.abc import Iterable, Sequence
 
 from modelkeeper.worker.streaming.units import Unit
 
-#: Without a ring size set, the ring prefetches up to a quarter of the bytes it streams, and at most
-#: this many. The measured timeline of an SDXL UNet streamed whole on an H100 (2026-12-06) puts its
-#: step at 109 ms with three of its largest blocks as the ring (0.3 GB), 97 ms with 1 GB, 93 ms with
-#: 2 GB, against 82 ms resident: past about 1 GB the copies are ahead of the compute anyway.
-RING_MAX = 1 << 30
-
 
 def choose_resident(sizes: Sequence[int], budget: int, *, keep: Iterable[int] = ()) -> set[int]:
     """Which units (by index, in order of use) to keep resident within ``budget`` bytes.
@@ -43,20 +37,15 @@ def choose_resident(sizes: Sequence[int], budget: int, *, keep: Iterable[int] = 
     return chosen
 
 
-def pool_size(streamed: Sequence[Unit], target: int | None) -> int:
+def pool_size(streamed: Sequence[Unit], target: int) -> int:
     """The ring for ``streamed``: three of the largest (one in use, the next always finds room,
-    wherever the ring wraps), or ``target`` bytes (at most all of them) if that is more. Without a
-    ``target``, a quarter of the streamed bytes up to :data:`RING_MAX`: a deeper prefetch where
-    much is streamed, and never a ring as large as what it streams (see :func:`ring_pays`)."""
+    wherever the ring wraps), or ``target`` bytes (at most all of them)."""
     if not streamed:
         return 0
-    total = sum(u.bound for u in streamed)
-    if target is None:
-        target = min(RING_MAX, total // 4)
-    return max(3 * max(u.bound for u in streamed), min(target, total))
+    return max(3 * max(u.bound for u in streamed), min(target, sum(u.bound for u in streamed)))
 
 
-def ring_pays(units: Sequence[Unit], resident: Iterable[int], target: int | None) -> set[int]:
+def ring_pays(units: Sequence[Unit], resident: Iterable[int], target: int) -> set[int]:
     """``resident`` (indices into ``units``) grown until the ring takes fewer bytes than the units it
     streams: while it would take as many (a model of few blocks: the ring holds three of the largest),
     the largest streamed unit stays resident instead. So a streamed module never needs more device

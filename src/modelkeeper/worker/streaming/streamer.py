@@ -38,10 +38,8 @@ from modelkeeper.worker.streaming.units import (
 )
 
 #: The ring holds at least three of the largest units (one in use, the next arriving, the wrap);
-#: beyond that it prefetches up to this many bytes ahead (``MODELKEEPER_STREAM_POOL_MB``), capped at
-#: the streamed total; unset (None), a quarter of the streamed bytes up to ``plan.RING_MAX``.
-_POOL_MB = os.environ.get("MODELKEEPER_STREAM_POOL_MB")
-POOL_TARGET: int | None = None if _POOL_MB is None else int(float(_POOL_MB) * 1024 * 1024)
+#: beyond that it prefetches up to this many bytes ahead (``MODELKEEPER_STREAM_POOL_MB``), capped at the streamed total.
+POOL_TARGET = int(float(os.environ.get("MODELKEEPER_STREAM_POOL_MB", "0")) * 1024 * 1024)
 
 
 class Streamer:
