@@ -150,7 +150,7 @@ def test_cli_errors_speak_the_cli_s_words(served: str) -> None:
     )
     offloaded = cli(served, "load", "tiny-sdxl-unet", "--offload", "1MB").replace("\n", " ")  # 10^6 resident
     try:
-        assert " resident, " in offloaded and " streamed in " in offloaded, offloaded
+        assert " on the device, " in offloaded and " streamed from RAM in " in offloaded, offloaded
     finally:
         cli(served, "unload", "tiny-sdxl-unet")
     done = json.loads(cli(served, "jobs", "--json", "--state", "succeeded"))[0]

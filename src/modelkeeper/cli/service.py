@@ -218,7 +218,12 @@ def load(
         print_json(result)
         return
     note = " (already loaded)" if result.get("already_loaded") else ""
-    streamed = f" resident, {size(result['streamed_bytes'])} streamed" if result.get("streamed_bytes") else ""
+    # offloaded: `bytes` is what it holds on the device (resident weights and ring), the rest streams
+    streamed = (
+        f" on the device, {size(result['streamed_bytes'])} streamed from RAM"
+        if result.get("streamed_bytes")
+        else ""
+    )
     Console().print(
         f"[green]loaded[/green] {result['name']} [dim]{result['model_id']}[/dim] on {result['device']}{note}: "
         f"{size(result['bytes'])}{streamed} in {result.get('load_seconds') or 0:.2f} s "
