@@ -40,7 +40,8 @@ def cache_list(
         data: dict[str, Any] = c.cache()
         if as_json or not data["segments"]:
             return data, {}
-        return data, {m["id"]: m["handle"] for m in c.list_models(status="all", limit=1000)["items"]}
+        items = c.list_models(status="all", limit=1000).get("items") or []
+        return data, {str(m.get("id")): str(m.get("handle") or m.get("name")) for m in items if m.get("id")}
 
     data, handles = call(url, token, run)
     if as_json:
