@@ -1,12 +1,13 @@
 """A node's error about a model it received into RAM only names the user's file, not the node's
 ``/dev/shm/modelkeeper-received-*`` path: the error as the driver gets it back (``nodes.raise_error``
 builds the same ``ProtocolError``) through ``loads.naming_the_users_file``, on a cluster state as
-the driver holds it. No Ray."""
+the driver holds it. A node's refusal names ``node/device`` and the cluster key
+(``loads.error_in_cluster_terms``). No Ray."""
 
 from __future__ import annotations
 
 from modelkeeper.cluster.catalog import ClusterCatalog
-from modelkeeper.cluster.loads import naming_the_users_file
+from modelkeeper.cluster.loads import error_in_cluster_terms, naming_the_users_file
 from modelkeeper.cluster.receive import ram_root
 from modelkeeper.cluster.view import ClusterState
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -47,3 +48,17 @@ def test_errors_about_the_users_own_file_or_no_file_are_left_as_they_are() -> No
     assert naming_the_users_file(own, cat, "a", cat.find(KEY)).message == f"{USERS}: shapes do not match"
     plain = from_node("no room on cpu")
     assert naming_the_users_file(plain, cat, "b", cat.find(KEY)).message == "no room on cpu"
+
+
+def test_a_node_refusal_names_the_cluster_device_and_key() -> None:
+    cat = catalog()
+    refused = ProtocolError(
+        "tiny-sd15 is being loaded on cpu as float16; this load asks for dtype bfloat16: wait",
+        ErrorCode.ALREADY_LOADED, model_id="m-b", device="cpu", loaded={"dtype": "float16"},
+    )  # fmt: skip
+    named = error_in_cluster_terms(refused, "b", cat.find(KEY))
+    assert named.message.startswith("tiny-sd15 is being loaded on b/cpu as float16;")
+    assert named.details == {"model_id": KEY, "device": "b/cpu", "loaded": {"dtype": "float16"}}
+    assert str(named).endswith(named.message)
+    again = error_in_cluster_terms(named, "b", cat.find(KEY))  # already in cluster terms: as it is
+    assert again.details["device"] == "b/cpu" and "b/b/cpu" not in again.message

@@ -5,7 +5,8 @@ node. It builds the orchestrator from that node's ``Settings`` (its model roots,
 file, RAM cache: the same parts as one host, no fork of them) and answers the driver:
 
 - ``start`` / ``stop``; ``state()``: devices with budget, used bytes and placements (with the parts
-  each shares on its device: ``shares``, share keys in cluster terms and their bytes), the models
+  each shares on its device: ``shares``, share keys in cluster terms and their bytes; and ``form``,
+  the whole form it is loaded in, by which the driver refuses or reloads a load in another), the models
   on disk with their cluster keys, sizes and the bytes of them in the RAM cache;
 - ``demand``: what a load of a model takes on a device, as this node's own placement counts it
   (its bytes with its parts', and the parts a device holds once), for the driver's placement;
@@ -33,6 +34,7 @@ import logging
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -197,6 +199,7 @@ class NodeAgent:
                     **orch.view.info(p, len(orch.leases.holding(p.model_id, slot.id))),
                     "loading": p.state is PlacementState.LOADING,
                     "shares": self._shares(p, keys),
+                    "form": asdict(p.form),  # the whole form, for the driver's check (forms.py)
                 }
                 for p in orch.view.on_device(slot.id)
             ]

@@ -33,6 +33,15 @@ class ClusterModel:
     info: dict[str, Any]
     locations: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> model_id, path, ram_bytes
 
+    @property
+    def id(self) -> str:
+        """Its cluster key: what the cluster's answers name it by (as a record's id on one host)."""
+        return self.key
+
+    @property
+    def handle(self) -> str:
+        return self.name
+
     def local_id(self, node: str) -> str:
         return str(self.locations[node]["model_id"])
 

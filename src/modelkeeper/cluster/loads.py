@@ -11,11 +11,17 @@ placement answers the device already loading it, and the second load joins the f
 the driver's, by cluster key; the ones on a device are passed to its agent with each load, so its
 eviction honours them. Models loaded with ``keep_loaded`` are loaded again elsewhere when their
 node is lost. ``route`` tells which node and device serve a model, loading it if asked.
+
+A load of a model loaded, or being loaded, in another form (``dtype``, ``storage_dtype``,
+``offload``: the orchestrator's ``forms.py``, fed the forms the nodes report) is refused before
+any job with ``409 ALREADY_LOADED``, as on one host; with ``reload`` the driver unloads the
+placement on its ``node/device`` (driver leases honoured unless ``force``) and loads it there again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,6 +36,7 @@ from modelkeeper.cluster.view import ClusterState, NodeState, device_id, split_d
 from modelkeeper.orchestrator.coalesce import coalesced
 from modelkeeper.orchestrator.errors import DeviceNotFound, ModelInUse, NotLoaded, NotPlaceable
 from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.orchestrator.forms import LoadForm, loaded_differently
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.loads import renaming
@@ -54,6 +61,20 @@ def naming_the_users_file(
         origin = next(((n, p) for n, p in paths.items() if not p.startswith(RECEIVED)), None)
         if here is not None and here.startswith(RECEIVED) and origin is not None:
             exc = renaming(exc, here, origin[1], f"{origin[0]}:{origin[1]}")
+    return exc
+
+
+def error_in_cluster_terms(exc: ProtocolError, node: str, model: ClusterModel) -> ProtocolError:
+    """A node's error with the cluster's names: its device ``node/device``, the model by its
+    cluster key (in ``details``); a refusal the node made itself (a race the driver's own
+    checks did not see) then reads as the driver's would."""
+    device, local_id = exc.details.get("device"), model.locations.get(node, {}).get("model_id")
+    if isinstance(device, str) and not device.startswith(node + "/"):
+        exc.details["device"] = device_id(node, device)
+        exc.message = exc.message.replace(f" on {device}", f" on {device_id(node, device)}")
+        exc.args = (exc.message, *exc.args[1:])
+    if local_id is not None and exc.details.get("model_id") == local_id:
+        exc.details["model_id"] = model.key
     return exc
 
 
@@ -85,6 +106,7 @@ class ClusterLoads:
         self.jobs = jobs
         self.bus = bus
         self.inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        self.pending: dict[tuple[str, str], LoadForm] = {}  # the form each load in flight asks for
         self.kept: dict[str, LoadOptions] = {}  # cluster key -> the options of its keep-loaded load
         self._fetches: dict[tuple[str, str], asyncio.Future[str]] = {}
         #: Called with (model, source node, target node, its id there) once a file is received
@@ -145,6 +167,8 @@ class ClusterLoads:
         model = await self.catalog.resolve(ref)
         if device is not None:
             self.check_device(device)
+        if not opts.reload:  # loaded in another form: refused before any job (forms.py)
+            self.check_form(model, None if all_devices else device, opts)
         params = {"model_id": model.key, "name": model.name, "device": device, "all_devices": all_devices}
 
         async def body(job: Job) -> Any:
@@ -159,11 +183,18 @@ class ClusterLoads:
         return await self.jobs.run("load", params, body, wait=wait, timeout=opts.timeout)
 
     async def load_on(self, model: ClusterModel, device: str, opts: LoadOptions, job: Job) -> dict[str, Any]:
-        """``model`` on ``device``: joined when a load of it there is in flight, else sent to its node."""
-        if opts.keep_loaded:
-            self.kept[model.key] = opts
+        """``model`` on ``device``: joined when a load of it there is in flight, else sent to its
+        node; loaded there in another form, refused, or with ``reload`` unloaded first."""
         key = (model.key, device)
         node, local = split_device(device)
+        reloaded = await self._reload(model, device, opts, job) if opts.reload else None
+        if key in self.inflight:  # joined, it would get the form of the load in flight
+            pending = self.pending.get(key, LoadForm())
+            differences = opts.differences(pending)
+            if differences:
+                raise loaded_differently(model, device, pending, differences, loading=True)
+        if opts.keep_loaded:
+            self.kept[model.key] = dataclasses.replace(opts, reload=False)
 
         async def send() -> dict[str, Any]:
             try:
@@ -176,14 +207,62 @@ class ClusterLoads:
                     on_progress=lambda p: progress(job, {**p, "node": node, "device": device}),
                 )  # fmt: skip
             except ProtocolError as exc:
-                raise naming_the_users_file(exc, self.catalog, node, model) from None
+                raise error_in_cluster_terms(
+                    naming_the_users_file(exc, self.catalog, node, model), node, model
+                ) from None
             finally:
                 await self.members.refresh(node)
             out = self.in_cluster_terms(node, result)
             self.bus.publish("model.loaded", model_id=model.key, device=device, node=node, placement=out)
             return out
 
-        return await coalesced(self.inflight, key, job, f"the load of {model.key} on {device}", send)
+        starts = key not in self.inflight
+        if starts:
+            self.pending[key] = opts.form()
+        try:
+            result = await coalesced(self.inflight, key, job, f"the load of {model.key} on {device}", send)
+        finally:
+            if starts:
+                self.pending.pop(key, None)
+        return result if reloaded is None else {**result, "reloaded": reloaded}
+
+    async def _reload(
+        self, model: ClusterModel, device: str, opts: LoadOptions, job: Job
+    ) -> dict[str, Any] | None:
+        """With ``reload``: the placement of ``model`` on ``device`` unloaded when loaded in another
+        form than ``opts`` asks for (as an unload: driver leases hold it unless ``force``); the form
+        it had, or None when there was nothing to unload."""
+        await self.members.refresh(split_device(device)[0])  # its form as the node has it now
+        p = next(
+            (p for p in self.view.placements(model.key) if p["device"] == device and p["state"] == "loaded"),
+            None,
+        )
+        if p is None:
+            return None
+        form = next(f for d, _, f in self.view.forms(model.key) if d == device)
+        if not opts.differences(form):
+            return None
+        job.progress(message=f"unloading {model.name} on {device}: loaded as {form.describe()}", force=True)
+        await self._unload_checked(p, force=opts.force, timeout=opts.timeout)
+        if not any(q["keep_loaded"] for q in self.view.placements(model.key)):
+            self.kept.pop(model.key, None)  # kept again only if this load asks it
+        return form.info()
+
+    def check_form(self, model: ClusterModel, device: str | None, opts: LoadOptions) -> None:
+        """LoadedDifferently when ``model`` is loaded, or being loaded, on ``device`` (any device
+        when None) in another form than ``opts`` asks for (forms.py; the forms the nodes report
+        and those of the driver's loads in flight)."""
+        forms = {d: f for (k, d), f in self.pending.items() if k == model.key}
+        loading = set(forms)
+        for where, state, form in self.view.forms(model.key):
+            if state != "unloading":
+                forms[where] = form
+                if state == "loaded":
+                    loading.discard(where)
+        for where, form in sorted(forms.items()):
+            differences = opts.differences(form)
+            if differences and device in (None, where):
+                raise loaded_differently(model, where, form, differences, loading=where in loading)
 
     def in_cluster_terms(self, node: str, result: dict[str, Any]) -> dict[str, Any]:
         """A node's load result with the cluster's names (``NodeState.placement``): keys for model

@@ -17,9 +17,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelkeeper.orchestrator.forms import LoadForm
 from modelkeeper.orchestrator.placement import DeviceView, Resident
 
 SEP = "/"
+#: What a node reports of a placement for the driver alone, not shown in the cluster's answers.
+INTERNAL = ("shares", "form")
 
 
 def device_id(node: str, device: str) -> str:
@@ -29,6 +32,18 @@ def device_id(node: str, device: str) -> str:
 def split_device(cluster_device: str) -> tuple[str, str]:
     node, sep, device = cluster_device.partition(SEP)
     return (node, device) if sep else ("", cluster_device)
+
+
+def form_of(p: dict[str, Any]) -> LoadForm:
+    """The form a node's placement is loaded in, from its ``form`` (``NodeAgent.state``); from the
+    dtypes it shows when an older agent sent none."""
+    data = p.get("form")
+    if data is None:
+        return LoadForm(p.get("dtype"), p.get("storage_dtype"), p.get("offload") or "none")
+    return LoadForm(
+        data["dtype"], data["storage_dtype"], data["offload"], tuple(data["dtypes"]),
+        tuple(data["storages"]), bool(data["streams"]),
+    )  # fmt: skip
 
 
 @dataclass
@@ -55,8 +70,9 @@ class NodeState:
     def placement(self, p: dict[str, Any], device: str) -> dict[str, Any]:
         """A placement of this node in cluster terms: its model by cluster key (``local_id`` its
         id here), its device ``node/device``, its LoRAs, its parts and the models it shares them
-        with by key; without ``shares``, which only placement reads (:meth:`ClusterState.device_views`)."""
-        out = {k: v for k, v in p.items() if k != "shares"}
+        with by key; without ``shares`` and ``form``, which only the driver reads (placement,
+        :meth:`ClusterState.device_views`; the form check, :meth:`ClusterState.forms`)."""
+        out = {k: v for k, v in p.items() if k not in INTERNAL}
         out.update(
             model_id=self.key_of(p["model_id"]), local_id=p["model_id"], device=device_id(self.name, device),
             loras=self.loras(p),
@@ -109,6 +125,16 @@ class ClusterState:
                 if key is None or node.key_of(p["model_id"]) == key:
                     out.append({**node.placement(p, d["id"]), "node": node.name})
         return out
+
+    def forms(self, key: str) -> list[tuple[str, str, LoadForm]]:
+        """(``node/device``, state, form) of each placement of ``key``: what a load in another
+        form is refused or reloaded by (forms.py)."""
+        return [
+            (device_id(node.name, d["id"]), str(p["state"]), form_of(p))
+            for node, d in self.devices()
+            for p in d["placements"]
+            if node.key_of(p["model_id"]) == key
+        ]
 
     def device_views(
         self,

@@ -14,12 +14,21 @@ What a placement has is what was asked, completed by what its worker reported: a
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from modelkeeper.orchestrator.errors import LoadedDifferently
-from modelkeeper.registry import ModelRecord
 
 Offload = str | int
+
+
+class Named(Protocol):
+    """What a refusal names a model by: a registry record, or a cluster model (``cluster/catalog.py``)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def handle(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -111,7 +120,7 @@ def asked_text(differences: dict[str, dict[str, Any]]) -> str:
 
 
 def loaded_differently(
-    record: ModelRecord,
+    record: Named,
     device: str,
     form: LoadForm,
     differences: dict[str, dict[str, Any]],
@@ -132,4 +141,4 @@ def loaded_differently(
     )
 
 
-__all__ = ["LoadForm", "Offload", "asked_text", "loaded_differently"]
+__all__ = ["LoadForm", "Named", "Offload", "asked_text", "loaded_differently"]
