@@ -140,6 +140,9 @@ async def status(service: Service) -> Response:
 
 @router.get("/status/{device}", response_model=DeviceStatus)
 async def device_status(service: Service, device: str) -> dict[str, Any]:
+    """One device as ``GET /api/model/status`` shows it: its worker (state, pid, restarts, last
+    error, queue), memory and the models placed on it; ``node/device`` in cluster mode. 404
+    NOT_FOUND for an unknown device."""
     return service.views.device(device)
 
 
@@ -151,11 +154,16 @@ async def reconcile(service: Service, device: str) -> dict[str, Any]:
 
 @router.get("/available", response_model=list[ListedModel])
 async def available(service: Service) -> list[dict[str, Any]]:
+    """Every model present (a file under a model root) whose type is known, in one list (at most
+    10,000), each with the devices holding it (``loaded_on``). Filters and pages: ``GET /api/model``."""
     return await service.views.available()
 
 
 @router.get("/available/{type}", response_model=list[ListedModel])
 async def available_of_type(service: Service, type: str) -> list[dict[str, Any]]:
+    """As ``GET /api/model/available``, of one type (``main``, ``unet``, ``transformer``, ``vae``,
+    ``text_encoder``, ``lora``, ``controlnet``, ``textual_inversion``; aliases such as ``checkpoint``
+    and plurals accepted). An unknown type is 422, naming the valid ones."""
     return await service.views.available(type)
 
 
@@ -167,11 +175,14 @@ async def components(service: Service) -> list[dict[str, Any]]:
 
 @router.get("/components/{type}", response_model=list[ComponentEntry])
 async def components_of_type(service: Service, type: str) -> list[dict[str, Any]]:
+    """As ``GET /api/model/components``, of one kind, named exactly (``unet``, ``transformer``,
+    ``vae``, ``text_encoder``, ``controlnet``); another word lists nothing."""
     return await service.views.components(type)
 
 
 @router.post("/search", response_model=ModelPage)
 async def search(service: Service, body: SearchBody) -> dict[str, Any]:
+    """``GET /api/model`` with its filters as a JSON body: the same fields, defaults and answer."""
     return await service.views.list_models(**body.filters())
 
 
@@ -187,11 +198,14 @@ async def load_all_devices(service: Service, body: LoadBody) -> Any:
 
 @router.post("/load/{device}", response_model=LoadDone, responses=ACCEPTED)
 async def load_on_device(service: Service, device: str, body: LoadBody) -> Any:
+    """Load ``model_id`` on the device in the path (the body's ``device_id`` is not used); options,
+    answers and errors as for ``POST /api/model/{model_id}/load``."""
     return await _load(service, _need_model(body), device, body)
 
 
 @router.post("/unload", response_model=UnloadAnswer)
 async def unload(service: Service, body: UnloadBody) -> dict[str, Any]:
+    """``POST /api/model/{model_id}/unload`` with the model in the body (``model_id``, required)."""
     return await service.loads.unload(
         _need_model(body), body.device_id, force=body.force, timeout=body.timeout_seconds
     )
@@ -205,6 +219,8 @@ async def unload_everything(service: Service, force: bool = False) -> dict[str, 
 
 @router.delete("/unload/{device}", response_model=UnloadAllAnswer)
 async def unload_device(service: Service, device: str, force: bool = False) -> dict[str, Any]:
+    """Unload every model from one device; leased ones and ones still loading are refused (listed
+    under ``refused``) unless ``force``. 404 NOT_FOUND for an unknown device."""
     return await service.loads.unload_all(device, force=force)
 
 
@@ -216,6 +232,8 @@ async def vram_load(service: Service, body: LoadBody) -> Any:
 
 @router.post("/vram/load/{device}", response_model=LoadDone, responses=ACCEPTED)
 async def vram_load_device(service: Service, device: str, body: LoadBody) -> Any:
+    """As ``POST /api/model/vram/load``, on the device in the path (the body's ``device_id`` is not
+    used): through the RAM cache, the segment filled first when missing."""
     return await _load(service, _need_model(body), device, body, require_cache=True)
 
 
@@ -231,6 +249,8 @@ async def vram_unload(service: Service, model_id: str | None = None, force: bool
 async def vram_unload_device(
     service: Service, device: str, model_id: str | None = None, force: bool = False
 ) -> dict[str, Any]:
+    """Free one device: unload ``model_id`` from it (leased or loading: 409 BUSY unless ``force``), or
+    every model on it (leased and loading ones listed under ``refused`` unless ``force``)."""
     if model_id:
         return await service.loads.unload(model_id, device, force=force)
     return await service.loads.unload_all(device, force=force)
@@ -241,16 +261,23 @@ async def vram_unload_device(
 
 @router.post("/validate", response_model=OperationDone, responses=ACCEPTED)
 async def validate_all(service: Service, body: ValidateBody) -> Any:
+    """Validate every loaded model (on ``device_id`` only, when given) at ``level``. A job; its
+    result has one entry per placement."""
     return await _operate(service, "validate", None, body)
 
 
 @router.post("/benchmark", response_model=OperationDone, responses=ACCEPTED)
 async def benchmark_all(service: Service, body: BenchmarkBody) -> Any:
+    """Time forward passes of every loaded model (on ``device_id`` only, when given): ``steps`` after
+    ``warmup``, at ``resolution``, ``batch`` and ``tokens``. A job; one entry per placement."""
     return await _operate(service, "benchmark", None, body)
 
 
 @router.post("/optimize", response_model=OperationDone, responses=ACCEPTED)
 async def optimize_all(service: Service, body: OptimizeBody) -> Any:
+    """Apply ``options`` to every loaded model (on ``device_id`` only, when given), or with
+    ``revert`` undo earlier ones; neither, or an option no worker takes: 422 before any job. A job;
+    one entry per placement."""
     return await _operate(service, "optimize", None, body)
 
 
@@ -282,11 +309,21 @@ async def remove_lora(
 
 @router.get("/{model_id:path}/metadata", response_model=ModelMetadata)
 async def get_metadata(service: Service, model_id: str) -> dict[str, Any]:
+    """A model's user metadata, as ``PUT`` sets it: name, description, tags, trigger_words,
+    source_url, license, default_settings."""
     return await service.catalog.metadata(model_id)
 
 
 @router.put("/{model_id:path}/metadata", response_model=ModelMetadata)
-async def put_metadata(service: Service, model_id: str, values: dict[str, Any] = Body(...)) -> dict[str, Any]:
+async def put_metadata(
+    service: Service,
+    model_id: str,
+    values: dict[str, Any] = Body(
+        ...,
+        description="The keys to set (name, description, tags, trigger_words, source_url, license, "
+        "default_settings); keys left out keep their values.",
+    ),
+) -> dict[str, Any]:
     """Set user metadata: name, description, tags, trigger_words, source_url, license, default_settings."""
     return await service.catalog.set_metadata(model_id, values)
 
@@ -299,9 +336,13 @@ async def model_detail(service: Service, model_id: str) -> dict[str, Any]:
 
 @router.post("/{model_id:path}/load", response_model=LoadDone, responses=ACCEPTED)
 async def load_model(service: Service, model_id: str, body: LoadBody = Body(default_factory=LoadBody)) -> Any:
-    """Load a model on ``device_id``, or where placement puts it. Loaded there already: its placement
-    (``already_loaded``; ``keep_alive`` and ``keep_loaded`` updated), unless the body asks for another
-    ``dtype``, ``storage_dtype`` or ``offload``: 409 ALREADY_LOADED, or with ``reload`` a fresh load."""
+    """Load a model on ``device_id``, or where placement puts it: the device already holding or
+    loading it, else the one with the most free budget that fits, else one where evicting models
+    neither leased nor kept loaded (least recently used first) makes room; none: 507
+    INSUFFICIENT_MEMORY. Loaded there already: its placement (``already_loaded``; ``keep_alive`` and
+    ``keep_loaded`` updated), unless the body asks for another ``dtype``, ``storage_dtype`` or
+    ``offload``: 409 ALREADY_LOADED, or with ``reload`` a fresh load. A LoRA or an embedding (422)
+    and a file gone (404 FILE_NOT_FOUND) are refused before any job."""
     return await _load(service, model_id, body.device_id, body)
 
 
@@ -309,6 +350,9 @@ async def load_model(service: Service, model_id: str, body: LoadBody = Body(defa
 async def unload_model(
     service: Service, model_id: str, body: UnloadBody = Body(default_factory=UnloadBody)
 ) -> dict[str, Any]:
+    """Unload the model from ``device_id``, or from every device holding it. Leased or still loading:
+    409 BUSY unless ``force``; loaded nowhere: 409 NOT_LOADED. Its RAM-cache segments stay, so the
+    next load comes from RAM."""
     return await service.loads.unload(
         model_id, body.device_id, force=body.force, timeout=body.timeout_seconds
     )
@@ -318,6 +362,8 @@ async def unload_model(
 async def validate_model(
     service: Service, model_id: str, body: ValidateBody = Body(default_factory=ValidateBody)
 ) -> Any:
+    """Validate the model's loaded components (``component`` for one) at ``level``. A job; one
+    entry per device holding it (``device_id`` for one); 409 NOT_LOADED when loaded nowhere."""
     return await _operate(service, "validate", model_id, body)
 
 
@@ -325,6 +371,9 @@ async def validate_model(
 async def benchmark_model(
     service: Service, model_id: str, body: BenchmarkBody = Body(default_factory=BenchmarkBody)
 ) -> Any:
+    """Time forward passes of the model's loaded components (``component`` for one): ``steps`` after
+    ``warmup``, at ``resolution``, ``batch`` and ``tokens``. A job; one entry per device holding it
+    (``device_id`` for one); 409 NOT_LOADED when loaded nowhere."""
     return await _operate(service, "benchmark", model_id, body)
 
 
@@ -332,4 +381,7 @@ async def benchmark_model(
 async def optimize_model(
     service: Service, model_id: str, body: OptimizeBody = Body(default_factory=OptimizeBody)
 ) -> Any:
+    """Apply ``options`` to the model's loaded components (``component`` for one), or with ``revert``
+    undo earlier ones; neither, or an option no worker takes: 422 before any job. A job; one entry
+    per device holding it (``device_id`` for one); 409 NOT_LOADED when loaded nowhere."""
     return await _operate(service, "optimize", model_id, body)

@@ -89,6 +89,9 @@ async def cache_get(service: Service, component_id: str) -> dict[str, Any]:
 
 @cache.delete("/{component_id:path}", response_model=SegmentDropped)
 async def cache_drop(service: Service, component_id: str, force: bool = False) -> dict[str, Any]:
+    """Drop one segment (its ``component_id`` as ``GET /api/model/cache`` lists it; ``node/component``
+    in cluster mode) and free its memory; workers are told to unmap it. A segment a worker is loading
+    from is refused (409 BUSY) unless ``force``; an unknown one is 404. Answers the bytes freed."""
     dropped: dict[str, Any] = await _done(service.feed.drop(component_id, force=force))
     return dropped
 
@@ -103,11 +106,17 @@ async def job_list(
     kind: str | None = Query(None, max_length=32),
     limit: int = Query(100, ge=1, le=1000),
 ) -> list[dict[str, Any]]:
+    """Jobs, newest first: those queued or running and the latest finished ones (the ``jobs_kept``
+    setting bounds how many are remembered). ``state`` and ``kind`` (``load``, ``scan``, ``cache``,
+    ``install``, ``validate``, ``benchmark``, ``optimize``; ``transfer`` in cluster mode) filter
+    them; ``limit`` caps the list."""
     return [j.info() for j in service.jobs.list(state=state, kind=kind, limit=limit)]
 
 
 @jobs.get("/jobs/{job_id}", response_model=JobInfo)
 async def job_get(service: Service, job_id: str) -> dict[str, Any]:
+    """One job: kind, state, parameters, progress, result or error, times. 404 NOT_FOUND for an
+    unknown id, or a finished job forgotten since (beyond ``jobs_kept``)."""
     return service.jobs.get(job_id).info()
 
 
@@ -198,6 +207,8 @@ async def events(service: Service, type: Prefixes = None, exclude: Prefixes = No
 
 @jobs.get("/leases", response_model=list[LeaseInfo])
 async def lease_list(service: Service, model_id: str | None = None) -> list[dict[str, Any]]:
+    """Leases still running (expired ones are dropped), each with its expiry; ``model_id`` keeps
+    those of one model, named by its id as a lease shows it (``m-…``; a name matches nothing)."""
     return [lease.info() for lease in service.leases.list(model_id)]
 
 
@@ -209,16 +220,22 @@ async def lease_grant(service: Service, body: LeaseBody) -> dict[str, Any]:
 
 @jobs.get("/leases/{lease_id}", response_model=LeaseInfo)
 async def lease_get(service: Service, lease_id: str) -> dict[str, Any]:
+    """One lease with its expiry (``expires_at``, ``expires_in`` seconds); 404 NOT_FOUND once
+    released or expired."""
     return service.leases.get(lease_id).info()
 
 
 @jobs.post("/leases/{lease_id}/renew", response_model=LeaseInfo)
 async def lease_renew(service: Service, lease_id: str, body: RenewBody | None = None) -> dict[str, Any]:
+    """Extend a lease: it expires ``ttl_seconds`` from now (no body: its own ttl again). 404
+    NOT_FOUND once released or expired: grant a new one."""
     return service.leases.renew(lease_id, body.ttl_seconds if body else None).info()
 
 
 @jobs.delete("/leases/{lease_id}", response_model=LeaseInfo)
 async def lease_release(service: Service, lease_id: str) -> dict[str, Any]:
+    """End a lease now: the model may be evicted or unloaded again. Answers the lease as it was;
+    404 NOT_FOUND once released or expired."""
     return service.loads.release_lease(lease_id)
 
 
@@ -227,6 +244,8 @@ async def lease_release(service: Service, lease_id: str) -> dict[str, Any]:
 
 @health.get("/health/live", response_model=Liveness)
 async def live() -> dict[str, Any]:
+    """Liveness: 200 while the process answers. Served without the bearer token; says nothing of
+    the workers (readiness: ``/health/ready``)."""
     return {"live": True}
 
 
@@ -246,4 +265,7 @@ async def ready(service: Service) -> Any:
 
 @health.get("/metrics", response_class=PlainTextResponse, responses=JSON_ERRORS)
 async def metrics(service: Service) -> Response:
+    """Prometheus text format: ``modelkeeper_load_seconds`` (a histogram of one component's load, by
+    device and source); the RAM cache's bytes, budget, segments, hits, misses and evictions; per
+    device memory used and budget, worker up, restarts and models loaded; jobs by state; leases."""
     return Response(service.metrics.render(), media_type=CONTENT_TYPE)
