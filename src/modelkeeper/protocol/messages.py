@@ -188,7 +188,24 @@ class LoadRequest(_Strict):
         return "|".join([self.share, *(str(getattr(f, "value", f)) for f in form)])
 
 
-class LoadResult(_Open):
+class _Held(_Open):
+    """What a loaded model holds on its device: shared by a load's result and the model's info."""
+
+    resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
+    streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
+    device_bytes: int | None = Field(
+        None,
+        description="What it holds against the device budget: `bytes`, or (offloaded) its resident weights "
+        "and its ring.",
+    )
+    share: str | None = Field(None, description="The key loads share this module by (LoadRequest.share_key).")
+    shared_with: list[str] = Field(
+        default_factory=list,
+        description="Other names of the same module (a shared part): its bytes count once.",
+    )
+
+
+class LoadResult(_Held):
     name: str
     type: str
     class_name: str
@@ -209,18 +226,6 @@ class LoadResult(_Open):
     )
     timings: dict[str, float] = Field(
         default_factory=dict, description="Seconds per stage: plan, read, convert, assemble, total."
-    )
-    resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
-    streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
-    device_bytes: int | None = Field(
-        None,
-        description="What it holds against the device budget: `bytes`, or (offloaded) its resident weights "
-        "and its ring.",
-    )
-    share: str | None = Field(None, description="The key loads share this module by (LoadRequest.share_key).")
-    shared_with: list[str] = Field(
-        default_factory=list,
-        description="Other names of the same module (a shared part): its bytes count once.",
     )
 
 
@@ -245,7 +250,7 @@ class ModelInfoRequest(_Strict):
     )
 
 
-class LoadedModelInfo(_Open):
+class LoadedModelInfo(_Held):
     name: str
     type: str
     class_name: str
@@ -258,18 +263,6 @@ class LoadedModelInfo(_Open):
     loaded_at: float
     last_used: float
     source: dict[str, Any]
-    resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
-    streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
-    device_bytes: int | None = Field(
-        None,
-        description="What it holds against the device budget: `bytes`, or (offloaded) its resident weights "
-        "and its ring.",
-    )
-    share: str | None = Field(None, description="The key loads share this module by (LoadRequest.share_key).")
-    shared_with: list[str] = Field(
-        default_factory=list,
-        description="Other names of the same module (a shared part): its bytes count once.",
-    )
     streaming: dict[str, Any] | None = Field(
         None, description="Offloaded models: ring bytes, units, passes, fetches, misses, copied bytes."
     )
