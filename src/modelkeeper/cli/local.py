@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from modelkeeper.cli.common import count
+
 
 def protocol_schema_cmd(
     out: Annotated[
@@ -83,14 +85,10 @@ def demo_models_cmd(
     tokenizers = sum(1 for entry in manifest.entries if entry.type == "tokenizer")
     models = len(manifest.entries) - tokenizers
     console.print(
-        f"wrote {_count(models, 'model')} and {_count(tokenizers, 'tokenizer')} to {root} "
+        f"wrote {count(models, 'model')} and {count(tokenizers, 'tokenizer')} to {root} "
         f"(see {root / 'manifest.json'})",
         soft_wrap=True,
     )
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 @contextmanager
