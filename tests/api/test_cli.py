@@ -82,16 +82,20 @@ def test_session_from_load_to_unload(served: str) -> None:
     handle = status["devices"][0]["models"][0]["handle"]  # tells it from checkpoints/tiny-sd15
     wide = runner.invoke(app, ["status"], env={"MODELKEEPER_URL": served, "COLUMNS": "200"})
     assert f"{handle} (loaded)" in wide.output, wide.output
-    assert "passed" in cli(served, "validate", "diffusers/tiny-sd15", "--level", "weights")
-    assert "median" in cli(served, "benchmark", "diffusers/tiny-sd15", "--steps", "1", "--warmup", "0")
-    assert "channels_last" in cli(served, "optimize", "diffusers/tiny-sd15", "-o", "channels_last=true")
+    # operation lines and the unload line name the model by its handle, never by its m-... id
+    validated = cli(served, "validate", "diffusers/tiny-sd15", "--level", "weights")
+    assert f"{handle} unet on cpu: passed" in validated and "m-" not in validated, validated
+    timed = cli(served, "benchmark", "diffusers/tiny-sd15", "--steps", "1", "--warmup", "0")
+    assert f"{handle} unet" in timed and "median" in timed and "m-" not in timed, timed
+    optimized = cli(served, "optimize", "diffusers/tiny-sd15", "-o", "channels_last=true")
+    assert f"{handle} unet: applied channels_last" in optimized and "m-" not in optimized, optimized
     cache = json.loads(cli(served, "cache", "--json"))
     assert cache["stats"]["segments"] == 3
     assert "RAM cache" in cli(served, "cache")
     jobs = json.loads(cli(served, "jobs", "--json"))
     assert {j["kind"] for j in jobs} >= {"scan", "load", "validate", "benchmark", "optimize"}
     assert json.loads(cli(served, "jobs", "show", jobs[0]["id"]))["id"] == jobs[0]["id"]
-    assert "unloaded" in cli(served, "unload", "diffusers/tiny-sd15")
+    assert cli(served, "unload", "diffusers/tiny-sd15").startswith(f"unloaded {handle} from cpu: ")
     assert "cached" in cli(served, "cache", "add", "checkpoints/tiny-sd15.safetensors")
     assert "dropped" in cli(served, "cache", "clear")
 

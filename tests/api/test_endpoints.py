@@ -136,8 +136,10 @@ def test_load_placement_status_unload(client: Client) -> None:
     # CLIP-L holds the same tensors as the pipeline's text encoder (one content id, other key names):
     # its load hits the segment filled from the pipeline folder
     assert clip["sources"] == {"text_encoder": "ram"} and client.cache()["stats"]["hits"] == hits + 1
-    unloaded = client.unload(mid)["unloaded"]
+    answer = client.unload(mid)
+    unloaded = answer["unloaded"]
     assert unloaded[0]["freed_bytes"] == result["bytes"]
+    assert answer["handle"] == unloaded[0]["handle"] == result["handle"]
     assert client.status(device)["models"] == []
     perf = client.model(mid)["performance"]
     assert perf["loads"] >= 1 and perf["last_load_seconds"] > 0
@@ -194,11 +196,13 @@ def test_validate_benchmark_optimize(client: Client) -> None:
     # one entry per placement, for one model as for all of them
     [v] = client.validate(mid, level="weights")["result"]
     assert v["model_id"] == mid and set(v["components"]) == {"unet", "vae", "text_encoder"}
+    assert v["handle"] == client.model(mid)["handle"]  # what a person types for it
     assert all(c["passed"] for c in v["components"].values())
     [b] = client.benchmark(mid, component="vae", steps=2, warmup=0)["result"]
     assert list(b["components"]) == ["vae"] and b["components"]["vae"]["figures"]
     [o] = client.optimize(mid, component="unet", options={"channels_last": True}, measure=False)["result"]
     assert o["components"]["unet"]["applied"][0]["option"] == "channels_last"
+    assert b["handle"] == o["handle"] == v["handle"]
     every = client.validate(level="header")["result"]
     assert [r["model_id"] for r in every] == [mid]
     assert len(client.benchmark(steps=1, warmup=0, component="vae")["result"]) == 1
@@ -219,9 +223,11 @@ def test_cache_endpoints(client: Client) -> None:
     stats = client.cache()["stats"]
     assert stats["segments"] == 3 and stats["bytes_used"] > 0
     assert client.cache_drop(cid)["freed_bytes"] > 0
-    with pytest.raises(ApiError) as err:
-        client.cache_segment(cid)
-    assert err.value.status_code == 404
+    for gone in (lambda: client.cache_segment(cid), lambda: client.cache_drop(cid)):
+        with pytest.raises(ApiError) as err:  # an unknown segment is no unknown model
+            gone()
+        assert (err.value.status_code, err.value.error_code) == (404, "NOT_FOUND")
+        assert err.value.message == f"no cached component {cid!r}"
     vae_id = next(c["component_id"] for c in client.components("vae") if c["models"])
     assert client.cache_component(vae_id)["result"]["segments"][0]["component_id"] == vae_id
     assert client.cache_clear()["dropped"] == 3

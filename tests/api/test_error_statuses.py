@@ -17,6 +17,7 @@ from modelkeeper.api.errors import (
     http_status,
     status_of,
 )
+from modelkeeper.cache import SegmentNotFound
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 
@@ -63,3 +64,5 @@ def test_every_error_class_answers_its_codes_status() -> None:
     assert (
         statuses["NOT_FOUND"] == {404} and statuses["FORBIDDEN"] == {403} and statuses["NOT_READY"] == {503}
     )
+    # an unknown RAM-cache segment is answered NOT_FOUND (it once said MODEL_NOT_FOUND)
+    assert error_code(SegmentNotFound("no cached component 'x'")) == "NOT_FOUND"

@@ -89,7 +89,8 @@ def test_another_form_is_refused_or_reloaded_on_the_node_that_holds_it(
             # on another device the model is not loaded: loaded there in the form asked for
             elsewhere = (await driver.loads.load(CLIP_L, "node-a/cpu", options=FP8))["result"]
             assert elsewhere["storage_dtype"] == "float8_e4m3fn" and "reloaded" not in elsewhere
-            await driver.loads.unload(CLIP_L, "node-a/cpu")
+            gone = await driver.loads.unload(CLIP_L, "node-a/cpu")
+            assert gone["handle"] == gone["unloaded"][0]["handle"] == first["handle"] == "tiny-clip-l"
 
             # reload: unloaded and loaded again where it is, though a fresh load would go to node a
             reloaded = (await driver.loads.load(CLIP_L, options=replace(FP8, reload=True)))["result"]

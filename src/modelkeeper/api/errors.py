@@ -1,6 +1,7 @@
 """Domain errors to HTTP: every error body is ``{"error", "error_code", "details"}`` with the
 protocol's error code, or an HTTP-layer code for the few error classes where the protocol's code
-is too coarse (an unknown job id is ``NOT_FOUND``, no ``INVALID_REQUEST``). Each code has exactly
+is too coarse (an unknown job id is ``NOT_FOUND``, no ``INVALID_REQUEST``; an unknown RAM-cache
+segment ``NOT_FOUND``, no ``MODEL_NOT_FOUND``). Each code has exactly
 one HTTP status (``status_of``), so a client can rely on either."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from modelkeeper.cache import SegmentNotFound
 from modelkeeper.orchestrator.errors import (
     DeviceNotFound,
     IncompatiblePart,
@@ -63,6 +65,7 @@ CODE_BY_CLASS: tuple[tuple[type[ProtocolError], str], ...] = (
     (DeviceNotFound, "NOT_FOUND"),
     (JobNotFound, "NOT_FOUND"),
     (LeaseNotFound, "NOT_FOUND"),
+    (SegmentNotFound, "NOT_FOUND"),  # an unknown RAM-cache segment is no unknown model
     (PathOutsideRoots, "FORBIDDEN"),
     (ServiceNotReady, "NOT_READY"),
     (MissingPart, "MISSING_PART"),

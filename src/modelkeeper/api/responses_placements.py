@@ -147,6 +147,7 @@ class Reconciled(DeviceReconciled):
 
 class Unloaded(FixedShape):
     model_id: str
+    handle: str = Field(description="The model's handle (what to type for it).")
     device: str
     freed_bytes: int
     reason: str | MISSING = MISSING
@@ -155,11 +156,13 @@ class Unloaded(FixedShape):
 
 class UnloadAnswer(FixedShape):
     model_id: str
+    handle: str = Field(description="The model's handle (what to type for it).")
     unloaded: list[Unloaded]
 
 
 class Refused(FixedShape):
     model_id: str
+    handle: str = Field(description="The model's handle (what to type for it).")
     device: str
     error: str
 
@@ -176,6 +179,7 @@ class OperationResult(FixedShape):
     """validate / benchmark / optimize on one placement: the worker's answer per component."""
 
     model_id: str
+    handle: str = Field(description="The model's handle (what to type for it).")
     device: str
     components: dict[str, Open]
 

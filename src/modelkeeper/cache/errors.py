@@ -5,7 +5,7 @@ Hierarchy::
     ProtocolError (modelkeeper.protocol)
     └── CacheError                      INTERNAL: a segment could not be created or filled
         ├── CacheFull                   INSUFFICIENT_MEMORY: does not fit the budget even after eviction (recoverable)
-        ├── SegmentNotFound             MODEL_NOT_FOUND: no segment with that component id
+        ├── SegmentNotFound             MODEL_NOT_FOUND: no segment with that component id (the HTTP API: 404 NOT_FOUND)
         └── SegmentInUse                BUSY: a worker is loading from it (recoverable)
 
 File problems raise the FormatError family of :mod:`modelkeeper.formats.errors`.

@@ -6,10 +6,14 @@ Plain typer command functions, mounted by :mod:`modelkeeper.cli.app`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from modelkeeper.cli.common import count
 
 
 def protocol_schema_cmd(
@@ -70,11 +74,36 @@ def demo_models_cmd(
     """Write tiny but real demo models (UNets, VAEs, text encoders, LoRAs, ...) to ROOT. No downloads."""
     from rich.console import Console
 
-    from modelkeeper.testing import write_demo_models
+    with _quiet_transformers():
+        from modelkeeper.testing import write_demo_models
 
     console = Console(stderr=True)
     with console.status("writing demo models") as status:
         manifest = write_demo_models(
             root, progress=lambda what: status.update(f"writing {what}"), extras=extras
         )
-    console.print(f"wrote {len(manifest.entries)} demo models to {root} (see {root / 'manifest.json'})")
+    tokenizers = sum(1 for entry in manifest.entries if entry.type == "tokenizer")
+    models = len(manifest.entries) - tokenizers
+    console.print(
+        f"wrote {count(models, 'model')} and {count(tokenizers, 'tokenizer')} to {root} "
+        f"(see {root / 'manifest.json'})",
+        soft_wrap=True,
+    )
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' warnings while the demo factory is imported.
+
+    Importing diffusers' pipelines makes transformers warn that its image processors fall back to
+    PIL when torchvision is missing; the demo never builds an image processor, so the warning only
+    worries a user. transformers warns once per process, so hiding it here hides it for good.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)

@@ -36,28 +36,27 @@ def _operation(
         return
     console = Console()
     for r in result:  # one entry per placement
+        model = r.get("handle") or r["model_id"]  # a service before handles were answered: the id
         for name, comp in r["components"].items():
             if kind == "validate":
                 mark = "[green]passed[/green]" if comp.get("passed") else "[red]FAILED[/red]"
-                console.print(f"{r['model_id']} {name} on {r['device']}: {mark} ({comp.get('level')})")
+                console.print(f"{model} {name} on {r['device']}: {mark} ({comp.get('level')})")
                 for check in comp.get("checks", []):
                     if not check.get("passed"):
                         console.print(f"   [red]✗[/red] {check.get('name')}: {check.get('detail')}")
             elif kind == "benchmark":
                 for f in comp.get("figures", []):
-                    console.print(f"{r['model_id']} {name} {f.get('part', '')}: median {f['median_s'] * 1000:.2f} ms, "
+                    console.print(f"{model} {name} {f.get('part', '')}: median {f['median_s'] * 1000:.2f} ms, "
                                   f"p90 {f['p90_s'] * 1000:.2f} ms, {f['iterations_per_second']:.1f} it/s")  # fmt: skip
             elif "reverted" in comp:
                 reverted = ", ".join(map(str, comp["reverted"])) or "nothing"
-                console.print(f"{r['model_id']} {name}: reverted {reverted}")
+                console.print(f"{model} {name}: reverted {reverted}")
             else:
                 applied = (
                     ", ".join(f"{a['option']}={a['after']}" for a in comp.get("applied", [])) or "nothing"
                 )
                 speed = comp.get("speedup")
-                console.print(
-                    f"{r['model_id']} {name}: applied {applied}" + (f"; {speed:.2f}x" if speed else "")
-                )
+                console.print(f"{model} {name}: applied {applied}" + (f"; {speed:.2f}x" if speed else ""))
 
 
 def validate(

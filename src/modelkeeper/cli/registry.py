@@ -213,7 +213,10 @@ def meta(
     as_json: JsonOption = False,
     db: DbOption = None,
 ) -> None:
-    """Show or set a model's user metadata."""
+    """Show or set a model's user metadata. Parts pinned in default_settings.parts are checked first,
+    as the service checks them: one that names no model or does not fit is refused, nothing written."""
+    from modelkeeper.orchestrator.completion import check_pinned_parts  # the orchestrator: only here
+
     values: dict[str, str] = {}
     for item in set_ or []:
         key, sep, value = item.partition("=")
@@ -223,6 +226,8 @@ def meta(
     try:
         with open_registry(db) as registry:
             record = registry.resolve(ref)
+            if "default_settings" in values:
+                check_pinned_parts(registry, record, values["default_settings"])
             if values:
                 record = registry.set_meta(record.id, values)
     except ProtocolError as exc:

@@ -246,7 +246,8 @@ def unload(
         return
     for u in data["unloaded"]:
         Console().print(
-            f"[green]unloaded[/green] {u['model_id']} from {u['device']}: {size(u['freed_bytes'])} freed"
+            f"[green]unloaded[/green] {u.get('handle') or u['model_id']} from {u['device']}: "
+            f"{size(u['freed_bytes'])} freed"
         )
 
 

@@ -354,7 +354,7 @@ class ClusterLoads:
         results = [await self._unload_checked(p, force=force, timeout=timeout) for p in placements]
         if device is None or not self.view.placements(model.key):
             self.kept.pop(model.key, None)
-        return {"model_id": model.key, "unloaded": results}
+        return {"model_id": model.key, "handle": model.handle, "unloaded": results}
 
     async def unload_all(self, device: str | None = None, *, force: bool = False) -> dict[str, Any]:
         if device is not None:
@@ -367,7 +367,14 @@ class ClusterLoads:
                 unloaded.append(await self._unload_checked(p, force=force, timeout=None))
                 self.kept.pop(p["model_id"], None)
             except ModelInUse as exc:
-                refused.append({"model_id": p["model_id"], "device": p["device"], "error": exc.message})
+                refused.append(
+                    {
+                        "model_id": p["model_id"],
+                        "handle": p["handle"],
+                        "device": p["device"],
+                        "error": exc.message,
+                    }
+                )
         return {"unloaded": unloaded, "refused": refused}
 
     async def _unload_checked(
@@ -397,7 +404,7 @@ class ClusterLoads:
             await self.members.refresh(node)
         freed = sum(u.get("freed_bytes", 0) for u in result["unloaded"])
         self.bus.publish("model.unloaded", model_id=p["model_id"], device=p["device"], freed_bytes=freed)
-        return {"model_id": p["model_id"], "device": p["device"], "freed_bytes": freed}
+        return {"model_id": p["model_id"], "handle": p["handle"], "device": p["device"], "freed_bytes": freed}
 
     # ------------------------------------------------------------------ leases
 

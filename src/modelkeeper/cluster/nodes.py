@@ -19,6 +19,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from modelkeeper import cache as cache_errors  # its __all__ names the RAM cache's errors
 from modelkeeper.cluster import errors as cluster_errors
 from modelkeeper.cluster.agent import NodeAgent
 from modelkeeper.cluster.errors import NodeLost
@@ -30,7 +31,7 @@ from modelkeeper.registry import errors as registry_errors
 #: Error classes an agent's answer may name, raised again as themselves on the driver.
 KNOWN_ERRORS: dict[str, type[ProtocolError]] = {
     name: cls
-    for module in (orch_errors, cluster_errors, registry_errors)
+    for module in (orch_errors, cluster_errors, registry_errors, cache_errors)
     for name in getattr(module, "__all__", ())
     if isinstance(cls := getattr(module, name), type) and issubclass(cls, ProtocolError)
 }

@@ -19,7 +19,6 @@ a thread never stalls the API. It knows nothing of devices or the cache.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from modelkeeper.discovery import Hasher, HashProgress, Scanner, ScanProgress
-from modelkeeper.orchestrator.completion import PIN_KEY, PartsPlan, needs_parts, plan_parts
+from modelkeeper.orchestrator.completion import PartsPlan, check_pinned_parts, needs_parts, plan_parts
 from modelkeeper.orchestrator.errors import InvalidReference, NotLoadable, PathOutsideRoots, ServiceNotReady
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
@@ -221,23 +220,11 @@ class Catalog:
         are refused (IncompatiblePart) before anything is written."""
         record = await self.resolve(ref)
         if "default_settings" in values:
-            await self._check_pins(record, values["default_settings"])
+            settings = values["default_settings"]
+            await self.db(check_pinned_parts, self.registry, record, settings, self.served_roots)
         await self.db(self.registry.set_meta, record.id, values)
         self.bus.publish("model.metadata", model_id=record.id, keys=sorted(values))
         return await self.metadata(record.id)
-
-    async def _check_pins(self, record: ModelRecord, settings: Any) -> None:
-        if isinstance(settings, str):
-            try:
-                settings = json.loads(settings)
-            except json.JSONDecodeError:
-                return  # the registry refuses it, naming the key
-        if not isinstance(settings, dict) or PIN_KEY not in settings:
-            return
-        meta = record.meta.model_copy(update={"default_settings": settings})
-        plan = await self.parts(record.model_copy(update={"meta": meta}))
-        if plan is not None:
-            plan.check_pins()
 
     async def record(self, model_id: str, op: str, data: dict[str, Any]) -> None:
         """Add an operation to the model's history (a model deleted meanwhile: the operation stands)."""

@@ -16,6 +16,7 @@ requests, its content ids for the RAM cache and the share token) then counts onl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,3 +318,27 @@ def plan_parts(registry: Registry, record: ModelRecord, roots: Sequence[str] = (
     choices = resolve(needs, [c for c, r in found.values() if r.id != record.id], pins)
     chosen = {c.role.name: found[c.candidate.key][1] for c in choices if c.candidate is not None}
     return PartsPlan(record, needs, choices, chosen)
+
+
+def check_pinned_parts(
+    registry: Registry, record: ModelRecord, settings: Any, roots: Sequence[str] = ()
+) -> None:
+    """Raise IncompatiblePart when the ``default_settings`` about to be set on ``record`` (an
+    object, or its JSON text) pin a part that does not fit it; nothing to check otherwise.
+
+    The one check that ``PUT /api/model/{id}/metadata`` and ``modelkeeper meta --set`` run before
+    writing, so that a pin naming no model, or one that does not fit, is refused when it is set
+    rather than when the model is loaded. Text that is no JSON is left to the registry, which
+    refuses it naming the key. Registry and header reads: call it off the event loop.
+    """
+    if isinstance(settings, str):
+        try:
+            settings = json.loads(settings)
+        except json.JSONDecodeError:
+            return
+    if not isinstance(settings, dict) or PIN_KEY not in settings or not needs_parts(record):
+        return
+    meta = record.meta.model_copy(update={"default_settings": settings})
+    plan = plan_parts(registry, record.model_copy(update={"meta": meta}), roots)
+    if plan is not None:
+        plan.check_pins()

@@ -376,7 +376,7 @@ class Loads:
                 handle=record.handle,
             )
         results = [await self._unload_checked(p, force=force, timeout=timeout) for p in placements]
-        return {"model_id": record.id, "unloaded": results}
+        return {"model_id": record.id, "handle": record.handle, "unloaded": results}
 
     async def unload_all(self, device: str | None = None, *, force: bool = False) -> dict[str, Any]:
         if device is not None:
@@ -387,7 +387,14 @@ class Loads:
             try:
                 unloaded.append(await self._unload_checked(p, force=force, timeout=None))
             except ModelInUse as exc:
-                refused.append({"model_id": p.model_id, "device": p.device, "error": exc.message})
+                refused.append(
+                    {
+                        "model_id": p.model_id,
+                        "handle": p.handle or p.name,
+                        "device": p.device,
+                        "error": exc.message,
+                    }
+                )
         return {"unloaded": unloaded, "refused": refused}
 
     async def _unload_checked(self, p: Placement, *, force: bool, timeout: float | None) -> dict[str, Any]:
@@ -419,7 +426,12 @@ class Loads:
             self.leases.revoke(p.model_id, p.device)
         current = self.view.get(*key)
         if current is None:
-            return {"model_id": p.model_id, "device": p.device, "freed_bytes": 0}
+            return {
+                "model_id": p.model_id,
+                "handle": p.handle or p.name,
+                "device": p.device,
+                "freed_bytes": 0,
+            }
         return await slot.run(
             lambda: self.unload_placement(slot, current, reason="requested"),
             priority=Priority.HIGH,
@@ -455,8 +467,8 @@ class Loads:
             p.model_id, "unload", {"device": p.device, "reason": reason, "freed_bytes": freed}
         )
         memory = slot.memory.model_dump(mode="json") if slot.memory is not None else {}
-        return {"model_id": p.model_id, "device": p.device, "freed_bytes": freed, "reason": reason,
-                "memory_after": memory}  # fmt: skip
+        return {"model_id": p.model_id, "handle": p.handle or p.name, "device": p.device, "freed_bytes": freed,
+                "reason": reason, "memory_after": memory}  # fmt: skip
 
     async def expire(self, p: Placement) -> None:
         """Unload ``p`` for idleness, on its device's queue, if it is still due when its turn comes

@@ -71,7 +71,7 @@ class Operations:
         priority: int = Priority.NORMAL,
     ) -> dict[str, Any]:
         """``op`` on every loaded component of a model (``ref``) or of every loaded model (``ref``
-        None): a job whose result is a list, one entry (``model_id``, ``device``, ``components``)
+        None): a job whose result is a list, one entry (``model_id``, ``handle``, ``device``, ``components``)
         per placement, whether one model on one device or many."""
         check_request(op, data)  # a bad option is the caller's to fix: refused before any job
         if ref is not None:
@@ -138,7 +138,12 @@ class Operations:
             name: {k: v for k, v in r.items() if k in SUMMARY_FIELDS[op]} for name, r in results.items()
         }
         await self.catalog.record(p.model_id, op, {"device": p.device, "components": summary})
-        return {"model_id": p.model_id, "device": p.device, "components": results}
+        return {
+            "model_id": p.model_id,
+            "handle": p.handle or p.name,
+            "device": p.device,
+            "components": results,
+        }
 
 
 def check_request(op: str, data: dict[str, Any]) -> None:
