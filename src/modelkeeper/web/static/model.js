@@ -47,7 +47,7 @@ export function mount(root, ctx, id) {
 
   function finish(label, info) {
     tracked = null;
-    jobLine.querySelector(".job-progress")?.remove();
+    jobLine.replaceChildren(); // the outcome below names the job
     resultLine.replaceChildren(jobOutcome(label, info));
     if (label === "load" && info.state === "failed" && info.error?.error_code === "ALREADY_LOADED") {
       offerReload(info.error.error, lastLoad);

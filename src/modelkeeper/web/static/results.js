@@ -85,11 +85,11 @@ const SUMMARIES = { validate: validation, benchmark, load, unload };
 export function jobOutcome(label, info) {
   if (info.state !== "succeeded") {
     const why = info.error ? info.error.error || info.error.error_code || "" : "";
-    return outcome(label, info.state, [h("div", { class: "result-head" }, why)]);
+    return outcome(label, info.state, [h("div", { class: "result-head" }, why)], info.id);
   }
   const summarise = SUMMARIES[label];
   const { state, lines } = summarise ? summarise(info.result) : { state: "succeeded", lines: [] };
-  return outcome(label, state, lines);
+  return outcome(label, state, lines, info.id);
 }
 
 /** The node for an action the service refused before any job (an ApiError). */
@@ -97,11 +97,12 @@ export function refusal(label, err) {
   return outcome(label, "failed", [h("div", { class: "result-head" }, err.message || String(err))]);
 }
 
-function outcome(label, state, lines) {
+function outcome(label, state, lines, jobId) {
   return h(
     "div",
     { class: "result", "data-action": label, "data-state": state },
     h("span", { class: ["badge", `badge-${state}`] }, `${label} ${state}`),
     h("div", { class: "result-lines" }, lines),
+    jobId ? h("span", { class: "mono muted job-id" }, jobId) : null,
   );
 }
