@@ -10,20 +10,33 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
 from playwright.sync_api import Page, Request, expect
+from safetensors.torch import load_file, save_file
 
 from modelkeeper.client import Client
+from modelkeeper.testing import DemoManifest
 from modelkeeper.testing.service import RunningService
 from tests.web.conftest import ServiceFactory, Watched, open_live
 
 pytestmark = pytest.mark.xdist_group("web")
 
 CLIP_L = "clip/tiny-clip-l.safetensors"  # one component: loads, validates and benchmarks in ms
+BROKEN = "clip/broken-clip-l.safetensors"
 
 
 @pytest.fixture(scope="module")
-def svc(make_service: ServiceFactory) -> Iterator[RunningService]:
-    with make_service(hash_on_start=False) as s:
+def svc(
+    make_service: ServiceFactory, demo: DemoManifest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningService]:
+    """The demo models, and a copy of the tiny CLIP-L with NaN in one tensor (it fails validation)."""
+    extra = tmp_path_factory.mktemp("nan-root")
+    tensors = load_file(demo.root / CLIP_L)
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    (extra / BROKEN).parent.mkdir(parents=True)
+    save_file(tensors, extra / BROKEN)
+    with make_service(hash_on_start=False, model_roots=[demo.root, extra]) as s:
         yield s
 
 
@@ -165,6 +178,21 @@ def test_validate_and_benchmark_results_shown_next_to_the_actions(
     assert figures["op"] == "benchmark"
     expect(bench.locator(".result-detail")).to_have_count(len(figures["data"]["components"]))
     expect(bench.locator(".result-detail").first).to_contain_text(" ms/step")
+
+    # a validation that fails names the component and the check, with its message
+    broken = str(client.model(BROKEN)["id"])
+    client.load(broken, device="cpu")
+    try:
+        page.goto(f"{svc.url}/#/model/{broken}")
+        page.wait_for_selector('table.placements tr[data-device="cpu"] .badge-loaded')
+        page.select_option("select[name=level]", "weights")
+        page.click("button.validate")
+        failed = page.locator('.job-result .result[data-action="validate"][data-state="failed"]')
+        expect(failed).to_contain_text("failed on cpu (weights): 1 of 1 component failed")
+        expect(failed.locator(".result-detail")).to_contain_text("finite: ")
+        expect(failed.locator(".result-detail")).to_contain_text("NaN")
+    finally:
+        client.unload(broken)
     watched.clean(console=False)  # the refused validate is logged by the browser
 
 
