@@ -6,6 +6,7 @@ import * as devices from "./devices.js";
 import * as jobs from "./jobs.js";
 import * as library from "./library.js";
 import * as model from "./model.js";
+import * as notFound from "./notfound.js";
 
 const ROUTES = { "": devices, cache, jobs, library, model };
 const view = document.getElementById("view");
@@ -46,18 +47,27 @@ const stream = new EventStream(
   },
 );
 
+function safeDecode(part) {
+  try {
+    return decodeURIComponent(part);
+  } catch {
+    return part; // a stray % in a typed address: taken as it is
+  }
+}
+
 function route() {
   if (locked) return;
   current?.destroy?.();
   current = null;
   const [name, ...rest] = location.hash.replace(/^#\/?/, "").split("/");
-  const module = ROUTES[name] || devices;
+  const known = Object.hasOwn(ROUTES, name);
+  const module = known ? ROUTES[name] : notFound;
   for (const a of document.querySelectorAll("nav a")) {
-    a.classList.toggle("active", a.dataset.route === (name || "devices") || (name === "model" && a.dataset.route === "library"));
+    a.classList.toggle("active", known && (a.dataset.route === (name || "devices") || (name === "model" && a.dataset.route === "library")));
   }
-  const root = h("div", { class: "page", "data-page": name || "devices" });
+  const root = h("div", { class: "page", "data-page": known ? name || "devices" : "not-found" });
   view.replaceChildren(root);
-  current = module.mount(root, ctx, rest.map(decodeURIComponent).join("/"));
+  current = module.mount(root, ctx, rest.map(safeDecode).join("/"), safeDecode(location.hash));
 }
 
 function lock(message) {

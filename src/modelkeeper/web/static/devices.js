@@ -1,5 +1,5 @@
 // Devices: each worker, its memory, and the models on it; live from the event stream.
-import { ago, badge, bytes, h, keyValues, modelLink, refresher, seconds, table } from "./dom.js";
+import { ago, badge, bytes, formText, h, keyValues, modelLink, refresher, seconds, table } from "./dom.js";
 
 // Memory figures move without events: the page refetches when POLL_MS pass without a refresh.
 // Everything else arrives as events; these make it refetch (not job.progress: nothing here shows
@@ -81,6 +81,7 @@ function modelRows(device, leases, ctx, kick) {
       h("td", null, p.type || "–"),
       h("td", null, badge(p.state, p.state)),
       h("td", { class: "num" }, bytes(p.bytes), sharedNote(p)),
+      h("td", { class: "form" }, formText(p)),
       h("td", null, sources(p)),
       h("td", null, leaseCell(p, leases)),
       h("td", { class: "keep" }, keepCell(p)),
@@ -132,7 +133,7 @@ function deviceCard(d, leases, ctx, kick) {
     memoryBar(d.memory || {}),
     d.models.length
       ? table(
-          ["model", "type", "state", "size", "weights from", "leases", "keep", "LoRAs", "loaded", ""],
+          ["model", "type", "state", "size", "form", "weights from", "leases", "keep", "LoRAs", "loaded", ""],
           modelRows(d, leases, ctx, kick),
           { class: "models" },
         )

@@ -61,6 +61,17 @@ export function bytes(n) {
   return `${v.toFixed(i === 0 || v >= 100 ? 0 : 1)} ${units[i]}`;
 }
 
+/** A placement's form, in the service's own words (forms.py ``describe``): ``float16``,
+ * ``float16 kept as float8_e4m3fn``, ``bfloat16, offload auto``. */
+export function formText(p) {
+  let text = p.dtype || "–";
+  if (p.storage_dtype) text += ` kept as ${p.storage_dtype}`;
+  if (p.offload !== undefined && p.offload !== null && p.offload !== "none") {
+    text += `, offload ${typeof p.offload === "number" ? bytes(p.offload) : p.offload}`;
+  }
+  return text;
+}
+
 export function seconds(x) {
   if (x === null || x === undefined) return "–";
   if (x < 1) return `${(x * 1000).toFixed(x < 0.01 ? 2 : 0)} ms`;

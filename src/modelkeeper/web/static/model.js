@@ -1,7 +1,9 @@
 // One model: what it is, where it is, what happened to it; actions and metadata editing.
 import { modelPath } from "./api.js";
-import { ago, badge, bytes, h, jobProgress, keyValues, refresher, seconds, section, table, when } from "./dom.js";
+import { ago, badge, bytes, formText, h, jobProgress, keyValues, refresher, seconds, section, table, when } from "./dom.js";
 import { historyChart } from "./chart.js";
+import { loadOptions } from "./loadform.js";
+import { jobOutcome, refusal } from "./results.js";
 
 const PATCHABLE = new Set(["main", "unet", "transformer"]);
 const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
@@ -37,24 +39,70 @@ export function mount(root, ctx, id) {
   let tracked = null; // {id, progress, label}
   let builtOnce = false;
 
+  const jobLine = h("div", { class: "job-line" });
+  const resultLine = h("div", { class: "job-result", "aria-live": "polite" });
+  const conflict = h("div", { class: "load-conflict", role: "alert", hidden: true });
+  // finished jobs seen on the stream, kept a moment: a quick job may end before its POST answers
+  const finished = new Map();
+
+  function finish(label, info) {
+    tracked = null;
+    jobLine.replaceChildren(); // the outcome below names the job
+    resultLine.replaceChildren(jobOutcome(label, info));
+    if (label === "load" && info.state === "failed" && info.error?.error_code === "ALREADY_LOADED") {
+      offerReload(info.error.error, lastLoad);
+    }
+    kick();
+  }
+
+  function refused(label, err, body) {
+    if (err?.status === 401) return ctx.failed(err); // the token prompt is showing
+    if (label === "load" && err?.code === "ALREADY_LOADED") offerReload(err.message, body);
+    else resultLine.replaceChildren(refusal(label, err));
+  }
+
+  // 409 ALREADY_LOADED: the model is loaded in another form; say so, and offer the reload
+  function offerReload(message, body) {
+    conflict.replaceChildren(
+      h("span", { class: "message" }, message),
+      h(
+        "button",
+        {
+          type: "button",
+          class: "reload",
+          on: {
+            click: () => {
+              conflict.hidden = true;
+              run("load", "/load", { ...body, reload: true });
+            },
+          },
+        },
+        "Reload in this form",
+      ),
+    );
+    conflict.hidden = false;
+  }
+
+  let lastLoad = {};
   async function run(label, path, body) {
+    conflict.hidden = true;
+    resultLine.replaceChildren();
+    if (label === "load") lastLoad = body;
     try {
       const answer = await ctx.api(modelPath(detail.id, path), { method: "POST", body: { ...body, wait_for_completion: false } });
       const job = answer.job;
-      if (!job || answer.result !== undefined || FINISHED.has(job.state)) {
-        ctx.toast(`${label}: ${job ? job.state : "done"}`);
-        kick();
+      if (!job || answer.result !== undefined || FINISHED.has(job.state) || finished.has(job.id)) {
+        const info = finished.get(job?.id) || { ...(job || {}), state: job ? job.state : "succeeded", result: answer.result ?? job?.result };
+        finish(label, info);
         return;
       }
       const progress = jobProgress(job);
       tracked = { id: job.id, progress, label };
       jobLine.replaceChildren(h("span", null, `${label} `), progress.node, h("span", { class: "mono muted" }, ` ${job.id}`));
     } catch (err) {
-      ctx.failed(err);
+      refused(label, err, body);
     }
   }
-
-  const jobLine = h("div", { class: "job-line" });
 
   function buildActions(devices) {
     const device = h(
@@ -64,9 +112,14 @@ export function mount(root, ctx, id) {
       devices.map((d) => h("option", { value: d.id }, `${d.id}${d.name ? ` (${d.name})` : ""}`)),
     );
     const keep = h("input", { type: "checkbox", name: "keep_loaded" });
+    const options = loadOptions();
     const level = h("select", { name: "level" }, ["header", "weights", "functional"].map((l) => h("option", { value: l }, l)));
     const dev = () => device.value || undefined;
     const button = (text, cls, fn) => h("button", { type: "button", class: cls, on: { click: fn } }, text);
+    const load = () => {
+      const more = options.read();
+      if (more) run("load", "/load", { device_id: dev(), keep_loaded: keep.checked, ...more });
+    };
     actions.replaceChildren(
       h("h2", null, "Actions"),
       h(
@@ -74,13 +127,14 @@ export function mount(root, ctx, id) {
         { class: "row" },
         h("label", null, "Device ", device),
         h("label", { class: "check" }, keep, "keep loaded"),
-        button("Load", "load", () => run("load", "/load", { device_id: dev(), keep_loaded: keep.checked })),
+        button("Load", "load", load),
         button("Unload", "unload", async () => {
+          conflict.hidden = true;
           try {
             const r = await ctx.api(modelPath(detail.id, "/unload"), { method: "POST", body: { device_id: dev() } });
-            ctx.toast(`unloaded from ${r.unloaded.map((u) => u.device).join(", ") || "nowhere"}`);
+            resultLine.replaceChildren(jobOutcome("unload", { state: "succeeded", result: r }));
           } catch (err) {
-            ctx.failed(err);
+            refused("unload", err);
           }
           kick();
         }),
@@ -88,7 +142,10 @@ export function mount(root, ctx, id) {
         button("Validate", "validate", () => run("validate", "/validate", { device_id: dev(), level: level.value })),
         button("Benchmark", "benchmark", () => run("benchmark", "/benchmark", { device_id: dev(), steps: 5, warmup: 1 })),
       ),
+      options.node,
+      conflict,
       jobLine,
+      resultLine,
     );
   }
 
@@ -241,7 +298,7 @@ export function mount(root, ctx, id) {
         ]),
         placements.length
           ? table(
-              ["device", "state", "size", "weights from", "load", "leases", "loaded"],
+              ["device", "state", "size", "form", "weights from", "load", "leases", "loaded"],
               placements.map((p) =>
                 h(
                   "tr",
@@ -249,6 +306,7 @@ export function mount(root, ctx, id) {
                   h("td", null, p.device),
                   h("td", null, badge(p.state, p.state)),
                   h("td", { class: "num" }, bytes(p.bytes)),
+                  h("td", { class: "form" }, formText(p)),
                   h("td", null, Object.entries(p.sources || {}).map(([c, src]) => h("span", { class: ["chip", `src-${src}`] }, `${c}: ${src}`))),
                   h("td", null, seconds(p.load_seconds)),
                   h("td", null, String(p.leases ?? 0)),
@@ -371,17 +429,30 @@ export function mount(root, ctx, id) {
   });
   kick();
 
+  // after a gap in the stream: the page, and the tracked job in case its end was missed
+  async function catchUp() {
+    kick();
+    if (!tracked) return;
+    const { id: jobId, label } = tracked;
+    try {
+      const info = await ctx.api(`/api/jobs/${encodeURIComponent(jobId)}`);
+      if (tracked?.id === jobId && FINISHED.has(info.state)) finish(label, info);
+    } catch (err) {
+      ctx.failed(err);
+    }
+  }
+
   return {
-    refresh: kick,
+    refresh: catchUp,
     onEvent(type, data) {
+      if (data.job && FINISHED.has(data.info?.state)) {
+        finished.set(data.job, data.info);
+        if (finished.size > 32) finished.delete(finished.keys().next().value);
+      }
       if (tracked && data.job === tracked.id) {
         const info = data.info || { state: "running", progress: data.progress };
         tracked.progress.update(info);
-        if (FINISHED.has(info.state)) {
-          ctx.toast(`${tracked.label}: ${info.state}${info.error ? ` (${info.error.error || ""})` : ""}`, info.state === "failed" ? "error" : "info");
-          tracked = null;
-          kick();
-        }
+        if (FINISHED.has(info.state)) finish(tracked.label, info);
       }
       if (detail && data.model_id === detail.id) kick();
     },
