@@ -40,13 +40,15 @@ def test_error_details_named_like_exception_fields_do_not_break_delivery() -> No
         assert w.call(CommandType.GET_STATUS)["state"] == "idle"
 
 
-def test_a_worker_that_dies_at_start_says_why() -> None:
-    """The cause of a worker's death is on its stderr; the WORKER_DIED error carries its tail
-    (issue 13: ``WorkerProcess("cuda:0")`` without CUDA only said "closed its output")."""
+def test_a_worker_that_cannot_start_says_why() -> None:
+    """A worker that cannot open its device answers with the reason, not a stderr dump (issue 13:
+    ``WorkerProcess("cuda:0")`` without CUDA only said "closed its output"); cuda:99 exists nowhere."""
     from modelkeeper.protocol.client import WorkerProcess
 
     with pytest.raises(ProtocolError) as info:
         WorkerProcess("cuda:99", hello_timeout=60)
     assert info.value.code is ErrorCode.WORKER_DIED
-    message = info.value.message
-    assert "closed its output; its stderr ended with:" in message and "cuda:99" in message.split("stderr")[1]
+    reason = info.value.details["reason"]
+    assert reason.startswith("device 'cuda:99': ") and ("CUDA" in reason or "device(s) present" in reason)
+    assert info.value.message == f"worker[cuda:99] did not start: {reason} (exit code 2)"
+    assert info.value.details["exit_code"] == 2 and "stderr" not in info.value.message

@@ -3,17 +3,25 @@ device, REST API), on one host or as the driver of a Ray cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import os
+import signal
 import socket
+import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from modelkeeper.cli.remote import err
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def serve(
@@ -33,6 +41,14 @@ def serve(
     demo: Annotated[
         bool, typer.Option("--demo", help="Write the demo models into an empty model root.")
     ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option("--log-level", help="Log level on stderr: debug, info (default), warning, error."),
+    ] = None,
+    access_log: Annotated[
+        bool | None,
+        typer.Option("--access-log/--no-access-log", help="Log every HTTP request (off by default)."),
+    ] = None,
     cluster: Annotated[
         str | None,
         typer.Option(
@@ -57,7 +73,8 @@ def serve(
             raise typer.Exit(2)
         os.environ["MODELKEEPER_CONFIG"] = str(config)
     given: dict[str, Any] = {"model_roots": models, "host": host, "port": port, "devices": device, "db": db,
-                             "token": token}  # fmt: skip
+                             "token": token, "access_log": access_log,
+                             "log_level": log_level.lower() if log_level else None}  # fmt: skip
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
         settings.check_exposure()
@@ -83,26 +100,84 @@ def serve(
 
             with err.status(f"writing demo models into {root}"):
                 write_demo_models(root)
-    err.print(
-        f"modelkeeper serving on http://{settings.host}:{port}  "
-        f"(models: {', '.join(str(r) for r in settings.model_roots)}; devices: {', '.join(settings.devices)}; "
-        f"docs: /docs)",
-        soft_wrap=True,  # one line in a log too, never cut at 80 columns
-        highlight=False,
-    )
+    setup_logging(settings.log_level)
     if cluster is not None:
         from modelkeeper.cluster import ClusterOrchestrator, ClusterSettings
 
-        err.print(
-            f"cluster mode: Ray at {cluster}; each node's agent reads that node's settings", soft_wrap=True
-        )
-        app = create_app(service=ClusterOrchestrator(settings, ClusterSettings(address=cluster)))
+        log.info("cluster mode: Ray at %s; each node's agent reads that node's settings", cluster)
+        service: Any = ClusterOrchestrator(settings, ClusterSettings(address=cluster))
     else:
-        app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=port, log_level="warning"))
-    server.run(sockets=[listener])
-    if not server.started:
-        raise typer.Exit(3)
+        from modelkeeper.orchestrator import Orchestrator
+
+        service = Orchestrator(settings)
+    app = create_app(service=service)
+    server = signalled(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=port,
+            lifespan="off",
+            log_config=None,
+            access_log=settings.access_log,
+        )
+    )  # the service is started here, not by the app's lifespan: a start that fails ends serve cleanly
+    url = f"http://{settings.host}:{port}"
+    try:
+        code = asyncio.run(run(service, server, listener, url, local=cluster is None))
+    except KeyboardInterrupt:  # Ctrl-C while the workers started
+        log.warning("interrupted while starting")
+        code = 130
+    raise typer.Exit(code)
+
+
+log = logging.getLogger("modelkeeper.serve")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    """One format for the service's log on stderr (modelkeeper's loggers, uvicorn's and its access
+    log); uvicorn's own start-up chatter only at debug."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    if level != "debug":
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+
+
+def signalled(config: uvicorn.Config) -> uvicorn.Server:
+    """uvicorn's server, logging which signal stops it (uvicorn is imported only by ``serve``)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not self.should_exit:
+                log.info("received %s: stopping", signal.Signals(sig).name)
+            super().handle_exit(sig, frame)
+            # uvicorn raises the signal again once it stops serving; the service is stopped after
+            # that (``run``), and a KeyboardInterrupt would cut its stop short.
+            self._captured_signals.clear()
+
+    return Server(config)
+
+
+async def run(service: Any, server: uvicorn.Server, listener: socket.socket, url: str, *, local: bool) -> int:
+    """Start ``service`` (a local one refuses to run when no device can start a worker: exit 1),
+    serve it on ``listener`` until a signal, stop it. The exit code."""
+    from modelkeeper.orchestrator.errors import DeviceNotReady
+
+    try:
+        if local:
+            await service.start(require_worker=True)
+        else:
+            await service.start()
+    except DeviceNotReady as exc:
+        log.error("not serving: %s", exc.message)
+        return 1
+    try:
+        log.info("serving on %s (docs: %s/docs)", url, url)
+        await server.serve(sockets=[listener])
+    finally:
+        await service.stop()
+    return 0 if server.started else 3
 
 
 def bind(host: str, port: int) -> socket.socket:

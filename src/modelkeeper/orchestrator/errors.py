@@ -18,6 +18,8 @@ Hierarchy::
         ├── NotPlaceable             INSUFFICIENT_MEMORY: no device has room, even after allowed evictions
         ├── PathOutsideRoots         INVALID_REQUEST: a path resolves outside every model root
         └── ServiceNotReady          BUSY: the service is starting or stopping
+            └── DeviceNotReady       BUSY: no worker runs on the device (it did not start, or
+                                     gave up restarting); the message says why
 
 Errors of the registry, the cache and the workers pass through unchanged: every one carries its
 protocol ``code``; the API maps codes (and these classes) to HTTP statuses.
@@ -29,6 +31,7 @@ from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 __all__ = [
     "DeviceNotFound",
+    "DeviceNotReady",
     "IncompatiblePart",
     "InvalidReference",
     "JobNotFound",
@@ -99,3 +102,7 @@ class PathOutsideRoots(OrchestratorError):
 
 class ServiceNotReady(OrchestratorError):
     code = ErrorCode.BUSY
+
+
+class DeviceNotReady(ServiceNotReady):
+    """The API answers it as NOT_READY (503), as the service not ready: this device is not."""

@@ -88,9 +88,10 @@ class Loads:
 
     async def place(self, record: ModelRecord, opts: LoadOptions) -> WorkerSlot:
         """The device placement chooses for ``record`` (memory figures refreshed first)."""
+        self.pool.check_ready()
         ready = self.pool.ready()
         if not ready:
-            raise ProtocolError("no worker is running", ErrorCode.WORKER_DIED)
+            raise ProtocolError("no worker is running: every one is restarting", ErrorCode.WORKER_DIED)
         if not any(self.device_view(s).holds(record.id) for s in ready):
             await asyncio.gather(*(s.status() for s in ready), return_exceptions=True)
         need = opts.resident_need(await self.stored_bytes(record, opts), max(s.budget_bytes for s in ready))
@@ -137,7 +138,9 @@ class Loads:
         opts = options or LoadOptions()
         record = await self.catalog.resolve(ref)
         if device is not None:
-            self.pool.slot(device)
+            self.pool.slot(device).check_usable()  # a device whose worker did not start says why
+        else:
+            self.pool.check_ready()
         # what the caller must change is refused before any job: no model to load, a file gone,
         # loaded in another form (forms.py)
         self.catalog.check_loadable(record)
@@ -442,6 +445,7 @@ class Loads:
     async def unload_placement(self, slot: WorkerSlot, p: Placement, *, reason: str) -> dict[str, Any]:
         """Unload every component of ``p`` from its worker (components already gone are skipped)."""
         p.state = PlacementState.UNLOADING
+        started = time.perf_counter()
         freed = 0
         result: UnloadResult | None = None
         try:
@@ -461,8 +465,9 @@ class Loads:
         if result is not None:
             slot.memory = result.memory_after
         self.bus.publish(
-            "model.unloaded", model_id=p.model_id, device=p.device, reason=reason, freed_bytes=freed
-        )
+            "model.unloaded", model_id=p.model_id, device=p.device, reason=reason, freed_bytes=freed,
+            handle=p.handle or p.name, seconds=round(time.perf_counter() - started, 6),
+        )  # fmt: skip
         await self.catalog.record(
             p.model_id, "unload", {"device": p.device, "reason": reason, "freed_bytes": freed}
         )
@@ -522,7 +527,9 @@ class Loads:
         a lease taken after the load); the answer's ``loaded`` and ``note`` say so."""
         record = await self.catalog.resolve(ref)
         if device is not None:
-            self.pool.slot(device)
+            self.pool.slot(device).check_usable()  # a device whose worker did not start says why
+        else:
+            self.pool.check_ready()
         held = [p.device for p in self.view.of_model(record.id) if p.state is not PlacementState.UNLOADING]
         held += [d for m, d in self.inflight if m == record.id]
         loaded = any(device in (None, where) for where in held)

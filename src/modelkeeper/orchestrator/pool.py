@@ -13,13 +13,14 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from modelkeeper.orchestrator.errors import DeviceNotFound
+from modelkeeper.orchestrator.errors import DeviceNotFound, DeviceNotReady
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.orchestrator.workers import SlotState, WorkerSlot, expand_devices
 from modelkeeper.protocol.client import WorkerFactory, WorkerProcess
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ProtocolError
 from modelkeeper.protocol.messages import Event
+from modelkeeper.sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,27 @@ class WorkerPool:
         for slot, res in zip(self.slots.values(), results, strict=True):
             if isinstance(res, BaseException):
                 slot.state = SlotState.FAILED
-                slot.last_error = f"worker did not start: {res}"
-                log.error("worker %s did not start: %s", slot.id, res)
+                why = res.details.get("reason", res.message) if isinstance(res, ProtocolError) else str(res)
+                slot.last_error = f"worker did not start: {why}"
+                log.error("worker %s did not start: %s", slot.id, why)
+            else:
+                log.info(
+                    "worker %s up: pid %s, %s", slot.id, slot.proc.pid if slot.proc else "-", describe(slot)
+                )
+
+    def unavailable(self) -> dict[str, str]:
+        """Device -> why it has no worker, for each device whose worker failed (or stopped)."""
+        return {
+            s.id: s.last_error or s.state.value
+            for s in self.slots.values()
+            if s.state in (SlotState.FAILED, SlotState.STOPPED)
+        }
+
+    def check_ready(self) -> None:
+        """DeviceNotReady naming every device and why, when no worker runs (nothing could load)."""
+        if self.slots and not self.ready():
+            why = "; ".join(f"{d}: {e}" for d, e in self.unavailable().items()) or "workers are restarting"
+            raise DeviceNotReady(f"no worker is running ({why})")
 
     def _event(self, slot: WorkerSlot, event: Event) -> None:
         self.on_event(slot, event)  # looked up per call: the handlers are wired after the pool is built
@@ -99,3 +119,9 @@ class WorkerPool:
         for slot in self.ready():
             if slot.proc is not None:
                 slot.proc.submit(CommandType.RELEASE_SEGMENTS, {"paths": [path]})
+
+
+def describe(slot: WorkerSlot) -> str:
+    """``NVIDIA H100 80GB HBM3, budget 77.1 GB``: what a worker said of its device at hello."""
+    name = slot.hello.device.name if slot.hello is not None else "?"
+    return f"{name}, budget {format_size(slot.budget_bytes)}"

@@ -89,7 +89,9 @@ class Recovery:
             self.bus.publish(
                 "model.lost", model_id=p.model_id, device=slot.id, reason=f"worker exited ({code})"
             )
-        self.bus.publish("worker.exited", device=slot.id, code=code, lost=[p.model_id for p in lost])
+        self.bus.publish(
+            "worker.exited", device=slot.id, code=code, lost=[p.model_id for p in lost], error=slot.last_error
+        )
         window = time.time() - self.settings.restart_window_s
         if len([t for t in slot.restarts if t > window]) >= self.settings.worker_max_restarts:
             slot.state = SlotState.FAILED

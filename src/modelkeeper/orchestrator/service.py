@@ -26,6 +26,8 @@ from typing import Any
 from modelkeeper.orchestrator.background import Background
 from modelkeeper.orchestrator.cachefeed import CacheFeed
 from modelkeeper.orchestrator.catalog import Catalog
+from modelkeeper.orchestrator.errors import DeviceNotReady
+from modelkeeper.orchestrator.eventlog import log_event
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.idle import IdleUnloader
 from modelkeeper.orchestrator.installs import Installs
@@ -58,6 +60,7 @@ class Orchestrator:
         self.ready = False
         self.preload: dict[str, Any] = {"pending": len(s.preload), "loaded": [], "failed": []}
         self.bus = EventBus()
+        self.bus.on_delivery(log_event)  # the service's log: loads, unloads, workers, scans (eventlog.py)
         self.jobs = JobManager(self.bus, keep=s.jobs_kept, accepting=lambda: self.ready)
         self.leases = LeaseTable()
         self.view = StateView()
@@ -92,11 +95,30 @@ class Orchestrator:
         self.idle = IdleUnloader(self.loads, self.view, self.leases, self.bus)
         self.installs = Installs(s, self.catalog, self.jobs, self.bus)
 
-    async def start(self) -> None:
+    async def start(self, *, require_worker: bool = False) -> None:
+        """Open the registry and the RAM cache, start the workers, the first scan and the background
+        parts. ``require_worker``: when no configured device could start a worker, stop what was
+        started and raise DeviceNotReady naming each device and why (``serve`` refuses to run
+        with nothing to load on); without it the service runs without workers."""
+        s = self.settings
         self.bus.bind(asyncio.get_running_loop())
+        log.info(
+            "starting: model roots %s; devices %s; registry %s",
+            ", ".join(str(r) for r in s.model_roots), ", ".join(s.devices), s.db or "(default)",
+        )  # fmt: skip
         await self.catalog.open()
         await self.feed.open()
         await self.pool.start()
+        failed = self.pool.unavailable()
+        if require_worker and self.pool.slots and len(failed) == len(self.pool.slots):
+            await self.stop()
+            raise DeviceNotReady(
+                "no device can start a worker: " + "; ".join(f"{d}: {why}" for d, why in failed.items())
+            )
+        if failed:
+            log.warning(
+                "serving without %s: %s", ", ".join(failed), "; ".join(f"{d}: {w}" for d, w in failed.items())
+            )
         self.background.spawn(self.pool.poll())
         self.background.spawn(self.idle.run())
         self.ready = True
@@ -133,6 +155,10 @@ class Orchestrator:
         self.bus.publish("preload.done", **{k: v for k, v in self.preload.items() if k != "pending"})
 
     async def stop(self) -> None:
+        """Stop accepting jobs, cancel the background parts, stop the workers (their models go
+        with them), close the cache and the registry."""
+        models = len(self.view.placements)
+        workers = [s.id for s in self.pool.slots.values() if s.proc is not None]
         self.ready = False
         await self.jobs.close()
         await self.background.cancel_all()
@@ -140,3 +166,7 @@ class Orchestrator:
         await self.feed.close()
         self.installs.close()
         await self.catalog.close()
+        log.info(
+            "stopped: %d model%s unloaded, worker%s stopped (%s)",
+            models, "" if models == 1 else "s", "" if len(workers) == 1 else "s", ", ".join(workers) or "none",
+        )  # fmt: skip

@@ -60,6 +60,14 @@ class Settings(BaseSettings):
         default_factory=list, description="Origins allowed by CORS (none by default)."
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Level of the service's log on stderr (``serve --log-level``)."
+    )
+    access_log: bool = Field(
+        False,
+        description="Log every HTTP request, one line each (``serve --access-log``); off by default: a "
+        "dashboard's polling would fill the log and each line costs time.",
+    )
 
     # ---------------------------------------------------------------- models and registry
     model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("models")])

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from modelkeeper.orchestrator.errors import DeviceNotReady
 from modelkeeper.protocol.client import Worker, WorkerFactory, WorkerProcess
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -162,7 +163,10 @@ class WorkerSlot:
         code = await asyncio.to_thread(proc.wait)
         proc.close()
         if not self._stopping and self.proc is proc:
-            self.last_error = f"worker process {proc.pid} exited with code {code}"
+            said = proc.last_words() if isinstance(proc, WorkerProcess) else ""
+            self.last_error = f"worker process {proc.pid} exited with code {code}" + (
+                f": {said}" if said else ""
+            )
             self.on_exit(self, code)
 
     async def restart(self) -> None:
@@ -194,6 +198,13 @@ class WorkerSlot:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
+
+    def check_usable(self) -> None:
+        """DeviceNotReady, saying why, when this device has no worker and will not get one
+        (it did not start, or recovery gave up); a starting or restarting worker is waited for."""
+        if self.state in (SlotState.FAILED, SlotState.STOPPED):
+            why = f": {self.last_error}" if self.last_error else ""
+            raise DeviceNotReady(f"device {self.id} has no worker ({self.state.value}){why}", device=self.id)
 
     # ------------------------------------------------------------------ calls
 
@@ -288,7 +299,9 @@ class WorkerSlot:
 
     async def run(self, run: Callable[[], Awaitable[T]], *, priority: int, deadline: float, label: str) -> T:
         """Queue ``run`` on this device; it starts when every higher-priority (and earlier equal)
-        operation is done. Raises TIMEOUT if the deadline passes first."""
+        operation is done. Raises TIMEOUT if the deadline passes first, DeviceNotReady at once when
+        the device has no worker (its queue would never run)."""
+        self.check_usable()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         item = _Item((-priority, next(self._seq)), run, fut, deadline, label)
         self._queue.put_nowait(item)

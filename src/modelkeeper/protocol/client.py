@@ -268,7 +268,9 @@ class WorkerProcess(WorkerConnection):
     process group, so a Ctrl-C at the terminal reaches only the service, which stops its workers
     (no worker ``KeyboardInterrupt`` traceback). Unless ``stderr`` is given, the worker's stderr
     passes through to ours and its tail is kept: a worker that dies says why in the WORKER_DIED
-    message (a CUDA device that does not exist, an import error...).
+    message (a CUDA device that does not exist, an import error...). A worker that cannot start
+    raises WORKER_DIED "worker[DEVICE] did not start: REASON", the reason it gave when it gave one
+    (``details``: ``reason``, ``exit_code``).
     """
 
     def __init__(
@@ -299,15 +301,44 @@ class WorkerProcess(WorkerConnection):
         super().__init__(self.process.stdout, self.process.stdin, name=f"worker[{device}]")
         try:
             self.hello = self.call(CommandType.WORKER_HELLO, {"client": "modelkeeper"}, timeout=hello_timeout)
-        except ProtocolError:
+        except ProtocolError as exc:
             self.kill()
-            raise
+            raise self._start_failure(exc) from None
+
+    def _start_failure(self, exc: ProtocolError) -> ProtocolError:
+        """Why the handshake failed, as one WORKER_DIED error: the reason the worker gave (the
+        error response with no ``request_id`` a worker writes when it cannot start), else what the
+        handshake saw (its stderr's tail); ``details`` carry ``reason`` and ``exit_code``."""
+        said = None
+        while not self.unmatched.empty():
+            msg = self.unmatched.get_nowait()
+            if isinstance(msg, ErrorResponse) and msg.request_id is None:
+                said = msg
+        code = self.process.returncode
+        if said is not None:
+            reason = said.error
+        elif exc.code is ErrorCode.TIMEOUT:
+            reason = f"no answer to the handshake within {exc.message.rsplit('within ', 1)[-1]}: killed"
+        else:
+            reason = exc.message
+        exited = f" (exit code {code})" if code is not None and code > 0 else ""
+        return ProtocolError(
+            f"{self.name} did not start: {reason}{exited}",
+            ErrorCode.WORKER_DIED,
+            reason=reason,
+            exit_code=code,
+        )
 
     def _closed_reason(self) -> str:
         reason = super()._closed_reason()
         stderr: StderrTail | None = getattr(self, "_stderr_tail", None)  # None before it is set
         tail = stderr.text() if stderr is not None else ""
         return f"{reason}; its stderr ended with:\n{tail}" if tail else reason
+
+    def last_words(self, lines: int = 3) -> str:
+        """The last ``lines`` lines the worker wrote to stderr (why it died), once it has exited."""
+        stderr: StderrTail | None = getattr(self, "_stderr_tail", None)
+        return " | ".join((stderr.text() if stderr is not None else "").splitlines()[-lines:])
 
     @property
     def pid(self) -> int:

@@ -1,12 +1,18 @@
-"""``python -m modelkeeper.worker --device cuda:0``: a worker on stdin/stdout, logs on stderr."""
+"""``python -m modelkeeper.worker --device cuda:0``: a worker on stdin/stdout, logs on stderr.
+
+A worker that cannot start (a device that does not exist, CUDA missing, a torch too old) says
+why on stderr and, before it exits with code 2, as one error response with no ``request_id`` on
+stdout: the service reads that as the reason its worker did not start (docs/SERVICE.md)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from typing import IO
 
-from modelkeeper.protocol.errors import ProtocolError
+from modelkeeper.protocol.codec import encode, make_error
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.worker.arguments import parser
 
 
@@ -30,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # older weights_only loaders have known bypasses: refuse to run at all
         check_torch_version(torch.__version__)
     except ChildError as exc:
-        print(f"modelkeeper worker: {exc}; modelkeeper needs torch >= 2.10", file=sys.stderr)
-        return 2
+        return refuse(
+            protocol_out, ProtocolError(f"{exc}; modelkeeper needs torch >= 2.10", ErrorCode.INTERNAL)
+        )
 
     from modelkeeper.worker.inprocess import build_server
 
@@ -41,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             throttle_mb_s=args.throttle_mb_s,
         )  # fmt: skip
     except ProtocolError as exc:
-        print(f"modelkeeper worker: {exc}", file=sys.stderr)
-        return 2
+        return refuse(protocol_out, exc)
     if args.warm:
         from modelkeeper.worker.warm import start_warm_up
 
@@ -50,6 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     server.serve(sys.stdin.buffer)
     protocol_out.close()
     return 0
+
+
+def refuse(out: IO[bytes], exc: ProtocolError) -> int:
+    """Say why the worker cannot start, on stderr and on the protocol's stdout; exit code 2."""
+    print(f"modelkeeper worker: {exc}", file=sys.stderr)
+    try:
+        out.write(encode(make_error(exc, None)))
+        out.close()
+    except OSError:  # nobody reads stdout: stderr said it
+        pass
+    return 2
 
 
 if __name__ == "__main__":

@@ -26,7 +26,12 @@ def parse_device(spec: str) -> torch.device:
         raise InvalidRequest(f"device {spec!r} is not a device: {exc}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InvalidRequest(f"device {spec!r}: CUDA is not available on this machine")
+            why = (
+                f"CUDA is not available in this torch build (torch {torch.__version__})"
+                if torch.version.cuda is None
+                else "CUDA is not available on this machine (no GPU visible, or no driver)"
+            )
+            raise InvalidRequest(f"device {spec!r}: {why}")
         index = 0 if device.index is None else device.index
         if index >= torch.cuda.device_count():
             raise InvalidRequest(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
