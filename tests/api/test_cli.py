@@ -95,6 +95,16 @@ def test_session_from_load_to_unload(served: str) -> None:
     jobs = json.loads(cli(served, "jobs", "--json"))
     assert {j["kind"] for j in jobs} >= {"scan", "load", "validate", "benchmark", "optimize"}
     assert json.loads(cli(served, "jobs", "show", jobs[0]["id"]))["id"] == jobs[0]["id"]
+    # another form of a loaded model: refused, naming --reload; with it, loaded again in that form
+    refused = runner.invoke(
+        app, ["load", "diffusers/tiny-sd15", "--dtype", "bfloat16"], env={"MODELKEEPER_URL": served}
+    )
+    assert refused.exit_code == 1 and "ALREADY_LOADED" in refused.output and "--reload" in refused.output, (
+        refused.output
+    )
+    assert "(reloaded)" in cli(served, "load", "diffusers/tiny-sd15", "--dtype", "bfloat16", "--reload")
+    form = json.loads(cli(served, "status", "--json"))["devices"][0]["models"][0]
+    assert form["dtype"] == "bfloat16", form
     assert cli(served, "unload", "diffusers/tiny-sd15").startswith(f"unloaded {handle} from cpu: ")
     assert "cached" in cli(served, "cache", "add", "checkpoints/tiny-sd15.safetensors")
     assert "dropped" in cli(served, "cache", "clear")

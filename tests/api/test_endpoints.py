@@ -305,6 +305,13 @@ def test_errors_are_json_with_codes(client: Client, svc: RunningService) -> None
         headers={"content-type": "application/json"},
     )  # fmt: skip
     assert lone.status_code == 422
+    # curl -d without -H content-type: the body comes as a form; the answer says what to send
+    form = httpx.post(f"{svc.url}/api/model/{SD15}/load", content=b'{"device_id": "cpu"}',
+                      headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert form.status_code == 422
+    assert form.json()["error"].startswith("send the body as JSON with Content-Type: application/json"), (
+        form.json()
+    )
 
 
 def test_metrics(client: Client) -> None:

@@ -211,4 +211,7 @@ def test_an_unknown_address_says_so_and_links_the_pages(svc: RunningService, wat
     assert page.evaluate("document.querySelectorAll('main img').length") == 0
     page.click(".not-found a[href='#/library']")
     page.wait_for_selector("table.library")
+    page.evaluate("location.hash = '#/devices'")  # the devices page by its name too, as the others are
+    page.wait_for_selector('[data-page="devices"]')
+    assert page.locator('[data-page="not-found"]').count() == 0
     watched.clean()

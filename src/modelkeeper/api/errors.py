@@ -117,6 +117,13 @@ def install(app: FastAPI) -> None:
         problems = [
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()
         ]
+        sent = request.headers.get("content-type", "")
+        if any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors()) and "json" not in sent.lower():
+            # curl -d without -H: the body arrives as a form, which reads as "not a dictionary"
+            problems.insert(
+                0,
+                f"send the body as JSON with Content-Type: application/json (it came as {sent or 'no type'})",
+            )
         return JSONResponse(
             error_body("; ".join(problems) or "invalid request", ErrorCode.INVALID_REQUEST.value,
                        {"errors": [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]}),

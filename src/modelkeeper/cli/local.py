@@ -74,7 +74,7 @@ def demo_models_cmd(
     """Write tiny but real demo models (UNets, VAEs, text encoders, LoRAs, ...) to ROOT. No downloads."""
     from rich.console import Console
 
-    with _quiet_transformers():
+    with quiet_transformers():
         from modelkeeper.testing import write_demo_models
 
     console = Console(stderr=True)
@@ -92,7 +92,7 @@ def demo_models_cmd(
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Hide transformers' warnings while the demo factory is imported.
 
     Importing diffusers' pipelines makes transformers warn that its image processors fall back to

@@ -128,6 +128,8 @@ def _api_error(exc: ApiError) -> list[str]:
     lines = [f"{exc.error_code} (HTTP {exc.status_code}): {exc.message}"]
     if exc.status_code == 401:
         lines.append("pass the service's token with --token, or set MODELKEEPER_TOKEN")
+    if exc.error_code == "ALREADY_LOADED":
+        lines.append("to load it again in the form asked: modelkeeper load ... --reload")
     if exc.details.get("matches"):
         lines.append("matches: " + ", ".join(map(str, exc.details["matches"])))
     if exc.details.get("suggestions"):

@@ -96,7 +96,10 @@ def serve(
     if demo:
         root = settings.model_roots[0]
         if not root.exists() or not any(root.iterdir()):
-            from modelkeeper.testing import write_demo_models
+            from modelkeeper.cli.local import quiet_transformers
+
+            with quiet_transformers():  # importing the demo factory warns of torchvision otherwise
+                from modelkeeper.testing import write_demo_models
 
             with err.status(f"writing demo models into {root}"):
                 write_demo_models(root)

@@ -193,6 +193,13 @@ def load(
             callback=offload_option,
         ),
     ] = None,
+    reload: Annotated[
+        bool,
+        typer.Option(
+            help="If the model is loaded in another form (dtype, storage dtype, offload), unload it and "
+            "load it again as asked (its LoRAs are dropped); without it such a load is refused."
+        ),
+    ] = False,
     detach: Annotated[bool, typer.Option(help="Print the job and return at once.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the load's result as JSON (with --detach: the job).")
@@ -205,8 +212,8 @@ def load(
     def run(c: Client) -> dict[str, Any]:
         answer = c.load(local_path(model), device, wait=False, priority=priority, timeout=timeout, force=force,
                         keep_loaded=keep_loaded, keep_alive=keep_alive, dtype=dtype,
-                        storage_dtype=storage_dtype,
-                        offload=offload_value(offload))  # fmt: skip
+                        storage_dtype=storage_dtype, offload=offload_value(offload),
+                        reload=reload or None)  # fmt: skip
         return answer["job"] if detach else finish(c, answer, as_json)
 
     job = call(url, token, run)
@@ -218,6 +225,8 @@ def load(
         print_json(result)
         return
     note = " (already loaded)" if result.get("already_loaded") else ""
+    if result.get("reloaded"):
+        note = " (reloaded)"
     # offloaded: `bytes` is what it holds on the device (resident weights and ring), the rest streams
     streamed = (
         f" on the device, {size(result['streamed_bytes'])} streamed from RAM"

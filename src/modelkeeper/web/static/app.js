@@ -8,7 +8,7 @@ import * as library from "./library.js";
 import * as model from "./model.js";
 import * as notFound from "./notfound.js";
 
-const ROUTES = { "": devices, cache, jobs, library, model };
+const ROUTES = { "": devices, devices, cache, jobs, library, model }; // #/devices: the same page as #/
 const view = document.getElementById("view");
 const live = document.getElementById("live");
 const login = document.getElementById("login");
