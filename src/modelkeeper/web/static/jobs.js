@@ -51,6 +51,9 @@ export function mount(root, ctx) {
   }
 
   function fillRow(entry, job) {
+    // A finished job stays finished: a progress event the worker sent before it saw the cancel, or a
+    // listing fetched before the job ended, can arrive after its end and must not revive it.
+    if (entry.job && FINISHED.has(entry.job.state) && !FINISHED.has(job.state)) return;
     entry.job = job;
     entry.progress.update(job);
     const took = job.finished_at && job.started_at ? seconds(job.finished_at - job.started_at) : "–";
