@@ -29,6 +29,7 @@ from tests.orchestrator.test_orchestrator import Gate, until
 
 CLIP_L = "clip/tiny-clip-l.safetensors"
 CKPT = "checkpoints/tiny-sd15.safetensors"
+LORA = "loras/tiny-sd15-kohya.safetensors"
 FP8 = LoadOptions(storage_dtype=DType.FLOAT8_E4M3FN)
 
 
@@ -39,7 +40,7 @@ async def cluster(demo: DemoManifest, tmp_path: Path) -> AsyncIterator[ClusterOr
     agents = {
         name: NodeAgent(
             name,
-            {**node_settings(demo, tmp_path / name, (CLIP_L, CKPT)), "worker_budget_mb": budget},
+            {**node_settings(demo, tmp_path / name, (CLIP_L, CKPT, LORA)), "worker_budget_mb": budget},
             workers="inprocess",
         )
         for name, budget in (("node-a", 256), ("node-b", 128))
@@ -105,17 +106,52 @@ def test_another_form_is_refused_or_reloaded_on_the_node_that_holds_it(
             plain = (await driver.loads.load(CLIP_L))["result"]  # asks for nothing: returned as it is
             assert plain["already_loaded"] and plain["storage_dtype"] == "float8_e4m3fn"
 
+            # a reload asking for nothing new (what it leaves out keeps its value): returned as it is
+            same = (await driver.loads.load(CLIP_L, options=LoadOptions(reload=True)))["result"]
+            assert same["already_loaded"] and "reloaded" not in same
             # reload honours the driver's leases: a leased model is not unloaded without force
             lease = await driver.loads.grant_lease(CLIP_L, None, "pipeline", 60)
-            back = LoadOptions(reload=True)  # left out: the defaults (no storage dtype)
+            back = LoadOptions(dtype=DType.BFLOAT16, reload=True)
             with pytest.raises(ProtocolError) as held:
                 await driver.loads.load(CLIP_L, options=back)
             assert held.value.code is ErrorCode.BUSY and lease["id"] in held.value.details["leases"]
             back.force = True
             forced = (await driver.loads.load(CLIP_L, options=back))["result"]
-            assert forced["device"] == "node-b/cpu" and forced["storage_dtype"] is None
+            # the storage dtype it left out is kept: the reload changed only the dtype
+            assert forced["device"] == "node-b/cpu" and forced["dtype"] == "bfloat16"
+            assert forced["storage_dtype"] == "float8_e4m3fn" and forced["dropped_loras"] == []
             assert forced["reloaded"]["storage_dtype"] == "float8_e4m3fn"
             assert driver.leases.holding(first["model_id"], "node-b/cpu") == []  # revoked by force
+
+    asyncio.run(asyncio.wait_for(body(), 120))
+
+
+def test_a_reload_names_the_loras_it_drops_and_keeps_what_it_leaves_out(
+    demo: DemoManifest, tmp_path: Path
+) -> None:
+    """As on one host: the 409 names the form in words and the LoRAs a reload would drop; the
+    reload keeps the storage dtype and offload it leaves out, and lists the LoRAs it dropped."""
+
+    async def body() -> None:
+        async with cluster(demo, tmp_path) as driver:
+            asked = replace(FP8, offload=4_000_000_000)
+            first = (await driver.loads.load(CKPT, "node-b/cpu", options=asked))["result"]
+            loaded_as = first["dtype"]
+            lora = await driver.catalog.resolve(LORA)
+            await driver.loras.apply(CKPT, LORA, strength=0.5)
+            applied = [{"lora_id": lora.key, "handle": lora.handle, "strength": 0.5}]
+            with pytest.raises(LoadedDifferently) as refused:
+                await driver.loads.load(CKPT, options=LoadOptions(dtype=DType.BFLOAT16))
+            message = refused.value.message
+            assert f"on node-b/cpu as {loaded_as}, stored as float8_e4m3fn, offload 4.0 GB;" in message
+            assert f"a reload drops its LoRAs {lora.handle} (strength 0.5): apply them again" in message
+            assert refused.value.details["loras"] == applied
+            reloaded = (
+                await driver.loads.load(CKPT, options=LoadOptions(dtype=DType.BFLOAT16, reload=True))
+            )["result"]
+            assert reloaded["device"] == "node-b/cpu" and reloaded["dtype"] == "bfloat16"
+            assert reloaded["storage_dtype"] == "float8_e4m3fn" and reloaded["offload"] == 4_000_000_000
+            assert reloaded["loras"] == {} and reloaded["dropped_loras"] == applied
 
     asyncio.run(asyncio.wait_for(body(), 120))
 
@@ -128,7 +164,9 @@ def test_another_form_in_flight_is_refused_and_the_same_joins(demo: DemoManifest
             async with Gate(agent.service.pool.slot("cpu")):
                 first = asyncio.ensure_future(driver.loads.load(CKPT, "node-a/cpu", options=FP8))
                 await until(lambda: bool(driver.loads.pending))
-                with pytest.raises(LoadedDifferently, match="is being loaded on node-a/cpu as the file's"):
+                with pytest.raises(
+                    LoadedDifferently, match="is being loaded on node-a/cpu as the file's dtype, stored as"
+                ):
                     await driver.loads.load(CKPT, options=LoadOptions(dtype=DType.BFLOAT16))
                 plain = asyncio.ensure_future(driver.loads.load(CKPT, "node-a/cpu"))  # joins
                 await until(lambda: len(driver.jobs.list(kind="load")) == 2)

@@ -77,15 +77,59 @@ def test_another_form_is_refused_or_reloaded_and_the_same_form_returned(
             # a plain load now returns the fp8 placement as it is
             plain = (await orch.loads.load(CLIP_L))["result"]
             assert plain["already_loaded"] and plain["storage_dtype"] == "float8_e4m3fn"
+            # a reload asking for nothing new (what it leaves out keeps its value): returned as it is
+            same = (await orch.loads.load(CLIP_L, options=LoadOptions(reload=True)))["result"]
+            assert same["already_loaded"] and "reloaded" not in same
             # reload honours leases: a leased model is not unloaded without force
             lease = await orch.loads.grant_lease(CLIP_L, None, "pipeline", 60)
-            back = LoadOptions(reload=True)  # left out: the defaults (no storage dtype)
+            back = LoadOptions(dtype=DType.BFLOAT16, reload=True)
             with pytest.raises(ProtocolError) as held:
                 await orch.loads.load(CLIP_L, options=back)
             assert held.value.code is ErrorCode.BUSY and "tiny-clip-l" in held.value.message
             assert lease["id"] in held.value.message
             back.force = True
-            assert (await orch.loads.load(CLIP_L, options=back))["result"]["storage_dtype"] is None
+            forced = (await orch.loads.load(CLIP_L, options=back))["result"]
+            # the storage dtype it left out is kept: the reload changed only the dtype
+            assert (forced["dtype"], forced["storage_dtype"]) == ("bfloat16", "float8_e4m3fn")
+            assert forced["dropped_loras"] == []
+
+    run(body)
+
+
+def test_a_reload_names_the_loras_it_drops_and_keeps_what_it_leaves_out(
+    demo: DemoManifest, tmp_path: Path
+) -> None:
+    """The 409 names the form in words (offload in GB) and the LoRAs a reload would drop; the
+    reload keeps the storage dtype and offload it leaves out, and lists the LoRAs it dropped."""
+
+    async def body() -> None:
+        async with serving(demo, tmp_path, cache_loads=False) as orch:
+            asked = replace(FP8, offload=4_000_000_000)
+            first = (await orch.loads.load(CKPT, options=asked))["result"]
+            loaded_as = first["dtype"]
+            lora = (await orch.catalog.resolve(LORA_SD15)).id
+            await orch.loras.apply(CKPT, LORA_SD15, strength=0.5)
+            applied = [{"lora_id": lora, "handle": "tiny-sd15-kohya", "strength": 0.5}]
+            with pytest.raises(LoadedDifferently) as refused:
+                await orch.loads.load(CKPT, options=LoadOptions(dtype=DType.BFLOAT16))
+            message = refused.value.message
+            assert (
+                f"as {loaded_as}, stored as float8_e4m3fn, offload 4.0 GB; this load asks for dtype"
+                in message
+            )
+            assert "a reload drops its LoRAs tiny-sd15-kohya (strength 0.5): apply them again" in message
+            assert refused.value.details["loras"] == applied
+            with pytest.raises(LoadedDifferently, match=r"asks for offload 1\.0 GB: unload it first"):
+                await orch.loads.load(CKPT, options=LoadOptions(offload=1_000_000_000))
+            reloaded = (await orch.loads.load(CKPT, options=LoadOptions(dtype=DType.BFLOAT16, reload=True)))[
+                "result"
+            ]
+            assert (reloaded["dtype"], reloaded["storage_dtype"]) == ("bfloat16", "float8_e4m3fn")
+            assert reloaded["offload"] == 4_000_000_000 and reloaded["loras"] == {}
+            assert reloaded["dropped_loras"] == applied
+            assert reloaded["reloaded"] == {
+                "dtype": loaded_as, "storage_dtype": "float8_e4m3fn", "offload": 4_000_000_000
+            }  # fmt: skip
 
     run(body)
 
@@ -100,7 +144,7 @@ def test_concurrent_loads_coalesce_and_another_form_in_flight_is_refused(
                 same = [asyncio.ensure_future(orch.loads.load(CKPT, options=FP8)) for _ in range(3)]
                 await until(lambda: bool(orch.loads.inflight))
                 with pytest.raises(
-                    LoadedDifferently, match="is being loaded on cpu as the file's dtype kept as"
+                    LoadedDifferently, match="is being loaded on cpu as the file's dtype, stored as"
                 ):
                     await orch.loads.load(CKPT, options=LoadOptions(dtype=DType.BFLOAT16))
                 plain = asyncio.ensure_future(orch.loads.load(CKPT))  # asks for nothing: joins

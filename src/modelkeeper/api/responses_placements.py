@@ -78,6 +78,14 @@ class PlacementInfo(FixedShape):
     loading: bool | MISSING = Field(MISSING, description="Cluster mode: a load is in flight there.")
 
 
+class DroppedLora(FixedShape):
+    """A LoRA a reload dropped: as applied before it."""
+
+    lora_id: str
+    handle: str
+    strength: float | None
+
+
 class LoadedPlacement(PlacementInfo):
     """A load's result on one device."""
 
@@ -86,6 +94,10 @@ class LoadedPlacement(PlacementInfo):
     coalesced: bool | MISSING = Field(MISSING, description="True: joined a load already in flight.")
     reloaded: dict[str, str | int | None] | MISSING = Field(
         MISSING, description="With reload: the form (dtype, storage_dtype, offload) it was loaded in before."
+    )
+    dropped_loras: list[DroppedLora] | MISSING = Field(
+        MISSING,
+        description="With reload: the LoRAs applied before it, which the reload dropped (apply them again).",
     )
 
 

@@ -60,9 +60,12 @@ class LoadBody(_Operation):
                         "unload a leased model).")  # fmt: skip
     reload: bool = Field(
         False,
-        description="Loaded already in another dtype, storage_dtype or offload: unload it (its LoRAs with it) "
-        "and load it again as asked. Without it such a load is refused with 409 ALREADY_LOADED; options "
-        "left out ask for nothing, so a plain load returns the model as it is loaded.",
+        description="Loaded already in another dtype, storage_dtype or offload: unload it and load it again "
+        "with the options asked; an option left out keeps the placement's value (back to the file's dtype "
+        "or no storage_dtype: unload, then load). Its LoRAs are dropped: the result lists them in "
+        "dropped_loras. Without it such a load is refused with 409 ALREADY_LOADED (details.loras: the "
+        "LoRAs a reload would drop); options left out ask for nothing, so a plain load returns the model "
+        "as it is loaded.",
     )
     keep_loaded: bool = Field(
         False, description="Reload after a worker restart; never evicted without force."

@@ -36,10 +36,10 @@ from modelkeeper.cluster.view import ClusterState, NodeState, device_id, split_d
 from modelkeeper.orchestrator.coalesce import coalesced
 from modelkeeper.orchestrator.errors import DeviceNotFound, ModelInUse, NotLoaded, NotPlaceable
 from modelkeeper.orchestrator.events import EventBus
-from modelkeeper.orchestrator.forms import LoadForm, loaded_differently
+from modelkeeper.orchestrator.forms import LoadForm, applied_loras, loaded_differently
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
-from modelkeeper.orchestrator.loads import renaming
+from modelkeeper.orchestrator.loads import asked_form, renaming
 from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.protocol.errors import ProtocolError
@@ -187,7 +187,10 @@ class ClusterLoads:
         node; loaded there in another form, refused, or with ``reload`` unloaded first."""
         key = (model.key, device)
         node, local = split_device(device)
-        reloaded = await self._reload(model, device, opts, job) if opts.reload else None
+        reloaded: dict[str, Any] | None = None
+        dropped: list[dict[str, Any]] = []
+        if opts.reload:
+            opts, reloaded, dropped = await self._reload(model, device, opts, job)
         if key in self.inflight:  # joined, it would get the form of the load in flight
             pending = self.pending.get(key, LoadForm())
             differences = opts.differences(pending)
@@ -224,29 +227,41 @@ class ClusterLoads:
         finally:
             if starts:
                 self.pending.pop(key, None)
-        return result if reloaded is None else {**result, "reloaded": reloaded}
+        if reloaded is None:
+            return result
+        return {**result, "reloaded": reloaded, "dropped_loras": dropped}
 
     async def _reload(
         self, model: ClusterModel, device: str, opts: LoadOptions, job: Job
-    ) -> dict[str, Any] | None:
-        """With ``reload``: the placement of ``model`` on ``device`` unloaded when loaded in another
-        form than ``opts`` asks for (as an unload: driver leases hold it unless ``force``); the form
-        it had, or None when there was nothing to unload."""
+    ) -> tuple[LoadOptions, dict[str, Any] | None, list[dict[str, Any]]]:
+        """With ``reload``: ``opts`` with each option it leaves out kept as the placement of
+        ``model`` on ``device`` has it (forms.py), that placement unloaded when loaded in another
+        form than they ask for (as an unload: driver leases hold it unless ``force``); the form it
+        had (None when there was nothing to unload) and the LoRAs the unload dropped."""
         await self.members.refresh(split_device(device)[0])  # its form as the node has it now
         p = next(
             (p for p in self.view.placements(model.key) if p["device"] == device and p["state"] == "loaded"),
             None,
         )
         if p is None:
-            return None
+            return opts, None, []
         form = next(f for d, _, f in self.view.forms(model.key) if d == device)
+        opts = dataclasses.replace(opts, **form.kept_by_reload(*asked_form(opts)))
         if not opts.differences(form):
-            return None
+            return opts, None, []
+        dropped = self._loras_of(p)
         job.progress(message=f"unloading {model.name} on {device}: loaded as {form.describe()}", force=True)
         await self._unload_checked(p, force=opts.force, timeout=opts.timeout)
         if not any(q["keep_loaded"] for q in self.view.placements(model.key)):
             self.kept.pop(model.key, None)  # kept again only if this load asks it
-        return form.info()
+        return opts, form.info(), dropped
+
+    def _loras_of(self, placement: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """The LoRAs applied to a placement (in cluster terms), named by their handles (forms.py)."""
+        if placement is None:
+            return []
+        handles = {k: m.handle for k, m in self.catalog.models().items()}
+        return applied_loras(placement.get("loras", {}), handles)
 
     def check_form(self, model: ClusterModel, device: str | None, opts: LoadOptions) -> None:
         """LoadedDifferently when ``model`` is loaded, or being loaded, on ``device`` (any device
@@ -262,7 +277,10 @@ class ClusterLoads:
         for where, form in sorted(forms.items()):
             differences = opts.differences(form)
             if differences and device in (None, where):
-                raise loaded_differently(model, where, form, differences, loading=where in loading)
+                placed = next((p for p in self.view.placements(model.key) if p["device"] == where), None)
+                raise loaded_differently(
+                    model, where, form, differences, loading=where in loading, loras=self._loras_of(placed)
+                )
 
     def in_cluster_terms(self, node: str, result: dict[str, Any]) -> dict[str, Any]:
         """A node's load result with the cluster's names (``NodeState.placement``): keys for model

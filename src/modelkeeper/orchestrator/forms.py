@@ -4,8 +4,11 @@ A load of a model already loaded (or being loaded) on a device returns that plac
 asks for another form: a ``dtype``, ``storage_dtype`` or ``offload`` the placement does not have.
 Such a load is refused (``LoadedDifferently``, 409) or, with ``reload``, unloads the placement and
 loads the model again (docs/SERVICE.md "Loading a model already loaded"). An option a load leaves
-out asks for nothing: the placement is taken as it is. ``keep_alive``, ``keep_loaded`` and the
-priority are no part of the form: a second load updates the first two.
+out asks for nothing: the placement is taken as it is, and a reload keeps its value
+(:meth:`LoadForm.kept_by_reload`), so that a reload changes only what it asks. A reload drops the
+LoRAs applied to the placement: the 409 and the reload's result name them (:func:`applied_loras`).
+``keep_alive``, ``keep_loaded`` and the priority are no part of the form: a second load updates
+the first two.
 
 What a placement has is what was asked, completed by what its worker reported: a load without
 ``dtype`` of a float16 file is float16, so a later ``dtype: float16`` asks for nothing new.
@@ -13,10 +16,13 @@ What a placement has is what was asked, completed by what its worker reported: a
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from modelkeeper.orchestrator.errors import LoadedDifferently
+from modelkeeper.protocol.messages import DType
+from modelkeeper.sizes import format_size
 
 Offload = str | int
 
@@ -72,16 +78,11 @@ class LoadForm:
         self, dtype: str | None, storage_dtype: str | None, offload: Offload | None, *, whole: bool = False
     ) -> dict[str, dict[str, Any]]:
         """Option -> ``{"loaded": ..., "asked": ...}`` for each option a load asks for (not None)
-        that this form does not have; empty when the load asks for nothing new. ``whole`` (a
-        reload): an option left out asks for its default (the file's dtype, no storage dtype, no
-        offload), so a reload can also go back to them."""
+        that this form does not have; empty when the load asks for nothing new. A reload
+        (``whole``) asks for the same: an option it leaves out keeps this form's value
+        (:meth:`kept_by_reload`), so it differs in nothing."""
+        del whole  # a reload asks what a load asks (kept so that LoadOptions need not change)
         out: dict[str, dict[str, Any]] = {}
-        if whole:
-            if dtype is None and self.dtype is not None:
-                out["dtype"] = {"loaded": self.dtype, "asked": "the file's"}
-            if storage_dtype is None and self.storage_dtype is not None:
-                out["storage_dtype"] = {"loaded": self.storage_dtype, "asked": "the compute dtype"}
-            offload = "none" if offload is None else offload
         if dtype is not None and dtype != self.dtype and not (self.dtype is None and self.dtypes == (dtype,)):
             out["dtype"] = {
                 "loaded": self.shown_dtype or "/".join(self.dtypes) or "the file's",
@@ -100,23 +101,65 @@ class LoadForm:
             out["offload"] = {"loaded": self.offload, "asked": offload}
         return out
 
+    def kept_by_reload(
+        self, dtype: str | None, storage_dtype: str | None, offload: Offload | None
+    ) -> dict[str, Any]:
+        """The load options a reload leaves out (None), set to what this form was loaded with:
+        ``LoadOptions`` fields to replace, so that the reload changes only what it asks. (Back to
+        the file's dtype or no storage dtype, which a request cannot name: unload, then load.)"""
+        out: dict[str, Any] = {}
+        if dtype is None and self.dtype is not None:
+            out["dtype"] = DType(self.dtype)
+        if storage_dtype is None and self.storage_dtype is not None:
+            out["storage_dtype"] = DType(self.storage_dtype)
+        if offload is None and self.offload != "none":
+            out["offload"] = self.offload
+        return out
+
     def _whole_either_way(self, offload: Offload) -> bool:
         """``none`` and ``auto`` both hold a model whole that fits: the same when nothing streams."""
         return not self.streams and {offload, self.offload} <= {"none", "auto"}
 
     def describe(self) -> str:
-        """``float16``, ``float16 kept as float8_e4m3fn, offload auto``: for messages."""
+        """``float16``, ``float16, stored as float8_e4m3fn, offload 4.0 GB``: for messages."""
         text = self.shown_dtype or ("/".join(self.dtypes) if self.dtypes else "the file's dtype")
         if self.shown_storage:
-            text += f" kept as {self.shown_storage}"
+            text += f", stored as {self.shown_storage}"
         if self.offload != "none":
-            text += f", offload {self.offload}"
+            text += f", offload {shown_offload(self.offload)}"
         return text
+
+
+def shown_offload(offload: Offload) -> str:
+    """``auto``, ``none``, or a byte count as ``4.0 GB``: an offload in a message."""
+    return format_size(offload) if isinstance(offload, int) else offload
+
+
+def applied_loras(loras: Mapping[str, Mapping[str, Any]], handles: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``[{"lora_id", "handle", "strength"}]`` of a placement's applied LoRAs (lora id -> its entry,
+    ``lora`` its name, ``strength``), named by ``handles`` (lora id -> handle; else the entry's name):
+    what a reload drops."""
+    return [
+        {"lora_id": k, "handle": handles.get(k) or str(v.get("lora") or k), "strength": v.get("strength")}
+        for k, v in sorted(loras.items())
+    ]
+
+
+def loras_text(loras: Sequence[Mapping[str, Any]]) -> str:
+    """``tiny-sd15-kohya (strength 1), other (strength 0.5)``: LoRAs in a message."""
+    return ", ".join(
+        f"{x['handle']} (strength {x['strength']:g})"
+        if isinstance(x["strength"], int | float)
+        else str(x["handle"])
+        for x in loras
+    )
 
 
 def asked_text(differences: dict[str, dict[str, Any]]) -> str:
     """``dtype bfloat16, storage_dtype float8_e4m3fn``: what a load asked for that differs."""
-    return ", ".join(f"{k} {v['asked']}" for k, v in differences.items())
+    return ", ".join(
+        f"{k} {shown_offload(v['asked']) if k == 'offload' else v['asked']}" for k, v in differences.items()
+    )
 
 
 def loaded_differently(
@@ -126,19 +169,33 @@ def loaded_differently(
     differences: dict[str, dict[str, Any]],
     *,
     loading: bool = False,
+    loras: Sequence[Mapping[str, Any]] = (),
 ) -> LoadedDifferently:
-    """The 409 of a load that asks for another form than ``record`` has on ``device``."""
+    """The 409 of a load that asks for another form than ``record`` has on ``device``; ``loras``
+    (:func:`applied_loras`) are the LoRAs applied there, which a reload would drop."""
     state = "being loaded" if loading else "loaded"
     then = "wait for that load, then unload it" if loading else "unload it first"
+    drops = f"; a reload drops its LoRAs {loras_text(loras)}: apply them again after it" if loras else ""
     return LoadedDifferently(
         f"{record.handle} is {state} on {device} as {form.describe()}; this load asks for "
-        f"{asked_text(differences)}: {then}, or pass reload to unload it and load it again with these options",
+        f"{asked_text(differences)}: {then}, or pass reload to unload it and load it again with these "
+        f"options{drops}",
         model_id=record.id,
         handle=record.handle,
         device=device,
         loaded=form.info(),
         differences=differences,
+        loras=[dict(x) for x in loras],
     )
 
 
-__all__ = ["LoadForm", "Named", "Offload", "asked_text", "loaded_differently"]
+__all__ = [
+    "LoadForm",
+    "Named",
+    "Offload",
+    "applied_loras",
+    "asked_text",
+    "loaded_differently",
+    "loras_text",
+    "shown_offload",
+]

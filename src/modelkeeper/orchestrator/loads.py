@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import replace
 from typing import Any
 
 from modelkeeper.orchestrator.cachefeed import CacheFeed
@@ -22,7 +23,7 @@ from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.coalesce import coalesced
 from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded
 from modelkeeper.orchestrator.events import EventBus
-from modelkeeper.orchestrator.forms import LoadForm, loaded_differently
+from modelkeeper.orchestrator.forms import LoadForm, applied_loras, loaded_differently
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.loading import ComponentLoad
@@ -36,7 +37,7 @@ from modelkeeper.orchestrator.workers import Priority, WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.protocol.messages import LoadResult, UnloadRequest, UnloadResult
-from modelkeeper.registry import ModelRecord
+from modelkeeper.registry import ModelNotFound, ModelRecord
 
 
 class Loads:
@@ -147,7 +148,7 @@ class Loads:
         if not self.view.of_model(record.id):  # loaded already: answered from its placement
             await self.catalog.verify_file(record)
         if not opts.reload:
-            self.check_form(record, None if all_devices else device, opts)
+            self.check_form(record, None if all_devices else device, opts, await self._lora_handles(record))
         plan = await self.catalog.parts(record)
         if plan is not None:
             plan.check()  # a missing or refused part is the caller's to fix: refused before any job
@@ -171,7 +172,10 @@ class Loads:
         key = (record.id, slot.id)
         p = self.view.get(*key)
         reloaded: dict[str, Any] | None = None
+        dropped: list[dict[str, Any]] = []
         if p is not None and p.state is PlacementState.LOADED:
+            if opts.reload:  # an option left out keeps its value: the reload changes only what it asks
+                opts = replace(opts, **p.form.kept_by_reload(*asked_form(opts)))
             differences = opts.differences(p.form)
             if not differences:
                 p.last_used = time.time()
@@ -180,8 +184,9 @@ class Loads:
                 if opts.keep_alive is not None:
                     p.keep_alive = opts.keep_alive
                 return {**self.view.info(p), "already_loaded": True}
+            dropped = applied_loras(p.loras, await self._lora_handles(record))
             if not opts.reload:
-                raise loaded_differently(record, slot.id, p.form, differences)
+                raise loaded_differently(record, slot.id, p.form, differences, loras=dropped)
             reloaded = p.form.info()
             job.progress(
                 message=f"unloading {p.handle or record.handle}: loaded as {p.form.describe()}", force=True
@@ -212,22 +217,40 @@ class Loads:
         finally:
             if starts:
                 self.pending.pop(key, None)
-        return result if reloaded is None else {**result, "reloaded": reloaded}
+        return result if reloaded is None else {**result, "reloaded": reloaded, "dropped_loras": dropped}
 
-    def check_form(self, record: ModelRecord, device: str | None, opts: LoadOptions) -> None:
+    async def _lora_handles(self, record: ModelRecord) -> dict[str, str]:
+        """LoRA id -> handle of the LoRAs applied to ``record``'s placements (a LoRA gone from the
+        registry is left out: named by its entry's name)."""
+        handles: dict[str, str] = {}
+        for lora_id in {k for p in self.view.of_model(record.id) for k in p.loras}:
+            try:
+                handles[lora_id] = (await self.catalog.get(lora_id)).handle
+            except ModelNotFound:
+                pass
+        return handles
+
+    def check_form(
+        self, record: ModelRecord, device: str | None, opts: LoadOptions, handles: dict[str, str]
+    ) -> None:
         """LoadedDifferently when ``record`` is loaded, or being loaded, on ``device`` (any device
-        when None) in another form than ``opts`` asks for (forms.py)."""
+        when None) in another form than ``opts`` asks for (forms.py), naming the LoRAs a reload
+        would drop there (``handles``: LoRA id -> handle)."""
+        loras: dict[str, list[dict[str, Any]]] = {}
         forms = {d: f for (m, d), f in self.pending.items() if m == record.id}
         loading = set(forms)
         for p in self.view.of_model(record.id):
             if p.state is not PlacementState.UNLOADING:
                 forms[p.device] = p.form
+                loras[p.device] = applied_loras(p.loras, handles)
                 if p.state is PlacementState.LOADED:
                     loading.discard(p.device)
         for where, form in sorted(forms.items()):
             differences = opts.differences(form)
             if differences and device in (None, where):
-                raise loaded_differently(record, where, form, differences, loading=where in loading)
+                raise loaded_differently(
+                    record, where, form, differences, loading=where in loading, loras=loras.get(where, [])
+                )
 
     async def _load(
         self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job, deadline: float
@@ -580,3 +603,12 @@ def renaming(exc: ProtocolError, internal: str, user: str, shown: str) -> Protoc
 
     exc.details = {k: renamed(v) for k, v in exc.details.items()}
     return exc
+
+
+def asked_form(opts: LoadOptions) -> tuple[str | None, str | None, str | int | None]:
+    """The dtype, storage dtype and offload ``opts`` asks for (None: left out), as ``LoadForm`` takes them."""
+    return (
+        None if opts.dtype is None else opts.dtype.value,
+        None if opts.storage_dtype is None else opts.storage_dtype.value,
+        opts.offload,
+    )
