@@ -238,6 +238,10 @@ def test_lora_commands_status_progress_and_revert(served: str) -> None:
         shown = runner.invoke(app, ["status"], env=wide)
         assert f"+ {applied['lora']} x0.8" in shown.output, shown.output
         assert "strength 0.5" in cli(served, "lora", "strength", "diffusers/tiny-sd15", LORA, "0.5")
+        # a reload in another form drops the LoRA and says so; the test applies it again
+        reloaded = cli(served, "load", "diffusers/tiny-sd15", "--dtype", "bfloat16", "--reload")
+        assert "(reloaded)" in reloaded and "dropped LoRAs" in reloaded and "x0.5" in reloaded, reloaded
+        assert "applied" in cli(served, "lora", "apply", "diffusers/tiny-sd15", LORA, "--strength", "0.5")
         assert "removed" in cli(served, "lora", "remove", "diffusers/tiny-sd15", LORA)
         assert json.loads(cli(served, "status", "--json"))["devices"][0]["models"][0]["loras"] == {}
         # a long operation is never silent: started, then its end (stderr is no terminal here)

@@ -88,7 +88,7 @@ def test_load_with_a_storage_dtype_and_see_its_form_in_the_device_list(
     result = page.locator('.job-result .result[data-action="load"]')
     expect(result).to_have_attribute("data-state", "succeeded")
     expect(result).to_contain_text("loaded on cpu")
-    expect(result).to_contain_text("kept as float8_e4m3fn")
+    expect(result).to_contain_text(", stored as float8_e4m3fn")
     assert bodies == [
         {"device_id": "cpu", "keep_loaded": False, "storage_dtype": "float8_e4m3fn", "keep_alive": 600,
          "wait_for_completion": False}
@@ -96,12 +96,12 @@ def test_load_with_a_storage_dtype_and_see_its_form_in_the_device_list(
     placement = client.model(clip)["state"]["vram"][0]
     assert placement["storage_dtype"] == "float8_e4m3fn" and placement["keep_alive"] == 600
     expect(page.locator('table.placements tr[data-device="cpu"] td.form')).to_have_text(
-        f"{placement['dtype']} kept as float8_e4m3fn"
+        f"{placement['dtype']}, stored as float8_e4m3fn"
     )
 
     page.click("nav a[data-route=devices]")
     cell = page.locator(f'section[data-device="cpu"] tr[data-model="{clip}"] td.form')
-    expect(cell).to_have_text(f"{placement['dtype']} kept as float8_e4m3fn")
+    expect(cell).to_have_text(f"{placement['dtype']}, stored as float8_e4m3fn")
     watched.clean()
 
 
@@ -148,7 +148,7 @@ def test_a_load_in_another_form_is_refused_then_reloaded_from_the_page(
     # a size is sent as bytes (decimal units, as the CLI reads them)
     page.fill("input[name=offload]", "4GB")
     page.click("button.load")
-    expect(conflict).to_contain_text("offload 4000000000")
+    expect(conflict).to_contain_text("offload 4.0 GB")
     assert bodies[-1]["offload"] == 4_000_000_000
     watched.clean(console=False)  # the browser logs each 409
 

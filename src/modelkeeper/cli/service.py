@@ -227,6 +227,7 @@ def load(
     note = " (already loaded)" if result.get("already_loaded") else ""
     if result.get("reloaded"):
         note = " (reloaded)"
+    dropped = result.get("dropped_loras") or []
     # offloaded: `bytes` is what it holds on the device (resident weights and ring), the rest streams
     streamed = (
         f" on the device, {size(result['streamed_bytes'])} streamed from RAM"
@@ -238,6 +239,9 @@ def load(
         f"{size(result['bytes'])}{streamed} in {result.get('load_seconds') or 0:.2f} s "
         f"({', '.join(f'{k} from {v}' for k, v in result['sources'].items())})"
     )
+    if dropped:
+        names = ", ".join(f"{d.get('handle') or d['lora_id']} x{d['strength']:g}" for d in dropped)
+        err.print(f"[yellow]dropped[/yellow] LoRAs {names}: apply them again with `modelkeeper lora apply`")
 
 
 def unload(

@@ -75,13 +75,11 @@ class LoadForm:
         return {"dtype": self.shown_dtype, "storage_dtype": self.shown_storage, "offload": self.offload}
 
     def differences(
-        self, dtype: str | None, storage_dtype: str | None, offload: Offload | None, *, whole: bool = False
+        self, dtype: str | None, storage_dtype: str | None, offload: Offload | None
     ) -> dict[str, dict[str, Any]]:
         """Option -> ``{"loaded": ..., "asked": ...}`` for each option a load asks for (not None)
-        that this form does not have; empty when the load asks for nothing new. A reload
-        (``whole``) asks for the same: an option it leaves out keeps this form's value
-        (:meth:`kept_by_reload`), so it differs in nothing."""
-        del whole  # a reload asks what a load asks (kept so that LoadOptions need not change)
+        that this form does not have; empty when the load asks for nothing new. A reload asks
+        the same: an option it leaves out keeps this form's value (:meth:`kept_by_reload`)."""
         out: dict[str, dict[str, Any]] = {}
         if dtype is not None and dtype != self.dtype and not (self.dtype is None and self.dtypes == (dtype,)):
             out["dtype"] = {

@@ -51,13 +51,12 @@ class LoadOptions:
         )
 
     def differences(self, form: LoadForm) -> dict[str, dict[str, object]]:
-        """What this load asks for that a placement loaded as ``form`` does not have (forms.py); with
-        ``reload``, an option left out asks for its default."""
+        """What this load asks for that a placement loaded as ``form`` does not have (forms.py); an
+        option left out asks for nothing, with ``reload`` too (it keeps the placement's value)."""
         return form.differences(
             None if self.dtype is None else self.dtype.value,
             None if self.storage_dtype is None else self.storage_dtype.value,
             self.offload,
-            whole=self.reload,
         )
 
     def request(self, request: LoadRequest) -> LoadRequest:

@@ -62,10 +62,10 @@ export function bytes(n) {
 }
 
 /** A placement's form, in the service's own words (forms.py ``describe``): ``float16``,
- * ``float16 kept as float8_e4m3fn``, ``bfloat16, offload auto``. */
+ * ``float16, stored as float8_e4m3fn``, ``bfloat16, offload auto``. */
 export function formText(p) {
   let text = p.dtype || "–";
-  if (p.storage_dtype) text += ` kept as ${p.storage_dtype}`;
+  if (p.storage_dtype) text += `, stored as ${p.storage_dtype}`;
   if (p.offload !== undefined && p.offload !== null && p.offload !== "none") {
     text += `, offload ${typeof p.offload === "number" ? bytes(p.offload) : p.offload}`;
   }
