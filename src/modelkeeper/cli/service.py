@@ -235,7 +235,7 @@ def load(
         else ""
     )
     Console().print(
-        f"[green]loaded[/green] {result['name']} [dim]{result['model_id']}[/dim] on {result['device']}{note}: "
+        f"[green]loaded[/green] {result.get('handle') or result['name']} on {result['device']}{note}: "
         f"{size(result['bytes'])}{streamed} in {result.get('load_seconds') or 0:.2f} s "
         f"({', '.join(f'{k} from {v}' for k, v in result['sources'].items())})"
     )
