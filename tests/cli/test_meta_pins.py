@@ -61,3 +61,16 @@ def test_a_pin_that_fits_is_written(db: Path) -> None:
     code, output = _pin(db, "text_encoder_2", "tiny-t5")
     assert code == 0, output
     assert _settings(db) == {"parts": {"text_encoder_2": "tiny-t5"}}
+
+
+def test_a_pin_on_a_model_that_takes_no_parts_is_refused(db: Path) -> None:
+    """A VAE (or an SD1 checkpoint) is never completed from parts: a pin there would be ignored."""
+    settings = json.dumps({"parts": {"vae": "tiny-flux-vae"}})
+    result = runner.invoke(app, ["meta", "tiny-t5", "--db", str(db), "--set", f"default_settings={settings}"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, output
+    assert "tiny-t5 (text_encoder, " in output and "takes no parts" in output, output
+    cleared = runner.invoke(
+        app, ["meta", "tiny-t5", "--db", str(db), "--set", 'default_settings={"parts": {}}']
+    )
+    assert cleared.exit_code == 0, cleared.output  # clearing pins is always fine

@@ -336,7 +336,16 @@ def check_pinned_parts(
             settings = json.loads(settings)
         except json.JSONDecodeError:
             return
-    if not isinstance(settings, dict) or PIN_KEY not in settings or not needs_parts(record):
+    if not isinstance(settings, dict) or PIN_KEY not in settings:
+        return
+    if not needs_parts(record):
+        if settings[PIN_KEY]:  # an empty object (clearing the pins) is always fine
+            raise IncompatiblePart(
+                f"{record.handle or record.name} ({record.type}, {record.base}) takes no parts: only a "
+                f"transformer-only file of {', '.join(sorted(PART_BASES))} is completed from parts; "
+                f"leave default_settings.{PIN_KEY} out",
+                model_id=record.id,
+            )
         return
     meta = record.meta.model_copy(update={"default_settings": settings})
     plan = plan_parts(registry, record.model_copy(update={"meta": meta}), roots)
