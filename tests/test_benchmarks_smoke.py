@@ -53,6 +53,17 @@ def test_formats_tiny(tmp_path: Path) -> None:
     assert "storage gguf:Q4_K" in out.read_text() and "storage float8_e4m3fn" in out.read_text()
 
 
+def test_dequant_small(tmp_path: Path) -> None:
+    """benchmarks/dequant.py on the CPU with a small weight: both decoders timed, and their values
+    within one bf16 rounding of each other."""
+    out = tmp_path / "dequant.txt"
+    run_script("dequant.py", "--device", "cpu", "--shape", "64,512", "--repeats", "1", "--types", "Q8_0,Q4_K",
+               "--out", str(out), timeout=120)  # fmt: skip
+    rows = [line.split() for line in out.read_text().splitlines()[2:] if not line.startswith("#")]
+    assert [r[0] for r in rows] == ["Q8_0", "Q4_K"]
+    assert all(float(r[-1]) < 2**-7 for r in rows)
+
+
 def test_lora_switch_small(tmp_path: Path) -> None:
     """benchmarks/lora_switch.py on the CPU with the tiny SDXL UNet: every operation timed on both
     sides, and modelkeeper's removal bitwise."""

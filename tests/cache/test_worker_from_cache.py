@@ -16,6 +16,7 @@ from modelkeeper.cache import RamCache
 from modelkeeper.protocol import CommandType, WorkerProcess
 from modelkeeper.testing import DemoManifest
 from modelkeeper.worker import InProcessWorker
+from modelkeeper.worker.validate import probes
 from tests.worker.conftest import src
 
 MiB = 1 << 20
@@ -46,6 +47,44 @@ def test_load_from_segment_equals_load_from_file(
         assert set(got) == set(want)
         for k, v in want.items():
             assert torch.equal(got[k].cpu(), v.cpu()), k
+        assert w.call(CommandType.RELEASE_SEGMENTS)["released"] == [str(seg.path)]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> DemoManifest:
+    from modelkeeper.testing import write_demo_models
+
+    names = ("sdxl-unet-fp8-scaled", "flux-transformer-fp8-e4m3fn", "flux-transformer-q4_k")
+    return write_demo_models(tmp_path_factory.mktemp("packed"), only=names)
+
+
+@pytest.mark.parametrize(
+    "name", ["sdxl-unet-fp8-scaled", "flux-transformer-fp8-e4m3fn", "flux-transformer-q4_k"]
+)
+def test_packed_loads_from_a_segment_equal_loads_from_the_file(
+    cache: RamCache, packed: DemoManifest, worker_device: str, name: str
+) -> None:
+    """Packed forms, one with a key conversion (ComfyUI's scaled fp8 SDXL in the checkpoint layout):
+    on a GPU the copy from the segment is still running while the module is built (the load waits
+    for it at the end: ``settle``), and the weights equal a load from the file."""
+    source = src(packed, name)
+    kind = "unet" if "unet" in name else "transformer"
+    seg = cache.cache_file(source["path"], model=name)
+    with InProcessWorker(worker_device) as w:
+        cached = w.call(
+            CommandType.LOAD_MODEL, {**source, "name": "cached", "path": str(seg.path), "type": kind}
+        )
+        assert "settle" in cached["timings"]
+        from_file = w.call(CommandType.LOAD_MODEL, {**source, "name": "file", "type": kind})
+        assert cached["storage"] == from_file["storage"] and cached["bytes"] == from_file["bytes"]
+        got, want = w.module("cached").state_dict(), w.module("file").state_dict()
+        assert set(got) == set(want)
+        for k, v in want.items():
+            assert torch.equal(got[k].cpu(), v.cpu()), k
+        with torch.inference_mode():
+            assert torch.equal(*(probes(w.module(n), seed=1)[0].run().cpu() for n in ("cached", "file")))
+        w.call(CommandType.UNLOAD_MODEL, {"name": "cached"})
+        w.call(CommandType.UNLOAD_MODEL, {"name": "file"})
         assert w.call(CommandType.RELEASE_SEGMENTS)["released"] == [str(seg.path)]
 
 

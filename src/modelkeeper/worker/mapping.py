@@ -249,11 +249,18 @@ def load_tensors(
     check: Check | None = None,
     threads: int | None = None,
     stages: dict[str, float] | None = None,
+    settle: list[Callable[[], None]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors ``names`` of the safetensors file ``path`` on ``device``, as views of one allocation.
 
     ``stages`` (when given) gathers the seconds of the copy (``copy``: the bytes moved into the
-    allocation, the device synchronised) and of the views (``views``)."""
+    allocation, the device synchronised) and of the views (``views``).
+
+    ``settle``: a copy from a RAM-cache segment to a CUDA device returns as soon as it is queued,
+    and a wait for its end is appended to ``settle``; the caller calls it before it hands the
+    tensors out. Meanwhile work queued on the device's current stream runs after the copy (the
+    stream waits for it), so the host builds the module while the bytes are still moving. ``copy``
+    is then the time to queue it."""
     segment = is_segment(path)
     if segment:
         mapping = table.get(path)
@@ -272,7 +279,7 @@ def load_tensors(
         mapping.register()
     started = time.perf_counter()
     if segment:
-        _copy_from_mapping(mapping.host, buffer, runs, progress, check)
+        _copy_from_mapping(mapping.host, buffer, runs, progress, check, settle)
     elif device.type == "cuda":
         _stream_to_device(path, buffer, runs, table, progress, check)
     else:
@@ -294,12 +301,24 @@ def _pieces(runs: list[_Run], chunk: int) -> list[_Run]:
 
 
 def _copy_from_mapping(
-    host: torch.Tensor, buffer: torch.Tensor, runs: list[_Run], progress: Progress | None, check: Check | None
+    host: torch.Tensor,
+    buffer: torch.Tensor,
+    runs: list[_Run],
+    progress: Progress | None,
+    check: Check | None,
+    settle: list[Callable[[], None]] | None = None,
 ) -> None:
+    """Queue the copies of ``runs`` on a stream of their own; wait for them, or with ``settle``
+    leave them running (see :func:`load_tensors`)."""
     pieces = _pieces(runs, COPY_CHUNK)
     total = sum(p.length for p in pieces)
     done = 0
+    current = torch.cuda.current_stream(buffer.device)
     stream = torch.cuda.Stream(buffer.device)
+    # ``buffer`` may reuse memory that work queued on the current stream still reads (a group freed
+    # after its cast): the copies start after that work
+    stream.wait_stream(current)
+    queued = False
     try:
         with torch.cuda.stream(stream):
             for p in pieces:
@@ -309,8 +328,14 @@ def _copy_from_mapping(
                 done += p.length
                 if progress is not None:
                     progress(done, total)
+        queued = settle is not None
     finally:
-        stream.synchronize()  # also on cancel: no copy may still write into a buffer handed back
+        if queued and settle is not None:
+            buffer.record_stream(stream)  # freed early (an error), its memory waits for the copies
+            current.wait_stream(stream)
+            settle.append(stream.synchronize)
+        else:
+            stream.synchronize()  # also on cancel: no copy may still write into a buffer handed back
 
 
 def _pread_into(fd: int, target: memoryview, offset: int, path: Path) -> None:

@@ -299,6 +299,7 @@ class ModelService:
         timings = {"plan": time.perf_counter() - started}
         skeleton = self.skeletons.take(class_name, source.config, path=str(source.path))
         stages: dict[str, float] = {}
+        settle: list[Callable[[], None]] = []  # copies still running while the module is built
         try:
             transform = None
             if storage_dtype in storage.FLOAT8 and not any(e.packed for e in entries):
@@ -317,6 +318,7 @@ class ModelService:
                 stages=stages,
                 transform=transform,
                 group_bytes=CAST_GROUP_BYTES,
+                settle=settle,
             )
             timings["read"] = time.perf_counter() - t
             timings.update(stages)
@@ -344,6 +346,7 @@ class ModelService:
             del state
             stream = None if offload is None else self._stream(module, class_name, offload, source, request)
         except BaseException as exc:
+            _settle(settle)
             self._emit(
                 EventType.STATE,
                 op.request_id,
@@ -362,6 +365,9 @@ class ModelService:
         form = stored.form if stored is not None else None
         if stored is not None:
             params, dtype_name = storage.parameter_count(module), str(stored.compute).removeprefix("torch.")
+        t = time.perf_counter()
+        _settle(settle)  # the model is handed out whole
+        timings["settle"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
         source_info = source.describe() | {"rule": rule, "class_name": class_name}
         if form is not None:
@@ -840,3 +846,9 @@ def _pid() -> int:
     import os
 
     return os.getpid()
+
+
+def _settle(waits: list[Callable[[], None]]) -> None:
+    """Wait for the copies a load left running (:func:`~modelkeeper.worker.mapping.load_tensors`)."""
+    while waits:
+        waits.pop()()

@@ -106,6 +106,7 @@ def read_tensors(
     stages: dict[str, float] | None = None,
     transform: TransformFn | None = None,
     group_bytes: int | None = None,
+    settle: list[Callable[[], None]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read ``entries`` onto ``device``; floating tensors are cast to ``dtype`` when given. The
     quantized tensors of a GGUF file come as ``GGUFParameter`` (:func:`as_gguf_parameters`).
@@ -116,6 +117,8 @@ def read_tensors(
     With ``transform``, each file is read in groups of about ``group_bytes`` (one allocation
     each) and every group goes through ``transform`` before the next is read: a load that casts
     down (``storage_dtype``) holds the file's bytes one group at a time, not all at once.
+    ``settle``: copies from the RAM cache to a GPU may still run when this returns; the waits for
+    them are appended there (:func:`~modelkeeper.worker.mapping.load_tensors`).
     """
     total = sum(e.nbytes for e in entries)
     base = 0
@@ -133,7 +136,9 @@ def read_tensors(
 
     for group in groups:
         path, names = group[0].file, [e.key for e in group]
-        tensors = load_tensors(path, names, device, table=table, progress=report, check=check, stages=stages)
+        tensors = load_tensors(
+            path, names, device, table=table, progress=report, check=check, stages=stages, settle=settle
+        )
         base += sum(t.numel() * t.element_size() for t in tensors.values())
         tensors = as_gguf_parameters(tensors, _gguf_types(cached_header(path).metadata))
         if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):

@@ -6,8 +6,8 @@ Three packed forms, one mechanism:
   request (``storage_dtype``); decoded by an upcast to the compute dtype.
 - ``scaled float8`` (ComfyUI's ``scaled_fp8`` files): fp8 weights with a per-layer
   ``scale_weight``; decoded by an upcast and a multiplication.
-- ``gguf`` (Q8_0, Q6_K, Q4_K, Q4_0, ...): the file's blocks as bytes; decoded by diffusers' GGUF
-  dequantisation functions.
+- ``gguf`` (Q8_0, Q6_K, Q4_K, Q4_0, ...): the file's blocks as bytes; decoded on a GPU by
+  :mod:`.dequant` (diffusers' GGUF functions on the CPU and for the rarer types).
 
 Only the layers diffusers' layerwise casting would hook (Linear, Conv, Embedding:
 ``_GO_LC_SUPPORTED_PYTORCH_LAYERS``) keep a packed form; every other tensor (norm weights, embeddings
@@ -15,6 +15,7 @@ kept as parameters, buffers) is decoded once at load.
 
 The modules, one job each (a module imports only those above it):
 
+- :mod:`.dequant`: GGUF blocks decoded into the compute dtype without stopping the host;
 - :mod:`.forms`: the packed forms and their decoding (:class:`Packed`), ComfyUI's scales;
 - :mod:`.plan`: at load, which tensors stay packed and the compute dtype (:func:`plan_storage`);
 - :mod:`.cast`: a storage cast applied while the file is read (:func:`cast_while_reading`);

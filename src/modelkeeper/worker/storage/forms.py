@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from modelkeeper.worker.storage import dequant
+
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 PLAIN_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -32,21 +34,11 @@ class Packed:
 
     def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.quant is not None:
-            return dequantize(stored, self.quant, self.shape).to(dtype)
+            return dequant.decode(stored, self.quant, self.shape, dtype)
         out = stored.to(dtype)
         if self.scale is not None:
             out = out * self.scale.to(dtype)
         return out
-
-
-def dequantize(stored: torch.Tensor, quant: Any, shape: tuple[int, ...]) -> torch.Tensor:
-    """The GGUF blocks of ``stored`` (uint8) as a float tensor of ``shape``, by diffusers' functions."""
-    from diffusers.quantizers.gguf.utils import GGML_QUANT_SIZES, dequantize_functions
-
-    _block, type_size = GGML_QUANT_SIZES[quant]
-    blocks = stored.reshape(-1, type_size)
-    decode: Callable[..., torch.Tensor] = dequantize_functions[quant]
-    return decode(blocks, _block, type_size).reshape(shape)
 
 
 class ScaledFloat8(torch.Tensor):
