@@ -129,8 +129,9 @@ def test_another_form_is_refused_or_reloaded_on_the_node_that_holds_it(
 def test_a_reload_names_the_loras_it_drops_and_keeps_what_it_leaves_out(
     demo: DemoManifest, tmp_path: Path
 ) -> None:
-    """As on one host: the 409 names the form in words and the LoRAs a reload would drop; the
-    reload keeps the storage dtype and offload it leaves out, and lists the LoRAs it dropped."""
+    """As on one host: the 409 names the form in words and the LoRAs a reload would drop; an
+    offload that streamed nothing is the form of none; the reload keeps the storage dtype and
+    offload it leaves out, and lists the LoRAs it dropped."""
 
     async def body() -> None:
         async with cluster(demo, tmp_path) as driver:
@@ -146,6 +147,10 @@ def test_a_reload_names_the_loras_it_drops_and_keeps_what_it_leaves_out(
             assert f"on node-b/cpu as {loaded_as}, stored as float8_e4m3fn, offload 4.0 GB;" in message
             assert f"a reload drops its LoRAs {lora.handle} (strength 0.5): apply them again" in message
             assert refused.value.details["loras"] == applied
+            # its 4 GB offload streamed nothing: placed whole, as no offload places it (forms.py)
+            for alike in ("none", "auto"):
+                plain = (await driver.loads.load(CKPT, options=LoadOptions(offload=alike)))["result"]
+                assert plain["already_loaded"] and plain["device"] == "node-b/cpu"
             reloaded = (
                 await driver.loads.load(CKPT, options=LoadOptions(dtype=DType.BFLOAT16, reload=True))
             )["result"]

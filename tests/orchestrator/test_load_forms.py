@@ -155,6 +155,38 @@ def test_concurrent_loads_coalesce_and_another_form_in_flight_is_refused(
     run(body)
 
 
+def test_an_offload_that_streamed_nothing_is_the_form_of_none(demo: DemoManifest, tmp_path: Path) -> None:
+    """An offload that streamed nothing placed the model whole, as ``none`` does: a load asking for
+    ``none``, ``auto`` or a larger byte count gets that placement (a new user's 409 on ``offload
+    4GB`` then ``none``); a smaller count might stream and is another form. A placement that streams
+    stays another form than ``none`` and ``auto``."""
+
+    async def body() -> None:
+        async with serving(demo, tmp_path, cache_loads=False) as orch:
+            whole = (await orch.loads.load(VAE, options=LoadOptions(offload=4_000_000_000)))["result"]
+            assert whole["streamed_bytes"] == 0 and whole["offload"] == 4_000_000_000
+            for alike in ("none", "auto", 8_000_000_000, 4_000_000_000):
+                again = (await orch.loads.load(VAE, options=LoadOptions(offload=alike)))["result"]
+                assert again["already_loaded"] and again["offload"] == 4_000_000_000
+            with pytest.raises(
+                LoadedDifferently, match=r"offload 4\.0 GB; this load asks for offload 1\.0 MB"
+            ):
+                await orch.loads.load(VAE, options=LoadOptions(offload=1_000_000))
+            streamed = (await orch.loads.load(UNET, options=LoadOptions(offload=1_000_000)))["result"]
+            assert streamed["streamed_bytes"] > 0
+            for other in ("none", "auto", 2_000_000):
+                with pytest.raises(LoadedDifferently) as refused:
+                    await orch.loads.load(UNET, options=LoadOptions(offload=other))
+                assert refused.value.code is ErrorCode.ALREADY_LOADED
+                assert refused.value.details["differences"] == {
+                    "offload": {"loaded": 1_000_000, "asked": other}
+                }
+            same = (await orch.loads.load(UNET, options=LoadOptions(offload=1_000_000)))["result"]
+            assert same["already_loaded"]
+
+    run(body)
+
+
 def test_an_offloaded_model_reports_one_size(demo: DemoManifest, tmp_path: Path) -> None:
     """What the budget is charged (resident weights and ring) is the load's ``bytes``, the
     status's and what unloading frees; what streams from RAM is apart, in ``streamed_bytes``."""

@@ -39,8 +39,9 @@ from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.forms import LoadForm, applied_loras, loaded_differently
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
-from modelkeeper.orchestrator.loads import asked_form, renaming
+from modelkeeper.orchestrator.loads import renaming
 from modelkeeper.orchestrator.options import LoadOptions
+from modelkeeper.orchestrator.reload import asked_form
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.protocol.errors import ProtocolError
 

@@ -35,14 +35,15 @@ def split_device(cluster_device: str) -> tuple[str, str]:
 
 
 def form_of(p: dict[str, Any]) -> LoadForm:
-    """The form a node's placement is loaded in, from its ``form`` (``NodeAgent.state``); from the
-    dtypes it shows when an older agent sent none."""
+    """The form a node's placement is loaded in, from its ``form`` (``NodeAgent.state``; ``streams``
+    null while it loads); from the dtypes it shows when an older agent sent none."""
     data = p.get("form")
     if data is None:
         return LoadForm(p.get("dtype"), p.get("storage_dtype"), p.get("offload") or "none")
+    streams = data["streams"]
     return LoadForm(
         data["dtype"], data["storage_dtype"], data["offload"], tuple(data["dtypes"]),
-        tuple(data["storages"]), bool(data["streams"]),
+        tuple(data["storages"]), None if streams is None else bool(streams),
     )  # fmt: skip
 
 

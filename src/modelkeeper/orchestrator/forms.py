@@ -11,7 +11,11 @@ LoRAs applied to the placement: the 409 and the reload's result name them (:func
 the first two.
 
 What a placement has is what was asked, completed by what its worker reported: a load without
-``dtype`` of a float16 file is float16, so a later ``dtype: float16`` asks for nothing new.
+``dtype`` of a float16 file is float16, so a later ``dtype: float16`` asks for nothing new. Its
+offload is compared by what it placed: an offload (``auto`` or a byte count) that streamed nothing
+placed the model whole, as ``none`` does, so ``none``, ``auto`` or a byte count at least as large
+ask for nothing new of it; a placement that streams is only the same as the offload it was loaded
+with (:meth:`LoadForm.places_alike`).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class LoadForm:
     offload: Offload = "none"
     dtypes: tuple[str, ...] = ()  # the compute dtypes of its components, as loaded
     storages: tuple[str, ...] = ()  # the packings of those kept packed (fp8, gguf:Q8_0...), as loaded
-    streams: bool = False  # part of it streams from RAM (offloaded)
+    streams: bool | None = None  # part of it streams from RAM (offloaded); None: not loaded yet
 
     def loaded(self, dtypes: list[str | None], storages: list[str | None], streams: bool) -> LoadForm:
         """This form completed with what the worker reported of each component."""
@@ -95,7 +99,7 @@ class LoadForm:
                 "loaded": self.shown_storage or "the compute dtype",
                 "asked": storage_dtype,
             }
-        if offload is not None and offload != self.offload and not self._whole_either_way(offload):
+        if offload is not None and not self.places_alike(offload):
             out["offload"] = {"loaded": self.offload, "asked": offload}
         return out
 
@@ -114,9 +118,26 @@ class LoadForm:
             out["offload"] = self.offload
         return out
 
-    def _whole_either_way(self, offload: Offload) -> bool:
-        """``none`` and ``auto`` both hold a model whole that fits: the same when nothing streams."""
-        return not self.streams and {offload, self.offload} <= {"none", "auto"}
+    def places_alike(self, offload: Offload) -> bool:
+        """Whether a load asking for ``offload`` places the model as this form has it: the same
+        offload; or, this form having streamed nothing (loaded whole), one that streams nothing
+        either: ``none``, ``auto`` (whole when the model fits, as it does) or a byte count at least
+        the one this form was loaded with (the worker streams a component only when it is larger
+        than the count). A form not loaded yet (a load in flight) may still stream: ``none`` and
+        ``auto`` are alike for it, a byte count only the same one."""
+        if offload == self.offload:
+            return True
+        if self.streams:
+            return False
+        whole = ("none", "auto")
+        if offload in whole:
+            return self.streams is False or self.offload in whole
+        return (
+            self.streams is False
+            and isinstance(self.offload, int)
+            and isinstance(offload, int)
+            and offload >= self.offload
+        )
 
     def describe(self) -> str:
         """``float16``, ``float16, stored as float8_e4m3fn, offload 4.0 GB``: for messages."""

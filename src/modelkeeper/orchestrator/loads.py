@@ -5,9 +5,10 @@ queues the load on that device, and coalesces concurrent loads of one model on o
 one. A load makes room first (evicting what the policy picks), then loads each component through
 the cache feed; any failure rolls back the components already loaded, so no half-loaded model is
 left behind. ``unload`` honours leases and ``force``. Leases are granted here too, since they hold
-placements. A load of a model loaded in another form is refused or reloaded (``forms.py``). (About
-560 lines: load, unload, eviction and idle expiry share one flow of checks on the same placements
-and queues; split apart, each would reach back into the others.)
+placements. A load of a model loaded, or being loaded, in another form is refused or reloaded
+(``reload.py``, on the forms of ``forms.py``). (About 550 lines: load, unload, eviction and idle
+expiry share one flow of checks on the same placements and queues; split apart, each would reach
+back into the others.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import replace
 from typing import Any
 
 from modelkeeper.orchestrator.cachefeed import CacheFeed
@@ -23,7 +23,6 @@ from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.coalesce import coalesced
 from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded
 from modelkeeper.orchestrator.events import EventBus
-from modelkeeper.orchestrator.forms import LoadForm, applied_loras, loaded_differently
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.loading import ComponentLoad
@@ -31,13 +30,14 @@ from modelkeeper.orchestrator.metrics import Metrics
 from modelkeeper.orchestrator.options import LoadOptions
 from modelkeeper.orchestrator.placement import DeviceView, Resident, choose_device, plan_eviction
 from modelkeeper.orchestrator.pool import WorkerPool
+from modelkeeper.orchestrator.reload import Reloads
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.orchestrator.state import Placement, PlacementState, StateView, held_bytes
 from modelkeeper.orchestrator.workers import Priority, WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.protocol.messages import LoadResult, UnloadRequest, UnloadResult
-from modelkeeper.registry import ModelNotFound, ModelRecord
+from modelkeeper.registry import ModelRecord
 
 
 class Loads:
@@ -63,7 +63,7 @@ class Loads:
         self.bus = bus
         self.metrics = metrics
         self.inflight: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
-        self.pending: dict[tuple[str, str], LoadForm] = {}  # the form each load in flight asks for
+        self.reloads = Reloads(catalog, view, self._unload_checked)  # loaded in another form
 
     def deadline(self, timeout: float | None) -> float:
         return time.monotonic() + (timeout or self.settings.request_timeout)
@@ -148,7 +148,7 @@ class Loads:
         if not self.view.of_model(record.id):  # loaded already: answered from its placement
             await self.catalog.verify_file(record)
         if not opts.reload:
-            self.check_form(record, None if all_devices else device, opts, await self._lora_handles(record))
+            await self.reloads.check(record, None if all_devices else device, opts)
         plan = await self.catalog.parts(record)
         if plan is not None:
             plan.check()  # a missing or refused part is the caller's to fix: refused before any job
@@ -170,38 +170,15 @@ class Loads:
     ) -> dict[str, Any]:
         """``record`` on ``slot``: at once when loaded there, joined when a load is in flight, else queued."""
         key = (record.id, slot.id)
-        p = self.view.get(*key)
-        reloaded: dict[str, Any] | None = None
-        dropped: list[dict[str, Any]] = []
-        if p is not None and p.state is PlacementState.LOADED:
-            if opts.reload:  # an option left out keeps its value: the reload changes only what it asks
-                opts = replace(opts, **p.form.kept_by_reload(*asked_form(opts)))
-            differences = opts.differences(p.form)
-            if not differences:
-                p.last_used = time.time()
-                if opts.keep_loaded:
-                    p.keep_loaded = True
-                if opts.keep_alive is not None:
-                    p.keep_alive = opts.keep_alive
-                return {**self.view.info(p), "already_loaded": True}
-            dropped = applied_loras(p.loras, await self._lora_handles(record))
-            if not opts.reload:
-                raise loaded_differently(record, slot.id, p.form, differences, loras=dropped)
-            reloaded = p.form.info()
-            job.progress(
-                message=f"unloading {p.handle or record.handle}: loaded as {p.form.describe()}", force=True
-            )
-            await self._unload_checked(p, force=opts.force, timeout=opts.timeout)
+        settled = await self.reloads.settle(record, slot.id, opts, job)  # loaded there already
+        if settled.answer is not None:
+            return settled.answer
+        opts = settled.opts
         if key in self.inflight:  # (a load may have started while a reload unloaded)
-            pending = self.pending.get(key, LoadForm())
-            differences = opts.differences(pending)
-            if differences:  # joined, it would get the other form
-                raise loaded_differently(record, slot.id, pending, differences, loading=True)
+            self.reloads.check_joining(record, slot.id, opts)
         deadline = self.deadline(opts.timeout)
-        starts = key not in self.inflight
-        if starts:
-            self.pending[key] = opts.form()
-        try:
+        asking = contextlib.nullcontext() if key in self.inflight else self.reloads.asking(key, opts)
+        with asking:
             result = await coalesced(
                 self.inflight,
                 key,
@@ -214,43 +191,9 @@ class Loads:
                     label=f"load {record.id}",
                 ),
             )
-        finally:
-            if starts:
-                self.pending.pop(key, None)
-        return result if reloaded is None else {**result, "reloaded": reloaded, "dropped_loras": dropped}
-
-    async def _lora_handles(self, record: ModelRecord) -> dict[str, str]:
-        """LoRA id -> handle of the LoRAs applied to ``record``'s placements (a LoRA gone from the
-        registry is left out: named by its entry's name)."""
-        handles: dict[str, str] = {}
-        for lora_id in {k for p in self.view.of_model(record.id) for k in p.loras}:
-            try:
-                handles[lora_id] = (await self.catalog.get(lora_id)).handle
-            except ModelNotFound:
-                pass
-        return handles
-
-    def check_form(
-        self, record: ModelRecord, device: str | None, opts: LoadOptions, handles: dict[str, str]
-    ) -> None:
-        """LoadedDifferently when ``record`` is loaded, or being loaded, on ``device`` (any device
-        when None) in another form than ``opts`` asks for (forms.py), naming the LoRAs a reload
-        would drop there (``handles``: LoRA id -> handle)."""
-        loras: dict[str, list[dict[str, Any]]] = {}
-        forms = {d: f for (m, d), f in self.pending.items() if m == record.id}
-        loading = set(forms)
-        for p in self.view.of_model(record.id):
-            if p.state is not PlacementState.UNLOADING:
-                forms[p.device] = p.form
-                loras[p.device] = applied_loras(p.loras, handles)
-                if p.state is PlacementState.LOADED:
-                    loading.discard(p.device)
-        for where, form in sorted(forms.items()):
-            differences = opts.differences(form)
-            if differences and device in (None, where):
-                raise loaded_differently(
-                    record, where, form, differences, loading=where in loading, loras=loras.get(where, [])
-                )
+        if settled.reloaded is None:
+            return result
+        return {**result, "reloaded": settled.reloaded, "dropped_loras": settled.dropped}
 
     async def _load(
         self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job, deadline: float
@@ -603,12 +546,3 @@ def renaming(exc: ProtocolError, internal: str, user: str, shown: str) -> Protoc
 
     exc.details = {k: renamed(v) for k, v in exc.details.items()}
     return exc
-
-
-def asked_form(opts: LoadOptions) -> tuple[str | None, str | None, str | int | None]:
-    """The dtype, storage dtype and offload ``opts`` asks for (None: left out), as ``LoadForm`` takes them."""
-    return (
-        None if opts.dtype is None else opts.dtype.value,
-        None if opts.storage_dtype is None else opts.storage_dtype.value,
-        opts.offload,
-    )

@@ -7,31 +7,47 @@ Envelope (one JSON object per line)::
     error     {"success": false, "error": "...", "error_code": "FILE_NOT_FOUND", "request_id": "r-1", "data": {...}}
     event     {"event": "progress", "request_id": "r-1", "data": {...}}
 
-Each command's ``data`` has a request model and a result model below; ``COMMAND_MODELS`` maps a
+Each command's ``data`` has a request model and a result model; ``COMMAND_MODELS`` maps a
 command type to the pair. Unknown fields are refused, so a typo is an error, not a silent default.
+This module holds the envelope, the events and the messages of the status, info, memory and
+model-operation commands; the load and unload messages are in ``load_messages.py``, the LoRA ones in
+``lora_messages.py``, the bases and shared parts in ``message_base.py``. Every message is importable
+from here (``__all__``), so callers need not know which of them defines it.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode
+from modelkeeper.protocol.load_messages import LoadRequest, LoadResult, UnloadRequest, UnloadResult
+from modelkeeper.protocol.lora_messages import (
+    LORA_ROLES,
+    LoadLoraRequest,
+    LoadLoraResult,
+    LoraRole,
+    LoraRoleMatch,
+    SetLoraStrengthRequest,
+    SetLoraStrengthResult,
+    UnloadLoraRequest,
+    UnloadLoraResult,
+)
+from modelkeeper.protocol.message_base import (
+    DeviceInfo,
+    DType,
+    KeyLayout,
+    MemoryInfo,
+    ModelKind,
+    _Held,
+    _Open,
+    _Strict,
+)
 
 PROTOCOL_VERSION = "1.0"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Open(BaseModel):
-    """Results may grow fields; readers ignore what they do not know."""
-
-    model_config = ConfigDict(extra="allow")
 
 
 # ----------------------------------------------------------------------------- envelope
@@ -70,50 +86,6 @@ class Event(_Strict):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- shared parts
-
-
-class ModelKind(StrEnum):
-    """What a worker can hold. ``text_encoder`` is also accepted as ``encoder``."""
-
-    UNET = "unet"
-    TRANSFORMER = "transformer"
-    VAE = "vae"
-    TEXT_ENCODER = "text_encoder"
-    TOKENIZER = "tokenizer"
-    CONTROLNET = "controlnet"
-    LORA = "lora"
-
-
-class KeyLayout(StrEnum):
-    AUTO = "auto"
-    DIFFUSERS = "diffusers"
-    ORIGINAL = "original"  # the LDM / SGM / OpenCLIP layout of single-file checkpoints
-
-
-class DType(StrEnum):
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-    FLOAT8_E4M3FN = "float8_e4m3fn"  # storage only: kept in memory, upcast layer by layer to compute
-    FLOAT8_E5M2 = "float8_e5m2"  # storage only
-
-
-class DeviceInfo(_Open):
-    kind: str = Field(description="cuda or cpu")
-    index: int | None
-    name: str
-
-
-class MemoryInfo(_Open):
-    total_bytes: int
-    free_bytes: int
-    reserve_bytes: int
-    budget_bytes: int = Field(description="What models may use: total minus the reserve, or as configured.")
-    models_bytes: int = Field(description="Bytes of the tensors of the loaded models.")
-    allocated_bytes: int | None = Field(None, description="Allocator view (CUDA); process RSS on CPU.")
-
-
 # ----------------------------------------------------------------------------- hello
 
 
@@ -133,111 +105,6 @@ class HelloResult(_Open):
     transformers_version: str
     capabilities: list[str]
     model_kinds: list[str]
-
-
-# ----------------------------------------------------------------------------- loads
-
-
-class LoadRequest(_Strict):
-    """Data of every load command. ``model.load_model`` needs ``type``; the others imply it."""
-
-    name: str = Field(min_length=1, max_length=500, description="Key under which the model is kept.")
-    path: str = Field(min_length=1, description="A diffusers folder (pipeline or component) or a file.")
-    type: ModelKind | Literal["encoder"] | None = None
-    subfolder: str | None = Field(None, description="Component folder inside a pipeline folder.")
-    variant: str | None = Field(None, description="Weight variant of a diffusers folder, e.g. fp16.")
-    dtype: DType | None = Field(
-        None,
-        description="Compute dtype (float32, float16, bfloat16); default keeps the file's dtype "
-        "(fp8 files: their norms and biases' dtype; quantized GGUF: bfloat16).",
-    )
-    storage_dtype: DType | None = Field(
-        None,
-        description="Dtype the weights are kept in on the device, upcast to the compute dtype layer by "
-        "layer as it runs (float8_e4m3fn, float8_e5m2). Default: the file's own form (fp8 and GGUF "
-        "files stay packed), else the compute dtype.",
-    )
-    layout: KeyLayout = KeyLayout.AUTO
-    config: dict[str, Any] | str | None = Field(
-        None, description="Model config for a single file: a dict or a path to config.json or a folder."
-    )
-    encoder: str | None = Field(None, description="clip_l, clip_g, t5 (a hint; the config decides).")
-    estimated_size_mb: float | None = Field(None, ge=0)
-    allow_evict: bool = Field(False, description="Unload least-recently-used models to make room.")
-    replace: bool = Field(False, description="Unload a model of the same name first.")
-    offload: Literal["none", "auto"] | Annotated[int, Field(strict=True, ge=0)] = Field(
-        "none",
-        description="Partial residency: `none` loads the whole model or refuses it (INSUFFICIENT_MEMORY); "
-        "`auto` keeps resident what fits the device budget and streams the rest of its blocks from host "
-        "memory as the forward pass reaches them; a byte count keeps at most that many bytes of weights "
-        "resident (the parts outside the blocks always are).",
-    )
-    share: str | None = Field(
-        None,
-        description="A token naming the weights and config (the orchestrator gives a part's model and "
-        "content id). A load with one, `offload: none`, shares the module this worker holds under the same "
-        "token, type, dtype and storage_dtype: one module, several names, freed with its last name.",
-    )
-
-    def share_key(self) -> str | None:
-        """What a module loaded by this request is shared by (None: never shared): the token and the
-        form it is loaded in. Two requests with one key load one module."""
-        if self.share is None or self.offload != "none":
-            return None
-        form = [self.type or "", self.dtype or "file", self.storage_dtype or "file"]
-        return "|".join([self.share, *(str(getattr(f, "value", f)) for f in form)])
-
-
-class _Held(_Open):
-    """What a loaded model holds on its device: shared by a load's result and the model's info."""
-
-    resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
-    streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
-    device_bytes: int | None = Field(
-        None,
-        description="What it holds against the device budget: `bytes`, or (offloaded) its resident weights "
-        "and its ring.",
-    )
-    share: str | None = Field(None, description="The key loads share this module by (LoadRequest.share_key).")
-    shared_with: list[str] = Field(
-        default_factory=list,
-        description="Other names of the same module (a shared part): its bytes count once.",
-    )
-
-
-class LoadResult(_Held):
-    name: str
-    type: str
-    class_name: str
-    device: str
-    dtype: str | None
-    bytes: int
-    parameters: int
-    tensors: int
-    load_seconds: float
-    source: dict[str, Any]
-    evicted: list[str] = Field(default_factory=list)
-    memory: MemoryInfo
-    vocab_size: int | None = Field(None, description="Tokenizers only.")
-    storage: str | None = Field(
-        None,
-        description="How the weights are kept when not in the compute dtype: float8_e4m3fn, "
-        "float8_e5m2, scaled_float8_e4m3fn, or the dominant GGUF quant (gguf:Q8_0, ...).",
-    )
-    timings: dict[str, float] = Field(
-        default_factory=dict, description="Seconds per stage: plan, read, convert, assemble, total."
-    )
-
-
-class UnloadRequest(_Strict):
-    name: str = Field(min_length=1)
-
-
-class UnloadResult(_Open):
-    name: str
-    freed_bytes: int
-    memory_before: MemoryInfo
-    memory_after: MemoryInfo
 
 
 # ----------------------------------------------------------------------------- info and status
@@ -329,108 +196,6 @@ class ReleaseSegmentsRequest(_Strict):
 
 class ReleaseSegmentsResult(_Open):
     released: list[str]
-
-
-class LoraRole(StrEnum):
-    """The modules a LoRA may patch, by the role they play in a pipeline: the one table of roles
-    that requests, results, the worker and the orchestrator share. ``unet`` and ``transformer``
-    both name the denoiser (a LoRA file's denoiser keys go to whichever of them is given)."""
-
-    UNET = "unet"
-    TRANSFORMER = "transformer"
-    TEXT_ENCODER = "text_encoder"
-    TEXT_ENCODER_2 = "text_encoder_2"
-    TEXT_ENCODER_3 = "text_encoder_3"
-
-
-LORA_ROLES: tuple[LoraRole, ...] = tuple(LoraRole)
-
-
-class LoadLoraRequest(_Strict):
-    name: str = Field(min_length=1, description="Key of the LoRA.")
-    path: str = Field(min_length=1, description="A LoRA file: kohya, LyCORIS LoHa/LoKr, diffusers or PEFT.")
-    targets: dict[LoraRole, str] = Field(
-        description="Role to loaded model name: unet or transformer, text_encoder, text_encoder_2, text_encoder_3."
-    )
-    strength: float = 1.0
-    role_strength: dict[LoraRole, float] | None = Field(
-        None, description="Strength per role, overriding `strength` for that role's module."
-    )
-    strict: bool = Field(False, description="Refuse a LoRA with any key that matches no layer.")
-    min_match: float = Field(0.5, ge=0, le=1, description="Least share of keys that must match a layer.")
-
-
-class LoraRoleMatch(_Open):
-    layers: int = Field(description="Layers of the file patched into this role's module.")
-    keys: int = Field(description="Keys of the file those layers hold.")
-
-
-class LoadLoraResult(_Open):
-    name: str
-    source: str = Field(description="The file read.")
-    format: str = Field(
-        description="kohya, peft, diffusers-old, loha, lokr or full; a file mixing them joins them with '+'."
-    )
-    strength: float
-    role_strength: dict[LoraRole, float] = Field(description="Per-role overrides of `strength`.")
-    targets: dict[LoraRole, str] = Field(description="Role to the loaded model patched, as requested.")
-    roles: dict[LoraRole, LoraRoleMatch] = Field(description="What matched, per target role.")
-    matched_keys: int
-    unmatched_keys: int = Field(
-        description="Keys that matched no layer, including keys that are no LoRA key."
-    )
-    unmatched: list[str] = Field(description="The first 50 of those keys.")
-    skipped_roles: list[str] = Field(
-        description="Roles the file has keys for but no target was given; `(no prefix)` for keys without one."
-    )
-    params_patched: int = Field(description="Weights this LoRA changes.")
-    factor_bytes: int = Field(description="Bytes of its prepared factors, kept on the device.")
-    backup_bytes: int = Field(
-        description="Bytes of originals backed up for weights no LoRA had patched before."
-    )
-    backup_place: Literal["device", "cpu", "none"] = Field(
-        description="Where those originals are kept: the device, pinned host memory, or none were needed."
-    )
-    unshared: list[str] = Field(
-        default_factory=list,
-        description="Targets whose module was shared (a part of several models) and left sharing to be "
-        "patched: given their own copy when another name still held it.",
-    )
-    read_seconds: float
-    prepare_seconds: float
-    apply_seconds: float
-    seconds: float
-
-
-class SetLoraStrengthRequest(_Strict):
-    name: str = Field(min_length=1)
-    strength: float
-    role_strength: dict[LoraRole, float] | None = Field(
-        None, description="Replaces the per-role overrides; omitted keeps them."
-    )
-
-
-class SetLoraStrengthResult(_Open):
-    name: str
-    strength: float
-    previous: float = Field(description="The strength before this call.")
-    role_strength: dict[LoraRole, float] = Field(description="The per-role overrides now in force.")
-    params_patched: int = Field(description="Weights re-derived from their originals.")
-    seconds: float
-
-
-class UnloadLoraRequest(_Strict):
-    name: str = Field(min_length=1)
-
-
-class UnloadLoraResult(_Open):
-    name: str
-    params_restored: int = Field(
-        description="Weights only this LoRA patched: their originals copied back, bitwise."
-    )
-    params_rederived: int = Field(description="Weights other LoRAs still patch: re-derived without this one.")
-    freed_bytes: int = Field(description="Backups and factors released.")
-    seconds: float
 
 
 ValidationLevel = Literal["header", "weights", "functional"]
@@ -664,3 +429,66 @@ EVENT_MODELS: dict[EventType, type[BaseModel]] = {
     EventType.STATE: StateData,
     EventType.MEMORY_PRESSURE: MemoryInfo,
 }
+
+
+__all__ = [
+    "COMMAND_MODELS",
+    "EVENT_MODELS",
+    "LORA_ROLES",
+    "OPTIMIZE_OPTIONS",
+    "PROTOCOL_VERSION",
+    "AppliedOptimization",
+    "BenchmarkFigure",
+    "BenchmarkModelRequest",
+    "BenchmarkModelResult",
+    "CancelRequest",
+    "CancelResult",
+    "CleanupRequest",
+    "CleanupResult",
+    "DType",
+    "DeviceInfo",
+    "ErrorResponse",
+    "Event",
+    "EventType",
+    "HelloRequest",
+    "HelloResult",
+    "KeyLayout",
+    "LoadLoraRequest",
+    "LoadLoraResult",
+    "LoadRequest",
+    "LoadResult",
+    "LoadedModelInfo",
+    "LoraRole",
+    "LoraRoleMatch",
+    "MemoryInfo",
+    "ModelInfoRequest",
+    "ModelInfoResult",
+    "ModelKind",
+    "OptimizeMemoryRequest",
+    "OptimizeMemoryResult",
+    "OptimizeModelRequest",
+    "OptimizeModelResult",
+    "ProgressData",
+    "ReleaseSegmentsRequest",
+    "ReleaseSegmentsResult",
+    "Request",
+    "Response",
+    "RunningOperation",
+    "SetLoraStrengthRequest",
+    "SetLoraStrengthResult",
+    "ShutdownRequest",
+    "ShutdownResult",
+    "SkippedOptimization",
+    "StateData",
+    "StatusRequest",
+    "StatusResult",
+    "UnloadLoraRequest",
+    "UnloadLoraResult",
+    "UnloadRequest",
+    "UnloadResult",
+    "ValidateModelRequest",
+    "ValidateModelResult",
+    "ValidationCheck",
+    "ValidationLevel",
+    "optimize_option_problem",
+]
