@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 from modelkeeper.client import Client
 from modelkeeper.testing.service import RunningService
@@ -230,6 +230,46 @@ def test_cancel_a_running_job_from_the_page(svc: RunningService, client: Client,
     assert client.job(job["id"])["state"] == "cancelled"
     expect(page.locator(f"{row} button.cancel")).to_be_hidden()
     client.unload(mid)
+    watched.clean()
+
+
+def test_a_late_progress_event_never_revives_a_finished_job(
+    svc: RunningService, client: Client, watched: Watched
+) -> None:
+    """A progress event the worker sent before it saw the cancel can reach the page after the job's
+    end. The event stream is served by the test here, in the service's own format and with a real
+    job's info, so that order is certain: running, cancelled, then a late progress event. The row
+    stays cancelled, and so it does after the page's own listing and the stream's replay."""
+    import json
+
+    real = client.jobs(limit=1)[0]
+    job = {**real, "id": "j-late-progress", "kind": "benchmark", "state": "running", "error": None,
+           "finished_at": None, "progress": {"step": 1, "steps": 10}}  # fmt: skip
+    ended = {**job, "state": "cancelled", "finished_at": job["started_at"] or time.time()}
+    events = [
+        ("hello", {}),
+        ("job.running", {"job": job["id"], "kind": "benchmark", "info": job}),
+        ("job.cancelled", {"job": job["id"], "kind": "benchmark", "info": ended}),
+        ("job.progress", {"job": job["id"], "kind": "benchmark", "progress": {"step": 9, "steps": 10}}),
+    ]
+    body = "".join(f"event: {t}\ndata: {json.dumps(d)}\n\n" for t, d in events)
+    served = []
+
+    def stream(route: Route) -> None:
+        served.append(route.request.url)  # the first answer carries the events; a reconnect only hello
+        text = body if len(served) == 1 else "event: hello\ndata: {}\n\n"
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=text)
+
+    watched.page.route(re.compile(r".*/api/events(\?.*)?$"), stream)
+    page = watched.page
+    page.goto(f"{svc.url}/#/jobs")
+    row = f'tr[data-job="{job["id"]}"]'
+    page.wait_for_selector(f'{row}[data-state="cancelled"]')
+    expect(page.locator(f"{row} .job-progress")).to_have_attribute("data-state", "cancelled")
+    page.wait_for_timeout(800)  # the stream reconnects (500 ms) and the listing refreshes meanwhile
+    assert len(served) >= 2
+    expect(page.locator(row)).to_have_attribute("data-state", "cancelled")
+    expect(page.locator(f"{row} button.cancel")).to_be_hidden()
     watched.clean()
 
 
