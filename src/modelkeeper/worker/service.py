@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from modelkeeper.protocol.messages import (
     DType,
     EventType,
     HelloResult,
-    LoadedModelInfo,
     LoadLoraRequest,
     LoadRequest,
     LoadResult,
@@ -51,7 +49,6 @@ from modelkeeper.worker import assemble, convert, sharing, sources, storage, str
 from modelkeeper.worker.device import DeviceMemory, MiB
 from modelkeeper.worker.errors import (
     AlreadyLoaded,
-    Cancelled,
     InsufficientMemory,
     InvalidRequest,
     WorkerModelNotFound,
@@ -60,9 +57,8 @@ from modelkeeper.worker.errors import (
 from modelkeeper.worker.lora import LoraManager
 from modelkeeper.worker.mapping import TORCH_DTYPES as MAPPED_DTYPES
 from modelkeeper.worker.mapping import MappingTable
+from modelkeeper.worker.records import EventSink, LoadedModel, Operation
 from modelkeeper.worker.warm import wait_for_warm_up
-
-EventSink = Callable[[EventType, str | None, dict[str, Any]], None]
 
 TORCH_DTYPES = {
     DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16,
@@ -92,67 +88,6 @@ def load_dtypes(request: LoadRequest) -> tuple[torch.dtype | None, torch.dtype |
             )
         return stored, None
     return dtype, stored
-
-
-@dataclass
-class Operation:
-    """A running or queued device operation: its id, cancellation flag and progress."""
-
-    request_id: str
-    type: str
-    name: str | None = None
-    started_at: float = field(default_factory=time.time)
-    progress: dict[str, Any] = field(default_factory=dict)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def check(self) -> None:
-        if self.cancelled.is_set():
-            raise Cancelled(f"{self.type} of {self.name!r} was cancelled (request {self.request_id})")
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    kind: ModelKind
-    class_name: str
-    module: Any  # torch.nn.Module, or a tokenizer
-    device: str
-    dtype: str | None
-    nbytes: int
-    parameters: int
-    tensors: int
-    load_seconds: float
-    source: dict[str, Any]
-    loaded_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.time)
-    #: The module's skeleton (expected shapes, owners) and its config: given back to the pool at
-    #: unload, so the next load of the same architecture builds nothing.
-    skeleton: assemble.Skeleton | None = None
-    config: dict[str, Any] | None = None
-    #: Partial residency (``offload``): the streamer that keeps part of the weights on the host.
-    streamer: streaming.Streamer | None = None
-    #: The key other loads share this module by (:mod:`.sharing`); None once a LoRA or an
-    #: optimisation changed it, and for a module never shared.
-    share: str | None = None
-    #: The request it was loaded by: what a copy of a shared module is loaded again from.
-    request: LoadRequest | None = None
-
-    @property
-    def device_bytes(self) -> int:
-        """What the model holds against the budget: all its bytes, or (offloaded) its resident
-        weights and its ring."""
-        return self.nbytes if self.streamer is None else self.streamer.device_bytes
-
-    def info(self) -> LoadedModelInfo:
-        stream = self.streamer
-        return LoadedModelInfo(
-            name=self.name, type=self.kind.value, class_name=self.class_name, device=self.device,
-            dtype=self.dtype, bytes=self.nbytes, parameters=self.parameters, tensors=self.tensors,
-            load_seconds=round(self.load_seconds, 6), loaded_at=self.loaded_at, last_used=self.last_used,
-            source=self.source, resident_bytes=self.nbytes if stream is None else stream.resident_bytes,
-            streamed_bytes=0 if stream is None else stream.streamed_bytes, device_bytes=self.device_bytes,
-            streaming=None if stream is None else stream.describe(), share=self.share,
-        )  # fmt: skip
 
 
 class ModelService:

@@ -19,7 +19,7 @@ import torch
 
 
 class Held(Protocol):
-    """What these functions read of a loaded model (``service.LoadedModel``)."""
+    """What these functions read of a loaded model (``records.LoadedModel``)."""
 
     name: str
     module: Any
