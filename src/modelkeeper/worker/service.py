@@ -10,7 +10,6 @@ placements load in one form is one module under several names, counted and freed
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import sys
 import threading
@@ -24,7 +23,6 @@ import torch
 
 from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound
 from modelkeeper.protocol.commands import CommandType
-from modelkeeper.protocol.errors import ProtocolError
 from modelkeeper.protocol.messages import (
     PROTOCOL_VERSION,
     BenchmarkModelRequest,
@@ -102,10 +100,11 @@ class ModelService:
     ) -> None:
         self.memory = memory
         self.device = memory.device
-        self._emit = emit or (lambda event, rid, data: None)
+        self.emit: EventSink = emit or (lambda event, rid, data: None)
         self._throttle = throttle_mb_s * MiB if throttle_mb_s else None
-        self._models: dict[str, LoadedModel] = {}
-        self._lock = threading.Lock()
+        #: name -> loaded model, read and changed under ``lock`` (queries come from other threads)
+        self.models: dict[str, LoadedModel] = {}
+        self.lock = threading.Lock()
         self.mappings = MappingTable(
             read_only=self.device.type == "cuda", device_index=self.device.index or 0
         )
@@ -119,15 +118,15 @@ class ModelService:
 
     def models_bytes(self) -> int:
         """Bytes the loaded models hold on the device, a module shared by several names once."""
-        with self._lock:
-            return sharing.unique_bytes(self._models.values())
+        with self.lock:
+            return sharing.unique_bytes(self.models.values())
 
     def memory_info(self) -> MemoryInfo:
         return self.memory.snapshot(self.models_bytes())
 
     def model_count(self) -> int:
-        with self._lock:
-            return len(self._models)
+        with self.lock:
+            return len(self.models)
 
     def hello(self) -> HelloResult:
         from modelkeeper import __version__
@@ -146,40 +145,40 @@ class ModelService:
         )
 
     def model_info(self, name: str | None = None) -> ModelInfoResult:
-        with self._lock:
-            if name is not None and name not in self._models:
+        with self.lock:
+            if name is not None and name not in self.models:
                 raise WorkerModelNotFound(
                     f"data.name: no model named {name!r} is loaded (loaded: {self._names()})"
                 )
-            models = [m.info() for m in self._models.values() if name is None or m.name == name]
+            models = [m.info() for m in self.models.values() if name is None or m.name == name]
             for info in models:
-                info.shared_with = sharing.others(self._models, info.name)
+                info.shared_with = sharing.others(self.models, info.name)
         return ModelInfoResult(models=models, model_count=len(models), memory=self.memory_info())
 
     def get(self, name: str) -> LoadedModel:
         """The loaded model (for in-process callers that want the live module)."""
-        with self._lock:
-            model = self._models.get(name)
+        with self.lock:
+            model = self.models.get(name)
             if model is None:
                 raise WorkerModelNotFound(f"no model named {name!r} is loaded (loaded: {self._names()})")
             model.last_used = time.time()
             return model
 
     def _names(self) -> str:
-        return ", ".join(sorted(self._models)) or "none"
+        return ", ".join(sorted(self.models)) or "none"
 
     # ------------------------------------------------------------------ device work (one thread)
 
     def load(self, request: LoadRequest, kind: ModelKind, op: Operation) -> LoadResult:
         wait_for_warm_up()
         started = time.perf_counter()
-        with self._lock:
-            exists = request.name in self._models
+        with self.lock:
+            exists = request.name in self.models
         if exists and not request.replace:
             raise AlreadyLoaded(
                 f"data.name: a model named {request.name!r} is already loaded (pass replace: true)"
             )
-        joined = self._join(request, kind, op, started)
+        joined = sharing.join(self, request, kind, op, started)
         if joined is not None:
             return joined
         source = sources.resolve(request, kind)
@@ -215,9 +214,9 @@ class ModelService:
             )
         else:
             required = sum(e.nbytes_as(dtype) for e in entries)
-        with self._lock:
-            old = self._models.get(request.name) if exists else None
-            shared = old is not None and bool(sharing.others(self._models, request.name))
+        with self.lock:
+            old = self.models.get(request.name) if exists else None
+            shared = old is not None and bool(sharing.others(self.models, request.name))
             replaced_bytes = old.nbytes if old is not None and not shared else 0
             del old  # the old model stays loaded until the new one is built (an atomic replace)
         # offload: None loads the whole model here; a number streams what does not fit it (host first)
@@ -230,7 +229,7 @@ class ModelService:
         target = self.device if offload is None else torch.device("cpu")
 
         op.name = request.name
-        self._emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loading"})
+        self.emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loading"})
         timings = {"plan": time.perf_counter() - started}
         skeleton = self.skeletons.take(class_name, source.config, path=str(source.path))
         stages: dict[str, float] = {}
@@ -282,7 +281,7 @@ class ModelService:
             stream = None if offload is None else self._stream(module, class_name, offload, source, request)
         except BaseException as exc:
             _settle(settle)
-            self._emit(
+            self.emit(
                 EventType.STATE,
                 op.request_id,
                 {
@@ -294,7 +293,7 @@ class ModelService:
             )
             raise
         if exists:
-            self._drop(request.name)
+            self.drop(request.name)
         self._wanted_skeletons.append((class_name, source.config))
         nbytes, params, count, dtype_name = assemble.module_stats(module)
         form = stored.form if stored is not None else None
@@ -312,9 +311,9 @@ class ModelService:
             time.perf_counter() - started, source_info, skeleton=skel, config=source.config,
             streamer=stream, share=request.share_key() if stream is None else None, request=request,
         )  # fmt: skip
-        with self._lock:
-            self._models[request.name] = loaded
-        self._emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loaded"})
+        with self.lock:
+            self.models[request.name] = loaded
+        self.emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loaded"})
         self._check_pressure(op.request_id)
         return LoadResult(
             name=request.name, type=kind.value, class_name=class_name, device=str(self.device), dtype=dtype_name,
@@ -324,68 +323,6 @@ class ModelService:
             resident_bytes=loaded.info().resident_bytes, streamed_bytes=loaded.info().streamed_bytes,
             device_bytes=loaded.device_bytes, share=loaded.share,
         )  # fmt: skip
-
-    def _join(
-        self, request: LoadRequest, kind: ModelKind, op: Operation, started: float
-    ) -> LoadResult | None:
-        """``request`` loaded as one more name of the module held under its share key, if one is
-        (:mod:`.sharing`): nothing is read or allocated. None when it must be loaded."""
-        key = request.share_key()
-        if key is None:
-            return None
-        with self._lock:
-            base = sharing.holder(self._models, key, besides=request.name)
-        if base is None:
-            return None
-        self._drop(request.name)  # a replaced model goes first (AlreadyLoaded was checked)
-        now = time.time()
-        joined = dataclasses.replace(
-            base, name=request.name, kind=kind, load_seconds=time.perf_counter() - started, loaded_at=now,
-            last_used=now, request=request,
-        )  # fmt: skip
-        with self._lock:
-            self._models[request.name] = joined
-            shared_with = sharing.others(self._models, request.name)
-        self._emit(EventType.STATE, op.request_id, {"name": request.name, "state": "loaded"})
-        info = joined.info()
-        return LoadResult(
-            name=request.name, type=kind.value, class_name=joined.class_name, device=joined.device,
-            dtype=joined.dtype, bytes=joined.nbytes, parameters=joined.parameters, tensors=joined.tensors,
-            load_seconds=round(joined.load_seconds, 6), source=joined.source, memory=self.memory_info(),
-            timings={"total": round(joined.load_seconds, 6)}, storage=joined.source.get("storage"),
-            resident_bytes=info.resident_bytes, streamed_bytes=info.streamed_bytes, device_bytes=info.device_bytes,
-            share=key,
-            shared_with=shared_with,
-        )  # fmt: skip
-
-    def own_copy(self, name: str, op: Operation, why: str) -> bool:
-        """Take ``name`` out of sharing before ``why`` changes its module: a module other names
-        still hold is loaded again for ``name`` alone (from the request it was loaded by), so the
-        change reaches no other name; a module no other name holds just stops being shared. True
-        when ``name`` was shared (its module may be a new one now: fetch it again)."""
-        with self._lock:
-            model = self._models.get(name)
-            if model is None or model.share is None:
-                return False
-            others = sharing.others(self._models, name)
-            if not others:
-                model.share = None
-                return True
-        assert model.request is not None
-        request = model.request.model_copy(update={"share": None, "replace": True})
-        try:
-            self.load(request, model.kind, op)
-        except ProtocolError as exc:
-            exc.message = (
-                f"{name!r} shares its module with {', '.join(others)}: giving it its own copy before {why} "
-                f"failed: {exc.message}"
-            )
-            exc.args = (exc.message, *exc.args[1:])
-            raise
-        copy, shared = self.get(name).module, self.get(others[0]).module
-        if isinstance(copy, torch.nn.Module) and isinstance(shared, torch.nn.Module):
-            sharing.own_storage(copy, shared)  # on the CPU both may be views of one mapped segment
-        return True
 
     @staticmethod
     def _cast_sources(
@@ -431,9 +368,9 @@ class ModelService:
             request.name, ModelKind.TOKENIZER, class_name, tokenizer, "cpu", None, 0, 0, 0,
             time.perf_counter() - started, info,
         )  # fmt: skip
-        self._drop(request.name)  # a replaced model (or tokenizer) goes properly: LoRAs detached, events sent
-        with self._lock:
-            self._models[request.name] = loaded
+        self.drop(request.name)  # a replaced model (or tokenizer) goes properly: LoRAs detached, events sent
+        with self.lock:
+            self.models[request.name] = loaded
         return LoadResult(
             name=request.name, type="tokenizer", class_name=class_name, device="cpu", dtype=None, bytes=0,
             parameters=0, tensors=0, load_seconds=round(loaded.load_seconds, 6), source=info,
@@ -442,7 +379,7 @@ class ModelService:
 
     def _progress(self, op: Operation, stage: str, done: int, total: int) -> None:
         op.progress = {"stage": stage, "done": done, "total": total, "unit": "bytes"}
-        self._emit(EventType.PROGRESS, op.request_id, op.progress)
+        self.emit(EventType.PROGRESS, op.request_id, op.progress)
 
     def _free_budget(self, freeing: int) -> int:
         """Bytes a new model may take now: the budget's free part (``freeing``: bytes of a model it
@@ -487,8 +424,8 @@ class ModelService:
         free_budget = self._free_budget(freeing)
         if required <= free_budget:
             return []
-        with self._lock:
-            models = dict(self._models)
+        with self.lock:
+            models = dict(self.models)
         lru = sorted(
             (m for m in models.values() if m.name != exclude and m.device_bytes > 0),
             key=lambda m: m.last_used,
@@ -515,15 +452,15 @@ class ModelService:
                 budget_bytes=mem.budget_bytes,
             )
         for name in plan:
-            self._drop(name)
-            self._emit(EventType.STATE, None, {"name": name, "state": "unloaded", "reason": "evicted"})
+            self.drop(name)
+            self.emit(EventType.STATE, None, {"name": name, "state": "unloaded", "reason": "evicted"})
         return plan
 
-    def _drop(self, name: str) -> int:
+    def drop(self, name: str) -> int:
         """Unload ``name``; the bytes freed (none while another name shares its module)."""
-        with self._lock:
-            model = self._models.pop(name, None)
-            kept = model is not None and any(m.module is model.module for m in self._models.values())
+        with self.lock:
+            model = self.models.pop(name, None)
+            kept = model is not None and any(m.module is model.module for m in self.models.values())
         if model is None:
             return 0
         if kept:  # a shared part: the module stays for its other names
@@ -534,7 +471,7 @@ class ModelService:
         if isinstance(model.module, torch.nn.Module):
             patched = self.loras.detach(model.module)
             for lora in patched:
-                self._emit(
+                self.emit(
                     EventType.STATE, None, {"name": lora, "state": "unloaded", "reason": f"{name} unloaded"}
                 )
         optimized = bool(self._undo.pop(name, None))
@@ -567,26 +504,26 @@ class ModelService:
         worker) stays registered in the process: a later mapping at those addresses fails
         ``cudaHostRegister`` and copies from it fail ("already mapped"), which an in-process worker
         followed by another, or by diffusers, in one process meets."""
-        with self._lock:
-            names = list(self._models)
+        with self.lock:
+            names = list(self.models)
         for name in names:
-            self._drop(name)
+            self.drop(name)
         gc.collect()
         self.mappings.release()
         self.memory.release_caches()
 
     def unload(self, name: str, op: Operation) -> UnloadResult:
         before = self.memory_info()
-        with self._lock:
-            known = name in self._models
+        with self.lock:
+            known = name in self.models
         if not known:
             raise WorkerNotLoaded(f"data.name: no model named {name!r} is loaded (loaded: {self._names()})")
-        self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloading"})
-        freed = self._drop(name)
+        self.emit(EventType.STATE, op.request_id, {"name": name, "state": "unloading"})
+        freed = self.drop(name)
         # Hand the freed blocks back to the device: kept in the allocator's cache they stay used for
         # every other process on the GPU (an eviction inside a load keeps them: that load reuses them).
         self.memory.release_caches()
-        self._emit(EventType.STATE, op.request_id, {"name": name, "state": "unloaded"})
+        self.emit(EventType.STATE, op.request_id, {"name": name, "state": "unloaded"})
         return UnloadResult(
             name=name, freed_bytes=freed, memory_before=before, memory_after=self.memory_info()
         )
@@ -597,18 +534,18 @@ class ModelService:
         freed = 0
         target = int(request.target_free_mb * MiB) if request.target_free_mb is not None else None
         if target is not None:
-            with self._lock:
+            with self.lock:
                 lru = sorted(
-                    (m for m in self._models.values() if m.name not in request.keep),
+                    (m for m in self.models.values() if m.name not in request.keep),
                     key=lambda m: m.last_used,
                 )
             for model in lru:
                 if self._budget_free() >= target:
                     break
                 op.check()
-                freed += self._drop(model.name)
+                freed += self.drop(model.name)
                 unloaded.append(model.name)
-                self._emit(
+                self.emit(
                     EventType.STATE,
                     op.request_id,
                     {"name": model.name, "state": "unloaded", "reason": "optimize_memory"},
@@ -626,12 +563,12 @@ class ModelService:
         return mem.budget_bytes - mem.models_bytes
 
     def cleanup(self, op: Operation) -> CleanupResult:
-        with self._lock:
-            names = list(self._models)
+        with self.lock:
+            names = list(self.models)
         freed = 0
         for name in names:
-            freed += self._drop(name)
-            self._emit(
+            freed += self.drop(name)
+            self.emit(
                 EventType.STATE, op.request_id, {"name": name, "state": "unloaded", "reason": "cleanup"}
             )
         gc.collect()
@@ -653,8 +590,8 @@ class ModelService:
 
     def module(self, name: str, field: str = "data.name") -> torch.nn.Module:
         """The live ``torch.nn.Module`` loaded as ``name`` (tokenizers are not modules)."""
-        with self._lock:
-            model = self._models.get(name)
+        with self.lock:
+            model = self.models.get(name)
             if model is None:
                 raise WorkerNotLoaded(f"{field}: no model named {name!r} is loaded (loaded: {self._names()})")
             model.last_used = time.time()
@@ -667,7 +604,7 @@ class ModelService:
     def load_lora(self, req: LoadLoraRequest, op: Operation) -> dict[str, Any]:
         """Patch the targets with a LoRA. A target whose module is shared with other names (a part
         of several placements) gets its own copy first, and only when the LoRA patches it (copy on
-        write, :meth:`own_copy`): the other names keep the weights they loaded."""
+        write, :func:`.sharing.own_copy`): the other names keep the weights they loaded."""
         names = {role.value: model for role, model in req.targets.items()}
         targets = {role: self.module(name, f"data.targets.{role}") for role, name in names.items()}
         role_strength = {role.value: value for role, value in (req.role_strength or {}).items()}
@@ -677,7 +614,7 @@ class ModelService:
             swapped: dict[str, torch.nn.Module] = {}
             for role in sorted(roles):
                 name = names[role]
-                if name not in unshared and self.own_copy(name, op, f"LoRA {req.name!r} patches it"):
+                if name not in unshared and sharing.own_copy(self, name, op, f"LoRA {req.name!r} patches it"):
                     unshared.append(name)
                 module = self.module(name)
                 if module is not targets[role]:
@@ -707,7 +644,7 @@ class ModelService:
     def optimize_model(self, req: OptimizeModelRequest, op: Operation) -> dict[str, Any]:
         from modelkeeper.worker.optimize import optimize, revert
 
-        left = not req.revert and self.own_copy(req.name, op, "an optimisation changes it")
+        left = not req.revert and sharing.own_copy(self, req.name, op, "an optimisation changes it")
         module = self.module(req.name)
         if self.get(req.name).streamer is not None:
             raise InvalidRequest(
@@ -722,8 +659,8 @@ class ModelService:
             report = optimize(module, req.options, measure=req.measure)
             self._undo.setdefault(req.name, []).append(report.undo)
             result = report.as_dict() | {"unshared": [req.name] if left else []}
-        with self._lock:
-            model = self._models[req.name]
+        with self.lock:
+            model = self.models[req.name]
             model.nbytes, model.parameters, model.tensors, model.dtype = assemble.module_stats(module)
         return result | {"name": req.name, "bytes_before": before, "bytes_after": model.nbytes}
 
@@ -750,7 +687,7 @@ class ModelService:
     def _check_pressure(self, request_id: str | None) -> None:
         mem = self.memory_info()
         if mem.budget_bytes and mem.models_bytes > 0.9 * mem.budget_bytes:
-            self._emit(EventType.MEMORY_PRESSURE, request_id, mem.model_dump(mode="json"))
+            self.emit(EventType.MEMORY_PRESSURE, request_id, mem.model_dump(mode="json"))
 
 
 LOADABLE_KINDS = (
