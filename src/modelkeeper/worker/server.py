@@ -42,7 +42,8 @@ from modelkeeper.protocol.messages import (
     StatusResult,
 )
 from modelkeeper.worker.errors import Busy, Cancelled, InsufficientMemory, InvalidRequest
-from modelkeeper.worker.service import CAPABILITIES, ModelService, Operation
+from modelkeeper.worker.records import Operation
+from modelkeeper.worker.service import CAPABILITIES, ModelService
 from modelkeeper.worker.sources import normalise_kind
 
 log = logging.getLogger("modelkeeper.worker")
