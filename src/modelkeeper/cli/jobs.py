@@ -29,6 +29,9 @@ def jobs_list(
     if as_json:
         print_json(data)
         return
+    if not data:  # one line, as the other empty listings: no table of headers only
+        typer.echo(f"no {state} jobs" if state else "no jobs")
+        return
     table = Table(title="jobs")
     for col in ("id", "kind", "state", "params", "seconds", "error"):
         table.add_column(col)

@@ -1,0 +1,37 @@
+"""The client commands against a live service (in-process uvicorn, a real CPU worker subprocess, a
+registry of a few demo models), as a new user meets them: in an 80-column terminal, with ``--json``,
+and with listings that come back empty."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from modelkeeper.cli.app import app
+from modelkeeper.testing import write_demo_models
+from modelkeeper.testing.service import RunningService
+from tests.conftest import scanned_service
+
+runner = CliRunner()
+#: Two models of one name (``tiny-sdxl@diffusers``, ``tiny-sdxl@checkpoints``), one of another.
+DEMO = ["sdxl-pipeline", "sdxl-checkpoint", "sd15-checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    root = tmp_path_factory.mktemp("cli-models")
+    write_demo_models(root, only=DEMO)
+    with scanned_service(tmp_path_factory.mktemp("cli-service"), model_roots=[root]) as running:
+        yield running
+
+
+def cli(svc: RunningService, *args: str, columns: int = 80) -> Result:
+    return runner.invoke(app, list(args), env={"MODELKEEPER_URL": svc.url, "COLUMNS": str(columns)})
+
+
+def test_an_empty_job_listing_is_one_line(svc: RunningService) -> None:
+    result = cli(svc, "jobs", "--state", "failed")
+    assert result.exit_code == 0 and result.output == "no failed jobs\n", result.output
+    assert "scan" in cli(svc, "jobs", "--state", "succeeded").output  # the first scan's job: a table
