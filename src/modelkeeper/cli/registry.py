@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelkeeper.cli.common import DbOption, JsonOption, count, fail, human_size, open_registry
-from modelkeeper.cli.listing import ls_lines
+from modelkeeper.cli.listing import COLUMNS, COLUMNS_WITH_STATUS, Row, ls_lines
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
@@ -89,18 +89,20 @@ def ls(
         return
     paths = [m.path for m in page.items if m.path]
     common = os.path.commonpath(paths) if len(paths) > 1 else ""
-    rows = []
+    columns = COLUMNS if status == "ok" else COLUMNS_WITH_STATUS  # missing files: say which they are
+    rows: list[Row] = []
     for m in page.items:
         path = os.path.relpath(m.path, common) if m.path and common else (m.path or "-")
         path += f" (+{m.locations - 1})" if m.locations > 1 else ""
-        rows.append((m.handle, m.type, m.base, _size(m.size), path))
+        said = (m.status,) if status != "ok" else ()
+        rows.append((m.handle, m.type, m.base, _size(m.size), *said, path))
     if not page.items and offset and page.total:
         typer.echo(f"no models at offset {offset} ({page.total} in all)")
         return
     title = count(page.total, "model")
     if page.total > len(page.items):
         title += f" (showing {offset + 1}-{offset + len(page.items)})"
-    for line in ls_lines(title, common, rows, Console().width):
+    for line in ls_lines(title, common, rows, Console().width, columns):
         typer.echo(line)
 
 
