@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from modelkeeper.cli.app import app
+from modelkeeper.client import Client
 from modelkeeper.testing import write_demo_models
 from modelkeeper.testing.service import RunningService
 from tests.conftest import scanned_service
@@ -35,3 +36,18 @@ def test_an_empty_job_listing_is_one_line(svc: RunningService) -> None:
     result = cli(svc, "jobs", "--state", "failed")
     assert result.exit_code == 0 and result.output == "no failed jobs\n", result.output
     assert "scan" in cli(svc, "jobs", "--state", "succeeded").output  # the first scan's job: a table
+
+
+def test_cache_drop_takes_a_prefix_the_service_resolves(svc: RunningService) -> None:
+    assert cli(svc, "cache", "add", "tiny-sd15").exit_code == 0
+    with Client(svc.url) as c:
+        cid = next(s["component_id"] for s in c.cache()["segments"])
+    dropped = cli(svc, "cache", "drop", cid[:9])
+    assert dropped.exit_code == 0 and dropped.output.startswith(f"dropped {cid[:12]}: "), dropped.output
+    unknown = cli(svc, "cache", "drop", cid[:9])
+    assert (
+        unknown.exit_code == 1 and f"NOT_FOUND (HTTP 404): no cached component '{cid[:9]}'" in unknown.output
+    )
+    short = cli(svc, "cache", "drop", "4f85")
+    assert short.exit_code == 1 and "at least 8 digits" in short.output, short.output
+    assert cli(svc, "cache", "clear").exit_code == 0

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modelkeeper.cache import MIN_PREFIX
 from modelkeeper.cli.common import count
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
@@ -80,9 +81,8 @@ def cache_add(
         Console().print(f"[green]cached[/green] {s['component']} as {s['component_id']} ({size(s['bytes'])})")
 
 
-#: How many characters of a component id the table shows, and the shortest prefix ``drop`` takes.
+#: How many characters of a component id the table shows (``drop`` takes ``MIN_PREFIX`` or more).
 SHORT_ID = 12
-MIN_PREFIX = 8
 
 
 def short_id(component_id: str) -> str:
@@ -90,31 +90,6 @@ def short_id(component_id: str) -> str:
     scheme kept), enough to tell segments apart and what ``cache drop`` takes."""
     scheme, sep, digest = component_id.rpartition(":")
     return f"{scheme}{sep}{digest[:SHORT_ID]}"
-
-
-def resolve_segment(prefix: str, segments: list[dict[str, Any]]) -> str:
-    """The one cached segment whose id starts with ``prefix`` (at least ``MIN_PREFIX`` digits,
-    with or without its ``b3:``-like scheme), or a ``ValueError`` saying why none is."""
-    ids = [str(s["component_id"]) for s in segments]
-    if prefix in ids:
-        return prefix
-    wanted = prefix.rpartition(":")[2].lower()
-    if len(wanted) < MIN_PREFIX:
-        raise ValueError(
-            f"{prefix!r}: give at least {MIN_PREFIX} digits of the component id (see modelkeeper cache)"
-        )
-    found = [
-        i
-        for i in ids
-        if i.lower().startswith(prefix.lower()) or i.rpartition(":")[2].lower().startswith(wanted)
-    ]
-    if not found:
-        raise ValueError(f"no cached segment matches {prefix!r} (see modelkeeper cache)")
-    if len(found) > 1:
-        raise ValueError(
-            f"{prefix!r} matches {len(found)} cached segments: {', '.join(found)}; give more digits"
-        )
-    return found[0]
 
 
 @cache_app.command("drop")
@@ -132,12 +107,8 @@ def cache_drop(
 ) -> None:
     """Drop one segment from the RAM cache (loaded models keep their weights)."""
 
-    def run(c: Client) -> tuple[str, dict[str, Any]]:
-        full = resolve_segment(component_id, c.cache()["segments"])
-        return full, c.cache_drop(full, force=force)
-
-    full, data = call(url, token, run)
-    Console().print(f"dropped {short_id(full)}: {size(data['freed_bytes'])} freed")
+    data = call(url, token, lambda c: c.cache_drop(component_id, force=force))  # the service resolves it
+    Console().print(f"dropped {short_id(data['component_id'])}: {size(data['freed_bytes'])} freed")
 
 
 @cache_app.command("clear")

@@ -130,8 +130,9 @@ def _api_error(exc: ApiError) -> list[str]:
         lines.append("pass the service's token with --token, or set MODELKEEPER_TOKEN")
     if exc.error_code == "ALREADY_LOADED":
         lines.append("to load it again in the form asked: modelkeeper load ... --reload")
-    if exc.details.get("matches"):
-        lines.append("matches: " + ", ".join(map(str, exc.details["matches"])))
+    matches = [str(m) for m in exc.details.get("matches") or []]
+    if matches and not all(m in exc.message for m in matches):  # not said twice
+        lines.append("matches: " + ", ".join(matches))
     if exc.details.get("suggestions"):
         lines.append("did you mean " + " or ".join(exc.details["suggestions"]) + "?")
     ref = exc.details.get("ref")
