@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from modelkeeper.cli.common import count
+from modelkeeper.cli.common import count, json_option
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
     MODEL_HELP,
@@ -202,7 +202,7 @@ def load(
     ] = False,
     detach: Annotated[bool, typer.Option(help="Print the job and return at once.")] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the load's result as JSON (with --detach: the job).")
+        bool, json_option("Print the load's result as JSON (with --detach: the job).")
     ] = False,
     url: UrlOption = None,
     token: TokenOption = None,
