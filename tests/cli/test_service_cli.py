@@ -82,3 +82,44 @@ def test_with_json_every_error_is_one_json_object(svc: RunningService, tmp_path:
     # without --json: the words on stderr, nothing on stdout
     said = cli(svc, "load", "no-such-model")
     assert said.exit_code == 1 and not said.stdout and "MODEL_NOT_FOUND" in said.stderr, said.output
+
+
+def _whole(result: Result, *values: str) -> None:
+    """Each of ``values`` on one line of ``result``'s output, whose tables are at most 80 wide
+    and cut nowhere (a line of text beside them may be longer: the terminal wraps it, cutting nothing)."""
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "…" not in result.stdout, result.stdout
+    assert max(len(line) for line in lines if line[:1] in "┏┃┡│└─ ") <= 80, result.stdout
+    for value in values:
+        assert any(value in line for line in lines), f"{value!r} split or cut:\n{result.stdout}"
+
+
+def test_at_80_columns_nothing_a_user_types_is_cut(svc: RunningService) -> None:
+    """The handles of the loaded models (status), of the cached ones and the ids ``cache drop``
+    takes (cache), the ids of jobs, a model's component names and content ids (show)."""
+    for model in ("tiny-sdxl@diffusers", "tiny-sdxl@checkpoints"):
+        assert cli(svc, "load", model).exit_code == 0
+    try:
+        _whole(cli(svc, "status"), "tiny-sdxl@diffusers", "tiny-sdxl@checkpoints")
+        assert cli(svc, "cache", "add", "tiny-sd15").exit_code == 0
+        with Client(svc.url) as c:
+            segments = c.cache()["segments"]
+            jobs = [j["id"] for j in c.jobs()]
+        ids = [s["component_id"].rpartition(":")[2][:12] for s in segments]
+        _whole(cli(svc, "cache"), *ids, "tiny-sdxl@diffusers", "tiny-sdxl@checkpoints", "tiny-sd15")
+        _whole(cli(svc, "jobs"), *jobs)
+    finally:
+        for model in ("tiny-sdxl@diffusers", "tiny-sdxl@checkpoints"):
+            assert cli(svc, "unload", model).exit_code == 0
+    db = str(svc.service.settings.db)
+    shown = cli(svc, "show", "tiny-sdxl@diffusers", "--db", db)
+    names = ["text_encoder", "text_encoder_2", "unet", "vae", "clip_l", "clip_g"]
+    content = [
+        c["content_id"][:16]
+        for c in json.loads(cli(svc, "show", "tiny-sdxl@diffusers", "--db", db, "--json").stdout)[
+            "components"
+        ]
+    ]
+    _whole(shown, "tiny-sdxl@diffusers", *names, *content)
+    _whole(cli(svc, "ls", "--status", "all", "--db", db), "tiny-sdxl@diffusers", "tiny-sdxl@checkpoints")

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from modelkeeper.cache import MIN_PREFIX
 from modelkeeper.cli.common import count
@@ -22,10 +21,21 @@ from modelkeeper.cli.remote import (
     print_json,
     size,
 )
+from modelkeeper.cli.tables import Column, print_table
 from modelkeeper.client import Client
 
 cache_app = typer.Typer(
     help="The RAM cache of a running service.", no_args_is_help=False, invoke_without_command=True
+)
+
+
+#: The id ``cache drop`` takes and the handles of the models: never cut.
+SEGMENT_COLUMNS = (
+    Column("component", whole=True),
+    Column("size"),
+    Column("hits"),
+    Column("models", whole=True),
+    Column("pinned"),
 )
 
 
@@ -49,20 +59,20 @@ def cache_list(
         print_json(data)
         return
     st = data["stats"]
-    table = Table(
-        title=f"RAM cache: {size(st['bytes_used'])} of {size(st['budget_bytes'])}, hit rate {st['hit_rate']:.0%}"
+    title = (
+        f"RAM cache: {size(st['bytes_used'])} of {size(st['budget_bytes'])}, hit rate {st['hit_rate']:.0%}"
     )
-    for col in ("component", "size", "hits", "models", "pinned"):
-        table.add_column(col)
-    for s in data["segments"]:
-        table.add_row(
+    rows = [
+        [
             short_id(s["component_id"]),
             size(s["bytes"]),
             str(s["hits"]),
             ", ".join(handles.get(m, m) for m in s["models"]),  # what to type, not the id
             str(s["pinned"]),
-        )
-    Console().print(table)
+        ]
+        for s in data["segments"]
+    ]
+    print_table(Console(), title, SEGMENT_COLUMNS, rows)
 
 
 @cache_app.command("add")
