@@ -79,7 +79,13 @@ def test_with_json_every_error_is_one_json_object(svc: RunningService, tmp_path:
     down = _json_error(runner.invoke(app, ["status", "--json", "--url", "http://127.0.0.1:9"]))
     assert (down["error_code"], down["details"]) == ("UNREACHABLE", {"url": "http://127.0.0.1:9"})
     assert down["error"].startswith("cannot reach the service at http://127.0.0.1:9"), down
-    # without --json: the words on stderr, nothing on stdout
+    # a bad value of another option, before or after --json: no usage text, the same JSON (exit 2)
+    for args in (["--offload", "lots", "--json"], ["--json", "--offload", "lots"]):
+        offload = _json_error(cli(svc, "load", "tiny-sd15", *args), exit_code=2)
+        assert "expected none, auto or a size like 4GB" in offload["error"], offload
+        assert offload["details"] == {"param": "offload"}, offload
+    assert _json_error(cli(svc, "ls", "--limit", "0", "--db", db, "--json"), exit_code=2)["details"]
+    # without --json (the run before had it): the words on stderr, nothing on stdout
     said = cli(svc, "load", "no-such-model")
     assert said.exit_code == 1 and not said.stdout and "MODEL_NOT_FOUND" in said.stderr, said.output
 

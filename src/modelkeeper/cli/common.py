@@ -32,14 +32,22 @@ _JSON_MODE: ContextVar[bool] = ContextVar("modelkeeper_json_mode", default=False
 def _json_mode(ctx: typer.Context, value: bool) -> bool:
     if value:
         token = _JSON_MODE.set(True)
-        ctx.call_on_close(lambda: _JSON_MODE.reset(token))  # the next command (a test's) starts without
+        # until the outermost command ends (its context closes even when this one fails to parse):
+        # the next command run in this process (a test's) starts without
+        ctx.find_root().call_on_close(lambda: _JSON_MODE.reset(token))
     return value
 
 
 def json_option(help: str) -> Any:
     """A command's ``--json`` option: besides what the command prints with it, its errors become
-    JSON (:func:`error_exit`); every command that has one takes it from here."""
-    return typer.Option("--json", help=help, callback=_json_mode)
+    JSON (:func:`error_exit`), a bad value of another option too (read first: eager); every
+    command that has one takes it from here."""
+    return typer.Option("--json", help=help, callback=_json_mode, is_eager=True)
+
+
+def json_requested() -> bool:
+    """Whether the command being run was given ``--json``."""
+    return _JSON_MODE.get()
 
 
 JsonOption = Annotated[bool, json_option("Print JSON instead of a table.")]
@@ -57,7 +65,7 @@ def error_exit(
     ``error_code``, ``details``) as one JSON object on stdout, so that a script parses every
     outcome; else on stderr ``error`` and ``text``'s first line (default ``CODE: message``), then
     its other lines indented (what to do about it)."""
-    if _JSON_MODE.get():
+    if json_requested():
         typer.echo(json.dumps({"error": message, "error_code": code, "details": details or {}}, indent=2))
         return typer.Exit(code=exit_code)
     first, *more = text or [f"{code}: {message}"]
