@@ -158,7 +158,7 @@ def test_cli_errors_speak_the_cli_s_words(served: str) -> None:
         handle = c.model(CLIP_L)["handle"]
     table = runner.invoke(app, ["cache"], env=env).output
     assert segment["component_id"][:12] in table and handle in table and segment["component_id"] not in table
-    assert "no cached segment matches 'deadbeef'" in fails("cache", "drop", "deadbeef")
+    assert "NOT_FOUND (HTTP 404): no cached component 'deadbeef'" in fails("cache", "drop", "deadbeef")
     assert f"dropped {segment['component_id'][:12]}" in cli(
         served, "cache", "drop", segment["component_id"][:8]
     )

@@ -222,7 +222,12 @@ def test_cache_endpoints(client: Client) -> None:
     assert client.cache_component(cid)["result"]["segments"][0]["component_id"] == cid
     stats = client.cache()["stats"]
     assert stats["segments"] == 3 and stats["bytes_used"] > 0
-    assert client.cache_drop(cid)["freed_bytes"] > 0
+    prefix = cid.rpartition(":")[2][:10]  # as `modelkeeper cache drop` takes it: the service resolves it
+    dropped = client.cache_drop(prefix)
+    assert dropped["component_id"] == cid and dropped["freed_bytes"] > 0
+    with pytest.raises(ApiError) as unknown:
+        client.cache_drop(prefix)
+    assert (unknown.value.status_code, unknown.value.message) == (404, f"no cached component {prefix!r}")
     for gone in (lambda: client.cache_segment(cid), lambda: client.cache_drop(cid)):
         with pytest.raises(ApiError) as err:  # an unknown segment is no unknown model
             gone()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modelkeeper.cache import CacheFull, RamCache, SegmentInUse, SegmentNotFound
+from modelkeeper.cache import AmbiguousSegment, CacheFull, RamCache, SegmentInUse, SegmentNotFound
 from modelkeeper.formats.safetensors_header import read_header
 
 
@@ -114,6 +114,20 @@ def test_drop_and_drop_all(shm: Path, tmp_path: Path) -> None:
         cache.drop("x")
     assert cache.drop_all() > 0
     assert list(shm.iterdir()) == []
+
+
+def test_a_segment_is_named_by_a_unique_prefix_of_its_id(shm: Path, tmp_path: Path) -> None:
+    cache = RamCache(10 << 20, shm_dir=shm)
+    a, b, c = "4f85905d6afc" + "0" * 20, "4f85905d7" + "1" * 23, "b3:9a0b1c2d" + "2" * 56
+    for i, cid in enumerate((a, b, c)):
+        cache.cache_file(_file(tmp_path / f"{i}.safetensors", 10, i), component_id=cid)
+    assert cache.resolve("4f85905d6") == a and cache.resolve(b) == b and cache.resolve("9A0B1C2D") == c
+    with pytest.raises(AmbiguousSegment) as many:
+        cache.resolve("4f85905d")
+    assert many.value.details["matches"] == [a, b] and f"{a}, {b}" in many.value.message
+    with pytest.raises(SegmentNotFound, match="'deadbeef'"):
+        cache.resolve("deadbeef")
+    cache.close()
 
 
 def test_truncated_source_leaves_no_segment(shm: Path, tmp_path: Path) -> None:

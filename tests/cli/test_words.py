@@ -10,8 +10,9 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from typer.testing import CliRunner
 
+from modelkeeper.cache import AmbiguousSegment, SegmentNotFound, resolve_segment
 from modelkeeper.cli.app import app
-from modelkeeper.cli.cache import resolve_segment, short_id
+from modelkeeper.cli.cache import short_id
 from modelkeeper.cli.explain import close_models, invalid_fields, local_path
 from modelkeeper.orchestrator import Settings
 from modelkeeper.orchestrator.settings import settings_problem
@@ -95,14 +96,16 @@ def test_close_models_and_local_paths(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_cache_segments_by_prefix() -> None:
     a, b = "4f85905d6afc576f" + "0" * 48, "4f85905d7" + "1" * 55
-    segments = [{"component_id": a}, {"component_id": b}]
+    segments = [a, b]
     assert short_id(a) == "4f85905d6afc" and short_id("b3:" + a) == "b3:4f85905d6afc"
     assert resolve_segment("4f85905d6", segments) == a and resolve_segment(a, segments) == a
-    with pytest.raises(ValueError, match="no cached segment matches"):
+    assert resolve_segment("b3:4F85905D6", segments) == a  # the table's scheme and any case
+    with pytest.raises(SegmentNotFound, match="no cached component 'deadbeef'"):
         resolve_segment("deadbeef", segments)
-    with pytest.raises(ValueError, match="matches 2 cached segments"):
+    with pytest.raises(AmbiguousSegment, match=f"matches 2 cached segments: {a}, {b}") as many:
         resolve_segment("4f85905d", segments)
-    with pytest.raises(ValueError, match="at least 8"):
+    assert many.value.details["matches"] == [a, b]
+    with pytest.raises(SegmentNotFound, match="at least 8"):
         resolve_segment("4f85", segments)
 
 

@@ -134,3 +134,28 @@ def table_rows(lines: list[str]) -> list[tuple[str, list[str]]]:
         if at is not None and line[at:].strip():
             rows[-1][1].append(line[at:].strip())
     return rows
+
+
+def test_ls_says_which_files_are_missing_when_the_listing_can_hold_them(
+    registry: Registry, models_root: Path
+) -> None:
+    """``--status all`` and ``missing`` add a status column (ok / missing); ``ok``, the default,
+    lists only present files and has none."""
+    (models_root / "loras/style.safetensors").unlink()
+    Scanner(registry, [models_root]).scan()
+    runner = CliRunner()
+    env = {"COLUMNS": "80", "TERM": "dumb"}
+    listed = runner.invoke(_app(), ["ls", "--status", "all", "--db", registry.path], env=env)
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("handle "))
+    assert header.split() == ["handle", "type", "base", "size", "status"], listed.stdout  # path: under
+    at = header.index("status")
+    rows = [line for line in lines[lines.index(header) + 3 :] if not line.startswith(" ")]
+    states = {line.split()[0].split("~")[0]: line[at:] for line in rows}
+    assert states.pop("style") == "missing" and set(states.values()) == {"ok"}, listed.stdout
+    assert max(len(line) for line in lines) <= 80, listed.stdout
+    gone = runner.invoke(_app(), ["ls", "--status", "missing", "--db", registry.path], env=env).stdout
+    assert "missing" in gone and "style" in gone and "sd15" not in gone, gone
+    present = runner.invoke(_app(), ["ls", "--db", registry.path], env=env).stdout
+    assert "status" not in present and "style" not in present, present

@@ -89,9 +89,12 @@ async def cache_get(service: Service, component_id: str) -> dict[str, Any]:
 
 @cache.delete("/{component_id:path}", response_model=SegmentDropped)
 async def cache_drop(service: Service, component_id: str, force: bool = False) -> dict[str, Any]:
-    """Drop one segment (its ``component_id`` as ``GET /api/model/cache`` lists it; ``node/component``
-    in cluster mode) and free its memory; workers are told to unmap it. A segment a worker is loading
-    from is refused (409 BUSY) unless ``force``; an unknown one is 404. Answers the bytes freed."""
+    """Drop one segment and free its memory; workers are told to unmap it. ``component_id`` is its
+    id as ``GET /api/model/cache`` lists it or a unique prefix of at least 8 digits, as
+    ``modelkeeper cache drop`` takes (``node/component`` in cluster mode). A prefix of several
+    segments is refused (422 INVALID_REQUEST, ``details.matches`` listing their ids); one that
+    matches none is 404 NOT_FOUND naming it. A segment a worker is loading from is refused
+    (409 BUSY) unless ``force``. Answers the full id and the bytes freed."""
     dropped: dict[str, Any] = await _done(service.feed.drop(component_id, force=force))
     return dropped
 

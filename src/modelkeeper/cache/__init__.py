@@ -1,11 +1,14 @@
 """The RAM cache: model components in POSIX shared memory, mapped by workers with no copy."""
 
-from modelkeeper.cache.errors import CacheError, CacheFull, SegmentInUse, SegmentNotFound
+from modelkeeper.cache.errors import AmbiguousSegment, CacheError, CacheFull, SegmentInUse, SegmentNotFound
+from modelkeeper.cache.prefix import MIN_PREFIX, resolve_segment
 from modelkeeper.cache.segment import SHM_DIR, create_segment, remove_stale, segment_path
 from modelkeeper.cache.store import RamCache, Segment, file_component_id
 
 __all__ = [
+    "MIN_PREFIX",
     "SHM_DIR",
+    "AmbiguousSegment",
     "CacheError",
     "CacheFull",
     "RamCache",
@@ -15,5 +18,6 @@ __all__ = [
     "create_segment",
     "file_component_id",
     "remove_stale",
+    "resolve_segment",
     "segment_path",
 ]

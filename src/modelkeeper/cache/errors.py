@@ -5,7 +5,8 @@ Hierarchy::
     ProtocolError (modelkeeper.protocol)
     └── CacheError                      INTERNAL: a segment could not be created or filled
         ├── CacheFull                   INSUFFICIENT_MEMORY: does not fit the budget even after eviction (recoverable)
-        ├── SegmentNotFound             MODEL_NOT_FOUND: no segment with that component id (the HTTP API: 404 NOT_FOUND)
+        ├── SegmentNotFound             MODEL_NOT_FOUND: no segment with that component id or prefix (the HTTP API: 404 NOT_FOUND)
+        ├── AmbiguousSegment            INVALID_REQUEST: a prefix of several segments' ids (``details["matches"]``)
         └── SegmentInUse                BUSY: a worker is loading from it (recoverable)
 
 File problems raise the FormatError family of :mod:`modelkeeper.formats.errors`.
@@ -26,6 +27,10 @@ class CacheFull(CacheError):
 
 class SegmentNotFound(CacheError):
     code = ErrorCode.MODEL_NOT_FOUND
+
+
+class AmbiguousSegment(CacheError):
+    code = ErrorCode.INVALID_REQUEST
 
 
 class SegmentInUse(CacheError):

@@ -26,6 +26,7 @@ import blake3
 import psutil
 
 from modelkeeper.cache.errors import CacheFull, SegmentInUse, SegmentNotFound
+from modelkeeper.cache.prefix import resolve_segment
 from modelkeeper.cache.segment import (
     SHM_DIR,
     Progress,
@@ -154,6 +155,12 @@ class RamCache:
             if seg is None:
                 raise SegmentNotFound(f"no cached component {component_id!r}", component_id=component_id)
             return seg
+
+    def resolve(self, prefix: str) -> str:
+        """The id of the one segment ``prefix`` names: its id or a unique prefix of it
+        (:func:`~modelkeeper.cache.prefix.resolve_segment`)."""
+        with self._lock:
+            return resolve_segment(prefix, self._segments)
 
     def __contains__(self, component_id: object) -> bool:
         with self._lock:

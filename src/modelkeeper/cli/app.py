@@ -8,12 +8,33 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperOption
+from typer.core import TyperGroup, TyperOption
 
 import modelkeeper
 from modelkeeper.cli import cache, convert, discovery, jobs, local, lora, operations, registry, serve, service
+from modelkeeper.cli.common import error_exit, json_requested
+from modelkeeper.protocol.errors import ErrorCode
+
+
+class _Commands(TyperGroup):
+    """The command table. A bad option value (``--offload lots``, a missing argument) of a command
+    given ``--json`` is answered as its other errors are: one JSON object on stdout, exit code 2."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as exc:
+            if not json_requested():
+                raise
+            param = exc.param.name if exc.param is not None else None
+            details = {"param": param} if param else {}
+            raise error_exit(
+                exc.format_message(), ErrorCode.INVALID_REQUEST.value, details, exit_code=2
+            ) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     no_args_is_help=True,
     add_completion=False,
     help="modelkeeper: find, know, keep and place diffusion models.",

@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from modelkeeper.cache import MIN_PREFIX
 from modelkeeper.cli.common import count
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
@@ -21,10 +21,21 @@ from modelkeeper.cli.remote import (
     print_json,
     size,
 )
+from modelkeeper.cli.tables import Column, print_table
 from modelkeeper.client import Client
 
 cache_app = typer.Typer(
     help="The RAM cache of a running service.", no_args_is_help=False, invoke_without_command=True
+)
+
+
+#: The id ``cache drop`` takes and the handles of the models: never cut.
+SEGMENT_COLUMNS = (
+    Column("component", whole=True),
+    Column("size"),
+    Column("hits"),
+    Column("models", whole=True),
+    Column("pinned"),
 )
 
 
@@ -48,20 +59,20 @@ def cache_list(
         print_json(data)
         return
     st = data["stats"]
-    table = Table(
-        title=f"RAM cache: {size(st['bytes_used'])} of {size(st['budget_bytes'])}, hit rate {st['hit_rate']:.0%}"
+    title = (
+        f"RAM cache: {size(st['bytes_used'])} of {size(st['budget_bytes'])}, hit rate {st['hit_rate']:.0%}"
     )
-    for col in ("component", "size", "hits", "models", "pinned"):
-        table.add_column(col)
-    for s in data["segments"]:
-        table.add_row(
+    rows = [
+        [
             short_id(s["component_id"]),
             size(s["bytes"]),
             str(s["hits"]),
             ", ".join(handles.get(m, m) for m in s["models"]),  # what to type, not the id
             str(s["pinned"]),
-        )
-    Console().print(table)
+        ]
+        for s in data["segments"]
+    ]
+    print_table(Console(), title, SEGMENT_COLUMNS, rows)
 
 
 @cache_app.command("add")
@@ -80,9 +91,8 @@ def cache_add(
         Console().print(f"[green]cached[/green] {s['component']} as {s['component_id']} ({size(s['bytes'])})")
 
 
-#: How many characters of a component id the table shows, and the shortest prefix ``drop`` takes.
+#: How many characters of a component id the table shows (``drop`` takes ``MIN_PREFIX`` or more).
 SHORT_ID = 12
-MIN_PREFIX = 8
 
 
 def short_id(component_id: str) -> str:
@@ -90,31 +100,6 @@ def short_id(component_id: str) -> str:
     scheme kept), enough to tell segments apart and what ``cache drop`` takes."""
     scheme, sep, digest = component_id.rpartition(":")
     return f"{scheme}{sep}{digest[:SHORT_ID]}"
-
-
-def resolve_segment(prefix: str, segments: list[dict[str, Any]]) -> str:
-    """The one cached segment whose id starts with ``prefix`` (at least ``MIN_PREFIX`` digits,
-    with or without its ``b3:``-like scheme), or a ``ValueError`` saying why none is."""
-    ids = [str(s["component_id"]) for s in segments]
-    if prefix in ids:
-        return prefix
-    wanted = prefix.rpartition(":")[2].lower()
-    if len(wanted) < MIN_PREFIX:
-        raise ValueError(
-            f"{prefix!r}: give at least {MIN_PREFIX} digits of the component id (see modelkeeper cache)"
-        )
-    found = [
-        i
-        for i in ids
-        if i.lower().startswith(prefix.lower()) or i.rpartition(":")[2].lower().startswith(wanted)
-    ]
-    if not found:
-        raise ValueError(f"no cached segment matches {prefix!r} (see modelkeeper cache)")
-    if len(found) > 1:
-        raise ValueError(
-            f"{prefix!r} matches {len(found)} cached segments: {', '.join(found)}; give more digits"
-        )
-    return found[0]
 
 
 @cache_app.command("drop")
@@ -132,12 +117,8 @@ def cache_drop(
 ) -> None:
     """Drop one segment from the RAM cache (loaded models keep their weights)."""
 
-    def run(c: Client) -> tuple[str, dict[str, Any]]:
-        full = resolve_segment(component_id, c.cache()["segments"])
-        return full, c.cache_drop(full, force=force)
-
-    full, data = call(url, token, run)
-    Console().print(f"dropped {short_id(full)}: {size(data['freed_bytes'])} freed")
+    data = call(url, token, lambda c: c.cache_drop(component_id, force=force))  # the service resolves it
+    Console().print(f"dropped {short_id(data['component_id'])}: {size(data['freed_bytes'])} freed")
 
 
 @cache_app.command("clear")

@@ -1,10 +1,14 @@
-"""What several command modules share: the registry commands' ``--db`` and ``--json`` options,
-opening the registry, turning a domain error into the command's failure, and byte sizes for tables."""
+"""What several command modules share: the registry commands' ``--db`` option, every command's
+``--json`` option, opening the registry, ending a command with its error (as one JSON object on
+stdout after ``--json``), and byte sizes for tables."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,7 +25,55 @@ DbOption = Annotated[
         help="Registry file (default: $MODELKEEPER_DB or ~/.local/share/modelkeeper/registry.sqlite3).",
     ),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+#: Set by ``--json`` for the command being run (until its context closes): its errors are JSON too.
+_JSON_MODE: ContextVar[bool] = ContextVar("modelkeeper_json_mode", default=False)
+
+
+def _json_mode(ctx: typer.Context, value: bool) -> bool:
+    if value:
+        token = _JSON_MODE.set(True)
+        # until the outermost command ends (its context closes even when this one fails to parse):
+        # the next command run in this process (a test's) starts without
+        ctx.find_root().call_on_close(lambda: _JSON_MODE.reset(token))
+    return value
+
+
+def json_option(help: str) -> Any:
+    """A command's ``--json`` option: besides what the command prints with it, its errors become
+    JSON (:func:`error_exit`), a bad value of another option too (read first: eager); every
+    command that has one takes it from here."""
+    return typer.Option("--json", help=help, callback=_json_mode, is_eager=True)
+
+
+def json_requested() -> bool:
+    """Whether the command being run was given ``--json``."""
+    return _JSON_MODE.get()
+
+
+JsonOption = Annotated[bool, json_option("Print JSON instead of a table.")]
+
+
+def error_exit(
+    message: str,
+    code: str,
+    details: dict[str, Any] | None = None,
+    *,
+    text: Sequence[str] = (),
+    exit_code: int = 1,
+) -> typer.Exit:
+    """The end of a failed command, to raise. After ``--json``: the API's error body (``error``,
+    ``error_code``, ``details``) as one JSON object on stdout, so that a script parses every
+    outcome; else on stderr ``error`` and ``text``'s first line (default ``CODE: message``), then
+    its other lines indented (what to do about it)."""
+    if json_requested():
+        typer.echo(json.dumps({"error": message, "error_code": code, "details": details or {}}, indent=2))
+        return typer.Exit(code=exit_code)
+    first, *more = text or [f"{code}: {message}"]
+    err = Console(stderr=True)
+    err.print(f"[red]error[/red] {escape(first)}", highlight=False)
+    for line in more:
+        err.print(f"  {escape(line)}", highlight=False)
+    return typer.Exit(code=exit_code)
 
 
 def open_registry(db: Path | None) -> Registry:
@@ -30,8 +82,7 @@ def open_registry(db: Path | None) -> Registry:
 
 def fail(exc: ProtocolError) -> typer.Exit:
     code = getattr(exc, "error_code", exc.code.value)  # an ApiError names the code it was sent
-    Console(stderr=True).print(f"[red]error[/red] {code}: {escape(exc.message)}", highlight=False)
-    return typer.Exit(code=1)
+    return error_exit(exc.message, code, exc.details)
 
 
 def human_size(n: float) -> str:

@@ -22,7 +22,7 @@ from typing import Annotated
 
 import typer
 
-from modelkeeper.cli.common import fail, human_size
+from modelkeeper.cli.common import fail, human_size, json_option
 from modelkeeper.discovery.identify import identify_table
 from modelkeeper.discovery.records import Identification, ModelFormat
 from modelkeeper.discovery.rules.hints import hints_for
@@ -195,7 +195,7 @@ def convert_cmd(
             "made if need be). Default: beside FILE.",
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
+    as_json: Annotated[bool, json_option("Print what was written as JSON.")] = False,
 ) -> None:
     """Convert a pickle checkpoint to safetensors, with its metadata (source name and sha256, type,
     base). The pickle is loaded only in a sandboxed process; an existing file is never overwritten."""

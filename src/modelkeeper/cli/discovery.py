@@ -16,9 +16,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.text import Text
 
 from modelkeeper.cli.common import DbOption, JsonOption, fail, open_registry
+from modelkeeper.cli.tables import Column, print_table
 from modelkeeper.discovery.hasher import Hasher, HashProgress, HashReport
 from modelkeeper.discovery.scanner import Scanner, ScanProgress, ScanReport
 from modelkeeper.protocol.errors import ProtocolError
@@ -67,22 +68,25 @@ def _hash_with_progress(registry: Registry, console: Console) -> HashReport:
         return Hasher(registry).run(progress=on_progress)
 
 
+#: A path folds after ``/`` (then ``.``, ``-``, ``_``), never at any character; what a model was
+#: identified as is one column (``main · sd1 · normal · safetensors``, as ``show`` writes it), so
+#: that the path has room at 80 columns.
+SCAN_COLUMNS = (Column("path"), Column("status"), Column("identified as"), Column("rule / error"))
+
+
 def _print_table(report: ScanReport, console: Console) -> None:
-    table = Table(title=f"{len(report.entries)} models under {', '.join(report.roots)}")
-    for col in ("path", "status", "type", "base", "variant", "format", "rule / error"):
-        table.add_column(col, overflow="fold")
+    rows: list[list[str | Text]] = []
     for e in report.entries:
         if e.status == "rejected":
-            table.add_row(
-                e.path, "[red]rejected[/red]", "", "", "", e.format or "", f"{e.error_code}: {e.error}"
-            )
+            rows.append([e.path, Text("rejected", "red"), e.format or "", f"{e.error_code}: {e.error}"])
         else:
             kind = e.type or ""
             if e.encoder:
                 kind += f" ({e.encoder})"
             fmt = f"{e.format} ({e.quant})" if e.format and e.quant else e.format or ""
-            table.add_row(e.path, e.change, kind, e.base or "", e.variant or "", fmt, e.rule or "")
-    console.print(table)
+            what = " · ".join(v for v in (kind, e.base, e.variant, fmt) if v)
+            rows.append([e.path, e.change, what, e.rule or ""])
+    print_table(console, f"{len(report.entries)} models under {', '.join(report.roots)}", SCAN_COLUMNS, rows)
     s = report.summary()
     console.print(
         f"{s['added']} added, {s['updated']} updated, {s['unchanged']} unchanged, {s['moved']} moved, "

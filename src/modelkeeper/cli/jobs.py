@@ -6,12 +6,23 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from modelkeeper.cli.remote import ApiJsonOption, TokenOption, UrlOption, call, follow_job, print_json
+from modelkeeper.cli.tables import Column, print_table
 from modelkeeper.client import FINISHED, Client
 
 jobs_app = typer.Typer(help="Jobs of a running service.", invoke_without_command=True)
+
+
+#: The id ``jobs watch``, ``cancel`` and ``show`` take: never cut; a parameter folds after its ``=``.
+JOB_COLUMNS = (
+    Column("id", whole=True),
+    Column("kind"),
+    Column("state"),
+    Column("params", breaks=("/=", ".-_")),
+    Column("seconds"),
+    Column("error"),
+)
 
 
 @jobs_app.callback()
@@ -29,15 +40,16 @@ def jobs_list(
     if as_json:
         print_json(data)
         return
-    table = Table(title="jobs")
-    for col in ("id", "kind", "state", "params", "seconds", "error"):
-        table.add_column(col)
+    if not data:  # one line, as the other empty listings: no table of headers only
+        typer.echo(f"no {state} jobs" if state else "no jobs")
+        return
+    rows = []
     for j in data:
         secs = (j["finished_at"] or 0) - (j["started_at"] or 0) if j["finished_at"] else None
         params = ", ".join(f"{k}={v}" for k, v in j["params"].items() if v not in (None, False))
         error = (j.get("error") or {}).get("error_code", "")
-        table.add_row(j["id"], j["kind"], j["state"], params, f"{secs:.2f}" if secs else "-", error)
-    Console().print(table)
+        rows.append([j["id"], j["kind"], j["state"], params, f"{secs:.2f}" if secs else "-", error])
+    print_table(Console(), "jobs", JOB_COLUMNS, rows)
 
 
 @jobs_app.command("watch")

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from modelkeeper.cli.common import error_exit
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
     DeviceOption,
@@ -17,10 +18,10 @@ from modelkeeper.cli.remote import (
     TokenOption,
     UrlOption,
     call,
-    err,
     finish,
     print_json,
 )
+from modelkeeper.protocol.errors import ErrorCode
 
 
 def _operation(
@@ -118,8 +119,9 @@ def optimize(
     for item in opt or []:
         key, sep, value = item.partition("=")
         if not sep:
-            err.print(f"[red]error[/red] --opt {item!r}: expected key=value")
-            raise typer.Exit(2)
+            raise error_exit(
+                f"--opt {item!r}: expected key=value", ErrorCode.INVALID_REQUEST.value, exit_code=2
+            )
         options[key] = json.loads(value) if value in ("true", "false") or value.isdigit() else value
     _operation(
         "optimize", model, {"options": options, "revert": revert, "device_id": device}, as_json, url, token

@@ -12,14 +12,29 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from modelkeeper.cli.common import DbOption, JsonOption, count, fail, human_size, open_registry
-from modelkeeper.cli.listing import ls_lines
+from modelkeeper.cli.listing import COLUMNS, COLUMNS_WITH_STATUS, Row, ls_lines
+from modelkeeper.cli.tables import Column, print_table
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from modelkeeper.orchestrator.completion import PartsPlan
+
+
+#: A component's name and content id, and a part's model (``handle:component``), are what users
+#: type: never cut. A component's kind is its encoder for a text encoder (``clip_l``), and its
+#: tensors their count by dtype (``F16 x212``): eight columns did not fit 80.
+COMPONENT_COLUMNS = (
+    Column("name", whole=True),
+    Column("kind"),
+    Column("tensors"),
+    Column("parameters"),
+    Column("size"),
+    Column("content id", whole=True),
+)
+PART_COLUMNS = (Column("role"), Column("wants"), Column("model", whole=True), Column("why"))
 
 
 def _size(n: int | None) -> str:
@@ -89,18 +104,20 @@ def ls(
         return
     paths = [m.path for m in page.items if m.path]
     common = os.path.commonpath(paths) if len(paths) > 1 else ""
-    rows = []
+    columns = COLUMNS if status == "ok" else COLUMNS_WITH_STATUS  # missing files: say which they are
+    rows: list[Row] = []
     for m in page.items:
         path = os.path.relpath(m.path, common) if m.path and common else (m.path or "-")
         path += f" (+{m.locations - 1})" if m.locations > 1 else ""
-        rows.append((m.handle, m.type, m.base, _size(m.size), path))
+        said = (m.status,) if status != "ok" else ()
+        rows.append((m.handle, m.type, m.base, _size(m.size), *said, path))
     if not page.items and offset and page.total:
         typer.echo(f"no models at offset {offset} ({page.total} in all)")
         return
     title = count(page.total, "model")
     if page.total > len(page.items):
         title += f" (showing {offset + 1}-{offset + len(page.items)})"
-    for line in ls_lines(title, common, rows, Console().width):
+    for line in ls_lines(title, common, rows, Console().width, columns):
         typer.echo(line)
 
 
@@ -153,21 +170,18 @@ def show(
     if record.lora_format:
         console.print(f"  LoRA {record.lora_format}, rank {record.lora_rank}")
     if record.components:
-        table = Table(title="components")
-        for col in ("name", "kind", "encoder", "tensors", "parameters", "size", "dtypes", "content id"):
-            table.add_column(col)
-        for c in record.components:
-            table.add_row(
+        rows = [
+            [
                 c.name,
-                c.kind.value,
-                c.encoder.value if c.encoder else "",
-                str(c.tensor_count),
+                c.encoder.value if c.encoder else c.kind.value,  # clip_l: a text encoder, which one
+                ", ".join(f"{d} x{n}" for d, n in sorted(c.dtypes.items())) or str(c.tensor_count),
                 f"{c.parameters:,}",
                 _size(c.bytes),
-                ", ".join(f"{d} x{n}" for d, n in sorted(c.dtypes.items())),
                 (c.content_id or "")[:16],
-            )
-        console.print(table)
+            ]
+            for c in record.components
+        ]
+        print_table(console, "components", COMPONENT_COLUMNS, rows)
     if plan is not None:
         _print_parts(console, plan)
     meta = record.meta
@@ -185,18 +199,16 @@ def show(
 
 def _print_parts(console: Console, plan: PartsPlan) -> None:
     """The parts a transformer-only model is loaded with, and what is missing."""
-    table = Table(title="parts (a load places them beside the transformer)")
-    for col in ("role", "wants", "model", "why"):
-        table.add_column(col)
     colours = {"auto": "green", "pinned": "cyan", "missing": "red", "refused": "red"}
+    rows: list[list[str | Text]] = []
     for part in plan.info():
-        model = part["handle"] or f"[{colours[part['status']]}]{part['status']}[/]"
+        model = Text(part["handle"]) if part["handle"] else Text(part["status"], colours[part["status"]])
         if part["component"]:
-            model += f":{part['component']}"
+            model.append(f":{part['component']}")
         if part["status"] == "pinned":
-            model += " [cyan](pinned)[/]"
-        table.add_row(part["role"], part["wants"], model, part["why"])
-    console.print(table)
+            model.append(" (pinned)", "cyan")
+        rows.append([part["role"], part["wants"], model, part["why"]])
+    print_table(console, "parts (a load places them beside the transformer)", PART_COLUMNS, rows)
 
 
 def meta(

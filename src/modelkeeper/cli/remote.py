@@ -1,10 +1,11 @@
 """What the commands against a running service share: the ``--url``, ``--token``, ``--json`` and
 ``--device`` options, calling the service through :mod:`modelkeeper.client` (an error answer or an
-unreachable service ends the command with a message), and following a job to its end with a live
-progress bar fed by the job's event stream.
+unreachable service ends the command with a message, or its JSON after ``--json``), and following
+a job to its end with a live progress bar fed by the job's event stream.
 
 The client commands take ``--url`` (default ``$MODELKEEPER_URL`` or http://127.0.0.1:8765) and
-``--token`` (default ``$MODELKEEPER_TOKEN``); ``--json`` prints what the API answered.
+``--token`` (default ``$MODELKEEPER_TOKEN``); ``--json`` prints what the API answered, an error
+answer (or an unreachable service) included (:func:`modelkeeper.cli.common.error_exit`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Annotated, Any, TypeVar
 import httpx
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -27,10 +27,10 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from modelkeeper.cli.common import human_size
+from modelkeeper.cli.common import error_exit, fail, human_size, json_option
 from modelkeeper.cli.explain import close_models, invalid_fields, looks_like_path
 from modelkeeper.client import DEFAULT_URL, ApiError, Client
-from modelkeeper.protocol.errors import ProtocolError
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 UrlOption = Annotated[
     str | None, typer.Option("--url", help=f"Service URL (default: $MODELKEEPER_URL or {DEFAULT_URL}).")
@@ -38,8 +38,8 @@ UrlOption = Annotated[
 TokenOption = Annotated[
     str | None, typer.Option("--token", help="Bearer token (default: $MODELKEEPER_TOKEN).")
 ]
-ApiJsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer.")]
-JobJsonOption = Annotated[bool, typer.Option("--json", help="Print the job's result as JSON.")]
+ApiJsonOption = Annotated[bool, json_option("Print the API's JSON answer.")]
+JobJsonOption = Annotated[bool, json_option("Print the job's result as JSON.")]
 MODEL_HELP = "Model handle (as ls shows it), id, name, path or hash prefix."
 DeviceOption = Annotated[str | None, typer.Option("--device", "-d", help="Device id (cuda:0, cpu...).")]
 
@@ -99,25 +99,25 @@ class JobFailed(ProtocolError):
 
 
 def _fail(exc: Exception, url: str) -> typer.Exit:
+    """The command's end for ``exc`` (:func:`~modelkeeper.cli.common.error_exit`): an error answer
+    as the service sent it, a failed job by its code and job, an unreachable service by its URL."""
     if isinstance(exc, JobFailed):
-        _say(f"{exc.error_code} (job {exc.job_id}): {exc.message}")
-    elif isinstance(exc, ApiError):
-        _say(*_api_error(exc))
-    elif isinstance(exc, httpx.TimeoutException):
-        _say(f"the service at {url} did not answer in time ({type(exc).__name__}) {exc}".strip())
-    elif isinstance(exc, httpx.TransportError):
-        _say(f"cannot reach the service at {url}: {exc}",
-             "start it (modelkeeper serve), or point at another with --url or MODELKEEPER_URL")  # fmt: skip
-    else:  # on this side: an option the request cannot carry, a file that cannot be read...
-        _say(str(exc) or type(exc).__name__)
-    return typer.Exit(code=1)
-
-
-def _say(first: str, *more: str) -> None:
-    """An error line on stderr, then its explanations indented (text only: no rich markup)."""
-    err.print(f"[red]error[/red] {escape(first)}", highlight=False)
-    for line in more:
-        err.print(f"  {escape(line)}", highlight=False)
+        text = [f"{exc.error_code} (job {exc.job_id}): {exc.message}"]
+        return error_exit(exc.message, exc.error_code, exc.details, text=text)
+    if isinstance(exc, ApiError):
+        return error_exit(exc.message, exc.error_code, exc.details, text=_api_error(exc))
+    if isinstance(exc, ProtocolError):
+        return fail(exc)
+    if isinstance(exc, httpx.TimeoutException):
+        said = f"the service at {url} did not answer in time ({type(exc).__name__}) {exc}".strip()
+        return error_exit(said, ErrorCode.TIMEOUT.value, {"url": url}, text=[said])
+    if isinstance(exc, httpx.TransportError):
+        said = f"cannot reach the service at {url}: {exc}"
+        hint = "start it (modelkeeper serve), or point at another with --url or MODELKEEPER_URL"
+        return error_exit(said, ErrorCode.UNREACHABLE.value, {"url": url}, text=[said, hint])
+    # on this side: an option the request cannot carry, a file that cannot be read...
+    said = str(exc) or type(exc).__name__
+    return error_exit(said, ErrorCode.INVALID_REQUEST.value, text=[said])
 
 
 def _api_error(exc: ApiError) -> list[str]:
@@ -130,8 +130,9 @@ def _api_error(exc: ApiError) -> list[str]:
         lines.append("pass the service's token with --token, or set MODELKEEPER_TOKEN")
     if exc.error_code == "ALREADY_LOADED":
         lines.append("to load it again in the form asked: modelkeeper load ... --reload")
-    if exc.details.get("matches"):
-        lines.append("matches: " + ", ".join(map(str, exc.details["matches"])))
+    matches = [str(m) for m in exc.details.get("matches") or []]
+    if matches and not all(m in exc.message for m in matches):  # not said twice
+        lines.append("matches: " + ", ".join(matches))
     if exc.details.get("suggestions"):
         lines.append("did you mean " + " or ".join(exc.details["suggestions"]) + "?")
     ref = exc.details.get("ref")

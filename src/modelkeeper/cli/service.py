@@ -9,9 +9,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from modelkeeper.cli.common import count
+from modelkeeper.cli.common import count, json_option
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
     MODEL_HELP,
@@ -26,6 +25,7 @@ from modelkeeper.cli.remote import (
     print_json,
     size,
 )
+from modelkeeper.cli.tables import Column, print_table
 from modelkeeper.client import Client
 from modelkeeper.sizes import parse_size
 
@@ -38,6 +38,18 @@ def _placement_line(m: dict[str, Any]) -> str:
     loras = (m.get("loras") or {}).values()
     applied = "".join(f" + {lora['lora']} x{lora['strength']:g}" for lora in loras)
     return f"{m.get('handle') or m['name']} ({m['state']}){applied}"
+
+
+#: The device and the handles of its models are what a user types next: never cut.
+DEVICE_COLUMNS = (
+    Column("device", whole=True),
+    Column("state"),
+    Column("pid"),
+    Column("used"),
+    Column("budget"),
+    Column("models", whole=True),
+    Column("queued"),
+)
 
 
 def status(
@@ -53,16 +65,14 @@ def status(
         return
     readiness = {} if device else call(url, token, _readiness)
     devices = [data] if device else data["devices"]
-    table = Table(title="devices")
-    for col in ("device", "state", "pid", "used", "budget", "models", "queued"):
-        table.add_column(col)
+    rows = []
     for d in devices:
         mem = d.get("memory") or {}
         names = ", ".join(_placement_line(m) for m in d["models"]) or "-"
-        table.add_row(d["id"], d["state"], str(d.get("pid") or "-"), size(mem.get("models_bytes")),
-                      size(mem.get("budget_bytes")), names, str(d.get("queued", 0)))  # fmt: skip
+        rows.append([d["id"], d["state"], str(d.get("pid") or "-"), size(mem.get("models_bytes")),
+                     size(mem.get("budget_bytes")), names, str(d.get("queued", 0))])  # fmt: skip
     console = Console()
-    console.print(table)
+    print_table(console, "devices", DEVICE_COLUMNS, rows)
     for d in devices:
         if d.get("last_error"):
             console.print(f"{d['id']}: last error: {d['last_error']}", highlight=False, markup=False)
@@ -202,7 +212,7 @@ def load(
     ] = False,
     detach: Annotated[bool, typer.Option(help="Print the job and return at once.")] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the load's result as JSON (with --detach: the job).")
+        bool, json_option("Print the load's result as JSON (with --detach: the job).")
     ] = False,
     url: UrlOption = None,
     token: TokenOption = None,

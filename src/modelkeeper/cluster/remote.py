@@ -362,7 +362,7 @@ class ClusterFeed:
     async def drop(self, component_id: str, *, force: bool = False) -> dict[str, Any]:
         node, local = self._split(component_id)
         result = await self.remote.call(node, "feed", "drop", local, force=force, what=f"a drop on {node}")
-        return {**result, "component_id": component_id}
+        return {**result, "component_id": f"{node}/{result['component_id']}"}  # a prefix: the node's full id
 
     async def clear(self, *, force: bool = False, node: str | None = None) -> dict[str, Any]:
         """Drop every segment of ``node``'s cache, or of every node's."""

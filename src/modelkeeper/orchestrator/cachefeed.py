@@ -200,9 +200,11 @@ class CacheFeed:
         return await self.jobs.run("cache", {"component_id": component_id}, body, wait=wait)
 
     async def drop(self, component_id: str, *, force: bool = False) -> dict[str, Any]:
-        """Drop a segment, off the loop: unlinking it frees its pages (~0.2 s a GB of tmpfs)."""
-        freed = await asyncio.to_thread(self.cache.drop, component_id, force=force)
-        return {"component_id": component_id, "freed_bytes": freed}
+        """Drop a segment, named by its id or a unique prefix of it (as the cache table shows it),
+        off the loop: unlinking it frees its pages (~0.2 s a GB of tmpfs). Answers its full id."""
+        full = self.cache.resolve(component_id)
+        freed = await asyncio.to_thread(self.cache.drop, full, force=force)
+        return {"component_id": full, "freed_bytes": freed}
 
     async def clear(self, *, force: bool = False) -> dict[str, Any]:
         """Drop every segment (pinned ones only with ``force``), off the loop as ``drop``."""

@@ -1,0 +1,131 @@
+"""The client commands against a live service (in-process uvicorn, a real CPU worker subprocess, a
+registry of a few demo models), as a new user meets them: in an 80-column terminal, with ``--json``,
+and with listings that come back empty."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from modelkeeper.cli.app import app
+from modelkeeper.client import Client
+from modelkeeper.testing import write_demo_models
+from modelkeeper.testing.service import RunningService
+from tests.conftest import scanned_service
+
+runner = CliRunner()
+#: Two models of one name (``tiny-sdxl@diffusers``, ``tiny-sdxl@checkpoints``), one of another.
+DEMO = ["sdxl-pipeline", "sdxl-checkpoint", "sd15-checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    root = tmp_path_factory.mktemp("cli-models")
+    write_demo_models(root, only=DEMO)
+    with scanned_service(tmp_path_factory.mktemp("cli-service"), model_roots=[root]) as running:
+        yield running
+
+
+def cli(svc: RunningService, *args: str, columns: int = 80) -> Result:
+    return runner.invoke(app, list(args), env={"MODELKEEPER_URL": svc.url, "COLUMNS": str(columns)})
+
+
+def test_an_empty_job_listing_is_one_line(svc: RunningService) -> None:
+    result = cli(svc, "jobs", "--state", "failed")
+    assert result.exit_code == 0 and result.output == "no failed jobs\n", result.output
+    assert "scan" in cli(svc, "jobs", "--state", "succeeded").output  # the first scan's job: a table
+
+
+def test_cache_drop_takes_a_prefix_the_service_resolves(svc: RunningService) -> None:
+    assert cli(svc, "cache", "add", "tiny-sd15").exit_code == 0
+    with Client(svc.url) as c:
+        cid = next(s["component_id"] for s in c.cache()["segments"])
+    dropped = cli(svc, "cache", "drop", cid[:9])
+    assert dropped.exit_code == 0 and dropped.output.startswith(f"dropped {cid[:12]}: "), dropped.output
+    unknown = cli(svc, "cache", "drop", cid[:9])
+    assert (
+        unknown.exit_code == 1 and f"NOT_FOUND (HTTP 404): no cached component '{cid[:9]}'" in unknown.output
+    )
+    short = cli(svc, "cache", "drop", "4f85")
+    assert short.exit_code == 1 and "at least 8 digits" in short.output, short.output
+    assert cli(svc, "cache", "clear").exit_code == 0
+
+
+def _json_error(result: Result, exit_code: int = 1) -> dict[str, Any]:
+    """The one JSON object a command printed on stdout for its error: the API's error body."""
+    assert result.exit_code == exit_code, result.output
+    body = json.loads(result.stdout)
+    assert set(body) == {"error", "error_code", "details"} and not result.stderr, result.output
+    return dict(body)
+
+
+def test_with_json_every_error_is_one_json_object(svc: RunningService, tmp_path: Path) -> None:
+    unknown = _json_error(cli(svc, "load", "no-such-model", "--json"))
+    assert unknown["error_code"] == "MODEL_NOT_FOUND" and unknown["details"]["ref"] == "no-such-model"
+    shared = _json_error(cli(svc, "load", "tiny-sdxl", "--json"))  # two models of that name
+    assert shared["error_code"] == "INVALID_REQUEST" and len(shared["details"]["matches"]) == 2, shared
+    # the other commands with --json, through the same helper: a group's, a local check, the registry
+    assert _json_error(cli(svc, "cache", "add", "no-such-model", "--json"))["error_code"] == "MODEL_NOT_FOUND"
+    assert _json_error(cli(svc, "jobs", "--state", "lost", "--json"))["error_code"] == "INVALID_REQUEST"
+    bad_opt = _json_error(cli(svc, "optimize", "tiny-sd15", "-o", "fast", "--json"), exit_code=2)
+    assert bad_opt["error"] == "--opt 'fast': expected key=value"
+    db = str(tmp_path / "registry.sqlite3")
+    assert _json_error(cli(svc, "show", "nothing", "--db", db, "--json"))["error_code"] == "MODEL_NOT_FOUND"
+    down = _json_error(runner.invoke(app, ["status", "--json", "--url", "http://127.0.0.1:9"]))
+    assert (down["error_code"], down["details"]) == ("UNREACHABLE", {"url": "http://127.0.0.1:9"})
+    assert down["error"].startswith("cannot reach the service at http://127.0.0.1:9"), down
+    # a bad value of another option, before or after --json: no usage text, the same JSON (exit 2)
+    for args in (["--offload", "lots", "--json"], ["--json", "--offload", "lots"]):
+        offload = _json_error(cli(svc, "load", "tiny-sd15", *args), exit_code=2)
+        assert "expected none, auto or a size like 4GB" in offload["error"], offload
+        assert offload["details"] == {"param": "offload"}, offload
+    assert _json_error(cli(svc, "ls", "--limit", "0", "--db", db, "--json"), exit_code=2)["details"]
+    # without --json (the run before had it): the words on stderr, nothing on stdout
+    said = cli(svc, "load", "no-such-model")
+    assert said.exit_code == 1 and not said.stdout and "MODEL_NOT_FOUND" in said.stderr, said.output
+
+
+def _whole(result: Result, *values: str) -> None:
+    """Each of ``values`` on one line of ``result``'s output, whose tables are at most 80 wide
+    and cut nowhere (a line of text beside them may be longer: the terminal wraps it, cutting nothing)."""
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "…" not in result.stdout, result.stdout
+    assert max(len(line) for line in lines if line[:1] in "┏┃┡│└─ ") <= 80, result.stdout
+    for value in values:
+        assert any(value in line for line in lines), f"{value!r} split or cut:\n{result.stdout}"
+
+
+def test_at_80_columns_nothing_a_user_types_is_cut(svc: RunningService) -> None:
+    """The handles of the loaded models (status), of the cached ones and the ids ``cache drop``
+    takes (cache), the ids of jobs, a model's component names and content ids (show)."""
+    for model in ("tiny-sdxl@diffusers", "tiny-sdxl@checkpoints"):
+        assert cli(svc, "load", model).exit_code == 0
+    try:
+        _whole(cli(svc, "status"), "tiny-sdxl@diffusers", "tiny-sdxl@checkpoints")
+        assert cli(svc, "cache", "add", "tiny-sd15").exit_code == 0
+        with Client(svc.url) as c:
+            segments = c.cache()["segments"]
+            jobs = [j["id"] for j in c.jobs()]
+        ids = [s["component_id"].rpartition(":")[2][:12] for s in segments]
+        _whole(cli(svc, "cache"), *ids, "tiny-sdxl@diffusers", "tiny-sdxl@checkpoints", "tiny-sd15")
+        _whole(cli(svc, "jobs"), *jobs)
+    finally:
+        for model in ("tiny-sdxl@diffusers", "tiny-sdxl@checkpoints"):
+            assert cli(svc, "unload", model).exit_code == 0
+    db = str(svc.service.settings.db)
+    shown = cli(svc, "show", "tiny-sdxl@diffusers", "--db", db)
+    names = ["text_encoder", "text_encoder_2", "unet", "vae", "clip_l", "clip_g"]
+    content = [
+        c["content_id"][:16]
+        for c in json.loads(cli(svc, "show", "tiny-sdxl@diffusers", "--db", db, "--json").stdout)[
+            "components"
+        ]
+    ]
+    _whole(shown, "tiny-sdxl@diffusers", *names, *content)
+    _whole(cli(svc, "ls", "--status", "all", "--db", db), "tiny-sdxl@diffusers", "tiny-sdxl@checkpoints")
