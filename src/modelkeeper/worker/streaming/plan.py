@@ -1,14 +1,15 @@
 """The plan of partial residency, as pure functions of sizes: how many bytes a load may keep
 resident (:func:`resident_limit`), which units stay resident within them (:func:`choose_resident`),
-how large the ring is (:func:`pool_size`), and when streaming a unit is not worth its ring bytes
-(:func:`ring_pays`). No I/O here; :class:`~modelkeeper.worker.streaming.Streamer` acts on the plan.
+how large the ring is (:func:`pool_size`, at most :func:`pool_limit`), when streaming a unit is not
+worth its ring bytes (:func:`ring_pays`), and where each unit of a pass goes in the ring
+(:func:`lay_out`). No I/O here; :class:`~modelkeeper.worker.streaming.Streamer` acts on the plan.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from modelkeeper.worker.streaming.units import Unit
+from modelkeeper.worker.streaming.units import Unit, align_up
 
 
 def choose_resident(sizes: Sequence[int], budget: int, *, keep: Iterable[int] = ()) -> set[int]:
@@ -37,12 +38,69 @@ def choose_resident(sizes: Sequence[int], budget: int, *, keep: Iterable[int] = 
     return chosen
 
 
-def pool_size(streamed: Sequence[Unit], target: int) -> int:
-    """The ring for ``streamed``: three of the largest (one in use, the next always finds room,
-    wherever the ring wraps), or ``target`` bytes (at most all of them)."""
+def pool_limit(streamed: Sequence[Unit], target: int) -> int:
+    """The most bytes the ring for ``streamed`` takes: three of the largest (one in use, the next
+    always finds room, wherever the ring wraps), or ``target`` bytes (at most all of them). It
+    grows with ``streamed``, so the ring of every unit bounds the ring of any part of them."""
     if not streamed:
         return 0
     return max(3 * max(u.bound for u in streamed), min(target, sum(u.bound for u in streamed)))
+
+
+def pool_size(streamed: Sequence[Unit], target: int) -> int:
+    """The ring for ``streamed``: :func:`pool_limit`, cut to the least that still holds a pass in
+    as many laps (:func:`lay_out`) when that is more than three of the largest and less than all.
+
+    A pass of ``total`` bytes in a ring of ``ring`` bytes takes ``laps = ceil(total / (ring -
+    largest))`` laps at most, and ``ceil(total / laps) + largest`` bytes hold those laps, in any
+    order of the units (each lap but the last is closed only when the next unit would overflow it,
+    so it is longer than ``total / laps``). The prefetch runs about a lap ahead, so the bytes cut
+    would have bought no depth."""
+    ring = pool_limit(streamed, target)
+    if not streamed:
+        return ring
+    largest = max(u.bound for u in streamed)
+    total = sum(u.bound for u in streamed)
+    if ring <= 3 * largest or ring >= total:
+        return ring
+    laps = -(-total // (ring - largest))
+    return min(ring, max(3 * largest, align_up(-(-total // laps)) + largest))
+
+
+def lay_out(sizes: Sequence[int], ring: int) -> list[int]:
+    """Where each unit of a pass goes in a ring of ``ring`` bytes: its offset, for ``sizes`` (bytes,
+    each a multiple of ALIGN and at most ``ring``) in the order of use.
+
+    The pass is cut into *laps* of consecutive units, each lap laid from the ring's start, so a
+    pass is a whole number of laps and the next pass starts where this one did: every pass puts
+    each unit where the last one did (its parameter views made once). While a unit computes, the
+    prefetch runs through the rest of its lap and into the next lap up to that unit's place (the
+    next lap's places free as this lap's units are used): about a lap ahead. So the laps are cut
+    to make the shortest one as long as it can be (a short last lap would starve the prefetch at
+    the pass's end, where the next pass's first units are copied)."""
+    if any(size > ring for size in sizes):
+        raise ValueError(f"a unit of {max(sizes)} bytes does not fit a ring of {ring} bytes")
+    ends = [0]
+    for size in sizes:
+        ends.append(ends[-1] + size)
+    n = len(sizes)
+    shortest = [ring + 1] + [-1] * n  # the longest shortest lap of the first i units
+    cut = [0] * (n + 1)  # where the last lap of the first i units starts
+    for i in range(1, n + 1):
+        j = i - 1
+        while j >= 0 and ends[i] - ends[j] <= ring:
+            score = min(shortest[j], ends[i] - ends[j])
+            if score > shortest[i]:
+                shortest[i], cut[i] = score, j
+            j -= 1
+    offsets = [0] * n
+    i = n
+    while i > 0:
+        j = cut[i]
+        for k in range(j, i):
+            offsets[k] = ends[k] - ends[j]
+        i = j
+    return offsets
 
 
 def ring_pays(units: Sequence[Unit], resident: Iterable[int], target: int) -> set[int]:
