@@ -172,13 +172,14 @@ class Ring:
         ahead = 0
         n = len(schedule.units)
         for k in range(start, start + n if self.wraps else n):
-            unit = schedule.units[k % n]
-            reach -= align_up(unit.size)
+            i = k % n
+            unit = schedule.units[i]
+            reach -= schedule.sizes[i]
             if reach < 0:
                 break
             if unit.valid and unit.offset is not None:
                 unit.pending = unit is not self.current  # held from before: kept until it is used
-            elif self.fetch(unit, demand=False, place=schedule.places[k % n]):
+            elif self.fetch(unit, demand=False, place=schedule.places[i]):
                 unit.pending = True
             else:
                 break
