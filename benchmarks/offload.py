@@ -60,7 +60,6 @@ from modelkeeper.protocol import CommandType
 from modelkeeper.worker import InProcessWorker, streaming
 from modelkeeper.worker.streaming import ALIGN, Streamer
 from modelkeeper.worker.streaming import streamer as streamer_module
-from modelkeeper.worker.streaming.units import align_up
 
 GB = 1e9
 NOTES: list[str] = []  # lines for the report beside the table
@@ -265,24 +264,25 @@ def ideal_step(
     streamed: dict[str, int],
     ring: int,
     gb_s: float,
-    places: dict[str, int] | None = None,
+    places: list[dict[str, int]] | None = None,
 ) -> float:
     """ms of a step issued back to back under the ideal schedule: one copy engine at ``gb_s`` copying
     the ``streamed`` units (name -> bytes) in call order, each as soon as the engine is free and the
     ring (first in, first out; ``ring`` bytes) has room, room a unit's bytes give back once its compute
     ends; the compute of a unit waits for its copy. No host time, no ring fragmentation: a floor for
-    the streamer's schedule, the same for any implementation with this ring. With ``places`` (name ->
-    offset in the ring: the streamer's laps, ``lay_out``) a copy waits instead for the compute of the
-    units last at its bytes: the floor of that layout."""
+    the streamer's schedule, the same for any implementation with this ring. With ``places`` (per
+    pass of the streamer's cycle, name -> offset in the ring: ``lay_out_cycle``) a copy waits instead
+    for the compute of the units last at its bytes: the floor of that layout."""
     units, tail = timeline
+    cycle = len(places) if places else 1
     compute = copy = 0.0
     alive: list[tuple[int, int, float]] = []  # (start, end, compute end) of units in the ring, oldest first
-    ends = []
-    for _ in range(3):  # the third step is the steady state
+    ends = [0.0]
+    for step in range(3 * cycle):  # the last cycle is the steady state
         for name, before, own in units:
             ready = 0.0
             size = streamed.get(name)
-            at = 0 if places is None else places.get(name, 0)
+            at = 0 if places is None else places[step % cycle].get(name, 0)
             if size is not None:
                 start = copy
                 if places is None:
@@ -298,14 +298,22 @@ def ideal_step(
                 alive.append((at, at + size, compute))
         compute += tail
         ends.append(compute)
-    return ends[-1] - ends[-2]
+    return (ends[-1] - ends[-1 - cycle]) / cycle
 
 
-def laps_of(order: list[tuple[str, int]], ring: int) -> dict[str, int]:
-    """The streamer's places for ``order`` ((name, bytes) in call order) in a ring of ``ring`` bytes."""
-    places = streaming.lay_out([size for _, size in order], ring)
+def laps_of(order: list[tuple[str, int]], ring: int) -> list[dict[str, int]]:
+    """The streamer's places for ``order`` ((name, bytes) in call order) in a ring of ``ring`` bytes,
+    per pass of its cycle."""
+    return [
+        places_of([name for name, _ in order], cycle_pass)
+        for cycle_pass in streaming.lay_out_cycle([size for _, size in order], ring)
+    ]
+
+
+def places_of(names: list[str], places: list[int]) -> dict[str, int]:
+    """name -> place of its first call."""
     found: dict[str, int] = {}
-    for (name, _), at in zip(order, places, strict=True):
+    for name, at in zip(names, places, strict=True):
         found.setdefault(name, at)
     return found
 
@@ -412,7 +420,11 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                 copy_gb_s = copy_only(stream, device)
                 bw = copy_gb_s or args.assume_gb_s
                 schedule = next(iter(stream._order.values()), None)
-                order = [] if schedule is None else list(zip((u.name for u in schedule.units), schedule.sizes))
+                order = (
+                    []
+                    if schedule is None
+                    else [(u.name, size) for u, size in zip(schedule.units, schedule.sizes, strict=True)]
+                )
                 if timeline is None and not args.free_resident and len(stream._order) == 1:
                     all_units = [u.name for u in streaming.find_units(resident, class_name)]
                     timeline = unit_timeline(resident, all_units, lambda: out(resident), device)
@@ -421,7 +433,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                     sizes = dict(order)
                     ideal = ideal_step(timeline, sizes, stream.pool_bytes, bw) / 1e3
                     assert schedule is not None
-                    places = {u.name: at for u, at in zip(schedule.units, schedule.places, strict=True)}
+                    names = [u.name for u in schedule.units]
+                    places = [places_of(names, cycle_pass) for cycle_pass in schedule.places]
                     laps = ideal_step(timeline, sizes, stream.pool_bytes, bw, places) / 1e3
                     if fraction == 0 and pool_mb == args.pools[0]:
                         rings = [stream.pool_bytes, *(int(g * GB) for g in (0.5, 1, 2, 4))]

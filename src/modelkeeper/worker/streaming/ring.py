@@ -1,8 +1,9 @@
 """The ring: one device buffer that streamed units are copied into just ahead of their use.
 
-Once a pass has recorded the order of its units, each call of a unit has a fixed place
-(:meth:`Ring.arrange`, the laps of :func:`~modelkeeper.worker.streaming.plan.lay_out`): every pass
-puts each unit where the last one did and finds its parameter views made, at any ring size. A unit
+Once a pass has recorded the order of its units, each call of a unit has a fixed place in each pass
+of a short cycle (:meth:`Ring.arrange`, the laps of
+:func:`~modelkeeper.worker.streaming.plan.lay_out_cycle`): every cycle puts each unit where the last
+one did and finds its parameter views made, at any ring size. A unit
 with no place (the first pass, a unit the recorded order lacks) goes at the head, first fit in ring
 order around what is in use or prefetched. Every place is ALIGN-aligned (each weight keeps the address
 alignment of the resident load). Copies run on a side stream (:class:`Link`); each place is fenced
@@ -18,13 +19,14 @@ from typing import Any
 
 import torch
 
-from modelkeeper.worker.streaming.plan import lay_out
+from modelkeeper.worker.streaming.plan import lay_out_cycle
 from modelkeeper.worker.streaming.units import Unit, align_up, param_view, plan_copy
 
-#: Ring positions whose parameter views a unit keeps (a unit has one place once a pass is recorded,
-#: one per call if a pass calls it twice; a few more serve the first passes and orders that
-#: alternate; a view costs a few microseconds of host time per weight, a thousand and more a pass).
-VIEW_CACHE = 4
+#: Ring positions whose parameter views a unit keeps (once a pass is recorded a unit has a place per
+#: pass of the cycle, ``plan.CYCLE`` at most, and per call if a pass calls it twice; a few more serve
+#: the first passes and orders that alternate; a view costs a few microseconds of host time per
+#: weight, a thousand and more a pass).
+VIEW_CACHE = 8
 
 
 class Link:
@@ -86,15 +88,26 @@ class _Region:
 @dataclass(eq=False)
 class Schedule:
     """A pass as recorded: its units in the order of their calls (a unit called twice, twice), the
-    ring bytes each takes and where each call puts it (:meth:`Ring.arrange`)."""
+    ring bytes each takes and where each call puts it in each pass of the cycle
+    (:meth:`Ring.arrange`); ``phase``: the pass of the cycle that runs now (or runs next, at rest)."""
 
     units: list[Unit]
     sizes: list[int]
-    places: list[int]
+    places: list[list[int]]
+    phase: int = 0
 
     def same(self, units: list[Unit]) -> bool:
         """Whether ``units`` (a pass just recorded) would be laid out as this one."""
         return self.units == units and self.sizes == [align_up(u.size) for u in units]
+
+    def place(self, k: int) -> int:
+        """The place of call ``k`` of this pass (past its end: of the next passes)."""
+        n = len(self.units)
+        return self.places[(self.phase + k // n) % len(self.places)][k % n]
+
+    def advance(self) -> None:
+        """The pass ended: the next one is the cycle's next."""
+        self.phase = (self.phase + 1) % len(self.places)
 
 
 @dataclass
@@ -148,14 +161,15 @@ class Ring:
         self._head = 0
 
     def arrange(self, units: list[Unit]) -> Schedule:
-        """The schedule of a pass that called ``units`` in this order: each call's place, the laps
-        of :func:`lay_out`. Units the ring holds at none of their places are forgotten (copied
-        again, to their places), so the next pass already runs in them."""
+        """The schedule of a pass that called ``units`` in this order: each call's place in each
+        pass of the cycle, the laps of :func:`lay_out_cycle`. Units the ring holds at none of their
+        places are forgotten (copied again, to their places), so the next pass already runs in them."""
         sizes = [align_up(u.size) for u in units]
-        schedule = Schedule(list(units), sizes, lay_out(sizes, self.pool_bytes))
+        schedule = Schedule(list(units), sizes, lay_out_cycle(sizes, self.pool_bytes))
         places: dict[int, set[int]] = {}
-        for unit, place in zip(units, schedule.places, strict=True):
-            places.setdefault(id(unit), set()).add(place)
+        for cycle_pass in schedule.places:
+            for unit, place in zip(units, cycle_pass, strict=True):
+                places.setdefault(id(unit), set()).add(place)
         for unit in units:
             if unit.offset is not None and unit.offset not in places[id(unit)] and unit is not self.current:
                 self._drop(unit)
@@ -179,7 +193,7 @@ class Ring:
                 break
             if unit.valid and unit.offset is not None:
                 unit.pending = unit is not self.current  # held from before: kept until it is used
-            elif self.fetch(unit, demand=False, place=schedule.places[i]):
+            elif self.fetch(unit, demand=False, place=schedule.place(k)):
                 unit.pending = True
             else:
                 break

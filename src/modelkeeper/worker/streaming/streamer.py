@@ -210,7 +210,9 @@ class Streamer:
                 if self._root != root:
                     return
                 old = self._order.get(root)
-                if self._trace and (old is None or not old.same(self._trace)):
+                if self._trace and old is not None and old.same(self._trace):
+                    old.advance()  # the next pass of the cycle
+                elif self._trace:
                     self._order[root] = self.ring.arrange(self._trace)  # the places from the next pass on
                 self._trace = self._root = None
                 for unit in self._streamed:  # at rest: none in use, none waiting for its call
@@ -261,7 +263,7 @@ class Streamer:
         for i in range(self._pos, len(order.units)):
             if order.units[i] is unit:
                 self._pos = i + 1
-                return order.places[i]
+                return order.place(i)
         return None
 
     def settle(self) -> None:
