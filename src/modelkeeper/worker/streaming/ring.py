@@ -3,13 +3,13 @@
 Once a pass has recorded the order of its units, each call of a unit has a fixed place in each pass
 of a short cycle (:meth:`Ring.arrange`, the laps of
 :func:`~modelkeeper.worker.streaming.plan.lay_out_cycle`): every cycle puts each unit where the last
-one did and finds its parameter views made, at any ring size. A unit
-with no place (the first pass, a unit the recorded order lacks) goes at the head, first fit in ring
-order around what is in use or prefetched. Every place is ALIGN-aligned (each weight keeps the address
-alignment of the resident load). Copies run on a side stream (:class:`Link`); each place is fenced
-by the compute that last read it, so a later copy into the same bytes waits for it on the GPU (no
-host synchronisation). What the ring holds stays valid while its host copies are unchanged (same
-address, same version counter).
+one did and finds its parameter views made, at any ring size. A unit with no place (the first pass,
+a unit the recorded order lacks) goes at the head, first fit in ring order around what is in use or
+prefetched. Every place is ALIGN-aligned (each weight keeps the address alignment of the resident
+load). Copies run on a side stream (:class:`Link`); each place is fenced by the compute that last
+read it, so a later copy into the same bytes waits for it on the GPU (no host synchronisation).
+What the ring holds stays valid while its host copies are unchanged (same address, same version
+counter).
 """
 
 from __future__ import annotations

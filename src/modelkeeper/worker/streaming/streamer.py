@@ -4,12 +4,13 @@ rest through the hooks of its units.
 - a forward pre-hook on each streamed unit makes sure it is in the ring (a copy on a side stream,
   issued earlier by a prefetch when the order of calls is known), makes the compute stream wait for
   that copy, points the unit's parameters at their ring views, and prefetches the next streamed
-  units into the free part of the ring, past the end of the order into the next pass's first units
-  (the copy engine keeps working while a pass's tail computes);
+  units to their places while those are free, past the end of the order into the next pass's
+  first units (the copy engine keeps working while a pass's tail computes);
 - a forward post-hook records when the compute that reads the unit has been issued, so a later copy
   into the same bytes waits for it on the GPU (no host synchronisation anywhere);
 - the module's forward (a *pass*) records the order of unit calls, which the next pass prefetches
-  by; its end points every parameter back at its host copy (the state at rest, which LoRAs patch).
+  by, each call at its place in the ring (laid out once per order: :meth:`Ring.arrange`); its end
+  points every parameter back at its host copy (the state at rest, which LoRAs patch).
 
 Which units stay resident is :mod:`~modelkeeper.worker.streaming.plan`'s; where they go in the ring
 is :mod:`~modelkeeper.worker.streaming.ring`'s.
@@ -38,7 +39,8 @@ from modelkeeper.worker.streaming.units import (
 )
 
 #: The ring holds at least three of the largest units (one in use, the next arriving, the wrap);
-#: beyond that it prefetches up to this many bytes ahead (``MODELKEEPER_STREAM_POOL_MB``), capped at the streamed total.
+#: beyond that it may take up to this many bytes (``MODELKEEPER_STREAM_POOL_MB``), capped at the
+#: streamed total and cut to whole laps (``plan.pool_size``): the prefetch runs about a lap ahead.
 POOL_TARGET = int(float(os.environ.get("MODELKEEPER_STREAM_POOL_MB", "0")) * 1024 * 1024)
 
 
@@ -49,8 +51,9 @@ class Streamer:
     no unit holds, is resident whatever the cap); ``device_budget``: bytes the resident weights and
     the ring may take together. ``pinned``: whether a host tensor may be copied from as it is
     (page-locked); otherwise a streamed unit's weights are copied once into a pinned buffer of
-    their own (CUDA). ``pool_bytes``: the bytes the ring may prefetch ahead (it holds at least three of the largest
-    streamed units; default ``MODELKEEPER_STREAM_POOL_MB``).
+    their own (CUDA). ``pool_bytes``: the bytes the ring may take (at least three of the largest
+    streamed units, cut to whole laps: :func:`~modelkeeper.worker.streaming.plan.pool_size`;
+    default ``MODELKEEPER_STREAM_POOL_MB``).
     Call :meth:`close` before dropping the module.
     """
 
