@@ -255,3 +255,26 @@ def test_a_pass_order_that_changes_stays_exact_and_settles_again(
     for path, _ in paths[:2] * 2:  # orders that alternate: exact, whatever they cost
         run(module, s, path, 1)
     s.close()
+
+
+@pytest.mark.parametrize(
+    "ring", [None, 5, 13, 40], ids=lambda r: "default ring" if r is None else f"{r} largest"
+)
+def test_random_orders_stay_exact(one_unit_per_layer: None, ring: int | None) -> None:
+    """Paths drawn at random (subsets, shuffles, units called many times, repeats of the last path):
+    whatever the ring holds and wherever, every pass computes with the right bytes."""
+    rng = random.Random(ring or 0)
+    module, s = stream(None if ring is None else ring * largest_unit())
+    n = len(WIDTHS)
+    path: list[int] = list(range(n))
+    for _ in range(15):
+        draw = rng.random()
+        if draw < 0.2:
+            path = sorted(rng.sample(range(n), rng.randint(1, n)))
+        elif draw < 0.4:
+            path = list(range(n))
+            rng.shuffle(path)
+        elif draw < 0.6:
+            path = [rng.randrange(n) for _ in range(rng.randint(1, 2 * n))]
+        run(module, s, path, 1)  # else the same path again
+    s.close()
