@@ -86,14 +86,16 @@ def _laps(sizes: Sequence[int], ring: int) -> tuple[list[int], int]:
     for size in sizes:
         ends.append(ends[-1] + size)
     n = len(sizes)
-    shortest = [ring + 1] + [-1] * n  # the longest shortest lap of the first i units
-    cut = [0] * (n + 1)  # where the last lap of the first i units starts
+    # best[i]: for the first i units, the longest shortest lap and, of those, the fewest laps (as
+    # its negative: the longer the laps the deeper the prefetch); cut[i]: where their last lap starts
+    best = [(ring + 1, 0)] + [(-1, 0)] * n
+    cut = [0] * (n + 1)
     for i in range(1, n + 1):
         j = i - 1
         while j >= 0 and ends[i] - ends[j] <= ring:
-            score = min(shortest[j], ends[i] - ends[j])
-            if score > shortest[i]:
-                shortest[i], cut[i] = score, j
+            score = (min(best[j][0], ends[i] - ends[j]), best[j][1] - 1)
+            if score > best[i]:
+                best[i], cut[i] = score, j
             j -= 1
     offsets = [0] * n
     i = n
@@ -102,7 +104,7 @@ def _laps(sizes: Sequence[int], ring: int) -> tuple[list[int], int]:
         for k in range(j, i):
             offsets[k] = ends[k] - ends[j]
         i = j
-    return offsets, shortest[n] if n else 0
+    return offsets, best[n][0] if n else 0
 
 
 def lay_out(sizes: Sequence[int], ring: int) -> list[int]:
@@ -113,7 +115,7 @@ def lay_out(sizes: Sequence[int], ring: int) -> list[int]:
     While a unit computes, the prefetch runs through the rest of its lap and into the next lap up
     to that unit's place (the next lap's places free as this lap's units are used): about a lap
     ahead. So the laps are cut to make the shortest one as long as it can be (a short lap starves
-    the prefetch)."""
+    the prefetch), and of those cuts, into the fewest laps."""
     return _laps(sizes, ring)[0]
 
 
@@ -129,6 +131,8 @@ def lay_out_cycle(sizes: Sequence[int], ring: int) -> list[list[int]]:
     rings); a longer one spreads that over more laps (two passes: five laps of 0.96). Of the
     cycles of one to :data:`CYCLE` passes, the one whose shortest lap is longest, the shortest
     cycle on a tie."""
+    if sum(sizes) <= ring:
+        return [lay_out(sizes, ring)]  # one lap holds the pass: every unit stays where it is
     best: tuple[int, list[list[int]]] | None = None
     n = len(sizes)
     for passes in range(1, CYCLE + 1):
