@@ -32,8 +32,12 @@ parameter views made and the units fetched on demand in the timed steps (both 0 
 has settled). ``ideal`` is the back-to-back step of an ideal schedule with the same ring, resident
 units and copy speed (``ideal_step``, from the resident step's per-unit compute times): the measured
 ``b2b ms`` above it is the implementation's cost (host work, waits, fragmentation), the ideal above
-the resident step is the ring's and the link's; a line per model gives the ideal at 0% resident
-for several ring sizes. ``--storage-dtype float8_e4m3fn`` loads every modelkeeper mode packed (fp8 weights
+the resident step is the ring's and the link's. ``laps`` is the same ideal for the streamer's own
+layout (each unit at its place in the laps of ``lay_out``, a copy waiting for the units last at its
+bytes): above ``ideal``, the cost of fixed places against a first-in-first-out ring. ``depth`` is the
+most units the streamer had prefetched ahead at once. A line per model gives both ideals at 0%
+resident for several ring sizes. ``--pools`` sets ``MODELKEEPER_STREAM_POOL_MB``'s target; the
+``ring`` column is the ring the streamer took (a larger target is cut to whole laps). ``--storage-dtype float8_e4m3fn`` loads every modelkeeper mode packed (fp8 weights
 streamed packed, decoded on the device).
 """
 
@@ -56,7 +60,6 @@ from modelkeeper.protocol import CommandType
 from modelkeeper.worker import InProcessWorker, streaming
 from modelkeeper.worker.streaming import ALIGN, Streamer
 from modelkeeper.worker.streaming import streamer as streamer_module
-from modelkeeper.worker.streaming.units import align_up
 
 GB = 1e9
 NOTES: list[str] = []  # lines for the report beside the table
@@ -256,31 +259,63 @@ def unit_timeline(
     return timeline, ms(marks[-2][1], marks[-1][1])
 
 
-def ideal_step(timeline: tuple[Timeline, float], streamed: dict[str, int], ring: int, gb_s: float) -> float:
+def ideal_step(
+    timeline: tuple[Timeline, float],
+    streamed: dict[str, int],
+    ring: int,
+    gb_s: float,
+    places: list[dict[str, int]] | None = None,
+) -> float:
     """ms of a step issued back to back under the ideal schedule: one copy engine at ``gb_s`` copying
     the ``streamed`` units (name -> bytes) in call order, each as soon as the engine is free and the
     ring (first in, first out; ``ring`` bytes) has room, room a unit's bytes give back once its compute
     ends; the compute of a unit waits for its copy. No host time, no ring fragmentation: a floor for
-    the streamer's schedule, the same for any implementation with this ring."""
+    the streamer's schedule, the same for any implementation with this ring. With ``places`` (per
+    pass of the streamer's cycle, name -> offset in the ring: ``lay_out_cycle``) a copy waits instead
+    for the compute of the units last at its bytes: the floor of that layout."""
     units, tail = timeline
+    cycle = len(places) if places else 1
     compute = copy = 0.0
-    alive: list[tuple[int, float]] = []  # (bytes, compute end) of units in the ring, oldest first
-    ends = []
-    for _ in range(3):  # the third step is the steady state
+    alive: list[tuple[int, int, float]] = []  # (start, end, compute end) of units in the ring, oldest first
+    ends = [0.0]
+    for step in range(3 * cycle):  # the last cycle is the steady state
         for name, before, own in units:
             ready = 0.0
             size = streamed.get(name)
+            at = 0 if places is None else places[step % cycle].get(name, 0)
             if size is not None:
                 start = copy
-                while alive and sum(b for b, _ in alive) + size > ring:
-                    start = max(start, alive.pop(0)[1])
+                if places is None:
+                    while alive and sum(b - a for a, b, _ in alive) + size > ring:
+                        start = max(start, alive.pop(0)[2])
+                else:
+                    for held in [h for h in alive if h[0] < at + size and at < h[1]]:
+                        start = max(start, held[2])
+                        alive.remove(held)
                 copy = ready = start + size / (gb_s * GB) * 1e3
             compute = max(compute + before, ready) + own
             if size is not None:
-                alive.append((size, compute))
+                alive.append((at, at + size, compute))
         compute += tail
         ends.append(compute)
-    return ends[-1] - ends[-2]
+    return (ends[-1] - ends[-1 - cycle]) / cycle
+
+
+def laps_of(order: list[tuple[str, int]], ring: int) -> list[dict[str, int]]:
+    """The streamer's places for ``order`` ((name, bytes) in call order) in a ring of ``ring`` bytes,
+    per pass of its cycle."""
+    return [
+        places_of([name for name, _ in order], cycle_pass)
+        for cycle_pass in streaming.lay_out_cycle([size for _, size in order], ring)
+    ]
+
+
+def places_of(names: list[str], places: list[int]) -> dict[str, int]:
+    """name -> place of its first call."""
+    found: dict[str, int] = {}
+    for name, at in zip(names, places, strict=True):
+        found.setdefault(name, at)
+    return found
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -384,26 +419,42 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                 gbs = stream.streamed_bytes / t / GB
                 copy_gb_s = copy_only(stream, device)
                 bw = copy_gb_s or args.assume_gb_s
-                order = next(iter(stream._order.values()), [])
+                schedule = next(iter(stream._order.values()), None)
+                order = (
+                    []
+                    if schedule is None
+                    else [(u.name, size) for u, size in zip(schedule.units, schedule.sizes, strict=True)]
+                )
                 if timeline is None and not args.free_resident and len(stream._order) == 1:
                     all_units = [u.name for u in streaming.find_units(resident, class_name)]
                     timeline = unit_timeline(resident, all_units, lambda: out(resident), device)
-                ideal = None
+                ideal = laps = None
                 if timeline is not None and order:
-                    sizes = {u.name: align_up(u.size) for u in order}
+                    sizes = dict(order)
                     ideal = ideal_step(timeline, sizes, stream.pool_bytes, bw) / 1e3
+                    assert schedule is not None
+                    names = [u.name for u in schedule.units]
+                    places = [places_of(names, cycle_pass) for cycle_pass in schedule.places]
+                    laps = ideal_step(timeline, sizes, stream.pool_bytes, bw, places) / 1e3
                     if fraction == 0 and pool_mb == args.pools[0]:
                         rings = [stream.pool_bytes, *(int(g * GB) for g in (0.5, 1, 2, 4))]
                         sims = ", ".join(
-                            f"{r / GB:.2g} GB {ideal_step(timeline, sizes, r, bw):.0f} ms" for r in rings
+                            f"{r / GB:.2g} GB {ideal_step(timeline, sizes, r, bw):.0f} ms"
+                            f" (laps {ideal_step(timeline, sizes, r, bw, laps_of(order, r)):.0f} ms)"
+                            for r in rings
+                            if r >= max(sizes.values())
                         )
-                        NOTES.append(f"  {name} 0% resident, ideal back-to-back step by ring size: {sims}")
+                        NOTES.append(
+                            f"  {name} 0% resident, ideal back-to-back step by ring size, first in first out"
+                            f" (and in the streamer's laps): {sims}"
+                        )
                 ring = f", ring {pool_mb:g} MB" if pool_mb else ""
                 rows.append({"model": name, "mode": f"modelkeeper {int(fraction * 100)}% resident{ring}",
                              "resident_gb": stream.resident_bytes / GB, "streamed_gb": stream.streamed_bytes / GB,
                              "pool_gb": stream.pool_bytes / GB, "ms": t * 1e3, "ratio": t / base, "gb_s": gbs,
                              "b2b_ms": t_b2b * 1e3, "b2b_ratio": t_b2b / base_b2b,
                              "ideal_ms": None if ideal is None else ideal * 1e3,
+                             "laps_ms": None if laps is None else laps * 1e3, "depth": stream.stats.depth,
                              "copy_gb_s": copy_gb_s, "exact": exact, "diff": gap,
                              "misses": misses, "views": views,
                              "align": None if args.free_resident else misaligned(stream, resident)})  # fmt: skip
@@ -488,7 +539,7 @@ TARGETS = (
 def report(rows: list[dict[str, Any]], raw: float, settings: str) -> str:
     lines = [f"raw pinned host-to-device: {raw:.1f} GB/s; {settings}", ""]
     head = (f"{'model':6} {'mode':48} {'resident':>9} {'streamed':>9} {'ring':>6} {'step ms':>9} {'x res':>6} "
-            f"{'b2b ms':>8} {'x res':>6} {'ideal':>6} {'GB/s':>6} {'copy GB/s':>9} {'misses':>6} {'views':>5} {'align':>5} exact (max diff)")  # fmt: skip
+            f"{'b2b ms':>8} {'x res':>6} {'ideal':>6} {'laps':>6} {'GB/s':>6} {'copy GB/s':>9} {'misses':>6} {'views':>5} {'depth':>5} {'align':>5} exact (max diff)")  # fmt: skip
     lines += [head, "-" * len(head)]
     for r in rows:
         align = "" if r.get("align") is None else str(r["align"])
@@ -496,7 +547,9 @@ def report(rows: list[dict[str, Any]], raw: float, settings: str) -> str:
             f"{r['model']:6} {r['mode']:48} {r['resident_gb']:8.2f}G {r['streamed_gb']:8.2f}G {r['pool_gb']:5.2f}G "
             f"{r['ms']:9.1f} {r.get('ratio', 1.0):6.2f} {r.get('b2b_ms', 0.0):8.1f} {r.get('b2b_ratio', 0.0):6.2f} "
             f"{'' if r.get('ideal_ms') is None else format(r['ideal_ms'], '.1f'):>6} "
+            f"{'' if r.get('laps_ms') is None else format(r['laps_ms'], '.1f'):>6} "
             f"{r.get('gb_s', 0.0):6.1f} {r.get('copy_gb_s', 0.0):9.1f} {r.get('misses', ''):>6} {r.get('views', ''):>5} "
+            f"{r.get('depth', ''):>5} "
             f"{align:>5} {'yes' if r['exact'] else 'NO'} ({r.get('diff', 0.0):.2g}){' ' + r['note'] if r.get('note') else ''}"
         )
     lines += ["", *NOTES, "", "targets (issue 17):"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from modelkeeper.testing import DemoManifest, make_text_encoder, make_vae
 from modelkeeper.worker import InProcessWorker
 from modelkeeper.worker.device import MiB
 from modelkeeper.worker.streaming import Streamer, choose_resident, find_units, resident_limit
+from modelkeeper.worker.streaming.plan import CYCLE
 
 from .conftest import load_data as demo_load
 
@@ -97,27 +99,52 @@ def test_streamed_unet_is_bit_identical_at_every_budget(
         worker.call(CommandType.UNLOAD_MODEL, {"name": name})
 
 
-@pytest.mark.parametrize("fraction", [0.5, 0.0])
+@pytest.mark.parametrize(
+    ("fraction", "ring"),
+    [(0.5, 1.0), (0.0, 1.0), (0.0, 5 / 3)],
+    ids=["50%", "0%", "0%, ring of five of the largest"],  # at 50% such a ring would hold every block
+)
 def test_passes_repeat_their_placements_with_no_host_work_after_the_first(
-    worker: InProcessWorker, demo: DemoManifest, worker_device: str, fraction: float
+    worker: InProcessWorker,
+    demo: DemoManifest,
+    worker_device: str,
+    monkeypatch: pytest.MonkeyPatch,
+    fraction: float,
+    ring: float,
 ) -> None:
-    """Once the ring's places repeat (a pass or a cycle of two; the first pass records the order),
-    every unit arrives ahead of its use (no miss) at a place of the ring it held before (no new
-    parameter views): the hooks allocate nothing per step."""
+    """Once the first pass has recorded the order, each unit has its place in the ring in each pass
+    of a cycle: every unit arrives ahead of its use (no miss) at a place it held before (no new
+    parameter views), with
+    the default ring (three of the largest units) as with a larger one (``MODELKEEPER_STREAM_POOL_MB``:
+    five of the largest, two thirds of the streamed bytes, cut to two laps), and the outputs stay
+    exact."""
     entry = demo["sdxl-unet"]
     cap = int(fraction * 2 * entry.size_bytes)  # the file is fp16, the load float32
+    worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="ref"))
+    want = run_unet(worker.module("ref"), worker_device)
+    if ring > 1:  # the default ring is three of the largest units: ask for more
+        worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=cap))
+        default = info(worker, "s")["streaming"]["pool_bytes"]
+        worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
+        monkeypatch.setattr("modelkeeper.worker.streaming.streamer.POOL_TARGET", int(ring * default))
     worker.call(CommandType.LOAD_UNET, load_data(entry, demo.root, name="s", offload=cap))
     module = worker.module("s")
-    for _ in range(5):
-        run_unet(module, worker_device)
+    for _ in range(1 + CYCLE):  # the first pass records the order, a cycle of passes places every unit
+        assert torch.equal(run_unet(module, worker_device), want)
     before = info(worker, "s")["streaming"]
-    for _ in range(3):
-        run_unet(module, worker_device)
+    cycles = math.lcm(*range(1, CYCLE + 1))  # whole cycles: a unit is copied once a pass on average
+    for _ in range(cycles):
+        assert torch.equal(run_unet(module, worker_device), want)
     after = info(worker, "s")["streaming"]
-    assert after["passes"] == before["passes"] + 3
+    assert after["passes"] == before["passes"] + cycles
     assert (after["misses"], after["views"]) == (before["misses"], before["views"])
-    assert after["copied_bytes"] - before["copied_bytes"] <= 3 * 1.01 * info(worker, "s")["streamed_bytes"]
-    worker.call(CommandType.UNLOAD_MODEL, {"name": "s"})
+    copied = after["copied_bytes"] - before["copied_bytes"]
+    assert copied <= cycles * 1.01 * info(worker, "s")["streamed_bytes"]
+    assert info(worker, "s")["streamed_bytes"] > after["pool_bytes"]
+    if ring > 1:
+        assert after["pool_bytes"] > default
+    for name in ("ref", "s"):
+        worker.call(CommandType.UNLOAD_MODEL, {"name": name})
 
 
 def test_budget_counts_resident_weights_and_ring(worker: InProcessWorker, demo: DemoManifest) -> None:

@@ -1,12 +1,15 @@
 """The ring: one device buffer that streamed units are copied into just ahead of their use.
 
-Units are placed at the head, first fit in ring order around what is in use or prefetched; a pass's
-first unit goes to the ring's start, so every pass places its units where the last one did and
-finds their parameter views made. Every place is ALIGN-aligned (each weight keeps the address
-alignment of the resident load). Copies run on a side stream (:class:`Link`); each place is fenced
-by the compute that last read it, so a later copy into the same bytes waits for it on the GPU (no
-host synchronisation). What the ring holds stays valid while its host copies are unchanged (same
-address, same version counter).
+Once a pass has recorded the order of its units, each call of a unit has a fixed place in each pass
+of a short cycle (:meth:`Ring.arrange`, the laps of
+:func:`~modelkeeper.worker.streaming.plan.lay_out_cycle`): every cycle puts each unit where the last
+one did and finds its parameter views made, at any ring size. A unit with no place (the first pass,
+a unit the recorded order lacks) goes at the head, first fit in ring order around what is in use or
+prefetched. Every place is ALIGN-aligned (each weight keeps the address alignment of the resident
+load). Copies run on a side stream (:class:`Link`); each place is fenced by the compute that last
+read it, so a later copy into the same bytes waits for it on the GPU (no host synchronisation).
+What the ring holds stays valid while its host copies are unchanged (same address, same version
+counter).
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from typing import Any
 
 import torch
 
+from modelkeeper.worker.streaming.plan import lay_out_cycle
 from modelkeeper.worker.streaming.units import Unit, align_up, param_view, plan_copy
 
-#: Ring positions whose parameter views a unit keeps (placements repeat from pass to pass; a view
-#: costs a few microseconds of host time per weight, a thousand and more weights a pass).
-VIEW_CACHE = 4
+#: Ring positions whose parameter views a unit keeps (once a pass is recorded a unit has a place per
+#: pass of the cycle, ``plan.CYCLE`` at most, and per call if a pass calls it twice; a few more serve
+#: the first passes and orders that alternate; a view costs a few microseconds of host time per
+#: weight, a thousand and more a pass).
+VIEW_CACHE = 8
 
 
 class Link:
@@ -79,6 +85,31 @@ class _Region:
         return self.unit.done if self.unit is not None else self.fence
 
 
+@dataclass(eq=False)
+class Schedule:
+    """A pass as recorded: its units in the order of their calls (a unit called twice, twice), the
+    ring bytes each takes and where each call puts it in each pass of the cycle
+    (:meth:`Ring.arrange`); ``phase``: the pass of the cycle that runs now (or runs next, at rest)."""
+
+    units: list[Unit]
+    sizes: list[int]
+    places: list[list[int]]
+    phase: int = 0
+
+    def same(self, units: list[Unit]) -> bool:
+        """Whether ``units`` (a pass just recorded) would be laid out as this one."""
+        return self.units == units and self.sizes == [align_up(u.size) for u in units]
+
+    def place(self, k: int) -> int:
+        """The place of call ``k`` of this pass (past its end: of the next passes)."""
+        n = len(self.units)
+        return self.places[(self.phase + k // n) % len(self.places)][k % n]
+
+    def advance(self) -> None:
+        """The pass ended: the next one is the cycle's next."""
+        self.phase = (self.phase + 1) % len(self.places)
+
+
 @dataclass
 class StreamStats:
     """What a streamer has done since its load (a model's info shows it as ``streaming``)."""
@@ -88,6 +119,7 @@ class StreamStats:
     misses: int = 0  # fetched on demand, not ahead
     bytes: int = 0  # copied into the ring
     views: int = 0  # parameter views made over the ring (host work; none once placements repeat)
+    depth: int = 0  # the most units prefetched ahead at once (arrived or on their way, not yet used)
 
 
 def release(unit: Unit) -> None:
@@ -128,23 +160,45 @@ class Ring:
         self.current: Unit | None = None  # the unit whose compute is being issued
         self._head = 0
 
-    def prefetch(self, order: list[Unit], start: int) -> None:
-        """Fetch the next units of ``order`` from ``start`` that the ring can take, and past the
-        order's end the next pass's first ones: the copy engine keeps working through this pass's
-        tail (a look no further ahead than the ring is long: each hook runs this)."""
+    def arrange(self, units: list[Unit]) -> Schedule:
+        """The schedule of a pass that called ``units`` in this order: each call's place in each
+        pass of the cycle, the laps of :func:`lay_out_cycle`. Units the ring holds at none of their
+        places are forgotten (copied again, to their places), so the next pass already runs in them."""
+        sizes = [align_up(u.size) for u in units]
+        schedule = Schedule(list(units), sizes, lay_out_cycle(sizes, self.pool_bytes))
+        places: dict[int, set[int]] = {}
+        for cycle_pass in schedule.places:
+            for unit, place in zip(units, cycle_pass, strict=True):
+                places.setdefault(id(unit), set()).add(place)
+        for unit in units:
+            if unit.offset is not None and unit.offset not in places[id(unit)] and unit is not self.current:
+                self._drop(unit)
+        return schedule
+
+    def prefetch(self, schedule: Schedule | None, start: int) -> None:
+        """Fetch the next units of ``schedule`` from ``start``, in order, while their places are
+        free (no unit in use or prefetched there), and past its end the next pass's first ones:
+        the copy engine keeps working through this pass's tail (a look no further ahead than the
+        ring is long: each hook runs this)."""
+        if schedule is None:
+            return
         reach = self.pool_bytes
-        n = len(order)
+        ahead = 0
+        n = len(schedule.units)
         for k in range(start, start + n if self.wraps else n):
-            unit = order[k % n]
-            reach -= align_up(unit.size)
+            i = k % n
+            unit = schedule.units[i]
+            reach -= schedule.sizes[i]
             if reach < 0:
-                return
+                break
             if unit.valid and unit.offset is not None:
                 unit.pending = unit is not self.current  # held from before: kept until it is used
-                continue
-            if not self.fetch(unit, demand=False, first=k % n == 0):
-                return
-            unit.pending = True
+            elif self.fetch(unit, demand=False, place=schedule.place(k)):
+                unit.pending = True
+            else:
+                break
+            ahead += unit.pending
+        self.stats.depth = max(self.stats.depth, ahead)
 
     def use(self, unit: Unit) -> None:
         """Make the compute stream wait for ``unit``'s copy and point its parameters at their ring
@@ -182,16 +236,24 @@ class Ring:
             and all(w.host._version == v for w, v in zip(unit.weights, unit.versions, strict=True))
         )
 
-    def fetch(self, unit: Unit, *, demand: bool, first: bool = False) -> bool:
-        """Copy ``unit`` into the ring; False (nothing done) when a prefetch finds no free room.
-        ``first``: the first unit of a pass, placed at the ring's start when that is free, so each
-        pass places its units as the last one did (and finds their views made)."""
+    def fetch(self, unit: Unit, *, demand: bool, place: int | None = None) -> bool:
+        """Copy ``unit`` into the ring, at ``place`` (its schedule's) when it has one; False
+        (nothing done) when a prefetch finds its place, or with none any room, in use or
+        prefetched. A demand fetch whose place is taken goes elsewhere (first fit), and
+        overwrites as a last resort."""
         if not unit.runs or self._moved(unit):
             unit.runs, unit.where, unit.size = plan_copy(unit.weights, self.anchors)
             unit.ptrs = [w.host.data_ptr() for w in unit.weights]
             unit.views = {}
         size = align_up(unit.size)  # every place in the ring ALIGN-aligned: plan_copy's offsets hold there
-        start = self._room(size, demand, 0 if first else self._head)
+        if place is not None and place + size > self.pool_bytes:
+            place = None  # a size changed since the schedule was laid out (a LoRA re-planned it)
+        if place is not None and self._clear(self._taken(), place, size):
+            start: int | None = place
+        elif place is not None and not demand:
+            return False  # wait for the place: the order's next units stay where they are
+        else:
+            start = self._room(size, demand, self._head)
         if start is None:
             return False
         hit = [r for r in self._regions if r.start < start + size and start < r.end]
@@ -211,19 +273,25 @@ class Ring:
         self.stats.bytes += unit.size
         return True
 
+    def _taken(self) -> list[_Region]:
+        """The regions of units in use or prefetched (a copy may not land there)."""
+        return [r for r in self._regions if r.unit is not None and (r.unit.pending or r.unit is self.current)]
+
+    @staticmethod
+    def _clear(regions: list[_Region], start: int, size: int) -> bool:
+        return not any(r.start < start + size and start < r.end for r in regions)
+
     def _room(self, size: int, demand: bool, head: int) -> int | None:
         """Where ``size`` bytes go: the first place from ``head`` on, in ring order, that holds no
         unit in use or prefetched (a demand fetch takes the head, or the start, whatever is there)."""
-        busy = [r for r in self._regions if r.unit is not None and (r.unit.pending or r.unit is self.current)]
-        if head + size <= self.pool_bytes and not any(r.start < head + size and head < r.end for r in busy):
+        busy = self._taken()
+        if head + size <= self.pool_bytes and self._clear(busy, head, size):
             return head  # the usual case: the ring is filled in order
         candidates = sorted(
             {head, 0, *(r.end for r in busy)}, key=lambda c: (c - head) % (self.pool_bytes or 1)
         )
         for start in candidates:
-            if start + size <= self.pool_bytes and not any(
-                r.start < start + size and start < r.end for r in busy
-            ):
+            if start + size <= self.pool_bytes and self._clear(busy, start, size):
                 return start
         if demand:
             return head if head + size <= self.pool_bytes else 0

@@ -4,12 +4,13 @@ rest through the hooks of its units.
 - a forward pre-hook on each streamed unit makes sure it is in the ring (a copy on a side stream,
   issued earlier by a prefetch when the order of calls is known), makes the compute stream wait for
   that copy, points the unit's parameters at their ring views, and prefetches the next streamed
-  units into the free part of the ring, past the end of the order into the next pass's first units
-  (the copy engine keeps working while a pass's tail computes);
+  units to their places while those are free, past the end of the order into the next pass's
+  first units (the copy engine keeps working while a pass's tail computes);
 - a forward post-hook records when the compute that reads the unit has been issued, so a later copy
   into the same bytes waits for it on the GPU (no host synchronisation anywhere);
 - the module's forward (a *pass*) records the order of unit calls, which the next pass prefetches
-  by; its end points every parameter back at its host copy (the state at rest, which LoRAs patch).
+  by, each call at its place in the ring (laid out once per order: :meth:`Ring.arrange`); its end
+  points every parameter back at its host copy (the state at rest, which LoRAs patch).
 
 Which units stay resident is :mod:`~modelkeeper.worker.streaming.plan`'s; where they go in the ring
 is :mod:`~modelkeeper.worker.streaming.ring`'s.
@@ -25,8 +26,8 @@ from typing import Any
 import torch
 
 from modelkeeper.worker import storage
-from modelkeeper.worker.streaming.plan import choose_resident, pool_size, ring_pays
-from modelkeeper.worker.streaming.ring import Link, Ring, StreamStats, release
+from modelkeeper.worker.streaming.plan import choose_resident, pool_limit, pool_size, ring_pays
+from modelkeeper.worker.streaming.ring import Link, Ring, Schedule, StreamStats, release
 from modelkeeper.worker.streaming.units import (
     PASS_ROOTS,
     Unit,
@@ -38,7 +39,8 @@ from modelkeeper.worker.streaming.units import (
 )
 
 #: The ring holds at least three of the largest units (one in use, the next arriving, the wrap);
-#: beyond that it prefetches up to this many bytes ahead (``MODELKEEPER_STREAM_POOL_MB``), capped at the streamed total.
+#: beyond that it may take up to this many bytes (``MODELKEEPER_STREAM_POOL_MB``), capped at the
+#: streamed total and cut to whole laps (``plan.pool_size``): the prefetch runs about a lap ahead.
 POOL_TARGET = int(float(os.environ.get("MODELKEEPER_STREAM_POOL_MB", "0")) * 1024 * 1024)
 
 
@@ -49,8 +51,9 @@ class Streamer:
     no unit holds, is resident whatever the cap); ``device_budget``: bytes the resident weights and
     the ring may take together. ``pinned``: whether a host tensor may be copied from as it is
     (page-locked); otherwise a streamed unit's weights are copied once into a pinned buffer of
-    their own (CUDA). ``pool_bytes``: the bytes the ring may prefetch ahead (it holds at least three of the largest
-    streamed units; default ``MODELKEEPER_STREAM_POOL_MB``).
+    their own (CUDA). ``pool_bytes``: the bytes the ring may take (at least three of the largest
+    streamed units, cut to whole laps: :func:`~modelkeeper.worker.streaming.plan.pool_size`;
+    default ``MODELKEEPER_STREAM_POOL_MB``).
     Call :meth:`close` before dropping the module.
     """
 
@@ -93,7 +96,7 @@ class Streamer:
         )
         budget = resident_cap - self.rest_bytes
         if device_budget is not None:  # the ring as if every unit streamed: an upper bound
-            budget = min(budget, device_budget - self.rest_bytes - pool_size(self.units, target))
+            budget = min(budget, device_budget - self.rest_bytes - pool_limit(self.units, target))
         resident = ring_pays(self.units, choose_resident(sizes, budget, keep=keep), target)
         for i, unit in enumerate(self.units):
             unit.resident = i in resident
@@ -110,7 +113,7 @@ class Streamer:
         # pass's end into the next; a VAE's encoder is not followed by another encode
         wraps = len(PASS_ROOTS.get(class_name, ("",))) == 1
         self.ring = Ring(device, self.pool_bytes, self._link, self._anchors, self.stats, wraps=wraps)
-        self._order: dict[int, list[Unit]] = {}
+        self._order: dict[int, Schedule] = {}  # per pass root: the last pass as recorded
         self._trace: list[Unit] | None = None
         self._root: int | None = None
         self._pos = 0
@@ -144,7 +147,7 @@ class Streamer:
             "pool_bytes": self.pool_bytes, "units": len(self.units),
             "streamed_units": len(self._streamed), "passes": self.stats.passes,
             "fetches": self.stats.fetches, "misses": self.stats.misses, "copied_bytes": self.stats.bytes,
-            "views": self.stats.views,
+            "views": self.stats.views, "depth": self.stats.depth,
         }  # fmt: skip
 
     # ------------------------------------------------------------------ placement
@@ -200,7 +203,7 @@ class Streamer:
                 for unit in self._streamed:  # host copies change between passes only (LoRAs)
                     if unit.valid and not self.ring.held_ok(unit):
                         unit.valid = unit.pending = False
-                self.ring.prefetch(self._order.get(root, []), 0)
+                self.ring.prefetch(self._order.get(root), 0)
 
         return hook
 
@@ -209,16 +212,20 @@ class Streamer:
             with self._lock:
                 if self._root != root:
                     return
-                if self._trace:
-                    self._order[root] = self._trace
+                old = self._order.get(root)
+                if self._trace and old is not None and old.same(self._trace):
+                    old.advance()  # the next pass of the cycle
+                elif self._trace:
+                    self._order[root] = self.ring.arrange(self._trace)  # the places from the next pass on
                 self._trace = self._root = None
-                for unit in self._streamed:
+                for unit in self._streamed:  # at rest: none in use, none waiting for its call
                     if unit.active:
                         release(unit)
+                    unit.pending = False  # one prefetched and not called (the order changed) frees its place
                 self.ring.current = None
                 # the ring keeps what it holds (checked against the host copies before use) and
                 # the copy engine starts on the next pass while this one's tail computes
-                self.ring.prefetch(self._order.get(root, []), 0)
+                self.ring.prefetch(self._order.get(root), 0)
 
         return hook
 
@@ -228,14 +235,14 @@ class Streamer:
                 if unit.active:
                     self.ring.current = unit
                     return
-                order = self._order.get(self._root, []) if self._root is not None else []
+                order = self._order.get(self._root) if self._root is not None else None
                 if self._trace is not None and (not self._trace or self._trace[-1] is not unit):
                     self._trace.append(unit)
-                self._advance(order, unit)
+                place = self._advance(order, unit)
                 held = unit.valid and unit.offset is not None
                 if not (held if self._trace is not None else self.ring.held_ok(unit)):
                     self.stats.misses += 1
-                    self.ring.fetch(unit, demand=True, first=bool(order) and order[0] is unit)
+                    self.ring.fetch(unit, demand=True, place=place)
                 self.ring.use(unit)
                 self.ring.prefetch(order, self._pos)
 
@@ -251,15 +258,16 @@ class Streamer:
 
     # ------------------------------------------------------------------ the order and the state at rest
 
-    def _advance(self, order: list[Unit], unit: Unit) -> None:
-        """Move the position in the recorded order past ``unit`` (searching ahead if off track)."""
-        if self._pos < len(order) and order[self._pos] is unit:
-            self._pos += 1
-            return
-        for i in range(self._pos, len(order)):
-            if order[i] is unit:
+    def _advance(self, order: Schedule | None, unit: Unit) -> int | None:
+        """Move the position in the recorded order past ``unit`` (searching ahead if off track);
+        the place of this call, None when the order has no call of ``unit`` ahead."""
+        if order is None:
+            return None
+        for i in range(self._pos, len(order.units)):
+            if order.units[i] is unit:
                 self._pos = i + 1
-                return
+                return order.place(i)
+        return None
 
     def settle(self) -> None:
         """Point every streamed parameter back at its host copy and forget the ring's contents:

@@ -77,7 +77,7 @@ class Unit:
     versions: list[int] = field(default_factory=list)  # of the host tensors when last copied
     size: int = 0
     # ring state
-    offset: int | None = None
+    offset: int | None = None  # where the ring holds it
     valid: bool = False  # the ring holds this pass's copy
     pending: bool = False  # prefetched, not used yet
     active: bool = False  # parameters point at the ring
