@@ -407,16 +407,29 @@ def serve(models: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=(work / "serve.log").open("wb"))
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 180
+    answer: httpx.Response | None = None
     while time.monotonic() < end:
         try:
-            if httpx.get(f"{url}/health/ready").status_code == 200:
-                return proc, url
+            answer = httpx.get(f"{url}/health/ready")
         except httpx.HTTPError:
-            pass
+            answer = None
+        if answer is not None and answer.status_code == 200:
+            return proc, url
         if proc.poll() is not None:
             raise RuntimeError((work / "serve.log").read_text())
         time.sleep(0.2)
-    raise TimeoutError("the service did not start")
+    raise TimeoutError(f"the service did not get ready in 180 s: {answer.text if answer else 'no answer'}")
+
+
+def check_ready(url: str) -> None:
+    """Ready means the first scan registered the roots: the benchmark's model is known (a 404
+    here once broke the load loop right after ready). A failed first scan is ready too: say why."""
+    scan = httpx.get(f"{url}/health/ready").json()["scan"]
+    if scan["state"] == "failed":
+        raise RuntimeError(f"the service's first scan failed: {scan['error']}")
+    found = httpx.get(f"{url}/api/model/{MODEL}")
+    if found.status_code != 200:
+        raise RuntimeError(f"{MODEL} is not known once ready: {found.status_code} {found.text[:300]}")
 
 
 async def unit_costs(url: str, pid: int, streams: int = 50, events: int = 300) -> dict[str, float]:
@@ -540,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(measure(url, path, args.clients, rate, args.seconds, pid))
 
     try:
+        check_ready(url)
         with httpx.Client(base_url=url, timeout=120) as c:  # warm the worker: first load imports diffusers
             c.post(f"/api/model/{MODEL}/load", json={}).raise_for_status()
             c.post(f"/api/model/{MODEL}/unload", json={}).raise_for_status()
