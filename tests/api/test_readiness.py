@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,9 @@ import httpx
 import pytest
 
 from modelkeeper.discovery import Hasher, Scanner
-from modelkeeper.orchestrator import Orchestrator, Settings
 from modelkeeper.testing import DemoManifest
-from modelkeeper.testing.service import RunningService, running_service
-from modelkeeper.worker import InProcessWorker
-from tests.api.conftest import SDXL
+from modelkeeper.testing.service import RunningService
+from tests.api.conftest import SDXL, inprocess_service
 
 
 class Gate:
@@ -45,31 +42,6 @@ class Gate:
         self.opened.set()
 
 
-@contextmanager
-def service(demo: DemoManifest, tmp: Path, *gates: Gate, **overrides: Any) -> Iterator[RunningService]:
-    """A service over the demo models, an in-process CPU worker (the real protocol), real HTTP;
-    every gate opened at the end, whatever happened (a held scan would hold the stop)."""
-    values: dict[str, Any] = {
-        "devices": ["cpu"],
-        "model_roots": [demo.root],
-        "db": tmp / "registry.sqlite3",
-        "port": 0,
-        "hash_on_start": False,
-        "worker_warm": False,
-        "status_poll_s": 60,
-        **overrides,
-    }
-    settings = Settings(**values)
-    with running_service(
-        settings, service=Orchestrator(settings, worker_factory=InProcessWorker.start)
-    ) as svc:
-        try:
-            yield svc
-        finally:
-            for gate in gates:
-                gate.open()
-
-
 def ready(svc: RunningService) -> httpx.Response:
     return httpx.get(f"{svc.url}/health/ready", timeout=10)
 
@@ -87,7 +59,7 @@ def test_ready_waits_for_the_first_scan_not_for_hashing(
     demo: DemoManifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scan, hashing = Gate(monkeypatch, Scanner, "scan"), Gate(monkeypatch, Hasher, "run")
-    with service(demo, tmp_path, scan, hashing, hash_on_start=True) as svc:
+    with inprocess_service(demo, tmp_path, scan, hashing, hash_on_start=True) as svc:
         assert scan.entered.wait(60)
         answer = ready(svc)
         body = answer.json()
@@ -113,7 +85,7 @@ def test_a_failed_first_scan_leaves_the_service_ready_and_says_why(
 ) -> None:
     scan = Gate(monkeypatch, Scanner, "scan")
     scan.fail = OSError("the model root is unreadable")
-    with service(demo, tmp_path, scan) as svc:
+    with inprocess_service(demo, tmp_path, scan) as svc:
         assert ready(svc).status_code == 503
         scan.open()
         answer = until_scan_settles(svc)
@@ -129,7 +101,7 @@ def test_a_failed_first_scan_leaves_the_service_ready_and_says_why(
 
 
 def test_ready_at_once_without_a_scan_on_start(demo: DemoManifest, tmp_path: Path) -> None:
-    with service(demo, tmp_path, scan_on_start=False) as svc:
+    with inprocess_service(demo, tmp_path, scan_on_start=False) as svc:
         answer = ready(svc)
         assert answer.status_code == 200
         assert answer.json()["scan"] == {"state": "off", "job_id": None, "error": None}
