@@ -5,6 +5,7 @@ an event (the snapshot it serves is rebuilt after each one)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -34,10 +35,21 @@ def test_status_door_keeps_the_doors_and_the_answer(demo: DemoManifest, tmp_path
         assert any(m.cls is StatusDoor for m in app.user_middleware)  # type: ignore[attr-defined]
 
 
+def until_ready(c: httpx.Client) -> None:
+    """Until ``/health/ready`` answers 200: the first scan has registered the demo models."""
+    end = time.monotonic() + 60
+    while c.get("/health/ready").status_code != 200:
+        assert time.monotonic() < end, c.get("/health/ready").json()
+        time.sleep(0.02)
+
+
 def test_status_is_never_stale_after_an_event(demo: DemoManifest, tmp_path: Path) -> None:
     with inprocess_service(demo, tmp_path) as svc, httpx.Client(base_url=svc.url, timeout=60) as c:
+        until_ready(c)
         assert c.get("/api/model/status").json()["leases"] == 0
-        lease = c.post("/api/leases", json={"model_id": CLIP_L, "ttl_seconds": 600}).json()
+        granted = c.post("/api/leases", json={"model_id": CLIP_L, "ttl_seconds": 600})
+        assert granted.status_code == 201, granted.text
+        lease = granted.json()
         assert c.get("/api/model/status").json()["leases"] == 1  # at once: no quarter-second wait
         jobs = c.get("/api/model/status").json()["jobs"]
         c.post(f"/api/model/{CLIP_L}/load", json={}).raise_for_status()
