@@ -5,11 +5,15 @@ registry, see ``ports.py``); ``start(...)`` runs the same in a background thread
 :class:`HashJob` (``progress``, ``wait()``, ``cancel()``). Hashes are cached in the catalog by
 (path, size, mtime): a file is hashed again only when it changes.
 After hashing, moved files are reconciled by content hash (``CatalogWriter.reconcile_moves``).
-Errors of one file (deleted meanwhile, unreadable) are counted and skipped.
+Errors of one file (deleted meanwhile, unreadable, ``FileChanged``: truncated or rewritten while
+it was hashed, as a copy over it does) are reported (``HashReport.errors``, and a warning in the
+log naming the file) and skipped: the file stays pending, and is hashed when a later run finds it
+as the scan recorded it. Nothing a user does to a file can crash the process (no memory map).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -24,6 +28,8 @@ from modelkeeper.discovery.ports import CatalogWriter, HashTask
 from modelkeeper.discovery.records import ModelFormat
 from modelkeeper.discovery.tables import read_gguf_table, read_safetensors_table
 from modelkeeper.formats.errors import FormatError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,9 @@ class Hasher:
                 report.cancelled = True
                 break
             except (OSError, FormatError) as exc:
-                report.errors.append((task.path, str(exc)))
+                message = str(exc) if task.path in str(exc) else f"{task.path}: {exc}"
+                log.warning("not hashed: %s", message)
+                report.errors.append((task.path, message))
                 state = replace(state, errors=state.errors + 1)
                 continue
             by_name = {name: rid for rid, name, _, _ in task.components}
