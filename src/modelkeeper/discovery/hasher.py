@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from modelkeeper.discovery.errors import FileChanged
 from modelkeeper.discovery.examine import sniff
 from modelkeeper.discovery.folders import weight_files
 from modelkeeper.discovery.hashing import FileHashes, HashingCancelled, TensorSpan, hash_file, hash_folder
@@ -74,6 +75,12 @@ def _file_spans(path: str, components: list[tuple[int, str, str, str | None]]) -
                 spans[name].append(TensorSpan(offset + meta.begin, offset + meta.end, meta.dtype))
                 break
     return spans
+
+
+def _as_scanned(task: HashTask) -> bool:
+    """Whether a file still has the size and mtime the scan recorded (a folder: always)."""
+    st = os.stat(task.path)
+    return task.kind != "file" or (st.st_size, st.st_mtime_ns) == (task.size, task.mtime_ns)
 
 
 def hash_task(
@@ -180,11 +187,15 @@ class Hasher:
             if progress is not None:
                 progress(state)
             try:
-                st = os.stat(task.path)
-                if task.kind == "file" and (st.st_size != task.size or st.st_mtime_ns != task.mtime_ns):
+                if not _as_scanned(task):
                     report.skipped += 1  # changed since the scan: the next scan re-identifies it
                     continue
                 hashes = hash_task(task, progress=advance, cancel=cancel)
+                if not _as_scanned(task):  # replaced between the check above and the hash's open
+                    raise FileChanged(
+                        f"{task.path}: changed while it was hashed; it is hashed again after the next scan",
+                        path=task.path,
+                    )
             except HashingCancelled:
                 report.cancelled = True
                 break
