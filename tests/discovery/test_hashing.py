@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,9 +20,11 @@ from blake3 import blake3
 from safetensors.torch import save_file
 
 from conftest import scan
+from modelkeeper.discovery import hasher as hasher_module
 from modelkeeper.discovery.errors import FileChanged
 from modelkeeper.discovery.hasher import Hasher, HashProgress
-from modelkeeper.discovery.hashing import HashingCancelled, TensorSpan, content_id, hash_file
+from modelkeeper.discovery.hashing import FileHashes, HashingCancelled, TensorSpan, content_id, hash_file
+from modelkeeper.discovery.ports import HashTask
 from modelkeeper.registry.store import Registry
 from modelkeeper.testing.manifest import DemoManifest
 
@@ -231,3 +234,34 @@ def test_hasher_reports_a_file_rewritten_while_hashed_and_hashes_it_after_a_resc
     assert Hasher(registry).run().hashed == 1
     record = registry.resolve(str(path))
     assert record.file is not None and record.file.hashes.blake3 == blake3(path.read_bytes()).hexdigest()
+
+
+def test_hasher_does_not_record_a_file_changed_after_its_hash(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replaced between the hasher's check and the hash's open: the hash is of another file than
+    the scan recorded, so it is reported, not recorded."""
+    path = tmp_path / "a.safetensors"
+    save_file({"emb_params": torch.ones(4, 768)}, str(path))
+    scan(registry, tmp_path)
+    real = hasher_module.hash_task
+
+    def then_replaced(task: HashTask, **kwargs: Any) -> FileHashes:
+        hashes = real(task, **kwargs)
+        save_file({"emb_params": torch.zeros(4, 768)}, str(tmp_path / "new.tmp"))
+        os.replace(tmp_path / "new.tmp", path)
+        os.utime(path, ns=(task.mtime_ns, task.mtime_ns + 1_000_000_000))
+        return hashes
+
+    monkeypatch.setattr(hasher_module, "hash_task", then_replaced)
+    report = Hasher(registry).run()
+    assert report.hashed == 0
+    assert report.errors == [
+        (
+            str(path),
+            f"[INVALID_MODEL_FILE] {path}: changed while it was hashed; "
+            "it is hashed again after the next scan",
+        )
+    ]
+    record = registry.resolve(str(path))
+    assert record.file is not None and record.file.hashes.blake3 is None

@@ -163,7 +163,8 @@ def hash_file(
         before = os.fstat(fd)
         size = before.st_size
         if size:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if hasattr(os, "posix_fadvise"):  # Linux: read ahead further
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             _hash_chunks(fd, path, size, chunk_size, b3, sha, tensors, progress, cancel)
         _check_unchanged(fd, path, before)
     finally:
