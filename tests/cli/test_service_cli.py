@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner, Result
 
 from modelkeeper.cli.app import app
@@ -19,14 +21,21 @@ from modelkeeper.testing.service import RunningService
 from tests.conftest import scanned_service
 
 runner = CliRunner()
-#: Two models of one name (``tiny-sdxl@diffusers``, ``tiny-sdxl@checkpoints``), one of another.
-DEMO = ["sdxl-pipeline", "sdxl-checkpoint", "sd15-checkpoint"]
+#: Two models of one name (``tiny-sdxl@diffusers``, ``tiny-sdxl@checkpoints``), one of another,
+#: and a CLIP-L (one component: it loads and validates in milliseconds).
+DEMO = ["sdxl-pipeline", "sdxl-checkpoint", "sd15-checkpoint", "clip-l"]
+CLIP_L = "clip/tiny-clip-l.safetensors"
 
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    """The demo models, and a copy of the tiny CLIP-L with NaN in one tensor (it fails validation)."""
     root = tmp_path_factory.mktemp("cli-models")
     write_demo_models(root, only=DEMO)
+    tensors = load_file(root / CLIP_L)
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, root / "clip" / "broken-clip-l.safetensors")
     with scanned_service(tmp_path_factory.mktemp("cli-service"), model_roots=[root]) as running:
         yield running
 
@@ -129,3 +138,22 @@ def test_at_80_columns_nothing_a_user_types_is_cut(svc: RunningService) -> None:
     ]
     _whole(shown, "tiny-sdxl@diffusers", *names, *content)
     _whole(cli(svc, "ls", "--status", "all", "--db", db), "tiny-sdxl@diffusers", "tiny-sdxl@checkpoints")
+
+
+def test_validate_exits_1_naming_the_component_that_failed(svc: RunningService) -> None:
+    for model in ("tiny-clip-l", "broken-clip-l"):
+        assert cli(svc, "load", model).exit_code == 0
+    try:
+        good = cli(svc, "validate", "tiny-clip-l")
+        assert good.exit_code == 0 and "passed" in good.stdout and "error" not in good.stderr, good.output
+        bad = cli(svc, "validate", "broken-clip-l")
+        assert bad.exit_code == 1 and "FAILED" in bad.stdout, bad.output
+        said = " ".join(bad.stderr.split())  # after the job's progress lines
+        assert "error validation failed: broken-clip-l text_encoder on cpu" in said, said
+        as_json = cli(svc, "validate", "broken-clip-l", "--json")
+        assert as_json.exit_code == 1 and not as_json.stderr, as_json.output
+        [placement] = json.loads(as_json.stdout)
+        assert [c["passed"] for c in placement["components"].values()] == [False], placement
+    finally:
+        for model in ("tiny-clip-l", "broken-clip-l"):
+            assert cli(svc, "unload", model).exit_code == 0

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from modelkeeper.cli.common import error_exit
 from modelkeeper.cli.explain import local_path
@@ -18,6 +19,7 @@ from modelkeeper.cli.remote import (
     TokenOption,
     UrlOption,
     call,
+    err,
     finish,
     print_json,
 )
@@ -34,7 +36,14 @@ def _operation(
     result = job["result"]
     if as_json:
         print_json(result)
-        return
+    else:
+        _print_result(kind, result)
+    if kind == "validate":
+        _fail_unless_passed(result, as_json)
+
+
+def _print_result(kind: str, result: list[dict[str, Any]]) -> None:
+    """An operation's result as lines: one per placement and component (a benchmark's: per part)."""
     console = Console()
     for r in result:  # one entry per placement
         model = r.get("handle") or r["model_id"]  # a service before handles were answered: the id
@@ -60,6 +69,22 @@ def _operation(
                 console.print(f"{model} {name}: applied {applied}" + (f"; {speed:.2f}x" if speed else ""))
 
 
+def _fail_unless_passed(result: list[dict[str, Any]], as_json: bool) -> None:
+    """End a validation that did not pass with exit code 1, naming each component that failed
+    (with ``--json`` the result printed already says which: ``passed: false``)."""
+    failed = [
+        f"{r.get('handle') or r['model_id']} {name} on {r['device']}"
+        for r in result
+        for name, comp in r["components"].items()
+        if not comp.get("passed")
+    ]
+    if not failed:
+        return
+    if not as_json:
+        err.print(f"[red]error[/red] validation failed: {escape(', '.join(failed))}", highlight=False)
+    raise typer.Exit(1)
+
+
 def validate(
     model: Annotated[str, typer.Argument(help="A loaded model: handle, id, name, path or hash prefix.")],
     level: Annotated[str, typer.Option(help="header, weights or functional")] = "weights",
@@ -68,7 +93,8 @@ def validate(
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Validate a loaded model: header, weights (NaN, Inf, shapes), or a functional forward pass."""
+    """Validate a loaded model: header, weights (NaN, Inf, shapes), or a functional forward pass.
+    Exit code 1 when a component did not pass (named on stderr)."""
     _operation("validate", model, {"level": level, "device_id": device}, as_json, url, token)
 
 
