@@ -157,3 +157,28 @@ def test_validate_exits_1_naming_the_component_that_failed(svc: RunningService) 
     finally:
         for model in ("tiny-clip-l", "broken-clip-l"):
             assert cli(svc, "unload", model).exit_code == 0
+
+
+def test_json_is_taken_after_the_group_or_after_the_command(svc: RunningService) -> None:
+    """``cache --json add``, ``cache add --json``, ``cache drop ID --json``, ``jobs show ID --json``...:
+    each prints the one JSON object (never the plain text), whichever place ``--json`` has."""
+    for args in (["cache", "--json", "add", "tiny-sd15"], ["cache", "add", "tiny-sd15", "--json"]):
+        added = cli(svc, *args)
+        assert added.exit_code == 0 and json.loads(added.stdout)["segments"], added.output
+    with Client(svc.url) as c:
+        first, second = (s["component_id"] for s in c.cache()["segments"][:2])
+        job = c.jobs()[0]["id"]
+    for args in (["cache", "--json", "drop", first], ["cache", "drop", second, "--json"]):
+        dropped = cli(svc, *args)
+        assert dropped.exit_code == 0 and "freed_bytes" in json.loads(dropped.stdout), dropped.output
+    for args in (["cache", "--json", "clear"], ["cache", "clear", "--json"]):
+        cleared = cli(svc, *args)
+        assert cleared.exit_code == 0 and "dropped" in json.loads(cleared.stdout), cleared.output
+    for sub in ("show", "watch"):
+        for args in (["jobs", "--json", sub, job], ["jobs", sub, job, "--json"]):
+            shown = cli(svc, *args)
+            assert shown.exit_code == 0 and json.loads(shown.stdout)["id"] == job, shown.output
+    refused = _json_error(cli(svc, "jobs", "cancel", job, "--json"))  # finished: nothing to cancel
+    assert refused["details"] == {"job": job, "state": "succeeded"}, refused
+    for args in (["jobs", "--json", "show", "j-0-none"], ["cache", "drop", "00000000", "--json"]):
+        assert _json_error(cli(svc, *args))["error_code"] == "NOT_FOUND"

@@ -46,7 +46,8 @@ def json_option(help: str) -> Any:
 
 
 def json_requested() -> bool:
-    """Whether the command being run was given ``--json``."""
+    """Whether the command being run was given ``--json``: after its name, or before it, after its
+    group's (``cache --json add``), whose subcommands read it here."""
     return _JSON_MODE.get()
 
 
