@@ -80,7 +80,8 @@ def test_with_json_every_error_is_one_json_object(svc: RunningService, tmp_path:
     assert shared["error_code"] == "INVALID_REQUEST" and len(shared["details"]["matches"]) == 2, shared
     # the other commands with --json, through the same helper: a group's, a local check, the registry
     assert _json_error(cli(svc, "cache", "add", "no-such-model", "--json"))["error_code"] == "MODEL_NOT_FOUND"
-    assert _json_error(cli(svc, "jobs", "--state", "lost", "--json"))["error_code"] == "INVALID_REQUEST"
+    lost = _json_error(cli(svc, "jobs", "--state", "lost", "--json"), exit_code=2)  # checked here
+    assert (lost["error_code"], lost["details"]) == ("INVALID_REQUEST", {"param": "state"}), lost
     bad_opt = _json_error(cli(svc, "optimize", "tiny-sd15", "-o", "fast", "--json"), exit_code=2)
     assert bad_opt["error"] == "--opt 'fast': expected key=value"
     db = str(tmp_path / "registry.sqlite3")

@@ -28,9 +28,8 @@ class _Commands(TyperGroup):
                 raise
             param = exc.param.name if exc.param is not None else None
             details = {"param": param} if param else {}
-            raise error_exit(
-                exc.format_message(), ErrorCode.INVALID_REQUEST.value, details, exit_code=2
-            ) from None
+            message = exc.format_message().replace("Value error, ", "")  # typer's word for a choice's
+            raise error_exit(message, ErrorCode.INVALID_REQUEST.value, details, exit_code=2) from None
 
 
 app = typer.Typer(

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from modelkeeper.cli.choices import JobState
 from modelkeeper.cli.common import error_exit, json_requested
 from modelkeeper.cli.remote import ApiJsonOption, TokenOption, UrlOption, call, follow_job, print_json
 from modelkeeper.cli.tables import Column, print_table
@@ -30,7 +31,10 @@ JOB_COLUMNS = (
 @jobs_app.callback()
 def jobs_list(
     ctx: typer.Context,
-    state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, cancelled")] = None,
+    state: Annotated[
+        JobState | None,
+        typer.Option(help="Only jobs in this state: queued, running, succeeded, failed, cancelled."),
+    ] = None,
     as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from modelkeeper.cli.choices import Level
 from modelkeeper.cli.common import error_exit
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
@@ -87,7 +88,7 @@ def _fail_unless_passed(result: list[dict[str, Any]], as_json: bool) -> None:
 
 def validate(
     model: Annotated[str, typer.Argument(help="A loaded model: handle, id, name, path or hash prefix.")],
-    level: Annotated[str, typer.Option(help="header, weights or functional")] = "weights",
+    level: Annotated[Level, typer.Option(help="header, weights or functional.")] = "weights",
     device: DeviceOption = None,
     as_json: JobJsonOption = False,
     url: UrlOption = None,
