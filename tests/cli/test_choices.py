@@ -5,6 +5,7 @@ anything is sent, naming the option and what it takes (with ``--json``: the erro
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, get_args
 
 import pytest
@@ -14,6 +15,7 @@ from modelkeeper.api import schemas
 from modelkeeper.cli import choices
 from modelkeeper.cli.app import app
 from modelkeeper.orchestrator.jobs import JobState
+from modelkeeper.registry.store import Registry
 
 runner = CliRunner()
 #: No service listens there: a value checked on this side never gets that far.
@@ -71,3 +73,21 @@ def test_a_bad_value_exits_2_naming_the_option(args: list[str], option: str, par
         body = json.loads(result.stdout)
         assert body["details"] == {"param": param} and body["error_code"] == "INVALID_REQUEST", body
         assert body["error"].startswith(f"Invalid value for '{option}': ") and said in body["error"], body
+
+
+def test_ls_takes_every_type_its_error_lists(tmp_path: Path) -> None:
+    """``ls --type checkpoint`` is taken: the error for an unknown type lists it, beside the stored
+    values, and every word listed there (and its plural) is taken."""
+    db = str(tmp_path / "registry.sqlite3")
+    Registry.open(db).close()
+    refused = runner.invoke(app, ["ls", "--type", "bogus", "--db", db, "--json"])
+    body = json.loads(refused.stdout)
+    assert refused.exit_code == 1 and "checkpoint" in body["error"], body
+    words = [*body["details"]["valid"], *body["details"]["aliases"]]
+    assert "checkpoint" in words and "main" in words
+    for word in words:
+        for typed in (word, word + "s"):
+            listed = runner.invoke(app, ["ls", "--type", typed, "--db", db, "--json"])
+            assert listed.exit_code == 0 and json.loads(listed.stdout)["total"] == 0, (typed, listed.output)
+    help_text = " ".join(runner.invoke(app, ["ls", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    assert "checkpoint" in help_text and "textual_inversion" in help_text

@@ -19,6 +19,7 @@ from modelkeeper.cli.common import DbOption, JsonOption, count, fail, human_size
 from modelkeeper.cli.listing import COLUMNS, COLUMNS_WITH_STATUS, Row, ls_lines
 from modelkeeper.cli.tables import Column, print_table
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.registry.vocabulary import ALIASES, VALUES
 
 if TYPE_CHECKING:
     from modelkeeper.orchestrator.completion import PartsPlan
@@ -48,8 +49,7 @@ def ls(
         str | None,
         typer.Option(
             "--type",
-            help="main, unet, transformer, vae, text_encoder, lora, controlnet, textual_inversion;"
-            " also checkpoint(s), loras, embeddings...",
+            help=f"{', '.join(VALUES['type'])}; also {', '.join(ALIASES['type'])} (plurals too).",
         ),
     ] = None,
     base: Annotated[
