@@ -183,3 +183,15 @@ def test_json_is_taken_after_the_group_or_after_the_command(svc: RunningService)
     assert refused["details"] == {"job": job, "state": "succeeded"}, refused
     for args in (["jobs", "--json", "show", "j-0-none"], ["cache", "drop", "00000000", "--json"]):
         assert _json_error(cli(svc, *args))["error_code"] == "NOT_FOUND"
+
+
+def test_benchmark_prints_the_peak_memory_its_help_promises(svc: RunningService) -> None:
+    assert "peak memory" in cli(svc, "benchmark", "--help").stdout
+    assert cli(svc, "load", "tiny-clip-l").exit_code == 0
+    try:
+        result = cli(svc, "benchmark", "tiny-clip-l", "--steps", "2", "--warmup", "0", columns=200)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("tiny-clip-l ")]
+        assert result.exit_code == 0 and lines, result.output
+        assert all("median " in line and ", peak memory " in line for line in lines), result.stdout
+    finally:
+        assert cli(svc, "unload", "tiny-clip-l").exit_code == 0

@@ -23,6 +23,7 @@ from modelkeeper.cli.remote import (
     err,
     finish,
     print_json,
+    size,
 )
 from modelkeeper.protocol.errors import ErrorCode
 
@@ -57,8 +58,10 @@ def _print_result(kind: str, result: list[dict[str, Any]]) -> None:
                         console.print(f"   [red]✗[/red] {check.get('name')}: {check.get('detail')}")
             elif kind == "benchmark":
                 for f in comp.get("figures", []):
+                    peak = f.get("peak_memory_bytes")  # a worker before it measured memory: none
                     console.print(f"{model} {name} {f.get('part', '')}: median {f['median_s'] * 1000:.2f} ms, "
-                                  f"p90 {f['p90_s'] * 1000:.2f} ms, {f['iterations_per_second']:.1f} it/s")  # fmt: skip
+                                  f"p90 {f['p90_s'] * 1000:.2f} ms, {f['iterations_per_second']:.1f} it/s"
+                                  + (f", peak memory {size(peak)}" if peak is not None else ""))  # fmt: skip
             elif "reverted" in comp:
                 reverted = ", ".join(map(str, comp["reverted"])) or "nothing"
                 console.print(f"{model} {name}: reverted {reverted}")
