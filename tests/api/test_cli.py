@@ -241,6 +241,13 @@ def test_lora_commands_status_progress_and_revert(served: str) -> None:
         assert applied["strength"] == 0.8
         shown = runner.invoke(app, ["status"], env=wide)
         assert f"+ {applied['lora']} x0.8" in shown.output, shown.output
+        # a negative strength as typed (no `--` before it), an option after it still one
+        negative = cli(served, "lora", "strength", "diffusers/tiny-sd15", LORA, "-0.5", "--device", "cpu")
+        assert "strength -0.5 on cpu" in negative, negative
+        typo = runner.invoke(
+            app, ["lora", "strength", "diffusers/tiny-sd15", LORA, "-0.5", "--devcie", "cpu"], env=wide
+        )
+        assert typo.exit_code == 2 and "No such option: --devcie" in typo.output, typo.output
         assert "strength 0.5" in cli(served, "lora", "strength", "diffusers/tiny-sd15", LORA, "0.5")
         # a reload in another form drops the LoRA and says so; the test applies it again
         reloaded = cli(served, "load", "diffusers/tiny-sd15", "--dtype", "bfloat16", "--reload")
