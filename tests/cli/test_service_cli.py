@@ -195,3 +195,20 @@ def test_benchmark_prints_the_peak_memory_its_help_promises(svc: RunningService)
         assert all("median " in line and ", peak memory " in line for line in lines), result.stdout
     finally:
         assert cli(svc, "unload", "tiny-clip-l").exit_code == 0
+
+
+def test_a_bad_pin_has_one_code_from_meta_and_from_the_api(svc: RunningService) -> None:
+    """``meta --set default_settings=...`` and ``PUT /api/model/{id}/metadata`` run one check and
+    answer its error with one code (INCOMPATIBLE_PART), with one message."""
+    settings = {"parts": {"vae": "tiny-sdxl-vae"}}  # an SD1 checkpoint takes no parts
+    db = str(svc.service.settings.db)
+    args = ["meta", "tiny-sd15", "--db", db, "--set", f"default_settings={json.dumps(settings)}", "--json"]
+    said = _json_error(cli(svc, *args))
+    with Client(svc.url) as c:
+        answer = c.http.put(
+            f"/api/model/{c.model('tiny-sd15')['id']}/metadata", json={"default_settings": settings}
+        )
+    assert (
+        answer.status_code == 422 and said["error_code"] == answer.json()["error_code"] == "INCOMPATIBLE_PART"
+    )
+    assert said["error"] == answer.json()["error"] and "takes no parts" in said["error"], said

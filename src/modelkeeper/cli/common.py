@@ -82,7 +82,14 @@ def open_registry(db: Path | None) -> Registry:
 
 
 def fail(exc: ProtocolError) -> typer.Exit:
-    code = getattr(exc, "error_code", exc.code.value)  # an ApiError names the code it was sent
+    """The command's end for a domain error, by the code the API answers it with: a part pinned
+    that does not fit is ``INCOMPATIBLE_PART`` from ``meta --set`` as from ``PUT .../metadata``
+    (:func:`modelkeeper.api.errors.error_code`, the one table of class to code)."""
+    code = getattr(exc, "error_code", None)  # an ApiError names the code it was sent
+    if code is None:
+        from modelkeeper.api.errors import error_code  # the API's stack: only on this error path
+
+        code = error_code(exc)
     return error_exit(exc.message, code, exc.details)
 
 
