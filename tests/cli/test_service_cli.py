@@ -84,8 +84,12 @@ def test_with_json_every_error_is_one_json_object(svc: RunningService, tmp_path:
     assert (lost["error_code"], lost["details"]) == ("INVALID_REQUEST", {"param": "state"}), lost
     bad_opt = _json_error(cli(svc, "optimize", "tiny-sd15", "-o", "fast", "--json"), exit_code=2)
     assert bad_opt["error"] == "--opt 'fast': expected key=value"
-    db = str(tmp_path / "registry.sqlite3")
+    db = str(svc.service.settings.db)
     assert _json_error(cli(svc, "show", "nothing", "--db", db, "--json"))["error_code"] == "MODEL_NOT_FOUND"
+    nowhere = str(tmp_path / "registry.sqlite3")  # no registry there: named, not created
+    assert (
+        _json_error(cli(svc, "show", "nothing", "--db", nowhere, "--json"))["error_code"] == "FILE_NOT_FOUND"
+    )
     down = _json_error(runner.invoke(app, ["status", "--json", "--url", "http://127.0.0.1:9"]))
     assert (down["error_code"], down["details"]) == ("UNREACHABLE", {"url": "http://127.0.0.1:9"})
     assert down["error"].startswith("cannot reach the service at http://127.0.0.1:9"), down

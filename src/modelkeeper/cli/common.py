@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from modelkeeper.protocol.errors import ProtocolError
-from modelkeeper.registry.store import Registry
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.registry.store import Registry, default_db_path
 from modelkeeper.sizes import format_size
 
 DbOption = Annotated[
@@ -77,8 +77,19 @@ def error_exit(
     return typer.Exit(code=exit_code)
 
 
-def open_registry(db: Path | None) -> Registry:
-    return Registry.open(db)
+def open_registry(db: Path | None, *, create: bool = False) -> Registry:
+    """The registry at ``db`` (default: ``$MODELKEEPER_DB`` or ~/.local/share/...). Only a command
+    that fills one (``scan``; ``serve`` opens its own) creates it: for ``ls``, ``show`` and ``meta``
+    a file that is not there is an error naming it (FILE_NOT_FOUND), not a new folder and an empty
+    registry answering "0 models" for a typo'd ``--db``."""
+    path = default_db_path() if db is None else db
+    if not create and str(path) != ":memory:" and not path.is_file():
+        raise ProtocolError(
+            f"no registry at {path}: check --db (or $MODELKEEPER_DB); serve or scan creates one",
+            ErrorCode.FILE_NOT_FOUND,
+            path=str(path),
+        )
+    return Registry.open(path)
 
 
 def fail(exc: ProtocolError) -> typer.Exit:
