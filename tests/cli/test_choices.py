@@ -67,6 +67,7 @@ def test_a_bad_value_exits_2_naming_the_option(args: list[str], option: str, par
     plain = runner.invoke(app, args, env=env)
     text = " ".join(plain.stderr.replace("│", " ").split())
     assert plain.exit_code == 2 and f"Invalid value for '{option}'" in text and said in text, plain.output
+    assert "Value error" not in text, text  # typer's word before a choice's, left out
     for where in (len(args), 1):  # --json after the command, or right after its name
         result = runner.invoke(app, [*args[:where], "--json", *args[where:]], env=env)
         assert result.exit_code == 2, result.output

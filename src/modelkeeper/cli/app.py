@@ -18,18 +18,21 @@ from modelkeeper.protocol.errors import ErrorCode
 
 class _Commands(TyperGroup):
     """The command table. A bad option value (``--offload lots``, a missing argument) of a command
-    given ``--json`` is answered as its other errors are: one JSON object on stdout, exit code 2."""
+    given ``--json`` is answered as its other errors are: one JSON object on stdout, exit code 2.
+    Typer's "Value error, " before a choice's words (``'fp16' is not one of ...``) is left out."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except typer.BadParameter as exc:
+            exc.message = exc.message.removeprefix("Value error, ")
             if not json_requested():
                 raise
             param = exc.param.name if exc.param is not None else None
             details = {"param": param} if param else {}
-            message = exc.format_message().replace("Value error, ", "")  # typer's word for a choice's
-            raise error_exit(message, ErrorCode.INVALID_REQUEST.value, details, exit_code=2) from None
+            raise error_exit(
+                exc.format_message(), ErrorCode.INVALID_REQUEST.value, details, exit_code=2
+            ) from None
 
 
 app = typer.Typer(
