@@ -14,6 +14,7 @@ import asyncio
 import builtins
 import contextlib
 import itertools
+import signal
 import subprocess
 import sys
 import time
@@ -87,6 +88,18 @@ def expand_devices(devices: list[str]) -> list[tuple[str, str]]:
         else:
             out.append((name, name))
     return out
+
+
+def exit_words(code: int | None) -> str:
+    """How a process ended, from its exit code: ``exited with code 1``, or for a negative code
+    (Popen's way of saying a signal ended it) ``was killed by signal 9 (SIGKILL)``."""
+    if code is None or code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = f" ({signal.Signals(-code).name})"
+    except ValueError:
+        name = ""
+    return f"was killed by signal {-code}{name}"
 
 
 @dataclass(order=True)
@@ -164,9 +177,7 @@ class WorkerSlot:
         proc.close()
         if not self._stopping and self.proc is proc:
             said = proc.last_words() if isinstance(proc, WorkerProcess) else ""
-            self.last_error = f"worker process {proc.pid} exited with code {code}" + (
-                f": {said}" if said else ""
-            )
+            self.last_error = f"worker process {proc.pid} {exit_words(code)}" + (f": {said}" if said else "")
             self.on_exit(self, code)
 
     async def restart(self) -> None:
