@@ -34,7 +34,7 @@ def _running_job(c: Client, kind: str, deadline: float) -> dict[str, Any]:
     """The job of ``kind`` once the worker reports its steps (the operation runs on the device)."""
     while True:
         jobs = c.jobs(kind=kind, state="running")
-        if jobs and jobs[0]["progress"].get("unit") == "steps":
+        if jobs and "steps_done" in jobs[0]["progress"]:
             return dict(jobs[0])
         assert time.monotonic() < deadline, f"no running {kind} job with worker progress"
         time.sleep(0.05)
