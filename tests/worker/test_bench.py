@@ -97,5 +97,5 @@ def test_check_runs_before_each_pass_and_can_stop_a_long_benchmark() -> None:
             raise Cancelled("cancelled")
 
     with pytest.raises(Cancelled):
-        benchmark(make_unet("sd1"), steps=10_000, warmup=0, check=check)
+        benchmark(make_unet("sd1"), steps=10_000, warmup=0, step=lambda part, done, total: check())
     assert calls == 3

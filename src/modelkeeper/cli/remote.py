@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -211,9 +213,48 @@ def _follow_plain(client: Client, job: dict[str, Any]) -> dict[str, Any]:
     return final
 
 
+class _Terminated(Exception):
+    """SIGTERM while the command follows the job it started."""
+
+
 def finish(client: Client, answer: dict[str, Any], as_json: bool) -> dict[str, Any]:
-    """A started job followed to its end; its error becomes the command's failure."""
-    job = follow_job(client, answer["job"], quiet=as_json)
+    """A started job followed to its end; its error becomes the command's failure.
+
+    The job is this command's: Ctrl-C (SIGINT) or SIGTERM while it runs asks the service to cancel
+    it (the worker stops at its next step), says ``cancelled job j-...`` on stderr and exits 130
+    (143 for SIGTERM), rather than leaving the job running unseen. (``jobs watch`` follows a job
+    it did not start: its Ctrl-C leaves the job alone.)"""
+    started = answer["job"]
+
+    def terminated(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        job = follow_job(client, started, quiet=as_json)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        _cancel(client, started)
+        raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 143) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if job["state"] != "succeeded":
         raise JobFailed.of(job)
     return job
+
+
+def _cancel(client: Client, job: dict[str, Any]) -> None:
+    """Cancel ``job`` for a command interrupted while it waited, and say so (or why not)."""
+    try:
+        state = client.cancel_job(job["id"])["state"]
+    except (ApiError, httpx.HTTPError) as exc:
+        err.print(f"interrupted; could not cancel job {job['id']} ({job['kind']}): {exc}", highlight=False)
+        return
+    if state == "running":  # the service's wait for the worker ran out: it stops at its next step
+        err.print(f"cancelling job {job['id']} ({job['kind']}): it stops at its next step", highlight=False)
+    elif state == "cancelled":
+        err.print(f"cancelled job {job['id']} ({job['kind']})", highlight=False)
+    else:
+        err.print(f"interrupted; job {job['id']} ({job['kind']}) had already {state}", highlight=False)

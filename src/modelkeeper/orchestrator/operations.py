@@ -3,6 +3,7 @@ model (or of every loaded model), queued on each device like loads, recorded in 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable
 from typing import Any
 
@@ -122,7 +123,7 @@ class Operations:
                     _request(request, {**data, "name": name}),
                     result_type,
                     timeout=self.settings.request_timeout,
-                    on_progress=lambda data: job.progress(**data),
+                    on_progress=functools.partial(_steps, job, label),
                 )
                 results[label] = answer.model_dump(mode="json", exclude_unset=True)
         if op == "optimize":  # a dtype change changes the bytes the placement holds
@@ -144,6 +145,14 @@ class Operations:
             "device": p.device,
             "components": results,
         }
+
+
+def _steps(job: Job, part: str, data: dict[str, Any]) -> None:
+    """The worker's step of a component (a check, a pass, an option) as the job's progress, beside
+    its count of placements (``done`` of ``total``): ``part``, ``stage``, ``steps_done``, ``steps_total``."""
+    job.progress(
+        part=part, stage=data.get("stage"), steps_done=data.get("done"), steps_total=data.get("total")
+    )
 
 
 def check_request(op: str, data: dict[str, Any]) -> None:

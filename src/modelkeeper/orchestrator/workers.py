@@ -14,6 +14,8 @@ import asyncio
 import builtins
 import contextlib
 import itertools
+import logging
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 from modelkeeper.protocol.messages import Event, EventType, HelloResult, MemoryInfo, StatusResult
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R", bound=BaseModel)
 
@@ -89,6 +92,18 @@ def expand_devices(devices: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def exit_words(code: int | None) -> str:
+    """How a process ended, from its exit code: ``exited with code 1``, or for a negative code
+    (Popen's way of saying a signal ended it) ``was killed by signal 9 (SIGKILL)``."""
+    if code is None or code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = f" ({signal.Signals(-code).name})"
+    except ValueError:
+        name = ""
+    return f"was killed by signal {-code}{name}"
+
+
 @dataclass(order=True)
 class _Item:
     sort_key: tuple[int, int]
@@ -110,6 +125,7 @@ class WorkerSlot:
         args: list[str],
         start_timeout: float,
         ping_timeout: float = 10.0,
+        cancel_wait_s: float = 60.0,
         factory: WorkerFactory = WorkerProcess.start,
         on_event: Callable[[WorkerSlot, Event], None] | None = None,
         on_exit: Callable[[WorkerSlot, int | None], None] | None = None,
@@ -119,6 +135,7 @@ class WorkerSlot:
         self.args = args
         self.start_timeout = start_timeout
         self.ping_timeout = ping_timeout
+        self.cancel_wait_s = cancel_wait_s  # how long a cancelled request waits for the worker to stop
         self.factory = factory
         self.on_event: Callable[[WorkerSlot, Event], None] = on_event or (lambda slot, event: None)
         self.on_exit: Callable[[WorkerSlot, int | None], None] = on_exit or (lambda slot, code: None)
@@ -164,9 +181,7 @@ class WorkerSlot:
         proc.close()
         if not self._stopping and self.proc is proc:
             said = proc.last_words() if isinstance(proc, WorkerProcess) else ""
-            self.last_error = f"worker process {proc.pid} exited with code {code}" + (
-                f": {said}" if said else ""
-            )
+            self.last_error = f"worker process {proc.pid} {exit_words(code)}" + (f": {said}" if said else "")
             self.on_exit(self, code)
 
     async def restart(self) -> None:
@@ -229,7 +244,12 @@ class WorkerSlot:
     ) -> R:
         """One request to the worker, its answer read as ``result``; its progress events go to
         ``on_progress`` while it runs. On a timeout the worker is told to cancel it and pinged; a
-        worker that does not answer the ping is killed (and restarted by the service)."""
+        worker that does not answer the ping is killed (and restarted by the service).
+
+        A caller cancelled (a job's cancel) tells the worker to cancel the request and waits for its
+        answer (it stops at its next step: a benchmark pass, a validation check, a load's chunk), up
+        to ``cancel_wait_s``: the job ends, and this device's next operation starts, once the worker
+        has stopped, not while it still computes."""
         proc = self._connection()
         rid = f"{self.id}-{next(self._ids)}"
         if on_progress is not None:
@@ -237,7 +257,7 @@ class WorkerSlot:
         payload = None if data is None else data.model_dump(mode="json", exclude_none=True)
         fut = asyncio.wrap_future(proc.submit(type, payload, request_id=rid))
         try:
-            answer = await asyncio.wait_for(fut, timeout)
+            answer = await asyncio.wait_for(asyncio.shield(fut), timeout)
             try:
                 return result.model_validate(answer)
             except ValidationError as exc:
@@ -255,9 +275,23 @@ class WorkerSlot:
             ) from None
         except asyncio.CancelledError:
             self.cancel_request(rid)
+            await self._stopped(fut, f"{type} {rid}")
             raise
         finally:
             self._progress.pop(rid, None)
+            fut.cancel()  # still pending (a timeout, a worker slow to stop): its late answer is dropped
+
+    async def _stopped(self, fut: asyncio.Future[dict[str, Any]], what: str) -> None:
+        """Wait (up to ``cancel_wait_s``) for the answer to a request the worker was told to cancel:
+        its CANCELLED error, or its result when it had just finished."""
+        done, _ = await asyncio.wait({fut}, timeout=self.cancel_wait_s)
+        if fut in done:
+            fut.exception() if not fut.cancelled() else None  # retrieved: the answer was the point
+        else:
+            log.warning(
+                "%s on %s was cancelled but the worker has not stopped after %.0f s; it will at its next step",
+                what, self.id, self.cancel_wait_s,
+            )  # fmt: skip
 
     def _event(self, event: Event) -> None:
         """A worker event, on the loop: progress to its request's listener, the rest to the service."""
@@ -309,9 +343,9 @@ class WorkerSlot:
             return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()) + 1.0)
         except asyncio.CancelledError:
             fut.cancel()  # the caller was cancelled: a queued item is skipped, a running one stopped
-            if self.running is item:  # wait for its clean-up (a load rolls back) before answering
+            if self.running is item:  # wait for the worker to stop and the clean-up (a load rolls back)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(item.finished.wait()), 60)
+                    await asyncio.wait_for(asyncio.shield(item.finished.wait()), self.cancel_wait_s + 60)
             raise
         except TimeoutError:
             if not fut.done():

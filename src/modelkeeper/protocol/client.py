@@ -179,6 +179,7 @@ class WorkerConnection:
                 if isinstance(msg, Event):
                     self._dispatch_event(msg)
                     continue
+                self._answered()
                 with self._pending_lock:
                     fut = self._pending.pop(msg.request_id, None) if msg.request_id else None
                 try:
@@ -189,6 +190,9 @@ class WorkerConnection:
             log.debug("%s reader stopped: %s", self.name, exc)
         finally:
             self._fail_pending(self._closed_reason())
+
+    def _answered(self) -> None:
+        """An answer was read: the worker was well up to here (a subprocess forgets its stderr so far)."""
 
     def _closed_reason(self) -> str:
         """Why pending requests fail once the output ends (a subprocess adds its last words)."""
@@ -234,7 +238,12 @@ class WorkerConnection:
 class StderrTail:
     """Reads a subprocess's stderr in a thread: passes every line on to this process's stderr
     (file descriptor 2, as an inherited stderr would) and keeps the last ``lines`` of it, so that
-    an error about the process's death can say why it died (a traceback it printed)."""
+    an error about the process's death can say why it died (a traceback it printed).
+
+    :meth:`forget` drops what is kept: the worker's connection calls it at every answer, so the
+    tail holds only what the worker wrote since its last answer, never an old traceback of a
+    request that was answered (and logged) long before the process died. A line still in the
+    pipe when the answer is read may survive the forgetting; a line written after it always stays."""
 
     def __init__(self, stream: IO[bytes], *, name: str, lines: int = 20) -> None:
         self._stream = stream
@@ -254,6 +263,10 @@ class StderrTail:
             pass
         finally:
             self._stream.close()
+
+    def forget(self) -> None:
+        """Drop the lines kept so far (they are no clue to a death that comes later)."""
+        self._lines.clear()
 
     def text(self, wait: float = 2.0) -> str:
         """The kept lines; waits up to ``wait`` s for the stream's end (the process exiting)."""
@@ -329,6 +342,11 @@ class WorkerProcess(WorkerConnection):
             exit_code=code,
         )
 
+    def _answered(self) -> None:
+        stderr: StderrTail | None = getattr(self, "_stderr_tail", None)
+        if stderr is not None:
+            stderr.forget()
+
     def _closed_reason(self) -> str:
         reason = super()._closed_reason()
         stderr: StderrTail | None = getattr(self, "_stderr_tail", None)  # None before it is set
@@ -336,7 +354,8 @@ class WorkerProcess(WorkerConnection):
         return f"{reason}; its stderr ended with:\n{tail}" if tail else reason
 
     def last_words(self, lines: int = 3) -> str:
-        """The last ``lines`` lines the worker wrote to stderr (why it died), once it has exited."""
+        """The last ``lines`` lines the worker wrote to stderr since its last answer (why it
+        died), once it has exited; empty when it wrote nothing since."""
         stderr: StderrTail | None = getattr(self, "_stderr_tail", None)
         return " | ".join((stderr.text() if stderr is not None else "").splitlines()[-lines:])
 

@@ -32,7 +32,7 @@ import psutil
 import torch
 
 from modelkeeper.worker.errors import InvalidRequest
-from modelkeeper.worker.validate import Probe, probes
+from modelkeeper.worker.validate import Probe, Step, no_step, probes
 
 
 @dataclass
@@ -104,10 +104,11 @@ def benchmark(
     warmup: int = 2,
     tokens: int | None = None,
     seed: int = 0,
-    check: Callable[[], None] = lambda: None,
+    step: Step = no_step,
 ) -> BenchReport:
-    """Time every part of ``module`` where it lives (see the module docstring). ``check`` runs before
-    each pass and may raise (cancellation: a long benchmark stops within one pass)."""
+    """Time every part of ``module`` where it lives (see the module docstring). ``step`` runs before
+    each pass (the part, the passes done and in all) and may raise (cancellation: a long benchmark
+    stops within one pass)."""
     for field, value, low in (("batch", batch, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
         if value < low:
             raise InvalidRequest(f"data.{field}: must be at least {low}, got {value}")
@@ -122,8 +123,26 @@ def benchmark(
     if not parts:
         raise InvalidRequest(f"data.name: cannot benchmark a {name} (no example inputs for this class)")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    figures = [_measure(p, device, batch, resolution, tokens, steps, warmup, check) for p in parts]
+    passes = warmup + steps
+    figures = [
+        _measure(
+            p,
+            device,
+            batch,
+            resolution,
+            tokens,
+            steps,
+            warmup,
+            _counted(step, i * passes, len(parts) * passes),
+        )
+        for i, p in enumerate(parts)
+    ]
     return BenchReport(name, str(device), figures, round(time.perf_counter() - started, 6))
+
+
+def _counted(step: Step, before: int, total: int) -> Callable[[str, int], None]:
+    """``step`` for one part: its pass ``i`` counted after the ``before`` passes of earlier parts."""
+    return lambda part, i: step(part, before + i, total)
 
 
 class _PeakMemory:
@@ -174,7 +193,7 @@ def _measure(
     tokens: int,
     steps: int,
     warmup: int,
-    check: Callable[[], None],
+    step: Callable[[str, int], None],
 ) -> BenchFigure:
     cuda = device.type == "cuda"
     times: list[float] = []
@@ -182,7 +201,7 @@ def _measure(
     out: torch.Tensor | None = None
     with torch.inference_mode(), _PeakMemory(device) as memory:
         for i in range(warmup + steps):
-            check()
+            step(probe.name, i)
             if cuda:
                 torch.cuda.synchronize(device)
             begin = time.perf_counter()

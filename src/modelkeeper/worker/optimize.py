@@ -35,7 +35,8 @@ from typing import Any, cast
 import torch
 
 from modelkeeper.protocol.messages import OPTIMIZE_OPTIONS, optimize_option_problem
-from modelkeeper.worker.errors import InvalidRequest
+from modelkeeper.worker.errors import Cancelled, InvalidRequest
+from modelkeeper.worker.validate import Step, no_step
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OPTIONS = tuple(OPTIMIZE_OPTIONS)  # dtype, channels_last, attention, vae_slicing, vae_tiling, compile
@@ -101,7 +102,7 @@ def _device_memory(module: torch.nn.Module) -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _latency(module: torch.nn.Module, *, cold: bool = False) -> float | None:
+def _latency(module: torch.nn.Module, *, cold: bool = False, step: Step = no_step) -> float | None:
     """Seconds of a small forward pass (the parts' medians summed); None for a module the benchmark
     cannot drive. ``cold``: the module has not run since it was loaded, so one untimed benchmark goes
     first: its first passes fault its weights in from the segment and build the kernels' caches,
@@ -111,31 +112,39 @@ def _latency(module: torch.nn.Module, *, cold: bool = False) -> float | None:
     resolution = 64 if "Text" not in type(module).__name__ else None
     try:
         if cold:
-            benchmark(module, resolution=resolution, steps=1, warmup=1, tokens=16)
-        report = benchmark(module, resolution=resolution, steps=5, warmup=2, tokens=16)
+            benchmark(module, resolution=resolution, steps=1, warmup=1, tokens=16, step=step)
+        report = benchmark(module, resolution=resolution, steps=5, warmup=2, tokens=16, step=step)
     except InvalidRequest:
         return None
     return sum(f.median_s for f in report.figures)
 
 
-def optimize(module: torch.nn.Module, options: Mapping[str, Any], *, measure: bool = True) -> OptimizeReport:
+def optimize(
+    module: torch.nn.Module, options: Mapping[str, Any], *, measure: bool = True, step: Step = no_step
+) -> OptimizeReport:
     """Apply ``options`` to ``module`` in place; the report's ``undo`` feeds :func:`revert`. With
     ``measure``, the latency before and after (measured alike, see :func:`_latency`); when nothing
-    applied (every option skipped, or none given) there is no after and no speedup: nothing changed."""
+    applied (every option skipped, or none given) there is no after and no speedup: nothing changed.
+    ``step`` runs before each option and each measuring pass and may raise (cancellation): what
+    was applied by then is reverted first, so a cancelled optimisation leaves the module as it was."""
     check_options(module, options)
     started = time.perf_counter()
     bytes_before, memory_before = module_bytes(module), _device_memory(module)
-    latency_before = _latency(module, cold=True) if measure and options else None
+    latency_before = _latency(module, cold=True, step=step) if measure and options else None
     undo = Undo()
     applied: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    for option in OPTIONS:
-        if option not in options:
-            continue
-        reason = _APPLY[option](module, options[option], undo, applied)
-        if reason:
-            skipped.append({"option": option, "reason": reason})
-    latency_after = _latency(module) if measure and applied else None
+    asked = [option for option in OPTIONS if option in options]
+    try:
+        for i, option in enumerate(asked):
+            step(option, i, len(asked))
+            reason = _APPLY[option](module, options[option], undo, applied)
+            if reason:
+                skipped.append({"option": option, "reason": reason})
+        latency_after = _latency(module, step=step) if measure and applied else None
+    except Cancelled:
+        revert(module, undo)
+        raise
     speedup = latency_before / latency_after if latency_before and latency_after else None
     return OptimizeReport(
         type(module).__name__, applied, skipped, bytes_before, module_bytes(module), memory_before,

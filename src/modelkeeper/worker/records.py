@@ -20,6 +20,8 @@ from modelkeeper.worker.errors import Cancelled
 
 #: Where the service sends its events (the protocol server's ``emit``): type, request id, data.
 EventSink = Callable[[EventType, str | None, dict[str, Any]], None]
+#: A step's progress events are sent at most this often (a tiny model runs thousands of passes a second).
+STEP_EVENT_S = 0.1
 
 
 @dataclass
@@ -32,10 +34,25 @@ class Operation:
     started_at: float = field(default_factory=time.time)
     progress: dict[str, Any] = field(default_factory=dict)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Where :meth:`step` sends its progress events (the server's ``emit``); None: kept, not sent.
+    emit: EventSink | None = field(default=None, repr=False)
+    _last_event: float = field(default=0.0, repr=False)
 
     def check(self) -> None:
         if self.cancelled.is_set():
             raise Cancelled(f"{self.type} of {self.name!r} was cancelled (request {self.request_id})")
+
+    def step(self, stage: str, done: int, total: int) -> None:
+        """Before each step of a long operation (a benchmark pass, a validation check, an
+        optimisation): stop here if cancelled (:class:`Cancelled`), else record the progress
+        (``stage``, ``done`` of ``total`` steps) and send it as a progress event, the first step at
+        once and the others at most every ``STEP_EVENT_S``. A cancel so takes effect within one step."""
+        self.check()
+        self.progress = {"stage": stage, "done": done, "total": total, "unit": "steps"}
+        now = time.monotonic()
+        if self.emit is not None and (done == 0 or now - self._last_event >= STEP_EVENT_S):
+            self._last_event = now
+            self.emit(EventType.PROGRESS, self.request_id, dict(self.progress))
 
 
 @dataclass

@@ -190,7 +190,7 @@ class WorkerServer:
             if request_id in self._known_ids:
                 raise InvalidRequest(f"request.request_id: {request_id!r} is already queued or running")
             name = getattr(data, "name", None)
-            op = Operation(request_id, command.value, name if isinstance(name, str) else None)
+            op = Operation(request_id, command.value, name if isinstance(name, str) else None, emit=self.emit)
             self._known_ids.add(request_id)
             self._queue.append((op, command, data))
             self._cond.notify()

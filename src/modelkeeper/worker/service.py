@@ -311,14 +311,15 @@ class ModelService:
     def validate_model(self, req: ValidateModelRequest, op: Operation) -> dict[str, Any]:
         from modelkeeper.worker.validate import validate
 
-        return validate(self.module(req.name), req.level, batch=req.batch).as_dict() | {"name": req.name}
+        report = validate(self.module(req.name), req.level, batch=req.batch, step=op.step)
+        return report.as_dict() | {"name": req.name}
 
     def benchmark_model(self, req: BenchmarkModelRequest, op: Operation) -> dict[str, Any]:
         from modelkeeper.worker.bench import benchmark
 
         report = benchmark(
             self.module(req.name), resolution=req.resolution, batch=req.batch, steps=req.steps,
-            warmup=req.warmup, tokens=req.tokens, check=op.check,
+            warmup=req.warmup, tokens=req.tokens, step=op.step,
         )  # fmt: skip
         return report.as_dict() | {"name": req.name, "device": str(self.device)}
 
@@ -337,7 +338,7 @@ class ModelService:
             reverted = [r for undo in reversed(self._undo.pop(req.name, [])) for r in revert(module, undo)]
             result: dict[str, Any] = {"reverted": reverted}
         else:
-            report = optimize(module, req.options, measure=req.measure)
+            report = optimize(module, req.options, measure=req.measure, step=op.step)
             self._undo.setdefault(req.name, []).append(report.undo)
             result = report.as_dict() | {"unshared": [req.name] if left else []}
         with self.lock:

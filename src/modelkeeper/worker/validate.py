@@ -32,6 +32,16 @@ from modelkeeper.worker.storage import FLOAT8, compute_dtype, logical_shapes, st
 
 Level = Literal["header", "weights", "functional"]
 LEVELS: tuple[Level, ...] = ("header", "weights", "functional")
+
+#: Called before each step of a long operation with the step's name, the steps done and the steps
+#: in all; it may raise to stop the operation there (the worker's cancellation, ``Operation.step``).
+Step = Callable[[str, int, int], None]
+
+
+def no_step(name: str, done: int, total: int) -> None:
+    """The :data:`Step` of a caller that neither cancels nor follows progress."""
+
+
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -60,9 +70,10 @@ class ValidationReport:
 
 
 def validate(
-    module: torch.nn.Module, level: Level = "header", *, batch: int = 1, seed: int = 0
+    module: torch.nn.Module, level: Level = "header", *, batch: int = 1, seed: int = 0, step: Step = no_step
 ) -> ValidationReport:
-    """Run every check up to ``level`` on ``module`` where it lives; ``passed`` if all passed."""
+    """Run every check up to ``level`` on ``module`` where it lives; ``passed`` if all passed.
+    ``step`` runs before each check and may raise (cancellation stops it between two checks)."""
     if level not in LEVELS:
         raise InvalidRequest(f"data.level: {level!r} is not one of {', '.join(LEVELS)}")
     started = time.perf_counter()
@@ -75,14 +86,15 @@ def validate(
     if LEVELS.index(level) >= 1:
         stats = _Stats(module)
         steps += [("weights", "finite", stats.finite), ("weights", "statistics", stats.summary)]
-    for lvl, name, run in steps:
-        checks.append(_timed(lvl, name, run))
     if level == "functional":
         for probe in probes(module, batch=batch, seed=seed):
-            checks.append(_timed("functional", probe.name, lambda p=probe: _run_probe(p)))  # type: ignore[misc]
-        if not any(c.level == "functional" for c in checks):
-            detail = f"skipped: no example inputs for {type(module).__name__}"
-            checks.append(Check("forward", "functional", True, detail, 0.0))
+            steps.append(("functional", probe.name, lambda p=probe: _run_probe(p)))  # type: ignore[misc]
+    for i, (lvl, name, run) in enumerate(steps):
+        step(name, i, len(steps))
+        checks.append(_timed(lvl, name, run))
+    if level == "functional" and not any(c.level == "functional" for c in checks):
+        detail = f"skipped: no example inputs for {type(module).__name__}"
+        checks.append(Check("forward", "functional", True, detail, 0.0))
     passed = all(c.passed for c in checks)
     return ValidationReport(
         type(module).__name__, level, passed, checks, round(time.perf_counter() - started, 6)
@@ -443,8 +455,10 @@ __all__ = [
     "Check",
     "Level",
     "Probe",
+    "Step",
     "ValidationReport",
     "meta_twin",
+    "no_step",
     "probes",
     "validate",
     "validate_generation",
