@@ -259,6 +259,8 @@ class Loads:
                 p.component_bytes[label] = held
                 if result.share is not None:
                     p.shares[label] = result.share
+                if result.storage is not None:
+                    p.packed[label] = result.storage
                 p.streamed_bytes += result.streamed_bytes or 0
                 p.timings[label] = {
                     "cache": round(cache_seconds, 6),

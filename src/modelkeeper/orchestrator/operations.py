@@ -83,6 +83,9 @@ class Operations:
                 for p in self.view.placements.values()
                 if p.state is PlacementState.LOADED and device in (None, p.device)
             ]
+        if op == "optimize" and "dtype" in (data.get("options") or {}) and not data.get("revert"):
+            for p in placements:
+                check_unpacked(p, component)
         params = {"model_id": None if ref is None else placements[0].model_id, "device": device, **data}
 
         async def body(job: Job) -> Any:
@@ -157,6 +160,22 @@ def check_request(op: str, data: dict[str, Any]) -> None:
             "(or revert to undo earlier ones)",
             ErrorCode.INVALID_REQUEST,
             field="options",
+        )
+
+
+def check_unpacked(p: Placement, component: str | None) -> None:
+    """INVALID_REQUEST for an optimize ``dtype`` on a component kept packed (fp8, scaled fp8, GGUF):
+    a cast would break the decoding of its packed weights. Its compute dtype is the load's."""
+    packed = {c: f for c, f in p.packed.items() if component in (None, c)}
+    if packed:
+        which = ", ".join(f"{c} ({f})" for c, f in sorted(packed.items()))
+        raise ProtocolError(
+            f"options.dtype: {p.handle or p.name} is stored packed ({which}) on {p.device}: a cast "
+            "would break its decoding; load it with --dtype instead (unload it first, or load with reload)",
+            ErrorCode.INVALID_REQUEST,
+            field="options.dtype",
+            model_id=p.model_id,
+            handle=p.handle or p.name,
         )
 
 
