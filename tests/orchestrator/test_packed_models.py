@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from modelkeeper.orchestrator import LoadedDifferently, LoadOptions
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.protocol.messages import DType
 from modelkeeper.testing import DemoManifest, write_demo_models
 
 from .conftest import run, serving
@@ -54,5 +56,27 @@ def test_an_optimize_dtype_on_a_packed_model_is_refused_before_any_job(
             options = {"options": {"dtype": "bfloat16"}, "measure": False}
             (done,) = (await orch.operations.run("optimize", Q4, None, options, component="vae"))["result"]
             assert [a["option"] for a in done["components"]["vae"]["applied"]] == ["dtype"]
+
+    run(body)
+
+
+def test_a_packed_model_loaded_without_dtype_is_the_same_form_as_its_compute_dtype(
+    packed_demo: DemoManifest, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        async with serving(packed_demo, tmp_path) as orch:
+            for ref in (Q4, E5M2):
+                placed = (await orch.loads.load(ref))["result"]
+                chosen = placed["dtype"]  # the compute dtype the worker chose for the packed transformer
+                assert chosen == "bfloat16" and placed["storage_dtype"] is not None
+                jobs = len(orch.jobs.list(kind="load"))
+                again = (await orch.loads.load(ref, options=LoadOptions(dtype=DType(chosen))))["result"]
+                assert again["already_loaded"] and again["dtype"] == chosen
+                with pytest.raises(LoadedDifferently) as refused:
+                    await orch.loads.load(ref, options=LoadOptions(dtype=DType.FLOAT16))
+                assert refused.value.details["loaded"]["dtype"] == chosen
+                assert f"is loaded on cpu as {chosen}, stored as " in refused.value.message
+                assert len(orch.jobs.list(kind="load")) == jobs + 1  # the same form: answered, no new load
+                await orch.loads.unload(ref)
 
     run(body)
