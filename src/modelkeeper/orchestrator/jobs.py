@@ -28,6 +28,10 @@ _seq = itertools.count(1)
 log = logging.getLogger(__name__)
 
 
+#: The progress keys that count one step's work (a worker's read, a cache copy): a step's own.
+STEP_COUNTS = ("stage", "done", "total", "unit", "cache_bytes_done", "cache_bytes_total")
+
+
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -79,6 +83,17 @@ class Job:
         if force or now - self._last_progress >= 0.05:
             self._last_progress = now
             self.bus.publish("job.progress", job=self.id, kind=self.kind, progress=dict(self.progress_data))
+
+    def step(self, name: str, **values: Any) -> None:
+        """Progress moves on to step ``name`` (a component): the previous step's counts are dropped,
+        so that none is reported under this one; ``values``: this step's own."""
+        for key in STEP_COUNTS:
+            self.progress_data.pop(key, None)
+        self.progress(step=name, force=True, **values)
+
+    def progress_of(self, name: str) -> Callable[[dict[str, Any]], None]:
+        """A listener of a worker's progress events for step ``name``: each reported under it."""
+        return lambda data: self.progress(**{**data, "step": name})
 
     def on_cancel(self, hook: Callable[[], None]) -> None:
         self._cancel_hooks.append(hook)

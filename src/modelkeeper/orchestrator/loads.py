@@ -224,7 +224,7 @@ class Loads:
         try:
             for i, planned in enumerate(loads):
                 label = planned.component or record.type
-                job.progress(step=label, component=i + 1, components=len(loads), force=True)
+                job.step(label, component=i + 1, components=len(loads))
                 t_cache = time.perf_counter()
                 load = await self.feed.route(record, planned, job, require=opts.require_cache)
                 load.request = opts.request(load.request)
@@ -241,7 +241,7 @@ class Loads:
                             load.request,
                             LoadResult,
                             timeout=max(0.1, deadline - time.monotonic()),
-                            on_progress=lambda data: job.progress(**data),
+                            on_progress=job.progress_of(label),
                         )
                     except ProtocolError as exc:
                         raise naming_the_users_file(exc, load, planned) from None

@@ -120,12 +120,13 @@ class Operations:
             for label, name in p.components.items():
                 if component is not None and component != label:
                     continue
+                job.step(label, model_id=p.model_id, device=p.device)
                 answer = await slot.call(
                     command,
                     _request(request, {**data, "name": name}),
                     result_type,
                     timeout=self.settings.request_timeout,
-                    on_progress=lambda data: job.progress(**data),
+                    on_progress=job.progress_of(label),
                 )
                 results[label] = answer.model_dump(mode="json", exclude_unset=True)
         if op == "optimize":  # a dtype change changes the bytes the placement holds
