@@ -95,6 +95,11 @@ class Job:
         """A listener of a worker's progress events for step ``name``: each reported under it."""
         return lambda data: self.progress(**{**data, "step": name})
 
+    def start(self) -> None:
+        """Its work begins (a job that waits in a device's queue: its worker command starts): running."""
+        if self.state is JobState.QUEUED:
+            self._set(JobState.RUNNING)
+
     def on_cancel(self, hook: Callable[[], None]) -> None:
         self._cancel_hooks.append(hook)
 
@@ -125,13 +130,15 @@ class JobManager:
         *,
         wait: bool,
         timeout: float | None = None,
+        queued: bool = False,
     ) -> dict[str, Any]:
         """Run ``body`` as a job: ``{"job", "result"}`` when ``wait`` (errors raised), else
         ``{"job"}`` at once. ``timeout`` is a backstop: the operation's own deadline fires first
-        (and says where it was)."""
+        (and says where it was). ``queued``: the job stays queued until ``body`` calls
+        :meth:`Job.start` (work that waits in a device's queue)."""
         if not self.accepting():
             raise ServiceNotReady("the service is starting or stopping")
-        job = self.submit(kind, body, params)
+        job = self.submit(kind, body, params, queued=queued)
         if not wait:
             return {"job": job.info()}
         try:
@@ -144,18 +151,25 @@ class JobManager:
         return {"job": job.info(), "result": result}
 
     def submit(
-        self, kind: str, run: Callable[[Job], Awaitable[Any]], params: dict[str, Any] | None = None
+        self,
+        kind: str,
+        run: Callable[[Job], Awaitable[Any]],
+        params: dict[str, Any] | None = None,
+        *,
+        queued: bool = False,
     ) -> Job:
-        """Start ``run(job)`` as a job; its return value becomes the job's result."""
+        """Start ``run(job)`` as a job; its return value becomes the job's result (``queued``: see
+        :meth:`run`)."""
         job = Job(kind, dict(params or {}), self.bus)
         self._jobs[job.id] = job
         job._set(JobState.QUEUED)
-        job.task = asyncio.get_running_loop().create_task(self._run(job, run), name=f"job {job.id}")
+        job.task = asyncio.get_running_loop().create_task(self._run(job, run, queued), name=f"job {job.id}")
         self._trim()
         return job
 
-    async def _run(self, job: Job, run: Callable[[Job], Awaitable[Any]]) -> Any:
-        job._set(JobState.RUNNING)
+    async def _run(self, job: Job, run: Callable[[Job], Awaitable[Any]], queued: bool = False) -> Any:
+        if not queued:
+            job._set(JobState.RUNNING)
         try:
             job.result = await run(job)
         except asyncio.CancelledError:

@@ -163,7 +163,7 @@ class Loads:
             slot = self.pool.slot(device) if device else await self.place(record, opts)
             return await self.load_on(record, slot, opts, job)
 
-        return await self.jobs.run("load", params, body, wait=wait, timeout=opts.timeout)
+        return await self.jobs.run("load", params, body, wait=wait, timeout=opts.timeout, queued=True)
 
     async def load_on(
         self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job
@@ -172,6 +172,7 @@ class Loads:
         key = (record.id, slot.id)
         settled = await self.reloads.settle(record, slot.id, opts, job)  # loaded there already
         if settled.answer is not None:
+            job.start()  # answered at once: nothing to wait for
             return settled.answer
         opts = settled.opts
         if key in self.inflight:  # (a load may have started while a reload unloaded)
@@ -191,6 +192,7 @@ class Loads:
                     label=f"load {record.id}",
                 ),
             )
+        job.start()  # a load joined runs as the one it joined (started already: nothing changes)
         if settled.reloaded is None:
             return result
         return {**result, "reloaded": settled.reloaded, "dropped_loras": settled.dropped}
@@ -198,6 +200,7 @@ class Loads:
     async def _load(
         self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job, deadline: float
     ) -> dict[str, Any]:
+        job.start()  # queued until now: its device's queue runs it
         started = time.perf_counter()
         await self.catalog.verify_file(record)
         loads = await self.catalog.component_loads(record)

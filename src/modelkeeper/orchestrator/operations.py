@@ -108,13 +108,14 @@ class Operations:
             job.progress(done=len(placements), total=len(placements), force=True)
             return out
 
-        return await self.jobs.run(op, params, body, wait=wait, timeout=timeout)
+        return await self.jobs.run(op, params, body, wait=wait, timeout=timeout, queued=True)
 
     async def _on_components(
         self, op: str, slot: WorkerSlot, p: Placement, data: dict[str, Any], component: str | None, job: Job
     ) -> dict[str, Any]:
         command, request = COMMANDS[op]
         result_type = COMMAND_MODELS[command][1]
+        job.start()  # queued until now: its device's queue runs it
         results: dict[str, Any] = {}
         with p.in_use():
             for label, name in p.components.items():
