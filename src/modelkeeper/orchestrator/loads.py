@@ -495,8 +495,10 @@ class Loads:
     ) -> dict[str, Any]:
         """Hold a model (on ``device`` or anywhere): neither evicted nor unloaded without force. A
         model not loaded there may be leased ahead of its load (``keep_alive`` 0 would unload it before
-        a lease taken after the load); the answer's ``loaded`` and ``note`` say so."""
+        a lease taken after the load); the answer's ``loaded`` and ``note`` say so. A LoRA or an
+        embedding, never loaded, is refused (NotLoadable)."""
         record = await self.catalog.resolve(ref)
+        self.catalog.check_leasable(record)
         if device is not None:
             self.pool.slot(device).check_usable()  # a device whose worker did not start says why
         else:
