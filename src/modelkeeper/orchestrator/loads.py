@@ -21,7 +21,7 @@ from typing import Any
 from modelkeeper.orchestrator.cachefeed import CacheFeed
 from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.coalesce import coalesced
-from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded
+from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded, NotPlaceable
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
@@ -98,7 +98,12 @@ class Loads:
         need = opts.resident_need(await self.stored_bytes(record, opts), max(s.budget_bytes for s in ready))
         wants = await self.shared_parts(record, opts)
         views = [self.device_view(s) for s in ready]
-        device = choose_device(views, record.id, need, force=opts.force, wants=wants)
+        try:
+            device = choose_device(views, record.id, need, force=opts.force, wants=wants)
+        except NotPlaceable:
+            if not opts.may_stream:
+                raise
+            device = choose_device(views, record.id, 0, wants=wants)  # no room whole: it streams
         return self.pool.slot(device)
 
     async def stored_bytes(self, record: ModelRecord, opts: LoadOptions) -> int:
@@ -207,7 +212,12 @@ class Loads:
         await slot.status()
         need = opts.resident_need(await self.stored_bytes(record, opts), slot.budget_bytes)
         wants = await self.shared_parts(record, opts, loads)
-        evicted = await self.make_room(slot, record.id, need, opts.force, wants)
+        try:
+            evicted = await self.make_room(slot, record.id, need, opts.force, wants)
+        except NotPlaceable:  # refused before anything was unloaded
+            if not opts.may_stream:
+                raise
+            evicted = []  # no room for it whole: it streams, evicting nothing
         keep_alive = self.settings.keep_alive if opts.keep_alive is None else opts.keep_alive
         p = Placement(
             record.id,
