@@ -39,6 +39,9 @@ def test_an_offloaded_load_evicts_only_to_place_the_model_whole(demo: DemoManife
             with pytest.raises(ProtocolError) as failed:
                 await orch.loads.load(SDXL, options=AUTO)
             assert failed.value.code is ErrorCode.INSUFFICIENT_MEMORY
+            assert failed.value.message.startswith(
+                "offload: tiny-sdxl@diffusers (text_encoder_2) needs 18.5 MB"
+            )
             assert "even streamed" in failed.value.message
             assert loaded(orch) == {sd15, clip}
             assert [e for e in events(orch, "model.unloaded") if e.get("reason") == "evicted"] == []

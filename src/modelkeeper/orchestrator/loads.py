@@ -33,6 +33,7 @@ from modelkeeper.orchestrator.pool import WorkerPool
 from modelkeeper.orchestrator.reload import Reloads
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.orchestrator.state import Placement, PlacementState, StateView, held_bytes
+from modelkeeper.orchestrator.wording import in_users_words
 from modelkeeper.orchestrator.workers import Priority, WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -81,6 +82,7 @@ class Loads:
                 leased=bool(self.leases.holding(p.model_id, slot.id)),
                 keep_loaded=p.keep_loaded,
                 shares=tuple((key, p.component_bytes.get(label, 0)) for label, key in p.shares.items()),
+                handle=p.handle or p.name,
             )
             for p in self.view.on_device(slot.id)
         )
@@ -99,7 +101,7 @@ class Loads:
         wants = await self.shared_parts(record, opts)
         views = [self.device_view(s) for s in ready]
         try:
-            device = choose_device(views, record.id, need, force=opts.force, wants=wants)
+            device = choose_device(views, record.id, need, force=opts.force, wants=wants, name=record.handle)
         except NotPlaceable:
             if not opts.may_stream:
                 raise
@@ -213,7 +215,7 @@ class Loads:
         need = opts.resident_need(await self.stored_bytes(record, opts), slot.budget_bytes)
         wants = await self.shared_parts(record, opts, loads)
         try:
-            evicted = await self.make_room(slot, record.id, need, opts.force, wants)
+            evicted = await self.make_room(slot, record.id, need, opts.force, wants, name=record.handle)
         except NotPlaceable:  # refused before anything was unloaded
             if not opts.may_stream:
                 raise
@@ -257,7 +259,8 @@ class Loads:
                             on_progress=job.progress_of(label),
                         )
                     except ProtocolError as exc:
-                        raise naming_the_users_file(exc, load, planned) from None
+                        named = naming_the_users_file(exc, load, planned)
+                        raise in_users_words(named, record.handle, {label: load.request.name}) from None
                 done.append(load.request.name)
                 dtypes.append(result.dtype)
                 storages.append(result.storage)
@@ -313,12 +316,19 @@ class Loads:
         return info
 
     async def make_room(
-        self, slot: WorkerSlot, model_id: str, need: int, force: bool, wants: dict[str, int] | None = None
+        self,
+        slot: WorkerSlot,
+        model_id: str,
+        need: int,
+        force: bool,
+        wants: dict[str, int] | None = None,
+        *,
+        name: str = "",
     ) -> list[str]:
         """Unload what the policy picks so that ``need`` bytes (of which ``wants``: shareable parts by
-        share key) fit on ``slot``; the ids unloaded."""
+        share key) fit on ``slot``; the ids unloaded. ``name``: what a refusal calls the model."""
         await slot.status()
-        chosen = plan_eviction(self.device_view(slot), model_id, need, force=force, wants=wants)
+        chosen = plan_eviction(self.device_view(slot), model_id, need, force=force, wants=wants, name=name)
         for mid in chosen:
             p = self.view.get(mid, slot.id)
             if p is not None:

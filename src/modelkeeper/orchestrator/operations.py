@@ -10,11 +10,13 @@ from pydantic import BaseModel, ValidationError
 
 from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.errors import NotLoaded
+from modelkeeper.orchestrator.forms import shown_offload
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.loads import Loads
 from modelkeeper.orchestrator.pool import WorkerPool
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.orchestrator.state import Placement, PlacementState, StateView, held_bytes
+from modelkeeper.orchestrator.wording import in_users_words
 from modelkeeper.orchestrator.workers import Priority, WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -27,6 +29,7 @@ from modelkeeper.protocol.messages import (
     OptimizeModelRequest,
     ValidateModelRequest,
 )
+from modelkeeper.sizes import format_size
 
 COMMANDS: dict[str, tuple[CommandType, type[BaseModel]]] = {
     "validate": (CommandType.VALIDATE_MODEL, ValidateModelRequest),
@@ -83,9 +86,9 @@ class Operations:
                 for p in self.view.placements.values()
                 if p.state is PlacementState.LOADED and device in (None, p.device)
             ]
-        if op == "optimize" and "dtype" in (data.get("options") or {}) and not data.get("revert"):
+        if op == "optimize" and not data.get("revert"):
             for p in placements:
-                check_unpacked(p, component)
+                check_optimizable(p, component, data.get("options") or {})
         params = {"model_id": None if ref is None else placements[0].model_id, "device": device, **data}
 
         async def body(job: Job) -> Any:
@@ -122,13 +125,16 @@ class Operations:
                 if component is not None and component != label:
                     continue
                 job.step(label, model_id=p.model_id, device=p.device)
-                answer = await slot.call(
-                    command,
-                    _request(request, {**data, "name": name}),
-                    result_type,
-                    timeout=self.settings.request_timeout,
-                    on_progress=job.progress_of(label),
-                )
+                try:
+                    answer = await slot.call(
+                        command,
+                        _request(request, {**data, "name": name}),
+                        result_type,
+                        timeout=self.settings.request_timeout,
+                        on_progress=job.progress_of(label),
+                    )
+                except ProtocolError as exc:
+                    raise in_users_words(exc, p.handle or p.name, {label: name}) from None
                 results[label] = answer.model_dump(mode="json", exclude_unset=True)
         if op == "optimize":  # a dtype change changes the bytes the placement holds
             await _refresh_bytes(slot, p)
@@ -153,9 +159,19 @@ class Operations:
 
 def check_request(op: str, data: dict[str, Any]) -> None:
     """INVALID_REQUEST for what no worker would take: an unknown option or a bad value (the
-    worker's own request model says), or an optimize with nothing to apply (no option, no revert),
-    whose "speedup" would measure nothing."""
+    worker's own request model says; a benchmark resolution not a multiple of 8, as its worker
+    checks), or an optimize with nothing to apply (no option, no revert), whose "speedup" would
+    measure nothing."""
     _request(COMMANDS[op][1], {**data, "name": "-"})
+    resolution = data.get("resolution")
+    if op == "benchmark" and isinstance(resolution, int) and resolution % 8:
+        near = sorted({max(8, resolution // 8 * 8), resolution // 8 * 8 + 8})
+        raise ProtocolError(
+            f"resolution: {resolution} is not a multiple of 8 (a latent pixel is 8 image pixels a side); "
+            f"try {' or '.join(map(str, near))}",
+            ErrorCode.INVALID_REQUEST,
+            field="resolution",
+        )
     if op == "optimize" and not data.get("options") and not data.get("revert"):
         raise ProtocolError(
             f"options: nothing to apply; give at least one of {', '.join(OPTIMIZE_OPTIONS)} "
@@ -165,11 +181,23 @@ def check_request(op: str, data: dict[str, Any]) -> None:
         )
 
 
-def check_unpacked(p: Placement, component: str | None) -> None:
-    """INVALID_REQUEST for an optimize ``dtype`` on a component kept packed (fp8, scaled fp8, GGUF):
-    a cast would break the decoding of its packed weights. Its compute dtype is the load's."""
+def check_optimizable(p: Placement, component: str | None, options: dict[str, Any]) -> None:
+    """INVALID_REQUEST, naming the model by its handle, for an optimize of a model that streams
+    part of its weights (offload: optimisations apply to models wholly resident), or with a
+    ``dtype`` on a component kept packed (fp8, scaled fp8, GGUF: a cast would break the decoding
+    of its packed weights; its compute dtype is the load's)."""
+    if p.streamed_bytes and component is None:  # (one component: its worker says whether it streams)
+        raise ProtocolError(
+            f"{p.handle or p.name} is partially resident on {p.device} (offload "
+            f"{shown_offload(p.form.offload)}: {format_size(p.streamed_bytes)} streamed from RAM); "
+            "optimisations apply to models wholly resident: load it with offload none (reload)",
+            ErrorCode.INVALID_REQUEST,
+            field="offload",
+            model_id=p.model_id,
+            handle=p.handle or p.name,
+        )
     packed = {c: f for c, f in p.packed.items() if component in (None, c)}
-    if packed:
+    if "dtype" in options and packed:
         which = ", ".join(f"{c} ({f})" for c, f in sorted(packed.items()))
         raise ProtocolError(
             f"options.dtype: {p.handle or p.name} is stored packed ({which}) on {p.device}: a cast "
