@@ -124,14 +124,13 @@ class Operations:
             for label, name in p.components.items():
                 if component is not None and component != label:
                     continue
-                job.step(label, model_id=p.model_id, device=p.device)
                 try:
                     answer = await slot.call(
                         command,
                         _request(request, {**data, "name": name}),
                         result_type,
                         timeout=self.settings.request_timeout,
-                        on_progress=job.progress_of(label),
+                        on_progress=lambda data: job.progress(**data),
                     )
                 except ProtocolError as exc:
                     raise in_users_words(exc, p.handle or p.name, {label: name}) from None
