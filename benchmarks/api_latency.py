@@ -24,10 +24,14 @@ Every row also reports the service process's CPU, and two last measurements resi
 machine's noise: the dashboards' cost without pollers (the service's CPU with the load loop
 alone, then with the dashboards open), and the unit costs (the service's CPU for one event sent
 on one stream, and for one status request; ``--unit-costs-only`` measures just these).
+``--against OTHER/src`` compares this tree with another (a checkout of main) on one machine at
+one time: both services run side by side, and rounds alternate between them measuring the
+dashboards' cost without pollers and a status request's CPU (nothing else).
 
 Target on a 2-core machine: p99 <= 10 ms with 100 concurrent clients while a load runs.
 
-    python benchmarks/api_latency.py [--seconds 8] [--clients 100] [--dashboards 5] [--pairs 3] [--unit-costs-only] [--out benchmarks/results/...txt]
+    python benchmarks/api_latency.py [--seconds 8] [--clients 100] [--dashboards 5] [--pairs 3] [--unit-costs-only]
+        [--against ../main/src] [--out benchmarks/results/...txt]
 """
 
 from __future__ import annotations
@@ -394,10 +398,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve(models: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+def serve(models: Path, work: Path, src: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """``modelkeeper serve`` over ``models``, once ready; ``src``: run the package of that folder
+    (another tree's ``src``) instead of the one this process imports."""
     port = free_port()
+    path = os.environ.get("PYTHONPATH", "")
     env = {
         **os.environ,
+        "PYTHONPATH": f"{src}{os.pathsep}{path}" if src else path,
         "MODELKEEPER_HASH_ON_START": "false",
         "MODELKEEPER_CACHE_LOADS": "false",  # every load reads from disk: the worker stays busy
         "MODELKEEPER_DEVICES": '["cpu"]',
@@ -407,16 +415,29 @@ def serve(models: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=(work / "serve.log").open("wb"))
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 180
+    answer: httpx.Response | None = None
     while time.monotonic() < end:
         try:
-            if httpx.get(f"{url}/health/ready").status_code == 200:
-                return proc, url
+            answer = httpx.get(f"{url}/health/ready")
         except httpx.HTTPError:
-            pass
+            answer = None
+        if answer is not None and answer.status_code == 200:
+            return proc, url
         if proc.poll() is not None:
             raise RuntimeError((work / "serve.log").read_text())
         time.sleep(0.2)
-    raise TimeoutError("the service did not start")
+    raise TimeoutError(f"the service did not get ready in 180 s: {answer.text if answer else 'no answer'}")
+
+
+def check_ready(url: str) -> None:
+    """Ready means the first scan registered the roots: the benchmark's model is known (a 404
+    here once broke the load loop right after ready). A failed first scan is ready too: say why."""
+    scan = httpx.get(f"{url}/health/ready").json()["scan"]
+    if scan["state"] == "failed":
+        raise RuntimeError(f"the service's first scan failed: {scan['error']}")
+    found = httpx.get(f"{url}/api/model/{MODEL}")
+    if found.status_code != 200:
+        raise RuntimeError(f"{MODEL} is not known once ready: {found.status_code} {found.text[:300]}")
 
 
 async def unit_costs(url: str, pid: int, streams: int = 50, events: int = 300) -> dict[str, float]:
@@ -458,15 +479,13 @@ async def unit_costs(url: str, pid: int, streams: int = 50, events: int = 300) -
         return cpu
 
     alone, watched = await edits(0), await edits(streams)
-    api = await asyncio.open_connection(host, int(port))
-    status = _http_get(request_bytes(url, "/api/model/status"))
-    await status(*api)
-    cpu = cpu_seconds(pid)
-    for _ in range(events):
-        await status(*api)
-    cpu = cpu_seconds(pid) - cpu
-    api[1].close()
-    return {"event": 1e6 * (watched - alone) / (events * streams), "status": 1e6 * cpu / events}
+    t0 = time.perf_counter()
+    status = await status_cost(url, pid, events)
+    return {
+        "event": 1e6 * (watched - alone) / (events * streams),
+        "status": status,
+        "status_wall": 1e3 * (time.perf_counter() - t0) / (2 * events),  # half of it the idle wait
+    }
 
 
 def report_unit_costs(say: Any, url: str, pid: int, runs: int) -> None:
@@ -475,7 +494,9 @@ def report_unit_costs(say: Any, url: str, pid: int, runs: int) -> None:
         f"  unit costs (service CPU, median of {runs}): one event on one stream "
         f"{statistics.median(c['event'] for c in costs):.0f} us ({joined(c['event'] for c in costs)}), "
         f"one status request {statistics.median(c['status'] for c in costs):.0f} us "
-        f"({joined(c['status'] for c in costs)}); 300 metadata edits with 50 streams open against none"
+        f"({joined(c['status'] for c in costs)}; the service's idle CPU over as long subtracted: one "
+        f"request after the other took {statistics.median(c['status_wall'] for c in costs):.1f} ms each); "
+        "300 metadata edits with 50 streams open against none"
     )
 
 
@@ -503,6 +524,49 @@ def quiet_cost(url: str, pid: int, dashboards: int, seconds: float) -> dict[str,
     return out
 
 
+def compare(say: Any, ours: tuple[int, str], theirs: tuple[int, str], against: Path, dashboards: int,
+            rounds: int, seconds: float) -> None:  # fmt: skip
+    """This tree's service and ``against``'s side by side, in rounds alternating their order: the
+    service's CPU with the load loop alone and with the dashboards open, and for one status
+    request (the shared machine's drift falls on both alike)."""
+    services = {"this tree": ours, str(against): theirs}
+    seen: dict[str, list[tuple[float, float]]] = {name: [] for name in services}
+    for i in range(rounds):
+        for name in list(services)[:: 1 if i % 2 == 0 else -1]:
+            pid, url = services[name]
+            base, dash = quiet_cost(url, pid, 0, seconds), quiet_cost(url, pid, dashboards, seconds)
+            status = asyncio.run(status_cost(url, pid))
+            seen[name].append((1000 * (dash["server_cpu"] - base["server_cpu"]) / dashboards, status))
+            say(
+                f"  round {i + 1}, {name}: the load loop {100 * base['server_cpu']:.1f}% of a core, with "
+                f"{dashboards} dashboards {100 * dash['server_cpu']:.1f}% ({seen[name][-1][0]:.2f} ms of CPU per "
+                f"second per dashboard; {dash['loads']:.2f} loads/s, {dash['requests']:.1f} requests/s, "
+                f"{dash['events']:.1f} events/s); one status request {status:.0f} us"
+            )
+    for name, costs in seen.items():
+        say(
+            f"{name}: a dashboard {statistics.median(c[0] for c in costs):.2f} ms of CPU per second "
+            f"(median of {rounds}: {joined(c[0] for c in costs)}), a status request "
+            f"{statistics.median(c[1] for c in costs):.0f} us ({joined(c[1] for c in costs)})"
+        )
+
+
+async def status_cost(url: str, pid: int, requests: int = 100) -> float:
+    """The service's CPU for one ``GET /api/model/status`` (us), its idle CPU over as long subtracted."""
+    host, port = url.removeprefix("http://").split(":")
+    get = _http_get(request_bytes(url, "/api/model/status"))
+    api = await asyncio.open_connection(host, int(port))
+    await get(*api)
+    cpu, t0 = cpu_seconds(pid), time.perf_counter()
+    for _ in range(requests):
+        await get(*api)
+    cpu, wall = cpu_seconds(pid) - cpu, time.perf_counter() - t0
+    api[1].close()
+    idle = cpu_seconds(pid)
+    await asyncio.sleep(wall)
+    return 1e6 * (cpu - (cpu_seconds(pid) - idle)) / requests
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -520,6 +584,13 @@ def main(argv: list[str] | None = None) -> int:
         "--unit-costs-only",
         action="store_true",
         help="only the cost of an event on a stream and of a status request",
+    )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="the src folder of another tree (a checkout of main): only the dashboards' cost and a "
+        "status request's, of both services side by side, in --pairs rounds of --seconds",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
@@ -540,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(measure(url, path, args.clients, rate, args.seconds, pid))
 
     try:
+        check_ready(url)
         with httpx.Client(base_url=url, timeout=120) as c:  # warm the worker: first load imports diffusers
             c.post(f"/api/model/{MODEL}/load", json={}).raise_for_status()
             c.post(f"/api/model/{MODEL}/unload", json={}).raise_for_status()
@@ -555,6 +627,21 @@ def main(argv: list[str] | None = None) -> int:
         say()
         if args.unit_costs_only:
             report_unit_costs(say, url, pid, args.pairs)
+            return 0
+        if args.against:
+            (work / "against").mkdir()
+            other, other_url = serve(work / "models", work / "against", args.against.resolve())
+            try:
+                check_ready(other_url)
+                with httpx.Client(base_url=other_url, timeout=120) as c:  # warm its worker too
+                    c.post(f"/api/model/{MODEL}/load", json={}).raise_for_status()
+                    c.post(f"/api/model/{MODEL}/unload", json={}).raise_for_status()
+                compare(say, (pid, url), (other.pid, other_url), args.against, args.dashboards, args.pairs,
+                        max(args.seconds, 10.0))  # fmt: skip
+            finally:
+                other.terminate()
+                other.wait(60)
+            say(f"# load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
             return 0
         header = f"{'endpoint':<20} {'condition':<12} {'pacing':<12} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'p99/anchor':>10} {'srv CPU':>8} {'loads':>6}"
         say(header)

@@ -4,8 +4,8 @@ SQLite registry, the demo models as the model root."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,10 @@ import schemathesis
 from fastapi import FastAPI
 
 from modelkeeper.client import Client
+from modelkeeper.orchestrator import Orchestrator, Settings
 from modelkeeper.testing import DemoManifest
-from modelkeeper.testing.service import RunningService
+from modelkeeper.testing.service import RunningService, running_service
+from modelkeeper.worker import InProcessWorker
 from tests.conftest import scanned_service
 
 SD15 = "diffusers/tiny-sd15"  # main, 3 components, ~8.7 MB
@@ -92,3 +94,31 @@ def conforming(svc: RunningService) -> Callable[[httpx.Response], None]:
 def checked_client(svc: RunningService, **kwargs: Any) -> Client:
     """A client of ``svc`` whose every JSON answer is checked against the spec (:func:`conforming`)."""
     return Client(svc.url, event_hooks={"response": [conforming(svc)]}, **kwargs)
+
+
+@contextmanager
+def inprocess_service(
+    demo: DemoManifest, tmp: Path, *gates: Any, **overrides: Any
+) -> Iterator[RunningService]:
+    """A service over the demo models with an in-process CPU worker (the real protocol), served
+    over real HTTP; ``gates`` (objects with ``open()``, holding parts of it) are opened at the
+    end, whatever happened: a part held would hold the stop."""
+    values: dict[str, Any] = {
+        "devices": ["cpu"],
+        "model_roots": [demo.root],
+        "db": tmp / "registry.sqlite3",
+        "port": 0,
+        "hash_on_start": False,
+        "worker_warm": False,
+        "status_poll_s": 60,
+        **overrides,
+    }
+    settings = Settings(**values)
+    with running_service(
+        settings, service=Orchestrator(settings, worker_factory=InProcessWorker.start)
+    ) as svc:
+        try:
+            yield svc
+        finally:
+            for gate in gates:
+                gate.open()

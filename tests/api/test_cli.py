@@ -160,9 +160,9 @@ def test_cli_errors_speak_the_cli_s_words(served: str) -> None:
     out = fails("lora", "strength", "diffusers/tiny-sd15", LORA, "nan")
     assert "strength must be a finite number" in out and "reach" not in out, out
     assert "did you mean tiny-sdxl" in fails("load", "tiny-sdx")
-    assert "--state: expected queued, running" in fails("jobs", "--state", "bogus")
+    assert "'--state': 'bogus' is not one of 'queued', 'running'" in fails("jobs", "--state", "bogus")
     assert "a size cannot be negative" in fails("load", CLIP_L, "--offload", "-5")
-    assert "--dtype: expected float32" in fails("load", CLIP_L, "--dtype", "float64")
+    assert "'--dtype': 'float64' is not one of 'float32'" in fails("load", CLIP_L, "--dtype", "float64")
     assert "relative to the service's model roots" in fails("load", "models/nowhere/x.safetensors")
     cli(served, "cache", "add", CLIP_L)
     with Client(served) as c:
@@ -249,6 +249,13 @@ def test_lora_commands_status_progress_and_revert(served: str) -> None:
         assert applied["strength"] == 0.8
         shown = runner.invoke(app, ["status"], env=wide)
         assert f"+ {applied['lora']} x0.8" in shown.output, shown.output
+        # a negative strength as typed (no `--` before it), an option after it still one
+        negative = cli(served, "lora", "strength", "diffusers/tiny-sd15", LORA, "-0.5", "--device", "cpu")
+        assert "strength -0.5 on cpu" in negative, negative
+        typo = runner.invoke(
+            app, ["lora", "strength", "diffusers/tiny-sd15", LORA, "-0.5", "--devcie", "cpu"], env=wide
+        )
+        assert typo.exit_code == 2 and "No such option: --devcie" in typo.output, typo.output
         assert "strength 0.5" in cli(served, "lora", "strength", "diffusers/tiny-sd15", LORA, "0.5")
         # a reload in another form drops the LoRA and says so; the test applies it again
         reloaded = cli(served, "load", "diffusers/tiny-sd15", "--dtype", "bfloat16", "--reload")

@@ -63,10 +63,12 @@ def client(svc: RunningService) -> Iterator[Client]:
 
 def test_health_openapi_and_seed_parity(client: Client) -> None:
     assert client.live() == {"live": True}
+    scan = client.jobs(kind="scan")[-1]  # the first scan (newest first): ready waited for it
     assert client.ready() == {
         "ready": True,
         "workers": {"cpu:0": "ready", "cpu:1": "ready"},
         "preload": {"pending": 0, "loaded": [], "failed": []},
+        "scan": {"state": "done", "job_id": scan["id"], "error": None},
     }
     paths = client.openapi()["paths"]
     served = {(m, p.replace(":path", "")) for p, ops in paths.items() for m in ops}

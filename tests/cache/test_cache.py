@@ -7,13 +7,22 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modelkeeper.cache import AmbiguousSegment, CacheFull, RamCache, SegmentInUse, SegmentNotFound
+from modelkeeper.cache import (
+    AmbiguousSegment,
+    CacheFull,
+    RamCache,
+    SegmentInUse,
+    SegmentNotFound,
+    SourceChanged,
+    segment,
+)
 from modelkeeper.formats.safetensors_header import read_header
 
 
@@ -188,3 +197,54 @@ def test_a_component_needs_room_only_for_its_own_tensors(shm: Path, tmp_path: Pa
     seg = cache.cache_file(src, tensors=["vae.w"], component_id="vae")
     assert seg.size < 64 * 1024
     assert torch.equal(load_file(str(seg.path))["vae.w"], big["vae.w"])
+
+
+# A source changed while it is copied into a segment (``cp`` over a served file): the copy fails
+# with SourceChanged naming the file, and no half-filled segment stays. The fault is injected from
+# the progress callback after the first piece is copied (pieces of 4 KiB); whether the pieces after
+# it read short or the final check sees the change, the outcome is the same.
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segment, "CHUNK", 4096)
+
+
+def _once(action: Callable[[], None]) -> Callable[[int, int], None]:
+    done: list[int] = []
+
+    def progress(n: int, total: int) -> None:
+        if not done:
+            done.append(n)
+            action()
+
+    return progress
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_source_truncated_while_cached_fails_naming_it(shm: Path, tmp_path: Path) -> None:
+    src = _file(tmp_path / "c.safetensors", 1000, 6)
+    cache = RamCache(10 << 20, shm_dir=shm, threads=1)
+    with pytest.raises(SourceChanged, match=r"c\.safetensors: .* while it was copied into the RAM cache"):
+        cache.cache_file(src, progress=_once(lambda: os.truncate(src, 10_000)))
+    assert list(shm.iterdir()) == [] and cache.stats()["bytes_used"] == 0
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_source_rewritten_while_cached_fails_then_caches_the_new_bytes(shm: Path, tmp_path: Path) -> None:
+    src = _file(tmp_path / "c.safetensors", 1000, 7)
+    st = src.stat()
+    header = read_header(src)
+
+    def rewrite() -> None:  # the same header, other tensor bytes: the same size
+        with src.open("r+b") as f:
+            f.seek(header.data_offset)
+            f.write(b"\x01" * header.data_size)
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+    cache = RamCache(10 << 20, shm_dir=shm, threads=1)
+    with pytest.raises(SourceChanged, match=r"c\.safetensors: was rewritten or replaced"):
+        cache.cache_file(src, progress=_once(rewrite))
+    assert list(shm.iterdir()) == []
+    seg = cache.cache_file(src)  # the copy over it done: cached as it is now
+    assert seg.path.read_bytes() == src.read_bytes()

@@ -52,7 +52,7 @@ def test_a_pin_that_does_not_fit_is_refused_and_nothing_written(db: Path, ref: s
     before = _settings(db)
     code, output = _pin(db, "text_encoder_2", ref)
     assert code == 1
-    assert "error INVALID_REQUEST: flux transformer" in output
+    assert "error INCOMPATIBLE_PART: flux transformer" in output
     assert f"(tiny-flux): the text_encoder_2 pinned is refused: {reason}" in output
     assert _settings(db) == before
 

@@ -16,23 +16,26 @@ from typing import Any
 from modelkeeper.orchestrator.events import EventBus, Frame, FrameSubscription, encode_frame
 
 
-def on_loop(test: Callable[[EventBus], Awaitable[None]], progress_interval: float = 3600.0) -> None:
+def on_loop(
+    test: Callable[[EventBus], Awaitable[None]], progress_interval: float = 3600.0, coalesce: float = 0.0
+) -> None:
     """Run ``test`` with a bus bound to a running loop; a long interval holds every progress
-    after a job's first until its next event, so no timer decides what a test sees."""
+    after a job's first until its next event, so no timer decides what a test sees; streams are
+    woken at the loop's next turn (``coalesce`` 0) unless a test asks for a window."""
 
     async def run() -> None:
         bus = EventBus()
         bus.bind(asyncio.get_running_loop())
         bus.frames.progress_interval = progress_interval
+        bus.frames.coalesce = coalesce
         await test(bus)
 
     asyncio.run(run())
 
 
 def drain(sub: FrameSubscription) -> list[Frame]:
-    out = []
-    while not sub.queue.empty():
-        out.append(sub.queue.get_nowait())
+    out = list(sub.frames)
+    sub.frames.clear()
     return out
 
 
@@ -175,3 +178,46 @@ def test_a_cancelled_reader_leaves_no_subscriber() -> None:
         assert seen == ["model.loaded"] and bus.subscriber_count == 0
 
     asyncio.run(run())
+
+
+def test_a_burst_of_events_wakes_each_stream_once_in_order() -> None:
+    async def test(bus: EventBus) -> None:
+        with bus.frames.subscribe() as one, bus.frames.subscribe(exclude=("job.progress",)) as other:
+            bus.publish("job.queued", job="j-1")
+            bus.publish("job.running", job="j-1")
+            bus.publish("model.loading", model_id="m-1")
+            bus.publish("job.progress", job="j-1", progress={"step": "unet"})
+            bus.publish("model.loaded", model_id="m-1")
+            bus.publish("job.succeeded", job="j-1")
+            await asyncio.sleep(0)  # no flush yet: the streams' frames wait for the window
+            assert len(one.frames) == 6 and not one._due
+            first = await asyncio.wait_for(one.next_batch(), 5)  # one wake-up, one write: all six
+            assert [parsed(f)[0] for f in first] == [
+                "job.queued", "job.running", "model.loading", "job.progress", "model.loaded", "job.succeeded",
+            ]  # fmt: skip
+            assert [parsed(f)[0] for f in await asyncio.wait_for(other.next_batch(), 5)] == [
+                "job.queued", "job.running", "model.loading", "model.loaded", "job.succeeded",
+            ]  # fmt: skip
+            bus.publish("model.unloaded", model_id="m-1")  # a later event: the next window
+            assert [parsed(f)[0] for f in await asyncio.wait_for(one.next_batch(), 5)] == ["model.unloaded"]
+            assert not one.frames and [parsed(f)[0] for f in drain(other)] == ["model.unloaded"]
+
+    on_loop(test, coalesce=0.05)
+
+
+def test_a_flush_while_the_reader_writes_loses_nothing_and_never_returns_empty() -> None:
+    async def test(bus: EventBus) -> None:
+        with bus.frames.subscribe() as sub:
+            bus.publish("model.loaded", model_id="m-1")
+            await asyncio.sleep(0)  # flushed (window 0) before the reader asks: it is due
+            bus.publish("model.unloaded", model_id="m-1")  # marked again, taken with the first
+            batch = await asyncio.wait_for(sub.next_batch(), 5)
+            assert [parsed(f)[0] for f in batch] == ["model.loaded", "model.unloaded"]
+            await asyncio.sleep(0)  # the second flush finds nothing left: the next read waits
+            reader = asyncio.create_task(sub.next_batch())
+            await asyncio.sleep(0.01)
+            assert not reader.done()
+            bus.publish("lease.granted", lease="l-1")
+            assert [parsed(f)[0] for f in await asyncio.wait_for(reader, 5)] == ["lease.granted"]
+
+    on_loop(test)

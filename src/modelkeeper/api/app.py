@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from modelkeeper import __version__, web
 from modelkeeper.api import docs, errors, security
+from modelkeeper.api.fastpath import StatusDoor
 from modelkeeper.api.routes_cluster import router as routing_router
 from modelkeeper.api.routes_install import router as install_router
 from modelkeeper.api.routes_memory import router as memory_router
@@ -47,6 +48,7 @@ def create_app(
     )
     app.state.service = svc
     errors.install(app)
+    app.add_middleware(StatusDoor, service=svc)  # first: innermost, inside every door below
     security.install(app, svc.settings)
     web.install(app, svc.settings)  # after security: the dashboard's door is outermost
     docs.install(app)

@@ -10,6 +10,7 @@ from pydantic import MISSING, Field
 from modelkeeper.api.responses import FixedShape
 from modelkeeper.api.responses_cache import CacheStats
 from modelkeeper.api.responses_placements import DeviceStatus
+from modelkeeper.orchestrator.firstscan import ScanState
 from modelkeeper.orchestrator.workers import SlotState
 
 # ---------------------------------------------------------------------- status
@@ -66,9 +67,22 @@ class PreloadState(FixedShape):
     failed: list[dict[str, Any]]
 
 
+class FirstScanState(FixedShape):
+    """The start's scan of the model roots: readiness waits while it is ``running``."""
+
+    state: ScanState = Field(
+        description="off: scan_on_start is off; running: the roots are being scanned (not ready); "
+        "done: the roots are registered (hashing may go on: not waited for); failed: the scan job "
+        "failed or was cancelled (ready anyway, on the registry as it was: error says why)."
+    )
+    job_id: str | None = Field(description="The scan job (GET /api/jobs/{job_id}); null when off.")
+    error: str | None = Field(description="Why the scan failed; null otherwise.")
+
+
 class Readiness(FixedShape):
     """200 when ready, 503 (same body) when not."""
 
     ready: bool
     workers: dict[str, SlotState]
     preload: PreloadState
+    scan: FirstScanState

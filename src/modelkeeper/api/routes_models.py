@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from modelkeeper.api.deps import Service
 from modelkeeper.api.responses import ACCEPTED, ERRORS
@@ -329,9 +331,31 @@ async def put_metadata(
 
 
 @router.get("/{model_id:path}", response_model=ModelDetail | ClusterModelDetail)
-async def model_detail(service: Service, model_id: str) -> dict[str, Any]:
+async def model_detail(service: Service, model_id: str, request: Request) -> dict[str, Any]:
     """Everything known of a model: identification, components, metadata, where it is, performance."""
+    refuse_action_path(request)
     return await service.views.model_detail(model_id)
+
+
+def refuse_action_path(request: Request) -> None:
+    """Raise 405 (``Allow``: the methods it takes) for a GET on a path that only another method
+    takes (``x/load``, ``x/validate``, ``x/lora/y``, ``load``...): the ``{model_id:path}`` route
+    would take it for a model named ``x/load`` and answer 404 MODEL_NOT_FOUND, where a DELETE on
+    the same path answers 405. Asked of the app's router as a request of each other method would
+    be (a fresh scope each). A model whose path ends so is reached by its handle or id."""
+    allowed = [method for method in OTHER_METHODS if _taken(request, method)]
+    if allowed:
+        raise HTTPException(405, "Method Not Allowed", headers={"Allow": ", ".join(allowed)})
+
+
+#: The methods an action path may take instead of GET.
+OTHER_METHODS = ("DELETE", "PATCH", "POST", "PUT")
+
+
+def _taken(request: Request, method: str) -> bool:
+    scope = {"type": "http", "method": method, "path": request.scope["path"],
+             "root_path": request.scope.get("root_path", ""), "headers": [], "query_string": b""}  # fmt: skip
+    return any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes)
 
 
 @router.post("/{model_id:path}/load", response_model=LoadDone, responses=ACCEPTED)

@@ -258,11 +258,21 @@ async def live() -> dict[str, Any]:
     responses={503: {"model": Readiness, "description": "Not ready."}},
 )
 async def ready(service: Service) -> Any:
-    """Ready when the registry is open, at least one worker runs and every model of the
-    ``preload`` setting is loaded (a failed preload keeps the service not ready: the body says why)."""
+    """Ready when the registry is open, at least one worker runs, the first scan of the model
+    roots has registered them (``scan``; with ``scan_on_start``) and every model of the
+    ``preload`` setting is loaded: a client that waits for ready finds every model of the roots.
+    A failed preload keeps the service not ready (the body says why); a failed first scan does
+    not (``scan.state`` ``failed`` and its error: the registry serves what it held, and a restart
+    would not mend the roots). Hashing after the scan is not waited for."""
     workers = {s.id: s.state.value for s in service.pool.slots.values()}
-    ok = service.ready and service.preloaded and any(v == "ready" for v in workers.values())
-    body = {"ready": ok, "workers": workers, "preload": service.preload}
+    scan = service.first_scan
+    ok = (
+        service.ready
+        and service.preloaded
+        and not scan.pending
+        and any(v == "ready" for v in workers.values())
+    )
+    body = {"ready": ok, "workers": workers, "preload": service.preload, "scan": scan.info()}
     return body if ok else JSONResponse(body, status_code=503)
 
 

@@ -9,11 +9,16 @@ Hierarchy::
         ├── AmbiguousSegment            INVALID_REQUEST: a prefix of several segments' ids (``details["matches"]``)
         └── SegmentInUse                BUSY: a worker is loading from it (recoverable)
 
-File problems raise the FormatError family of :mod:`modelkeeper.formats.errors`.
+File problems raise the FormatError family of :mod:`modelkeeper.formats.errors`, among them::
+
+    InvalidModelFile (modelkeeper.formats)  INVALID_MODEL_FILE
+    └── SourceChanged                       the source was truncated, rewritten or replaced while it
+                                            was copied (recoverable: rescan, then load again)
 """
 
 from __future__ import annotations
 
+from modelkeeper.formats.errors import InvalidModelFile
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
 
 
@@ -35,3 +40,7 @@ class AmbiguousSegment(CacheError):
 
 class SegmentInUse(CacheError):
     code = ErrorCode.BUSY
+
+
+class SourceChanged(InvalidModelFile):
+    """A source file changed (size, mtime, ctime, inode) or ended early while it was copied."""

@@ -6,7 +6,11 @@ a dead owner. Its bytes are a valid safetensors file, so a worker maps it read-o
 like any file; mapping costs no copy.
 
 Filling reads the source with several threads straight into the mapping (``os.preadv``): no
-intermediate buffer. A whole file is copied as is; a subset of tensors (one component of a full
+intermediate buffer. Only the segment (the cache's own file, its pages reserved first) is mapped,
+never the user's source, so a source truncated while it is copied cannot fault (SIGBUS): a read
+past its new end returns short. That, or a source whose size, mtime, ctime or inode changed between
+its header's read and the end of the copy, raises :class:`SourceChanged` naming the file, and the
+half-filled segment is removed. A whole file is copied as is; a subset of tensors (one component of a full
 checkpoint) is repacked under a new header, largest element size first, so every tensor stays
 aligned to its element size. A GGUF file is always repacked: its blocks become uint8 tensors, their
 quant types go into the segment's metadata, and a worker reads them as it reads the GGUF file.
@@ -24,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelkeeper.cache.errors import CacheFull, SourceChanged
 from modelkeeper.formats.errors import InvalidModelFile
 from modelkeeper.formats.gguf_header import as_safetensors_header
 from modelkeeper.formats.safetensors_header import DTYPE_BITS, SafetensorsHeader, TensorInfo, read_header
@@ -162,8 +167,6 @@ def create_segment(
         try:  # reserve the pages now: a full tmpfs would otherwise fault (SIGBUS) while filling
             os.posix_fallocate(fd_out, 0, max(size, 1))
         except OSError as exc:
-            from modelkeeper.cache.errors import CacheFull
-
             raise CacheFull(
                 f"{dest.parent} has no room for {size} bytes: {exc}", required_bytes=size
             ) from None
@@ -171,7 +174,7 @@ def create_segment(
             view = memoryview(mm)
             try:
                 view[: len(head)] = head
-                _parallel_read(source, view, jobs, threads, progress)
+                _parallel_read(source, view, jobs, threads, progress, file_size=header.file_size)
             finally:
                 view.release()
     except BaseException:
@@ -182,22 +185,43 @@ def create_segment(
     return size, time.perf_counter() - started
 
 
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file's bytes do (or another file takes its name)."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino
+
+
+def _changed(source: Path, what: str) -> SourceChanged:
+    return SourceChanged(
+        f"{source}: {what} while it was copied into the RAM cache (a copy over it still running?); "
+        "rescan it once it is complete",
+        path=str(source),
+    )
+
+
 def _parallel_read(
-    source: Path, view: memoryview, jobs: list[CopyJob], threads: int, progress: Progress | None
+    source: Path,
+    view: memoryview,
+    jobs: list[CopyJob],
+    threads: int,
+    progress: Progress | None,
+    *,
+    file_size: int,
 ) -> None:
+    """Run ``jobs`` from ``source`` into ``view``; ``file_size``: the size its header was read at."""
     total = sum(j.length for j in jobs)
     done = 0
-    fd = os.open(source, os.O_RDONLY)
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        before = os.fstat(fd)
+        if before.st_size != file_size:
+            raise _changed(source, f"changed size ({file_size:,} -> {before.st_size:,} bytes)")
 
         def run(job: CopyJob) -> int:
             got = 0
             while got < job.length:
                 n = os.preadv(fd, [view[job.dst + got : job.dst + job.length]], job.src + got)
                 if n <= 0:
-                    raise InvalidModelFile(
-                        f"{source}: file ended early (truncated while caching?)", path=str(source)
-                    )
+                    raise _changed(source, f"ended at byte {job.src + got:,} of {file_size:,}")
                 got += n
             return got
 
@@ -206,5 +230,11 @@ def _parallel_read(
                 done += n
                 if progress is not None:
                     progress(done, total)
+        try:
+            now = os.stat(source)
+        except FileNotFoundError:
+            raise _changed(source, "was deleted or renamed") from None
+        if _stamp(os.fstat(fd)) != _stamp(before) or _stamp(now) != _stamp(before):
+            raise _changed(source, "was rewritten or replaced")
     finally:
         os.close(fd)

@@ -18,12 +18,14 @@ from modelkeeper.protocol.errors import ErrorCode
 
 class _Commands(TyperGroup):
     """The command table. A bad option value (``--offload lots``, a missing argument) of a command
-    given ``--json`` is answered as its other errors are: one JSON object on stdout, exit code 2."""
+    given ``--json`` is answered as its other errors are: one JSON object on stdout, exit code 2.
+    Typer's "Value error, " before a choice's words (``'fp16' is not one of ...``) is left out."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except typer.BadParameter as exc:
+            exc.message = exc.message.removeprefix("Value error, ")
             if not json_requested():
                 raise
             param = exc.param.name if exc.param is not None else None

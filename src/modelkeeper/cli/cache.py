@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from modelkeeper.cache import MIN_PREFIX
-from modelkeeper.cli.common import count
+from modelkeeper.cli.common import count, json_requested
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
     MODEL_HELP,
@@ -83,6 +83,7 @@ def cache_add(
     token: TokenOption = None,
 ) -> None:
     """Cache every component of a model in RAM."""
+    as_json = as_json or json_requested()  # cache --json add
     job = call(url, token, lambda c: finish(c, c.cache_model(local_path(model), wait=False), as_json))
     if as_json:
         print_json(job["result"])
@@ -112,12 +113,15 @@ def cache_drop(
         ),
     ],
     force: Annotated[bool, typer.Option(help="Drop it even while a worker is loading from it.")] = False,
+    as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
     """Drop one segment from the RAM cache (loaded models keep their weights)."""
-
     data = call(url, token, lambda c: c.cache_drop(component_id, force=force))  # the service resolves it
+    if as_json or json_requested():
+        print_json(data)
+        return
     Console().print(f"dropped {short_id(data['component_id'])}: {size(data['freed_bytes'])} freed")
 
 
@@ -126,9 +130,13 @@ def cache_clear(
     force: Annotated[
         bool, typer.Option(help="Drop segments even while a worker is loading from them.")
     ] = False,
+    as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
     """Drop every segment."""
     data = call(url, token, lambda c: c.cache_clear(force=force))
+    if as_json or json_requested():
+        print_json(data)
+        return
     Console().print(f"dropped {count(data['dropped'], 'segment')}: {size(data['freed_bytes'])} freed")

@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from modelkeeper.protocol.errors import ProtocolError
-from modelkeeper.registry.store import Registry
+from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.registry.store import Registry, default_db_path
 from modelkeeper.sizes import format_size
 
 DbOption = Annotated[
@@ -46,7 +46,8 @@ def json_option(help: str) -> Any:
 
 
 def json_requested() -> bool:
-    """Whether the command being run was given ``--json``."""
+    """Whether the command being run was given ``--json``: after its name, or before it, after its
+    group's (``cache --json add``), whose subcommands read it here."""
     return _JSON_MODE.get()
 
 
@@ -76,12 +77,30 @@ def error_exit(
     return typer.Exit(code=exit_code)
 
 
-def open_registry(db: Path | None) -> Registry:
-    return Registry.open(db)
+def open_registry(db: Path | None, *, create: bool = False) -> Registry:
+    """The registry at ``db`` (default: ``$MODELKEEPER_DB`` or ~/.local/share/...). Only a command
+    that fills one (``scan``; ``serve`` opens its own) creates it: for ``ls``, ``show`` and ``meta``
+    a file that is not there is an error naming it (FILE_NOT_FOUND), not a new folder and an empty
+    registry answering "0 models" for a typo'd ``--db``."""
+    path = default_db_path() if db is None else db
+    if not create and str(path) != ":memory:" and not path.is_file():
+        raise ProtocolError(
+            f"no registry at {path}: check --db (or $MODELKEEPER_DB); serve or scan creates one",
+            ErrorCode.FILE_NOT_FOUND,
+            path=str(path),
+        )
+    return Registry.open(path)
 
 
 def fail(exc: ProtocolError) -> typer.Exit:
-    code = getattr(exc, "error_code", exc.code.value)  # an ApiError names the code it was sent
+    """The command's end for a domain error, by the code the API answers it with: a part pinned
+    that does not fit is ``INCOMPATIBLE_PART`` from ``meta --set`` as from ``PUT .../metadata``
+    (:func:`modelkeeper.api.errors.error_code`, the one table of class to code)."""
+    code = getattr(exc, "error_code", None)  # an ApiError names the code it was sent
+    if code is None:
+        from modelkeeper.api.errors import error_code  # the API's stack: only on this error path
+
+        code = error_code(exc)
     return error_exit(exc.message, code, exc.details)
 
 

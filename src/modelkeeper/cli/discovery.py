@@ -126,7 +126,7 @@ def scan(
     err = Console(stderr=True)
     out = Console()
     try:
-        with open_registry(db) as registry:
+        with open_registry(db, create=True) as registry:
             scanner = Scanner(
                 registry, [str(r) for r in roots], allow_outside_roots=allow_outside_roots, workers=threads
             )

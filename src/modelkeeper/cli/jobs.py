@@ -7,9 +7,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from modelkeeper.cli.choices import JobState
+from modelkeeper.cli.common import error_exit, json_requested
 from modelkeeper.cli.remote import ApiJsonOption, TokenOption, UrlOption, call, follow_job, print_json
 from modelkeeper.cli.tables import Column, print_table
 from modelkeeper.client import FINISHED, Client
+from modelkeeper.protocol.errors import ErrorCode
 
 jobs_app = typer.Typer(help="Jobs of a running service.", invoke_without_command=True)
 
@@ -28,7 +31,10 @@ JOB_COLUMNS = (
 @jobs_app.callback()
 def jobs_list(
     ctx: typer.Context,
-    state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, cancelled")] = None,
+    state: Annotated[
+        JobState | None,
+        typer.Option(help="Only jobs in this state: queued, running, succeeded, failed, cancelled."),
+    ] = None,
     as_json: ApiJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
@@ -53,14 +59,22 @@ def jobs_list(
 
 
 @jobs_app.command("watch")
-def jobs_watch(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+def jobs_watch(
+    job_id: str, as_json: ApiJsonOption = False, url: UrlOption = None, token: TokenOption = None
+) -> None:
     """Follow a job's progress until it ends."""
-    job = call(url, token, lambda c: follow_job(c, c.job(job_id)))
+    as_json = as_json or json_requested()  # jobs --json watch
+    job = call(url, token, lambda c: follow_job(c, c.job(job_id), quiet=as_json))
+    if as_json:
+        print_json(job)
+        return
     Console().print(f"{job['id']} {job['kind']}: {job['state']}")
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+def jobs_cancel(
+    job_id: str, as_json: ApiJsonOption = False, url: UrlOption = None, token: TokenOption = None
+) -> None:
     """Cancel a job (queued or running); one already finished is left as it is (exit 1)."""
 
     def run(c: Client) -> tuple[str, dict[str, Any]]:
@@ -69,12 +83,19 @@ def jobs_cancel(job_id: str, url: UrlOption = None, token: TokenOption = None) -
 
     before, job = call(url, token, run)
     if before in FINISHED:
-        Console(stderr=True).print(f"job {job['id']} ({job['kind']}) already {before}; nothing to cancel")
-        raise typer.Exit(1)
+        said = f"job {job['id']} ({job['kind']}) already {before}; nothing to cancel"
+        raise error_exit(
+            said, ErrorCode.INVALID_REQUEST.value, {"job": job["id"], "state": before}, text=[said]
+        )
+    if as_json or json_requested():
+        print_json(job)
+        return
     Console().print(f"{job['id']} {job['kind']}: {job['state']}")
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
-    """Print one job as JSON."""
+def jobs_show(
+    job_id: str, as_json: ApiJsonOption = False, url: UrlOption = None, token: TokenOption = None
+) -> None:
+    """Print one job as JSON (always: --json is taken as by the other commands)."""
     print_json(call(url, token, lambda c: c.job(job_id)))

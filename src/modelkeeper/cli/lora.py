@@ -4,10 +4,14 @@ strength, take it off."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer._click.core import Context
+from typer._click.parser import _OptionParser, _ParsingState
+from typer.core import TyperCommand
 
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import ApiJsonOption, DeviceOption, TokenOption, UrlOption, call, err, print_json
@@ -22,6 +26,31 @@ def finite(value: float) -> float:
     if not math.isfinite(value):
         raise typer.BadParameter(f"strength must be a finite number, not {value}")
     return value
+
+
+#: A negative number as typed: ``-0.5``, ``-1``, ``-.25``, ``-1e-3``.
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class _NumbersParser(_OptionParser):
+    """click's parser, except that a negative number is an argument, not an unknown option."""
+
+    def _process_opts(self, arg: str, state: _ParsingState) -> None:
+        if NEGATIVE_NUMBER.fullmatch(arg) and arg not in self._short_opt:
+            state.largs.append(arg)
+            return
+        super()._process_opts(arg, state)
+
+
+class NumberArguments(TyperCommand):
+    """A command whose arguments may be negative numbers typed as they are (``lora strength M L
+    -0.5``; click read ``-0.5`` as an option, "No such option: -0"); an unknown option is still one."""
+
+    def make_parser(self, ctx: Context) -> _OptionParser:
+        parser = _NumbersParser(ctx)
+        for param in self.get_params(ctx):
+            param.add_to_parser(parser, ctx)
+        return parser
 
 
 def _lora_devices(data: dict[str, Any], key: str) -> str:
@@ -56,11 +85,13 @@ def lora_apply(
         )
 
 
-@lora_app.command("strength")
+@lora_app.command("strength", cls=NumberArguments)
 def lora_strength(
     model: LoadedArgument,
     lora: LoraArgument,
-    strength: Annotated[float, typer.Argument(help="The new strength (0 turns it off).", callback=finite)],
+    strength: Annotated[
+        float, typer.Argument(help="The new strength (0 turns it off; negative inverts it).", callback=finite)
+    ],
     device: DeviceOption = None,
     as_json: ApiJsonOption = False,
     url: UrlOption = None,

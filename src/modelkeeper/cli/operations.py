@@ -9,7 +9,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from modelkeeper.cli.choices import Level
 from modelkeeper.cli.common import error_exit
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
@@ -18,8 +20,10 @@ from modelkeeper.cli.remote import (
     TokenOption,
     UrlOption,
     call,
+    err,
     finish,
     print_json,
+    size,
 )
 from modelkeeper.protocol.errors import ErrorCode
 
@@ -34,7 +38,14 @@ def _operation(
     result = job["result"]
     if as_json:
         print_json(result)
-        return
+    else:
+        _print_result(kind, result)
+    if kind == "validate":
+        _fail_unless_passed(result, as_json)
+
+
+def _print_result(kind: str, result: list[dict[str, Any]]) -> None:
+    """An operation's result as lines: one per placement and component (a benchmark's: per part)."""
     console = Console()
     for r in result:  # one entry per placement
         model = r.get("handle") or r["model_id"]  # a service before handles were answered: the id
@@ -47,8 +58,10 @@ def _operation(
                         console.print(f"   [red]✗[/red] {check.get('name')}: {check.get('detail')}")
             elif kind == "benchmark":
                 for f in comp.get("figures", []):
+                    peak = f.get("peak_memory_bytes")  # a worker before it measured memory: none
                     console.print(f"{model} {name} {f.get('part', '')}: median {f['median_s'] * 1000:.2f} ms, "
-                                  f"p90 {f['p90_s'] * 1000:.2f} ms, {f['iterations_per_second']:.1f} it/s")  # fmt: skip
+                                  f"p90 {f['p90_s'] * 1000:.2f} ms, {f['iterations_per_second']:.1f} it/s"
+                                  + (f", peak memory {size(peak)}" if peak is not None else ""))  # fmt: skip
             elif "reverted" in comp:
                 reverted = ", ".join(map(str, comp["reverted"])) or "nothing"
                 console.print(f"{model} {name}: reverted {reverted}")
@@ -60,15 +73,32 @@ def _operation(
                 console.print(f"{model} {name}: applied {applied}" + (f"; {speed:.2f}x" if speed else ""))
 
 
+def _fail_unless_passed(result: list[dict[str, Any]], as_json: bool) -> None:
+    """End a validation that did not pass with exit code 1, naming each component that failed
+    (with ``--json`` the result printed already says which: ``passed: false``)."""
+    failed = [
+        f"{r.get('handle') or r['model_id']} {name} on {r['device']}"
+        for r in result
+        for name, comp in r["components"].items()
+        if not comp.get("passed")
+    ]
+    if not failed:
+        return
+    if not as_json:
+        err.print(f"[red]error[/red] validation failed: {escape(', '.join(failed))}", highlight=False)
+    raise typer.Exit(1)
+
+
 def validate(
     model: Annotated[str, typer.Argument(help="A loaded model: handle, id, name, path or hash prefix.")],
-    level: Annotated[str, typer.Option(help="header, weights or functional")] = "weights",
+    level: Annotated[Level, typer.Option(help="header, weights or functional.")] = "weights",
     device: DeviceOption = None,
     as_json: JobJsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Validate a loaded model: header, weights (NaN, Inf, shapes), or a functional forward pass."""
+    """Validate a loaded model: header, weights (NaN, Inf, shapes), or a functional forward pass.
+    Exit code 1 when a component did not pass (named on stderr)."""
     _operation("validate", model, {"level": level, "device_id": device}, as_json, url, token)
 
 

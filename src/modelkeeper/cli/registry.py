@@ -14,10 +14,12 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from modelkeeper.cli.choices import Presence, SortKey
 from modelkeeper.cli.common import DbOption, JsonOption, count, fail, human_size, open_registry
 from modelkeeper.cli.listing import COLUMNS, COLUMNS_WITH_STATUS, Row, ls_lines
 from modelkeeper.cli.tables import Column, print_table
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
+from modelkeeper.registry.vocabulary import ALIASES, VALUES
 
 if TYPE_CHECKING:
     from modelkeeper.orchestrator.completion import PartsPlan
@@ -47,8 +49,7 @@ def ls(
         str | None,
         typer.Option(
             "--type",
-            help="main, unet, transformer, vae, text_encoder, lora, controlnet, textual_inversion;"
-            " also checkpoint(s), loras, embeddings...",
+            help=f"{', '.join(VALUES['type'])}; also {', '.join(ALIASES['type'])} (plurals too).",
         ),
     ] = None,
     base: Annotated[
@@ -70,8 +71,10 @@ def ls(
             help="Words to find in names, file paths, descriptions, tags (any case, parts of words).",
         ),
     ] = None,
-    status: Annotated[str, typer.Option("--status", help="ok, missing or all.")] = "ok",
-    sort: Annotated[str, typer.Option("--sort", help="name, type, base, size, created, updated")] = "name",
+    status: Annotated[Presence, typer.Option("--status", help="ok, missing or all.")] = "ok",
+    sort: Annotated[
+        SortKey, typer.Option("--sort", help="name, type, base, size, created, updated")
+    ] = "name",
     desc: Annotated[bool, typer.Option("--desc", help="Sort descending.")] = False,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
     offset: Annotated[int, typer.Option("--offset", min=0)] = 0,
@@ -79,10 +82,6 @@ def ls(
     db: DbOption = None,
 ) -> None:
     """List the models of the registry: the handle to type for each, and where it lies."""
-    if status not in ("ok", "missing", "all"):
-        raise fail(
-            ProtocolError(f"--status: expected ok, missing or all, got {status!r}", ErrorCode.INVALID_REQUEST)
-        )
     try:
         with open_registry(db) as registry:
             page = registry.search(

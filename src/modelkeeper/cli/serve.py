@@ -91,6 +91,9 @@ def serve(
     except ValueError as exc:  # check_exposure
         err.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
+    for problem in missing_roots(settings.model_roots, demo=demo):
+        err.print(f"[red]error[/red] {escape(problem)}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2)
     listener = bind(settings.host, settings.port)  # before any worker starts or scan runs
     port = listener.getsockname()[1]
     if demo:
@@ -131,6 +134,22 @@ def serve(
         log.warning("interrupted while starting")
         code = 130
     raise typer.Exit(code)
+
+
+def missing_roots(roots: list[Path], *, demo: bool) -> list[str]:
+    """What is wrong with the model roots: one that is not there (a typo'd ``--models`` was
+    created and served 0 models without a word) or not a folder. The default root (``models``,
+    which ``make run`` fills) and the root ``--demo`` writes into are created as before."""
+    from modelkeeper.orchestrator import Settings
+
+    default = Settings.model_fields["model_roots"].get_default(call_default_factory=True)
+    problems = []
+    for i, root in enumerate(roots):
+        if root.is_dir() or (not root.exists() and (root in default or (demo and i == 0))):
+            continue
+        why = "not a folder" if root.exists() else "no such folder; create it or fix the path"
+        problems.append(f"model root {root}: {why}")
+    return problems
 
 
 log = logging.getLogger("modelkeeper.serve")
@@ -188,7 +207,10 @@ def bind(host: str, port: int) -> socket.socket:
     port in use fails at once (it used to fail after the workers' start and a scan, under a
     "serving on" line). uvicorn serves on it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections of a socket that says it is
+    # TCP; without it uvicorn's two writes per answer (head, body) meet Nagle and the client's
+    # delayed ACK, and every request after the first on a connection waited about 40 ms
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no obstacle
     try:
         sock.bind((host, port))

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from modelkeeper.cli.choices import Dtype, Priority, StorageDtype, timeout_option
 from modelkeeper.cli.common import count, json_option
 from modelkeeper.cli.explain import local_path
 from modelkeeper.cli.remote import (
@@ -183,17 +184,22 @@ def offload_value(value: str | None) -> str | int | None:
 def load(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     device: DeviceOption = None,
-    priority: Annotated[str, typer.Option(help="low, normal, high or critical.")] = "normal",
-    timeout: Annotated[float | None, typer.Option(help="Time limit in seconds, queue included.")] = None,
+    priority: Annotated[
+        Priority, typer.Option(help="Queue order: low, normal, high or critical.")
+    ] = "normal",
+    timeout: Annotated[
+        float | None, typer.Option(help="Time limit in seconds, queue included.", callback=timeout_option)
+    ] = None,
     force: Annotated[bool, typer.Option(help="Evict leased or kept models to make room.")] = False,
     keep_loaded: Annotated[bool, typer.Option(help="Reload after a worker restart.")] = False,
     keep_alive: Annotated[
         float | None,
-        typer.Option(help="Seconds it stays after its last use (0: as soon as unused, -1: never)."),
+        typer.Option(min=-1, help="Seconds it stays after its last use (0: as soon as unused, -1: never)."),
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="Compute dtype: float32, float16, bfloat16.")] = None,
+    dtype: Annotated[Dtype | None, typer.Option(help="Compute dtype: float32, float16, bfloat16.")] = None,
     storage_dtype: Annotated[
-        str | None, typer.Option(help="Keep weights in fp8 on the device: float8_e4m3fn, float8_e5m2.")
+        StorageDtype | None,
+        typer.Option(help="Keep weights in fp8 on the device: float8_e4m3fn, float8_e5m2."),
     ] = None,
     offload: Annotated[
         str | None,

@@ -33,6 +33,7 @@ from modelkeeper.cluster.view import ClusterState
 from modelkeeper.cluster.views import ClusterMetrics, ClusterPool, ClusterViews
 from modelkeeper.orchestrator.background import Background
 from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.orchestrator.firstscan import FirstScan
 from modelkeeper.orchestrator.jobs import JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
 from modelkeeper.orchestrator.settings import Settings
@@ -70,6 +71,7 @@ class ClusterOrchestrator:
         self.preloaded = True  # preloads are a node's setting in cluster mode (each agent's own)
         self.preload: dict[str, Any] = {"pending": 0, "loaded": [], "failed": []}
         self.bus = EventBus()
+        self.first_scan = FirstScan(self.bus, enabled=False)  # the nodes scan their own roots
         self.jobs = JobManager(self.bus, keep=s.jobs_kept, accepting=lambda: self.ready)
         self.leases = LeaseTable()
         self.view = ClusterState()

@@ -13,13 +13,16 @@ Hierarchy::
     │   └── InvalidModelFile                    INVALID_MODEL_FILE
     │       ├── UnreadableFile                  permission denied or an I/O error
     │       ├── EmptyFile                       zero bytes
+    │       ├── FileChanged                     truncated, rewritten or replaced while it was read
     │       └── BrokenConfig                    config.json / model_index.json is not valid JSON
     └── DiscoveryError                          INVALID_REQUEST: the scan itself cannot run
         └── RootNotFound                        a scan root does not exist or is not a folder
 
 Every FormatError raised while scanning is caught by the scanner and recorded as a *rejected*
 entry with its code and message; the scan goes on. ``DiscoveryError`` stops a scan before it
-starts. None of them is recoverable by retrying: the file, the link or the arguments must change.
+starts. None of them is recoverable by retrying: the file, the link or the arguments must change;
+but ``FileChanged`` says that they did (a copy over the file still running): reading the file
+again once its writer is done succeeds.
 
 ``NotAMatch`` is not an error a caller sees: a rule raises it to say "this rule does not apply",
 and the identification engine tries the next rule.
@@ -35,6 +38,7 @@ __all__ = [
     "BrokenSymlink",
     "DiscoveryError",
     "EmptyFile",
+    "FileChanged",
     "FileVanished",
     "NotAMatch",
     "OutsideRoots",
@@ -74,6 +78,10 @@ class UnreadableFile(InvalidModelFile):
 
 class EmptyFile(InvalidModelFile):
     pass
+
+
+class FileChanged(InvalidModelFile):
+    """The file's size, mtime, ctime or inode changed, or it ended early, while it was read."""
 
 
 class BrokenConfig(InvalidModelFile):

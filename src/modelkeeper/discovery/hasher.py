@@ -5,11 +5,15 @@ registry, see ``ports.py``); ``start(...)`` runs the same in a background thread
 :class:`HashJob` (``progress``, ``wait()``, ``cancel()``). Hashes are cached in the catalog by
 (path, size, mtime): a file is hashed again only when it changes.
 After hashing, moved files are reconciled by content hash (``CatalogWriter.reconcile_moves``).
-Errors of one file (deleted meanwhile, unreadable) are counted and skipped.
+Errors of one file (deleted meanwhile, unreadable, ``FileChanged``: truncated or rewritten while
+it was hashed, as a copy over it does) are reported (``HashReport.errors``, and a warning in the
+log naming the file) and skipped: the file stays pending, and is hashed when a later run finds it
+as the scan recorded it. Nothing a user does to a file can crash the process (no memory map).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -17,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from modelkeeper.discovery.errors import FileChanged
 from modelkeeper.discovery.examine import sniff
 from modelkeeper.discovery.folders import weight_files
 from modelkeeper.discovery.hashing import FileHashes, HashingCancelled, TensorSpan, hash_file, hash_folder
@@ -24,6 +29,8 @@ from modelkeeper.discovery.ports import CatalogWriter, HashTask
 from modelkeeper.discovery.records import ModelFormat
 from modelkeeper.discovery.tables import read_gguf_table, read_safetensors_table
 from modelkeeper.formats.errors import FormatError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,12 @@ def _file_spans(path: str, components: list[tuple[int, str, str, str | None]]) -
                 spans[name].append(TensorSpan(offset + meta.begin, offset + meta.end, meta.dtype))
                 break
     return spans
+
+
+def _as_scanned(task: HashTask) -> bool:
+    """Whether a file still has the size and mtime the scan recorded (a folder: always)."""
+    st = os.stat(task.path)
+    return task.kind != "file" or (st.st_size, st.st_mtime_ns) == (task.size, task.mtime_ns)
 
 
 def hash_task(
@@ -174,16 +187,22 @@ class Hasher:
             if progress is not None:
                 progress(state)
             try:
-                st = os.stat(task.path)
-                if task.kind == "file" and (st.st_size != task.size or st.st_mtime_ns != task.mtime_ns):
+                if not _as_scanned(task):
                     report.skipped += 1  # changed since the scan: the next scan re-identifies it
                     continue
                 hashes = hash_task(task, progress=advance, cancel=cancel)
+                if not _as_scanned(task):  # replaced between the check above and the hash's open
+                    raise FileChanged(
+                        f"{task.path}: changed while it was hashed; it is hashed again after the next scan",
+                        path=task.path,
+                    )
             except HashingCancelled:
                 report.cancelled = True
                 break
             except (OSError, FormatError) as exc:
-                report.errors.append((task.path, str(exc)))
+                message = str(exc) if task.path in str(exc) else f"{task.path}: {exc}"
+                log.warning("not hashed: %s", message)
+                report.errors.append((task.path, message))
                 state = replace(state, errors=state.errors + 1)
                 continue
             by_name = {name: rid for rid, name, _, _ in task.components}

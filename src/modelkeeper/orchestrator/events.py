@@ -4,8 +4,10 @@
 A slow subscriber loses its oldest events, never blocks the service.
 
 The API's event streams (Server-Sent Events) subscribe to ``frames``: each event is encoded to
-its SSE frame once, and the same bytes go to every stream (a dashboard costs a queue put per
-event, not a JSON encoding). On the service-wide streams (``/api/events``: dashboards)
+its SSE frame once, and the same bytes go to every stream (a dashboard costs an append per
+event, not a JSON encoding). A stream is woken to write at most once per ``COALESCE_S``, by one
+timer for all streams: a burst of events (the ten of a load come within ~50 ms) goes out in one
+or two writes, not one wake-up and write each. On the service-wide streams (``/api/events``: dashboards)
 ``job.progress`` events are thinned per job to at most one per ``PROGRESS_INTERVAL_S``, the
 latest winning within a step (a change of step always goes out: a load's components, an
 install's phases), and a held one goes out before the next event of its job, so a stream never
@@ -30,6 +32,7 @@ Event = dict[str, Any]
 
 PROGRESS_INTERVAL_S = 0.1  # job.progress on the streams: at most 10 a second per job
 PING_INTERVAL_S = 15.0  # an idle stream gets a comment this often (proxies, dead peers)
+COALESCE_S = 0.05  # a stream writes at most this often: a burst of events (a load) in one write
 PING = b": ping\n\n"
 FINISHED = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 
@@ -166,9 +169,10 @@ def encode_frame(type: str, data: Any, id: int | str) -> bytes:
 
 
 class FrameSubscription:
-    """One stream's queue of frames. ``types``: type prefixes to send (empty: all); ``exclude``:
-    type prefixes not to send; ``job``: only that job's events, and every progress of it (a job's
-    own stream, followed by one client: the CLI prints each step); the others take thinned progress."""
+    """One stream's frames waiting to be written. ``types``: type prefixes to send (empty: all);
+    ``exclude``: type prefixes not to send; ``job``: only that job's events, and every progress of
+    it (a job's own stream, followed by one client: the CLI prints each step); the others take
+    thinned progress. The reader is woken by the fanout's coalescing timer, not by each frame."""
 
     def __init__(
         self, fanout: FrameFanout, types: tuple[str, ...], exclude: tuple[str, ...], job: str | None
@@ -178,7 +182,10 @@ class FrameSubscription:
         self.exclude = exclude
         self.job = job
         self.thin = job is None
-        self.queue: asyncio.Queue[Frame] = asyncio.Queue(fanout.queue_size)
+        self.frames: deque[Frame] = deque(maxlen=fanout.queue_size)  # full: the oldest is dropped
+        self._marked = False  # due in the fanout's next flush
+        self._due = False  # flushed: the reader may take the frames
+        self._waiter: asyncio.Future[None] | None = None
 
     def wants(self, frame: Frame) -> bool:
         if self.job is not None and frame.job != self.job:
@@ -188,15 +195,32 @@ class FrameSubscription:
         )
 
     def put(self, frame: Frame) -> None:
-        if self.queue.full():
-            self.queue.get_nowait()  # drop the oldest: a slow reader never blocks the service
-        self.queue.put_nowait(frame)
+        """Keep ``frame`` (a slow reader loses its oldest, never blocks the service)."""
+        self.frames.append(frame)
+        if not self._marked:
+            self._marked = True
+            self._fanout.mark(self)
+
+    def wake(self) -> None:
+        """The fanout's flush: the frames kept so far may go."""
+        self._marked = False
+        self._due = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next_batch(self) -> list[Frame]:
-        """The frames waiting now (at least one: waits for it): a burst goes out in one write."""
-        batch = [await self.queue.get()]
-        while not self.queue.empty():
-            batch.append(self.queue.get_nowait())
+        """The frames kept up to the fanout's last flush (at least one: waits for it): a burst of
+        events goes out in one write."""
+        while not (self._due and self.frames):
+            self._due = False
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self._due = False
+        batch = list(self.frames)
+        self.frames.clear()
         return batch
 
     def close(self) -> None:
@@ -224,10 +248,19 @@ class FrameFanout:
     """Events to the event streams as shared frames, ``job.progress`` thinned per job (see the
     module docstring). Runs on the service's loop (``EventBus._deliver``)."""
 
-    def __init__(self, *, queue_size: int = 1000, progress_interval: float = PROGRESS_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        *,
+        queue_size: int = 1000,
+        progress_interval: float = PROGRESS_INTERVAL_S,
+        coalesce: float = COALESCE_S,
+    ) -> None:
         self.queue_size = queue_size
         self.progress_interval = progress_interval
+        self.coalesce = coalesce
         self._subscribers: set[FrameSubscription] = set()
+        self._marked: list[FrameSubscription] = []  # streams with frames since the last flush
+        self._flusher: asyncio.TimerHandle | None = None
         self._sent_at: dict[str, float] = {}  # job -> loop time its last progress went out
         self._held: dict[str, Frame] = {}  # job -> its newest progress not sent yet
         self._stage: dict[str, tuple[Any, ...]] = {}  # job -> the step of its last progress sent
@@ -311,12 +344,24 @@ class FrameFanout:
             if (thin is None or sub.thin is thin) and sub.wants(frame):
                 sub.put(frame)
 
+    def mark(self, sub: FrameSubscription) -> None:
+        """``sub`` holds frames: wake it at the next flush (one timer for every stream)."""
+        self._marked.append(sub)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().call_later(self.coalesce, self._flush_marked)
+
+    def _flush_marked(self) -> None:
+        self._flusher = None
+        marked, self._marked = self._marked, []
+        for sub in marked:
+            sub.wake()
+
     def _ping(self) -> None:
         self._pinger = None
         if not self._subscribers:
             return
         for sub in list(self._subscribers):
-            if sub.queue.empty():
+            if not sub.frames:
                 sub.put(PING_FRAME)
         self._pinger = asyncio.get_running_loop().call_later(PING_INTERVAL_S, self._ping)
 
@@ -330,3 +375,7 @@ class FrameFanout:
         if self._pinger is not None:
             self._pinger.cancel()
             self._pinger = None
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        self._marked.clear()

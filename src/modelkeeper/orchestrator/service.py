@@ -12,6 +12,7 @@ wires them, and starts and stops them. It does nothing else; each part is a modu
 - ``views``: the status snapshot and model detail (:mod:`.views`)
 - ``idle``: unloads models whose ``keep_alive`` ran out (:mod:`.idle`)
 - ``installs``: models fetched from the Hub, CivitAI or a URL, registered (:mod:`.installs`)
+- ``first_scan``: the start's scan of the roots, which readiness waits for (:mod:`.firstscan`)
 
 with the shared state they act on: the event ``bus``, ``jobs``, ``leases`` and the placement
 ``view``. The orchestrator never imports torch.
@@ -29,6 +30,7 @@ from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.errors import DeviceNotReady
 from modelkeeper.orchestrator.eventlog import log_event
 from modelkeeper.orchestrator.events import EventBus
+from modelkeeper.orchestrator.firstscan import FirstScan
 from modelkeeper.orchestrator.idle import IdleUnloader
 from modelkeeper.orchestrator.installs import Installs
 from modelkeeper.orchestrator.jobs import JobManager
@@ -94,6 +96,7 @@ class Orchestrator:
         )
         self.idle = IdleUnloader(self.loads, self.view, self.leases, self.bus)
         self.installs = Installs(s, self.catalog, self.jobs, self.bus)
+        self.first_scan = FirstScan(self.bus, enabled=s.scan_on_start)
 
     async def start(self, *, require_worker: bool = False) -> None:
         """Open the registry and the RAM cache, start the workers, the first scan and the background
@@ -123,8 +126,9 @@ class Orchestrator:
         self.background.spawn(self.idle.run())
         self.ready = True
         self.bus.publish("service.ready", devices=list(self.pool.slots))
-        if self.settings.scan_on_start:
-            await self.catalog.scan(wait=False, hash=self.settings.hash_on_start)
+        if self.settings.scan_on_start:  # readiness waits for it (first_scan)
+            started = await self.catalog.scan(wait=False, hash=self.settings.hash_on_start)
+            self.first_scan.follow(started["job"]["id"])
         self.background.spawn(self.watcher.run())
         if self.settings.preload:
             self.background.spawn(self._preload())

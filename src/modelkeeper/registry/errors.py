@@ -8,7 +8,7 @@ Hierarchy::
         ├── AmbiguousReference          INVALID_REQUEST: several models answer; ``details["matches"]`` lists them
         ├── InvalidMetadata             INVALID_REQUEST: an unknown metadata key or a value of the wrong shape
         ├── InvalidFilter               INVALID_REQUEST: a listing filter (type, base, format, status) with
-        │                               an unknown value; ``details``: field, value, valid
+        │                               an unknown value; ``details``: field, value, valid, aliases
         └── MigrationError              INTERNAL: the database is newer than this code, or a migration failed
 
 ``ModelNotFound``, ``AmbiguousReference``, ``InvalidMetadata`` and ``InvalidFilter`` are the caller's to fix (another

@@ -3,8 +3,9 @@
 ``ls --type checkpoints``, ``--type loras``, ``--base SDXL``, ``--base sd1.5``: a filter value is
 compared without case, spaces, ``-``, ``_`` or ``.``, and a trailing plural ``s`` is dropped, then
 looked up among the field's values and their aliases (the names of ComfyUI's and A1111's folders,
-the common abbreviations). An unknown value is refused with the list of valid ones
-(:class:`~modelkeeper.registry.errors.InvalidFilter`), never answered with an empty page.
+the common abbreviations). An unknown value is refused with the list of what is taken, the values
+and the aliases (:class:`~modelkeeper.registry.errors.InvalidFilter`), never answered with an
+empty page.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ ALIASES: dict[str, dict[str, str]] = {
         "te": "text_encoder",
         "clip": "text_encoder",
         "encoder": "text_encoder",
-        "lycori": "lora",  # LyCORIS, its plural "s" dropped
+        "lycoris": "lora",
         "locon": "lora",
         "loha": "lora",
         "lokr": "lora",
@@ -106,10 +107,13 @@ def normalize(field: str, value: str | None) -> str | None:
         found = table.get(word[:-1])
     if found is None:
         valid = VALUES[field]
+        aliases = ALIASES.get(field, {})
+        also = f"; also {', '.join(aliases)} (plurals too)" if aliases else ""
         raise InvalidFilter(
-            f"{field}: unknown value {value!r}; one of {', '.join(valid)}",
+            f"{field}: unknown value {value!r}; one of {', '.join(valid)}{also}",
             field=field,
             value=value,
             valid=list(valid),
+            aliases=aliases,
         )
     return found

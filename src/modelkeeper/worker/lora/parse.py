@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from modelkeeper.formats.conventions import SAFETENSORS_SUFFIXES
 from modelkeeper.formats.errors import InvalidModelFile, ModelFileNotFound, UnsupportedFormat
+from modelkeeper.formats.safetensors_header import parse_header
 from modelkeeper.protocol.messages import LORA_ROLES
 
 StateDict = dict[str, torch.Tensor]
@@ -28,8 +30,12 @@ DENOISER = ("unet", "transformer")
 
 
 def read_lora_file(path: str | Path) -> tuple[StateDict, dict[str, str]]:
-    """A LoRA file's tensors (on the CPU) and its safetensors metadata."""
-    from safetensors import SafetensorError, safe_open
+    """A LoRA file's tensors (on the CPU) and its safetensors metadata.
+
+    The file is read once into memory, not mapped: a LoRA rewritten while it is read (a download
+    or a copy over it) then gives a bad read, never a SIGBUS that would kill the worker."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():
@@ -39,12 +45,13 @@ def read_lora_file(path: str | Path) -> tuple[StateDict, dict[str, str]]:
             f"{path}: LoRAs are read from .safetensors files (convert pickle files first)", path=str(path)
         )
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as exc:
+        data = path.read_bytes()
+        (size,) = struct.unpack_from("<Q", data) if len(data) >= 8 else (0,)
+        header = parse_header(data[8 : 8 + size], file_size=len(data), path=path)
+        tensors = load(data)
+    except (SafetensorError, OSError, ValueError, struct.error) as exc:
         raise InvalidModelFile(f"{path}: not a readable safetensors file: {exc}", path=str(path)) from None
-    return tensors, metadata
+    return tensors, dict(header.metadata)
 
 
 @dataclass
