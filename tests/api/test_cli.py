@@ -116,12 +116,24 @@ def test_cli_errors_are_readable(served: str) -> None:
     result = runner.invoke(app, ["load", "tiny-sdxl"], env={"MODELKEEPER_URL": served})
     assert result.exit_code == 1 and "matches" in result.output
     # a failed job names its code and job, never an HTTP status it did not have (was "HTTP 409")
-    cli(served, "load", "clip/tiny-clip-l.safetensors")
+    # (a revert on an offloaded model: its worker refuses it, in the user's words)
+    cli(served, "load", "unet/tiny-sd15-unet.safetensors", "--offload", "1MB")
     try:
-        result = runner.invoke(app, ["benchmark", "clip/tiny-clip-l.safetensors", "--resolution", "12"],
+        result = runner.invoke(app, ["optimize", "unet/tiny-sd15-unet.safetensors", "--revert"],
                                env={"MODELKEEPER_URL": served})  # fmt: skip
         assert result.exit_code == 1 and "INVALID_REQUEST (job j-" in result.output, result.output
-        assert "HTTP" not in result.output and "resolution" in result.output, result.output
+        shown = " ".join(result.output.split())
+        assert "HTTP" not in shown and "tiny-sd15-unet@unet (unet) is partially resident" in shown, shown
+        assert "m-" not in shown and "data." not in shown, shown
+    finally:
+        cli(served, "unload", "unet/tiny-sd15-unet.safetensors")
+    cli(served, "load", "clip/tiny-clip-l.safetensors")
+    try:
+        # a resolution no worker takes is refused before any job, naming it
+        result = runner.invoke(app, ["benchmark", "clip/tiny-clip-l.safetensors", "--resolution", "12"],
+                               env={"MODELKEEPER_URL": served})  # fmt: skip
+        assert result.exit_code == 1 and "INVALID_REQUEST" in result.output, result.output
+        assert "job j-" not in result.output and "resolution" in result.output, result.output
         # an unknown optimisation is refused before any job, naming it
         result = runner.invoke(app, ["optimize", "clip/tiny-clip-l.safetensors", "-o", "colour=blue"],
                                env={"MODELKEEPER_URL": served})  # fmt: skip

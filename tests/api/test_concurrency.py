@@ -105,7 +105,7 @@ def test_eviction_respects_leases_and_force(small: RunningService) -> None:
         with pytest.raises(ApiError) as err:
             c.load(a)
         assert err.value.status_code == 507 and err.value.error_code == "INSUFFICIENT_MEMORY"
-        assert b in err.value.message and b in err.value.details["held"]
+        assert "held by tiny-sd15@checkpoints" in err.value.message and b in err.value.details["held"]
         assert c.load(a, force=True)["result"]["evicted"] == [b]
         with pytest.raises(ApiError) as revoked:  # forced out: its lease ends with it
             c.get_lease(lease["id"])

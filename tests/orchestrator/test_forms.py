@@ -50,3 +50,27 @@ def test_an_offload_left_out_asks_for_nothing() -> None:
     assert LoadForm(offload=GB, streams=True).differences("float16", None, None) == {
         "dtype": {"loaded": "the file's", "asked": "float16"}
     }
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "storages", "shown", "same", "other"),
+    [
+        # a GGUF Flux without dtype: its transformer computes in bfloat16, its parts stay float16
+        (["bfloat16", "float16", "float16", "float16"], ["gguf:Q4_K", None, None, None], "bfloat16", "bfloat16", "float16"),
+        (["bfloat16"], ["float8_e5m2"], "bfloat16", "bfloat16", "float16"),
+        # nothing packed and mixed: no one compute dtype
+        (["float16", "float32"], [None, None], None, None, "float16"),
+        (["float16", "float16"], [None, None], "float16", "float16", "bfloat16"),
+    ],
+)  # fmt: skip
+def test_a_packed_model_loaded_without_dtype_computes_in_the_dtype_its_worker_chose(
+    dtypes: list[str | None], storages: list[str | None], shown: str | None, same: str | None, other: str
+) -> None:
+    form = LoadForm().loaded(dtypes, storages, streams=False)
+    assert form.shown_dtype == shown and form.info()["dtype"] == shown
+    if same is not None:
+        assert form.differences(same, None, None) == {}
+    assert form.differences(other, None, None) == {
+        "dtype": {"loaded": shown or "/".join(sorted(set(dtypes))), "asked": other}
+    }
+    assert form.kept_by_reload(None, None, None) == {}  # a reload without dtype keeps the files' dtypes

@@ -223,6 +223,13 @@ def test_what_the_caller_must_fix_is_refused_before_any_job(demo: DemoManifest, 
                 await orch.loads.load(EMBEDDING)
             with pytest.raises(NotLoadable, match="is a LoRA"):
                 await orch.feed.cache_model(LORA_SD15)
+            # a LoRA or an embedding is never loaded: a lease on it would hold nothing
+            for ref, kind in ((LORA_SD15, "lora"), (EMBEDDING, "textual_inversion")):
+                with pytest.raises(
+                    NotLoadable, match=rf"; a lease holds a loaded model .* \({kind}\) is never loaded"
+                ):
+                    await orch.loads.grant_lease(ref, None, "pipeline", 60)
+            assert orch.loads.leases.list() == []
             ahead = await orch.loads.grant_lease(CLIP_L, None, "pipeline", 60)  # held from its next load
             assert ahead["loaded"] is False and "tiny-clip-l (m-" in ahead["note"]
             assert "is not loaded now: the lease holds it from its next load" in ahead["note"]

@@ -127,8 +127,12 @@ def test_eviction_respects_leases_unless_forced(demo: DemoManifest, tmp_path: Pa
             assert max(sizes) < 13 * MiB < sum(sizes)  # each fits alone, not both
             await orch.loads.load(SD15)
             lease = await orch.loads.grant_lease(SD15, None, "pipeline", 60)
-            with pytest.raises(NotPlaceable, match=sd15.id):
+            with pytest.raises(
+                NotPlaceable,
+                match=rf"tiny-clip-l needs [\d.]+ MB; no device has room .*held by {sd15.handle}\)",
+            ) as err:
                 await orch.loads.load(CLIP_L)
+            assert err.value.details["held"] == [sd15.id]
             assert orch.view.get(sd15.id, "cpu") is not None  # untouched
             placed = (await orch.loads.load(CLIP_L, options=LoadOptions(force=True)))["result"]
             assert placed["evicted"] == [sd15.id]

@@ -105,7 +105,9 @@ def test_plan_eviction(case: str, device: DeviceView, need: int, force: bool, ex
 
 
 def test_plan_eviction_refuses_with_the_reason() -> None:
-    with pytest.raises(NotPlaceable, match="the budget of a is 100 bytes") as err:
+    with pytest.raises(
+        NotPlaceable, match="m needs 101 B; the budget of a is 100 B; load it with offload auto"
+    ) as err:
         plan_eviction(dev("a", 100), "m", 101)
     assert err.value.details["required_bytes"] == 101
     with pytest.raises(NotPlaceable, match=r"leased, kept loaded or busy \(x, y\)") as err:

@@ -266,7 +266,7 @@ def test_unsupported_and_broken_files(demo: DemoManifest, tmp_path: Path) -> Non
         LoraManager().load("none", {"some.weight": torch.zeros(2)}, targets_for("sd1"))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(Exception, match="broken.safetensors: header is not valid JSON") as caught:
+    with pytest.raises(Exception, match=r"broken\.safetensors: header is not valid JSON") as caught:
         LoraManager().load("broken", broken, targets_for("sd1"))
     assert caught.value.code is ErrorCode.INVALID_MODEL_FILE  # type: ignore[attr-defined]
     with pytest.raises(Exception, match="no such LoRA file"):

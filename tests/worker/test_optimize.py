@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from modelkeeper.protocol import CommandType, ErrorCode
-from modelkeeper.testing import DemoManifest, make_text_encoder, make_unet, make_vae
+from modelkeeper.protocol import CommandType, ErrorCode, ProtocolError
+from modelkeeper.testing import DemoManifest, make_text_encoder, make_unet, make_vae, write_demo_models
 from modelkeeper.worker import InProcessWorker
 from modelkeeper.worker.errors import InvalidRequest
 from modelkeeper.worker.fingerprint import fingerprint
@@ -102,3 +104,23 @@ def test_nothing_applied_reports_no_speedup() -> None:
     assert report.latency_before_s is not None
     assert report.latency_after_s is None and report.speedup is None
     assert optimize(encoder, {}).latency_before_s is None  # no option: nothing measured at all
+
+
+@pytest.mark.parametrize(
+    ("entry", "kind"), [("sd3-transformer-q5_k", "transformer"), ("sdxl-unet-fp8-scaled", "unet")]
+)
+def test_a_dtype_on_a_packed_model_is_refused_and_changes_nothing(
+    inproc: InProcessWorker, tmp_path: Path, entry: str, kind: str
+) -> None:
+    """A cast would turn packed bytes into numbers the decode hooks no longer read: the command
+    refuses it before anything changes (a direct protocol call cannot break the model), and the
+    model still runs; the other options still apply."""
+    demo = write_demo_models(tmp_path, only=[entry])
+    inproc.call(CommandType.LOAD_MODEL, load_data(demo[entry], demo.root, type=kind, dtype="float32"))
+    module = inproc.module(entry)
+    before = fingerprint(module)
+    with pytest.raises(ProtocolError, match=r"data\.options\.dtype: .* is stored packed") as caught:
+        inproc.call(CommandType.OPTIMIZE_MODEL, {"name": entry, "options": {"dtype": "bfloat16"}})
+    assert caught.value.code is ErrorCode.INVALID_REQUEST
+    assert fingerprint(module) == before
+    assert inproc.call(CommandType.VALIDATE_MODEL, {"name": entry, "level": "functional"})["passed"]

@@ -128,7 +128,9 @@ class BenchmarkBody(_Operation):
         None,
         ge=8,
         le=4096,
-        description="Pixels per side (default: the size its config was made for, else 512); text encoders take none.",
+        multiple_of=8,
+        description="Pixels per side, a multiple of 8 up to 4096 (default: the size its config was made for, "
+        "else 512); text encoders take none.",
     )
     batch: int = Field(1, ge=1, le=64, description="Inputs per pass.")
     steps: int = Field(

@@ -43,7 +43,7 @@ def form_of(p: dict[str, Any]) -> LoadForm:
     streams = data["streams"]
     return LoadForm(
         data["dtype"], data["storage_dtype"], data["offload"], tuple(data["dtypes"]),
-        tuple(data["storages"]), None if streams is None else bool(streams),
+        tuple(data["storages"]), None if streams is None else bool(streams), data.get("compute"),
     )  # fmt: skip
 
 

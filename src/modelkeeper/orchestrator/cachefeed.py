@@ -169,7 +169,7 @@ class CacheFeed:
             loads = await self.catalog.component_loads(record)
             out = []
             for i, planned in enumerate(loads):
-                job.progress(component=i + 1, components=len(loads), step=planned.component, force=True)
+                job.step(planned.component, component=i + 1, components=len(loads))
                 load = await self.route(record, planned, job, require=True)
                 if load.segment is not None:
                     out.append({"component": load.component, **load.segment.info()})

@@ -153,6 +153,20 @@ class Catalog:
             )
 
     @staticmethod
+    def check_leasable(record: ModelRecord) -> None:
+        """NotLoadable for a lease on what is never loaded (a LoRA, an embedding): it would hold
+        nothing. Named by its type, with what to lease instead."""
+        use = NOT_LOADED_ALONE.get(record.type)
+        if use is not None:
+            raise NotLoadable(
+                f"{record.handle} is {use}; a lease holds a loaded model and {record.handle} "
+                f"({record.type}) is never loaded: lease the model it is applied to",
+                model_id=record.id,
+                handle=record.handle,
+                type=record.type,
+            )
+
+    @staticmethod
     def check_file(record: ModelRecord) -> None:
         """Refuse a model whose file was deleted or changed since it was registered: what the
         registry says of it (type, layout, components) may no longer hold."""

@@ -11,7 +11,10 @@ LoRAs applied to the placement: the 409 and the reload's result name them (:func
 the first two.
 
 What a placement has is what was asked, completed by what its worker reported: a load without
-``dtype`` of a float16 file is float16, so a later ``dtype: float16`` asks for nothing new. Its
+``dtype`` of a float16 file is float16, so a later ``dtype: float16`` asks for nothing new. A model
+kept packed (fp8, GGUF) loaded without ``dtype`` computes in the dtype its worker chose for the
+packed weights (``compute``: bfloat16 for a GGUF Flux whose parts stay float16): that dtype is its
+compute dtype, shown and asked for as such. Its
 offload is compared by what it placed: an offload (``auto`` or a byte count) that streamed nothing
 placed the model whole, as ``none`` does, so ``none``, ``auto`` or a byte count at least as large
 ask for nothing new of it; a placement that streams is only the same as the offload it was loaded
@@ -51,21 +54,28 @@ class LoadForm:
     dtypes: tuple[str, ...] = ()  # the compute dtypes of its components, as loaded
     storages: tuple[str, ...] = ()  # the packings of those kept packed (fp8, gguf:Q8_0...), as loaded
     streams: bool | None = None  # part of it streams from RAM (offloaded); None: not loaded yet
+    compute: str | None = None  # the compute dtype its worker chose for its packed components, as loaded
 
     def loaded(self, dtypes: list[str | None], storages: list[str | None], streams: bool) -> LoadForm:
-        """This form completed with what the worker reported of each component."""
+        """This form completed with what the worker reported of each component (``dtypes`` and
+        ``storages`` one entry per component, alike)."""
+        packed = {d for d, s in zip(dtypes, storages, strict=True) if d and s}
         return replace(
             self,
             dtypes=tuple(sorted({d for d in dtypes if d})),
             storages=tuple(sorted({s for s in storages if s})),
             streams=streams,
+            compute=packed.pop() if len(packed) == 1 else None,
         )
 
     @property
     def shown_dtype(self) -> str | None:
-        """The compute dtype: asked, else the one every component has (None when mixed or unknown)."""
+        """The compute dtype: asked, else the one the worker chose for its packed components, else
+        the one every component has (None when mixed or unknown)."""
         if self.dtype is not None:
             return self.dtype
+        if self.compute is not None:
+            return self.compute
         return self.dtypes[0] if len(self.dtypes) == 1 else None
 
     @property
@@ -85,7 +95,11 @@ class LoadForm:
         that this form does not have; empty when the load asks for nothing new. A reload asks
         the same: an option it leaves out keeps this form's value (:meth:`kept_by_reload`)."""
         out: dict[str, dict[str, Any]] = {}
-        if dtype is not None and dtype != self.dtype and not (self.dtype is None and self.dtypes == (dtype,)):
+        if (
+            dtype is not None
+            and dtype != self.dtype
+            and not (self.dtype is None and dtype == self.shown_dtype)
+        ):
             out["dtype"] = {
                 "loaded": self.shown_dtype or "/".join(self.dtypes) or "the file's",
                 "asked": dtype,

@@ -28,6 +28,10 @@ _seq = itertools.count(1)
 log = logging.getLogger(__name__)
 
 
+#: The progress keys that count one step's work (a worker's read, a cache copy): a step's own.
+STEP_COUNTS = ("stage", "done", "total", "unit", "cache_bytes_done", "cache_bytes_total")
+
+
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -81,6 +85,22 @@ class Job:
             self._last_progress = now
             self.bus.publish("job.progress", job=self.id, kind=self.kind, progress=dict(self.progress_data))
 
+    def step(self, name: str, **values: Any) -> None:
+        """Progress moves on to step ``name`` (a component): the previous step's counts are dropped,
+        so that none is reported under this one; ``values``: this step's own."""
+        for key in STEP_COUNTS:
+            self.progress_data.pop(key, None)
+        self.progress(step=name, force=True, **values)
+
+    def progress_of(self, name: str) -> Callable[[dict[str, Any]], None]:
+        """A listener of a worker's progress events for step ``name``: each reported under it."""
+        return lambda data: self.progress(**{**data, "step": name})
+
+    def start(self) -> None:
+        """Its work begins (a job that waits in a device's queue: its worker command starts): running."""
+        if self.state is JobState.QUEUED:
+            self._set(JobState.RUNNING)
+
     def on_cancel(self, hook: Callable[[], None]) -> None:
         self._cancel_hooks.append(hook)
 
@@ -115,13 +135,15 @@ class JobManager:
         *,
         wait: bool,
         timeout: float | None = None,
+        queued: bool = False,
     ) -> dict[str, Any]:
         """Run ``body`` as a job: ``{"job", "result"}`` when ``wait`` (errors raised), else
         ``{"job"}`` at once. ``timeout`` is a backstop: the operation's own deadline fires first
-        (and says where it was)."""
+        (and says where it was). ``queued``: the job stays queued until ``body`` calls
+        :meth:`Job.start` (work that waits in a device's queue)."""
         if not self.accepting():
             raise ServiceNotReady("the service is starting or stopping")
-        job = self.submit(kind, body, params)
+        job = self.submit(kind, body, params, queued=queued)
         if not wait:
             return {"job": job.info()}
         try:
@@ -134,19 +156,26 @@ class JobManager:
         return {"job": job.info(), "result": result}
 
     def submit(
-        self, kind: str, run: Callable[[Job], Awaitable[Any]], params: dict[str, Any] | None = None
+        self,
+        kind: str,
+        run: Callable[[Job], Awaitable[Any]],
+        params: dict[str, Any] | None = None,
+        *,
+        queued: bool = False,
     ) -> Job:
-        """Start ``run(job)`` as a job; its return value becomes the job's result."""
+        """Start ``run(job)`` as a job; its return value becomes the job's result (``queued``: see
+        :meth:`run`)."""
         job = Job(kind, dict(params or {}), self.bus, _moved=self._moved)
         self._jobs[job.id] = job
         self._counts[job.state] += 1
         job._set(JobState.QUEUED)
-        job.task = asyncio.get_running_loop().create_task(self._run(job, run), name=f"job {job.id}")
+        job.task = asyncio.get_running_loop().create_task(self._run(job, run, queued), name=f"job {job.id}")
         self._trim()
         return job
 
-    async def _run(self, job: Job, run: Callable[[Job], Awaitable[Any]]) -> Any:
-        job._set(JobState.RUNNING)
+    async def _run(self, job: Job, run: Callable[[Job], Awaitable[Any]], queued: bool = False) -> Any:
+        if not queued:
+            job._set(JobState.RUNNING)
         try:
             job.result = await run(job)
         except asyncio.CancelledError:

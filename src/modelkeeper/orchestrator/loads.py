@@ -21,7 +21,7 @@ from typing import Any
 from modelkeeper.orchestrator.cachefeed import CacheFeed
 from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.coalesce import coalesced
-from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded
+from modelkeeper.orchestrator.errors import ModelInUse, NotLoaded, NotPlaceable
 from modelkeeper.orchestrator.events import EventBus
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.leases import LeaseTable
@@ -33,6 +33,7 @@ from modelkeeper.orchestrator.pool import WorkerPool
 from modelkeeper.orchestrator.reload import Reloads
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.orchestrator.state import Placement, PlacementState, StateView, held_bytes
+from modelkeeper.orchestrator.wording import in_users_words
 from modelkeeper.orchestrator.workers import Priority, WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -81,6 +82,7 @@ class Loads:
                 leased=bool(self.leases.holding(p.model_id, slot.id)),
                 keep_loaded=p.keep_loaded,
                 shares=tuple((key, p.component_bytes.get(label, 0)) for label, key in p.shares.items()),
+                handle=p.handle or p.name,
             )
             for p in self.view.on_device(slot.id)
         )
@@ -98,7 +100,12 @@ class Loads:
         need = opts.resident_need(await self.stored_bytes(record, opts), max(s.budget_bytes for s in ready))
         wants = await self.shared_parts(record, opts)
         views = [self.device_view(s) for s in ready]
-        device = choose_device(views, record.id, need, force=opts.force, wants=wants)
+        try:
+            device = choose_device(views, record.id, need, force=opts.force, wants=wants, name=record.handle)
+        except NotPlaceable:
+            if not opts.may_stream:
+                raise
+            device = choose_device(views, record.id, 0, wants=wants)  # no room whole: it streams
         return self.pool.slot(device)
 
     async def stored_bytes(self, record: ModelRecord, opts: LoadOptions) -> int:
@@ -163,7 +170,7 @@ class Loads:
             slot = self.pool.slot(device) if device else await self.place(record, opts)
             return await self.load_on(record, slot, opts, job)
 
-        return await self.jobs.run("load", params, body, wait=wait, timeout=opts.timeout)
+        return await self.jobs.run("load", params, body, wait=wait, timeout=opts.timeout, queued=True)
 
     async def load_on(
         self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job
@@ -172,6 +179,7 @@ class Loads:
         key = (record.id, slot.id)
         settled = await self.reloads.settle(record, slot.id, opts, job)  # loaded there already
         if settled.answer is not None:
+            job.start()  # answered at once: nothing to wait for
             return settled.answer
         opts = settled.opts
         if key in self.inflight:  # (a load may have started while a reload unloaded)
@@ -191,6 +199,7 @@ class Loads:
                     label=f"load {record.id}",
                 ),
             )
+        job.start()  # a load joined runs as the one it joined (started already: nothing changes)
         if settled.reloaded is None:
             return result
         return {**result, "reloaded": settled.reloaded, "dropped_loras": settled.dropped}
@@ -198,13 +207,19 @@ class Loads:
     async def _load(
         self, record: ModelRecord, slot: WorkerSlot, opts: LoadOptions, job: Job, deadline: float
     ) -> dict[str, Any]:
+        job.start()  # queued until now: its device's queue runs it
         started = time.perf_counter()
         await self.catalog.verify_file(record)
         loads = await self.catalog.component_loads(record)
         await slot.status()
         need = opts.resident_need(await self.stored_bytes(record, opts), slot.budget_bytes)
         wants = await self.shared_parts(record, opts, loads)
-        evicted = await self.make_room(slot, record.id, need, opts.force, wants)
+        try:
+            evicted = await self.make_room(slot, record.id, need, opts.force, wants, name=record.handle)
+        except NotPlaceable:  # refused before anything was unloaded
+            if not opts.may_stream:
+                raise
+            evicted = []  # no room for it whole: it streams, evicting nothing
         keep_alive = self.settings.keep_alive if opts.keep_alive is None else opts.keep_alive
         p = Placement(
             record.id,
@@ -224,7 +239,7 @@ class Loads:
         try:
             for i, planned in enumerate(loads):
                 label = planned.component or record.type
-                job.progress(step=label, component=i + 1, components=len(loads), force=True)
+                job.step(label, component=i + 1, components=len(loads))
                 t_cache = time.perf_counter()
                 load = await self.feed.route(record, planned, job, require=opts.require_cache)
                 load.request = opts.request(load.request)
@@ -241,10 +256,11 @@ class Loads:
                             load.request,
                             LoadResult,
                             timeout=max(0.1, deadline - time.monotonic()),
-                            on_progress=lambda data: job.progress(**data),
+                            on_progress=job.progress_of(label),
                         )
                     except ProtocolError as exc:
-                        raise naming_the_users_file(exc, load, planned) from None
+                        named = naming_the_users_file(exc, load, planned)
+                        raise in_users_words(named, record.handle, {label: load.request.name}) from None
                 done.append(load.request.name)
                 dtypes.append(result.dtype)
                 storages.append(result.storage)
@@ -259,6 +275,8 @@ class Loads:
                 p.component_bytes[label] = held
                 if result.share is not None:
                     p.shares[label] = result.share
+                if result.storage is not None:
+                    p.packed[label] = result.storage
                 p.streamed_bytes += result.streamed_bytes or 0
                 p.timings[label] = {
                     "cache": round(cache_seconds, 6),
@@ -298,12 +316,19 @@ class Loads:
         return info
 
     async def make_room(
-        self, slot: WorkerSlot, model_id: str, need: int, force: bool, wants: dict[str, int] | None = None
+        self,
+        slot: WorkerSlot,
+        model_id: str,
+        need: int,
+        force: bool,
+        wants: dict[str, int] | None = None,
+        *,
+        name: str = "",
     ) -> list[str]:
         """Unload what the policy picks so that ``need`` bytes (of which ``wants``: shareable parts by
-        share key) fit on ``slot``; the ids unloaded."""
+        share key) fit on ``slot``; the ids unloaded. ``name``: what a refusal calls the model."""
         await slot.status()
-        chosen = plan_eviction(self.device_view(slot), model_id, need, force=force, wants=wants)
+        chosen = plan_eviction(self.device_view(slot), model_id, need, force=force, wants=wants, name=name)
         for mid in chosen:
             p = self.view.get(mid, slot.id)
             if p is not None:
@@ -490,8 +515,10 @@ class Loads:
     ) -> dict[str, Any]:
         """Hold a model (on ``device`` or anywhere): neither evicted nor unloaded without force. A
         model not loaded there may be leased ahead of its load (``keep_alive`` 0 would unload it before
-        a lease taken after the load); the answer's ``loaded`` and ``note`` say so."""
+        a lease taken after the load); the answer's ``loaded`` and ``note`` say so. A LoRA or an
+        embedding, never loaded, is refused (NotLoadable)."""
         record = await self.catalog.resolve(ref)
+        self.catalog.check_leasable(record)
         if device is not None:
             self.pool.slot(device).check_usable()  # a device whose worker did not start says why
         else:

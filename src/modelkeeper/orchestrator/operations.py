@@ -11,11 +11,13 @@ from pydantic import BaseModel, ValidationError
 
 from modelkeeper.orchestrator.catalog import Catalog
 from modelkeeper.orchestrator.errors import NotLoaded
+from modelkeeper.orchestrator.forms import shown_offload
 from modelkeeper.orchestrator.jobs import Job, JobManager
 from modelkeeper.orchestrator.loads import Loads
 from modelkeeper.orchestrator.pool import WorkerPool
 from modelkeeper.orchestrator.settings import Settings
 from modelkeeper.orchestrator.state import Placement, PlacementState, StateView, held_bytes
+from modelkeeper.orchestrator.wording import in_users_words
 from modelkeeper.orchestrator.workers import Priority, WorkerSlot
 from modelkeeper.protocol.commands import CommandType
 from modelkeeper.protocol.errors import ErrorCode, ProtocolError
@@ -28,6 +30,7 @@ from modelkeeper.protocol.messages import (
     OptimizeModelRequest,
     ValidateModelRequest,
 )
+from modelkeeper.sizes import format_size
 
 COMMANDS: dict[str, tuple[CommandType, type[BaseModel]]] = {
     "validate": (CommandType.VALIDATE_MODEL, ValidateModelRequest),
@@ -84,6 +87,9 @@ class Operations:
                 for p in self.view.placements.values()
                 if p.state is PlacementState.LOADED and device in (None, p.device)
             ]
+        if op == "optimize" and not data.get("revert"):
+            for p in placements:
+                check_optimizable(p, component, data.get("options") or {})
         params = {"model_id": None if ref is None else placements[0].model_id, "device": device, **data}
 
         async def body(job: Job) -> Any:
@@ -106,25 +112,29 @@ class Operations:
             job.progress(done=len(placements), total=len(placements), force=True)
             return out
 
-        return await self.jobs.run(op, params, body, wait=wait, timeout=timeout)
+        return await self.jobs.run(op, params, body, wait=wait, timeout=timeout, queued=True)
 
     async def _on_components(
         self, op: str, slot: WorkerSlot, p: Placement, data: dict[str, Any], component: str | None, job: Job
     ) -> dict[str, Any]:
         command, request = COMMANDS[op]
         result_type = COMMAND_MODELS[command][1]
+        job.start()  # queued until now: its device's queue runs it
         results: dict[str, Any] = {}
         with p.in_use():
             for label, name in p.components.items():
                 if component is not None and component != label:
                     continue
-                answer = await slot.call(
-                    command,
-                    _request(request, {**data, "name": name}),
-                    result_type,
-                    timeout=self.settings.request_timeout,
-                    on_progress=functools.partial(_steps, job, label),
-                )
+                try:
+                    answer = await slot.call(
+                        command,
+                        _request(request, {**data, "name": name}),
+                        result_type,
+                        timeout=self.settings.request_timeout,
+                        on_progress=functools.partial(_steps, job, label),
+                    )
+                except ProtocolError as exc:
+                    raise in_users_words(exc, p.handle or p.name, {label: name}) from None
                 results[label] = answer.model_dump(mode="json", exclude_unset=True)
         if op == "optimize":  # a dtype change changes the bytes the placement holds
             await _refresh_bytes(slot, p)
@@ -157,15 +167,53 @@ def _steps(job: Job, part: str, data: dict[str, Any]) -> None:
 
 def check_request(op: str, data: dict[str, Any]) -> None:
     """INVALID_REQUEST for what no worker would take: an unknown option or a bad value (the
-    worker's own request model says), or an optimize with nothing to apply (no option, no revert),
-    whose "speedup" would measure nothing."""
+    worker's own request model says; a benchmark resolution not a multiple of 8, as its worker
+    checks), or an optimize with nothing to apply (no option, no revert), whose "speedup" would
+    measure nothing."""
     _request(COMMANDS[op][1], {**data, "name": "-"})
+    resolution = data.get("resolution")
+    if op == "benchmark" and isinstance(resolution, int) and resolution % 8:
+        near = sorted({max(8, resolution // 8 * 8), resolution // 8 * 8 + 8})
+        raise ProtocolError(
+            f"resolution: {resolution} is not a multiple of 8 (a latent pixel is 8 image pixels a side); "
+            f"try {' or '.join(map(str, near))}",
+            ErrorCode.INVALID_REQUEST,
+            field="resolution",
+        )
     if op == "optimize" and not data.get("options") and not data.get("revert"):
         raise ProtocolError(
             f"options: nothing to apply; give at least one of {', '.join(OPTIMIZE_OPTIONS)} "
             "(or revert to undo earlier ones)",
             ErrorCode.INVALID_REQUEST,
             field="options",
+        )
+
+
+def check_optimizable(p: Placement, component: str | None, options: dict[str, Any]) -> None:
+    """INVALID_REQUEST, naming the model by its handle, for an optimize of a model that streams
+    part of its weights (offload: optimisations apply to models wholly resident), or with a
+    ``dtype`` on a component kept packed (fp8, scaled fp8, GGUF: a cast would break the decoding
+    of its packed weights; its compute dtype is the load's)."""
+    if p.streamed_bytes and component is None:  # (one component: its worker says whether it streams)
+        raise ProtocolError(
+            f"{p.handle or p.name} is partially resident on {p.device} (offload "
+            f"{shown_offload(p.form.offload)}: {format_size(p.streamed_bytes)} streamed from RAM); "
+            "optimisations apply to models wholly resident: load it with offload none (reload)",
+            ErrorCode.INVALID_REQUEST,
+            field="offload",
+            model_id=p.model_id,
+            handle=p.handle or p.name,
+        )
+    packed = {c: f for c, f in p.packed.items() if component in (None, c)}
+    if "dtype" in options and packed:
+        which = ", ".join(f"{c} ({f})" for c, f in sorted(packed.items()))
+        raise ProtocolError(
+            f"options.dtype: {p.handle or p.name} is stored packed ({which}) on {p.device}: a cast "
+            "would break its decoding; load it with --dtype instead (unload it first, or load with reload)",
+            ErrorCode.INVALID_REQUEST,
+            field="options.dtype",
+            model_id=p.model_id,
+            handle=p.handle or p.name,
         )
 
 

@@ -66,12 +66,21 @@ class LoadOptions:
         return request.model_copy(update=update) if update else request
 
     def resident_need(self, need: int, budget: int) -> int:
-        """The bytes placement must find on a device of ``budget``: all of them, or with ``offload``
-        what stays resident (the rest streams; the worker keeps its ring within what is left)."""
+        """The bytes placement must find on a device of ``budget``, evicting for them: all ``need``
+        bytes for a load that places the model whole (``none``; ``auto`` when it fits the budget;
+        a byte count at least ``need``), none for a load that streams (``auto`` of a model larger
+        than the budget, a smaller byte count). A streamed load evicts nothing (docs/OFFLOAD.md):
+        its worker keeps resident what fits the free budget, and eviction could not make it whole."""
         if self.offload is None or self.offload == "none":
             return need
-        cap = budget if self.offload == "auto" else min(int(self.offload), budget)
-        return min(need, cap)
+        whole = need <= budget if self.offload == "auto" else int(self.offload) >= need
+        return need if whole else 0
+
+    @property
+    def may_stream(self) -> bool:
+        """Whether a load finding no room for the model whole may still stream it (``auto``):
+        then it evicts nothing and its worker keeps resident what fits."""
+        return self.offload == "auto"
 
     def stored_bytes(self, record: ModelRecord) -> int:
         """What the model will hold on the device: its file's bytes, or its parameters in the

@@ -26,6 +26,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from modelkeeper.orchestrator.errors import NotPlaceable
+from modelkeeper.sizes import format_size
+
+#: What a 507 for a model larger than every budget suggests: a load that streams what does not fit.
+STREAM_IT = "load it with offload auto (--offload auto) to keep what fits on the device and stream the rest"
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,11 @@ class Resident:
     keep_loaded: bool = False
     #: (share key, bytes) of its parts that other placements may hold too; part of ``bytes``
     shares: tuple[tuple[str, int], ...] = ()
+    handle: str = ""  # what messages name it by (the model id when empty)
+
+    @property
+    def shown(self) -> str:
+        return self.handle or self.model_id
 
     def evictable(self, force: bool) -> bool:
         return self.loaded and (force or not (self.leased or self.keep_loaded))
@@ -96,20 +105,23 @@ def choose_device(
     *,
     force: bool = False,
     wants: Mapping[str, int] | None = None,
+    name: str = "",
 ) -> str:
     """The id of the device that should load ``model_id`` (``need`` bytes, of which ``wants``: its
-    shareable parts by share key); see the module docstring."""
+    shareable parts by share key; ``name``: what messages call it, its id when empty); see the
+    module docstring."""
     if not devices:
         raise NotPlaceable("no worker is running", required_bytes=need)
     for d in devices:
         if d.holds(model_id):
             return d.id
+    name = name or model_id
     if all(d.budget < need for d in devices):
         budgets = {d.id: d.budget for d in devices}
         raise NotPlaceable(
-            f"model {model_id} needs {need} bytes, more than the budget of any device ("
-            + ", ".join(f"{d}: {b} bytes" for d, b in budgets.items())
-            + ")",
+            f"{name} needs {format_size(need)}, more than the budget of any device ("
+            + ", ".join(f"{d}: {format_size(b)}" for d, b in budgets.items())
+            + f"); {STREAM_IT}",
             required_bytes=need,
             budgets=budgets,
         )
@@ -124,15 +136,16 @@ def choose_device(
     room = [d for d in devices if after[d.id] >= need]
     if room:
         return max(room, key=lambda d: after[d.id]).id
-    held = {
-        d.id: [r.model_id for r in d.residents if r.model_id != model_id and not r.evictable(force)]
-        for d in devices
+    kept = {
+        d.id: [r for r in d.residents if r.model_id != model_id and not r.evictable(force)] for d in devices
     }
+    held = {d: [r.model_id for r in rs] for d, rs in kept.items()}
     raise NotPlaceable(
-        f"model {model_id} needs {need} bytes; no device has room even after evicting the models "
+        f"{name} needs {format_size(need)}; no device has room even after evicting the models "
         "that are not leased or kept loaded ("
         + "; ".join(
-            f"{d.id}: {after[d.id]} bytes, held by {', '.join(held[d.id]) or 'nothing'}" for d in devices
+            f"{d.id}: {format_size(after[d.id])}, held by {', '.join(r.shown for r in kept[d.id]) or 'nothing'}"
+            for d in devices
         )
         + "); unload a model, release its lease, or pass force",
         required_bytes=need,
@@ -149,13 +162,17 @@ def plan_eviction(
     force: bool = False,
     value: Callable[[Resident], float] | None = None,
     wants: Mapping[str, int] | None = None,
+    name: str = "",
 ) -> list[str]:
     """The models to unload from ``device`` so that ``model_id`` (``need`` bytes, of which
-    ``wants``: its shareable parts by share key) fits; empty when it fits already. Least recently
-    used first, or, given ``value``, least valuable first (ties by recency)."""
+    ``wants``: its shareable parts by share key; ``name``: what messages call it) fits; empty when
+    it fits already. Least recently used first, or, given ``value``, least valuable first (ties by
+    recency)."""
+    name = name or model_id
     if need > device.budget:
         raise NotPlaceable(
-            f"model {model_id} needs {need} bytes; the budget of {device.id} is {device.budget} bytes",
+            f"{name} needs {format_size(need)}; the budget of {device.id} is {format_size(device.budget)}; "
+            + STREAM_IT,
             required_bytes=need,
             budget_bytes=device.budget,
             device=device.id,
@@ -177,10 +194,12 @@ def plan_eviction(
             break
         chosen.append(r)
     if over(chosen) > 0:
-        held = [r.model_id for r in device.residents if r not in chosen and r.model_id != model_id]
+        others = [r for r in device.residents if r not in chosen and r.model_id != model_id]
+        held = [r.model_id for r in others]
         raise NotPlaceable(
-            f"model {model_id} needs {need} bytes on {device.id}: {device.free} free of {device.budget}, "
-            f"and the other models there are leased, kept loaded or busy ({', '.join(held) or 'none'}); "
+            f"{name} needs {format_size(need)} on {device.id}: {format_size(device.free)} free of "
+            f"{format_size(device.budget)}, and the other models there are leased, kept loaded or busy "
+            f"({', '.join(r.shown for r in others) or 'none'}); "
             "unload one, release its lease, or pass force",
             required_bytes=need,
             free_bytes=device.free,

@@ -13,8 +13,9 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from modelkeeper.orchestrator.errors import NotPlaceable
-from modelkeeper.orchestrator.placement import DeviceView, plan_eviction
+from modelkeeper.orchestrator.placement import STREAM_IT, DeviceView, plan_eviction
 from modelkeeper.orchestrator.tiers import ClusterView, Tier
+from modelkeeper.sizes import format_size
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,8 @@ def choose_placement(
         raise NotPlaceable("no worker is running", required_bytes=need)
     if need > cluster.max_budget():
         raise NotPlaceable(
-            f"model {model_id} needs {need} bytes, more than the budget of any device "
-            f"(the largest is {cluster.max_budget()} bytes)",
+            f"model {model_id} needs {format_size(need)}, more than the budget of any device "
+            f"(the largest is {format_size(cluster.max_budget())}); {STREAM_IT}",
             required_bytes=need,
         )
     bw = cluster.bandwidths
@@ -115,7 +116,7 @@ def _soonest_device(
         if best is not None:
             return best
     raise NotPlaceable(
-        f"model {model_id} needs {need} bytes; no device has room even after evicting the models "
+        f"model {model_id} needs {format_size(need)}; no device has room even after evicting the models "
         "that are not leased or kept loaded; unload a model, release its lease, or pass force",
         required_bytes=need,
     )

@@ -152,6 +152,8 @@ class Recovery:
             p.component_bytes[label] = m.bytes
             if m.share is not None:
                 p.shares[label] = m.share
+            if m.source.get("storage"):
+                p.packed[label] = str(m.source["storage"])
             p.loaded_at = p.loaded_at or m.loaded_at
             self.view.put(p)
             adopted.append(name)

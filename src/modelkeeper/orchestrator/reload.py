@@ -91,6 +91,7 @@ class Reloads:
         if not opts.reload:
             raise loaded_differently(record, device, p.form, differences, loras=dropped)
         reloaded = p.form.info()
+        job.start()  # the reload's unload is its first work
         job.progress(
             message=f"unloading {p.handle or record.handle}: loaded as {p.form.describe()}", force=True
         )

@@ -49,6 +49,8 @@ class Placement:
     #: component -> the worker's share key: placements on one device with one key hold one module
     shares: dict[str, str] = field(default_factory=dict)
     component_bytes: dict[str, int] = field(default_factory=dict)  # component -> its bytes on the device
+    #: component -> the form its weights are kept packed in (float8_e4m3fn, gguf:Q4_K...), as loaded
+    packed: dict[str, str] = field(default_factory=dict)
     bytes: int = 0  # against the device's budget (the stored form; offloaded: the resident part and ring)
     streamed_bytes: int = 0  # weights kept in RAM and streamed in as the model runs (offload)
     keep_loaded: bool = False

@@ -3,7 +3,8 @@
 Options (all optional; unknown ones or bad values are refused before anything changes):
 
 - ``dtype``: ``float32`` | ``float16`` | ``bfloat16``: cast parameters and buffers (reports whether
-  the cast was lossless, i.e. whether reverting restores the same bits).
+  the cast was lossless, i.e. whether reverting restores the same bits). Refused on a module kept
+  packed (fp8, scaled fp8, GGUF): its compute dtype is chosen at load (the load's ``dtype``).
 - ``channels_last``: ``true`` / ``false``: memory format of 4-D weights (convolutions).
 - ``attention``: ``sdpa`` (PyTorch's scaled_dot_product_attention: diffusers ``AttnProcessor2_0``,
   transformers ``attn_implementation="sdpa"``) or ``default`` (the plain math processors).
@@ -36,6 +37,7 @@ import torch
 
 from modelkeeper.protocol.messages import OPTIMIZE_OPTIONS, optimize_option_problem
 from modelkeeper.worker.errors import Cancelled, InvalidRequest
+from modelkeeper.worker.storage import stored_forms
 from modelkeeper.worker.validate import Step, no_step
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,11 +80,20 @@ class OptimizeReport:
 
 
 def check_options(module: torch.nn.Module, options: Mapping[str, Any]) -> None:
-    """Refuse unknown options and bad values (naming the field) before anything changes."""
+    """Refuse unknown options and bad values (naming the field) before anything changes; and a
+    ``dtype`` on a module whose weights are kept packed (fp8, scaled fp8, GGUF): a cast would turn
+    the packed bytes into numbers its decode hooks no longer read (the compute dtype is the load's)."""
     problem = optimize_option_problem(dict(options))
     if problem is not None:
         option, why = problem
         raise InvalidRequest(f"data.options.{option}: {why}; {type(module).__name__} was not changed")
+    forms = stored_forms(module)
+    if "dtype" in options and forms:
+        packing = ", ".join(sorted(set(forms.values())))
+        raise InvalidRequest(
+            f"data.options.dtype: {type(module).__name__} is stored packed ({packing}): a cast would "
+            f"break its decoding; load it with a dtype instead; {type(module).__name__} was not changed"
+        )
 
 
 def module_bytes(module: torch.nn.Module) -> int:
