@@ -70,7 +70,7 @@ def error_exit(
         typer.echo(json.dumps({"error": message, "error_code": code, "details": details or {}}, indent=2))
         return typer.Exit(code=exit_code)
     first, *more = text or [f"{code}: {message}"]
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # never a line break inside a path or an id
     err.print(f"[red]error[/red] {escape(first)}", highlight=False)
     for line in more:
         err.print(f"  {escape(line)}", highlight=False)
