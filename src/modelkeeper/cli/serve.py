@@ -65,7 +65,7 @@ def serve(
 
     from modelkeeper.api.app import create_app
     from modelkeeper.orchestrator import Settings
-    from modelkeeper.orchestrator.settings import settings_problem
+    from modelkeeper.orchestrator.settings import settings_problem, unknown_env
 
     if config is not None:
         if not config.is_file():
@@ -91,6 +91,8 @@ def serve(
     except ValueError as exc:  # check_exposure
         err.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
+    for line in unknown_env(os.environ):  # a typo'd variable is ignored, so say so
+        err.print(f"[yellow]warning[/yellow] {escape(line)}", soft_wrap=True, highlight=False)
     for problem in missing_roots(settings.model_roots, demo=demo):
         err.print(f"[red]error[/red] {escape(problem)}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)

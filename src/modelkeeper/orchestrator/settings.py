@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -249,6 +250,34 @@ def settings_problem(exc: ValidationError | SettingsError) -> str:
         msg = str(error["msg"]).removeprefix("Value error, ")
         lines.append(f"{_origin(field)}: {msg}" + (f" (got {error['input']!r})" if _shown(error) else ""))
     return "\n".join(lines)
+
+
+#: ``MODELKEEPER_*`` variables read elsewhere than :class:`Settings`: the CLI's (URL, token, registry
+#: file), the worker's knobs, the tests' and benchmarks' (``tests/test_env_names.py`` holds this
+#: list equal to the names the source reads).
+OTHER_ENV = frozenset({
+    "MODELKEEPER_URL", "MODELKEEPER_TOKEN", "MODELKEEPER_DB", CONFIG_ENV, "MODELKEEPER_LOG_LEVEL",
+    "MODELKEEPER_STREAM_POOL_MB", "MODELKEEPER_STAGE_CHUNK_MB", "MODELKEEPER_READ_THREADS",
+    "MODELKEEPER_CHROMIUM", "MODELKEEPER_PICKLE_CHILD_TEST_SLEEP", "MODELKEEPER_SCAN_HOLD_AFTER",
+})  # fmt: skip
+#: Variables with this prefix belong to cluster mode's settings (``cluster/settings.py``).
+CLUSTER_ENV_PREFIX = "MODELKEEPER_CLUSTER_"
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """A line for each ``MODELKEEPER_*`` variable of ``environ`` that nothing reads (a typo: the
+    model root without its s), with the closest known name: a variable ignored in silence leaves the
+    user wondering why the setting did not take."""
+    known = {f"MODELKEEPER_{name.upper()}" for name in Settings.model_fields} | OTHER_ENV
+    lines = []
+    for name in sorted(environ):
+        if not name.startswith("MODELKEEPER_") or name in known or name.startswith(CLUSTER_ENV_PREFIX):
+            continue
+        suffixes = {k.removeprefix("MODELKEEPER_"): k for k in known}  # the shared prefix is no likeness
+        close = difflib.get_close_matches(name.removeprefix("MODELKEEPER_"), sorted(suffixes), n=1)
+        hint = f" (did you mean {suffixes[close[0]]}?)" if close else ""
+        lines.append(f"{name}: not a modelkeeper setting, ignored{hint}")
+    return lines
 
 
 def _shown(error: Any) -> bool:
