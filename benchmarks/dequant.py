@@ -16,43 +16,30 @@ against each other (max relative difference).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from collections.abc import Callable
 from datetime import date
+from typing import Any
 
 import numpy as np
 import torch
 
 from _report import cpu_name, print_report
-from _timing import sync
+from _timing import median_seconds, timed
 from modelkeeper.worker.storage import dequant
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from tests.worker.test_dequant import random_blocks
 
 
-def median_ms(fn, device: torch.device, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    return median_seconds(fn, device, repeats, warmups=1) * 1e3
 
 
-def queued_ms(fn, device: torch.device, layers: int = 40) -> float:  # type: ignore[no-untyped-def]
+def queued_ms(fn: Callable[[], Any], device: torch.device, layers: int = 40) -> float:
+    """One decode's share of ``layers`` decodes queued with no sync between them."""
     fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(layers):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t) / layers * 1e3
+    return timed(lambda: [fn() for _ in range(layers)], device) / layers * 1e3
 
 
 def row(name: str, device: torch.device, rows: int, cols: int, dtype: torch.dtype, repeats: int) -> str:

@@ -252,13 +252,13 @@ def settings_problem(exc: ValidationError | SettingsError) -> str:
     return "\n".join(lines)
 
 
-#: ``MODELKEEPER_*`` variables read elsewhere than :class:`Settings`: the CLI's (URL, token, registry
-#: file), the worker's knobs, the tests' and benchmarks' (``tests/test_env_names.py`` holds this
-#: list equal to the names the source reads).
+#: ``MODELKEEPER_*`` variables read elsewhere than :class:`Settings` (whose fields the CLI reads too:
+#: the token, the registry file): the CLI's URL, the settings file, the worker's knobs, the tests'
+#: and benchmarks' (``tests/test_env_names.py`` holds this list equal to the names the source reads).
 OTHER_ENV = frozenset({
-    "MODELKEEPER_URL", "MODELKEEPER_TOKEN", "MODELKEEPER_DB", CONFIG_ENV, "MODELKEEPER_LOG_LEVEL",
-    "MODELKEEPER_STREAM_POOL_MB", "MODELKEEPER_STAGE_CHUNK_MB", "MODELKEEPER_READ_THREADS",
-    "MODELKEEPER_CHROMIUM", "MODELKEEPER_PICKLE_CHILD_TEST_SLEEP", "MODELKEEPER_SCAN_HOLD_AFTER",
+    "MODELKEEPER_URL", CONFIG_ENV, "MODELKEEPER_STREAM_POOL_MB", "MODELKEEPER_STAGE_CHUNK_MB",
+    "MODELKEEPER_READ_THREADS", "MODELKEEPER_CHROMIUM", "MODELKEEPER_PICKLE_CHILD_TEST_SLEEP",
+    "MODELKEEPER_SCAN_HOLD_AFTER",
 })  # fmt: skip
 #: Variables with this prefix belong to cluster mode's settings (``cluster/settings.py``).
 CLUSTER_ENV_PREFIX = "MODELKEEPER_CLUSTER_"
