@@ -70,15 +70,6 @@ class LoadRequest(_Strict):
 
 
 class LoadResult(_Held):
-    name: str
-    type: str
-    class_name: str
-    device: str
-    dtype: str | None
-    bytes: int
-    parameters: int
-    tensors: int
-    load_seconds: float
     source: dict[str, Any]
     evicted: list[str] = Field(default_factory=list)
     memory: MemoryInfo

@@ -65,7 +65,8 @@ class MemoryInfo(_Open):
 
 
 class _Held(_Open):
-    """What a loaded model holds on its device: shared by a load's result and the model's info."""
+    """What a loaded model holds on its device and what it is: shared by a load's result and the
+    model's info (the fields after these are each one's own)."""
 
     resident_bytes: int | None = Field(None, description="Weights kept on the device (all unless offloaded).")
     streamed_bytes: int | None = Field(None, description="Weights streamed from host memory at each use.")
@@ -79,3 +80,12 @@ class _Held(_Open):
         default_factory=list,
         description="Other names of the same module (a shared part): its bytes count once.",
     )
+    name: str
+    type: str
+    class_name: str
+    device: str
+    dtype: str | None
+    bytes: int
+    parameters: int
+    tensors: int
+    load_seconds: float

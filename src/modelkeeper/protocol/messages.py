@@ -118,15 +118,6 @@ class ModelInfoRequest(_Strict):
 
 
 class LoadedModelInfo(_Held):
-    name: str
-    type: str
-    class_name: str
-    device: str
-    dtype: str | None
-    bytes: int
-    parameters: int
-    tensors: int
-    load_seconds: float
     loaded_at: float
     last_used: float
     source: dict[str, Any]
